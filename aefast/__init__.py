@@ -1,0 +1,24 @@
+"""aefast: fused kernels for training autoencoders in PyTorch.
+
+    import aefast as ae
+    h, penalty = ae.sigmoid_kl_sparsity(z, rho=0.05, beta=3.0)
+"""
+
+from aefast import backends
+from aefast.backends import available_backends, backend, current_backend
+from aefast.ops.kl_sparsity import contractive_penalty, kl_sparsity, sigmoid_kl_sparsity
+
+from aefast import nn  # noqa: E402  (after the ops it wraps)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "available_backends",
+    "backend",
+    "backends",
+    "contractive_penalty",
+    "current_backend",
+    "kl_sparsity",
+    "nn",
+    "sigmoid_kl_sparsity",
+]

@@ -1,0 +1,102 @@
+"""Which implementation runs an operator: reference, cpp, triton or cuda.
+
+`auto` (the default) picks `cpp` for CPU tensors and, for CUDA tensors, the first
+available of GPU_PREFERENCE, falling back to `reference` where nothing is built.
+A backend chosen by name (AEFAST_BACKEND=..., or `with aefast.backend(...)`) that
+cannot run the tensors at hand raises; it never falls back silently.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import os
+
+import torch
+
+BACKENDS = ("reference", "cpp", "triton", "cuda")
+
+# Until stored GPU benchmark results rank them, the compiled CUDA kernels come first.
+GPU_PREFERENCE = ("cuda", "triton")
+
+try:
+    from aefast import _C
+
+    CPP_BUILT: bool = True
+    CUDA_BUILT: bool = bool(_C.cuda_kernels_built())
+    BUILD_ERROR: str | None = None
+except ImportError as exc:  # not built: the reference (and Triton) backends still work
+    CPP_BUILT = CUDA_BUILT = False
+    BUILD_ERROR = str(exc)
+
+TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
+# Triton's interpreter runs the kernels on CPU tensors; it must be chosen before the
+# kernels are defined, so it is read once, here.
+TRITON_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+_default = os.environ.get("AEFAST_BACKEND", "auto")
+_forced: list[str] = []
+
+
+def _why_unavailable(name: str, device_type: str) -> str | None:
+    """None if `name` can run tensors on `device_type`, else the reason it cannot."""
+    if name == "reference":
+        return None
+    if name == "cpp":
+        if not CPP_BUILT:
+            return f"aefast._C is not built ({BUILD_ERROR})"
+        return None if device_type == "cpu" else "it runs CPU tensors only"
+    if name == "cuda":
+        if not CUDA_BUILT:
+            return "aefast._C was built without CUDA kernels (see `aefast info`)"
+        return None if device_type == "cuda" else "it runs CUDA tensors only"
+    if name == "triton":
+        if not TRITON_INSTALLED:
+            return "triton is not installed"
+        if device_type == "cuda" or (device_type == "cpu" and TRITON_INTERPRET):
+            return None
+        return "it runs CUDA tensors (CPU tensors only with TRITON_INTERPRET=1)"
+    raise ValueError(f"backend must be one of {('auto',) + BACKENDS}, got {name!r}")
+
+
+def available_backends(device: str | torch.device | None = None) -> list[str]:
+    """The backends that can run tensors on `device` (default: on any device here)."""
+    if device is None:
+        types = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    else:
+        types = [torch.device(device).type]
+    return [b for b in BACKENDS if any(_why_unavailable(b, t) is None for t in types)]
+
+
+def current_backend() -> str:
+    """The backend asked for now: `auto` or a name from BACKENDS."""
+    return _forced[-1] if _forced else _default
+
+
+@contextlib.contextmanager
+def backend(name: str):
+    """Run the aefast operators inside the block with backend `name` (or `auto`)."""
+    if name != "auto" and name not in BACKENDS:
+        raise ValueError(f"backend must be one of {('auto',) + BACKENDS}, got {name!r}")
+    _forced.append(name)
+    try:
+        yield
+    finally:
+        _forced.pop()
+
+
+def resolve(device: torch.device) -> str:
+    """The backend that runs an operator on tensors of `device` now."""
+    name = current_backend()
+    if name == "auto":
+        if device.type == "cpu":
+            return "cpp" if CPP_BUILT else "reference"
+        if device.type == "cuda":
+            for candidate in GPU_PREFERENCE:
+                if _why_unavailable(candidate, "cuda") is None:
+                    return candidate
+        return "reference"
+    why = _why_unavailable(name, device.type)
+    if why is not None:
+        raise RuntimeError(f"aefast backend {name!r} cannot run {device.type} tensors: {why}")
+    return name

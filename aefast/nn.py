@@ -1,0 +1,77 @@
+"""nn.Module wrappers of the aefast operators."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from aefast import reference
+from aefast.ops._checks import check_matrix, check_nonnegative, check_open_unit
+from aefast.ops._distributed import global_column_mean
+from aefast.ops.kl_sparsity import contractive_penalty, kl_sparsity
+
+
+class KLSparsity(nn.Module):
+    """Sparse-autoencoder penalty ``beta * sum_j KL(rho || rho_hat_j)``.
+
+    Without ``momentum``, rho_hat is the mean activation over the batch at hand
+    (``aefast.kl_sparsity``). A small batch gives a poor estimate of the mean
+    activation; with ``momentum`` (in (0, 1], BatchNorm's convention: the weight of
+    the new batch), rho_hat is an exponential moving average across batches,
+    ``rho_hat = (1 - momentum) * running + momentum * batch_mean``, the gradient
+    flowing through the batch part. The running estimate (buffer ``running_rho_hat``,
+    float32) is updated in training mode only and starts from the first batch.
+    ``group``: a torch.distributed process group whose global batch defines the mean.
+    """
+
+    def __init__(self, rho: float, beta: float = 1.0, momentum: float | None = None, *, group=None):
+        super().__init__()
+        self.rho = check_open_unit(rho, "rho")
+        self.beta = check_nonnegative(beta, "beta")
+        if momentum is not None and not (isinstance(momentum, (int, float)) and 0 < momentum <= 1):
+            raise ValueError(f"momentum must be None or a number in (0, 1], got {momentum!r}")
+        self.momentum = momentum
+        self.group = group
+        self.register_buffer("running_rho_hat", None)
+
+    def forward(self, a: Tensor) -> Tensor:
+        if self.momentum is None:
+            return kl_sparsity(a, self.rho, self.beta, group=self.group)
+        check_matrix(a, "a")
+        if self.group is not None:
+            batch_mean = global_column_mean(a, self.group)
+        else:
+            batch_mean = a.mean(0, dtype=reference.stat_dtype(a.dtype))
+        running = self.running_rho_hat
+        if running is None:
+            estimate = batch_mean
+        else:
+            if running.shape != batch_mean.shape:
+                raise ValueError(
+                    f"a has {batch_mean.shape[0]} units but the running estimate has "
+                    f"{running.shape[0]}"
+                )
+            estimate = (1.0 - self.momentum) * running.to(batch_mean) + self.momentum * batch_mean
+        if self.training:
+            self.running_rho_hat = estimate.detach().clone()
+        return reference.kl_penalty_from_rho_hat(estimate, self.rho, self.beta).to(a.dtype)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        key = prefix + "running_rho_hat"
+        if key in state_dict and self.running_rho_hat is None:
+            self.running_rho_hat = torch.empty_like(state_dict[key])
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def extra_repr(self) -> str:
+        return f"rho={self.rho}, beta={self.beta}, momentum={self.momentum}"
+
+
+class ContractivePenalty(nn.Module):
+    """``lam * contractive_penalty(h, linear.weight)`` for a sigmoid encoder layer."""
+
+    def __init__(self, lam: float = 1.0):
+        super().__init__()
+        self.lam = check_nonnegative(lam, "lam")
+
+    def forward(self, h: Tensor, weight: Tensor) -> Tensor:
+        return self.lam * contractive_penalty(h, weight)

@@ -1,0 +1,39 @@
+"""Argument checks shared by the operator families: each raises a ValueError that
+names the argument and what it may be."""
+
+from __future__ import annotations
+
+import math
+import numbers
+
+import torch
+from torch import Tensor
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def check_matrix(t: Tensor, name: str, *, allow_empty_columns: bool = False) -> None:
+    if not isinstance(t, Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dim() != 2:
+        raise ValueError(f"{name} must be 2-D (batch, units), got shape {tuple(t.shape)}")
+    if t.dtype not in FLOAT_DTYPES:
+        raise ValueError(
+            f"{name} must be float32, float16, bfloat16 or float64, got {t.dtype}"
+        )
+    if t.shape[0] == 0:
+        raise ValueError(f"{name} must have at least one row (an empty batch has no mean)")
+    if t.shape[1] == 0 and not allow_empty_columns:
+        raise ValueError(f"{name} must have at least one column, got shape {tuple(t.shape)}")
+
+
+def check_open_unit(x, name: str) -> float:
+    if not isinstance(x, numbers.Real) or not 0.0 < float(x) < 1.0:
+        raise ValueError(f"{name} must be a number in the open interval (0, 1), got {x!r}")
+    return float(x)
+
+
+def check_nonnegative(x, name: str) -> float:
+    if not isinstance(x, numbers.Real) or not math.isfinite(float(x)) or float(x) < 0.0:
+        raise ValueError(f"{name} must be a finite number >= 0, got {x!r}")
+    return float(x)

@@ -1,0 +1,348 @@
+// CPU kernels of the sparse-KL family (kl_sparsity, sigmoid_kl_sparsity,
+// contractive_penalty). Forward: one read of the activations (column sums over
+// the batch). Backward: one read of what the gradient needs and one write.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <type_traits>
+#include <vector>
+
+#include "aefast/kl_math.h"
+#include "simd.h"
+
+namespace aefast {
+namespace cpu {
+namespace {
+
+namespace m = aefast::math;
+
+// float32 accumulation for float32 and half inputs, float64 for float64.
+template <typename T>
+using acc_t = std::conditional_t<std::is_same_v<T, double>, double, float>;
+
+at::ScalarType stat_dtype(at::ScalarType t) {
+  return t == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+// ---- per-row loops: generic templates, plus float32 copies with SIMD clones ----
+
+#define AEFAST_INLINE inline __attribute__((always_inline))
+
+template <typename T, typename A>
+AEFAST_INLINE void sum_rows(const T* x, int64_t rows, int64_t H, A* acc) {
+  for (int64_t i = 0; i < rows; ++i) {
+    const T* xi = x + i * H;
+    for (int64_t j = 0; j < H; ++j) acc[j] += static_cast<A>(xi[j]);
+  }
+}
+
+template <typename T, typename A>
+AEFAST_INLINE void sigmoid_sum_rows(const T* z, T* h, int64_t rows, int64_t H, A* acc) {
+  for (int64_t i = 0; i < rows; ++i) {
+    const T* zi = z + i * H;
+    T* hi = h + i * H;
+    for (int64_t j = 0; j < H; ++j) {
+      const T v = static_cast<T>(m::sigmoid(static_cast<A>(zi[j])));
+      hi[j] = v;
+      acc[j] += static_cast<A>(v);  // rho_hat is the mean of the h returned
+    }
+  }
+}
+
+template <typename T, typename A>
+AEFAST_INLINE void contractive_sum_rows(const T* h, int64_t rows, int64_t H, A* acc) {
+  for (int64_t i = 0; i < rows; ++i) {
+    const T* hi = h + i * H;
+    for (int64_t j = 0; j < H; ++j) acc[j] += m::contractive_term(static_cast<A>(hi[j]));
+  }
+}
+
+template <typename T, typename A>
+AEFAST_INLINE void broadcast_rows(const A* c, T* out, int64_t rows, int64_t H) {
+  for (int64_t i = 0; i < rows; ++i) {
+    T* oi = out + i * H;
+    for (int64_t j = 0; j < H; ++j) oi[j] = static_cast<T>(c[j]);
+  }
+}
+
+template <typename T, typename A>
+AEFAST_INLINE void sigmoid_kl_grad_rows(const T* gh, const T* h, const A* c, T* gz,
+                                        int64_t rows, int64_t H) {
+  for (int64_t i = 0; i < rows; ++i) {
+    const int64_t o = i * H;
+    for (int64_t j = 0; j < H; ++j) {
+      const A hv = static_cast<A>(h[o + j]);
+      gz[o + j] = static_cast<T>((static_cast<A>(gh[o + j]) + c[j]) * m::sigmoid_grad(hv));
+    }
+  }
+}
+
+template <typename T, typename A>
+AEFAST_INLINE void contractive_grad_rows(const T* h, const A* v, T* gh, int64_t rows, int64_t H) {
+  for (int64_t i = 0; i < rows; ++i) {
+    const int64_t o = i * H;
+    for (int64_t j = 0; j < H; ++j)
+      gh[o + j] = static_cast<T>(m::contractive_term_grad(static_cast<A>(h[o + j])) * v[j]);
+  }
+}
+
+// float32: the same loops, compiled per instruction set (simd.h); the overloads
+// win over the templates for float32 pointers.
+AEFAST_SIMD_CLONES void sum_rows(const float* x, int64_t rows, int64_t H, float* acc) {
+  sum_rows<float, float>(x, rows, H, acc);
+}
+AEFAST_SIMD_CLONES void sigmoid_sum_rows(const float* z, float* h, int64_t rows, int64_t H,
+                                             float* acc) {
+  sigmoid_sum_rows<float, float>(z, h, rows, H, acc);
+}
+AEFAST_SIMD_CLONES void contractive_sum_rows(const float* h, int64_t rows, int64_t H,
+                                                 float* acc) {
+  contractive_sum_rows<float, float>(h, rows, H, acc);
+}
+AEFAST_SIMD_CLONES void broadcast_rows(const float* c, float* out, int64_t rows, int64_t H) {
+  broadcast_rows<float, float>(c, out, rows, H);
+}
+AEFAST_SIMD_CLONES void sigmoid_kl_grad_rows(const float* gh, const float* h, const float* c,
+                                                 float* gz, int64_t rows, int64_t H) {
+  sigmoid_kl_grad_rows<float, float>(gh, h, c, gz, rows, H);
+}
+AEFAST_SIMD_CLONES void contractive_grad_rows(const float* h, const float* v, float* gh,
+                                                  int64_t rows, int64_t H) {
+  contractive_grad_rows<float, float>(h, v, gh, rows, H);
+}
+
+// ---- drivers ----
+
+// Column sums over fixed chunks of rows, the chunks then added in order in double:
+// the result does not depend on the number of threads.
+template <typename A, typename ChunkFn>
+std::vector<double> column_sums(int64_t B, int64_t H, const ChunkFn& add_chunk) {
+  const int64_t chunk = std::max<int64_t>(64, (B + 63) / 64);
+  const int64_t n_chunks = (B + chunk - 1) / chunk;
+  std::vector<A> partial(static_cast<size_t>(n_chunks * H), A(0));
+  at::parallel_for(0, n_chunks, 1, [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c) {
+      const int64_t r0 = c * chunk;
+      add_chunk(r0, std::min(B, r0 + chunk) - r0, partial.data() + c * H);
+    }
+  });
+  std::vector<double> sums(static_cast<size_t>(H), 0.0);
+  for (int64_t c = 0; c < n_chunks; ++c)
+    for (int64_t j = 0; j < H; ++j) sums[j] += static_cast<double>(partial[c * H + j]);
+  return sums;
+}
+
+// Rows [0, B) split among threads; fn(first_row, n_rows).
+template <typename Fn>
+void for_rows(int64_t B, int64_t H, const Fn& fn) {
+  const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(H, 1));
+  at::parallel_for(0, B, grain, [&](int64_t r0, int64_t r1) { fn(r0, r1 - r0); });
+}
+
+// rho_hat = sums / B in the statistics dtype; returns beta * sum_j KL(rho || clamp(rho_hat_j)).
+double rho_hat_and_penalty(const std::vector<double>& sums, int64_t B, double rho, double beta,
+                           at::Tensor& rho_hat) {
+  const int64_t H = static_cast<int64_t>(sums.size());
+  double total = 0.0;
+  AT_DISPATCH_FLOATING_TYPES(rho_hat.scalar_type(), "rho_hat_and_penalty", [&] {
+    scalar_t* r = rho_hat.data_ptr<scalar_t>();
+    for (int64_t j = 0; j < H; ++j) {
+      r[j] = static_cast<scalar_t>(sums[j] / static_cast<double>(B));
+      total += m::kl_bernoulli(rho, m::clamp_rho_hat(static_cast<double>(r[j])));
+    }
+  });
+  return beta * total;
+}
+
+// c_j = scale * dKL(rho || clamp(rho_hat_j)) / d rho_hat_j, in the accumulation type.
+template <typename A>
+std::vector<A> kl_grad_per_unit(const at::Tensor& rho_hat, double rho, double scale) {
+  const int64_t H = rho_hat.numel();
+  std::vector<A> c(static_cast<size_t>(H));
+  auto r = rho_hat.to(at::kDouble).contiguous();
+  const double* rp = r.const_data_ptr<double>();
+  for (int64_t j = 0; j < H; ++j) c[j] = static_cast<A>(scale * m::kl_bernoulli_grad(rho, rp[j]));
+  return c;
+}
+
+void check_matrix(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.dim() == 2, "aefast: ", name, " must be 2-D, got ", t.dim(), "-D");
+  TORCH_CHECK(at::isFloatingType(t.scalar_type()), "aefast: ", name, " must be floating point");
+}
+
+// ---- operators ----
+
+std::tuple<at::Tensor, at::Tensor> kl_sparsity_forward(const at::Tensor& a_in, double rho,
+                                                        double beta) {
+  check_matrix(a_in, "a");
+  const auto a = a_in.contiguous();
+  const int64_t B = a.size(0), H = a.size(1);
+  std::vector<double> sums;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.scalar_type(), "kl_sparsity_forward", [&] {
+    using A = acc_t<scalar_t>;
+    const scalar_t* x = a.const_data_ptr<scalar_t>();
+    sums = column_sums<A>(B, H, [&](int64_t r0, int64_t rows, A* acc) {
+      sum_rows(x + r0 * H, rows, H, acc);
+    });
+  });
+  auto rho_hat = at::empty({H}, a.options().dtype(stat_dtype(a.scalar_type())));
+  const double penalty = rho_hat_and_penalty(sums, B, rho, beta, rho_hat);
+  return {at::scalar_tensor(penalty, a.options()), rho_hat};
+}
+
+at::Tensor kl_sparsity_backward(const at::Tensor& grad_penalty, const at::Tensor& rho_hat,
+                                int64_t B, double rho, double beta, at::ScalarType dtype) {
+  const int64_t H = rho_hat.numel();
+  auto out = at::empty({B, H}, rho_hat.options().dtype(dtype));
+  const double scale = grad_penalty.item<double>() * beta / static_cast<double>(B);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "kl_sparsity_backward", [&] {
+    using A = acc_t<scalar_t>;
+    const auto c = kl_grad_per_unit<A>(rho_hat, rho, scale);
+    scalar_t* o = out.data_ptr<scalar_t>();
+    for_rows(B, H, [&](int64_t r0, int64_t rows) {
+      broadcast_rows(c.data(), o + r0 * H, rows, H);
+    });
+  });
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> sigmoid_kl_sparsity_forward(const at::Tensor& z_in,
+                                                                           double rho, double beta) {
+  check_matrix(z_in, "z");
+  const auto z = z_in.contiguous();
+  const int64_t B = z.size(0), H = z.size(1);
+  auto h = at::empty_like(z);
+  std::vector<double> sums;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z.scalar_type(), "sigmoid_kl_sparsity_forward", [&] {
+    using A = acc_t<scalar_t>;
+    const scalar_t* zp = z.const_data_ptr<scalar_t>();
+    scalar_t* hp = h.data_ptr<scalar_t>();
+    sums = column_sums<A>(B, H, [&](int64_t r0, int64_t rows, A* acc) {
+      sigmoid_sum_rows(zp + r0 * H, hp + r0 * H, rows, H, acc);
+    });
+  });
+  auto rho_hat = at::empty({H}, z.options().dtype(stat_dtype(z.scalar_type())));
+  const double penalty = rho_hat_and_penalty(sums, B, rho, beta, rho_hat);
+  return {h, at::scalar_tensor(penalty, z.options()), rho_hat};
+}
+
+at::Tensor sigmoid_kl_sparsity_backward(const at::Tensor& grad_h_in, const at::Tensor& grad_penalty,
+                                        const at::Tensor& h_in, const at::Tensor& rho_hat,
+                                        double rho, double beta) {
+  check_matrix(h_in, "h");
+  TORCH_CHECK(grad_h_in.sizes() == h_in.sizes(), "aefast: grad_h must have the shape of h");
+  const auto h = h_in.contiguous();
+  const auto grad_h = grad_h_in.to(h.scalar_type()).contiguous();
+  const int64_t B = h.size(0), H = h.size(1);
+  auto grad_z = at::empty_like(h);
+  const double scale = grad_penalty.item<double>() * beta / static_cast<double>(B);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, h.scalar_type(), "sigmoid_kl_sparsity_backward", [&] {
+    using A = acc_t<scalar_t>;
+    const auto c = kl_grad_per_unit<A>(rho_hat, rho, scale);
+    const scalar_t* gh = grad_h.const_data_ptr<scalar_t>();
+    const scalar_t* hp = h.const_data_ptr<scalar_t>();
+    scalar_t* gz = grad_z.data_ptr<scalar_t>();
+    for_rows(B, H, [&](int64_t r0, int64_t rows) {
+      const int64_t o = r0 * H;
+      sigmoid_kl_grad_rows(gh + o, hp + o, c.data(), gz + o, rows, H);
+    });
+  });
+  return grad_z;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> contractive_penalty_forward(const at::Tensor& h_in,
+                                                                           const at::Tensor& w_in) {
+  check_matrix(h_in, "h");
+  check_matrix(w_in, "weight");
+  TORCH_CHECK(w_in.size(0) == h_in.size(1), "aefast: weight must have one row per hidden unit");
+  const auto h = h_in.contiguous();
+  const auto w = w_in.contiguous();
+  const int64_t B = h.size(0), H = h.size(1), D = w.size(1);
+  const auto stat = h.options().dtype(stat_dtype(h.scalar_type()));
+  auto s2 = at::empty({H}, stat);
+  auto w2 = at::empty({H}, stat);
+  double penalty = 0.0;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, h.scalar_type(), "contractive_penalty_forward", [&] {
+    using A = acc_t<scalar_t>;
+    const scalar_t* hp = h.const_data_ptr<scalar_t>();
+    const auto sums = column_sums<A>(B, H, [&](int64_t r0, int64_t rows, A* acc) {
+      contractive_sum_rows(hp + r0 * H, rows, H, acc);
+    });
+    const scalar_t* wp = w.const_data_ptr<scalar_t>();
+    auto s2a = s2.accessor<acc_t<scalar_t>, 1>();
+    auto w2a = w2.accessor<acc_t<scalar_t>, 1>();
+    at::parallel_for(0, H, 64, [&](int64_t j0, int64_t j1) {
+      for (int64_t j = j0; j < j1; ++j) {
+        double n = 0.0;
+        for (int64_t d = 0; d < D; ++d) {
+          const double v = static_cast<double>(wp[j * D + d]);
+          n += v * v;
+        }
+        w2a[j] = static_cast<A>(n);
+      }
+    });
+    for (int64_t j = 0; j < H; ++j) {
+      s2a[j] = static_cast<A>(sums[j]);
+      penalty += static_cast<double>(s2a[j]) * static_cast<double>(w2a[j]);
+    }
+  });
+  return {at::scalar_tensor(penalty, h.options()), s2, w2};
+}
+
+std::tuple<at::Tensor, at::Tensor> contractive_penalty_backward(const at::Tensor& grad_penalty,
+                                                                const at::Tensor& h_in,
+                                                                const at::Tensor& w_in,
+                                                                const at::Tensor& s2,
+                                                                const at::Tensor& w2) {
+  const auto h = h_in.contiguous();
+  const auto w = w_in.contiguous();
+  const int64_t B = h.size(0), H = h.size(1), D = w.size(1);
+  const double g = grad_penalty.item<double>();
+  auto grad_h = at::empty_like(h);
+  auto grad_w = at::empty_like(w);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, h.scalar_type(), "contractive_penalty_backward", [&] {
+    using A = acc_t<scalar_t>;
+    const auto w2d = w2.to(at::kDouble).contiguous();
+    std::vector<A> v(static_cast<size_t>(H));
+    for (int64_t j = 0; j < H; ++j) v[j] = static_cast<A>(g * w2d.const_data_ptr<double>()[j]);
+    const scalar_t* hp = h.const_data_ptr<scalar_t>();
+    scalar_t* ghp = grad_h.data_ptr<scalar_t>();
+    for_rows(B, H, [&](int64_t r0, int64_t rows) {
+      const int64_t o = r0 * H;
+      contractive_grad_rows(hp + o, v.data(), ghp + o, rows, H);
+    });
+  });
+  // d penalty / d W_jd = 2 W_jd s2_j: a row scaling of the weight, in its own dtype.
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, w.scalar_type(), "contractive_weight_grad", [&] {
+    using A = acc_t<scalar_t>;
+    const auto s2d = s2.to(at::kDouble).contiguous();
+    const double* sp = s2d.const_data_ptr<double>();
+    const scalar_t* wp = w.const_data_ptr<scalar_t>();
+    scalar_t* gw = grad_w.data_ptr<scalar_t>();
+    at::parallel_for(0, H, std::max<int64_t>(1, 32768 / std::max<int64_t>(D, 1)), [&](int64_t j0, int64_t j1) {
+      for (int64_t j = j0; j < j1; ++j) {
+        const A u = static_cast<A>(2.0 * g * sp[j]);
+        for (int64_t d = 0; d < D; ++d)
+          gw[j * D + d] = static_cast<scalar_t>(static_cast<A>(wp[j * D + d]) * u);
+      }
+    });
+  });
+  return {grad_h, grad_w};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(aefast, CPU, m) {
+  m.impl("kl_sparsity_forward", &kl_sparsity_forward);
+  m.impl("kl_sparsity_backward", &kl_sparsity_backward);
+  m.impl("sigmoid_kl_sparsity_forward", &sigmoid_kl_sparsity_forward);
+  m.impl("sigmoid_kl_sparsity_backward", &sigmoid_kl_sparsity_backward);
+  m.impl("contractive_penalty_forward", &contractive_penalty_forward);
+  m.impl("contractive_penalty_backward", &contractive_penalty_backward);
+}
+
+}  // namespace cpu
+}  // namespace aefast

@@ -1,0 +1,94 @@
+// Per-element math of the sparse-KL family, shared by the CPU kernels (csrc/cpu)
+// and the CUDA kernels (csrc/cuda): the CPU tests exercise the very formulas the
+// GPU runs. Plain C++ on a host compiler, __host__ __device__ under nvcc.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
+#ifdef __CUDACC__
+#define AEFAST_HD __host__ __device__ __forceinline__
+#else
+#define AEFAST_HD inline __attribute__((always_inline))
+#endif
+
+namespace aefast {
+namespace math {
+
+// rho_hat is clamped to [kRhoHatEps, 1 - kRhoHatEps] before the KL divergence is
+// taken, so a dead (or saturated) unit gives a large but finite penalty and
+// gradient. The gradient is zero where the clamp is active, as for torch.clamp.
+// Keep in sync with aefast/reference.py (RHO_HAT_EPS).
+constexpr double kRhoHatEps = 1e-6;
+
+AEFAST_HD float bits_to_float(int32_t bits) {
+#ifdef __CUDA_ARCH__
+  return __int_as_float(bits);
+#else
+  float f;
+  std::memcpy(&f, &bits, sizeof f);
+  return f;
+#endif
+}
+
+// exp for float with only +, *, floor and a bit cast (Cephes' expf, about 1 ulp),
+// so a host compiler vectorizes loops that call it; libm's expf does not.
+AEFAST_HD float exp_poly(float x) {
+  x = fminf(fmaxf(x, -87.33654f), 88.37626f);
+  float n = floorf(x * 1.44269504088896341f + 0.5f);
+  float r = x - n * 0.693359375f;   // ln 2 split in two for an exact product
+  r = r + n * 2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  // 2^n: n is in [-126, 128]; 128 gives +inf, as exp does past 88.72.
+  return p * bits_to_float((static_cast<int32_t>(n) + 127) << 23);
+}
+
+AEFAST_HD float sigmoid(float x) { return 1.0f / (1.0f + exp_poly(-x)); }
+AEFAST_HD double sigmoid(double x) { return 1.0 / (1.0 + std::exp(-x)); }
+
+// d sigmoid / dz from the output h.
+template <typename T>
+AEFAST_HD T sigmoid_grad(T h) {
+  return h * (T(1) - h);
+}
+
+template <typename T>
+AEFAST_HD T clamp_rho_hat(T r) {
+  const T lo = T(kRhoHatEps), hi = T(1) - T(kRhoHatEps);
+  return r < lo ? lo : (r > hi ? hi : r);
+}
+
+// KL(rho || r) between Bernoulli(rho) and Bernoulli(r), r already clamped.
+template <typename T>
+AEFAST_HD T kl_bernoulli(T rho, T r) {
+  return rho * std::log(rho / r) + (T(1) - rho) * std::log((T(1) - rho) / (T(1) - r));
+}
+
+// d KL(rho || clamp(r)) / d r: zero where the clamp is active.
+template <typename T>
+AEFAST_HD T kl_bernoulli_grad(T rho, T r) {
+  if (r < T(kRhoHatEps) || r > T(1) - T(kRhoHatEps)) return T(0);
+  return -rho / r + (T(1) - rho) / (T(1) - r);
+}
+
+// Contractive penalty of a sigmoid unit: (h (1 - h))^2, and its derivative in h.
+template <typename T>
+AEFAST_HD T contractive_term(T h) {
+  T s = h * (T(1) - h);
+  return s * s;
+}
+
+template <typename T>
+AEFAST_HD T contractive_term_grad(T h) {
+  return T(2) * h * (T(1) - h) * (T(1) - T(2) * h);
+}
+
+}  // namespace math
+}  // namespace aefast

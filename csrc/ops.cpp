@@ -1,0 +1,37 @@
+// The one place where every aefast operator schema is declared. Kernels are
+// registered per dispatch key elsewhere: csrc/cpu/*.cpp for CPU,
+// csrc/cuda/bindings.cpp for CUDA; autograd and fake (meta) implementations are
+// registered from Python (aefast/ops/).
+#include <torch/extension.h>
+
+TORCH_LIBRARY(aefast, m) {
+  // Sparse-KL family. rho_hat (the column means, float32; float64 for float64 input)
+  // is returned for the backward and is not differentiable.
+  m.def("kl_sparsity_forward(Tensor a, float rho, float beta) -> (Tensor penalty, Tensor rho_hat)");
+  m.def(
+      "kl_sparsity_backward(Tensor grad_penalty, Tensor rho_hat, SymInt batch, float rho, "
+      "float beta, ScalarType dtype) -> Tensor");
+  m.def(
+      "sigmoid_kl_sparsity_forward(Tensor z, float rho, float beta) "
+      "-> (Tensor h, Tensor penalty, Tensor rho_hat)");
+  m.def(
+      "sigmoid_kl_sparsity_backward(Tensor grad_h, Tensor grad_penalty, Tensor h, "
+      "Tensor rho_hat, float rho, float beta) -> Tensor");
+  // s2 = per-unit sum over the batch of (h (1 - h))^2, w2 = squared row norms of
+  // the weight; both float32 (float64 for float64 input), saved for the backward.
+  m.def("contractive_penalty_forward(Tensor h, Tensor weight) -> (Tensor penalty, Tensor s2, Tensor w2)");
+  m.def(
+      "contractive_penalty_backward(Tensor grad_penalty, Tensor h, Tensor weight, Tensor s2, "
+      "Tensor w2) -> (Tensor grad_h, Tensor grad_weight)");
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "aefast compiled kernels; the operators live under torch.ops.aefast";
+  m.def("cuda_kernels_built", [] {
+#ifdef AEFAST_WITH_CUDA
+    return true;
+#else
+    return false;
+#endif
+  });
+}

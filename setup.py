@@ -1,0 +1,52 @@
+"""Builds aefast._C: the C++ CPU kernels always, the CUDA kernels too when torch is
+a CUDA build and nvcc is found (set AEFAST_NO_CUDA=1 to skip them)."""
+
+import glob
+import os
+
+import torch
+from setuptools import setup
+from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def _sources(pattern):
+    return sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, pattern)))
+
+
+def _extension():
+    include_dirs = [os.path.join(ROOT, "csrc", "include")]
+    sources = ["csrc/ops.cpp"] + _sources("csrc/cpu/*.cpp")
+    cxx_flags = ["-O3"]
+    with_cuda = (
+        torch.version.cuda is not None
+        and CUDA_HOME is not None
+        and os.environ.get("AEFAST_NO_CUDA", "0") != "1"
+    )
+    if not with_cuda:
+        why = (
+            "AEFAST_NO_CUDA=1"
+            if os.environ.get("AEFAST_NO_CUDA", "0") == "1"
+            else "torch is a CPU-only build"
+            if torch.version.cuda is None
+            else "nvcc (CUDA_HOME) not found"
+        )
+        print(f"aefast: CUDA kernels skipped ({why}); building the C++ CPU kernels only")
+        return CppExtension(
+            "aefast._C", sources, include_dirs=include_dirs, extra_compile_args={"cxx": cxx_flags}
+        )
+    print(f"aefast: building the C++ CPU kernels and the CUDA kernels (CUDA_HOME={CUDA_HOME})")
+    return CUDAExtension(
+        "aefast._C",
+        sources + _sources("csrc/cuda/*.cu") + ["csrc/cuda/bindings.cpp"],
+        include_dirs=include_dirs,
+        define_macros=[("AEFAST_WITH_CUDA", "1")],
+        extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-lineinfo"]},
+    )
+
+
+setup(
+    ext_modules=[_extension()],
+    cmdclass={"build_ext": BuildExtension},
+)
