@@ -55,8 +55,9 @@ def column_partial_sums_kernel(
 @triton.jit
 def kl_bernoulli_grad(rho, r, EPS: tl.constexpr):
     """d KL(rho || clamp(r)) / d r, zero where the clamp is active."""
-    g = -rho / r + (1.0 - rho) / (1.0 - r)
-    return tl.where((r < EPS) | (r > 1.0 - EPS), 0.0, g)
+    rc = tl.minimum(tl.maximum(r, EPS), 1.0 - EPS)
+    g = -rho / rc + (1.0 - rho) / (1.0 - rc)
+    return tl.where(rc == r, g, 0.0)
 
 
 @triton.jit

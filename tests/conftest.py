@@ -1,0 +1,61 @@
+"""Shared test set-up. Tests are parametrised by device and backend, so the same
+suite runs on CUDA where a GPU is present; on a CPU-only machine the Triton kernels
+run under Triton's interpreter (TRITON_INTERPRET=1, set before aefast is imported)."""
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import aefast  # noqa: E402
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+# (rtol, atol) against a float64 reference, by the dtype the op ran in.
+TOLERANCES = {
+    torch.float64: (1e-9, 1e-12),
+    torch.float32: (2e-5, 1e-6),
+    torch.float16: (1e-2, 2e-3),
+    torch.bfloat16: (3e-2, 1e-2),
+}
+
+
+def device_backends():
+    """(device, backend) pairs for every compiled backend that can run here."""
+    return [
+        pytest.param(d, b, id=f"{d}-{b}")
+        for d in DEVICES
+        for b in aefast.available_backends(d)
+        if b != "reference"
+    ]
+
+
+def dtypes_for(device, backend):
+    dtypes = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
+    if device == "cuda" and backend == "triton":
+        dtypes.remove(torch.float64)  # fp64 is tested on CPU (and with the CUDA C++ kernels)
+    return dtypes
+
+
+def assert_close(actual, expected, dtype, scale=1.0):
+    rtol, atol = TOLERANCES[dtype]
+    torch.testing.assert_close(
+        actual.double().cpu(), expected.double().cpu(), rtol=rtol, atol=atol * scale
+    )
+
+
+@pytest.fixture
+def poisoned():
+    """Fill every freshly allocated tensor with NaN, so an output element a kernel
+    forgets to write fails the comparison."""
+    import torch.utils.deterministic as det
+
+    old_alg, old_fill = torch.are_deterministic_algorithms_enabled(), det.fill_uninitialized_memory
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    det.fill_uninitialized_memory = True
+    yield
+    det.fill_uninitialized_memory = old_fill
+    torch.use_deterministic_algorithms(old_alg)

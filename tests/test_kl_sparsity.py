@@ -1,0 +1,224 @@
+"""The sparse-KL family against aefast/reference.py, on every backend here."""
+
+import pytest
+import torch
+from conftest import DEVICES, assert_close, device_backends, dtypes_for
+
+import aefast as ae
+from aefast import reference
+from aefast.ops.kl_sparsity import OPS
+
+SHAPES = [(1, 1), (1, 7), (3, 1000), (4097, 33), (65, 129)]
+RHO, BETA = 0.07, 2.5
+
+
+def activations(shape, dtype, device, *, dead_unit=True):
+    """Values in (0, 1); unit 0 dead (all zero) to exercise the rho_hat clamp."""
+    a = torch.rand(shape, dtype=torch.float64) * 0.98 + 0.01
+    if dead_unit and shape[1] > 1:
+        a[:, 0] = 0.0
+    return a.to(device=device, dtype=dtype)
+
+
+def leaf(x):
+    return x.detach().clone().requires_grad_(True)
+
+
+def ref_grads(fn, inputs, grad_outputs):
+    """Run a reference function on float64 copies; return (outputs, input grads)."""
+    x64 = [leaf(x.double()) for x in inputs]
+    out = fn(*x64)
+    out = out if isinstance(out, tuple) else (out,)
+    grads = torch.autograd.grad(out, x64, [g.double() for g in grad_outputs])
+    return out, grads
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize(("device", "backend"), device_backends())
+def test_kl_sparsity_matches_reference(device, backend, shape, poisoned):
+    for dtype in dtypes_for(device, backend):
+        a = leaf(activations(shape, dtype, device))
+        with ae.backend(backend):
+            penalty = ae.kl_sparsity(a, RHO, BETA)
+        g = torch.randn((), dtype=dtype, device=device)
+        (grad,) = torch.autograd.grad(penalty, a, g)
+        (expected,), (expected_grad,) = ref_grads(
+            lambda x: reference.kl_sparsity(x, RHO, BETA), [a], [g]
+        )
+        assert penalty.shape == () and penalty.dtype == dtype
+        assert grad.shape == a.shape and grad.dtype == dtype
+        assert_close(penalty, expected, dtype, scale=shape[1])
+        assert_close(grad, expected_grad, dtype, scale=100)
+        if shape[1] > 1:  # the dead unit is clamped: no gradient through it
+            assert torch.all(grad[:, 0] == 0)
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize(("device", "backend"), device_backends())
+def test_sigmoid_kl_sparsity_matches_reference(device, backend, shape, poisoned):
+    for dtype in dtypes_for(device, backend):
+        z = leaf((torch.randn(shape, dtype=torch.float64) * 3 - 2).to(device, dtype))
+        with ae.backend(backend):
+            h, penalty = ae.sigmoid_kl_sparsity(z, RHO, BETA)
+        gh = torch.randn(shape, dtype=dtype, device=device)
+        gp = torch.randn((), dtype=dtype, device=device)
+        (grad,) = torch.autograd.grad((h, penalty), z, (gh, gp))
+        (eh, ep), (egrad,) = ref_grads(
+            lambda x: reference.sigmoid_kl_sparsity(x, RHO, BETA), [z], [gh, gp]
+        )
+        assert h.dtype == dtype and penalty.dtype == dtype and grad.dtype == dtype
+        assert_close(h, eh, dtype)
+        assert_close(penalty, ep, dtype, scale=shape[1])
+        assert_close(grad, egrad, dtype, scale=10)
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize(("device", "backend"), device_backends())
+def test_contractive_penalty_matches_reference(device, backend, shape, poisoned):
+    for dtype in dtypes_for(device, backend):
+        h = leaf(activations(shape, dtype, device, dead_unit=False))
+        w = leaf((torch.randn(shape[1], 19, dtype=torch.float64) * 0.3).to(device, dtype))
+        with ae.backend(backend):
+            penalty = ae.contractive_penalty(h, w)
+        g = torch.randn((), dtype=dtype, device=device)
+        grad_h, grad_w = torch.autograd.grad(penalty, (h, w), g)
+        (expected,), (egh, egw) = ref_grads(reference.contractive_penalty, [h, w], [g])
+        assert penalty.dtype == dtype and grad_h.dtype == dtype and grad_w.dtype == dtype
+        assert_close(penalty, expected, dtype, scale=shape[0] * shape[1])
+        assert_close(grad_h, egh, dtype, scale=10)
+        assert_close(grad_w, egw, dtype, scale=shape[0])
+
+
+@pytest.mark.parametrize(("device", "backend"), device_backends())
+def test_non_contiguous_inputs(device, backend):
+    base = activations((40, 90), torch.float32, device, dead_unit=False)
+    views = {"transposed": base.t(), "strided": base[::3, ::2], "offset": base[5:, 7:]}
+    w = torch.randn(90, 11, device=device).t().contiguous().t()  # column-major weight
+    for name, a in views.items():
+        with ae.backend(backend):
+            got = [ae.kl_sparsity(a, RHO, BETA), *ae.sigmoid_kl_sparsity(a, RHO, BETA)]
+            if a.shape[1] == 90:
+                got.append(ae.contractive_penalty(a, w))
+        want = [reference.kl_sparsity(a, RHO, BETA), *reference.sigmoid_kl_sparsity(a, RHO, BETA)]
+        if a.shape[1] == 90:
+            want.append(reference.contractive_penalty(a, w))
+        for g_, w_ in zip(got, want):
+            torch.testing.assert_close(g_, w_, rtol=1e-5, atol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize(("device", "backend"), device_backends())
+def test_gradcheck_float64(device, backend):
+    if device == "cuda" and backend == "triton":
+        pytest.skip("float64 gradcheck runs on CPU (and with the CUDA C++ kernels)")
+    torch.manual_seed(1)
+    a = leaf(activations((6, 5), torch.float64, device, dead_unit=False))
+    z = leaf(torch.randn(6, 5, dtype=torch.float64, device=device))
+    w = leaf(torch.randn(5, 3, dtype=torch.float64, device=device))
+    with ae.backend(backend):
+        assert torch.autograd.gradcheck(lambda x: ae.kl_sparsity(x, RHO, BETA), (a,))
+        assert torch.autograd.gradcheck(lambda x: ae.sigmoid_kl_sparsity(x, RHO, BETA), (z,))
+        assert torch.autograd.gradcheck(ae.contractive_penalty, (a, w))
+
+
+def _op_samples(device, dtype=torch.float32):
+    a = activations((9, 6), dtype, device).requires_grad_(True)
+    z = torch.randn(9, 6, dtype=dtype, device=device, requires_grad=True)
+    w = torch.randn(6, 4, dtype=dtype, device=device, requires_grad=True)
+    rho_hat = torch.rand(6, dtype=torch.float32, device=device)
+    g = torch.randn((), dtype=dtype, device=device)
+    return {
+        "kl_forward": (a, RHO, BETA),
+        "kl_backward": (g, rho_hat, 9, RHO, BETA, dtype),
+        "sigmoid_kl_forward": (z, RHO, BETA),
+        "sigmoid_kl_backward": (torch.randn(9, 6, device=device), g, a.detach(), rho_hat, RHO, BETA),
+        "contractive_forward": (a, w),
+        "contractive_backward": (g, a.detach(), w.detach(), rho_hat, rho_hat + 1),
+    }
+
+
+@pytest.mark.parametrize(
+    "op_name",
+    ["kl_forward", "kl_backward", "sigmoid_kl_forward", "sigmoid_kl_backward",
+     "contractive_forward", "contractive_backward"],
+)
+@pytest.mark.parametrize(("device", "backend"), device_backends())
+def test_opcheck(device, backend, op_name):
+    op = getattr(OPS[backend], op_name)
+    torch.library.opcheck(op, _op_samples(device)[op_name])
+
+
+class TinySparseAE(torch.nn.Module):
+    def __init__(self, d=12, h=7):
+        super().__init__()
+        self.enc, self.dec = torch.nn.Linear(d, h), torch.nn.Linear(h, d)
+
+    def forward(self, x):
+        h, kl = ae.sigmoid_kl_sparsity(self.enc(x), RHO, BETA)
+        loss = (self.dec(h) - x).pow(2).mean() + kl + 0.1 * ae.contractive_penalty(h, self.enc.weight)
+        return loss + ae.kl_sparsity(h, 0.2)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("device", "backend"), device_backends())
+def test_torch_compile_fullgraph(device, backend):
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = TinySparseAE().to(device)
+    x = torch.rand(10, 12, device=device)
+    with ae.backend(backend):
+        eager = model(x)
+        (eager_grad,) = torch.autograd.grad(eager, model.enc.weight)
+        compiled = torch.compile(model, fullgraph=True, backend="aot_eager")(x)
+        (compiled_grad,) = torch.autograd.grad(compiled, model.enc.weight)
+    torch.testing.assert_close(compiled, eager)
+    torch.testing.assert_close(compiled_grad, eager_grad)
+
+
+@pytest.mark.slow
+def test_torch_compile_inductor_cpu():
+    torch._dynamo.reset()
+    model = TinySparseAE()
+    x = torch.rand(10, 12)
+    compiled = torch.compile(model, fullgraph=True)
+    torch.testing.assert_close(compiled(x), model(x))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+class TestBadInput:
+    def test_rho_outside_open_unit_interval(self, device):
+        a = torch.rand(4, 3, device=device)
+        for rho in (0.0, 1.0, -0.1, 1.5, float("nan"), "0.1"):
+            with pytest.raises(ValueError, match="rho"):
+                ae.kl_sparsity(a, rho)
+            with pytest.raises(ValueError, match="rho"):
+                ae.sigmoid_kl_sparsity(a, rho)
+
+    def test_negative_beta(self, device):
+        a = torch.rand(4, 3, device=device)
+        for beta in (-1.0, float("inf"), float("nan")):
+            with pytest.raises(ValueError, match="beta"):
+                ae.kl_sparsity(a, 0.1, beta)
+
+    def test_wrong_rank(self, device):
+        for shape in [(5,), (2, 3, 4)]:
+            with pytest.raises(ValueError, match="a must be 2-D"):
+                ae.kl_sparsity(torch.rand(shape, device=device), 0.1)
+            with pytest.raises(ValueError, match="z must be 2-D"):
+                ae.sigmoid_kl_sparsity(torch.rand(shape, device=device), 0.1)
+            with pytest.raises(ValueError, match="h must be 2-D"):
+                ae.contractive_penalty(torch.rand(shape, device=device), torch.rand(3, 2))
+
+    def test_empty_batch(self, device):
+        with pytest.raises(ValueError, match="a must have at least one row"):
+            ae.kl_sparsity(torch.rand(0, 3, device=device), 0.1)
+
+    def test_integer_dtype(self, device):
+        with pytest.raises(ValueError, match="a must be float32, float16, bfloat16 or float64"):
+            ae.kl_sparsity(torch.ones(4, 3, dtype=torch.int64, device=device), 0.1)
+
+    def test_contractive_weight_shape_and_dtype(self, device):
+        h = torch.rand(4, 3, device=device)
+        with pytest.raises(ValueError, match="weight must be 2-D of shape"):
+            ae.contractive_penalty(h, torch.rand(5, 2, device=device))
+        with pytest.raises(ValueError, match="weight must have h's dtype"):
+            ae.contractive_penalty(h, torch.rand(3, 2, device=device, dtype=torch.float64))
