@@ -1,0 +1,150 @@
+// Registers the CUDA kernels (csrc/cuda/*.cu) for the CUDA dispatch key: tensor
+// checks, allocation and the current stream here, the arithmetic in the .cu files.
+// Compiled only when torch is a CUDA build (setup.py).
+#include <ATen/ATen.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include "kl_sparsity.h"
+
+namespace aefast {
+namespace cuda {
+namespace {
+
+DType dtype_of(const at::Tensor& t) {
+  switch (t.scalar_type()) {
+    case at::kFloat: return DType::kFloat32;
+    case at::kDouble: return DType::kFloat64;
+    case at::kHalf: return DType::kFloat16;
+    case at::kBFloat16: return DType::kBFloat16;
+    default: break;
+  }
+  TORCH_CHECK(false, "aefast: unsupported dtype ", t.scalar_type());
+  return DType::kFloat32;
+}
+
+at::TensorOptions stat_options(const at::Tensor& t) {
+  return t.options().dtype(t.scalar_type() == at::kDouble ? at::kDouble : at::kFloat);
+}
+
+at::Tensor matrix(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.is_cuda(), "aefast: ", name, " must be a CUDA tensor");
+  TORCH_CHECK(t.dim() == 2 && t.size(0) > 0 && t.size(1) > 0, "aefast: ", name,
+              " must be a non-empty 2-D tensor");
+  return t.contiguous();
+}
+
+void check(cudaError_t err) { TORCH_CHECK(err == cudaSuccess, "aefast CUDA kernel: ", cudaGetErrorString(err)); }
+
+cudaStream_t stream() { return at::cuda::getCurrentCUDAStream().stream(); }
+
+std::tuple<at::Tensor, at::Tensor> kl_sparsity_forward(const at::Tensor& a_in, double rho, double beta) {
+  const c10::cuda::CUDAGuard guard(a_in.device());
+  const auto a = matrix(a_in, "a");
+  const int64_t B = a.size(0), H = a.size(1);
+  const int64_t splits = column_splits(B, H, a.get_device());
+  auto partial = at::empty({splits, H}, stat_options(a));
+  auto rho_hat = at::empty({H}, stat_options(a));
+  auto penalty = at::empty({}, a.options());
+  check(kl_sparsity_forward(a.const_data_ptr(), dtype_of(a), B, H, rho, beta, splits,
+                            partial.data_ptr(), rho_hat.data_ptr(), penalty.data_ptr(), stream()));
+  return {penalty, rho_hat};
+}
+
+at::Tensor kl_sparsity_backward(const at::Tensor& grad_penalty, const at::Tensor& rho_hat_in,
+                                int64_t B, double rho, double beta, at::ScalarType dtype) {
+  const c10::cuda::CUDAGuard guard(rho_hat_in.device());
+  const auto rho_hat = rho_hat_in.contiguous();
+  const int64_t H = rho_hat.numel();
+  auto out = at::empty({B, H}, rho_hat.options().dtype(dtype));
+  const auto g = grad_penalty.to(dtype).contiguous();
+  check(kl_sparsity_backward(g.const_data_ptr(), rho_hat.const_data_ptr(), out.data_ptr(),
+                             dtype_of(out), B, H, rho, beta, stream()));
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> sigmoid_kl_sparsity_forward(const at::Tensor& z_in,
+                                                                           double rho, double beta) {
+  const c10::cuda::CUDAGuard guard(z_in.device());
+  const auto z = matrix(z_in, "z");
+  const int64_t B = z.size(0), H = z.size(1);
+  const int64_t splits = column_splits(B, H, z.get_device());
+  auto h = at::empty_like(z);
+  auto partial = at::empty({splits, H}, stat_options(z));
+  auto rho_hat = at::empty({H}, stat_options(z));
+  auto penalty = at::empty({}, z.options());
+  check(sigmoid_kl_sparsity_forward(z.const_data_ptr(), h.data_ptr(), dtype_of(z), B, H, rho, beta,
+                                    splits, partial.data_ptr(), rho_hat.data_ptr(),
+                                    penalty.data_ptr(), stream()));
+  return {h, penalty, rho_hat};
+}
+
+at::Tensor sigmoid_kl_sparsity_backward(const at::Tensor& grad_h_in, const at::Tensor& grad_penalty,
+                                        const at::Tensor& h_in, const at::Tensor& rho_hat_in,
+                                        double rho, double beta) {
+  const c10::cuda::CUDAGuard guard(h_in.device());
+  const auto h = matrix(h_in, "h");
+  TORCH_CHECK(grad_h_in.sizes() == h.sizes(), "aefast: grad_h must have the shape of h");
+  const auto grad_h = grad_h_in.to(h.scalar_type()).contiguous();
+  const auto g = grad_penalty.to(h.scalar_type()).contiguous();
+  const auto rho_hat = rho_hat_in.contiguous();
+  auto grad_z = at::empty_like(h);
+  check(sigmoid_kl_sparsity_backward(grad_h.const_data_ptr(), g.const_data_ptr(), h.const_data_ptr(),
+                                     rho_hat.const_data_ptr(), grad_z.data_ptr(), dtype_of(h),
+                                     h.size(0), h.size(1), rho, beta, stream()));
+  return grad_z;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> contractive_penalty_forward(const at::Tensor& h_in,
+                                                                           const at::Tensor& w_in) {
+  const c10::cuda::CUDAGuard guard(h_in.device());
+  const auto h = matrix(h_in, "h");
+  const auto w = matrix(w_in, "weight");
+  TORCH_CHECK(w.size(0) == h.size(1) && w.scalar_type() == h.scalar_type(),
+              "aefast: weight must be (H, D) of h's dtype");
+  const int64_t B = h.size(0), H = h.size(1), D = w.size(1);
+  const int64_t splits = column_splits(B, H, h.get_device());
+  auto partial = at::empty({splits + 1, H}, stat_options(h));
+  auto s2 = at::empty({H}, stat_options(h));
+  auto w2 = at::empty({H}, stat_options(h));
+  auto penalty = at::empty({}, h.options());
+  check(contractive_penalty_forward(h.const_data_ptr(), w.const_data_ptr(), dtype_of(h), B, H, D,
+                                    splits, partial.data_ptr(), s2.data_ptr(), w2.data_ptr(),
+                                    penalty.data_ptr(), stream()));
+  return {penalty, s2, w2};
+}
+
+std::tuple<at::Tensor, at::Tensor> contractive_penalty_backward(const at::Tensor& grad_penalty,
+                                                                const at::Tensor& h_in,
+                                                                const at::Tensor& w_in,
+                                                                const at::Tensor& s2_in,
+                                                                const at::Tensor& w2_in) {
+  const c10::cuda::CUDAGuard guard(h_in.device());
+  const auto h = matrix(h_in, "h");
+  const auto w = matrix(w_in, "weight");
+  const auto g = grad_penalty.to(h.scalar_type()).contiguous();
+  const auto s2 = s2_in.contiguous();
+  const auto w2 = w2_in.contiguous();
+  auto grad_h = at::empty_like(h);
+  auto grad_w = at::empty_like(w);
+  check(contractive_penalty_backward(g.const_data_ptr(), h.const_data_ptr(), w.const_data_ptr(),
+                                     s2.const_data_ptr(), w2.const_data_ptr(), grad_h.data_ptr(),
+                                     grad_w.data_ptr(), dtype_of(h), h.size(0), h.size(1), w.size(1),
+                                     stream()));
+  return {grad_h, grad_w};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(aefast, CUDA, m) {
+  m.impl("kl_sparsity_forward", &kl_sparsity_forward);
+  m.impl("kl_sparsity_backward", &kl_sparsity_backward);
+  m.impl("sigmoid_kl_sparsity_forward", &sigmoid_kl_sparsity_forward);
+  m.impl("sigmoid_kl_sparsity_backward", &sigmoid_kl_sparsity_backward);
+  m.impl("contractive_penalty_forward", &contractive_penalty_forward);
+  m.impl("contractive_penalty_backward", &contractive_penalty_backward);
+}
+
+}  // namespace cuda
+}  // namespace aefast
