@@ -1,0 +1,73 @@
+"""Backend choice: AEFAST_BACKEND, aefast.backend(...), and clear errors."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import device_backends
+
+import aefast as ae
+from aefast import backends
+
+
+def test_available_backends_lists_what_is_built():
+    names = ae.available_backends()
+    assert names[0] == "reference"
+    assert ("cpp" in names) == backends.CPP_BUILT
+    assert ("cuda" in names) == (backends.CUDA_BUILT and torch.cuda.is_available())
+    assert set(ae.available_backends("cpu")) <= set(names)
+
+
+def test_the_extension_is_built_here():
+    # The README's install builds aefast._C; a test run without it would test nothing compiled.
+    assert backends.CPP_BUILT, backends.BUILD_ERROR
+
+
+def test_auto_picks_cpp_on_cpu():
+    assert ae.current_backend() == "auto"
+    assert backends.resolve(torch.device("cpu")) == "cpp"
+
+
+def test_unknown_backend_name():
+    with pytest.raises(ValueError, match="backend must be one of"):
+        with ae.backend("fastest"):
+            pass
+
+
+def test_forced_backend_that_cannot_run_raises():
+    a = torch.rand(4, 3)
+    if not torch.cuda.is_available():
+        with ae.backend("cuda"), pytest.raises(RuntimeError, match="'cuda' cannot run cpu tensors"):
+            ae.kl_sparsity(a, 0.1)
+    else:
+        with ae.backend("cpp"), pytest.raises(RuntimeError, match="'cpp' cannot run cuda tensors"):
+            ae.kl_sparsity(a.cuda(), 0.1)
+
+
+def test_context_nests_and_restores():
+    with ae.backend("reference"):
+        assert ae.current_backend() == "reference"
+        with ae.backend("cpp"):
+            assert ae.current_backend() == "cpp"
+        assert ae.current_backend() == "reference"
+    assert ae.current_backend() == "auto"
+
+
+@pytest.mark.parametrize(("device", "backend"), device_backends())
+def test_the_chosen_backend_runs(device, backend):
+    a = torch.rand(5, 4, device=device, requires_grad=True)
+    with ae.backend(backend):
+        penalty = ae.kl_sparsity(a, 0.1)
+    expected = "triton" if backend == "triton" else "aefast_kl_sparsity_forward_default"
+    assert expected in type(penalty.grad_fn).__name__
+    with ae.backend("reference"):
+        assert "aefast" not in type(ae.kl_sparsity(a, 0.1).grad_fn).__name__
+
+
+def test_environment_variable_chooses_the_backend():
+    code = "import aefast, torch; print(aefast.current_backend(), aefast.backends.resolve(torch.device('cpu')))"
+    env = dict(os.environ, AEFAST_BACKEND="reference")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["reference", "reference"]
