@@ -18,7 +18,13 @@ def _sources(pattern):
 def _extension():
     include_dirs = [os.path.join(ROOT, "csrc", "include")]
     sources = ["csrc/ops.cpp"] + _sources("csrc/cpu/*.cpp")
-    cxx_flags = ["-O3"]
+    # -fno-trapping-math lets GCC vectorize the clamps (selects) in the per-element math;
+    # it changes no result, only the assumption that FP exceptions are observed.
+    # -fopenmp: at::parallel_for is a header template whose `omp parallel` is compiled
+    # here; without it the CPU kernels run on one thread. torch already loaded
+    # libgomp.so.1, so the extension shares torch's OpenMP thread pool.
+    cxx_flags = ["-O3", "-fno-trapping-math", "-fopenmp"]
+    link_flags = ["-fopenmp"]
     with_cuda = (
         torch.version.cuda is not None
         and CUDA_HOME is not None
@@ -34,7 +40,11 @@ def _extension():
         )
         print(f"aefast: CUDA kernels skipped ({why}); building the C++ CPU kernels only")
         return CppExtension(
-            "aefast._C", sources, include_dirs=include_dirs, extra_compile_args={"cxx": cxx_flags}
+            "aefast._C",
+            sources,
+            include_dirs=include_dirs,
+            extra_compile_args={"cxx": cxx_flags},
+            extra_link_args=link_flags,
         )
     print(f"aefast: building the C++ CPU kernels and the CUDA kernels (CUDA_HOME={CUDA_HOME})")
     return CUDAExtension(
@@ -43,6 +53,7 @@ def _extension():
         include_dirs=include_dirs,
         define_macros=[("AEFAST_WITH_CUDA", "1")],
         extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-lineinfo"]},
+        extra_link_args=link_flags,
     )
 
 

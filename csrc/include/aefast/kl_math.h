@@ -32,12 +32,15 @@ AEFAST_HD float bits_to_float(int32_t bits) {
 #endif
 }
 
-// exp for float with only +, *, floor and a bit cast (Cephes' expf, about 1 ulp),
-// so a host compiler vectorizes loops that call it; libm's expf does not.
+// exp for float with only +, *, compares and a bit cast (Cephes' expf polynomial,
+// about 1 ulp), so a host compiler vectorizes loops that call it: libm's expf,
+// fminf and floorf are calls it cannot vectorize without -ffast-math.
 AEFAST_HD float exp_poly(float x) {
-  x = fminf(fmaxf(x, -87.33654f), 88.37626f);
-  float n = floorf(x * 1.44269504088896341f + 0.5f);
-  float r = x - n * 0.693359375f;   // ln 2 split in two for an exact product
+  x = x < -87.33654f ? -87.33654f : (x > 88.37626f ? 88.37626f : x);  // NaN stays NaN
+  // n = round(x / ln 2) by the 1.5 * 2^23 trick: adding it rounds to an integer.
+  const float shift = 12582912.0f;
+  float n = (x * 1.44269504088896341f + shift) - shift;
+  float r = x - n * 0.693359375f;  // ln 2 split in two for an exact product
   r = r + n * 2.12194440e-4f;
   float p = 1.9875691500e-4f;
   p = p * r + 1.3981999507e-3f;

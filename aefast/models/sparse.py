@@ -1,0 +1,48 @@
+"""Sparse autoencoder (UFLDL): sigmoid code with the KL(rho || rho_hat) penalty."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from aefast.nn import KLSparsity
+from aefast.ops.kl_sparsity import sigmoid_kl_sparsity
+
+
+class SparseAutoencoder(nn.Module):
+    """x -> h = sigmoid(W1 x + b1) -> x_hat = sigmoid(W2 h + b2).
+
+    Loss: 1/2 ||x_hat - x||^2 (mean over the batch) + beta * sum_j KL(rho || rho_hat_j)
+    + weight_decay / 2 * (||W1||^2 + ||W2||^2). With `momentum`, rho_hat is a moving
+    average across batches (aefast.nn.KLSparsity); without, the fused
+    sigmoid_kl_sparsity op computes h and the penalty in one pass.
+    """
+
+    def __init__(self, n_in: int, n_hidden: int = 64, rho: float = 0.05, beta: float = 3.0,
+                 weight_decay: float = 1e-4, momentum: float | None = None):
+        super().__init__()
+        self.encoder = nn.Linear(n_in, n_hidden)
+        self.decoder = nn.Linear(n_hidden, n_in)
+        self.rho, self.beta, self.weight_decay = rho, beta, weight_decay
+        self.sparsity = KLSparsity(rho, beta, momentum) if momentum is not None else None
+
+    def encode(self, x: Tensor) -> Tensor:
+        return torch.sigmoid(self.encoder(x))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.sigmoid(self.decoder(self.encode(x)))
+
+    def loss(self, x: Tensor) -> dict[str, Tensor]:
+        if self.sparsity is None:
+            h, sparsity = sigmoid_kl_sparsity(self.encoder(x), self.rho, self.beta)
+        else:
+            h = self.encode(x)
+            sparsity = self.sparsity(h)
+        reconstruction = 0.5 * (torch.sigmoid(self.decoder(h)) - x).pow(2).sum(1).mean()
+        decay = 0.5 * self.weight_decay * (self.encoder.weight.pow(2).sum() + self.decoder.weight.pow(2).sum())
+        return {
+            "loss": reconstruction + sparsity + decay,
+            "reconstruction": reconstruction.detach(),
+            "sparsity": sparsity.detach(),
+            "mean_activation": h.detach().mean(),
+        }
