@@ -1,0 +1,95 @@
+#!/usr/bin/env bash
+# The GPU suite: on a GPU machine (torch 2.11, Python 3.12, no network), in one
+# command of at most 10 minutes: print the device, build the extension there, run
+# the whole test suite on CUDA for every backend, run the benchmarks, run
+# compute-sanitizer over a small CUDA test selection, and write a compact result
+# set (a handful of files) to commit.
+#
+#   bash bench/gpu_suite.sh                 # results in bench/results/<gpu>-<date>/
+#   bash bench/gpu_suite.sh --out DIR       # results in DIR
+#   bash bench/gpu_suite.sh --dry-run       # on any machine: print the plan, check prerequisites
+#
+# With the device tool: bash bench/gpu_suite.sh --out "$OUT/gpu" (then copy the files
+# from its files_at into bench/results/<gpu>-<date>/ and commit them).
+set -uo pipefail
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$ROOT" || exit 2
+PY=${PYTHON:-python3}
+DRY=0
+OUT=""
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --dry-run) DRY=1 ;;
+    --out) OUT=${2:?--out needs a folder}; shift ;;
+    -h|--help) sed -n '2,15p' "$0"; exit 0 ;;
+    *) echo "gpu_suite: unknown argument $1 (try --help)" >&2; exit 2 ;;
+  esac
+  shift
+done
+
+missing=0
+need() {  # need DESCRIPTION COMMAND...: a prerequisite, checked in both modes
+  if "${@:2}" >/dev/null 2>&1; then echo "  ok       $1"; else echo "  MISSING  $1"; missing=1; fi
+}
+echo "== prerequisites"
+need "python ($PY) with torch" "$PY" -c "import torch"
+need "pytest" "$PY" -c "import pytest"
+need "setuptools, ninja, pybind11 (the build runs with --no-build-isolation --no-deps)" \
+  "$PY" -c "import setuptools, ninja, pybind11"
+need "scikit-learn (digits data of the CLI tests)" "$PY" -c "import sklearn"
+need "tests/ and bench/bench_kl_sparsity.py" test -f bench/bench_kl_sparsity.py -a -d tests
+need "bench/bench_kl_sparsity.py parses its arguments" "$PY" bench/bench_kl_sparsity.py --help
+if [ "$DRY" = 0 ]; then
+  need "a CUDA device visible to torch" "$PY" -c "import torch; assert torch.cuda.is_available()"
+  need "nvcc" command -v nvcc
+  need "triton" "$PY" -c "import triton"
+fi
+SANITIZER=$(command -v compute-sanitizer || true)
+echo "  ${SANITIZER:+ok      }${SANITIZER:-absent  } compute-sanitizer (its step is skipped when absent)"
+[ "$missing" = 0 ] || { echo "gpu_suite: prerequisites missing (above)" >&2; exit 2; }
+
+if [ -z "$OUT" ]; then
+  gpu=$( [ "$DRY" = 1 ] && echo "<gpu>" || "$PY" -c "import torch,re; print(re.sub('[^a-z0-9]+','-',torch.cuda.get_device_name(0).lower()).strip('-'))")
+  OUT="bench/results/$gpu-$(date +%F)"
+fi
+
+STEPS=(
+  "device|60|nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv; $PY -c 'import torch, triton, sys; print(\"torch\", torch.__version__, \"cuda\", torch.version.cuda, \"triton\", triton.__version__, \"python\", sys.version.split()[0]); p = torch.cuda.get_device_properties(0); print(p.name, p.multi_processor_count, \"SMs\")'; nvcc --version | tail -1"
+  "build|240|MAX_JOBS=16 $PY -m pip install --no-build-isolation --no-deps -v -e . && $PY -m aefast info"
+  "tests|240|$PY -m pytest tests -q -p no:cacheprovider -rs"
+  "bench|150|$PY bench/bench_kl_sparsity.py --device cuda --sizes 4096x4096,16384x16384 --out $OUT"
+  "sanitizer|90|${SANITIZER:-compute-sanitizer} --tool memcheck --error-exitcode 1 $PY -m pytest tests/test_kl_sparsity.py -q -p no:cacheprovider -k 'cuda and 65x129 and matches_reference'"
+)
+
+if [ "$DRY" = 1 ]; then
+  echo "== dry run: would write results to $OUT/ and run, each under a time limit:"
+  for s in "${STEPS[@]}"; do
+    IFS='|' read -r name limit cmd <<<"$s"
+    printf '  %-9s (%3ss) %s\n' "$name" "$limit" "$cmd"
+  done
+  echo "gpu_suite: dry run passed"
+  exit 0
+fi
+
+mkdir -p "$OUT"
+summary="$OUT/summary.md"
+{ echo "# GPU suite, $(date -Iseconds)"; echo; echo "| step | status | seconds |"; echo "|---|---|---:|"; } >"$summary"
+status=0
+for s in "${STEPS[@]}"; do
+  IFS='|' read -r name limit cmd <<<"$s"
+  if [ "$name" = sanitizer ] && [ -z "$SANITIZER" ]; then
+    echo "| $name | skipped (no compute-sanitizer) | 0 |" >>"$summary"; continue
+  fi
+  echo "== $name: $cmd"
+  start=$SECONDS
+  timeout "$limit" bash -c "$cmd" 2>&1 | tee "$OUT/$name.log"
+  rc=${PIPESTATUS[0]}
+  result=$([ "$rc" = 0 ] && echo pass || echo "FAIL (exit $rc)")
+  [ "$rc" = 0 ] || status=1
+  echo "| $name | $result | $((SECONDS - start)) |" >>"$summary"
+done
+{ echo; tail -n 3 "$OUT/tests.log" 2>/dev/null | sed 's/^/    /'; echo; cat "$OUT/kl_sparsity.md" 2>/dev/null; } >>"$summary"
+rm -f "$OUT/bench.log"  # the benchmark's table is kl_sparsity.md
+cat "$summary"
+exit "$status"

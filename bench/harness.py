@@ -1,0 +1,87 @@
+"""Timing harness for the benchmarks: contenders are timed in one run, alternating
+round by round, so drift in the machine (frequency, other load) hits them alike."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import pathlib
+import platform
+import re
+import statistics
+import time
+from typing import Callable
+
+import torch
+
+RESULTS = pathlib.Path(__file__).resolve().parent / "results"
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def alternate(contenders: dict[str, Callable[[], object]], device: torch.device,
+              rounds: int = 15, warmup: int = 3) -> dict[str, list[float]]:
+    """Seconds per call of each contender, `rounds` samples each, interleaved."""
+    for _ in range(warmup):
+        for fn in contenders.values():
+            fn()
+    synchronize(device)
+    times: dict[str, list[float]] = {name: [] for name in contenders}
+    for _ in range(rounds):
+        for name, fn in contenders.items():
+            synchronize(device)
+            start = time.perf_counter()
+            fn()
+            synchronize(device)
+            times[name].append(time.perf_counter() - start)
+    return times
+
+
+def median_ms(samples: list[float]) -> float:
+    return 1e3 * statistics.median(samples)
+
+
+def machine_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+    else:
+        name = platform.processor() or "cpu"
+        try:
+            with open("/proc/cpuinfo") as f:
+                model = next((ln.split(":", 1)[1] for ln in f if ln.startswith("model name")), "")
+            name = model.strip() or name
+        except OSError:
+            pass
+        name = f"cpu-{torch.get_num_threads()}t-{name}"
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")[:60]
+
+
+def results_dir(device: torch.device, out: str | None = None) -> pathlib.Path:
+    path = pathlib.Path(out) if out else RESULTS / f"{machine_name(device)}-{datetime.date.today()}"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def environment(device: torch.device) -> dict:
+    env = {
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else machine_name(device),
+        "threads": torch.get_num_threads(),
+        "date": datetime.datetime.now().isoformat(timespec="seconds"),
+    }
+    try:
+        import triton
+
+        env["triton"] = triton.__version__
+    except ImportError:
+        pass
+    return env
+
+
+def write(path: pathlib.Path, stem: str, record: dict, markdown: str) -> None:
+    (path / f"{stem}.json").write_text(json.dumps(record, indent=2) + "\n")
+    (path / f"{stem}.md").write_text(markdown + "\n")
