@@ -1,0 +1,31 @@
+"""The `aefast` command: info, and the short sparse-autoencoder run on digits."""
+
+import re
+import subprocess
+import sys
+
+from aefast.cli import main
+
+
+def test_info_reports_the_backends(capsys):
+    assert main(["info"]) == 0
+    out = capsys.readouterr().out
+    assert "aefast._C: built" in out
+    assert re.search(r"cpu: available reference, cpp.*; runs cpp", out)
+
+
+def test_train_sparse_loss_falls_and_activation_approaches_rho(capsys):
+    assert main(["train", "sparse", "--epochs", "12", "--rho", "0.1"]) == 0
+    rows = [line.split() for line in capsys.readouterr().out.splitlines() if re.match(r"\s+\d+ ", line)]
+    assert len(rows) == 12
+    loss = [float(r[1]) for r in rows]
+    activation = [float(r[4]) for r in rows]
+    assert loss[-1] < 0.5 * loss[0]
+    assert abs(activation[-1] - 0.1) < 0.03 < abs(activation[0] - 0.1)
+
+
+def test_bad_argument_is_one_line_not_a_traceback():
+    proc = subprocess.run([sys.executable, "-m", "aefast", "train", "sparse", "--rho", "1.5", "--epochs", "1"],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == ["aefast: error: rho must be a number in the open interval (0, 1), got 1.5"]
