@@ -11,6 +11,12 @@ import pytest
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 SOURCES = sorted((ROOT / "csrc" / "cuda").glob("*.cu"))
 NVCC = shutil.which("nvcc")
+# What torch.utils.cpp_extension passes to nvcc: no implicit half/bfloat16 conversions.
+TORCH_NVCC_DEFINES = [
+    "-D__CUDA_NO_HALF_OPERATORS__", "-D__CUDA_NO_HALF_CONVERSIONS__",
+    "-D__CUDA_NO_BFLOAT16_CONVERSIONS__", "-D__CUDA_NO_HALF2_OPERATORS__",
+    "--expt-relaxed-constexpr",
+]
 
 
 def test_there_are_cuda_sources():
@@ -22,7 +28,7 @@ def test_there_are_cuda_sources():
 @pytest.mark.parametrize("source", SOURCES, ids=lambda p: p.name)
 def test_nvcc_compiles_without_spills(source, arch, tmp_path):
     cmd = [
-        NVCC, "-c", "-std=c++17", "-O3", f"-I{ROOT / 'csrc' / 'include'}",
+        NVCC, "-c", "-std=c++17", "-O3", f"-I{ROOT / 'csrc' / 'include'}", *TORCH_NVCC_DEFINES,
         f"-gencode=arch=compute_{arch},code=sm_{arch}", "-Xptxas", "-v", "-Werror", "all-warnings",
         str(source), "-o", str(tmp_path / "out.o"),
     ]
