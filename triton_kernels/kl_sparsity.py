@@ -61,6 +61,15 @@ def kl_bernoulli_grad(rho, r, EPS: tl.constexpr):
 
 
 @triton.jit
+def sum_of_splits(partial_ptr, n_splits, H, cols, ok, ACC: tl.constexpr, BLOCK_H: tl.constexpr):
+    """Column totals of a (n_splits, H) partial-sum buffer, added in split order."""
+    s = tl.zeros((BLOCK_H,), dtype=ACC)
+    for sp in range(0, n_splits):
+        s += tl.load(partial_ptr + sp * H + cols, mask=ok, other=0)
+    return s
+
+
+@triton.jit
 def kl_penalty_kernel(
     partial_ptr, rho_hat_ptr, penalty_ptr, n_splits, H, B, rho, beta,
     EPS: tl.constexpr, ACC: tl.constexpr, BLOCK_H: tl.constexpr,
@@ -69,10 +78,7 @@ def kl_penalty_kernel(
     for h0 in range(0, H, BLOCK_H):
         cols = h0 + tl.arange(0, BLOCK_H)
         ok = cols < H
-        s = tl.zeros((BLOCK_H,), dtype=ACC)
-        for sp in range(0, n_splits):
-            s += tl.load(partial_ptr + sp * H + cols, mask=ok, other=0)
-        mean = s / B
+        mean = sum_of_splits(partial_ptr, n_splits, H, cols, ok, ACC, BLOCK_H) / B
         tl.store(rho_hat_ptr + cols, mean, mask=ok)
         r = tl.minimum(tl.maximum(mean, EPS), 1.0 - EPS)
         kl = rho * tl.log(rho / r) + (1.0 - rho) * tl.log((1.0 - rho) / (1.0 - r))
@@ -89,12 +95,8 @@ def contractive_penalty_kernel(
     for h0 in range(0, H, BLOCK_H):
         cols = h0 + tl.arange(0, BLOCK_H)
         ok = cols < H
-        s2 = tl.zeros((BLOCK_H,), dtype=ACC)
-        for sp in range(0, n_s2):
-            s2 += tl.load(s2_partial_ptr + sp * H + cols, mask=ok, other=0)
-        w2 = tl.zeros((BLOCK_H,), dtype=ACC)
-        for sp in range(0, n_w2):
-            w2 += tl.load(w2_partial_ptr + sp * H + cols, mask=ok, other=0)
+        s2 = sum_of_splits(s2_partial_ptr, n_s2, H, cols, ok, ACC, BLOCK_H)
+        w2 = sum_of_splits(w2_partial_ptr, n_w2, H, cols, ok, ACC, BLOCK_H)
         tl.store(s2_ptr + cols, s2, mask=ok)
         tl.store(w2_ptr + cols, w2, mask=ok)
         total += s2 * w2
