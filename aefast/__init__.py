@@ -7,6 +7,14 @@
 from aefast import backends
 from aefast.backends import available_backends, backend, current_backend
 from aefast.ops.kl_sparsity import contractive_penalty, kl_sparsity, sigmoid_kl_sparsity
+from aefast.ops.wta import (
+    batch_topk,
+    lifetime_topk,
+    sparse_decode,
+    spatial_wta,
+    topk_mask,
+    topk_sparse,
+)
 
 from aefast import nn  # noqa: E402  (after the ops it wraps)
 
@@ -16,9 +24,15 @@ __all__ = [
     "available_backends",
     "backend",
     "backends",
+    "batch_topk",
     "contractive_penalty",
     "current_backend",
     "kl_sparsity",
+    "lifetime_topk",
     "nn",
     "sigmoid_kl_sparsity",
+    "sparse_decode",
+    "spatial_wta",
+    "topk_mask",
+    "topk_sparse",
 ]

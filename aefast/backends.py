@@ -85,17 +85,20 @@ def backend(name: str):
         _forced.pop()
 
 
-def resolve(device: torch.device) -> str:
-    """The backend that runs an operator on tensors of `device` now."""
+def resolve(device: torch.device, op: str = "", kernels: tuple[str, ...] = BACKENDS) -> str:
+    """The backend that runs operator `op`, which has kernels for `kernels`, on
+    tensors of `device` now."""
     name = current_backend()
     if name == "auto":
-        if device.type == "cpu":
-            return "cpp" if CPP_BUILT else "reference"
-        if device.type == "cuda":
-            for candidate in GPU_PREFERENCE:
-                if _why_unavailable(candidate, "cuda") is None:
-                    return candidate
+        preference = ("cpp",) if device.type == "cpu" else GPU_PREFERENCE
+        for candidate in preference:
+            if candidate in kernels and _why_unavailable(candidate, device.type) is None:
+                return candidate
         return "reference"
+    if name != "reference" and name not in kernels:
+        raise RuntimeError(
+            f"aefast backend {name!r} has no kernel for {op} yet (it has: {', '.join(kernels)})"
+        )
     why = _why_unavailable(name, device.type)
     if why is not None:
         raise RuntimeError(f"aefast backend {name!r} cannot run {device.type} tensors: {why}")

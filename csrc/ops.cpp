@@ -23,6 +23,18 @@ TORCH_LIBRARY(aefast, m) {
   m.def(
       "contractive_penalty_backward(Tensor grad_penalty, Tensor h, Tensor weight, Tensor s2, "
       "Tensor w2) -> (Tensor grad_h, Tensor grad_weight)");
+
+  // Winner-take-all family. Per row the k largest values, ordered by value
+  // (descending) then index (ascending): ties go to the lower index on every
+  // backend. relu=True clamps the selected values at 0 after selection.
+  m.def("topk_forward(Tensor x, int k, bool relu) -> (Tensor values, Tensor indices)");
+  // out[b] = bias + sum_k values[b, k] * weight[indices[b, k]], weight (L, D).
+  m.def("sparse_decode_forward(Tensor values, Tensor indices, Tensor weight, Tensor? bias) -> Tensor");
+  // Gradients of values and weight; the weight gradient is reduced per latent in
+  // (row, slot) order: deterministic, no atomics.
+  m.def(
+      "sparse_decode_backward(Tensor grad_out, Tensor values, Tensor indices, Tensor weight) "
+      "-> (Tensor grad_values, Tensor grad_weight)");
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {

@@ -1,0 +1,194 @@
+"""The winner-take-all family: topk_sparse, topk_mask, batch_topk, lifetime_topk,
+spatial_wta and sparse_decode.
+
+One selection kernel (`aefast::topk_forward`: per row the k largest, ties to the
+lower index) serves every top-k variant through views: batch_topk selects over the
+flattened batch, lifetime_topk over the columns, spatial_wta over each feature map.
+Dense outputs and the gradient's scatter use PyTorch's own scatter/gather.
+"""
+
+from __future__ import annotations
+
+import numbers
+
+import torch
+from torch import Tensor
+
+from aefast import backends, reference
+from aefast.ops._checks import FLOAT_DTYPES
+
+# Backends with kernels for this family so far; the others run `reference` under
+# `auto` and raise when asked for by name.
+KERNELS = ("cpp",)
+
+if backends.CPP_BUILT:
+
+    @torch.library.register_fake("aefast::topk_forward")
+    def _topk_fake(x, k, relu):
+        return x.new_empty((x.shape[0], k)), x.new_empty((x.shape[0], k), dtype=torch.long)
+
+    def _topk_setup(ctx, inputs, output):
+        x, _, ctx.relu = inputs
+        ctx.width = x.shape[1]
+        ctx.save_for_backward(*output)
+        ctx.mark_non_differentiable(output[1])
+
+    def _topk_backward(ctx, grad_values, _grad_indices):
+        values, indices = ctx.saved_tensors
+        if ctx.relu:  # as torch.relu: no gradient where the output is 0
+            grad_values = grad_values * (values > 0)
+        grad = grad_values.new_zeros((values.shape[0], ctx.width)).scatter(1, indices, grad_values)
+        return grad, None, None
+
+    torch.library.register_autograd("aefast::topk_forward", _topk_backward, setup_context=_topk_setup)
+
+    @torch.library.register_fake("aefast::sparse_decode_forward")
+    def _decode_fake(values, indices, weight, bias):
+        return values.new_empty((values.shape[0], weight.shape[1]))
+
+    @torch.library.register_fake("aefast::sparse_decode_backward")
+    def _decode_backward_fake(grad_out, values, indices, weight):
+        return torch.empty_like(values, memory_format=torch.contiguous_format), torch.empty_like(
+            weight, memory_format=torch.contiguous_format
+        )
+
+    def _decode_setup(ctx, inputs, output):
+        values, indices, weight, bias = inputs
+        ctx.has_bias = bias is not None
+        ctx.save_for_backward(values, indices, weight)
+
+    def _decode_backward(ctx, grad_out):
+        values, indices, weight = ctx.saved_tensors
+        grad_values, grad_weight = torch.ops.aefast.sparse_decode_backward(
+            grad_out, values, indices, weight
+        )
+        grad_bias = grad_out.sum(0) if ctx.has_bias and ctx.needs_input_grad[3] else None
+        return (
+            grad_values if ctx.needs_input_grad[0] else None,
+            None,
+            grad_weight if ctx.needs_input_grad[2] else None,
+            grad_bias,
+        )
+
+    torch.library.register_autograd(
+        "aefast::sparse_decode_forward", _decode_backward, setup_context=_decode_setup
+    )
+
+
+# ------------------------------------------------------------------ checks
+
+
+def _check_x(x: Tensor, name: str = "x", dims: int = 2) -> None:
+    if not isinstance(x, Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() != dims:
+        raise ValueError(f"{name} must be {dims}-D, got shape {tuple(x.shape)}")
+    if x.dtype not in FLOAT_DTYPES:
+        raise ValueError(f"{name} must be float32, float16, bfloat16 or float64, got {x.dtype}")
+    if x.numel() == 0:
+        raise ValueError(f"{name} must not be empty, got shape {tuple(x.shape)}")
+
+
+def _check_k(k, upper: int, what: str) -> int:
+    if not isinstance(k, numbers.Integral) or isinstance(k, bool) or not 1 <= k <= upper:
+        raise ValueError(f"k must be an integer in [1, {upper}] ({what}), got {k!r}")
+    return int(k)
+
+
+def _check_rate(rate, name: str) -> float:
+    if not isinstance(rate, numbers.Real) or isinstance(rate, bool) or not 0.0 < float(rate) <= 1.0:
+        raise ValueError(f"{name} must be a number in (0, 1], got {rate!r}")
+    return float(rate)
+
+
+def _select(x: Tensor, k: int, relu: bool, op: str) -> tuple[Tensor, Tensor]:
+    """Per row of the 2-D x, the k largest (values, indices) on the current backend."""
+    name = backends.resolve(x.device, op, KERNELS)
+    if name == "reference":
+        return reference.topk_sparse(x, k, relu)
+    return torch.ops.aefast.topk_forward(x, k, relu)
+
+
+# --------------------------------------------------------------- public API
+
+
+def topk_sparse(x: Tensor, k: int, *, relu: bool = True) -> tuple[Tensor, Tensor]:
+    """Per row of x (B, H), the k largest values and their int64 indices, each (B, k).
+
+    Ordered by value (descending), ties to the lower index, the same on every backend.
+    With relu=True the selected values are clamped at 0 after selection. The gradient
+    flows to the winners only. NaN in x raises a ValueError."""
+    _check_x(x)
+    k = _check_k(k, x.shape[1], "the number of units")
+    return _select(x, k, relu, "topk_sparse")
+
+
+def topk_mask(x: Tensor, k: int, *, relu: bool = True) -> Tensor:
+    """x (B, H) with all but the k largest values of each row set to 0; ReLU after
+    selection when relu=True. The gradient flows to the winners only."""
+    values, indices = topk_sparse(x, k, relu=relu)
+    return torch.zeros_like(x, memory_format=torch.contiguous_format).scatter(1, indices, values)
+
+
+def batch_topk(x: Tensor, k: int, *, relu: bool = True) -> Tensor:
+    """BatchTopK: keep the k * B largest values of the whole batch x (B, H), zero the
+    rest (ReLU after selection). On average k per row, any number in a given row."""
+    _check_x(x)
+    k = _check_k(k, x.shape[1], "per row on average")
+    flat = x.reshape(1, -1)
+    values, indices = _select(flat, k * x.shape[0], relu, "batch_topk")
+    out = torch.zeros_like(flat, memory_format=torch.contiguous_format)
+    return out.scatter(1, indices, values).view(x.shape)
+
+
+def lifetime_topk(x: Tensor, rate: float) -> Tensor:
+    """Lifetime sparsity (winner-take-all autoencoder, Makhzani & Frey 2015): per unit
+    (column of x (B, H)) keep the ceil(rate * B) largest activations across the batch,
+    zero the rest. No ReLU: apply it before if the units need one."""
+    _check_x(x)
+    rate = _check_rate(rate, "rate")
+    m = reference.lifetime_count(rate, x.shape[0])
+    values, indices = _select(x.t(), m, False, "lifetime_topk")
+    out = torch.zeros((x.shape[1], x.shape[0]), dtype=x.dtype, device=x.device)
+    return out.scatter(1, indices, values).t()
+
+
+def spatial_wta(x: Tensor, *, lifetime_rate: float | None = None) -> Tensor:
+    """Spatial sparsity (convolutional winner-take-all autoencoder): for x (N, C, H, W)
+    keep only the largest value of each sample's feature map, zero the rest (ties to
+    the first position). With lifetime_rate, per channel keep only the
+    ceil(rate * N) samples whose maxima are largest."""
+    _check_x(x, dims=4)
+    if lifetime_rate is not None:
+        lifetime_rate = _check_rate(lifetime_rate, "lifetime_rate")
+    n, c = x.shape[:2]
+    maps = x.reshape(n * c, -1)
+    values, indices = _select(maps, 1, False, "spatial_wta")
+    if lifetime_rate is not None:
+        m = reference.lifetime_count(lifetime_rate, n)
+        _, winners = _select(values.detach().view(n, c).t(), m, False, "spatial_wta")
+        kept = torch.zeros((c, n), dtype=values.dtype, device=x.device).scatter(1, winners, 1.0)
+        values = values * kept.t().reshape(n * c, 1)
+    out = torch.zeros_like(maps, memory_format=torch.contiguous_format)
+    return out.scatter(1, indices, values).view(x.shape)
+
+
+def sparse_decode(values: Tensor, indices: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """``out[b] = bias + sum_k values[b, k] * weight[indices[b, k]]`` for values and
+    int64 indices of shape (B, k) and weight (L, D): the decoder of a top-k sparse
+    autoencoder without a dense (B, L) code, forward or backward.
+
+    The weight gradient is deterministic: the (row, slot) pairs are sorted by latent
+    and each latent's gradient row is reduced in (row, slot) order, with no atomics,
+    so every run gives the same bits."""
+    _check_x(values, "values")
+    if not isinstance(indices, Tensor) or indices.shape != values.shape or indices.dtype != torch.long:
+        raise ValueError(f"indices must be an int64 tensor of the values' shape {tuple(values.shape)}")
+    if not isinstance(weight, Tensor) or weight.dim() != 2 or weight.dtype != values.dtype:
+        raise ValueError(f"weight must be 2-D (L, D) of the values' dtype {values.dtype}")
+    if bias is not None and (bias.shape != (weight.shape[1],) or bias.dtype != values.dtype):
+        raise ValueError(f"bias must be None or of shape ({weight.shape[1]},) and dtype {values.dtype}")
+    name = backends.resolve(values.device, "sparse_decode", KERNELS)
+    if name == "reference":
+        return reference.sparse_decode(values, indices, weight, bias)
+    return torch.ops.aefast.sparse_decode_forward(values, indices, weight, bias)

@@ -1,0 +1,149 @@
+// CPU sparse decoder: out[b] = bias + sum_k values[b, k] * weight[indices[b, k]].
+// Forward and the values gradient walk the k selected weight rows of each output
+// row; the weight gradient is reduced per latent after a counting sort of the
+// (row, slot) pairs by latent, in (row, slot) order: deterministic, no atomics,
+// and no dense (B, L) tensor anywhere.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <type_traits>
+#include <vector>
+
+#include "simd.h"
+
+namespace aefast {
+namespace cpu {
+namespace {
+
+template <typename T, typename A>
+inline __attribute__((always_inline)) void axpy_loop(A a, const T* x, A* y, int64_t n) {
+  for (int64_t d = 0; d < n; ++d) y[d] += a * static_cast<A>(x[d]);
+}
+
+template <typename T, typename A>
+inline __attribute__((always_inline)) A dot_loop(const T* x, const T* y, int64_t n) {
+  A s = 0;
+  for (int64_t d = 0; d < n; ++d) s += static_cast<A>(x[d]) * static_cast<A>(y[d]);
+  return s;
+}
+
+AEFAST_SIMD_CLONES void axpy(float a, const float* x, float* y, int64_t n) { axpy_loop<float, float>(a, x, y, n); }
+template <typename T, typename A>
+void axpy(A a, const T* x, A* y, int64_t n) { axpy_loop<T, A>(a, x, y, n); }
+
+// float32 dot products are reassociated by vectorization: fine, it is a fixed order.
+__attribute__((optimize("associative-math", "no-signed-zeros")))
+AEFAST_SIMD_CLONES float dot(const float* x, const float* y, int64_t n) { return dot_loop<float, float>(x, y, n); }
+template <typename T, typename A = float>
+A dot(const T* x, const T* y, int64_t n) { return dot_loop<T, A>(x, y, n); }
+
+template <typename T>
+using acc_t = std::conditional_t<std::is_same_v<T, double>, double, float>;
+
+void check_inputs(const at::Tensor& values, const at::Tensor& indices, const at::Tensor& weight) {
+  TORCH_CHECK_VALUE(values.dim() == 2 && indices.sizes() == values.sizes(),
+                    "aefast: values and indices must both be (B, k)");
+  TORCH_CHECK_VALUE(indices.scalar_type() == at::kLong, "aefast: indices must be int64");
+  TORCH_CHECK_VALUE(weight.dim() == 2 && weight.scalar_type() == values.scalar_type(),
+                    "aefast: weight must be (L, D) of the values' dtype");
+}
+
+void check_indices(const int64_t* idx, int64_t n, int64_t L) {
+  for (int64_t i = 0; i < n; ++i)
+    TORCH_CHECK_INDEX(idx[i] >= 0 && idx[i] < L, "aefast: indices must be in [0, ", L, "), got ", idx[i]);
+}
+
+at::Tensor sparse_decode_forward(const at::Tensor& values_in, const at::Tensor& indices_in,
+                                 const at::Tensor& weight_in, const std::optional<at::Tensor>& bias) {
+  check_inputs(values_in, indices_in, weight_in);
+  const auto values = values_in.contiguous();
+  const auto indices = indices_in.contiguous();
+  const auto weight = weight_in.contiguous();
+  const int64_t B = values.size(0), K = values.size(1), L = weight.size(0), D = weight.size(1);
+  const int64_t* ip = indices.const_data_ptr<int64_t>();
+  check_indices(ip, B * K, L);
+  auto out = at::empty({B, D}, values.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, values.scalar_type(), "sparse_decode_forward", [&] {
+    using A = acc_t<scalar_t>;
+    const scalar_t* vp = values.const_data_ptr<scalar_t>();
+    const scalar_t* wp = weight.const_data_ptr<scalar_t>();
+    scalar_t* op = out.data_ptr<scalar_t>();
+    std::optional<at::Tensor> b;
+    if (bias.has_value() && bias->defined()) b = bias->to(values.scalar_type()).contiguous();
+    const scalar_t* bp = b ? b->const_data_ptr<scalar_t>() : nullptr;
+    at::parallel_for(0, B, 1, [&](int64_t r0, int64_t r1) {
+      std::vector<A> acc(static_cast<size_t>(D));
+      for (int64_t r = r0; r < r1; ++r) {
+        for (int64_t d = 0; d < D; ++d) acc[d] = bp ? static_cast<A>(bp[d]) : A(0);
+        for (int64_t j = 0; j < K; ++j)
+          axpy(static_cast<A>(vp[r * K + j]), wp + ip[r * K + j] * D, acc.data(), D);
+        for (int64_t d = 0; d < D; ++d) op[r * D + d] = static_cast<scalar_t>(acc[d]);
+      }
+    });
+  });
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor> sparse_decode_backward(const at::Tensor& grad_in,
+                                                          const at::Tensor& values_in,
+                                                          const at::Tensor& indices_in,
+                                                          const at::Tensor& weight_in) {
+  check_inputs(values_in, indices_in, weight_in);
+  const auto values = values_in.contiguous();
+  const auto indices = indices_in.contiguous();
+  const auto weight = weight_in.contiguous();
+  const auto grad = grad_in.to(values.scalar_type()).contiguous();
+  const int64_t B = values.size(0), K = values.size(1), L = weight.size(0), D = weight.size(1);
+  const int64_t* ip = indices.const_data_ptr<int64_t>();
+  check_indices(ip, B * K, L);
+  auto grad_values = at::empty({B, K}, values.options());
+  auto grad_weight = at::empty({L, D}, weight.options());
+
+  // Counting sort of the B*K (row, slot) pairs by latent, stable: (row, slot) order.
+  std::vector<int64_t> start(static_cast<size_t>(L + 1), 0);
+  for (int64_t e = 0; e < B * K; ++e) ++start[ip[e] + 1];
+  for (int64_t l = 0; l < L; ++l) start[l + 1] += start[l];
+  std::vector<int64_t> order(static_cast<size_t>(B * K));
+  {
+    std::vector<int64_t> next(start.begin(), start.end() - 1);
+    for (int64_t e = 0; e < B * K; ++e) order[next[ip[e]]++] = e;
+  }
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, values.scalar_type(), "sparse_decode_backward", [&] {
+    using A = acc_t<scalar_t>;
+    const scalar_t* vp = values.const_data_ptr<scalar_t>();
+    const scalar_t* wp = weight.const_data_ptr<scalar_t>();
+    const scalar_t* gp = grad.const_data_ptr<scalar_t>();
+    scalar_t* gvp = grad_values.data_ptr<scalar_t>();
+    scalar_t* gwp = grad_weight.data_ptr<scalar_t>();
+    at::parallel_for(0, B, 1, [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r)
+        for (int64_t j = 0; j < K; ++j)
+          gvp[r * K + j] = static_cast<scalar_t>(dot<scalar_t, A>(gp + r * D, wp + ip[r * K + j] * D, D));
+    });
+    at::parallel_for(0, L, 16, [&](int64_t l0, int64_t l1) {
+      std::vector<A> acc(static_cast<size_t>(D));
+      for (int64_t l = l0; l < l1; ++l) {
+        std::fill(acc.begin(), acc.end(), A(0));
+        for (int64_t s = start[l]; s < start[l + 1]; ++s) {
+          const int64_t e = order[s];
+          axpy(static_cast<A>(vp[e]), gp + (e / K) * D, acc.data(), D);
+        }
+        for (int64_t d = 0; d < D; ++d) gwp[l * D + d] = static_cast<scalar_t>(acc[d]);
+      }
+    });
+  });
+  return {grad_values, grad_weight};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(aefast, CPU, m) {
+  m.impl("sparse_decode_forward", &sparse_decode_forward);
+  m.impl("sparse_decode_backward", &sparse_decode_backward);
+}
+
+}  // namespace cpu
+}  // namespace aefast

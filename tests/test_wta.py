@@ -1,0 +1,240 @@
+"""The winner-take-all family against aefast/reference.py, on every backend with kernels."""
+
+import pytest
+import torch
+from conftest import DEVICES, assert_close
+
+import aefast as ae
+from aefast import backends, reference
+from aefast.ops.wta import KERNELS
+
+DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
+
+
+def wta_backends():
+    return [
+        pytest.param(d, b, id=f"{d}-{b}")
+        for d in DEVICES
+        for b in ae.available_backends(d)
+        if b in KERNELS
+    ]
+
+
+def leaf(x):
+    return x.detach().clone().requires_grad_(True)
+
+
+def rows(shape, dtype, device, *, ties=False):
+    if ties:  # few distinct values: most of the selection is decided by tie-breaking
+        x = torch.randint(-3, 4, shape).double()
+    else:
+        x = torch.randn(shape, dtype=torch.float64)
+    return x.to(device, dtype)
+
+
+CASES = [((1, 1), 1), ((1, 7), 3), ((3, 1000), 1), ((3, 1000), 32), ((3, 1000), 1000),
+         ((4097, 33), 5), ((2, 70001), 64)]
+
+
+@pytest.mark.parametrize("ties", [False, True], ids=["distinct", "ties"])
+@pytest.mark.parametrize(("shape", "k"), CASES, ids=lambda c: str(c))
+@pytest.mark.parametrize(("device", "backend"), wta_backends())
+def test_topk_sparse_and_mask_match_reference(device, backend, shape, k, ties, poisoned):
+    for dtype in DTYPES:
+        for relu in (True, False):
+            x = leaf(rows(shape, dtype, device, ties=ties))
+            with ae.backend(backend):
+                values, indices = ae.topk_sparse(x, k, relu=relu)
+                mask = ae.topk_mask(x, k, relu=relu)
+            want_values, want_indices = reference.topk_sparse(x, k, relu)
+            assert indices.dtype == torch.long and values.dtype == dtype
+            assert torch.equal(indices, want_indices)
+            assert torch.equal(values, want_values)
+            assert torch.equal(mask, reference.topk_mask(x, k, relu))
+            g = torch.randn_like(values)
+            (grad,) = torch.autograd.grad(values, x, g)
+            (want_grad,) = torch.autograd.grad(want_values, x, g)
+            assert torch.equal(grad, want_grad)
+
+
+@pytest.mark.parametrize(("device", "backend"), wta_backends())
+def test_topk_with_infinities_and_long_rows(device, backend):
+    x = torch.randn(2, 1 << 20, device=device)
+    x[0, :1000] = float("-inf")
+    x[1] = float("-inf")
+    x[1, 12345] = 3.0
+    with ae.backend(backend):
+        values, indices = ae.topk_sparse(x, 64, relu=False)
+    want_values, want_indices = reference.topk_sparse(x, 64, relu=False)
+    assert torch.equal(indices, want_indices) and torch.equal(values, want_values)
+    assert indices[1, 0] == 12345 and torch.equal(indices[1, 1:], torch.arange(63, device=device))
+
+
+@pytest.mark.parametrize(("device", "backend"), wta_backends())
+def test_batch_lifetime_and_spatial_match_reference(device, backend, poisoned):
+    for dtype in DTYPES:
+        x = leaf(rows((37, 29), dtype, device))
+        conv = leaf(rows((9, 4, 5, 7), dtype, device))
+        with ae.backend(backend):
+            got = [ae.batch_topk(x, 3), ae.batch_topk(x, 2, relu=False), ae.lifetime_topk(x, 0.1),
+                   ae.spatial_wta(conv), ae.spatial_wta(conv, lifetime_rate=0.3)]
+        want = [reference.batch_topk(x, 3), reference.batch_topk(x, 2, False), reference.lifetime_topk(x, 0.1),
+                reference.spatial_wta(conv), reference.spatial_wta(conv, 0.3)]
+        for a, b in zip(got, want):
+            assert torch.equal(a, b)
+            g = torch.randn_like(a)
+            inputs = x if a.dim() == 2 else conv
+            assert torch.equal(torch.autograd.grad(a, inputs, g)[0], torch.autograd.grad(b, inputs, g)[0])
+    assert int((ae.batch_topk(x, 3, relu=False) != 0).sum()) == 3 * 37
+    assert ((ae.lifetime_topk(x, 0.1) != 0).sum(0) == 4).all()  # ceil(0.1 * 37) per unit
+
+
+@pytest.mark.parametrize(("device", "backend"), wta_backends())
+def test_sparse_decode_matches_reference(device, backend, poisoned):
+    for dtype in DTYPES:
+        B, K, L, D = 37, 5, 50, 19
+        values = leaf(torch.rand(B, K, dtype=torch.float64).to(device, dtype))
+        indices = torch.randint(0, L, (B, K), device=device)
+        weight = leaf(torch.randn(L, D, dtype=torch.float64).to(device, dtype))
+        bias = leaf(torch.randn(D, dtype=torch.float64).to(device, dtype))
+        with ae.backend(backend):
+            out = ae.sparse_decode(values, indices, weight, bias)
+        g = torch.randn(B, D, dtype=dtype, device=device)
+        grads = torch.autograd.grad(out, (values, weight, bias), g)
+        ref64 = [leaf(t.double()) for t in (values, weight, bias)]
+        want = reference.sparse_decode(ref64[0], indices, ref64[1], ref64[2])
+        want_grads = torch.autograd.grad(want, ref64, g.double())
+        assert_close(out, want, dtype, scale=10)
+        for got_g, want_g in zip(grads, want_grads):
+            assert_close(got_g, want_g, dtype, scale=10)
+
+
+@pytest.mark.parametrize(("device", "backend"), wta_backends())
+def test_sparse_decode_weight_gradient_is_deterministic(device, backend):
+    B, K, L, D = 512, 16, 8, 33  # few latents: every latent collects many rows
+    values = torch.rand(B, K, device=device)
+    indices = torch.randint(0, L, (B, K), device=device)
+    weight = leaf(torch.randn(L, D, device=device))
+    g = torch.randn(B, D, device=device)
+    with ae.backend(backend):
+        runs = [torch.autograd.grad(ae.sparse_decode(values, indices, weight), weight, g)[0] for _ in range(5)]
+    for r in runs[1:]:
+        assert torch.equal(r, runs[0])
+
+
+@pytest.mark.parametrize(("device", "backend"), wta_backends())
+def test_gradcheck_float64(device, backend):
+    x = leaf((torch.randperm(60).double().view(4, 15) / 7 - 4).to(device))  # distinct, well separated
+    values = leaf(torch.rand(4, 3, dtype=torch.float64, device=device))
+    indices = torch.randint(0, 6, (4, 3), device=device)
+    weight = leaf(torch.randn(6, 5, dtype=torch.float64, device=device))
+    bias = leaf(torch.randn(5, dtype=torch.float64, device=device))
+    with ae.backend(backend):
+        assert torch.autograd.gradcheck(lambda t: ae.topk_sparse(t, 4)[0], (x,))
+        assert torch.autograd.gradcheck(lambda t: ae.topk_mask(t, 3, relu=False), (x,))
+        assert torch.autograd.gradcheck(lambda t: ae.batch_topk(t, 2), (x,))
+        assert torch.autograd.gradcheck(lambda t: ae.lifetime_topk(t, 0.5), (x,))
+        assert torch.autograd.gradcheck(
+            lambda v, w, b: ae.sparse_decode(v, indices, w, b), (values, weight, bias)
+        )
+
+
+@pytest.mark.parametrize(("device", "backend"), wta_backends())
+def test_opcheck(device, backend):
+    x = torch.randn(6, 20, device=device, requires_grad=True)
+    values = torch.rand(6, 3, device=device, requires_grad=True)
+    indices = torch.randint(0, 9, (6, 3), device=device)
+    weight = torch.randn(9, 4, device=device, requires_grad=True)
+    torch.library.opcheck(torch.ops.aefast.topk_forward.default, (x, 3, True))
+    torch.library.opcheck(torch.ops.aefast.sparse_decode_forward.default, (values, indices, weight, None))
+    torch.library.opcheck(
+        torch.ops.aefast.sparse_decode_forward.default, (values, indices, weight, torch.randn(4, device=device))
+    )
+    torch.library.opcheck(
+        torch.ops.aefast.sparse_decode_backward.default,
+        (torch.randn(6, 4, device=device), values.detach(), indices, weight.detach()),
+    )
+
+
+class TinyTopKSAE(torch.nn.Module):
+    def __init__(self, d=12, latents=40, k=4):
+        super().__init__()
+        self.enc = torch.nn.Linear(d, latents)
+        self.dec = torch.nn.Parameter(torch.randn(latents, d) * 0.1)
+        self.bias = torch.nn.Parameter(torch.zeros(d))
+        self.k = k
+
+    def forward(self, x):
+        values, indices = ae.topk_sparse(self.enc(x), self.k)
+        return (ae.sparse_decode(values, indices, self.dec, self.bias) - x).pow(2).mean()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("device", "backend"), wta_backends())
+def test_torch_compile_fullgraph(device, backend):
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = TinyTopKSAE().to(device)
+    x = torch.randn(10, 12, device=device)
+    with ae.backend(backend):
+        eager = model(x)
+        (eager_grad,) = torch.autograd.grad(eager, model.dec)
+        compiled = torch.compile(model, fullgraph=True, backend="aot_eager")(x)
+        (compiled_grad,) = torch.autograd.grad(compiled, model.dec)
+    torch.testing.assert_close(compiled, eager)
+    torch.testing.assert_close(compiled_grad, eager_grad)
+
+
+def test_backends_without_kernels_say_so():
+    assert "triton" not in KERNELS
+    x = torch.randn(3, 5)
+    if backends.TRITON_INSTALLED and backends.TRITON_INTERPRET:
+        with ae.backend("triton"), pytest.raises(RuntimeError, match="has no kernel for topk_sparse"):
+            ae.topk_sparse(x, 2)
+    with ae.backend("reference"):
+        assert torch.equal(ae.topk_sparse(x, 2)[1], reference.topk_sparse(x, 2)[1])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+class TestBadInput:
+    def test_k_out_of_range(self, device):
+        x = torch.randn(3, 5, device=device)
+        for k in (0, -1, 6, 2.0, True):
+            with pytest.raises(ValueError, match=r"k must be an integer in \[1, 5\]"):
+                ae.topk_sparse(x, k)
+            with pytest.raises(ValueError, match=r"k must be an integer in \[1, 5\]"):
+                ae.batch_topk(x, k)
+
+    def test_rate_out_of_range(self, device):
+        x = torch.randn(3, 5, device=device)
+        for rate in (0.0, -0.5, 1.5, float("nan")):
+            with pytest.raises(ValueError, match=r"rate must be a number in \(0, 1\]"):
+                ae.lifetime_topk(x, rate)
+            with pytest.raises(ValueError, match=r"lifetime_rate must be a number in \(0, 1\]"):
+                ae.spatial_wta(x.view(3, 5, 1, 1), lifetime_rate=rate)
+
+    def test_wrong_rank(self, device):
+        with pytest.raises(ValueError, match="x must be 2-D"):
+            ae.topk_mask(torch.randn(3, device=device), 1)
+        with pytest.raises(ValueError, match="x must be 4-D"):
+            ae.spatial_wta(torch.randn(3, 4, device=device))
+
+    def test_nan(self, device):
+        x = torch.randn(3, 100, device=device)
+        x[1, 57] = float("nan")
+        for backend in ["reference"] + [b for b in ae.available_backends(device) if b in KERNELS]:
+            with ae.backend(backend), pytest.raises(ValueError, match="x contains NaN"):
+                ae.topk_sparse(x, 3)
+
+    def test_sparse_decode_arguments(self, device):
+        values = torch.rand(4, 2, device=device)
+        indices = torch.randint(0, 5, (4, 2), device=device)
+        weight = torch.randn(5, 3, device=device)
+        with pytest.raises(ValueError, match="indices must be an int64 tensor"):
+            ae.sparse_decode(values, indices.int(), weight)
+        with pytest.raises(ValueError, match="weight must be 2-D"):
+            ae.sparse_decode(values, indices, weight.double())
+        with pytest.raises(ValueError, match="bias must be None or of shape"):
+            ae.sparse_decode(values, indices, weight, torch.zeros(4, device=device))
+        with pytest.raises(IndexError, match=r"indices must be in \[0, 5\)"):
+            ae.sparse_decode(values, indices + 5, weight)
