@@ -32,7 +32,23 @@ inline bool better(const Candidate<A>& a, const Candidate<A>& b) {
   return a.value > b.value || (a.value == b.value && a.index < b.index);
 }
 
-constexpr int64_t kBlock = 32;
+constexpr int64_t kBlock = 16;
+
+// heap[0] is the worst of the k candidates (every node is no better than its
+// children); put `c` in its place and sift it down: one pass, no pop + push.
+template <typename A>
+inline void replace_worst(Candidate<A>* heap, int64_t k, Candidate<A> c) {
+  int64_t i = 0;
+  for (;;) {
+    int64_t child = 2 * i + 1;
+    if (child >= k) break;
+    if (child + 1 < k && better(heap[child], heap[child + 1])) ++child;  // the worse child
+    if (!better(c, heap[child])) break;
+    heap[i] = heap[child];
+    i = child;
+  }
+  heap[i] = c;
+}
 
 // Top `k` of x[0, n) (global indices offset by `first`) into `heap` (size k, n >= k).
 // Returns false if x holds a NaN. The heap's front is its worst candidate.
@@ -51,19 +67,15 @@ inline __attribute__((always_inline)) bool topk_scan(const T* x, int64_t n, int6
   int64_t j = k;
   for (; j + kBlock <= n; j += kBlock) {
     // Later elements equal to the threshold lose the tie (higher index): strict >.
-    bool any = false;
-    for (int64_t t = 0; t < kBlock; ++t) {
-      const A v = static_cast<A>(x[j + t]);
-      any |= (v > threshold) | (v != v);
-    }
+    // !(v <= threshold) also catches NaN; an int OR-reduction is what GCC vectorizes.
+    int any = 0;
+    for (int64_t t = 0; t < kBlock; ++t) any |= !(static_cast<A>(x[j + t]) <= threshold);
     if (!any) continue;
     for (int64_t t = 0; t < kBlock; ++t) {
       const A v = static_cast<A>(x[j + t]);
       nan |= v != v;
       if (v > threshold) {
-        std::pop_heap(heap, heap + k, worse_first);
-        heap[k - 1] = {v, first + j + t};
-        std::push_heap(heap, heap + k, worse_first);
+        replace_worst(heap, k, {v, first + j + t});
         threshold = heap[0].value;
       }
     }
@@ -72,9 +84,7 @@ inline __attribute__((always_inline)) bool topk_scan(const T* x, int64_t n, int6
     const A v = static_cast<A>(x[j]);
     nan |= v != v;
     if (v > threshold) {
-      std::pop_heap(heap, heap + k, worse_first);
-      heap[k - 1] = {v, first + j};
-      std::push_heap(heap, heap + k, worse_first);
+      replace_worst(heap, k, {v, first + j});
       threshold = heap[0].value;
     }
   }
