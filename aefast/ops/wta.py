@@ -4,7 +4,9 @@ spatial_wta and sparse_decode.
 One selection kernel (`aefast::topk_forward`: per row the k largest, ties to the
 lower index) serves every top-k variant through views: batch_topk selects over the
 flattened batch, lifetime_topk over the columns, spatial_wta over each feature map.
-Dense outputs and the gradient's scatter use PyTorch's own scatter/gather.
+Dense outputs and the gradient's scatter use PyTorch's own in-place scatter into
+fresh zeros (the out-of-place scatter would clone the zeros first: a second full
+write).
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ if backends.CPP_BUILT:
         values, indices = ctx.saved_tensors
         if ctx.relu:  # as torch.relu: no gradient where the output is 0
             grad_values = grad_values * (values > 0)
-        grad = grad_values.new_zeros((values.shape[0], ctx.width)).scatter(1, indices, grad_values)
+        grad = grad_values.new_zeros((values.shape[0], ctx.width)).scatter_(1, indices, grad_values)
         return grad, None, None
 
     torch.library.register_autograd("aefast::topk_forward", _topk_backward, setup_context=_topk_setup)
@@ -127,7 +129,7 @@ def topk_mask(x: Tensor, k: int, *, relu: bool = True) -> Tensor:
     """x (B, H) with all but the k largest values of each row set to 0; ReLU after
     selection when relu=True. The gradient flows to the winners only."""
     values, indices = topk_sparse(x, k, relu=relu)
-    return torch.zeros_like(x, memory_format=torch.contiguous_format).scatter(1, indices, values)
+    return torch.zeros_like(x, memory_format=torch.contiguous_format).scatter_(1, indices, values)
 
 
 def batch_topk(x: Tensor, k: int, *, relu: bool = True) -> Tensor:
@@ -138,7 +140,7 @@ def batch_topk(x: Tensor, k: int, *, relu: bool = True) -> Tensor:
     flat = x.reshape(1, -1)
     values, indices = _select(flat, k * x.shape[0], relu, "batch_topk")
     out = torch.zeros_like(flat, memory_format=torch.contiguous_format)
-    return out.scatter(1, indices, values).view(x.shape)
+    return out.scatter_(1, indices, values).view(x.shape)
 
 
 def lifetime_topk(x: Tensor, rate: float) -> Tensor:
@@ -150,7 +152,7 @@ def lifetime_topk(x: Tensor, rate: float) -> Tensor:
     m = reference.lifetime_count(rate, x.shape[0])
     values, indices = _select(x.t(), m, False, "lifetime_topk")
     out = torch.zeros((x.shape[1], x.shape[0]), dtype=x.dtype, device=x.device)
-    return out.scatter(1, indices, values).t()
+    return out.scatter_(1, indices, values).t()
 
 
 def spatial_wta(x: Tensor, *, lifetime_rate: float | None = None) -> Tensor:
@@ -170,7 +172,7 @@ def spatial_wta(x: Tensor, *, lifetime_rate: float | None = None) -> Tensor:
         kept = torch.zeros((c, n), dtype=values.dtype, device=x.device).scatter(1, winners, 1.0)
         values = values * kept.t().reshape(n * c, 1)
     out = torch.zeros_like(maps, memory_format=torch.contiguous_format)
-    return out.scatter(1, indices, values).view(x.shape)
+    return out.scatter_(1, indices, values).view(x.shape)
 
 
 def sparse_decode(values: Tensor, indices: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:

@@ -42,6 +42,12 @@ A dot(const T* x, const T* y, int64_t n) { return dot_loop<T, A>(x, y, n); }
 template <typename T>
 using acc_t = std::conditional_t<std::is_same_v<T, double>, double, float>;
 
+template <typename T>
+inline void prefetch_row(const T* row, int64_t n) {
+  const char* p = reinterpret_cast<const char*>(row);
+  for (int64_t b = 0; b < n * static_cast<int64_t>(sizeof(T)); b += 64) __builtin_prefetch(p + b);
+}
+
 void check_inputs(const at::Tensor& values, const at::Tensor& indices, const at::Tensor& weight) {
   TORCH_CHECK_VALUE(values.dim() == 2 && indices.sizes() == values.sizes(),
                     "aefast: values and indices must both be (B, k)");
@@ -77,8 +83,10 @@ at::Tensor sparse_decode_forward(const at::Tensor& values_in, const at::Tensor& 
       std::vector<A> acc(static_cast<size_t>(D));
       for (int64_t r = r0; r < r1; ++r) {
         for (int64_t d = 0; d < D; ++d) acc[d] = bp ? static_cast<A>(bp[d]) : A(0);
-        for (int64_t j = 0; j < K; ++j)
+        for (int64_t j = 0; j < K; ++j) {
+          if (j + 1 < K) prefetch_row(wp + ip[r * K + j + 1] * D, D);  // random rows: hide the latency
           axpy(static_cast<A>(vp[r * K + j]), wp + ip[r * K + j] * D, acc.data(), D);
+        }
         for (int64_t d = 0; d < D; ++d) op[r * D + d] = static_cast<scalar_t>(acc[d]);
       }
     });
@@ -120,8 +128,10 @@ std::tuple<at::Tensor, at::Tensor> sparse_decode_backward(const at::Tensor& grad
     scalar_t* gwp = grad_weight.data_ptr<scalar_t>();
     at::parallel_for(0, B, 1, [&](int64_t r0, int64_t r1) {
       for (int64_t r = r0; r < r1; ++r)
-        for (int64_t j = 0; j < K; ++j)
+        for (int64_t j = 0; j < K; ++j) {
+          if (j + 1 < K) prefetch_row(wp + ip[r * K + j + 1] * D, D);
           gvp[r * K + j] = static_cast<scalar_t>(dot<scalar_t, A>(gp + r * D, wp + ip[r * K + j] * D, D));
+        }
     });
     at::parallel_for(0, L, 16, [&](int64_t l0, int64_t l1) {
       std::vector<A> acc(static_cast<size_t>(D));
