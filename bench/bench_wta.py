@@ -1,0 +1,116 @@
+"""Winner-take-all family: aefast against plain PyTorch, contenders alternating.
+
+    python bench/bench_wta.py             # CPU: 1024 x 16384, k = 32; decoder L = 16384, D = 768
+
+- topk_sparse (forward) against torch.topk, and one read of x (the memory floor);
+- topk_mask forward + backward against torch.topk then scatter into a dense mask
+  (eager), and against a clone of x (the memory floor of the forward);
+- sparse_decode forward + backward against F.embedding_bag with per-sample weights
+  (the best plain-PyTorch sparse decoder) and the dense decode (scatter the code
+  into (B, L), then a matmul).
+"""
+
+from __future__ import annotations
+
+import argparse
+import pathlib
+import sys
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+import harness  # noqa: E402
+
+import aefast as ae  # noqa: E402
+
+TARGETS = {  # contender: aefast must be at least this many times faster
+    "topk_sparse": {"torch.topk": 3.0},
+    "topk_mask": {"topk+scatter eager": 1.5},
+    "sparse_decode": {"embedding_bag": 1.3, "dense decode": 10.0},
+}
+
+
+def topk_contenders(device, B, H, k):
+    x = torch.randn(B, H, device=device)
+    grad = torch.randn(B, H, device=device)
+
+    def eager_mask():
+        xx = x.detach().requires_grad_(True)
+        values, indices = torch.topk(xx, k)
+        torch.zeros_like(xx).scatter(1, indices, torch.relu(values)).backward(grad)
+
+    def fused_mask():
+        xx = x.detach().requires_grad_(True)
+        ae.topk_mask(xx, k).backward(grad)
+
+    return {
+        "topk_sparse": {"aefast": lambda: ae.topk_sparse(x, k), "torch.topk": lambda: torch.topk(x, k),
+                        "one read (floor)": lambda: x.sum()},
+        "topk_mask": {"aefast": fused_mask, "topk+scatter eager": eager_mask,
+                      "clone (floor)": lambda: x.clone()},
+    }
+
+
+def decode_contenders(device, B, k, L, D):
+    weight = torch.randn(L, D, device=device) * 0.02
+    values = torch.rand(B, k, device=device)
+    indices = torch.randint(0, L, (B, k), device=device)
+    grad = torch.randn(B, D, device=device)
+
+    def run(decode):
+        def step():
+            w = weight.detach().requires_grad_(True)
+            v = values.detach().requires_grad_(True)
+            decode(v, w).backward(grad)
+        return step
+
+    def dense(v, w):
+        code = torch.zeros(B, L, device=device).scatter(1, indices, v)
+        return code @ w
+
+    return {
+        "sparse_decode": {
+            "aefast": run(lambda v, w: ae.sparse_decode(v, indices, w)),
+            "embedding_bag": run(lambda v, w: F.embedding_bag(indices, w, per_sample_weights=v, mode="sum")),
+            "dense decode": run(dense),
+        }
+    }
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--rounds", type=int, default=11)
+    p.add_argument("--out", default=None)
+    args = p.parse_args(argv)
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+    groups = {**topk_contenders(device, 1024, 16384, 32), **decode_contenders(device, 1024, 32, 16384, 768)}
+    env = harness.environment(device)
+    lines = [
+        f"Measured on {env['device']} ({env['threads']} threads), torch {env['torch']}, {env['date']}.",
+        "float32; topk: 1024 x 16384, k = 32; sparse_decode: B = 1024, k = 32, L = 16384, D = 768.",
+        "",
+        "| op | contender | median ms | contender / aefast | target |",
+        "|---|---|---:|---:|---|",
+    ]
+    records = []
+    for op, runs in groups.items():
+        ms = {n: harness.median_ms(t) for n, t in harness.alternate(runs, device, rounds=args.rounds).items()}
+        records.append({"op": op, "median_ms": ms, "targets": TARGETS[op]})
+        for name, value in ms.items():
+            ratio = value / ms["aefast"]
+            target = TARGETS[op].get(name)
+            verdict = "" if target is None else f">= {target}" + ("" if ratio >= target else " **missed**")
+            lines.append(f"| {op} | {name} | {value:.1f} | {'' if name == 'aefast' else f'{ratio:.2f}'} | {verdict} |")
+    table = "\n".join(lines)
+    print(table)
+    out = harness.results_dir(device, args.out)
+    harness.write(out, "wta", {"environment": env, "results": records}, table)
+    print(f"\nwritten to {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
