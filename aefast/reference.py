@@ -101,7 +101,7 @@ def spatial_wta(x: Tensor, lifetime_rate: float | None = None) -> Tensor:
     if lifetime_rate is not None:
         winners = topk_sparse(values.view(n, c).t(), lifetime_count(lifetime_rate, n), relu=False)[1]
         kept = torch.zeros(c, n, dtype=torch.bool, device=x.device).scatter(-1, winners, True).t()
-        values = values * kept.reshape(n * c, 1)
+        values = torch.where(kept.reshape(n * c, 1), values, 0.0)
     return torch.zeros_like(maps).scatter(-1, indices, values).view_as(x)
 
 

@@ -238,3 +238,14 @@ class TestBadInput:
             ae.sparse_decode(values, indices, weight, torch.zeros(4, device=device))
         with pytest.raises(IndexError, match=r"indices must be in \[0, 5\)"):
             ae.sparse_decode(values, indices + 5, weight)
+
+
+@pytest.mark.parametrize(("device", "backend"), wta_backends())
+def test_spatial_wta_with_dead_maps_has_no_nan(device, backend):
+    x = torch.randn(6, 3, 4, 4, device=device)
+    x[2, 1] = float("-inf")  # a map with no finite value: its maximum loses the lifetime cut
+    with ae.backend(backend):
+        out = ae.spatial_wta(x, lifetime_rate=0.5)
+    assert not torch.isnan(out).any()
+    assert torch.equal(out, reference.spatial_wta(x, 0.5))
+    assert ((out != 0).flatten(2).sum(2) <= 1).all()

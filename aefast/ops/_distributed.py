@@ -22,3 +22,47 @@ def global_column_mean(a: Tensor, group) -> Tensor:
     rows = torch.full((1,), float(a.shape[0]), dtype=local.dtype, device=a.device)
     total = all_reduce(torch.cat([local, rows]), group=group)  # one collective
     return total[:-1] / total[-1]
+
+
+def global_count(n: int, device: torch.device, group) -> int:
+    """Sum of `n` over the ranks of `group`."""
+    import torch.distributed as dist
+
+    if not dist.is_available() or not dist.is_initialized():
+        raise ValueError("group was given but torch.distributed is not initialized")
+    total = torch.tensor([n], dtype=torch.long, device=device)
+    dist.all_reduce(total, group=group)
+    return int(total.item())
+
+
+def global_topk_keep(values: Tensor, k: int, group) -> Tensor:
+    """Which local candidates win a top-k taken over all ranks.
+
+    values (R, c): per selection row, this rank's best c <= k candidates, ordered by
+    value (descending) then local position. Returns a bool (R, c) mask of those among
+    the k best of all ranks' candidates, ties going to the lower rank, then the lower
+    local position: the order of the concatenated batch, so N ranks select exactly
+    what one process selects on it."""
+    import torch.distributed as dist
+
+    rows, c = values.shape
+    padded = values.detach().new_full((rows, k), float("-inf"))
+    padded[:, :c] = values.detach()
+    valid = torch.zeros((rows, k), dtype=torch.bool, device=values.device)
+    valid[:, :c] = True
+    world = dist.get_world_size(group)
+    all_values = [torch.empty_like(padded) for _ in range(world)]
+    all_valid = [torch.empty_like(valid) for _ in range(world)]
+    dist.all_gather(all_values, padded, group=group)
+    dist.all_gather(all_valid, valid, group=group)
+    cat_values = torch.cat(all_values, dim=1)  # rank-major: the concatenated batch's order
+    cat_valid = torch.cat(all_valid, dim=1)
+    order = torch.sort(cat_values, dim=1, descending=True, stable=True).indices
+    order = order.gather(1, torch.sort(cat_valid.gather(1, order).int(), dim=1, descending=True, stable=True).indices)
+    winners = order[:, :k]
+    me = dist.get_rank(group)
+    mine = (winners // k) == me
+    # Other ranks' winners go to a spare column k, so no write collides with a real slot.
+    keep = torch.zeros((rows, k + 1), dtype=torch.bool, device=values.device)
+    keep.scatter_(1, torch.where(mine, winners % k, k), mine)
+    return keep[:, :c]

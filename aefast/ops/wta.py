@@ -18,6 +18,7 @@ from torch import Tensor
 
 from aefast import backends, reference
 from aefast.ops._checks import FLOAT_DTYPES
+from aefast.ops._distributed import global_count, global_topk_keep
 
 # Backends with kernels for this family so far; the others run `reference` under
 # `auto` and raise when asked for by name.
@@ -132,25 +133,42 @@ def topk_mask(x: Tensor, k: int, *, relu: bool = True) -> Tensor:
     return torch.zeros_like(x, memory_format=torch.contiguous_format).scatter_(1, indices, values)
 
 
-def batch_topk(x: Tensor, k: int, *, relu: bool = True) -> Tensor:
+def batch_topk(x: Tensor, k: int, *, relu: bool = True, group=None) -> Tensor:
     """BatchTopK: keep the k * B largest values of the whole batch x (B, H), zero the
-    rest (ReLU after selection). On average k per row, any number in a given row."""
+    rest (ReLU after selection). On average k per row, any number in a given row.
+
+    With ``group`` (a torch.distributed process group) the k * B_global largest of the
+    GLOBAL batch are kept: N ranks keep exactly what one process keeps on the
+    concatenated batch (ties go to the earlier rank, then the earlier position)."""
     _check_x(x)
     k = _check_k(k, x.shape[1], "per row on average")
     flat = x.reshape(1, -1)
-    values, indices = _select(flat, k * x.shape[0], relu, "batch_topk")
+    if group is None:
+        values, indices = _select(flat, k * x.shape[0], relu, "batch_topk")
+    else:
+        total = k * global_count(x.shape[0], x.device, group)
+        values, indices = _select(flat, min(total, flat.shape[1]), False, "batch_topk")
+        values = torch.where(global_topk_keep(values, total, group), values, 0.0)  # -inf * 0 is NaN
+        if relu:
+            values = torch.relu(values)
     out = torch.zeros_like(flat, memory_format=torch.contiguous_format)
     return out.scatter_(1, indices, values).view(x.shape)
 
 
-def lifetime_topk(x: Tensor, rate: float) -> Tensor:
+def lifetime_topk(x: Tensor, rate: float, *, group=None) -> Tensor:
     """Lifetime sparsity (winner-take-all autoencoder, Makhzani & Frey 2015): per unit
     (column of x (B, H)) keep the ceil(rate * B) largest activations across the batch,
-    zero the rest. No ReLU: apply it before if the units need one."""
+    zero the rest. No ReLU: apply it before if the units need one.
+
+    With ``group``, B is the global batch and the selection is made over all ranks'
+    rows, exactly as one process would on the concatenated batch."""
     _check_x(x)
     rate = _check_rate(rate, "rate")
-    m = reference.lifetime_count(rate, x.shape[0])
-    values, indices = _select(x.t(), m, False, "lifetime_topk")
+    batch = x.shape[0] if group is None else global_count(x.shape[0], x.device, group)
+    m = reference.lifetime_count(rate, batch)
+    values, indices = _select(x.t(), min(m, x.shape[0]), False, "lifetime_topk")
+    if group is not None:
+        values = torch.where(global_topk_keep(values, m, group), values, 0.0)
     out = torch.zeros((x.shape[1], x.shape[0]), dtype=x.dtype, device=x.device)
     return out.scatter_(1, indices, values).t()
 
@@ -169,8 +187,8 @@ def spatial_wta(x: Tensor, *, lifetime_rate: float | None = None) -> Tensor:
     if lifetime_rate is not None:
         m = reference.lifetime_count(lifetime_rate, n)
         _, winners = _select(values.detach().view(n, c).t(), m, False, "spatial_wta")
-        kept = torch.zeros((c, n), dtype=values.dtype, device=x.device).scatter(1, winners, 1.0)
-        values = values * kept.t().reshape(n * c, 1)
+        kept = torch.zeros((c, n), dtype=torch.bool, device=x.device).scatter_(1, winners, True)
+        values = torch.where(kept.t().reshape(n * c, 1), values, 0.0)  # -inf * 0 would be NaN
     out = torch.zeros_like(maps, memory_format=torch.contiguous_format)
     return out.scatter_(1, indices, values).view(x.shape)
 
