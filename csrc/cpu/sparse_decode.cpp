@@ -134,14 +134,17 @@ std::tuple<at::Tensor, at::Tensor> sparse_decode_backward(const at::Tensor& grad
         }
     });
     at::parallel_for(0, L, 16, [&](int64_t l0, int64_t l1) {
-      std::vector<A> acc(static_cast<size_t>(D));
+      std::vector<A> buffer(std::is_same_v<scalar_t, A> ? 0 : static_cast<size_t>(D));
       for (int64_t l = l0; l < l1; ++l) {
-        std::fill(acc.begin(), acc.end(), A(0));
+        // Accumulate straight into the gradient row when it has the accumulation type.
+        A* acc = std::is_same_v<scalar_t, A> ? reinterpret_cast<A*>(gwp + l * D) : buffer.data();
+        std::fill(acc, acc + D, A(0));
         for (int64_t s = start[l]; s < start[l + 1]; ++s) {
           const int64_t e = order[s];
-          axpy(static_cast<A>(vp[e]), gp + (e / K) * D, acc.data(), D);
+          axpy(static_cast<A>(vp[e]), gp + (e / K) * D, acc, D);
         }
-        for (int64_t d = 0; d < D; ++d) gwp[l * D + d] = static_cast<scalar_t>(acc[d]);
+        if constexpr (!std::is_same_v<scalar_t, A>)
+          for (int64_t d = 0; d < D; ++d) gwp[l * D + d] = static_cast<scalar_t>(acc[d]);
       }
     });
   });
