@@ -41,3 +41,42 @@ def test_nvcc_compiles_without_spills(source, arch, tmp_path):
     ]
     assert "bytes spill" in log, "ptxas -v printed no resource usage: " + log[-2000:]
     assert not spills, "register spills:\n" + "\n".join(spills)
+
+
+def _cuda_runtime_include():
+    """A folder holding cuda_runtime_api.h: CUDA_HOME's, nvcc's, or the copy Triton ships."""
+    import os
+
+    candidates = [os.environ.get("CUDA_HOME", "")]
+    if NVCC:
+        candidates.append(str(pathlib.Path(NVCC).resolve().parent.parent))
+    try:
+        import triton
+
+        candidates.append(str(pathlib.Path(triton.__file__).parent / "backends" / "nvidia"))
+    except ImportError:
+        pass
+    for base in candidates:
+        if base and (pathlib.Path(base) / "include" / "cuda_runtime_api.h").exists():
+            return pathlib.Path(base) / "include"
+    return None
+
+
+CXX = shutil.which("c++") or shutil.which("g++")
+
+
+@pytest.mark.skipif(CXX is None or _cuda_runtime_include() is None, reason="no C++ compiler or CUDA headers")
+def test_cuda_bindings_compile_against_torch_headers():
+    """csrc/cuda/bindings.cpp is compiled only in CUDA builds of torch: check its
+    syntax and types here against torch's headers, with stand-ins for the two CUDA
+    headers a CPU build of torch lacks (tests/cuda_stubs)."""
+    from torch.utils.cpp_extension import include_paths
+
+    cmd = [
+        CXX, "-std=c++20", "-fsyntax-only",  # torch 2.13 headers need C++20
+        f"-I{ROOT / 'tests' / 'cuda_stubs'}", *[f"-I{p}" for p in include_paths()],
+        f"-I{_cuda_runtime_include()}", f"-I{ROOT / 'csrc' / 'include'}",
+        str(ROOT / "csrc" / "cuda" / "bindings.cpp"),
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-4000:]

@@ -35,11 +35,19 @@ at::Tensor matrix(const at::Tensor& t, const char* name) {
   return t.contiguous();
 }
 
+// The statistics saved by the forward: on the device, float32 (float64 for float64 data).
+at::Tensor stats(const at::Tensor& t, at::ScalarType data, const char* name) {
+  const auto want = data == at::kDouble ? at::kDouble : at::kFloat;
+  TORCH_CHECK(t.is_cuda() && t.scalar_type() == want, "aefast: ", name, " must be a CUDA ", want,
+              " tensor, got ", t.scalar_type(), " on ", t.device());
+  return t.contiguous();
+}
+
 void check(cudaError_t err) { TORCH_CHECK(err == cudaSuccess, "aefast CUDA kernel: ", cudaGetErrorString(err)); }
 
 cudaStream_t stream() { return at::cuda::getCurrentCUDAStream().stream(); }
 
-std::tuple<at::Tensor, at::Tensor> kl_sparsity_forward(const at::Tensor& a_in, double rho, double beta) {
+std::tuple<at::Tensor, at::Tensor> kl_sparsity_forward_op(const at::Tensor& a_in, double rho, double beta) {
   const c10::cuda::CUDAGuard guard(a_in.device());
   const auto a = matrix(a_in, "a");
   const int64_t B = a.size(0), H = a.size(1);
@@ -52,10 +60,10 @@ std::tuple<at::Tensor, at::Tensor> kl_sparsity_forward(const at::Tensor& a_in, d
   return {penalty, rho_hat};
 }
 
-at::Tensor kl_sparsity_backward(const at::Tensor& grad_penalty, const at::Tensor& rho_hat_in,
+at::Tensor kl_sparsity_backward_op(const at::Tensor& grad_penalty, const at::Tensor& rho_hat_in,
                                 int64_t B, double rho, double beta, at::ScalarType dtype) {
   const c10::cuda::CUDAGuard guard(rho_hat_in.device());
-  const auto rho_hat = rho_hat_in.contiguous();
+  const auto rho_hat = stats(rho_hat_in, dtype, "rho_hat");
   const int64_t H = rho_hat.numel();
   auto out = at::empty({B, H}, rho_hat.options().dtype(dtype));
   const auto g = grad_penalty.to(dtype).contiguous();
@@ -64,7 +72,7 @@ at::Tensor kl_sparsity_backward(const at::Tensor& grad_penalty, const at::Tensor
   return out;
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> sigmoid_kl_sparsity_forward(const at::Tensor& z_in,
+std::tuple<at::Tensor, at::Tensor, at::Tensor> sigmoid_kl_sparsity_forward_op(const at::Tensor& z_in,
                                                                            double rho, double beta) {
   const c10::cuda::CUDAGuard guard(z_in.device());
   const auto z = matrix(z_in, "z");
@@ -80,7 +88,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sigmoid_kl_sparsity_forward(const
   return {h, penalty, rho_hat};
 }
 
-at::Tensor sigmoid_kl_sparsity_backward(const at::Tensor& grad_h_in, const at::Tensor& grad_penalty,
+at::Tensor sigmoid_kl_sparsity_backward_op(const at::Tensor& grad_h_in, const at::Tensor& grad_penalty,
                                         const at::Tensor& h_in, const at::Tensor& rho_hat_in,
                                         double rho, double beta) {
   const c10::cuda::CUDAGuard guard(h_in.device());
@@ -88,7 +96,8 @@ at::Tensor sigmoid_kl_sparsity_backward(const at::Tensor& grad_h_in, const at::T
   TORCH_CHECK(grad_h_in.sizes() == h.sizes(), "aefast: grad_h must have the shape of h");
   const auto grad_h = grad_h_in.to(h.scalar_type()).contiguous();
   const auto g = grad_penalty.to(h.scalar_type()).contiguous();
-  const auto rho_hat = rho_hat_in.contiguous();
+  const auto rho_hat = stats(rho_hat_in, h.scalar_type(), "rho_hat");
+  TORCH_CHECK(rho_hat.numel() == h.size(1), "aefast: rho_hat must have one entry per column of h");
   auto grad_z = at::empty_like(h);
   check(sigmoid_kl_sparsity_backward(grad_h.const_data_ptr(), g.const_data_ptr(), h.const_data_ptr(),
                                      rho_hat.const_data_ptr(), grad_z.data_ptr(), dtype_of(h),
@@ -96,7 +105,7 @@ at::Tensor sigmoid_kl_sparsity_backward(const at::Tensor& grad_h_in, const at::T
   return grad_z;
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> contractive_penalty_forward(const at::Tensor& h_in,
+std::tuple<at::Tensor, at::Tensor, at::Tensor> contractive_penalty_forward_op(const at::Tensor& h_in,
                                                                            const at::Tensor& w_in) {
   const c10::cuda::CUDAGuard guard(h_in.device());
   const auto h = matrix(h_in, "h");
@@ -115,7 +124,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> contractive_penalty_forward(const
   return {penalty, s2, w2};
 }
 
-std::tuple<at::Tensor, at::Tensor> contractive_penalty_backward(const at::Tensor& grad_penalty,
+std::tuple<at::Tensor, at::Tensor> contractive_penalty_backward_op(const at::Tensor& grad_penalty,
                                                                 const at::Tensor& h_in,
                                                                 const at::Tensor& w_in,
                                                                 const at::Tensor& s2_in,
@@ -124,8 +133,11 @@ std::tuple<at::Tensor, at::Tensor> contractive_penalty_backward(const at::Tensor
   const auto h = matrix(h_in, "h");
   const auto w = matrix(w_in, "weight");
   const auto g = grad_penalty.to(h.scalar_type()).contiguous();
-  const auto s2 = s2_in.contiguous();
-  const auto w2 = w2_in.contiguous();
+  const auto s2 = stats(s2_in, h.scalar_type(), "s2");
+  const auto w2 = stats(w2_in, h.scalar_type(), "w2");
+  TORCH_CHECK(s2.numel() == h.size(1) && w2.numel() == h.size(1) && w.size(0) == h.size(1) &&
+                  w.scalar_type() == h.scalar_type(),
+              "aefast: s2, w2 and the weight must match h's units and dtype");
   auto grad_h = at::empty_like(h);
   auto grad_w = at::empty_like(w);
   check(contractive_penalty_backward(g.const_data_ptr(), h.const_data_ptr(), w.const_data_ptr(),
@@ -138,12 +150,12 @@ std::tuple<at::Tensor, at::Tensor> contractive_penalty_backward(const at::Tensor
 }  // namespace
 
 TORCH_LIBRARY_IMPL(aefast, CUDA, m) {
-  m.impl("kl_sparsity_forward", &kl_sparsity_forward);
-  m.impl("kl_sparsity_backward", &kl_sparsity_backward);
-  m.impl("sigmoid_kl_sparsity_forward", &sigmoid_kl_sparsity_forward);
-  m.impl("sigmoid_kl_sparsity_backward", &sigmoid_kl_sparsity_backward);
-  m.impl("contractive_penalty_forward", &contractive_penalty_forward);
-  m.impl("contractive_penalty_backward", &contractive_penalty_backward);
+  m.impl("kl_sparsity_forward", &kl_sparsity_forward_op);
+  m.impl("kl_sparsity_backward", &kl_sparsity_backward_op);
+  m.impl("sigmoid_kl_sparsity_forward", &sigmoid_kl_sparsity_forward_op);
+  m.impl("sigmoid_kl_sparsity_backward", &sigmoid_kl_sparsity_backward_op);
+  m.impl("contractive_penalty_forward", &contractive_penalty_forward_op);
+  m.impl("contractive_penalty_backward", &contractive_penalty_backward_op);
 }
 
 }  // namespace cuda
