@@ -33,7 +33,7 @@ def column_partial_sums_kernel(
     first_row = pid_s * rows_per_split
     acc = tl.zeros((BLOCK_B, BLOCK_H), dtype=ACC)
     for r in range(0, rows_per_split, BLOCK_B):
-        rows = first_row + r + tl.arange(0, BLOCK_B)
+        rows = (first_row + r + tl.arange(0, BLOCK_B)).to(tl.int64)  # B * H may pass 2^31
         mask = ((rows < B) & (r + tl.arange(0, BLOCK_B) < rows_per_split))[:, None] & col_ok[None, :]
         x = tl.load(x_ptr + rows[:, None] * stride_xb + cols[None, :] * stride_xh, mask=mask, other=0)
         x = x.to(ACC)
@@ -108,8 +108,8 @@ def kl_grad_broadcast_kernel(
     grad_penalty_ptr, rho_hat_ptr, out_ptr, B, H, rho, beta_over_b,
     EPS: tl.constexpr, ACC: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
-    rows = tl.program_id(1) * BLOCK_B + tl.arange(0, BLOCK_B)
-    cols = tl.program_id(0) * BLOCK_H + tl.arange(0, BLOCK_H)
+    rows = (tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)).to(tl.int64)  # axis 0: no 65535 cap
+    cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     g = tl.load(grad_penalty_ptr).to(ACC) * beta_over_b
     r = tl.load(rho_hat_ptr + cols, mask=cols < H, other=0.5).to(ACC)
     c = g * kl_bernoulli_grad(rho, r, EPS)
@@ -124,8 +124,8 @@ def sigmoid_kl_backward_kernel(
     stride_gb, stride_gh, stride_hb, stride_hh, rho, beta_over_b,
     EPS: tl.constexpr, ACC: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
-    rows = tl.program_id(1) * BLOCK_B + tl.arange(0, BLOCK_B)
-    cols = tl.program_id(0) * BLOCK_H + tl.arange(0, BLOCK_H)
+    rows = (tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)).to(tl.int64)  # axis 0: no 65535 cap
+    cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     mask = (rows < B)[:, None] & (cols < H)[None, :]
     g = tl.load(grad_penalty_ptr).to(ACC) * beta_over_b
     r = tl.load(rho_hat_ptr + cols, mask=cols < H, other=0.5).to(ACC)
@@ -145,8 +145,8 @@ def scale_by_unit_kernel(
 ):
     """out = g * factor * f(x) * unit, with f(x) = 2 s (1 - 2x), s = x (1 - x), for the
     contractive grad in h (unit per column), or f(x) = x for the grad in W (unit per row)."""
-    rows = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
-    cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    rows = (tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     mask = (rows < R)[:, None] & (cols < C)[None, :]
     g = tl.load(grad_penalty_ptr).to(ACC) * factor
     x = tl.load(x_ptr + rows[:, None] * stride_xr + cols[None, :] * stride_xc, mask=mask, other=0)
@@ -211,7 +211,7 @@ def kl_sparsity_backward(grad_penalty, rho_hat, batch: int, rho: float, beta: fl
     H = rho_hat.shape[0]
     out = torch.empty((batch, H), dtype=dtype, device=rho_hat.device)
     block_b, block_h, _ = _tiles(rho_hat.device)
-    grid = (triton.cdiv(H, block_h), triton.cdiv(batch, block_b))
+    grid = (triton.cdiv(batch, block_b), triton.cdiv(H, block_h))
     kl_grad_broadcast_kernel[grid](
         grad_penalty, rho_hat, out, batch, H, rho, beta / batch,
         EPS=RHO_HAT_EPS, ACC=_acc(dtype), BLOCK_B=block_b, BLOCK_H=block_h,
@@ -231,7 +231,7 @@ def sigmoid_kl_sparsity_backward(grad_h, grad_penalty, h, rho_hat, rho: float, b
     grad_h = grad_h.to(h.dtype)
     grad_z = torch.empty(h.shape, dtype=h.dtype, device=h.device)
     block_b, block_h, _ = _tiles(h.device)
-    grid = (triton.cdiv(H, block_h), triton.cdiv(B, block_b))
+    grid = (triton.cdiv(B, block_b), triton.cdiv(H, block_h))
     sigmoid_kl_backward_kernel[grid](
         grad_h, h, grad_penalty, rho_hat, grad_z, B, H,
         grad_h.stride(0), grad_h.stride(1), h.stride(0), h.stride(1), rho, beta / B,
@@ -258,7 +258,7 @@ def _scale_by_unit(x, unit, grad_penalty, factor: float, unit_is_row: bool, cont
     R, C = x.shape
     out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     block_r, block_c, _ = _tiles(x.device)
-    scale_by_unit_kernel[(triton.cdiv(C, block_c), triton.cdiv(R, block_r))](
+    scale_by_unit_kernel[(triton.cdiv(R, block_r), triton.cdiv(C, block_c))](
         x, unit, grad_penalty, out, R, C, x.stride(0), x.stride(1), factor,
         UNIT_IS_ROW=unit_is_row, CONTRACTIVE=contractive, ACC=_acc(x.dtype),
         BLOCK_R=block_r, BLOCK_C=block_c,
