@@ -42,22 +42,27 @@ def penalties_and_grads(a, group):
     return results
 
 
-def worker(rank, world, init_file, out_dir):
+def worker(rank, world, init_file, out_dir, what):
+    """On each rank: run WORKLOADS[what] on this rank's rows, save the result."""
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
-        results = penalties_and_grads(full_batch()[local_rows(rank)], dist.group.WORLD)
-        torch.save(results, f"{out_dir}/rank{rank}.pt")
+        make_batch, compute = WORKLOADS[what]
+        torch.save(compute(make_batch()[local_rows(rank)], dist.group.WORLD), f"{out_dir}/{what}{rank}.pt")
     finally:
         dist.destroy_process_group()
+
+
+def run_on_ranks(what, tmp_path):
+    world = len(ROWS)
+    mp.spawn(worker, args=(world, str(tmp_path / "init"), str(tmp_path), what), nprocs=world, join=True)
+    return [torch.load(tmp_path / f"{what}{rank}.pt") for rank in range(world)]
 
 
 @pytest.mark.slow
 def test_two_gloo_ranks_match_one_process(tmp_path):
     world = len(ROWS)
-    mp.spawn(worker, args=(world, str(tmp_path / "init"), str(tmp_path)), nprocs=world, join=True)
     single = penalties_and_grads(full_batch(), None)
-    for rank in range(world):
-        got = torch.load(tmp_path / f"rank{rank}.pt")
+    for rank, got in enumerate(run_on_ranks("penalties", tmp_path)):
         assert got.keys() == single.keys()
         for name, (value, grad) in got.items():
             want_value, want_grad = single[name]
@@ -97,25 +102,19 @@ def selections_and_grads(x, group):
     return results
 
 
-def wta_worker(rank, world, init_file, out_dir):
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    try:
-        torch.save(selections_and_grads(wta_batch()[local_rows(rank)], dist.group.WORLD),
-                   f"{out_dir}/wta{rank}.pt")
-    finally:
-        dist.destroy_process_group()
-
-
 @pytest.mark.slow
 def test_global_batch_selection_over_two_ranks(tmp_path):
-    world = len(ROWS)
-    mp.spawn(wta_worker, args=(world, str(tmp_path / "init"), str(tmp_path)), nprocs=world, join=True)
     single = selections_and_grads(wta_batch(), None)
-    for rank in range(world):
-        got = torch.load(tmp_path / f"wta{rank}.pt")
+    for rank, got in enumerate(run_on_ranks("selections", tmp_path)):
         for name, (out, grad) in got.items():
             want_out, want_grad_full = single[name]
             rows = local_rows(rank)
             torch.testing.assert_close(out, want_out[rows], rtol=0, atol=0, msg=f"{name}, rank {rank}")
             # the upstream gradient is numbered per rank: compare where the gradient flows
             assert torch.equal(grad != 0, want_grad_full[rows] != 0), f"{name} gradient, rank {rank}"
+
+
+WORKLOADS = {  # what a rank runs: (the full batch, the computation on its rows)
+    "penalties": (full_batch, penalties_and_grads),
+    "selections": (wta_batch, selections_and_grads),
+}
