@@ -33,14 +33,16 @@ AEFAST_SIMD_CLONES void axpy(float a, const float* x, float* y, int64_t n) { axp
 template <typename T, typename A>
 void axpy(A a, const T* x, A* y, int64_t n) { axpy_loop<T, A>(a, x, y, n); }
 
-// float32 dot products are reassociated by vectorization: fine, it is a fixed order.
-__attribute__((optimize("associative-math", "no-signed-zeros")))
-AEFAST_SIMD_CLONES float dot(const float* x, const float* y, int64_t n) { return dot_loop<float, float>(x, y, n); }
-template <typename T, typename A = float>
-A dot(const T* x, const T* y, int64_t n) { return dot_loop<T, A>(x, y, n); }
-
 template <typename T>
 using acc_t = std::conditional_t<std::is_same_v<T, double>, double, float>;
+
+// float32: the sum is reassociated so that it vectorizes (a fixed order still: the
+// same bits on every run on a machine). Without this the 768-long dependent chain
+// of adds made the values gradient the slowest part of the backward.
+__attribute__((optimize("associative-math", "no-signed-zeros")))
+AEFAST_SIMD_CLONES float dot(const float* x, const float* y, int64_t n) { return dot_loop<float, float>(x, y, n); }
+template <typename T>
+acc_t<T> dot(const T* x, const T* y, int64_t n) { return dot_loop<T, acc_t<T>>(x, y, n); }
 
 template <typename T>
 inline void prefetch_row(const T* row, int64_t n) {
@@ -130,7 +132,7 @@ std::tuple<at::Tensor, at::Tensor> sparse_decode_backward(const at::Tensor& grad
       for (int64_t r = r0; r < r1; ++r)
         for (int64_t j = 0; j < K; ++j) {
           if (j + 1 < K) prefetch_row(wp + ip[r * K + j + 1] * D, D);
-          gvp[r * K + j] = static_cast<scalar_t>(dot<scalar_t, A>(gp + r * D, wp + ip[r * K + j] * D, D));
+          gvp[r * K + j] = static_cast<scalar_t>(dot(gp + r * D, wp + ip[r * K + j] * D, D));
         }
     });
     at::parallel_for(0, L, 16, [&](int64_t l0, int64_t l1) {
