@@ -12,7 +12,7 @@ from torch import Tensor
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
-def check_matrix(t: Tensor, name: str, *, allow_empty_columns: bool = False) -> None:
+def check_matrix(t: Tensor, name: str) -> None:
     if not isinstance(t, Tensor):
         raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if t.dim() != 2:
@@ -23,7 +23,7 @@ def check_matrix(t: Tensor, name: str, *, allow_empty_columns: bool = False) -> 
         )
     if t.shape[0] == 0:
         raise ValueError(f"{name} must have at least one row (an empty batch has no mean)")
-    if t.shape[1] == 0 and not allow_empty_columns:
+    if t.shape[1] == 0:
         raise ValueError(f"{name} must have at least one column, got shape {tuple(t.shape)}")
 
 
