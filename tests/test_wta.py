@@ -71,6 +71,19 @@ def test_topk_with_infinities_and_long_rows(device, backend):
 
 
 @pytest.mark.parametrize(("device", "backend"), wta_backends())
+def test_one_long_row_split_into_parallel_chunks(device, backend):
+    # A single row (as batch_topk makes) is scanned in chunks whose candidates are
+    # merged: ties across chunk boundaries must still go to the lower index.
+    for x in (torch.randn(1, 1 << 20), torch.randint(-2, 3, (1, 1 << 20)).float()):
+        x = x.to(device)
+        for k in (1, 64, 5000):
+            with ae.backend(backend):
+                values, indices = ae.topk_sparse(x, k, relu=False)
+            want_values, want_indices = reference.topk_sparse(x, k, relu=False)
+            assert torch.equal(indices, want_indices) and torch.equal(values, want_values)
+
+
+@pytest.mark.parametrize(("device", "backend"), wta_backends())
 def test_batch_lifetime_and_spatial_match_reference(device, backend, poisoned):
     for dtype in DTYPES:
         x = leaf(rows((37, 29), dtype, device))

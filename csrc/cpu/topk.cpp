@@ -121,7 +121,8 @@ std::tuple<at::Tensor, at::Tensor> topk_forward(const at::Tensor& x_in, int64_t 
     // Few long rows (batch_topk flattens the batch into one): split each row into
     // chunks scanned in parallel, then merge their candidates. Exact either way.
     const int64_t threads = at::get_num_threads();
-    const int64_t chunks = B >= threads ? 1 : std::max<int64_t>(1, std::min(threads * 2 / std::max<int64_t>(B, 1), H / std::max<int64_t>(8 * k, 4096)));
+    const int64_t chunks =
+        B >= threads ? 1 : std::max<int64_t>(1, std::min(2 * threads / B, H / std::max<int64_t>(8 * k, 4096)));
     const int64_t chunk_len = (H + chunks - 1) / chunks;
     std::vector<Candidate<A>> cand(static_cast<size_t>(B * chunks * k));
     std::vector<int64_t> cand_count(static_cast<size_t>(B * chunks), 0);
