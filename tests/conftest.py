@@ -47,6 +47,19 @@ def assert_close(actual, expected, dtype, scale=1.0):
     )
 
 
+def assert_compiled_matches_eager(model, x, parameter, backend):
+    """torch.compile(fullgraph=True) traces `model` (no graph break) and gives the
+    eager loss and gradient of `parameter` on `backend`."""
+    torch._dynamo.reset()
+    with aefast.backend(backend):
+        eager = model(x)
+        (eager_grad,) = torch.autograd.grad(eager, parameter)
+        compiled = torch.compile(model, fullgraph=True, backend="aot_eager")(x)
+        (compiled_grad,) = torch.autograd.grad(compiled, parameter)
+    torch.testing.assert_close(compiled, eager)
+    torch.testing.assert_close(compiled_grad, eager_grad)
+
+
 @pytest.fixture
 def poisoned():
     """Fill every freshly allocated tensor with NaN, so an output element a kernel

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import DEVICES, assert_close, device_backends, dtypes_for
+from conftest import DEVICES, assert_close, assert_compiled_matches_eager, device_backends, dtypes_for
 
 import aefast as ae
 from aefast import reference
@@ -161,17 +161,9 @@ class TinySparseAE(torch.nn.Module):
 @pytest.mark.slow
 @pytest.mark.parametrize(("device", "backend"), device_backends())
 def test_torch_compile_fullgraph(device, backend):
-    torch._dynamo.reset()
     torch.manual_seed(0)
     model = TinySparseAE().to(device)
-    x = torch.rand(10, 12, device=device)
-    with ae.backend(backend):
-        eager = model(x)
-        (eager_grad,) = torch.autograd.grad(eager, model.enc.weight)
-        compiled = torch.compile(model, fullgraph=True, backend="aot_eager")(x)
-        (compiled_grad,) = torch.autograd.grad(compiled, model.enc.weight)
-    torch.testing.assert_close(compiled, eager)
-    torch.testing.assert_close(compiled_grad, eager_grad)
+    assert_compiled_matches_eager(model, torch.rand(10, 12, device=device), model.enc.weight, backend)
 
 
 @pytest.mark.slow

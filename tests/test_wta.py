@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import DEVICES, assert_close
+from conftest import DEVICES, assert_close, assert_compiled_matches_eager
 
 import aefast as ae
 from aefast import backends, reference
@@ -185,17 +185,9 @@ class TinyTopKSAE(torch.nn.Module):
 @pytest.mark.slow
 @pytest.mark.parametrize(("device", "backend"), wta_backends())
 def test_torch_compile_fullgraph(device, backend):
-    torch._dynamo.reset()
     torch.manual_seed(0)
     model = TinyTopKSAE().to(device)
-    x = torch.randn(10, 12, device=device)
-    with ae.backend(backend):
-        eager = model(x)
-        (eager_grad,) = torch.autograd.grad(eager, model.dec)
-        compiled = torch.compile(model, fullgraph=True, backend="aot_eager")(x)
-        (compiled_grad,) = torch.autograd.grad(compiled, model.dec)
-    torch.testing.assert_close(compiled, eager)
-    torch.testing.assert_close(compiled_grad, eager_grad)
+    assert_compiled_matches_eager(model, torch.randn(10, 12, device=device), model.dec, backend)
 
 
 def test_backends_without_kernels_say_so():
