@@ -20,8 +20,8 @@ from aefast import backends, reference
 from aefast.ops._checks import FLOAT_DTYPES
 from aefast.ops._distributed import global_count, global_topk_keep
 
-# Backends with kernels for this family so far; the others run `reference` under
-# `auto` and raise when asked for by name.
+# Backends with top-k kernels so far (the sparse decoder: DECODE_OPS below); the
+# others run `reference` under `auto` and raise when asked for by name.
 KERNELS = ("cpp",)
 
 if backends.CPP_BUILT:
@@ -45,26 +45,62 @@ if backends.CPP_BUILT:
 
     torch.library.register_autograd("aefast::topk_forward", _topk_backward, setup_context=_topk_setup)
 
-    @torch.library.register_fake("aefast::sparse_decode_forward")
-    def _decode_fake(values, indices, weight, bias):
+
+# ------------------------------------------------------------- sparse decoder
+
+
+@torch.library.custom_op("aefast::sparse_decode_forward_triton", mutates_args=())
+def _decode_forward_triton(
+    values: Tensor, indices: Tensor, weight: Tensor, bias: Tensor | None
+) -> Tensor:
+    from aefast.triton_kernels import sparse_decode as kernels
+
+    return kernels.sparse_decode_forward(values, indices, weight, bias)
+
+
+@torch.library.custom_op("aefast::sparse_decode_backward_triton", mutates_args=())
+def _decode_backward_triton(
+    grad_out: Tensor, values: Tensor, indices: Tensor, weight: Tensor
+) -> tuple[Tensor, Tensor]:
+    from aefast.triton_kernels import sparse_decode as kernels
+
+    return kernels.sparse_decode_backward(grad_out, values, indices, weight)
+
+
+# (forward, backward) of the sparse decoder per backend; one C++ op serves cpp (and
+# cuda, once csrc/cuda has the kernel).
+DECODE_OPS = {
+    "triton": (
+        torch.ops.aefast.sparse_decode_forward_triton.default,
+        torch.ops.aefast.sparse_decode_backward_triton.default,
+    )
+}
+if backends.CPP_BUILT:
+    DECODE_OPS["cpp"] = (
+        torch.ops.aefast.sparse_decode_forward.default,
+        torch.ops.aefast.sparse_decode_backward.default,
+    )
+
+
+def _register_decode(forward, backward) -> None:
+    @torch.library.register_fake(forward)
+    def _(values, indices, weight, bias):
         return values.new_empty((values.shape[0], weight.shape[1]))
 
-    @torch.library.register_fake("aefast::sparse_decode_backward")
-    def _decode_backward_fake(grad_out, values, indices, weight):
+    @torch.library.register_fake(backward)
+    def _(grad_out, values, indices, weight):
         return torch.empty_like(values, memory_format=torch.contiguous_format), torch.empty_like(
             weight, memory_format=torch.contiguous_format
         )
 
-    def _decode_setup(ctx, inputs, output):
+    def setup(ctx, inputs, output):
         values, indices, weight, bias = inputs
         ctx.has_bias = bias is not None
         ctx.save_for_backward(values, indices, weight)
 
-    def _decode_backward(ctx, grad_out):
+    def grads(ctx, grad_out):
         values, indices, weight = ctx.saved_tensors
-        grad_values, grad_weight = torch.ops.aefast.sparse_decode_backward(
-            grad_out, values, indices, weight
-        )
+        grad_values, grad_weight = backward(grad_out, values, indices, weight)
         grad_bias = grad_out.sum(0) if ctx.has_bias and ctx.needs_input_grad[3] else None
         return (
             grad_values if ctx.needs_input_grad[0] else None,
@@ -73,9 +109,11 @@ if backends.CPP_BUILT:
             grad_bias,
         )
 
-    torch.library.register_autograd(
-        "aefast::sparse_decode_forward", _decode_backward, setup_context=_decode_setup
-    )
+    torch.library.register_autograd(forward, grads, setup_context=setup)
+
+
+for _forward, _backward in DECODE_OPS.values():
+    _register_decode(_forward, _backward)
 
 
 # ------------------------------------------------------------------ checks
@@ -208,7 +246,7 @@ def sparse_decode(values: Tensor, indices: Tensor, weight: Tensor, bias: Tensor 
         raise ValueError(f"weight must be 2-D (L, D) of the values' dtype {values.dtype}")
     if bias is not None and (bias.shape != (weight.shape[1],) or bias.dtype != values.dtype):
         raise ValueError(f"bias must be None or of shape ({weight.shape[1]},) and dtype {values.dtype}")
-    name = backends.resolve(values.device, "sparse_decode", KERNELS)
+    name = backends.resolve(values.device, "sparse_decode", tuple(DECODE_OPS))
     if name == "reference":
         return reference.sparse_decode(values, indices, weight, bias)
-    return torch.ops.aefast.sparse_decode_forward(values, indices, weight, bias)
+    return DECODE_OPS[name][0](values, indices, weight, bias)
