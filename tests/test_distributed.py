@@ -5,6 +5,8 @@ process gives on the concatenated batch; each rank's gradient is world_size time
 the single-process gradient of its rows (the backward sums over ranks, as
 SyncBatchNorm does, so DDP's averaging yields exactly the single-process step)."""
 
+import os
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -45,11 +47,12 @@ def penalties_and_grads(a, group):
 def worker(rank, world, init_file, out_dir, what):
     """On each rank: run WORKLOADS[what] on this rank's rows, save the result."""
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    try:
-        make_batch, compute = WORKLOADS[what]
-        torch.save(compute(make_batch()[local_rows(rank)], dist.group.WORLD), f"{out_dir}/{what}{rank}.pt")
-    finally:
-        dist.destroy_process_group()
+    make_batch, compute = WORKLOADS[what]
+    torch.save(compute(make_batch()[local_rows(rank)], dist.group.WORLD), f"{out_dir}/{what}{rank}.pt")
+    dist.barrier()
+    # Seen once in CI: gloo's teardown aborted a rank ("terminate called without an
+    # active exception") after its work was saved. Leave without running it.
+    os._exit(0)
 
 
 def run_on_ranks(what, tmp_path):
