@@ -11,22 +11,22 @@ from aefast.ops.wta import DECODE_OPS, KERNELS
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 
 
-def wta_backends():
+def backends_with(kernels):
+    """(device, backend) pairs that can run here and have a kernel in `kernels`."""
     return [
         pytest.param(d, b, id=f"{d}-{b}")
         for d in DEVICES
         for b in ae.available_backends(d)
-        if b in KERNELS
+        if b in kernels
     ]
+
+
+def wta_backends():
+    return backends_with(KERNELS)
 
 
 def decode_backends():
-    return [
-        pytest.param(d, b, id=f"{d}-{b}")
-        for d in DEVICES
-        for b in ae.available_backends(d)
-        if b in DECODE_OPS
-    ]
+    return backends_with(DECODE_OPS)
 
 
 def leaf(x):
