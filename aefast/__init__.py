@@ -6,6 +6,7 @@
 
 from aefast import backends
 from aefast.backends import available_backends, backend, current_backend
+from aefast.ops.noise import corrupt, noisy_linear, reparameterize
 from aefast.ops.kl_sparsity import contractive_penalty, kl_sparsity, sigmoid_kl_sparsity
 from aefast.ops.wta import (
     batch_topk,
@@ -26,10 +27,13 @@ __all__ = [
     "backends",
     "batch_topk",
     "contractive_penalty",
+    "corrupt",
     "current_backend",
     "kl_sparsity",
     "lifetime_topk",
     "nn",
+    "noisy_linear",
+    "reparameterize",
     "sigmoid_kl_sparsity",
     "sparse_decode",
     "spatial_wta",

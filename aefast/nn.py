@@ -9,6 +9,7 @@ from aefast import reference
 from aefast.ops._checks import check_matrix, check_nonnegative, check_open_unit
 from aefast.ops._distributed import global_column_mean
 from aefast.ops.kl_sparsity import contractive_penalty, kl_sparsity
+from aefast.ops.noise import check_kind_level, corrupt, noisy_linear
 
 
 class KLSparsity(nn.Module):
@@ -75,3 +76,42 @@ class ContractivePenalty(nn.Module):
 
     def forward(self, h: Tensor, weight: Tensor) -> Tensor:
         return self.lam * contractive_penalty(h, weight)
+
+
+class Corrupt(nn.Module):
+    """Input corruption of a denoising autoencoder (``aefast.corrupt``): active in
+    training mode only; ``eval()`` passes the input through unchanged. A fresh seed
+    is drawn from torch's default generator at every call."""
+
+    def __init__(self, kind: str, level: float, *, low: float = 0.0, high: float = 1.0):
+        super().__init__()
+        self.level = check_kind_level(kind, level)
+        self.kind, self.low, self.high = kind, float(low), float(high)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.training:
+            return x
+        return corrupt(x, self.kind, self.level, low=self.low, high=self.high)
+
+    def extra_repr(self) -> str:
+        return f"kind={self.kind!r}, level={self.level}"
+
+
+class NoisyLinear(nn.Linear):
+    """``nn.Linear`` applied to a corrupted input (``aefast.noisy_linear``) in
+    training mode, without storing the corrupted input; in ``eval()`` a plain
+    ``nn.Linear``. Same parameters and initialisation as nn.Linear."""
+
+    def __init__(self, in_features: int, out_features: int, kind: str, level: float, *,
+                 bias: bool = True, low: float = 0.0, high: float = 1.0, device=None, dtype=None):
+        super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
+        self.level = check_kind_level(kind, level)
+        self.kind, self.low, self.high = kind, float(low), float(high)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.training:
+            return super().forward(x)
+        return noisy_linear(x, self.weight, self.bias, self.kind, self.level, low=self.low, high=self.high)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, kind={self.kind!r}, level={self.level}"

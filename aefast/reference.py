@@ -109,3 +109,104 @@ def sparse_decode(values: Tensor, indices: Tensor, weight: Tensor, bias: Tensor 
     """out[b] = bias + sum_k values[b, k] * weight[indices[b, k]], weight of shape (L, D)."""
     out = (values.unsqueeze(-1) * weight[indices]).sum(1)
     return out if bias is None else out + bias
+
+
+# ------------------------------------------------------------ noise injection
+# Philox4x32-10 keyed by (seed, element index), mapped to floats as Triton's
+# tl.rand / tl.randn do (csrc/include/aefast/philox.h is the same generator in C++).
+# uint32 words are kept in int64 tensors; products are split so nothing overflows.
+
+CORRUPTION_KINDS = ("gaussian", "masking", "salt_pepper", "dropout")
+_WORD = 0xFFFFFFFF
+
+
+def _mul_hi_lo(a: int, b: Tensor) -> tuple[Tensor, Tensor]:
+    """High and low 32-bit words of the 64-bit product of the constant a and words b."""
+    low_product, high_product = a * (b & 0xFFFF), a * (b >> 16)  # each < 2^48
+    hi = (high_product + (low_product >> 16)) >> 16
+    lo = (((high_product & 0xFFFF) << 16) + low_product) & _WORD
+    return hi, lo
+
+
+def philox(seed: Tensor | int, index: Tensor) -> tuple[Tensor, Tensor]:
+    """The first two 32-bit words of Philox4x32-10 for counters (index, 0, 0) under
+    key seed (64-bit: two words), as tl.randint4x with an int64 offset."""
+    seed = torch.as_tensor(seed, dtype=torch.long, device=index.device)
+    c0, c1 = index & _WORD, (index >> 32) & _WORD
+    c2 = c3 = torch.zeros_like(index)
+    k0, k1 = seed & _WORD, (seed >> 32) & _WORD
+    for _ in range(10):
+        hi_b, lo_b = _mul_hi_lo(0xCD9E8D57, c2)
+        hi_a, lo_a = _mul_hi_lo(0xD2511F53, c0)
+        c0, c1, c2, c3 = hi_b ^ c1 ^ k0, lo_b, hi_a ^ c3 ^ k1, lo_a
+        k0, k1 = (k0 + 0x9E3779B9) & _WORD, (k1 + 0xBB67AE85) & _WORD
+    return c0, c1
+
+
+def uniform_from_bits(bits: Tensor) -> Tensor:
+    """float32 in [0, 1) from a 32-bit word, as tl.rand."""
+    x = torch.where(bits >= 2**31, bits - 2**32, bits)  # the word as int32
+    x = torch.where(x < 0, -x - 1, x)
+    return x.to(torch.float32) * torch.tensor(4.6566127342e-10, dtype=torch.float32)
+
+
+def normal_from_bits(a: Tensor, b: Tensor) -> Tensor:
+    """float32 N(0, 1) from two words by Box-Muller, as tl.randn."""
+    u1 = uniform_from_bits(a).clamp_min(1.0e-7)
+    theta = torch.tensor(6.283185307179586, dtype=torch.float32) * uniform_from_bits(b)
+    return torch.sqrt(-2.0 * torch.log(u1)) * torch.cos(theta)
+
+
+def element_bits(x: Tensor, seed: Tensor | int) -> tuple[Tensor, Tensor]:
+    """Philox words for every element of x, keyed by its row-major (logical) index."""
+    index = torch.arange(x.numel(), device=x.device).view(x.shape)
+    return philox(seed, index)
+
+
+def _acc(x: Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def corrupt(
+    x: Tensor, kind: str, level: float, seed: Tensor | int, low: float = 0.0, high: float = 1.0
+) -> Tensor:
+    """gaussian: x + level * N(0, 1); masking: a fraction `level` set to 0;
+    salt_pepper: a fraction `level` set to low or high (probability 1/2 each);
+    dropout: zero with probability level, survivors times 1 / (1 - level).
+    An element is hit when its uniform draw is below float32(level)."""
+    a, b = element_bits(x, seed)
+    acc = _acc(x)
+    xa = x.to(acc)
+    level32 = torch.tensor(level, dtype=torch.float32)
+    if kind == "gaussian":
+        return (xa + level32.to(acc) * normal_from_bits(a, b).to(acc)).to(x.dtype)
+    hit = uniform_from_bits(a) < level32
+    if kind == "masking":
+        out = torch.where(hit, 0.0, xa)
+    elif kind == "dropout":
+        out = torch.where(hit, 0.0, xa * torch.tensor(1.0 / (1.0 - level), dtype=acc))
+    elif kind == "salt_pepper":
+        salt = uniform_from_bits(b) < 0.5
+        out = torch.where(hit, torch.where(salt, low, high).to(acc), xa)
+    else:
+        raise ValueError(f"kind must be one of {', '.join(CORRUPTION_KINDS)}, got {kind!r}")
+    return out.to(x.dtype)
+
+
+def noisy_linear(
+    x: Tensor, weight: Tensor, bias: Tensor | None, kind: str, level: float, seed: Tensor | int,
+    low: float = 0.0, high: float = 1.0,
+) -> Tensor:
+    """F.linear(corrupt(x, kind, level, seed), weight, bias)."""
+    return torch.nn.functional.linear(corrupt(x, kind, level, seed, low, high), weight, bias)
+
+
+def reparameterize(mu: Tensor, logvar: Tensor, seed: Tensor | int) -> tuple[Tensor, Tensor]:
+    """(z, kl): z = mu + eps * exp(logvar / 2) with eps = N(0, 1) from Philox, and
+    kl = mean over the batch of -1/2 sum_j (1 + logvar - mu^2 - exp(logvar))."""
+    acc = _acc(mu)
+    eps = normal_from_bits(*element_bits(mu, seed)).to(acc)
+    m, lv = mu.to(acc), logvar.to(acc)
+    z = m + eps * torch.exp(0.5 * lv)
+    kl = (-0.5 * (1.0 + lv - m * m - torch.exp(lv)).sum(1)).mean()
+    return z.to(mu.dtype), kl.to(mu.dtype)

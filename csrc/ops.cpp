@@ -35,6 +35,17 @@ TORCH_LIBRARY(aefast, m) {
   m.def(
       "sparse_decode_backward(Tensor grad_out, Tensor values, Tensor indices, Tensor weight) "
       "-> (Tensor grad_values, Tensor grad_weight)");
+
+  // Noise-injection family. Every random number is Philox4x32-10 of (seed, logical
+  // element index): seed is a 0-dim int64 tensor on the input's device. kind is
+  // gaussian, masking, salt_pepper or dropout; the backward of corrupt is corrupt
+  // itself applied to the gradient (same seed, same mask).
+  m.def("corrupt(Tensor x, str kind, float level, Tensor seed, float low, float high) -> Tensor");
+  // z = mu + eps * exp(logvar / 2); kl = batch mean of -1/2 sum(1 + logvar - mu^2 - exp(logvar)).
+  m.def("reparameterize_forward(Tensor mu, Tensor logvar, Tensor seed) -> (Tensor z, Tensor kl)");
+  m.def(
+      "reparameterize_backward(Tensor grad_z, Tensor grad_kl, Tensor mu, Tensor logvar, Tensor seed) "
+      "-> (Tensor grad_mu, Tensor grad_logvar)");
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {

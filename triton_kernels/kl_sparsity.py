@@ -13,6 +13,7 @@ import triton
 import triton.language as tl
 
 from aefast.reference import RHO_HAT_EPS, stat_dtype
+from aefast.triton_kernels._common import acc_dtype
 
 # What column_partial_sums_kernel sums over the rows.
 SUM_X = 0  # x itself
@@ -163,10 +164,6 @@ def scale_by_unit_kernel(
 # ------------------------------------------------------------------ launchers
 
 
-def _acc(dtype: torch.dtype):
-    return tl.float64 if dtype == torch.float64 else tl.float32
-
-
 def _tiles(device: torch.device) -> tuple[int, int, int]:
     """(BLOCK_B, BLOCK_H, programs to aim for): the interpreter runs each program as
     NumPy code, so there it wants few, large tiles."""
@@ -187,7 +184,7 @@ def _column_sums(x: torch.Tensor, what: int, h: torch.Tensor | None = None):
     partial = torch.empty((splits, H), dtype=stat_dtype(x.dtype), device=x.device)
     column_partial_sums_kernel[(col_blocks, splits)](
         x, h if h is not None else x, partial, B, H, x.stride(0), x.stride(1), rows_per_split,
-        WHAT=what, ACC=_acc(x.dtype), BLOCK_B=block_b, BLOCK_H=block_h,
+        WHAT=what, ACC=acc_dtype(x.dtype), BLOCK_B=block_b, BLOCK_H=block_h,
     )
     return partial, splits
 
@@ -197,7 +194,7 @@ def _finish_kl(partial, splits, B, H, rho, beta, dtype, device):
     penalty = torch.empty((), dtype=dtype, device=device)
     kl_penalty_kernel[(1,)](
         partial, rho_hat, penalty, splits, H, B, rho, beta,
-        EPS=RHO_HAT_EPS, ACC=_acc(dtype), BLOCK_H=min(1024, triton.next_power_of_2(H)),
+        EPS=RHO_HAT_EPS, ACC=acc_dtype(dtype), BLOCK_H=min(1024, triton.next_power_of_2(H)),
     )
     return penalty, rho_hat
 
@@ -214,7 +211,7 @@ def kl_sparsity_backward(grad_penalty, rho_hat, batch: int, rho: float, beta: fl
     grid = (triton.cdiv(batch, block_b), triton.cdiv(H, block_h))
     kl_grad_broadcast_kernel[grid](
         grad_penalty, rho_hat, out, batch, H, rho, beta / batch,
-        EPS=RHO_HAT_EPS, ACC=_acc(dtype), BLOCK_B=block_b, BLOCK_H=block_h,
+        EPS=RHO_HAT_EPS, ACC=acc_dtype(dtype), BLOCK_B=block_b, BLOCK_H=block_h,
     )
     return out
 
@@ -235,7 +232,7 @@ def sigmoid_kl_sparsity_backward(grad_h, grad_penalty, h, rho_hat, rho: float, b
     sigmoid_kl_backward_kernel[grid](
         grad_h, h, grad_penalty, rho_hat, grad_z, B, H,
         grad_h.stride(0), grad_h.stride(1), h.stride(0), h.stride(1), rho, beta / B,
-        EPS=RHO_HAT_EPS, ACC=_acc(h.dtype), BLOCK_B=block_b, BLOCK_H=block_h,
+        EPS=RHO_HAT_EPS, ACC=acc_dtype(h.dtype), BLOCK_B=block_b, BLOCK_H=block_h,
     )
     return grad_z
 
@@ -249,7 +246,7 @@ def contractive_penalty_forward(h: torch.Tensor, weight: torch.Tensor):
     penalty = torch.empty((), dtype=h.dtype, device=h.device)
     contractive_penalty_kernel[(1,)](
         s2_partial, w2_partial, s2, w2, penalty, n_s2, n_w2, H,
-        ACC=_acc(h.dtype), BLOCK_H=min(1024, triton.next_power_of_2(H)),
+        ACC=acc_dtype(h.dtype), BLOCK_H=min(1024, triton.next_power_of_2(H)),
     )
     return penalty, s2, w2
 
@@ -260,7 +257,7 @@ def _scale_by_unit(x, unit, grad_penalty, factor: float, unit_is_row: bool, cont
     block_r, block_c, _ = _tiles(x.device)
     scale_by_unit_kernel[(triton.cdiv(R, block_r), triton.cdiv(C, block_c))](
         x, unit, grad_penalty, out, R, C, x.stride(0), x.stride(1), factor,
-        UNIT_IS_ROW=unit_is_row, CONTRACTIVE=contractive, ACC=_acc(x.dtype),
+        UNIT_IS_ROW=unit_is_row, CONTRACTIVE=contractive, ACC=acc_dtype(x.dtype),
         BLOCK_R=block_r, BLOCK_C=block_c,
     )
     return out

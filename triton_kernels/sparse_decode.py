@@ -9,6 +9,8 @@ import torch
 import triton
 import triton.language as tl
 
+from aefast.triton_kernels._common import acc_dtype
+
 
 @triton.jit
 def sparse_decode_forward_kernel(
@@ -61,10 +63,6 @@ def sparse_decode_weight_grad_kernel(
     tl.store(out_ptr + latent * D + d, acc.to(out_ptr.dtype.element_ty), mask=ok)
 
 
-def _acc(dtype: torch.dtype):
-    return tl.float64 if dtype == torch.float64 else tl.float32
-
-
 def _block_d(D: int) -> int:
     return min(1024, triton.next_power_of_2(D))
 
@@ -83,7 +81,7 @@ def sparse_decode_forward(values, indices, weight, bias):
     block = _block_d(D)
     sparse_decode_forward_kernel[(B, triton.cdiv(D, block))](
         values, indices, weight, bias.contiguous() if bias is not None else weight, out, K, D,
-        HAS_BIAS=bias is not None, ACC=_acc(values.dtype), BLOCK_D=block,
+        HAS_BIAS=bias is not None, ACC=acc_dtype(values.dtype), BLOCK_D=block,
     )
     return out
 
@@ -97,7 +95,7 @@ def sparse_decode_backward(grad_out, values, indices, weight):
     block = _block_d(D)
     grad_values = torch.empty((B, K), dtype=values.dtype, device=values.device)
     sparse_decode_values_grad_kernel[(B * K,)](
-        grad_out, indices, weight, grad_values, K, D, ACC=_acc(values.dtype), BLOCK_D=block,
+        grad_out, indices, weight, grad_values, K, D, ACC=acc_dtype(values.dtype), BLOCK_D=block,
     )
     flat = indices.flatten()
     order = torch.argsort(flat, stable=True)  # (row, slot) order within each latent
@@ -105,6 +103,6 @@ def sparse_decode_backward(grad_out, values, indices, weight):
     starts[1:] = torch.cumsum(torch.bincount(flat, minlength=L), 0)
     grad_weight = torch.empty((L, D), dtype=weight.dtype, device=weight.device)
     sparse_decode_weight_grad_kernel[(L, triton.cdiv(D, block))](
-        grad_out, values, order, starts, grad_weight, K, D, ACC=_acc(values.dtype), BLOCK_D=block,
+        grad_out, values, order, starts, grad_weight, K, D, ACC=acc_dtype(values.dtype), BLOCK_D=block,
     )
     return grad_values, grad_weight

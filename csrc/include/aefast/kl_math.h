@@ -5,13 +5,8 @@
 
 #include <cmath>
 #include <cstdint>
-#include <cstring>
 
-#ifdef __CUDACC__
-#define AEFAST_HD __host__ __device__ __forceinline__
-#else
-#define AEFAST_HD inline __attribute__((always_inline))
-#endif
+#include "aefast/hd.h"
 
 namespace aefast {
 namespace math {
@@ -21,16 +16,6 @@ namespace math {
 // gradient. The gradient is zero where the clamp is active, as for torch.clamp.
 // Keep in sync with aefast/reference.py (RHO_HAT_EPS).
 constexpr double kRhoHatEps = 1e-6;
-
-AEFAST_HD float bits_to_float(int32_t bits) {
-#ifdef __CUDA_ARCH__
-  return __int_as_float(bits);
-#else
-  float f;
-  std::memcpy(&f, &bits, sizeof f);
-  return f;
-#endif
-}
 
 // exp for float with only +, *, compares and a bit cast (Cephes' expf polynomial,
 // about 1 ulp), so a host compiler vectorizes loops that call it: libm's expf,

@@ -1,0 +1,326 @@
+"""The noise-injection family: corrupt, noisy_linear and reparameterize.
+
+Every random number is Philox4x32-10 of (seed, element index) (see
+csrc/include/aefast/philox.h): the seed is the only state, so a backward
+regenerates the noise instead of saving it, and every backend draws the same
+numbers. The seed travels as a 0-dim int64 tensor on the input's device, so
+drawing it (from torch's default CPU generator when seed=None) never syncs a GPU
+and torch.compile traces it.
+
+C++ ops (csrc/ops.cpp; CPU and CUDA kernels) and Triton ops (custom ops below)
+share signatures, fake implementations and autograd formulas. noisy_linear is a
+Python op on either side: with the C++ kernels it is corrupt + F.linear with a
+backward that regenerates corrupt(x); with Triton, one matmul kernel corrupts the
+tiles of x as it loads them.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from aefast import backends, reference
+from aefast.ops._checks import FLOAT_DTYPES
+
+KINDS = reference.CORRUPTION_KINDS
+
+# ---------------------------------------------------------------- Triton ops
+
+
+def _triton():
+    from aefast.triton_kernels import noise as kernels
+
+    return kernels
+
+
+@torch.library.custom_op("aefast::corrupt_triton", mutates_args=())
+def _corrupt_triton(x: Tensor, kind: str, level: float, seed: Tensor, low: float, high: float) -> Tensor:
+    return _triton().corrupt(x, kind, level, seed, low, high)
+
+
+@torch.library.custom_op("aefast::reparameterize_forward_triton", mutates_args=())
+def _reparameterize_forward_triton(mu: Tensor, logvar: Tensor, seed: Tensor) -> tuple[Tensor, Tensor]:
+    return _triton().reparameterize_forward(mu, logvar, seed)
+
+
+@torch.library.custom_op("aefast::reparameterize_backward_triton", mutates_args=())
+def _reparameterize_backward_triton(
+    grad_z: Tensor, grad_kl: Tensor, mu: Tensor, logvar: Tensor, seed: Tensor
+) -> tuple[Tensor, Tensor]:
+    return _triton().reparameterize_backward(grad_z, grad_kl, mu, logvar, seed)
+
+
+@torch.library.custom_op("aefast::noisy_linear_triton", mutates_args=())
+def _noisy_linear_triton(
+    x: Tensor, weight: Tensor, bias: Tensor | None, kind: str, level: float, seed: Tensor,
+    low: float, high: float,
+) -> Tensor:
+    return _triton().noisy_linear_forward(x, weight, bias, kind, level, seed, low, high)
+
+
+@torch.library.custom_op("aefast::noisy_linear_backward_triton", mutates_args=())
+def _noisy_linear_backward_triton(
+    grad_out: Tensor, x: Tensor, weight: Tensor, kind: str, level: float, seed: Tensor,
+    low: float, high: float,
+) -> tuple[Tensor, Tensor]:
+    return _triton().noisy_linear_backward(grad_out, x, weight, kind, level, seed, low, high)
+
+
+# ------------------------------------------ noisy_linear over the C++ corrupt op
+
+
+def _corrupt_grad(corrupt_op, grad: Tensor, kind: str, level: float, seed: Tensor) -> Tensor:
+    """The gradient through corrupt: identity for gaussian; otherwise the same mask
+    (and dropout's scale) applied to the gradient: corrupt with low = high = 0."""
+    return grad if kind == "gaussian" else corrupt_op(grad, kind, level, seed, 0.0, 0.0)
+
+
+@torch.library.custom_op("aefast::noisy_linear", mutates_args=())
+def _noisy_linear_cpp(
+    x: Tensor, weight: Tensor, bias: Tensor | None, kind: str, level: float, seed: Tensor,
+    low: float, high: float,
+) -> Tensor:
+    # The corrupted input lives only until the matmul returns; it is not saved.
+    return F.linear(torch.ops.aefast.corrupt(x, kind, level, seed, low, high), weight, bias)
+
+
+@torch.library.custom_op("aefast::noisy_linear_backward", mutates_args=())
+def _noisy_linear_backward_cpp(
+    grad_out: Tensor, x: Tensor, weight: Tensor, kind: str, level: float, seed: Tensor,
+    low: float, high: float,
+) -> tuple[Tensor, Tensor]:
+    corrupt = torch.ops.aefast.corrupt
+    grad_out = grad_out.to(x.dtype)
+    grad_x = _corrupt_grad(corrupt, grad_out @ weight, kind, level, seed)
+    grad_weight = grad_out.t() @ corrupt(x, kind, level, seed, low, high)
+    return grad_x, grad_weight
+
+
+# ------------------------------------------- fake implementations and autograd
+
+
+@dataclass(frozen=True)
+class FamilyOps:
+    """The operators of one backend."""
+
+    corrupt: object
+    reparameterize_forward: object
+    reparameterize_backward: object
+    noisy_linear: object
+    noisy_linear_backward: object
+
+
+OPS: dict[str, FamilyOps] = {
+    "triton": FamilyOps(
+        torch.ops.aefast.corrupt_triton.default,
+        torch.ops.aefast.reparameterize_forward_triton.default,
+        torch.ops.aefast.reparameterize_backward_triton.default,
+        torch.ops.aefast.noisy_linear_triton.default,
+        torch.ops.aefast.noisy_linear_backward_triton.default,
+    )
+}
+if backends.CPP_BUILT:  # one C++ op serves both: the dispatcher picks the CPU or CUDA kernel
+    OPS["cpp"] = OPS["cuda"] = FamilyOps(
+        torch.ops.aefast.corrupt.default,
+        torch.ops.aefast.reparameterize_forward.default,
+        torch.ops.aefast.reparameterize_backward.default,
+        torch.ops.aefast.noisy_linear.default,
+        torch.ops.aefast.noisy_linear_backward.default,
+    )
+
+
+def _dense_like(t: Tensor) -> Tensor:
+    return torch.empty_like(t, memory_format=torch.contiguous_format)
+
+
+def _register(ops: FamilyOps) -> None:
+    torch.library.register_fake(ops.corrupt)(lambda x, kind, level, seed, low, high: _dense_like(x))
+    torch.library.register_fake(ops.reparameterize_forward)(
+        lambda mu, logvar, seed: (_dense_like(mu), mu.new_empty(()))
+    )
+    torch.library.register_fake(ops.reparameterize_backward)(
+        lambda grad_z, grad_kl, mu, logvar, seed: (_dense_like(mu), _dense_like(mu))
+    )
+    torch.library.register_fake(ops.noisy_linear)(
+        lambda x, weight, bias, kind, level, seed, low, high: x.new_empty((x.shape[0], weight.shape[0]))
+    )
+    torch.library.register_fake(ops.noisy_linear_backward)(
+        lambda grad_out, x, weight, kind, level, seed, low, high: (_dense_like(x), _dense_like(weight))
+    )
+
+    def corrupt_setup(ctx, inputs, output):
+        _, ctx.kind, ctx.level, seed, _, _ = inputs
+        ctx.save_for_backward(seed)
+
+    def corrupt_backward(ctx, grad):
+        (seed,) = ctx.saved_tensors
+        return _corrupt_grad(ops.corrupt, grad, ctx.kind, ctx.level, seed), None, None, None, None, None
+
+    def reparameterize_setup(ctx, inputs, output):
+        ctx.save_for_backward(*inputs)  # mu, logvar, seed: eps is regenerated
+
+    def reparameterize_backward(ctx, grad_z, grad_kl):
+        grad_mu, grad_logvar = ops.reparameterize_backward(grad_z, grad_kl, *ctx.saved_tensors)
+        return grad_mu, grad_logvar, None
+
+    def noisy_linear_setup(ctx, inputs, output):
+        x, weight, bias, ctx.kind, ctx.level, seed, ctx.low, ctx.high = inputs
+        ctx.has_bias = bias is not None
+        ctx.save_for_backward(x, weight, seed)  # never the corrupted x
+
+    def noisy_linear_backward(ctx, grad_out):
+        x, weight, seed = ctx.saved_tensors
+        grad_x, grad_weight = ops.noisy_linear_backward(
+            grad_out, x, weight, ctx.kind, ctx.level, seed, ctx.low, ctx.high
+        )
+        grad_bias = grad_out.sum(0).to(x.dtype) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        return (
+            grad_x if ctx.needs_input_grad[0] else None,
+            grad_weight if ctx.needs_input_grad[1] else None,
+            grad_bias, None, None, None, None, None,
+        )
+
+    torch.library.register_autograd(ops.corrupt, corrupt_backward, setup_context=corrupt_setup)
+    torch.library.register_autograd(
+        ops.reparameterize_forward, reparameterize_backward, setup_context=reparameterize_setup
+    )
+    torch.library.register_autograd(
+        ops.noisy_linear, noisy_linear_backward, setup_context=noisy_linear_setup
+    )
+
+
+for _ops in {id(o): o for o in OPS.values()}.values():
+    _register(_ops)
+
+
+# ------------------------------------------------------------------ checks
+
+SEED_RANGE = 2**63  # seeds are 0 <= seed < 2^63 (a 64-bit Philox key)
+
+
+def _check_float_tensor(t, name: str) -> None:
+    if not isinstance(t, Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in FLOAT_DTYPES:
+        raise ValueError(f"{name} must be float32, float16, bfloat16 or float64, got {t.dtype}")
+
+
+def check_kind_level(kind, level) -> float:
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {', '.join(KINDS)}; got {kind!r}")
+    if not isinstance(level, numbers.Real) or isinstance(level, bool) or not math.isfinite(level):
+        raise ValueError(f"level must be a finite number, got {level!r}")
+    level = float(level)
+    if kind == "gaussian" and level < 0.0:
+        raise ValueError(f"level (the noise's standard deviation) must be >= 0 for gaussian, got {level}")
+    if kind == "dropout" and not 0.0 <= level < 1.0:
+        raise ValueError(f"level (the drop probability) must be in [0, 1) for dropout, got {level}")
+    if kind in ("masking", "salt_pepper") and not 0.0 <= level <= 1.0:
+        raise ValueError(f"level (the fraction corrupted) must be in [0, 1] for {kind}, got {level}")
+    return level
+
+
+def _check_finite(value, name: str) -> float:
+    if not isinstance(value, numbers.Real) or isinstance(value, bool) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
+    return float(value)
+
+
+def seed_tensor(seed, device: torch.device) -> Tensor:
+    """The seed as a 0-dim int64 tensor on `device`. None draws one from torch's
+    default CPU generator, so torch.manual_seed reproduces a run on any device."""
+    if seed is None:
+        seed = torch.randint(0, SEED_RANGE - 1, (), dtype=torch.long)
+    elif isinstance(seed, Tensor):
+        if seed.dim() != 0 or seed.dtype != torch.long:
+            raise ValueError(f"seed must be an int or a 0-dim int64 tensor, got {seed.dtype} {tuple(seed.shape)}")
+    elif not isinstance(seed, numbers.Integral) or isinstance(seed, bool) or not 0 <= seed < SEED_RANGE:
+        raise ValueError(f"seed must be None or an integer in [0, 2**63), got {seed!r}")
+    else:
+        seed = torch.tensor(int(seed), dtype=torch.long)
+    return seed.to(device)
+
+
+def _resolve(device: torch.device, op: str) -> str:
+    return backends.resolve(device, op, tuple(OPS))
+
+
+# --------------------------------------------------------------- public API
+
+
+def corrupt(x: Tensor, kind: str, level: float, *, seed=None, low: float = 0.0, high: float = 1.0) -> Tensor:
+    """Corrupt x (any shape) for a denoising autoencoder:
+
+    - ``gaussian``: ``x + level * N(0, 1)``;
+    - ``masking``: a fraction ``level`` of the elements set to 0;
+    - ``salt_pepper``: a fraction ``level`` set to ``low`` or ``high``, each with probability 1/2;
+    - ``dropout``: zero with probability ``level``, survivors scaled by ``1 / (1 - level)``.
+
+    Element i (row-major) is hit when the uniform draw of Philox(seed, i) is below
+    float32(level); the same seed gives the same mask on every backend. The backward
+    regenerates the mask from the seed: nothing else is saved. ``seed=None`` draws
+    the seed from torch's default generator (``torch.manual_seed`` reproduces it)."""
+    _check_float_tensor(x, "x")
+    level = check_kind_level(kind, level)
+    low, high = _check_finite(low, "low"), _check_finite(high, "high")
+    seed = seed_tensor(seed, x.device)
+    name = _resolve(x.device, "corrupt")
+    if name == "reference":
+        return reference.corrupt(x, kind, level, seed, low, high)
+    return OPS[name].corrupt(x, kind, level, seed, low, high)
+
+
+def noisy_linear(
+    x: Tensor, weight: Tensor, bias: Tensor | None, kind: str, level: float, *, seed=None,
+    low: float = 0.0, high: float = 1.0,
+) -> Tensor:
+    """``F.linear(corrupt(x, kind, level, seed=seed), weight, bias)`` without storing
+    the corrupted input: autograd saves x, weight and the seed, and the backward
+    regenerates corrupt(x). x (..., D), weight (O, D), bias (O,) or None. On GPU with
+    the Triton backend the corruption happens inside the matmul's loads of x."""
+    _check_float_tensor(x, "x")
+    if x.dim() < 1 or x.numel() == 0:
+        raise ValueError(f"x must be non-empty with at least 1 dimension, got shape {tuple(x.shape)}")
+    if not isinstance(weight, Tensor) or weight.dim() != 2 or weight.shape[1] != x.shape[-1]:
+        shape = tuple(weight.shape) if isinstance(weight, Tensor) else type(weight).__name__
+        raise ValueError(f"weight must be 2-D of shape (O, D={x.shape[-1]}), got {shape}")
+    if weight.dtype != x.dtype or (bias is not None and bias.dtype != x.dtype):
+        raise ValueError(f"weight and bias must have x's dtype {x.dtype}")
+    if bias is not None and tuple(bias.shape) != (weight.shape[0],):
+        raise ValueError(f"bias must be None or of shape ({weight.shape[0]},), got {tuple(bias.shape)}")
+    level = check_kind_level(kind, level)
+    low, high = _check_finite(low, "low"), _check_finite(high, "high")
+    seed = seed_tensor(seed, x.device)
+    rows = x.reshape(-1, x.shape[-1])  # row-major indices of x are those of its rows
+    name = _resolve(x.device, "noisy_linear")
+    if name == "reference":
+        out = reference.noisy_linear(rows, weight, bias, kind, level, seed, low, high)
+    else:
+        out = OPS[name].noisy_linear(rows, weight, bias, kind, level, seed, low, high)
+    return out.view(*x.shape[:-1], weight.shape[0])
+
+
+def reparameterize(mu: Tensor, logvar: Tensor, *, seed=None) -> tuple[Tensor, Tensor]:
+    """The VAE's reparameterization trick fused with its KL term: returns
+    ``z = mu + eps * exp(logvar / 2)`` (eps ~ N(0, 1) from Philox(seed, index)) and
+    ``kl = mean over the batch of -1/2 sum_j (1 + logvar - mu^2 - exp(logvar))``.
+    mu and logvar (B, Z) of one dtype. The backward regenerates eps from the seed."""
+    _check_float_tensor(mu, "mu")
+    _check_float_tensor(logvar, "logvar")
+    if mu.dim() != 2 or mu.numel() == 0:
+        raise ValueError(f"mu must be a non-empty 2-D (batch, latent) tensor, got shape {tuple(mu.shape)}")
+    if logvar.shape != mu.shape or logvar.dtype != mu.dtype or logvar.device != mu.device:
+        raise ValueError(
+            f"logvar must match mu's shape, dtype and device ({tuple(mu.shape)}, {mu.dtype}, {mu.device}), "
+            f"got {tuple(logvar.shape)}, {logvar.dtype}, {logvar.device}"
+        )
+    seed = seed_tensor(seed, mu.device)
+    name = _resolve(mu.device, "reparameterize")
+    if name == "reference":
+        return reference.reparameterize(mu, logvar, seed)
+    return OPS[name].reparameterize_forward(mu, logvar, seed)

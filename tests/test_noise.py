@@ -1,0 +1,312 @@
+"""The noise-injection family against aefast/reference.py, on every backend."""
+
+import math
+
+import pytest
+import torch
+from conftest import DEVICES, TOLERANCES, assert_close, assert_compiled_matches_eager
+
+import aefast as ae
+from aefast import reference
+from aefast.ops.noise import KINDS, OPS
+
+DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
+LEVELS = {"gaussian": 0.3, "masking": 0.3, "salt_pepper": 0.25, "dropout": 0.4}
+BIG_SEED = 0x7EDC_BA98_7654_3210  # both key words non-zero
+
+
+def noise_backends():
+    return [
+        pytest.param(d, b, id=f"{d}-{b}")
+        for d in DEVICES
+        for b in ae.available_backends(d)
+        if b in OPS
+    ]
+
+
+def leaf(x):
+    return x.detach().clone().requires_grad_(True)
+
+
+def interpreter_rounds_down(device, backend, dtype):
+    """Triton's interpreter truncates float32 -> bfloat16 (the GPU rounds to nearest)."""
+    return backend == "triton" and device == "cpu" and dtype == torch.bfloat16
+
+
+def assert_noise_close(actual, expected, dtype):
+    """Normals agree to a few float32 ulps (log and cos differ by library)."""
+    rtol, atol = TOLERANCES[torch.float32 if dtype == torch.float64 else dtype]
+    torch.testing.assert_close(actual.double().cpu(), expected.double().cpu(), rtol=4 * rtol, atol=4 * atol)
+
+
+# ------------------------------------------------------------ the generator
+
+
+def test_reference_philox_matches_the_known_answer():
+    # Random123's known-answer test for Philox4x32-10: counter 0, key 0.
+    a, b = reference.philox(0, torch.zeros(1, dtype=torch.long))
+    assert (a.item(), b.item()) == (0x6627E8D5, 0xE169C58D)
+
+
+def test_reference_philox_matches_triton_randint4x_at_large_indices():
+    triton = pytest.importorskip("triton")
+    import triton.language as tl
+
+    @triton.jit
+    def words(index_ptr, out_ptr, seed, BLOCK: tl.constexpr):
+        i = tl.arange(0, BLOCK)
+        r0, r1, _, _ = tl.randint4x(seed, tl.load(index_ptr + i))
+        tl.store(out_ptr + 2 * i, r0.to(tl.int64) & 0xFFFFFFFF)
+        tl.store(out_ptr + 2 * i + 1, r1.to(tl.int64) & 0xFFFFFFFF)
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    index = torch.tensor([0, 1, 2**31 - 1, 2**31, 2**32 - 1, 2**32, 2**32 + 5, 2**40 + 3], device=device)
+    out = torch.empty(2 * len(index), dtype=torch.long, device=device)
+    words[(1,)](index, out, BIG_SEED, BLOCK=len(index))
+    a, b = reference.philox(BIG_SEED, index)
+    assert torch.equal(out.view(-1, 2), torch.stack([a, b], 1))
+
+
+@pytest.mark.parametrize(("device", "backend"), noise_backends())
+def test_uniform_and_normal_distributions(device, backend):
+    from scipy import stats
+
+    n = 1 << 18 if backend != "triton" or device == "cuda" else 1 << 16
+    zeros = torch.zeros(n, device=device)
+    with ae.backend(backend):
+        normal = ae.corrupt(zeros, "gaussian", 1.0, seed=7).double().cpu()
+        hits = [(ae.corrupt(zeros + 1, "masking", p, seed=11) == 0).double().mean().item()
+                for p in (0.05, 0.3, 0.5, 0.9)]
+    assert abs(normal.mean()) < 5 / math.sqrt(n) and abs(normal.var() - 1) < 5 * math.sqrt(2 / n)
+    assert stats.kstest(normal.numpy(), "norm").pvalue > 1e-3
+    for p, frac in zip((0.05, 0.3, 0.5, 0.9), hits):
+        assert abs(frac - p) < 5 * math.sqrt(p * (1 - p) / n)
+    a, _ = reference.philox(3, torch.arange(n))
+    assert stats.kstest(reference.uniform_from_bits(a).double().numpy(), "uniform").pvalue > 1e-3
+
+
+# ------------------------------------------------------------------ corrupt
+
+
+SHAPES = [(1,), (1, 1), (37, 129), (3, 5, 7, 11)]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize(("device", "backend"), noise_backends())
+def test_corrupt_matches_reference(device, backend, shape, kind, poisoned):
+    for dtype in DTYPES:
+        x = leaf(torch.rand(shape, dtype=torch.float64).to(device, dtype))
+        with ae.backend(backend):
+            out = ae.corrupt(x, kind, LEVELS[kind], seed=BIG_SEED, low=-1.0, high=2.0)
+        want = reference.corrupt(x, kind, LEVELS[kind], BIG_SEED, -1.0, 2.0)
+        assert out.dtype == dtype and out.shape == x.shape
+        g = torch.randn_like(out)
+        (grad,) = torch.autograd.grad(out, x, g)
+        (want_grad,) = torch.autograd.grad(want, x, g)
+        if kind == "gaussian":
+            assert_noise_close(out, want, dtype)
+            assert torch.equal(grad, g)
+        elif interpreter_rounds_down(device, backend, dtype):
+            assert torch.equal(out == 0, want == 0) and torch.equal(grad == 0, want_grad == 0)
+            assert_close(out, want, dtype)
+            assert_close(grad, want_grad, dtype)
+        else:  # same uniform bits, same masks: exact
+            assert torch.equal(out, want) and torch.equal(grad, want_grad)
+
+
+@pytest.mark.parametrize(("device", "backend"), noise_backends())
+def test_corrupt_takes_any_strides_and_depends_on_logical_index_only(device, backend):
+    x = torch.rand(40, 30, device=device)
+    with ae.backend(backend):
+        strided = ae.corrupt(x.t(), "masking", 0.5, seed=5)
+        dense = ae.corrupt(x.t().contiguous(), "masking", 0.5, seed=5)
+        other_seed = ae.corrupt(x.t().contiguous(), "masking", 0.5, seed=6)
+    assert torch.equal(strided, dense) and not torch.equal(dense, other_seed)
+
+
+@pytest.mark.parametrize(("device", "backend"), noise_backends())
+def test_seed_none_follows_torch_manual_seed(device, backend):
+    x = torch.rand(64, 33, device=device)
+    with ae.backend(backend):
+        torch.manual_seed(3)
+        first = ae.corrupt(x, "dropout", 0.5)
+        second = ae.corrupt(x, "dropout", 0.5)
+        torch.manual_seed(3)
+        again = ae.corrupt(x, "dropout", 0.5)
+    assert torch.equal(first, again) and not torch.equal(first, second)
+
+
+@pytest.mark.parametrize(("device", "backend"), noise_backends())
+def test_levels_at_the_edges(device, backend):
+    x = torch.rand(16, 17, device=device) + 0.5
+    with ae.backend(backend):
+        assert torch.equal(ae.corrupt(x, "masking", 0.0, seed=1), x)
+        assert torch.equal(ae.corrupt(x, "masking", 1.0, seed=1), torch.zeros_like(x))
+        assert torch.equal(ae.corrupt(x, "gaussian", 0.0, seed=1), x)
+        pepper = ae.corrupt(x, "salt_pepper", 1.0, seed=1, low=-3.0, high=3.0)
+    assert set(pepper.unique().tolist()) == {-3.0, 3.0}
+
+
+# ---------------------------------------------------------- noisy_linear
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize(("device", "backend"), noise_backends())
+def test_noisy_linear_matches_reference(device, backend, kind, poisoned):
+    for dtype in [torch.float32, torch.float64, torch.bfloat16]:
+        for shape, out_features, with_bias in [((37, 70), 11, True), ((1, 1), 1, False), ((2, 3, 33), 65, True)]:
+            x = leaf(torch.rand(shape, dtype=torch.float64).to(device, dtype))
+            w = leaf(torch.randn(out_features, shape[-1], dtype=torch.float64).to(device, dtype))
+            b = leaf(torch.randn(out_features, dtype=torch.float64).to(device, dtype)) if with_bias else None
+            with ae.backend(backend):
+                out = ae.noisy_linear(x, w, b, kind, LEVELS[kind], seed=BIG_SEED)
+            want = reference.noisy_linear(x.reshape(-1, shape[-1]), w, b, kind, LEVELS[kind], BIG_SEED)
+            want = want.view(out.shape)
+            g = torch.randn_like(out)
+            inputs = [t for t in (x, w, b) if t is not None]
+            grads = torch.autograd.grad(out, inputs, g)
+            want_grads = torch.autograd.grad(want, inputs, g)
+            scale = 4 * shape[-1] if dtype != torch.float64 else 1e5  # a sum of D products
+            for got, expected in zip((out, *grads), (want, *want_grads)):
+                assert_close(got, expected, dtype if dtype != torch.float64 else torch.float32, scale=scale)
+
+
+@pytest.mark.parametrize(("device", "backend"), noise_backends())
+def test_noisy_linear_saves_no_corrupted_input(device, backend):
+    x = leaf(torch.rand(64, 48, device=device))
+    w = leaf(torch.randn(16, 48, device=device))
+    saved = []
+
+    def pack(t):
+        saved.append(t)
+        return t
+
+    def corrupted_copies():
+        return [t for t in saved if t.shape == x.shape and t.data_ptr() != x.data_ptr()]
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        reference.noisy_linear(x, w, None, "masking", 0.5, 1).sum()
+        assert corrupted_copies(), "the eager composite saves corrupt(x): the check can fail"
+        saved.clear()
+        with ae.backend(backend):
+            ae.noisy_linear(x, w, None, "masking", 0.5, seed=1).sum()
+    assert saved and not corrupted_copies()
+
+
+# --------------------------------------------------------- reparameterize
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (33, 17), (4, 1000)], ids=str)
+@pytest.mark.parametrize(("device", "backend"), noise_backends())
+def test_reparameterize_matches_reference(device, backend, shape, poisoned):
+    for dtype in DTYPES:
+        mu = leaf(torch.randn(shape, dtype=torch.float64).to(device, dtype))
+        logvar = leaf(torch.randn(shape, dtype=torch.float64).to(device, dtype))
+        with ae.backend(backend):
+            z, kl = ae.reparameterize(mu, logvar, seed=BIG_SEED)
+        want_z, want_kl = reference.reparameterize(mu, logvar, BIG_SEED)
+        assert z.dtype == kl.dtype == dtype and kl.dim() == 0
+        gz, gkl = torch.randn_like(z), torch.randn((), dtype=dtype, device=device)
+        grads = torch.autograd.grad((z, kl), (mu, logvar), (gz, gkl))
+        want_grads = torch.autograd.grad((want_z, want_kl), (mu, logvar), (gz, gkl))
+        for got, expected in zip((z, kl, *grads), (want_z, want_kl, *want_grads)):
+            assert_noise_close(got, expected, dtype)
+
+
+# ------------------------------------------------------- gradcheck, opcheck
+
+
+@pytest.mark.parametrize(("device", "backend"), noise_backends())
+def test_gradcheck_float64(device, backend):
+    x = torch.rand(5, 7, dtype=torch.float64, device=device, requires_grad=True)
+    w = torch.randn(3, 7, dtype=torch.float64, device=device, requires_grad=True)
+    b = torch.randn(3, dtype=torch.float64, device=device, requires_grad=True)
+    mu, logvar = (torch.randn(4, 6, dtype=torch.float64, device=device, requires_grad=True) for _ in range(2))
+    with ae.backend(backend):
+        for kind in KINDS:
+            assert torch.autograd.gradcheck(lambda t, k=kind: ae.corrupt(t, k, LEVELS[k], seed=9), (x,))
+            assert torch.autograd.gradcheck(
+                lambda t, u, v, k=kind: ae.noisy_linear(t, u, v, k, LEVELS[k], seed=9), (x, w, b))
+        assert torch.autograd.gradcheck(lambda m, v: ae.reparameterize(m, v, seed=9), (mu, logvar))
+
+
+@pytest.mark.parametrize(("device", "backend"), noise_backends())
+def test_opcheck(device, backend):
+    ops = OPS[backend]
+    seed = torch.tensor(BIG_SEED, device=device)
+    x = torch.rand(9, 13, device=device, requires_grad=True)
+    w = torch.randn(5, 13, device=device, requires_grad=True)
+    b = torch.randn(5, device=device, requires_grad=True)
+    mu, logvar = (torch.randn(6, 5, device=device, requires_grad=True) for _ in range(2))
+    for kind in KINDS:
+        torch.library.opcheck(ops.corrupt, (x, kind, LEVELS[kind], seed, 0.0, 1.0))
+        torch.library.opcheck(ops.noisy_linear, (x, w, b, kind, LEVELS[kind], seed, 0.0, 1.0))
+        torch.library.opcheck(ops.noisy_linear, (x, w, None, kind, LEVELS[kind], seed, 0.0, 1.0))
+        torch.library.opcheck(ops.noisy_linear_backward,
+                              (torch.randn(9, 5, device=device), x.detach(), w.detach(), kind,
+                               LEVELS[kind], seed, 0.0, 1.0))
+    torch.library.opcheck(ops.reparameterize_forward, (mu, logvar, seed))
+    torch.library.opcheck(ops.reparameterize_backward,
+                          (torch.randn(6, 5, device=device), torch.tensor(0.5, device=device),
+                           mu.detach(), logvar.detach(), seed))
+
+
+@pytest.mark.parametrize(("device", "backend"), noise_backends())
+def test_torch_compile_fullgraph(device, backend):
+    x = torch.rand(8, 12, device=device)
+    w = torch.randn(6, 12, device=device, requires_grad=True)
+
+    def model(x):
+        h = ae.noisy_linear(ae.corrupt(x, "salt_pepper", 0.2, seed=4), w, None, "dropout", 0.3, seed=5)
+        z, kl = ae.reparameterize(h[:, :3], h[:, 3:], seed=6)
+        return z.square().sum() + kl
+
+    assert_compiled_matches_eager(model, x, w, backend)
+
+    def unseeded(x):  # seed=None: the seed draw is traced too
+        return ae.corrupt(x, "masking", 0.5).sum()
+
+    with ae.backend(backend):
+        torch.compile(unseeded, fullgraph=True, backend="aot_eager")(x)
+
+
+# -------------------------------------------------------- modules, bad input
+
+
+def test_modules_corrupt_only_in_training():
+    x = torch.rand(10, 20)
+    corrupt, linear = ae.nn.Corrupt("masking", 0.5), ae.nn.NoisyLinear(20, 4, "masking", 0.5)
+    assert not torch.equal(corrupt(x), x)
+    torch.manual_seed(0)
+    noisy = linear(x)
+    torch.manual_seed(0)
+    assert torch.allclose(noisy, linear.forward(x))  # the seed comes from torch's generator
+    corrupt.eval(), linear.eval()
+    assert torch.equal(corrupt(x), x)
+    assert torch.equal(linear(x), torch.nn.functional.linear(x, linear.weight, linear.bias))
+
+
+def test_bad_arguments_name_what_is_wrong():
+    x = torch.rand(4, 5)
+    with pytest.raises(ValueError, match="kind must be one of gaussian, masking, salt_pepper, dropout"):
+        ae.corrupt(x, "blur", 0.1)
+    for kind, level in [("gaussian", -0.1), ("masking", 1.5), ("dropout", 1.0), ("salt_pepper", -0.5),
+                        ("masking", float("nan"))]:
+        with pytest.raises(ValueError, match="level"):
+            ae.corrupt(x, kind, level)
+    for seed in (-1, 2**63, 1.5, torch.tensor([1, 2])):
+        with pytest.raises(ValueError, match="seed"):
+            ae.corrupt(x, "masking", 0.1, seed=seed)
+    with pytest.raises(ValueError, match="x must be float32"):
+        ae.corrupt(torch.ones(3, dtype=torch.long), "masking", 0.1)
+    with pytest.raises(ValueError, match="weight must be 2-D"):
+        ae.noisy_linear(x, torch.randn(3, 4), None, "masking", 0.1)
+    with pytest.raises(ValueError, match="bias"):
+        ae.noisy_linear(x, torch.randn(3, 5), torch.randn(4), "masking", 0.1)
+    with pytest.raises(ValueError, match="logvar must match"):
+        ae.reparameterize(x, torch.rand(4, 6))
+    with pytest.raises(ValueError, match="mu must be"):
+        ae.reparameterize(torch.rand(5), torch.rand(5))
+    with pytest.raises(ValueError, match="kind"):
+        ae.nn.Corrupt("blur", 0.1)
