@@ -50,69 +50,75 @@ def cmd_info(_args) -> int:
 
 
 def cmd_train(args) -> int:
-    import torch
+    from pathlib import Path
 
-    from aefast import backends
-    from aefast.data import digits
-    from aefast.models import SparseAutoencoder
+    from aefast.train import config as configuration
+    from aefast.train.loop import CHECKPOINT, default_out_dir, load_checkpoint, train
 
-    torch.manual_seed(args.seed)
-    train, val = digits(seed=args.seed)
-    device = torch.device(args.device)
-    train, val = train.to(device), val.to(device)
-    model = SparseAutoencoder(train.shape[1], args.hidden, args.rho, args.beta, args.weight_decay,
-                              args.momentum).to(device)
-    opt = torch.optim.Adam(model.parameters(), lr=args.lr)
-    print(f"sparse autoencoder on digits: {train.shape[0]} train / {val.shape[0]} validation rows, "
-          f"{args.hidden} hidden units, rho={args.rho}, beta={args.beta}, "
-          f"backend {backends.resolve(device)} on {device}")
-    print(f"{'epoch':>5} {'loss':>9} {'recon':>9} {'KL':>9} {'mean act':>9} {'val recon':>9}")
-    for epoch in range(1, args.epochs + 1):
-        model.train()
-        order = torch.randperm(train.shape[0], device=device)
-        totals, batches = {}, 0
-        for start in range(0, train.shape[0], args.batch_size):
-            terms = model.loss(train[order[start:start + args.batch_size]])
-            opt.zero_grad(set_to_none=True)
-            terms["loss"].backward()
-            opt.step()
-            for k, v in terms.items():
-                totals[k] = totals.get(k, 0.0) + float(v.detach())
-            batches += 1
-        model.eval()
-        with torch.no_grad():
-            val_recon = float(model.loss(val)["reconstruction"])
-        mean = {k: v / batches for k, v in totals.items()}
-        print(f"{epoch:5d} {mean['loss']:9.4f} {mean['reconstruction']:9.4f} {mean['sparsity']:9.4f} "
-              f"{mean['mean_activation']:9.4f} {val_recon:9.4f}", flush=True)
+    given = configuration.given_options(args)
+    if args.resume:
+        if not args.out:
+            raise ValueError("--resume needs --out DIR, the folder of the run to continue")
+        out, checkpoint = Path(args.out), load_checkpoint(Path(args.out))
+        config = configuration.resolve(args.model, given, args.config, saved=checkpoint["config"])
+    else:
+        config = configuration.resolve(args.model, given, args.config)
+        out, checkpoint = Path(args.out) if args.out else default_out_dir(args.model), None
+        if (out / CHECKPOINT).exists():
+            raise ValueError(f"{out} already holds a run: add --resume to continue it, or choose another --out")
+    train(config, out, checkpoint)
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage mistakes end in one line, like every other error of the command."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="aefast", description="Fast autoencoder training.")
+    from aefast.train.config import add_train_arguments
+
+    parser = _Parser(prog="aefast", description="Fast autoencoder training.")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("info", help="what is built and which backend runs where").set_defaults(fn=cmd_info)
-    train = sub.add_parser("train", help="train an autoencoder on the bundled digits data")
-    train.add_argument("model", choices=["sparse"], help="the model to train")
-    train.add_argument("--epochs", type=int, default=30)
-    train.add_argument("--hidden", type=int, default=64, help="hidden units")
-    train.add_argument("--rho", type=float, default=0.05, help="target mean activation")
-    train.add_argument("--beta", type=float, default=3.0, help="weight of the sparsity penalty")
-    train.add_argument("--weight-decay", type=float, default=1e-4)
-    train.add_argument("--momentum", type=float, default=None,
-                       help="estimate rho_hat as a moving average across batches")
-    train.add_argument("--lr", type=float, default=1e-2)
-    train.add_argument("--batch-size", type=int, default=128)
-    train.add_argument("--device", default="cpu")
-    train.add_argument("--seed", type=int, default=0)
+    train = sub.add_parser(
+        "train", help="train an autoencoder of the source notes (default data: the bundled digits)",
+        description="Train one autoencoder, write its configuration, per-epoch metrics, checkpoint, "
+                    "evaluation and figures to an output folder.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=TRAIN_EPILOG)
+    add_train_arguments(train)
     train.set_defaults(fn=cmd_train)
     return parser
+
+
+TRAIN_EPILOG = """\
+output folder (--out DIR):
+  config.toml        the configuration used (give it back with --config)
+  metrics.jsonl      one JSON line per epoch: train and validation loss terms, seconds, samples/s
+  checkpoint.pt      model, optimizers, random generators, history; rewritten atomically each epoch
+  evaluation.json    validation MSE, linear-probe accuracy on the codes and on the raw inputs
+                     (labelled data), feature recovery (synthetic data)
+  reconstructions.png, filters.png (fully connected encoders), samples.png (vae, aae, gsn),
+  sparsity.png (sparse, wta, topk-sae)
+
+examples:
+  aefast train sparse
+  aefast train wta --conv --epochs 10
+  aefast train topk-sae --data synthetic --k 3
+  aefast train vae --out runs/vae --epochs 10 && aefast train vae --out runs/vae --epochs 20 --resume
+"""
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.fn(args)
-    except (ValueError, RuntimeError) as exc:
+    except (ValueError, RuntimeError, OSError) as exc:
         print(f"aefast: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("aefast: interrupted (--resume continues from the last checkpoint)", file=sys.stderr)
+        return 130

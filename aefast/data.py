@@ -1,16 +1,117 @@
-"""Data sets that need no download: scikit-learn's bundled 8x8 digits."""
+"""Training data that needs no download: scikit-learn's bundled 8x8 digits, a synthetic
+superposition of known features, or any array file. Rows are flattened to (N, D)
+float32; `image_shape` says how to view a row as an image (figures, conv models)."""
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
 import torch
+from torch import Tensor
 
 
-def digits(val_fraction: float = 0.2, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """(train, validation) float32 tensors of shape (N, 64), pixels scaled to [0, 1],
-    split with a fixed seed."""
-    from sklearn.datasets import load_digits
+@dataclass
+class Dataset:
+    name: str
+    train: Tensor                       # (N_train, D) float32
+    val: Tensor                         # (N_val, D) float32
+    image_shape: tuple[int, int, int]   # (C, H, W) with C * H * W = D
+    train_labels: Tensor | None = None  # (N_train,) int64, for the linear probe
+    val_labels: Tensor | None = None
+    features: Tensor | None = None      # (K, D) ground-truth features (synthetic data)
 
-    x = torch.from_numpy(load_digits().data).float() / 16.0
+
+def load_dataset(source: str = "digits", val_fraction: float = 0.2, seed: int = 0) -> Dataset:
+    """`digits`, `synthetic`, or the path of a .npy / .npz / .pt file holding an (N, D)
+    or (N, C, H, W) array (.npz: arrays `x` and optionally `y` labels, else the first
+    array; .pt: a tensor or a dict with `x` and optionally `y`). Split into train and
+    validation rows by a permutation drawn from `seed`."""
+    if not 0.0 < val_fraction < 1.0:
+        raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
+    features = None
+    if source == "digits":
+        from sklearn.datasets import load_digits
+
+        bunch = load_digits()
+        x, y = torch.from_numpy(bunch.data).float().view(-1, 1, 8, 8) / 16.0, torch.from_numpy(bunch.target)
+    elif source == "synthetic":
+        x, y, features = synthetic_superposition(seed=seed)
+        x = x.view(-1, 1, 8, 8)
+    else:
+        x, y = _read_array_file(Path(source))
+    x, y = _check_array(x, y, source)
+    image_shape = _image_shape(x)
+    x = x.reshape(x.shape[0], -1)
     order = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(seed))
-    n_val = int(round(val_fraction * x.shape[0]))
-    return x[order[n_val:]], x[order[:n_val]]
+    n_val = max(1, int(round(val_fraction * x.shape[0])))
+    if n_val >= x.shape[0]:
+        raise ValueError(f"{source}: {x.shape[0]} rows are too few to split off a validation set")
+    val, train = order[:n_val], order[n_val:]
+    return Dataset(Path(source).name, x[train], x[val], image_shape,
+                   None if y is None else y[train], None if y is None else y[val], features)
+
+
+def synthetic_superposition(n: int = 4000, n_features: int = 32, active: int = 3, side: int = 8,
+                            seed: int = 0) -> tuple[Tensor, Tensor, Tensor]:
+    """(x, labels, features): each row is the mean of `active` of `n_features` sparse
+    non-negative ground-truth patterns (side x side images, peak 1) with coefficients
+    uniform in [0.2, 1], so x lies in [0, 1]; a row's label is its strongest feature.
+    A good dictionary learner recovers the features (cosine similarity near 1)."""
+    g = torch.Generator().manual_seed(seed + 1)
+    d = side * side
+    features = (torch.rand(n_features, d, generator=g) < 0.2) * (0.5 + 0.5 * torch.rand(n_features, d, generator=g))
+    features = features / features.amax(1, keepdim=True).clamp_min(1e-6)
+    chosen = torch.rand(n, n_features, generator=g).argsort(1)[:, :active]
+    coefficients = torch.zeros(n, n_features).scatter_(1, chosen, 0.2 + 0.8 * torch.rand(n, active, generator=g))
+    return coefficients @ features / active, coefficients.argmax(1), features
+
+
+def _read_array_file(path: Path) -> tuple[object, object]:
+    import numpy as np
+
+    suffix = path.suffix.lower()
+    if suffix not in (".npy", ".npz", ".pt"):
+        raise ValueError(f"data must be digits, synthetic or a .npy, .npz or .pt file, got {str(path)!r}")
+    if not path.is_file():
+        raise OSError(f"cannot read data file {str(path)!r}: no such file")
+    try:
+        if suffix == ".npy":
+            return np.load(path, allow_pickle=False), None
+        if suffix == ".npz":
+            with np.load(path, allow_pickle=False) as arrays:
+                if not arrays.files:
+                    raise ValueError("it holds no array")
+                return arrays["x" if "x" in arrays.files else arrays.files[0]], arrays.get("y")
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # numpy, zipfile and pickle raise many kinds; all mean "unreadable"
+        raise ValueError(f"cannot read data file {str(path)!r}: {exc}") from None
+    if isinstance(obj, dict):
+        if "x" not in obj:
+            raise ValueError(f"data file {str(path)!r} holds a dict without an 'x' entry")
+        return obj["x"], obj.get("y")
+    return obj, None
+
+
+def _check_array(x, y, source: str) -> tuple[Tensor, Tensor | None]:
+    x = torch.as_tensor(x)
+    if x.dim() not in (2, 4) or x.shape[0] < 2 or x.numel() == 0:
+        raise ValueError(f"{source}: expected an (N, D) or (N, C, H, W) array with N >= 2, got shape {tuple(x.shape)}")
+    if x.dtype == torch.bool or x.is_complex():
+        raise ValueError(f"{source}: expected real numbers, got {x.dtype}")
+    x = x.float()
+    if not torch.isfinite(x).all():
+        raise ValueError(f"{source}: the array contains NaN or infinite values")
+    if y is not None:
+        y = torch.as_tensor(y).long().reshape(-1)
+        if y.shape[0] != x.shape[0]:
+            raise ValueError(f"{source}: {y.shape[0]} labels for {x.shape[0]} rows")
+    return x, y
+
+
+def _image_shape(x: Tensor) -> tuple[int, int, int]:
+    if x.dim() == 4:
+        return tuple(x.shape[1:])
+    side = math.isqrt(x.shape[1])
+    return (1, side, side) if side * side == x.shape[1] else (1, 1, x.shape[1])

@@ -5,11 +5,13 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from aefast.models.base import AutoencoderModel, detached, squared_error
 from aefast.nn import KLSparsity
+from aefast.ops._checks import check_nonnegative, check_open_unit
 from aefast.ops.kl_sparsity import sigmoid_kl_sparsity
 
 
-class SparseAutoencoder(nn.Module):
+class SparseAutoencoder(AutoencoderModel):
     """x -> h = sigmoid(W1 x + b1) -> x_hat = sigmoid(W2 h + b2).
 
     Loss: 1/2 ||x_hat - x||^2 (mean over the batch) + beta * sum_j KL(rho || rho_hat_j)
@@ -18,19 +20,26 @@ class SparseAutoencoder(nn.Module):
     sigmoid_kl_sparsity op computes h and the penalty in one pass.
     """
 
-    def __init__(self, n_in: int, n_hidden: int = 64, rho: float = 0.05, beta: float = 3.0,
+    sparse_code = True
+
+    def __init__(self, n_in: int, hidden: int = 64, rho: float = 0.05, beta: float = 3.0,
                  weight_decay: float = 1e-4, momentum: float | None = None):
         super().__init__()
-        self.encoder = nn.Linear(n_in, n_hidden)
-        self.decoder = nn.Linear(n_hidden, n_in)
-        self.rho, self.beta, self.weight_decay = rho, beta, weight_decay
+        self.encoder = nn.Linear(n_in, hidden)
+        self.decoder = nn.Linear(hidden, n_in)
+        # Checked here, not at the first step, so a bad value fails before training starts.
+        self.rho, self.beta = check_open_unit(rho, "rho"), check_nonnegative(beta, "beta")
+        self.weight_decay = check_nonnegative(weight_decay, "weight_decay")
         self.sparsity = KLSparsity(rho, beta, momentum) if momentum is not None else None
 
     def encode(self, x: Tensor) -> Tensor:
         return torch.sigmoid(self.encoder(x))
 
-    def forward(self, x: Tensor) -> Tensor:
+    def reconstruct(self, x: Tensor) -> Tensor:
         return torch.sigmoid(self.decoder(self.encode(x)))
+
+    def filters(self) -> Tensor:
+        return self.encoder.weight
 
     def loss(self, x: Tensor) -> dict[str, Tensor]:
         if self.sparsity is None:
@@ -38,11 +47,7 @@ class SparseAutoencoder(nn.Module):
         else:
             h = self.encode(x)
             sparsity = self.sparsity(h)
-        reconstruction = 0.5 * (torch.sigmoid(self.decoder(h)) - x).pow(2).sum(1).mean()
+        reconstruction = squared_error(torch.sigmoid(self.decoder(h)), x)
         decay = 0.5 * self.weight_decay * (self.encoder.weight.pow(2).sum() + self.decoder.weight.pow(2).sum())
-        return {
-            "loss": reconstruction + sparsity + decay,
-            "reconstruction": reconstruction.detach(),
-            "sparsity": sparsity.detach(),
-            "mean_activation": h.detach().mean(),
-        }
+        return {"loss": reconstruction + sparsity + decay,
+                **detached(reconstruction=reconstruction, sparsity=sparsity, mean_activation=h.mean())}

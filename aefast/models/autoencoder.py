@@ -1,0 +1,36 @@
+"""The plain autoencoder: an undercomplete code trained to reconstruct its input."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from aefast.models.base import AutoencoderModel, detached, mlp, squared_error
+
+
+class Autoencoder(AutoencoderModel):
+    """x -> MLP (ReLU) -> linear code -> MLP (ReLU) -> sigmoid x_hat.
+
+    `layers`: the encoder's widths, the last one the code size; the decoder mirrors them.
+    Loss: 1/2 ||x_hat - x||^2, mean over the batch.
+    """
+
+    def __init__(self, n_in: int, layers: Sequence[int] = (128, 32)):
+        super().__init__()
+        self.encoder = mlp([n_in, *layers])
+        self.decoder = mlp([*reversed(layers), n_in], last=nn.Sigmoid())
+
+    def encode(self, x: Tensor) -> Tensor:
+        return self.encoder(x)
+
+    def reconstruct(self, x: Tensor) -> Tensor:
+        return self.decoder(self.encoder(x))
+
+    def filters(self) -> Tensor:
+        return self.encoder[0].weight
+
+    def loss(self, x: Tensor) -> dict[str, Tensor]:
+        reconstruction = squared_error(self.reconstruct(x), x)
+        return {"loss": reconstruction, **detached(reconstruction=reconstruction)}

@@ -1,0 +1,99 @@
+"""What every model offers the trainer, and the small pieces the models share.
+
+A model is an `AutoencoderModel`: layers, `loss(x) -> dict` ("loss" is the scalar to
+backpropagate, the other entries detached terms for display), `encode(x)` (the codes a
+linear probe reads) and `reconstruct(x)`. x is always a (B, D) batch; models that work
+on images reshape it to their `image_shape`. Models whose training is not "one loss, one
+optimizer" override the hooks below instead of the trainer special-casing them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterable
+
+import torch
+from torch import Tensor, nn
+
+
+class AutoencoderModel(nn.Module):
+    # Figures: a histogram of the codes for models whose point is a sparse code.
+    sparse_code = False
+    # Mixed precision: the trainer sets this to a dtype on GPU; None runs in full precision.
+    autocast_dtype: torch.dtype | None = None
+
+    def loss(self, x: Tensor) -> dict[str, Tensor]:
+        raise NotImplementedError
+
+    def encode(self, x: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def reconstruct(self, x: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.reconstruct(x)
+
+    # Optional, for figures: `filters() -> (H, D)` input-layer weights of a fully
+    # connected encoder, and `sample(n) -> (n, D)` for generative models.
+    def filters(self) -> Tensor | None:
+        return None
+
+    # ------------------------------------------------------------ training hooks
+
+    def configure_optimizers(self, lr: float) -> dict[str, torch.optim.Optimizer]:
+        """Named optimizers; their states are checkpointed by name."""
+        return {"model": torch.optim.Adam(self.parameters(), lr=lr)}
+
+    def begin_epoch(self, epoch: int) -> str | None:
+        """Called before each epoch (0-based); returns a phase name to display, if any."""
+        return None
+
+    def train_step(self, x: Tensor, optimizers: dict[str, torch.optim.Optimizer]) -> dict[str, Tensor]:
+        """One optimisation step on batch x; returns the loss terms."""
+        (optimizer,) = optimizers.values()
+        with self.autocast():
+            terms = self.loss(x)
+        optimizer.zero_grad(set_to_none=True)
+        terms["loss"].backward()
+        optimizer.step()
+        self.after_step()
+        return terms
+
+    def after_step(self) -> None:
+        """Called after each optimizer step (constraints such as unit-norm weights)."""
+
+    def autocast(self):
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type="cuda", dtype=self.autocast_dtype)
+
+
+def squared_error(x_hat: Tensor, x: Tensor) -> Tensor:
+    """1/2 ||x_hat - x||^2 summed over features, averaged over the batch (UFLDL's J)."""
+    return 0.5 * (x_hat.float() - x.float()).pow(2).flatten(1).sum(1).mean()
+
+
+def bernoulli_nll(logits: Tensor, x: Tensor) -> Tensor:
+    """Cross-entropy of pixels in [0, 1] under Bernoulli(sigmoid(logits)), summed over
+    features, averaged over the batch."""
+    return nn.functional.binary_cross_entropy_with_logits(
+        logits.float(), x.float(), reduction="none").flatten(1).sum(1).mean()
+
+
+def mlp(sizes: Iterable[int], activation: type[nn.Module] = nn.ReLU, last: nn.Module | None = None) -> nn.Sequential:
+    """Linear layers through `sizes` with `activation` between them and `last` (if any)
+    after the final one."""
+    sizes = list(sizes)
+    layers: list[nn.Module] = []
+    for i, (a, b) in enumerate(zip(sizes, sizes[1:])):
+        layers.append(nn.Linear(a, b))
+        if i < len(sizes) - 2:
+            layers.append(activation())
+    if last is not None:
+        layers.append(last)
+    return nn.Sequential(*layers)
+
+
+def detached(**terms: Tensor) -> dict[str, Tensor]:
+    return {name: value.detach() for name, value in terms.items()}

@@ -1,0 +1,36 @@
+"""Denoising autoencoder (Vincent et al. 2008): reconstruct the clean x from a corrupted
+copy. The corruption is fused into the first layer (aefast.noisy_linear), so the
+corrupted input is never stored."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+import aefast as ae
+from aefast.models.base import AutoencoderModel, detached, squared_error
+
+
+class DenoisingAutoencoder(AutoencoderModel):
+    """h = sigmoid(W1 corrupt(x) + b1), x_hat = sigmoid(W2 h + b2), loss 1/2 ||x_hat - x||^2
+    against the clean x. `kind`: gaussian, masking, salt_pepper or dropout; `level`: its
+    strength. In eval mode the corruption is off (aefast.nn.NoisyLinear), so codes and
+    validation reconstructions are of clean inputs."""
+
+    def __init__(self, n_in: int, hidden: int = 128, kind: str = "masking", level: float = 0.3):
+        super().__init__()
+        self.encoder = ae.nn.NoisyLinear(n_in, hidden, kind, level)
+        self.decoder = nn.Linear(hidden, n_in)
+
+    def encode(self, x: Tensor) -> Tensor:
+        return torch.sigmoid(self.encoder(x))
+
+    def reconstruct(self, x: Tensor) -> Tensor:
+        return torch.sigmoid(self.decoder(self.encode(x)))
+
+    def filters(self) -> Tensor:
+        return self.encoder.weight
+
+    def loss(self, x: Tensor) -> dict[str, Tensor]:
+        reconstruction = squared_error(self.reconstruct(x), x)
+        return {"loss": reconstruction, **detached(reconstruction=reconstruction)}

@@ -1,0 +1,65 @@
+"""Generative stochastic network (Bengio et al. 2014) in its simplest form, the
+generalised denoising autoencoder: corrupting x and reconstructing it defines a Markov
+chain whose stationary distribution estimates the data distribution."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+import aefast as ae
+from aefast.models.base import AutoencoderModel, bernoulli_nll, detached, squared_error
+
+
+class GSN(AutoencoderModel):
+    """One chain step: x~ = corrupt(x) (fused into the first layer by noisy_linear),
+    h = sigmoid(W1 x~ + b1), P(x | x~) = Bernoulli(sigmoid(W2 h + b2)).
+
+    Walkback training: from each example the chain runs `walkback` steps and every
+    step's reconstruction is trained to give the example back, so the model also learns
+    to undo the spurious places its own chain wanders to. The next state is the
+    reconstruction's mean (pixels are grey levels); the chain's randomness is the
+    corruption. Sampling runs the chain from uniform noise for `sample_steps` steps.
+    """
+
+    def __init__(self, n_in: int, hidden: int = 256, kind: str = "salt_pepper", level: float = 0.3,
+                 walkback: int = 3, sample_steps: int = 30):
+        super().__init__()
+        if walkback < 1:
+            raise ValueError(f"walkback must be >= 1, got {walkback}")
+        self.encoder = nn.Linear(n_in, hidden)
+        self.decoder = nn.Linear(hidden, n_in)
+        self.kind, self.level = kind, level
+        self.walkback, self.sample_steps = walkback, sample_steps
+
+    def chain_step_logits(self, x: Tensor) -> Tensor:
+        """Logits of P(x | corrupt(x)); corrupts in eval mode too, since sampling needs it."""
+        h = torch.sigmoid(ae.noisy_linear(x, self.encoder.weight, self.encoder.bias, self.kind, self.level))
+        return self.decoder(h)
+
+    def encode(self, x: Tensor) -> Tensor:
+        return torch.sigmoid(self.encoder(x))
+
+    def reconstruct(self, x: Tensor) -> Tensor:
+        return torch.sigmoid(self.decoder(self.encode(x)))
+
+    def filters(self) -> Tensor:
+        return self.encoder.weight
+
+    @torch.no_grad()
+    def sample(self, n: int) -> Tensor:
+        x = torch.rand(n, self.decoder.out_features, device=self.decoder.weight.device)
+        for _ in range(self.sample_steps):
+            x = torch.sigmoid(self.chain_step_logits(x))
+        return x
+
+    def loss(self, x: Tensor) -> dict[str, Tensor]:
+        state, nll = x, 0.0
+        for step in range(self.walkback):
+            logits = self.chain_step_logits(state)
+            nll = nll + bernoulli_nll(logits, x)
+            state = torch.sigmoid(logits.detach())
+            if step == 0:
+                first_step = squared_error(state, x)
+        nll = nll / self.walkback
+        return {"loss": nll, **detached(nll=nll, reconstruction=first_step)}

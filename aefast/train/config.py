@@ -1,0 +1,303 @@
+"""Every trainable model with its defaults, and how a run's configuration is assembled:
+built-in defaults, then --config FILE.toml, then command-line flags (on --resume the
+run's saved configuration replaces the defaults, and flags still override it).
+
+A configuration is one flat dict: the model's name, the training settings common to all
+models (TRAINING) and the model's own hyper-parameters (ModelSpec.params), which are the
+keyword arguments of its class."""
+
+from __future__ import annotations
+
+import argparse
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from aefast import models
+
+TRAINING: dict[str, Any] = {
+    "epochs": 30,
+    "batch_size": 64,
+    "lr": 1e-3,
+    "seed": 0,
+    "data": "digits",
+    "val_fraction": 0.2,
+    "device": "auto",
+    "amp": True,
+    "compile": False,
+    "conv": False,
+}
+
+TRAINING_HELP = {
+    "epochs": "passes over the training rows",
+    "batch_size": "rows per optimisation step (also the chunk size of validation and codes)",
+    "lr": "Adam learning rate",
+    "seed": "seed of the initialisation, the noise, the shuffling and the train/validation split",
+    "data": "digits (scikit-learn's 8x8 digits, scaled to [0, 1]), synthetic (a sparse superposition "
+            "of known features), or a .npy/.npz/.pt file of an (N, D) or (N, C, H, W) array",
+    "val_fraction": "fraction of the rows held out for validation",
+    "device": "auto (cuda when available), cpu or cuda",
+    "amp": "bfloat16 autocast on GPU (--no-amp for float32; CPU runs are always float32)",
+    "compile": "wrap the model's loss in torch.compile",
+    "conv": "the convolutional form of the model (wta)",
+}
+
+PARAM_HELP = {
+    "layers": "encoder widths, the last one the code size, comma-separated",
+    "hidden": "hidden units",
+    "pretrain_epochs": "epochs of greedy pretraining per layer before fine-tuning the stack",
+    "kind": "corruption: gaussian, masking, salt_pepper or dropout",
+    "level": "corruption strength (noise std, or fraction of inputs corrupted)",
+    "rho": "target mean activation",
+    "beta": "weight of the KL sparsity penalty",
+    "weight_decay": "L2 penalty on the weights, inside the loss (UFLDL's lambda)",
+    "momentum": "estimate rho_hat as a moving average across batches with this weight",
+    "latent": "code size",
+    "lam": "weight of the contractive (Jacobian) penalty",
+    "channels": "channels of the convolutional layers, comma-separated",
+    "kernel_size": "convolution kernel size",
+    "decoder_kernel_size": "kernel size of the deconvolution decoder",
+    "walkback": "walkback steps of the chain per example",
+    "sample_steps": "chain steps per sample",
+    "rate": "lifetime sparsity: fraction of the batch each unit fires for",
+    "discriminator_hidden": "hidden units of the discriminator's two layers",
+    "prior_std": "standard deviation of the Gaussian prior on codes",
+    "n_latents": "latents (dictionary size)",
+    "k": "active latents per example",
+    "k_aux": "dead latents used by the AuxK loss",
+    "aux_coef": "weight of the AuxK loss",
+    "dead_steps": "steps without firing after which a latent counts as dead",
+}
+
+PARAM_TYPES: dict[str, type] = {"momentum": float}  # where the default (None) does not tell
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    summary: str
+    build: Callable[..., models.AutoencoderModel]  # build(image_shape, **params)
+    params: dict[str, Any]
+    training: dict[str, Any] = field(default_factory=dict)  # overrides of TRAINING
+
+
+def _flat(cls) -> Callable[..., models.AutoencoderModel]:
+    return lambda image_shape, **params: cls(math.prod(image_shape), **params)
+
+
+def _images(cls) -> Callable[..., models.AutoencoderModel]:
+    return lambda image_shape, **params: cls(image_shape, **params)
+
+
+MODELS: dict[str, ModelSpec] = {
+    "ae": ModelSpec("autoencoder: MLP to an undercomplete code", _flat(models.Autoencoder),
+                    {"layers": [128, 32]}, {"lr": 3e-3}),
+    "stacked": ModelSpec("stacked autoencoder: greedy layer-wise pretraining, then fine-tuning",
+                         _flat(models.StackedAutoencoder), {"layers": [128, 32], "pretrain_epochs": 10},
+                         {"epochs": 40, "lr": 3e-3}),
+    "denoising": ModelSpec("denoising autoencoder: reconstruct x from a corrupted copy",
+                           _flat(models.DenoisingAutoencoder), {"hidden": 128, "kind": "masking", "level": 0.3},
+                           {"lr": 3e-3}),
+    "sparse": ModelSpec("sparse autoencoder: sigmoid code with the KL(rho || rho_hat) penalty (UFLDL)",
+                        _flat(models.SparseAutoencoder),
+                        {"hidden": 64, "rho": 0.05, "beta": 3.0, "weight_decay": 1e-4, "momentum": None},
+                        {"lr": 1e-2, "batch_size": 128}),
+    "vae": ModelSpec("variational autoencoder: Gaussian posterior, reparameterisation",
+                     _flat(models.VariationalAutoencoder), {"hidden": 128, "latent": 16}, {"lr": 3e-3}),
+    "contractive": ModelSpec("contractive autoencoder: penalise the encoder's Jacobian",
+                             _flat(models.ContractiveAutoencoder), {"hidden": 128, "lam": 0.1}, {"lr": 3e-3}),
+    "conv": ModelSpec("stacked convolutional autoencoder: conv + max-pool, unpool + conv (Masci 2011)",
+                      _images(models.ConvAutoencoder), {"channels": [16, 32], "kernel_size": 3}, {"lr": 3e-3}),
+    "gsn": ModelSpec("generative stochastic network: walkback-trained denoising chain",
+                     _flat(models.GSN), {"hidden": 256, "kind": "salt_pepper", "level": 0.3, "walkback": 3,
+                                         "sample_steps": 30}, {"lr": 3e-3}),
+    "wta": ModelSpec("winner-take-all autoencoder, fully connected: lifetime sparsity (--conv: spatial)",
+                     _flat(models.WTAAutoencoder), {"hidden": 256, "rate": 0.05}, {"lr": 3e-3}),
+    "wta-conv": ModelSpec("winner-take-all autoencoder, convolutional: spatial + lifetime sparsity",
+                          _images(models.ConvWTAAutoencoder),
+                          {"channels": [32, 32], "kernel_size": 5, "decoder_kernel_size": 7, "rate": 0.2},
+                          {"lr": 3e-3}),
+    "aae": ModelSpec("adversarial autoencoder: a discriminator matches the codes to a Gaussian prior",
+                     _flat(models.AdversarialAutoencoder),
+                     {"hidden": 128, "latent": 8, "discriminator_hidden": 64, "prior_std": 1.0}, {"lr": 1e-3}),
+    "topk-sae": ModelSpec("top-k sparse autoencoder: k active latents, AuxK, unit-norm decoder",
+                          _flat(models.TopKSAE),
+                          {"n_latents": 256, "k": 8, "k_aux": 32, "aux_coef": 1 / 32, "dead_steps": 100},
+                          {"lr": 3e-3}),
+}
+
+CONV_SUFFIX = "-conv"
+MODEL_NAMES = [name for name in MODELS if not name.endswith(CONV_SUFFIX)]
+
+
+def spec_name(model: str, conv: bool) -> str:
+    if not conv:
+        return model
+    if model + CONV_SUFFIX not in MODELS:
+        convolutional = [n.removesuffix(CONV_SUFFIX) for n in MODELS if n.endswith(CONV_SUFFIX)]
+        raise ValueError(f"--conv applies to {', '.join(convolutional)} only, not {model}")
+    return model + CONV_SUFFIX
+
+
+def defaults(model: str, conv: bool = False) -> dict[str, Any]:
+    spec = MODELS[spec_name(model, conv)]
+    return {"model": model, **TRAINING, "conv": conv, **spec.training, **spec.params}
+
+
+def resolve(model: str, overrides: dict[str, Any], config_file: str | None = None,
+            saved: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The run's configuration: `saved` (a resumed run's) or the model's defaults, then
+    the TOML file's values, then `overrides` (the flags given)."""
+    if model not in MODEL_NAMES:
+        raise ValueError(f"unknown model {model!r}; choose from {', '.join(MODEL_NAMES)}")
+    from_file = read_toml(config_file) if config_file else {}
+    if from_file.pop("model", model) != model:
+        raise ValueError(f"{config_file} is a configuration for another model than {model}")
+    if saved is not None and saved["model"] != model:
+        raise ValueError(f"the run to resume trained {saved['model']}, not {model}")
+    given = {**from_file, **overrides}
+    conv = bool(given.get("conv", saved["conv"] if saved else False))
+    config = {**defaults(model, conv), **(saved or {})}
+    for key, value in given.items():
+        if key not in config:
+            where = f"{config_file}: key {key!r}" if key in from_file and key not in overrides else _flag(key)
+            raise ValueError(f"{where} does not apply to model {spec_name(model, conv)} "
+                             f"(its options: {', '.join(_flag(k) for k in config if k != 'model')})")
+        config[key] = _coerce(key, value, config[key])
+    return config
+
+
+def build_model(config: dict[str, Any], image_shape: tuple[int, int, int]) -> models.AutoencoderModel:
+    spec = MODELS[spec_name(config["model"], config["conv"])]
+    return spec.build(tuple(image_shape), **{key: config[key] for key in spec.params})
+
+
+# ---------------------------------------------------------------- TOML
+
+
+def read_toml(path: str) -> dict[str, Any]:
+    try:
+        import tomllib
+    except ImportError:  # Python 3.10
+        try:
+            import tomli as tomllib
+        except ImportError:
+            raise ValueError("--config needs Python 3.11+ (tomllib) or the tomli package") from None
+    try:
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    except tomllib.TOMLDecodeError as exc:
+        raise ValueError(f"{path} is not valid TOML: {exc}") from None
+    except OSError as exc:
+        raise OSError(f"cannot read {path}: {exc.strerror}") from None
+
+
+def write_toml(config: dict[str, Any], path: Path) -> None:
+    """The flat configuration as TOML, readable back with --config (None values, which
+    TOML cannot hold, are left out: they are the defaults)."""
+    def value(v: Any) -> str:
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, (list, tuple)):
+            return "[" + ", ".join(value(x) for x in v) + "]"
+        if isinstance(v, str):
+            return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+        return repr(v)
+
+    lines = [f"{key} = {value(v)}" for key, v in config.items() if v is not None]
+    path.write_text("\n".join(lines) + "\n")
+
+
+def _coerce(key: str, value: Any, default: Any) -> Any:
+    """`value` (from TOML or a flag) checked against the type of `default`."""
+    kind = PARAM_TYPES.get(key, type(default))
+    ok = {
+        bool: isinstance(value, bool),
+        int: isinstance(value, int) and not isinstance(value, bool),
+        float: isinstance(value, (int, float)) and not isinstance(value, bool),
+        str: isinstance(value, str),
+        list: isinstance(value, (list, tuple)) and all(isinstance(v, int) and not isinstance(v, bool) for v in value),
+    }.get(kind, True)
+    if value is None and default is None:
+        ok = True
+    if not ok:
+        raise ValueError(f"{_flag(key)} must be {_TYPE_WORDS.get(kind, kind.__name__)}, got {value!r}")
+    return float(value) if kind is float and value is not None else (list(value) if kind is list else value)
+
+
+_TYPE_WORDS = {bool: "true or false", int: "an integer", float: "a number", str: "a string",
+               list: "a list of integers"}
+
+
+def _flag(key: str) -> str:
+    return "--" + key.replace("_", "-")
+
+
+# ---------------------------------------------------------------- command line
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        values = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values:
+        raise argparse.ArgumentTypeError("expected at least one integer")
+    return values
+
+
+def add_train_arguments(parser: argparse.ArgumentParser) -> None:
+    """The `aefast train` arguments. Every option defaults to 'not given', so that
+    resolve() can layer flags over the TOML file and the saved run."""
+    parser.add_argument("model", choices=MODEL_NAMES, metavar="MODEL",
+                        help="one of: " + "; ".join(f"{n} ({MODELS[n].summary})" for n in MODEL_NAMES))
+    run = parser.add_argument_group("run")
+    run.add_argument("--out", metavar="DIR", help="output folder (default runs/MODEL-YYYYmmdd-HHMMSS)")
+    run.add_argument("--resume", action="store_true",
+                     help="continue the run in --out DIR from its last checkpoint, exactly as if never stopped "
+                          "(its saved configuration is used; flags still override, e.g. a larger --epochs)")
+    run.add_argument("--config", metavar="FILE.toml",
+                     help="settings as TOML keys (names of the flags below with _ for -); flags override them; "
+                          "a run's config.toml can be given back here")
+    common = parser.add_argument_group("training (all models; per-model defaults in brackets)")
+    for key, default in TRAINING.items():
+        _add_option(common, key, default, TRAINING_HELP[key], _model_defaults(key, training=True))
+    params = parser.add_argument_group("model hyper-parameters (the models that use each, with its default)")
+    seen: dict[str, Any] = {}
+    for spec in MODELS.values():
+        for key, default in spec.params.items():
+            seen.setdefault(key, default)
+    for key, default in seen.items():
+        _add_option(params, key, default, PARAM_HELP[key], _model_defaults(key, training=False))
+
+
+def _model_defaults(key: str, training: bool) -> str:
+    parts = []
+    for name, spec in MODELS.items():
+        label = name.removesuffix(CONV_SUFFIX) + (" --conv" if name.endswith(CONV_SUFFIX) else "")
+        if training and key in spec.training:
+            parts.append(f"{label}: {spec.training[key]}")
+        elif not training and key in spec.params:
+            value = spec.params[key]
+            parts.append(f"{label}: {','.join(map(str, value)) if isinstance(value, list) else value}")
+    return f" [{'; '.join(parts)}]" if parts else ""
+
+
+def _add_option(group, key: str, default: Any, text: str, per_model: str) -> None:
+    flag = _flag(key)
+    if isinstance(default, bool):
+        group.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
+                           help=f"{text} (default {'on' if default else 'off'}){per_model}")
+        return
+    kind = {list: _int_list}.get(type(default), PARAM_TYPES.get(key, type(default)))
+    metavar = {int: "N", float: "X", _int_list: "N,N"}.get(kind, key.upper())
+    shown = "" if default is None else f" (default {default})"
+    group.add_argument(flag, type=kind, default=argparse.SUPPRESS, metavar=metavar,
+                       help=f"{text}{shown}{per_model}")
+
+
+def given_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The training and model options present on the command line."""
+    keys = set(TRAINING) | {key for spec in MODELS.values() for key in spec.params}
+    return {key: value for key, value in vars(args).items() if key in keys}

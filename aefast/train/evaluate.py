@@ -1,0 +1,64 @@
+"""The end-of-run evaluation: validation reconstruction MSE, a linear probe on the codes
+against the same probe on the raw inputs (when the data has labels), and, on synthetic
+data, how well the learned filters recover the ground-truth features."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from aefast.data import Dataset
+from aefast.models import AutoencoderModel
+
+
+@torch.no_grad()
+def infer(model: AutoencoderModel, x: Tensor, batch_size: int) -> tuple[Tensor, Tensor]:
+    """(reconstructions, codes flattened to rows), float32 on the CPU. In chunks of the
+    training batch size: batch-level codes (lifetime sparsity) then see the batches they
+    were trained on."""
+    model.eval()
+    reconstructions, codes = [], []
+    for start in range(0, len(x), batch_size):
+        batch = x[start:start + batch_size]
+        with model.autocast():
+            reconstructions.append(model.reconstruct(batch).float().cpu())
+            codes.append(model.encode(batch).flatten(1).float().cpu())
+    return torch.cat(reconstructions), torch.cat(codes)
+
+
+def linear_probe(train_x: Tensor, train_y: Tensor, test_x: Tensor, test_y: Tensor) -> float:
+    """Accuracy of a logistic regression on standardised features."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    probe = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000))
+    probe.fit(train_x.numpy(), train_y.numpy())
+    return float(probe.score(test_x.numpy(), test_y.numpy()))
+
+
+def feature_recovery(features: Tensor, filters: Tensor) -> float:
+    """Mean over the ground-truth features of the best cosine similarity with a filter."""
+    f = torch.nn.functional.normalize(features.float(), dim=1)
+    w = torch.nn.functional.normalize(filters.detach().float().cpu(), dim=1)
+    return float((f @ w.T).amax(1).mean())
+
+
+def evaluate(model: AutoencoderModel, data: Dataset, batch_size: int,
+             val_recon: Tensor, val_codes: Tensor) -> dict[str, Any]:
+    result: dict[str, Any] = {"val_mse": float((val_recon - data.val).pow(2).mean())}
+    if data.train_labels is not None and len(data.train_labels.unique()) > 1:
+        _, train_codes = infer(model, data.train.to(_device(model)), batch_size)
+        result["probe_accuracy"] = linear_probe(train_codes, data.train_labels, val_codes, data.val_labels)
+        result["raw_probe_accuracy"] = linear_probe(data.train, data.train_labels, data.val, data.val_labels)
+    filters = model.filters()
+    if data.features is not None and filters is not None:
+        result["feature_recovery"] = feature_recovery(data.features, filters)
+    result["code_size"] = val_codes.shape[1]
+    return result
+
+
+def _device(model: AutoencoderModel) -> torch.device:
+    return next(model.parameters()).device

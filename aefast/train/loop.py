@@ -1,0 +1,223 @@
+"""The training loop: epochs of model.train_step over shuffled batches, validation,
+a checkpoint per epoch (written atomically) from which --resume continues exactly, then
+the final evaluation and the figures.
+
+Exact resumption: the checkpoint holds the model, every optimizer, the epoch, the loss
+history and the states of every random generator the run draws from (torch's CPU and
+CUDA generators, which the noise ops and the initialisation use, and the shuffling
+generator). Each epoch's validation runs before its checkpoint, so a resumed run sees
+the generators exactly as the uninterrupted run did at the start of the next epoch."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from aefast.data import load_dataset
+from aefast.models import AutoencoderModel
+from aefast.train import config as configuration
+from aefast.train.evaluate import evaluate, infer
+
+CHECKPOINT = "checkpoint.pt"
+METRICS = "metrics.jsonl"
+CONFIG = "config.toml"
+EVALUATION = "evaluation.json"
+
+
+def default_out_dir(model: str) -> Path:
+    return Path("runs") / f"{model}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def load_checkpoint(out_dir: Path) -> dict[str, Any]:
+    path = out_dir / CHECKPOINT
+    if not path.is_file():
+        raise ValueError(f"--resume: {out_dir} holds no {CHECKPOINT} to resume from")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # a truncated or foreign file: pickle, zip and torch errors alike
+        raise ValueError(f"cannot read checkpoint {path}: {exc}") from None
+
+
+def train(config: dict[str, Any], out_dir: Path, checkpoint: dict[str, Any] | None = None,
+          progress: bool | None = None, log=print) -> dict[str, Any]:
+    """Train (or, given `checkpoint`, continue) the run described by `config`, writing
+    into out_dir; returns the final evaluation. `progress`: show progress bars (None: only
+    when stderr is a terminal)."""
+    device = _device(config["device"])
+    data = load_dataset(config["data"], config["val_fraction"], config["seed"])
+    torch.manual_seed(config["seed"])
+    model = configuration.build_model(config, data.image_shape).to(device)
+    if device.type == "cuda" and config["amp"]:
+        model.autocast_dtype = torch.bfloat16
+    optimizers = model.configure_optimizers(config["lr"])
+    shuffle = torch.Generator().manual_seed(config["seed"])
+    history: list[dict[str, Any]] = []
+    if checkpoint is not None:
+        model.load_state_dict(checkpoint["model"])
+        for name, optimizer in optimizers.items():
+            optimizer.load_state_dict(checkpoint["optimizers"][name])
+        history = checkpoint["history"]
+        _set_rng_states(checkpoint["rng"], shuffle)
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    configuration.write_toml(config, out_dir / CONFIG)
+    (out_dir / METRICS).write_text("".join(json.dumps(record) + "\n" for record in history))
+    if config["compile"]:
+        # The trainer calls loss(), not forward(); compiling the bound method leaves the
+        # module (and so its state_dict and checkpoints) untouched.
+        model.loss = torch.compile(model.loss)
+
+    train_x, val_x = data.train.to(device), data.val.to(device)
+    n_params = sum(p.numel() for p in model.parameters())
+    log(f"{config['model']}{' --conv' if config['conv'] else ''} on {data.name}: {len(train_x)} train / "
+        f"{len(val_x)} validation rows of {'x'.join(map(str, data.image_shape))}, {n_params:,} parameters, "
+        f"{_backend(device)} on {device}; writing {out_dir}")
+    table = _EpochTable(log)
+    for record in history:
+        table.row(record)
+    for epoch in range(len(history), config["epochs"]):
+        phase = model.begin_epoch(epoch)
+        start = time.perf_counter()
+        train_terms = _train_epoch(model, optimizers, train_x, config["batch_size"], shuffle,
+                                   f"epoch {epoch + 1}/{config['epochs']}" + (f" ({phase})" if phase else ""),
+                                   progress)
+        seconds = time.perf_counter() - start
+        val_terms = _validate(model, val_x, config["batch_size"])
+        record = {"epoch": epoch + 1, "train": train_terms, "val": val_terms,
+                  "seconds": round(seconds, 4), "samples_per_s": round(len(train_x) / seconds, 1)}
+        if phase:
+            record["phase"] = phase
+        history.append(record)
+        _save_checkpoint(out_dir, model, optimizers, shuffle, history, config)
+        with open(out_dir / METRICS, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        table.row(record)
+
+    from aefast.train.figures import write_figures
+
+    val_recon, val_codes = infer(model, val_x, config["batch_size"])
+    result = evaluate(model, data, config["batch_size"], val_recon, val_codes)
+    (out_dir / EVALUATION).write_text(json.dumps(result, indent=2) + "\n")
+    figures = write_figures(out_dir, model, data, val_recon, val_codes)
+    log(_summary(result))
+    log(f"wrote {out_dir}/: {CONFIG}, {METRICS}, {CHECKPOINT}, {EVALUATION}, "
+        + ", ".join(path.name for path in figures))
+    return result
+
+
+def _train_epoch(model: AutoencoderModel, optimizers, x: torch.Tensor, batch_size: int,
+                 shuffle: torch.Generator, description: str, progress: bool | None) -> dict[str, float]:
+    from tqdm import tqdm
+
+    model.train()
+    order = torch.randperm(len(x), generator=shuffle).to(x.device)
+    sums: dict[str, torch.Tensor] = {}
+    with tqdm(total=len(x), desc=description, unit="sample", unit_scale=True, leave=False, file=sys.stderr,
+              disable=None if progress is None else not progress, dynamic_ncols=True) as bar:
+        for step, start in enumerate(range(0, len(x), batch_size)):
+            batch = x[order[start:start + batch_size]]
+            terms = model.train_step(batch, optimizers)
+            for name, value in terms.items():
+                sums[name] = sums.get(name, 0.0) + value.detach().float() * len(batch)
+            bar.update(len(batch))
+            if step % 10 == 0 and not bar.disable:  # reading the sums waits for the GPU: not every step
+                bar.set_postfix({name: f"{float(v) / bar.n:.4g}" for name, v in sums.items()}, refresh=False)
+    return {name: float(value) / len(x) for name, value in sums.items()}
+
+
+@torch.no_grad()
+def _validate(model: AutoencoderModel, x: torch.Tensor, batch_size: int) -> dict[str, float]:
+    model.eval()
+    sums: dict[str, float] = {}
+    for start in range(0, len(x), batch_size):
+        batch = x[start:start + batch_size]
+        with model.autocast():
+            terms = model.loss(batch)
+        for name, value in terms.items():
+            sums[name] = sums.get(name, 0.0) + float(value) * len(batch)
+    return {name: value / len(x) for name, value in sums.items()}
+
+
+def _save_checkpoint(out_dir: Path, model, optimizers, shuffle, history, config) -> None:
+    state = {
+        "epoch": len(history),
+        "model": model.state_dict(),
+        "optimizers": {name: optimizer.state_dict() for name, optimizer in optimizers.items()},
+        "rng": {"torch": torch.get_rng_state(), "shuffle": shuffle.get_state(),
+                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
+        "history": history,
+        "config": config,
+    }
+    # Write-then-rename: a run killed mid-write leaves the previous checkpoint intact.
+    temporary = out_dir / (CHECKPOINT + ".tmp")
+    torch.save(state, temporary)
+    os.replace(temporary, out_dir / CHECKPOINT)
+
+
+def _set_rng_states(states: dict[str, Any], shuffle: torch.Generator) -> None:
+    torch.set_rng_state(states["torch"])
+    shuffle.set_state(states["shuffle"])
+    if states["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name not in ("cpu", "cuda") and not name.startswith("cuda:"):
+        raise ValueError(f"--device must be auto, cpu or cuda, got {name!r}")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: CUDA is not available on this machine")
+    return torch.device(name)
+
+
+def _backend(device: torch.device) -> str:
+    from aefast import backends
+
+    try:
+        return f"backend {backends.resolve(device)}"
+    except RuntimeError as exc:
+        raise ValueError(str(exc)) from None
+
+
+def _summary(result: dict[str, Any]) -> str:
+    parts = [f"validation MSE {result['val_mse']:.5f}"]
+    if "probe_accuracy" in result:
+        parts.append(f"linear probe accuracy {result['probe_accuracy']:.3f} on the codes, "
+                     f"{result['raw_probe_accuracy']:.3f} on the raw inputs")
+    if "feature_recovery" in result:
+        parts.append(f"feature recovery {result['feature_recovery']:.3f} (mean best cosine)")
+    return "evaluation: " + "; ".join(parts)
+
+
+class _EpochTable:
+    """One line per epoch: the training loss terms, then the validation loss and
+    reconstruction, then the phase (stacked pretraining) if any."""
+
+    def __init__(self, log):
+        self.log, self.columns = log, None
+
+    def row(self, record: dict[str, Any]) -> None:
+        from tqdm import tqdm
+
+        if self.columns is None:
+            val = ["loss"] + (["reconstruction"] if "reconstruction" in record["val"] else [])
+            self.columns = [("train", k) for k in record["train"]] + [("val", k) for k in val]
+            self.widths = [max(10, len(k) + (4 if part == "val" else 0) + 1) for part, k in self.columns]
+            header = "".join(f"{(k if part == 'train' else 'val ' + k):>{w}}"
+                             for (part, k), w in zip(self.columns, self.widths))
+            self._write(tqdm, f"{'epoch':>5}{header}")
+        cells = "".join(f"{record[part][k]:>{w}.4f}" for (part, k), w in zip(self.columns, self.widths))
+        self._write(tqdm, f"{record['epoch']:5d}{cells}" + (f"  {record['phase']}" if "phase" in record else ""))
+
+    def _write(self, tqdm, line: str) -> None:
+        if self.log is print:
+            tqdm.write(line)  # keeps the line clear of an open progress bar
+        else:
+            self.log(line)
