@@ -58,7 +58,7 @@ class AutoencoderModel(nn.Module):
         terms["loss"].backward()
         optimizer.step()
         self.after_step()
-        return terms
+        return {name: value.detach() for name, value in terms.items()}
 
     def after_step(self) -> None:
         """Called after each optimizer step (constraints such as unit-norm weights)."""
