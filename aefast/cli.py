@@ -117,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.fn(args)
     except (ValueError, RuntimeError, OSError) as exc:
-        print(f"aefast: error: {exc}", file=sys.stderr)
+        print(f"aefast: error: {' '.join(str(exc).split())}", file=sys.stderr)  # one line, always
         return 2
     except KeyboardInterrupt:
         print("aefast: interrupted (--resume continues from the last checkpoint)", file=sys.stderr)

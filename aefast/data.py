@@ -86,7 +86,9 @@ def _read_array_file(path: Path) -> tuple[object, object]:
                 return arrays["x" if "x" in arrays.files else arrays.files[0]], arrays.get("y")
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # numpy, zipfile and pickle raise many kinds; all mean "unreadable"
-        raise ValueError(f"cannot read data file {str(path)!r}: {exc}") from None
+        why = ("not a torch.save file of a tensor or of a dict of tensors" if suffix == ".pt"
+               else str(exc).strip().splitlines()[0])
+        raise ValueError(f"cannot read data file {str(path)!r}: {why}") from None
     if isinstance(obj, dict):
         if "x" not in obj:
             raise ValueError(f"data file {str(path)!r} holds a dict without an 'x' entry")

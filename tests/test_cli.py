@@ -14,8 +14,8 @@ def test_info_reports_the_backends(capsys):
     assert re.search(r"cpu: available reference, cpp.*; runs cpp", out)
 
 
-def test_train_sparse_loss_falls_and_activation_approaches_rho(capsys):
-    assert main(["train", "sparse", "--epochs", "12", "--rho", "0.1"]) == 0
+def test_train_sparse_loss_falls_and_activation_approaches_rho(capsys, tmp_path):
+    assert main(["train", "sparse", "--epochs", "12", "--rho", "0.1", "--out", str(tmp_path)]) == 0
     rows = [line.split() for line in capsys.readouterr().out.splitlines() if re.match(r"\s+\d+ ", line)]
     assert len(rows) == 12
     loss = [float(r[1]) for r in rows]

@@ -60,8 +60,7 @@ def tile_grid(images: Tensor, shape: tuple[int, int, int], columns: int, per_til
 def _show(ax, grid: Tensor) -> None:
     import matplotlib.pyplot as plt
 
-    cmap = plt.get_cmap("gray").copy()
-    cmap.set_bad("white")
+    cmap = plt.get_cmap("gray").with_extremes(bad="white")
     if grid.dim() == 3:
         grid = torch.nan_to_num(grid.clamp(0, 1), nan=1.0)
     ax.imshow(grid.numpy(), cmap=cmap, interpolation="nearest")

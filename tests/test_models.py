@@ -1,0 +1,87 @@
+"""Smoke tests of every model of aefast.models (built as `aefast train` builds them):
+a few steps on a small batch of digits, every loss term finite, the loss falling; plus
+the parts of models with special training (stacked, top-k SAE, denoising)."""
+
+import math
+
+import pytest
+import torch
+
+from aefast.data import load_dataset
+from aefast.models import DenoisingAutoencoder, StackedAutoencoder, TopKSAE
+from aefast.train.config import MODELS, build_model, defaults
+
+# The adversarial terms are a game, not a descent: for the AAE the reconstruction falls.
+FALLING_TERM = {"aae": "reconstruction"}
+
+
+@pytest.fixture(scope="module")
+def digits_batch():
+    return load_dataset("digits").train[:96]
+
+
+def _model(spec: str):
+    config = defaults(spec.removesuffix("-conv"), conv=spec.endswith("-conv"))
+    torch.manual_seed(0)
+    return build_model(config, (1, 8, 8)), config
+
+
+@pytest.mark.parametrize("spec", list(MODELS))
+def test_model_trains_a_few_steps(spec, digits_batch):
+    model, config = _model(spec)
+    optimizers = model.configure_optimizers(config["lr"])
+    model.begin_epoch(10**6)  # past any pretraining: the whole model trains
+    model.train()
+    history = []
+    for _ in range(15):
+        terms = model.train_step(digits_batch, optimizers)
+        assert all(math.isfinite(float(v)) for v in terms.values()), terms
+        history.append(float(terms[FALLING_TERM.get(spec, "loss")]))
+    assert history[-1] < history[0], history
+    model.eval()
+    with torch.no_grad():
+        assert model.reconstruct(digits_batch).shape == digits_batch.shape
+        assert model.encode(digits_batch).shape[0] == len(digits_batch)
+        if hasattr(model, "sample"):
+            assert model.sample(5).shape == (5, 64)
+
+
+def _params_with_grad(model):
+    return {name for name, p in model.named_parameters() if p.grad is not None}
+
+
+def test_stacked_pretrains_one_layer_at_a_time_then_fine_tunes(digits_batch):
+    model = StackedAutoencoder(64, layers=(16, 8), pretrain_epochs=2)
+    phases = [model.begin_epoch(epoch) for epoch in range(6)]
+    assert phases == ["pretrain layer 1/2"] * 2 + ["pretrain layer 2/2"] * 2 + ["fine-tune"] * 2
+    for epoch, trained in [(0, {"encoders.0", "decoders.0"}), (2, {"encoders.1", "decoders.1"}),
+                           (4, {"encoders.0", "decoders.0", "encoders.1", "decoders.1"})]:
+        model.zero_grad(set_to_none=True)
+        model.begin_epoch(epoch)
+        model.loss(digits_batch)["loss"].backward()
+        assert {name.rsplit(".", 1)[0] for name in _params_with_grad(model)} == trained
+
+
+def test_topk_sae_unit_norm_decoder_and_auxk_on_dead_latents(digits_batch):
+    torch.manual_seed(0)
+    model = TopKSAE(64, n_latents=32, k=4, k_aux=8, dead_steps=2)
+    optimizers = model.configure_optimizers(1e-2)
+    for _ in range(3):
+        terms = model.train_step(digits_batch, optimizers)
+        norms = model.decoder_weight.detach().norm(dim=1)
+        torch.testing.assert_close(norms, torch.ones_like(norms))
+    dead = model.dead_latents()
+    assert dead.any() and float(terms["auxk"]) > 0
+    model.zero_grad(set_to_none=True)
+    model.loss(digits_batch)["loss"].backward()
+    # AuxK gives dead latents a gradient they would not get from the top-k reconstruction
+    assert model.encoder_weight.grad[dead].abs().sum() > 0
+
+
+def test_denoising_corrupts_in_training_only(digits_batch):
+    torch.manual_seed(0)
+    model = DenoisingAutoencoder(64, hidden=16, kind="masking", level=0.5)
+    assert not torch.equal(model.encode(digits_batch), model.encode(digits_batch))
+    model.eval()
+    torch.testing.assert_close(model.encode(digits_batch), torch.sigmoid(model.encoder(digits_batch)))
+    assert torch.equal(model.encode(digits_batch), model.encode(digits_batch))

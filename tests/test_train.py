@@ -1,0 +1,158 @@
+"""`aefast train` end to end on tiny settings: the output folder, valid PNG figures,
+exact resumption, configuration layering, and one-line errors."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from aefast.cli import build_parser, main
+from aefast.data import load_dataset
+from aefast.train.config import MODEL_NAMES, resolve
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def _train(*argv):
+    assert main(["train", *argv]) == 0
+
+
+@pytest.fixture(scope="module")
+def small_digits(tmp_path_factory):
+    """160 unlabelled digit rows: no probe to fit, so runs take a fraction of a second."""
+    path = tmp_path_factory.mktemp("data") / "digits.npy"
+    np.save(path, load_dataset("digits").train[:160].numpy())
+    return str(path)
+
+
+def _assert_valid_png(path):
+    import matplotlib.image
+
+    assert path.read_bytes()[:8] == PNG_MAGIC
+    image = matplotlib.image.imread(path)
+    assert image.ndim == 3 and image.shape[0] > 20 and image.shape[1] > 20
+
+
+@pytest.mark.parametrize("model, data, figures, evaluation", [
+    ("vae", "digits", {"reconstructions", "filters", "samples"}, {"probe_accuracy", "raw_probe_accuracy"}),
+    ("topk-sae", "synthetic", {"reconstructions", "filters", "sparsity"}, {"probe_accuracy", "feature_recovery"}),
+])
+def test_output_folder_and_figures(tmp_path, capsys, model, data, figures, evaluation):
+    _train(model, "--epochs", "2", "--data", data, "--out", str(tmp_path), "--seed", "3")
+    out = capsys.readouterr().out
+    assert "evaluation: validation MSE" in out
+    written = {p.name for p in tmp_path.iterdir()}
+    assert {"config.toml", "metrics.jsonl", "checkpoint.pt", "evaluation.json"} <= written
+    assert not any(name.endswith(".tmp") for name in written)
+    assert {p.stem for p in tmp_path.glob("*.png")} == figures
+    for png in tmp_path.glob("*.png"):
+        _assert_valid_png(png)
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records] == [1, 2]
+    assert all(r["samples_per_s"] > 0 and "loss" in r["train"] and "loss" in r["val"] for r in records)
+    result = json.loads((tmp_path / "evaluation.json").read_text())
+    assert evaluation <= set(result) and 0 <= result["val_mse"] < 1
+    config = resolve(model, {}, str(tmp_path / "config.toml"))  # the written config reads back
+    assert config["seed"] == 3 and config["data"] == data and config["epochs"] == 2
+
+
+@pytest.mark.parametrize("model, flags", [
+    ("aae", []),                                 # three optimizers, prior samples
+    ("stacked", ["--pretrain-epochs", "1"]),     # greedy phases change across the resume point
+    ("gsn", ["--walkback", "2"]),                # noise ops drawing their seeds from torch's generator
+])
+def test_resume_reproduces_the_uninterrupted_run(tmp_path, small_digits, model, flags):
+    common = [model, "--data", small_digits, "--batch-size", "32", *flags]
+    _train(*common, "--epochs", "4", "--out", str(tmp_path / "straight"))
+    _train(*common, "--epochs", "2", "--out", str(tmp_path / "resumed"))
+    _train(model, "--epochs", "4", "--out", str(tmp_path / "resumed"), "--resume")
+
+    def curve(run):
+        return [(r["epoch"], r["train"], r["val"]) for r in
+                map(json.loads, (tmp_path / run / "metrics.jsonl").read_text().splitlines())]
+
+    assert len(curve("straight")) == 4
+    assert curve("resumed") == curve("straight")
+    straight, resumed = (torch.load(tmp_path / run / "checkpoint.pt", weights_only=True)["model"]
+                         for run in ("straight", "resumed"))
+    for name in straight:
+        assert torch.equal(straight[name], resumed[name]), name
+
+
+def test_config_layers_defaults_toml_and_flags(tmp_path):
+    toml = tmp_path / "c.toml"
+    toml.write_text('hidden = 16\nrho = 0.1\nepochs = 3\n')
+    config = resolve("sparse", {"hidden": 8}, str(toml))
+    assert (config["hidden"], config["rho"], config["epochs"], config["beta"]) == (8, 0.1, 3, 3.0)
+    assert resolve("wta", {"conv": True})["channels"] == [32, 32]
+    toml.write_text('rhoo = 0.1\n')
+    with pytest.raises(ValueError, match="key 'rhoo' does not apply to model sparse"):
+        resolve("sparse", {}, str(toml))
+    with pytest.raises(ValueError, match="--rho does not apply to model vae"):
+        resolve("vae", {"rho": 0.1})
+    with pytest.raises(ValueError, match="--conv applies to wta only"):
+        resolve("ae", {"conv": True})
+    toml.write_text('hidden = "many"\n')
+    with pytest.raises(ValueError, match="--hidden must be an integer"):
+        resolve("sparse", {}, str(toml))
+
+
+def test_help_documents_every_model_and_option():
+    text = build_parser()._subparsers._group_actions[0].choices["train"].format_help()
+    for word in [*MODEL_NAMES, "--resume", "--config", "--data", "--device", "--compile", "--conv", "--rho",
+                 "--k-aux", "--walkback", "metrics.jsonl", "sparsity.png"]:
+        assert word in text, word
+
+
+def _one_line_error(capsys, argv, match):
+    try:
+        code = main(argv)
+    except SystemExit as exit_:  # argparse's own errors
+        code = exit_.code
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and match in err[0], err
+
+
+def test_bad_flags_and_data_are_one_line_errors(tmp_path, capsys, small_digits):
+    garbage = tmp_path / "garbage.npz"
+    garbage.write_bytes(b"not an archive")
+    for argv, match in [
+        (["train", "sparse", "--hidden", "many"], "argument --hidden: invalid int value"),
+        (["train", "sparse", "--no-such-flag"], "unrecognized arguments: --no-such-flag"),
+        (["train", "nosuchmodel"], "invalid choice"),
+        (["train", "vae", "--rho", "0.1"], "--rho does not apply to model vae"),
+        (["train", "sparse", "--data", str(tmp_path / "missing.npy")], "no such file"),
+        (["train", "sparse", "--data", str(garbage)], "cannot read data file"),
+        (["train", "sparse", "--data", "data.csv"], "must be digits, synthetic or a .npy, .npz or .pt file"),
+        (["train", "sparse", "--resume", "--out", str(tmp_path)], "holds no checkpoint.pt"),
+        (["train", "sparse", "--device", "tpu"], "--device must be auto, cpu or cuda"),
+    ]:
+        _one_line_error(capsys, argv, match)
+    _train("ae", "--data", small_digits, "--epochs", "1", "--out", str(tmp_path / "run"))
+    capsys.readouterr()
+    _one_line_error(capsys, ["train", "ae", "--data", small_digits, "--out", str(tmp_path / "run")],
+                    "already holds a run")
+
+
+def test_python_m_gives_one_line_for_an_unreadable_file(tmp_path):
+    bad = tmp_path / "x.pt"
+    bad.write_bytes(b"\x00garbage")
+    proc = subprocess.run([sys.executable, "-m", "aefast", "train", "ae", "--data", str(bad)],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [proc.stderr.strip()]
+    assert proc.stderr.startswith(f"aefast: error: cannot read data file '{bad}'")
+
+
+def test_array_files_with_labels_and_images(tmp_path):
+    x = torch.rand(50, 3, 4, 4)
+    y = torch.arange(50) % 5
+    torch.save({"x": x, "y": y}, tmp_path / "d.pt")
+    np.savez(tmp_path / "d.npz", x=x.numpy(), y=y.numpy())
+    for name in ("d.pt", "d.npz"):
+        data = load_dataset(str(tmp_path / name), val_fraction=0.2, seed=1)
+        assert data.image_shape == (3, 4, 4) and data.train.shape == (40, 48) and data.val.shape == (10, 48)
+        assert torch.equal(torch.sort(torch.cat([data.train_labels, data.val_labels])).values, torch.sort(y).values)
