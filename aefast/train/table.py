@@ -1,0 +1,58 @@
+"""Train every model with its defaults on digits and print the README's Markdown table:
+
+    python -m aefast.train.table [--out runs/table] [--markdown FILE] [--epochs N]
+
+Each model's run lands in OUT/<model> (a complete `aefast train` output folder)."""
+
+from __future__ import annotations
+
+import argparse
+import io
+import platform
+import time
+from contextlib import redirect_stdout
+from pathlib import Path
+
+import torch
+
+from aefast.train.config import MODELS, defaults
+from aefast.train.loop import train
+
+ROWS = [(name.removesuffix("-conv"), name.endswith("-conv")) for name in MODELS]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m aefast.train.table", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", default="runs/table", help="folder of the runs (default runs/table)")
+    parser.add_argument("--markdown", help="also write the table to this file")
+    parser.add_argument("--epochs", type=int, help="override every model's default epochs (quick checks)")
+    args = parser.parse_args(argv)
+
+    lines = ["| command | epochs | train s | val MSE | probe accuracy (codes) | code size |",
+             "|---|---:|---:|---:|---:|---:|"]
+    raw_probe = None
+    for model, conv in ROWS:
+        config = defaults(model, conv)
+        if args.epochs:
+            config["epochs"] = args.epochs
+        command = f"aefast train {model}" + (" --conv" if conv else "")
+        start = time.perf_counter()
+        with redirect_stdout(io.StringIO()):
+            result = train(config, Path(args.out) / (model + ("-conv" if conv else "")), progress=False)
+        seconds = time.perf_counter() - start
+        raw_probe = result["raw_probe_accuracy"]
+        lines.append(f"| `{command}` | {config['epochs']} | {seconds:.1f} | {result['val_mse']:.4f} | "
+                     f"{result['probe_accuracy']:.3f} | {result['code_size']} |")
+        print(lines[-1], flush=True)
+    lines.append(f"| raw pixels (no model) | | | | {raw_probe:.3f} | 64 |")
+    table = "\n".join(lines) + (f"\n\nDigits (1437 train / 360 validation rows), seed 0, torch {torch.__version__}, "
+                                f"{torch.get_num_threads()} CPU threads, {platform.processor() or platform.machine()}; "
+                                "train s: the whole run (training, evaluation, figures).\n")
+    print("\n" + table)
+    if args.markdown:
+        Path(args.markdown).write_text(table)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
