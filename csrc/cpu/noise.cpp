@@ -11,6 +11,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "../noise_args.h"
 #include "aefast/philox.h"
 #include "simd.h"
 
@@ -27,29 +28,9 @@ using acc_t = std::conditional_t<std::is_same_v<T, double>, double, float>;
 
 constexpr int64_t kGrain = 1 << 14;  // elements per task: a task costs ~10 us
 
-int parse_kind(c10::string_view kind) {
-  const char* names[] = {"gaussian", "masking", "salt_pepper", "dropout"};
-  for (int k = 0; k < 4; ++k)
-    if (kind == names[k]) return k;
-  TORCH_CHECK_VALUE(false, "kind must be one of gaussian, masking, salt_pepper, dropout; got '",
-                    std::string(kind), "'");
-  return -1;
-}
-
-uint64_t read_seed(const at::Tensor& seed) {
-  TORCH_CHECK_VALUE(seed.dim() == 0 && seed.scalar_type() == at::kLong && seed.device().is_cpu(),
-                    "seed must be a 0-dim int64 CPU tensor, got ", seed.scalar_type(), " of shape ",
-                    seed.sizes(), " on ", seed.device());
+uint64_t read_seed(const at::Tensor& seed, const at::Tensor& like) {
+  noise_args::check_seed(seed, like);
   return static_cast<uint64_t>(seed.item<int64_t>());
-}
-
-void check_level(int kind, double level) {
-  if (kind == nz::kGaussian) {
-    TORCH_CHECK_VALUE(level >= 0.0, "level (the noise scale) must be >= 0, got ", level);
-  } else {
-    TORCH_CHECK_VALUE(level >= 0.0 && level <= 1.0, "level (a fraction) must be in [0, 1], got ", level);
-    TORCH_CHECK_VALUE(kind != nz::kDropout || level < 1.0, "dropout level must be < 1, got ", level);
-  }
 }
 
 // ---- per-span loops; `first` is the logical index of the span's first element ----
@@ -119,15 +100,15 @@ AEFAST_SIMD_CLONES void reparameterize_grad_row(const float* gz, const float* mu
 
 at::Tensor corrupt(const at::Tensor& x, c10::string_view kind, double level, const at::Tensor& seed,
                    double low, double high) {
-  const int k = parse_kind(kind);
-  check_level(k, level);
-  const uint64_t s = read_seed(seed);
+  const int k = noise_args::parse_kind(kind);
+  noise_args::check_level(k, level);
+  const uint64_t s = read_seed(seed, x);
   const at::Tensor xc = x.contiguous();
   at::Tensor out = at::empty(xc.sizes(), xc.options());
   const int64_t n = xc.numel();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, xc.scalar_type(), "corrupt", [&] {
     using A = acc_t<scalar_t>;
-    const A scale = static_cast<A>(k == nz::kDropout ? 1.0 / (1.0 - level) : 1.0);
+    const A scale = static_cast<A>(noise_args::survivor_scale(k, level));
     const scalar_t* src = xc.data_ptr<scalar_t>();
     scalar_t* dst = out.data_ptr<scalar_t>();
     at::parallel_for(0, n, kGrain, [&](int64_t i0, int64_t i1) {
@@ -138,17 +119,10 @@ at::Tensor corrupt(const at::Tensor& x, c10::string_view kind, double level, con
   return out;
 }
 
-void check_gaussian_params(const at::Tensor& mu, const at::Tensor& logvar) {
-  TORCH_CHECK_VALUE(mu.dim() == 2, "mu must be 2-D (B, Z), got ", mu.dim(), "-D");
-  TORCH_CHECK_VALUE(logvar.sizes() == mu.sizes(), "logvar must have mu's shape ", mu.sizes(), ", got ",
-                    logvar.sizes());
-  TORCH_CHECK_VALUE(logvar.scalar_type() == mu.scalar_type(), "logvar must have mu's dtype");
-}
-
 std::tuple<at::Tensor, at::Tensor> reparameterize_forward(const at::Tensor& mu, const at::Tensor& logvar,
                                                           const at::Tensor& seed) {
-  check_gaussian_params(mu, logvar);
-  const uint64_t s = read_seed(seed);
+  noise_args::check_gaussian_params(mu, logvar);
+  const uint64_t s = read_seed(seed, mu);
   const at::Tensor m = mu.contiguous(), lv = logvar.contiguous();
   const int64_t B = m.size(0), Z = m.size(1);
   at::Tensor z = at::empty(m.sizes(), m.options());
@@ -176,9 +150,9 @@ std::tuple<at::Tensor, at::Tensor> reparameterize_forward(const at::Tensor& mu, 
 std::tuple<at::Tensor, at::Tensor> reparameterize_backward(const at::Tensor& grad_z, const at::Tensor& grad_kl,
                                                            const at::Tensor& mu, const at::Tensor& logvar,
                                                            const at::Tensor& seed) {
-  check_gaussian_params(mu, logvar);
+  noise_args::check_gaussian_params(mu, logvar);
   TORCH_CHECK_VALUE(grad_z.sizes() == mu.sizes(), "grad_z must have mu's shape");
-  const uint64_t s = read_seed(seed);
+  const uint64_t s = read_seed(seed, mu);
   const at::Tensor g = grad_z.to(mu.scalar_type()).contiguous(), m = mu.contiguous(), lv = logvar.contiguous();
   const int64_t B = m.size(0), Z = m.size(1);
   at::Tensor grad_mu = at::empty(m.sizes(), m.options()), grad_lv = at::empty(m.sizes(), m.options());

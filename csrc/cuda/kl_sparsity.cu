@@ -2,13 +2,10 @@
 // deterministic stages: blocks over (32 columns, a split of the rows) write partial
 // sums, then one block adds the splits in order and forms the penalty. The
 // per-element math is csrc/include/aefast/kl_math.h, shared with the CPU kernels.
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-
 #include <algorithm>
-#include <type_traits>
 
 #include "aefast/kl_math.h"
+#include "common.cuh"
 #include "kl_sparsity.h"
 
 namespace aefast {
@@ -21,23 +18,6 @@ constexpr int kWarp = 32;
 constexpr int kRowLanes = 8;       // column-sum blocks are kWarp columns x kRowLanes rows
 constexpr int kFinishThreads = 256;
 constexpr int kColumnThreads = 256;  // elementwise kernels: one thread per column, rows looped
-
-template <typename T>
-using acc_t = std::conditional_t<std::is_same<T, double>::value, double, float>;
-
-__device__ __forceinline__ float to_acc(float x) { return x; }
-__device__ __forceinline__ double to_acc(double x) { return x; }
-__device__ __forceinline__ float to_acc(__half x) { return __half2float(x); }
-__device__ __forceinline__ float to_acc(__nv_bfloat16 x) { return __bfloat162float(x); }
-
-template <typename T>
-__device__ __forceinline__ T from_acc(acc_t<T> x) { return static_cast<T>(x); }
-template <>
-__device__ __forceinline__ __half from_acc<__half>(float x) { return __float2half_rn(x); }
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_acc<__nv_bfloat16>(float x) {
-  return __float2bfloat16_rn(x);
-}
 
 enum class Sum { kX, kSigmoid, kContractive };
 
@@ -143,8 +123,6 @@ __global__ void row_square_sums_kernel(const T* __restrict__ w, int64_t H, int64
 
 // Elementwise kernels: a thread owns a column and walks a stride of rows, so the
 // per-column factor is computed once.
-__host__ __device__ inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
-
 template <typename T>
 __global__ void kl_grad_broadcast_kernel(const T* __restrict__ grad_penalty,
                                          const acc_t<T>* __restrict__ rho_hat, T* __restrict__ out,
@@ -206,19 +184,6 @@ dim3 column_grid(int64_t rows, int64_t cols) {
 }
 
 int64_t rows_per_split(int64_t B, int64_t splits) { return ceil_div(B, splits); }
-
-// Calls fn(T{}) with T the element type of `dtype`.
-template <typename Fn>
-cudaError_t dispatch(DType dtype, Fn&& fn) {
-  switch (dtype) {
-    case DType::kFloat32: fn(float{}); break;
-    case DType::kFloat64: fn(double{}); break;
-    case DType::kFloat16: fn(__half{}); break;
-    case DType::kBFloat16: fn(__nv_bfloat16{}); break;
-    default: return cudaErrorInvalidValue;
-  }
-  return cudaGetLastError();
-}
 
 }  // namespace
 

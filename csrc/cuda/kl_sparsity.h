@@ -8,10 +8,10 @@
 
 #include <cstdint>
 
+#include "dtype.h"
+
 namespace aefast {
 namespace cuda {
-
-enum class DType : int { kFloat32, kFloat64, kFloat16, kBFloat16 };
 
 // How many row splits the column sums of a (B, H) matrix use on `device`:
 // the partial-sum buffers hold splits * H statistics.

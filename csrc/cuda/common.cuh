@@ -1,0 +1,50 @@
+// Device-side helpers every CUDA family uses: the accumulation type, conversions
+// between storage and accumulation types, and the dtype dispatch of a launcher.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime_api.h>
+
+#include <cstdint>
+#include <type_traits>
+
+#include "dtype.h"
+
+namespace aefast {
+namespace cuda {
+
+template <typename T>
+using acc_t = std::conditional_t<std::is_same<T, double>::value, double, float>;
+
+__device__ __forceinline__ float to_acc(float x) { return x; }
+__device__ __forceinline__ double to_acc(double x) { return x; }
+__device__ __forceinline__ float to_acc(__half x) { return __half2float(x); }
+__device__ __forceinline__ float to_acc(__nv_bfloat16 x) { return __bfloat162float(x); }
+
+template <typename T>
+__device__ __forceinline__ T from_acc(acc_t<T> x) { return static_cast<T>(x); }
+template <>
+__device__ __forceinline__ __half from_acc<__half>(float x) { return __float2half_rn(x); }
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_acc<__nv_bfloat16>(float x) {
+  return __float2bfloat16_rn(x);
+}
+
+__host__ __device__ inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// Calls fn(T{}) with T the element type of `dtype`; returns the launch status.
+template <typename Fn>
+cudaError_t dispatch(DType dtype, Fn&& fn) {
+  switch (dtype) {
+    case DType::kFloat32: fn(float{}); break;
+    case DType::kFloat64: fn(double{}); break;
+    case DType::kFloat16: fn(__half{}); break;
+    case DType::kBFloat16: fn(__nv_bfloat16{}); break;
+    default: return cudaErrorInvalidValue;
+  }
+  return cudaGetLastError();
+}
+
+}  // namespace cuda
+}  // namespace aefast
