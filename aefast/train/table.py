@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from aefast.data import load_dataset
 from aefast.train.config import MODELS, defaults
 from aefast.train.loop import train
 
@@ -45,9 +46,10 @@ def main(argv: list[str] | None = None) -> int:
                      f"{result['probe_accuracy']:.3f} | {result['code_size']} |")
         print(lines[-1], flush=True)
     lines.append(f"| raw pixels (no model) | | | | {raw_probe:.3f} | 64 |")
-    table = "\n".join(lines) + (f"\n\nDigits (1437 train / 360 validation rows), seed 0, torch {torch.__version__}, "
-                                f"{torch.get_num_threads()} CPU threads, {platform.processor() or platform.machine()}; "
-                                "train s: the whole run (training, evaluation, figures).\n")
+    data = load_dataset("digits")
+    table = "\n".join(lines) + (f"\n\nDigits ({len(data.train)} train / {len(data.val)} validation rows), seed 0, "
+                                f"torch {torch.__version__}, {torch.get_num_threads()} CPU thread(s), "
+                                f"{platform.machine()}; train s: the whole run (training, evaluation, figures).\n")
     print("\n" + table)
     if args.markdown:
         Path(args.markdown).write_text(table)
