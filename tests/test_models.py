@@ -85,3 +85,22 @@ def test_denoising_corrupts_in_training_only(digits_batch):
     model.eval()
     torch.testing.assert_close(model.encode(digits_batch), torch.sigmoid(model.encoder(digits_batch)))
     assert torch.equal(model.encode(digits_batch), model.encode(digits_batch))
+
+
+@pytest.mark.parametrize("spec", list(MODELS))
+def test_model_steps_under_bfloat16_autocast(spec, digits_batch):
+    """The trainer's mixed-precision path (bfloat16 autocast on GPU), run on the CPU: the
+    ops take no part in autocast, so a parameter passed beside an activation must have
+    been cast to the activation's dtype."""
+    model, config = _model(spec)
+    model.autocast_dtype = torch.bfloat16
+    optimizers = model.configure_optimizers(config["lr"])
+    model.begin_epoch(10**6)
+    for _ in range(2):
+        terms = model.train_step(digits_batch, optimizers)
+        assert all(math.isfinite(float(v)) for v in terms.values()), terms
+    model.eval()
+    with torch.no_grad(), model.autocast():
+        assert model.reconstruct(digits_batch).shape == digits_batch.shape
+        if hasattr(model, "sample"):
+            assert model.sample(3).shape == (3, 64)

@@ -20,6 +20,9 @@ class AutoencoderModel(nn.Module):
     # Figures: a histogram of the codes for models whose point is a sparse code.
     sparse_code = False
     # Mixed precision: the trainer sets this to a dtype on GPU; None runs in full precision.
+    # The aefast ops take no part in autocast (they want one dtype for all their tensor
+    # arguments), so the models cast parameters to the activations' dtype where they
+    # pass both to an op.
     autocast_dtype: torch.dtype | None = None
 
     def loss(self, x: Tensor) -> dict[str, Tensor]:
@@ -66,7 +69,8 @@ class AutoencoderModel(nn.Module):
     def autocast(self):
         if self.autocast_dtype is None:
             return contextlib.nullcontext()
-        return torch.autocast(device_type="cuda", dtype=self.autocast_dtype)
+        device = next(self.parameters()).device
+        return torch.autocast(device_type=device.type, dtype=self.autocast_dtype)
 
 
 def squared_error(x_hat: Tensor, x: Tensor) -> Tensor:

@@ -34,6 +34,6 @@ class ContractiveAutoencoder(AutoencoderModel):
     def loss(self, x: Tensor) -> dict[str, Tensor]:
         h = self.encode(x)
         reconstruction = squared_error(torch.sigmoid(self.decoder(h)), x)
-        jacobian = contractive_penalty(h, self.encoder.weight) / x.shape[0]  # the op sums over the batch
+        jacobian = contractive_penalty(h, self.encoder.weight.to(h.dtype)) / x.shape[0]  # the op sums over the batch
         return {"loss": reconstruction + self.lam * jacobian,
                 **detached(reconstruction=reconstruction, jacobian=jacobian)}

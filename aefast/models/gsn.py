@@ -34,6 +34,7 @@ class GSN(AutoencoderModel):
 
     def chain_step_logits(self, x: Tensor) -> Tensor:
         """Logits of P(x | corrupt(x)); corrupts in eval mode too, since sampling needs it."""
+        x = x.to(self.encoder.weight.dtype)  # chain states after the first come from (autocast) logits
         h = torch.sigmoid(ae.noisy_linear(x, self.encoder.weight, self.encoder.bias, self.kind, self.level))
         return self.decoder(h)
 

@@ -40,8 +40,12 @@ class TopKSAE(AutoencoderModel):
     def encode(self, x: Tensor) -> Tensor:
         return ae.topk_mask(self._preactivations(x), self.k)
 
+    def _decode(self, values: Tensor, indices: Tensor, bias: bool = True) -> Tensor:
+        return ae.sparse_decode(values, indices, self.decoder_weight.to(values.dtype),
+                                self.pre_bias.to(values.dtype) if bias else None)
+
     def reconstruct(self, x: Tensor) -> Tensor:
-        return ae.sparse_decode(*ae.topk_sparse(self._preactivations(x), self.k), self.decoder_weight, self.pre_bias)
+        return self._decode(*ae.topk_sparse(self._preactivations(x), self.k))
 
     def filters(self) -> Tensor:
         return self.encoder_weight
@@ -52,7 +56,7 @@ class TopKSAE(AutoencoderModel):
     def loss(self, x: Tensor) -> dict[str, Tensor]:
         pre = self._preactivations(x)
         values, indices = ae.topk_sparse(pre, self.k)
-        x_hat = ae.sparse_decode(values, indices, self.decoder_weight, self.pre_bias)
+        x_hat = self._decode(values, indices)
         reconstruction = squared_error(x_hat, x)
         if self.training:
             with torch.no_grad():
@@ -65,7 +69,7 @@ class TopKSAE(AutoencoderModel):
         if n_dead:
             aux_values, aux_indices = ae.topk_sparse(pre.masked_fill(~dead, float("-inf")), min(self.k_aux, n_dead))
             residual = (x - x_hat).detach()
-            aux = squared_error(ae.sparse_decode(aux_values, aux_indices, self.decoder_weight), residual)
+            aux = squared_error(self._decode(aux_values, aux_indices, bias=False), residual)
         return {"loss": reconstruction + self.aux_coef * aux,
                 **detached(reconstruction=reconstruction, auxk=aux, dead=dead.float().mean())}
 
