@@ -72,3 +72,13 @@ def poisoned():
     yield
     det.fill_uninitialized_memory = old_fill
     torch.use_deterministic_algorithms(old_alg)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models train faster on one thread than on two (thread start-up costs more than
+    the work), and on a busy 2-core machine spinning intra-op threads slow them tenfold."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

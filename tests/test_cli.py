@@ -14,7 +14,7 @@ def test_info_reports_the_backends(capsys):
     assert re.search(r"cpu: available reference, cpp.*; runs cpp", out)
 
 
-def test_train_sparse_loss_falls_and_activation_approaches_rho(capsys, tmp_path):
+def test_train_sparse_loss_falls_and_activation_approaches_rho(capsys, tmp_path, one_thread):
     # A slower schedule than the default, so the first epoch still starts far from rho
     assert main(["train", "sparse", "--epochs", "12", "--rho", "0.1", "--lr", "0.01", "--batch-size", "128",
                  "--out", str(tmp_path)]) == 0

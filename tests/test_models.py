@@ -11,6 +11,8 @@ from aefast.data import load_dataset
 from aefast.models import DenoisingAutoencoder, StackedAutoencoder, TopKSAE
 from aefast.train.config import MODELS, build_model, defaults
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 # The adversarial terms are a game, not a descent: for the AAE the reconstruction falls.
 FALLING_TERM = {"aae": "reconstruction"}
 

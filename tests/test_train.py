@@ -13,6 +13,8 @@ from aefast.cli import build_parser, main
 from aefast.data import load_dataset
 from aefast.train.config import MODEL_NAMES, resolve
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
