@@ -45,7 +45,7 @@ def load_checkpoint(out_dir: Path) -> dict[str, Any]:
 
 
 def train(config: dict[str, Any], out_dir: Path, checkpoint: dict[str, Any] | None = None,
-          progress: bool | None = None, log=print) -> dict[str, Any]:
+          progress: bool | None = None) -> dict[str, Any]:
     """Train (or, given `checkpoint`, continue) the run described by `config`, writing
     into out_dir; returns the final evaluation. `progress`: show progress bars (None: only
     when stderr is a terminal)."""
@@ -75,10 +75,10 @@ def train(config: dict[str, Any], out_dir: Path, checkpoint: dict[str, Any] | No
 
     train_x, val_x = data.train.to(device), data.val.to(device)
     n_params = sum(p.numel() for p in model.parameters())
-    log(f"{config['model']}{' --conv' if config['conv'] else ''} on {data.name}: {len(train_x)} train / "
+    _say(f"{config['model']}{' --conv' if config['conv'] else ''} on {data.name}: {len(train_x)} train / "
         f"{len(val_x)} validation rows of {'x'.join(map(str, data.image_shape))}, {n_params:,} parameters, "
         f"{_backend(device)} on {device}; writing {out_dir}")
-    table = _EpochTable(log)
+    table = _EpochTable()
     for record in history:
         table.row(record)
     for epoch in range(len(history), config["epochs"]):
@@ -105,8 +105,8 @@ def train(config: dict[str, Any], out_dir: Path, checkpoint: dict[str, Any] | No
     result = evaluate(model, data, config["batch_size"], val_recon, val_codes)
     (out_dir / EVALUATION).write_text(json.dumps(result, indent=2) + "\n")
     figures = write_figures(out_dir, model, data, val_recon, val_codes)
-    log(_summary(result))
-    log(f"wrote {out_dir}/: {CONFIG}, {METRICS}, {CHECKPOINT}, {EVALUATION}, "
+    _say(_summary(result))
+    _say(f"wrote {out_dir}/: {CONFIG}, {METRICS}, {CHECKPOINT}, {EVALUATION}, "
         + ", ".join(path.name for path in figures))
     return result
 
@@ -196,28 +196,24 @@ def _summary(result: dict[str, Any]) -> str:
     return "evaluation: " + "; ".join(parts)
 
 
+def _say(line: str) -> None:
+    from tqdm import tqdm
+
+    tqdm.write(line)  # to stdout, keeping the line clear of an open progress bar
+
+
 class _EpochTable:
     """One line per epoch: the training loss terms, then the validation loss and
     reconstruction, then the phase (stacked pretraining) if any."""
 
-    def __init__(self, log):
-        self.log, self.columns = log, None
+    columns: list[tuple[str, str]] | None = None
 
     def row(self, record: dict[str, Any]) -> None:
-        from tqdm import tqdm
-
         if self.columns is None:
             val = ["loss"] + (["reconstruction"] if "reconstruction" in record["val"] else [])
             self.columns = [("train", k) for k in record["train"]] + [("val", k) for k in val]
-            self.widths = [max(10, len(k) + (4 if part == "val" else 0) + 1) for part, k in self.columns]
-            header = "".join(f"{(k if part == 'train' else 'val ' + k):>{w}}"
-                             for (part, k), w in zip(self.columns, self.widths))
-            self._write(tqdm, f"{'epoch':>5}{header}")
+            self.names = [k if part == "train" else f"val {k}" for part, k in self.columns]
+            self.widths = [max(10, len(name) + 1) for name in self.names]
+            _say(f"{'epoch':>5}" + "".join(f"{name:>{w}}" for name, w in zip(self.names, self.widths)))
         cells = "".join(f"{record[part][k]:>{w}.4f}" for (part, k), w in zip(self.columns, self.widths))
-        self._write(tqdm, f"{record['epoch']:5d}{cells}" + (f"  {record['phase']}" if "phase" in record else ""))
-
-    def _write(self, tqdm, line: str) -> None:
-        if self.log is print:
-            tqdm.write(line)  # keeps the line clear of an open progress bar
-        else:
-            self.log(line)
+        _say(f"{record['epoch']:5d}{cells}" + (f"  {record['phase']}" if "phase" in record else ""))
