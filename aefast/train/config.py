@@ -260,14 +260,15 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
                           "a run's config.toml can be given back here")
     common = parser.add_argument_group("training (all models; per-model defaults in brackets)")
     for key, default in TRAINING.items():
-        _add_option(common, key, default, TRAINING_HELP[key], _model_defaults(key, training=True))
+        shown = f" (default {'on' if default is True else 'off' if default is False else default})"
+        _add_option(common, key, default, TRAINING_HELP[key] + shown + _model_defaults(key, training=True))
     params = parser.add_argument_group("model hyper-parameters (the models that use each, with its default)")
     seen: dict[str, Any] = {}
     for spec in MODELS.values():
         for key, default in spec.params.items():
             seen.setdefault(key, default)
     for key, default in seen.items():
-        _add_option(params, key, default, PARAM_HELP[key], _model_defaults(key, training=False))
+        _add_option(params, key, default, PARAM_HELP[key] + _model_defaults(key, training=False))
 
 
 def _model_defaults(key: str, training: bool) -> str:
@@ -278,21 +279,18 @@ def _model_defaults(key: str, training: bool) -> str:
             parts.append(f"{label}: {spec.training[key]}")
         elif not training and key in spec.params:
             value = spec.params[key]
-            parts.append(f"{label}: {','.join(map(str, value)) if isinstance(value, list) else value}")
+            shown = ",".join(map(str, value)) if isinstance(value, list) else "off" if value is None else value
+            parts.append(f"{label}: {shown}")
     return f" [{'; '.join(parts)}]" if parts else ""
 
 
-def _add_option(group, key: str, default: Any, text: str, per_model: str) -> None:
-    flag = _flag(key)
+def _add_option(group, key: str, default: Any, text: str) -> None:
     if isinstance(default, bool):
-        group.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
-                           help=f"{text} (default {'on' if default else 'off'}){per_model}")
+        group.add_argument(_flag(key), action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=text)
         return
     kind = {list: _int_list}.get(type(default), PARAM_TYPES.get(key, type(default)))
     metavar = {int: "N", float: "X", _int_list: "N,N"}.get(kind, key.upper())
-    shown = "" if default is None else f" (default {default})"
-    group.add_argument(flag, type=kind, default=argparse.SUPPRESS, metavar=metavar,
-                       help=f"{text}{shown}{per_model}")
+    group.add_argument(_flag(key), type=kind, default=argparse.SUPPRESS, metavar=metavar, help=text)
 
 
 def given_options(args: argparse.Namespace) -> dict[str, Any]:
