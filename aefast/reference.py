@@ -112,11 +112,14 @@ def sparse_decode(values: Tensor, indices: Tensor, weight: Tensor, bias: Tensor 
 
 
 # ------------------------------------------------------------ noise injection
-# Philox4x32-10 keyed by (seed, element index), mapped to floats as Triton's
-# tl.rand / tl.randn do (csrc/include/aefast/philox.h is the same generator in C++).
-# uint32 words are kept in int64 tensors; products are split so nothing overflows.
+# Philox4x32-10 keyed by (seed, element index): element i takes word i mod 4 of the
+# block of counter i div 4, mapped to floats as Triton's tl.rand maps a word; normals
+# are Box-Muller pairs (cos, sin) of words (0, 1) and (2, 3)
+# (csrc/include/aefast/philox.h is the same generator in C++). uint32 words are kept
+# in int64 tensors; products are split so nothing overflows.
 
 CORRUPTION_KINDS = ("gaussian", "masking", "salt_pepper", "dropout")
+DRAWS_PER_COUNTER = 4
 _WORD = 0xFFFFFFFF
 
 
@@ -128,19 +131,19 @@ def _mul_hi_lo(a: int, b: Tensor) -> tuple[Tensor, Tensor]:
     return hi, lo
 
 
-def philox(seed: Tensor | int, index: Tensor) -> tuple[Tensor, Tensor]:
-    """The first two 32-bit words of Philox4x32-10 for counters (index, 0, 0) under
-    key seed (64-bit: two words), as tl.randint4x with an int64 offset."""
-    seed = torch.as_tensor(seed, dtype=torch.long, device=index.device)
-    c0, c1 = index & _WORD, (index >> 32) & _WORD
-    c2 = c3 = torch.zeros_like(index)
+def philox(seed: Tensor | int, counter: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The four 32-bit words of Philox4x32-10 for counters (counter, 0, 0) under the
+    64-bit key seed, as tl.randint4x(seed, counter) with an int64 counter."""
+    seed = torch.as_tensor(seed, dtype=torch.long, device=counter.device)
+    c0, c1 = counter & _WORD, (counter >> 32) & _WORD
+    c2 = c3 = torch.zeros_like(counter)
     k0, k1 = seed & _WORD, (seed >> 32) & _WORD
     for _ in range(10):
         hi_b, lo_b = _mul_hi_lo(0xCD9E8D57, c2)
         hi_a, lo_a = _mul_hi_lo(0xD2511F53, c0)
         c0, c1, c2, c3 = hi_b ^ c1 ^ k0, lo_b, hi_a ^ c3 ^ k1, lo_a
         k0, k1 = (k0 + 0x9E3779B9) & _WORD, (k1 + 0xBB67AE85) & _WORD
-    return c0, c1
+    return c0, c1, c2, c3
 
 
 def uniform_from_bits(bits: Tensor) -> Tensor:
@@ -150,17 +153,26 @@ def uniform_from_bits(bits: Tensor) -> Tensor:
     return x.to(torch.float32) * torch.tensor(4.6566127342e-10, dtype=torch.float32)
 
 
-def normal_from_bits(a: Tensor, b: Tensor) -> Tensor:
-    """float32 N(0, 1) from two words by Box-Muller, as tl.randn."""
+def normal_pair_from_bits(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
+    """Two float32 N(0, 1) draws from two words by Box-Muller, as
+    tl.random.pair_uniform_to_normal."""
     u1 = uniform_from_bits(a).clamp_min(1.0e-7)
     theta = torch.tensor(6.283185307179586, dtype=torch.float32) * uniform_from_bits(b)
-    return torch.sqrt(-2.0 * torch.log(u1)) * torch.cos(theta)
+    radius = torch.sqrt(-2.0 * torch.log(u1))
+    return radius * torch.cos(theta), radius * torch.sin(theta)
 
 
-def element_bits(x: Tensor, seed: Tensor | int) -> tuple[Tensor, Tensor]:
-    """Philox words for every element of x, keyed by its row-major (logical) index."""
-    index = torch.arange(x.numel(), device=x.device).view(x.shape)
-    return philox(seed, index)
+def element_draws(x: Tensor, seed: Tensor | int, normal: bool) -> Tensor:
+    """One float32 draw per element of x (row-major index i: word i mod 4 of counter
+    i div 4): N(0, 1) when `normal`, else U[0, 1)."""
+    n = x.numel()
+    counters = torch.arange((n + DRAWS_PER_COUNTER - 1) // DRAWS_PER_COUNTER, device=x.device)
+    a, b, c, d = philox(seed, counters)
+    if normal:
+        draws = (*normal_pair_from_bits(a, b), *normal_pair_from_bits(c, d))
+    else:
+        draws = tuple(uniform_from_bits(w) for w in (a, b, c, d))
+    return torch.stack(draws, 1).flatten()[:n].view(x.shape)
 
 
 def _acc(x: Tensor) -> torch.dtype:
@@ -173,21 +185,21 @@ def corrupt(
     """gaussian: x + level * N(0, 1); masking: a fraction `level` set to 0;
     salt_pepper: a fraction `level` set to low or high (probability 1/2 each);
     dropout: zero with probability level, survivors times 1 / (1 - level).
-    An element is hit when its uniform draw is below float32(level)."""
-    a, b = element_bits(x, seed)
+    An element is hit when its uniform draw u is below float32(level); salt and
+    pepper sets it to low when u < level / 2 (given a hit, u / level is uniform)."""
     acc = _acc(x)
     xa = x.to(acc)
     level32 = torch.tensor(level, dtype=torch.float32)
     if kind == "gaussian":
-        return (xa + level32.to(acc) * normal_from_bits(a, b).to(acc)).to(x.dtype)
-    hit = uniform_from_bits(a) < level32
+        return (xa + level32.to(acc) * element_draws(x, seed, normal=True).to(acc)).to(x.dtype)
+    u = element_draws(x, seed, normal=False)
+    hit = u < level32
     if kind == "masking":
         out = torch.where(hit, 0.0, xa)
     elif kind == "dropout":
         out = torch.where(hit, 0.0, xa * torch.tensor(1.0 / (1.0 - level), dtype=acc))
     elif kind == "salt_pepper":
-        salt = uniform_from_bits(b) < 0.5
-        out = torch.where(hit, torch.where(salt, low, high).to(acc), xa)
+        out = torch.where(hit, torch.where(u < 0.5 * level32, low, high).to(acc), xa)
     else:
         raise ValueError(f"kind must be one of {', '.join(CORRUPTION_KINDS)}, got {kind!r}")
     return out.to(x.dtype)
@@ -205,7 +217,7 @@ def reparameterize(mu: Tensor, logvar: Tensor, seed: Tensor | int) -> tuple[Tens
     """(z, kl): z = mu + eps * exp(logvar / 2) with eps = N(0, 1) from Philox, and
     kl = mean over the batch of -1/2 sum_j (1 + logvar - mu^2 - exp(logvar))."""
     acc = _acc(mu)
-    eps = normal_from_bits(*element_bits(mu, seed)).to(acc)
+    eps = element_draws(mu, seed, normal=True).to(acc)
     m, lv = mu.to(acc), logvar.to(acc)
     z = m + eps * torch.exp(0.5 * lv)
     kl = (-0.5 * (1.0 + lv - m * m - torch.exp(lv)).sum(1)).mean()

@@ -92,18 +92,9 @@ def main(argv=None) -> int:
         f"Measured on {env['device']} ({env['threads']} threads), torch {env['torch']}, {env['date']}.",
         "float32; topk: 1024 x 16384, k = 32; sparse_decode: B = 1024, k = 32, L = 16384, D = 768.",
         "",
-        "| op | contender | median ms | contender / aefast | target |",
-        "|---|---|---:|---:|---|",
     ]
-    records = []
-    for op, runs in groups.items():
-        ms = {n: harness.median_ms(t) for n, t in harness.alternate(runs, device, rounds=args.rounds).items()}
-        records.append({"op": op, "median_ms": ms, "targets": TARGETS[op]})
-        for name, value in ms.items():
-            ratio = value / ms["aefast"]
-            target = TARGETS[op].get(name)
-            verdict = "" if target is None else f">= {target}" + ("" if ratio >= target else " **missed**")
-            lines.append(f"| {op} | {name} | {value:.1f} | {'' if name == 'aefast' else f'{ratio:.2f}'} | {verdict} |")
+    rows, records = harness.ratio_table(groups, TARGETS, device, args.rounds)
+    lines += rows
     table = "\n".join(lines)
     print(table)
     out = harness.results_dir(device, args.out)

@@ -85,3 +85,22 @@ def environment(device: torch.device) -> dict:
 def write(path: pathlib.Path, stem: str, record: dict, markdown: str) -> None:
     (path / f"{stem}.json").write_text(json.dumps(record, indent=2) + "\n")
     (path / f"{stem}.md").write_text(markdown + "\n")
+
+
+def ratio_table(groups: dict[str, dict[str, Callable[[], object]]], targets: dict[str, dict[str, float]],
+                device: torch.device, rounds: int) -> tuple[list[str], list[dict]]:
+    """Times each group's contenders (alternating; "aefast" among them) and returns
+    Markdown table rows and JSON records. A target is the least `contender time /
+    aefast time` wanted: 3.0 = three times faster; 1 / 1.3 = within 1.3x of it."""
+    lines = ["| op | contender | median ms | contender / aefast | target |", "|---|---|---:|---:|---|"]
+    records = []
+    for op, runs in groups.items():
+        ms = {n: median_ms(t) for n, t in alternate(runs, device, rounds=rounds).items()}
+        records.append({"op": op, "median_ms": ms, "targets": targets.get(op, {})})
+        for name, value in ms.items():
+            ratio = value / ms["aefast"]
+            target = targets.get(op, {}).get(name)
+            verdict = "" if target is None else f">= {target:.2f}" + ("" if ratio >= target else " **missed**")
+            shown = "" if name == "aefast" else f"{ratio:.2f}"
+            lines.append(f"| {op} | {name} | {value:.1f} | {shown} | {verdict} |")
+    return lines, records

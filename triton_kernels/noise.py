@@ -2,10 +2,12 @@
 noisy matmul (corruption applied to x as each tile is loaded, so the corrupted
 input never exists in memory).
 
-Every random number is tl.randint4x(seed, element index) with an int64 index: the
-Philox4x32-10 words of csrc/include/aefast/philox.h and aefast.reference.philox,
-so all backends draw the same numbers. The seed is read from a 0-dim int64 tensor
-on the device (no host sync). Launch functions mirror the C++ operators.
+The generator is that of csrc/include/aefast/philox.h and aefast.reference:
+element i takes word i mod 4 of tl.randint4x(seed, i div 4) (an int64 counter),
+mapped by tl.random.uint_to_uniform_float; normals are the (cos, sin) pairs of
+tl.random.pair_uniform_to_normal on words (0, 1) and (2, 3). So all backends draw
+the same numbers. The seed is read from a 0-dim int64 tensor on the device (no
+host sync). Launch functions mirror the C++ operators.
 """
 
 from __future__ import annotations
@@ -28,31 +30,60 @@ CORRUPT_GRAD_OUT = 3  # out is the gradient of corrupt(x): mask it as the forwar
 
 
 @triton.jit
-def corrupt_values(x, seed, index, level, scale, low, high, KIND: tl.constexpr):
-    """x corrupted; `index` the element's logical (row-major) index in the input."""
-    r0, r1, _, _ = tl.randint4x(seed, index)
+def draws_of_counters(seed, first_counter, COUNTERS: tl.constexpr, NORMAL: tl.constexpr):
+    """The 4 * COUNTERS draws of consecutive counters, in element order: one
+    Philox block per four elements."""
+    counters = first_counter + tl.arange(0, COUNTERS).to(tl.int64)
+    r0, r1, r2, r3 = tl.randint4x(seed, counters)
+    if NORMAL:
+        d0, d1 = tl.random.pair_uniform_to_normal(tl.random.uint_to_uniform_float(r0),
+                                                  tl.random.uint_to_uniform_float(r1))
+        d2, d3 = tl.random.pair_uniform_to_normal(tl.random.uint_to_uniform_float(r2),
+                                                  tl.random.uint_to_uniform_float(r3))
+    else:
+        d0 = tl.random.uint_to_uniform_float(r0)
+        d1 = tl.random.uint_to_uniform_float(r1)
+        d2 = tl.random.uint_to_uniform_float(r2)
+        d3 = tl.random.uint_to_uniform_float(r3)
+    # interleave(interleave(d0, d2), interleave(d1, d3)) = d0[0], d1[0], d2[0], d3[0], d0[1], ...
+    return tl.interleave(tl.interleave(d0, d2), tl.interleave(d1, d3))
+
+
+@triton.jit
+def draws_at(seed, index, NORMAL: tl.constexpr):
+    """The draw of each element of an index tile of any shape (the tile's Philox
+    blocks are recomputed per element: for tiles that are not runs of 4)."""
+    r0, r1, r2, r3 = tl.randint4x(seed, index // 4)
+    word = index % 4
+    if NORMAL:
+        first = word < 2
+        a = tl.where(first, r0, r2)
+        b = tl.where(first, r1, r3)
+        n_cos, n_sin = tl.random.pair_uniform_to_normal(tl.random.uint_to_uniform_float(a),
+                                                        tl.random.uint_to_uniform_float(b))
+        return tl.where(word % 2 == 0, n_cos, n_sin)
+    bits = tl.where(word == 0, r0, tl.where(word == 1, r1, tl.where(word == 2, r2, r3)))
+    return tl.random.uint_to_uniform_float(bits)
+
+
+@triton.jit
+def corrupt_values(x, draw, level, scale, low, high, KIND: tl.constexpr):
+    """x corrupted given its draw (a normal for gaussian, else a uniform)."""
     if KIND == 0:
-        u1 = tl.random.uint_to_uniform_float(r0)
-        u2 = tl.random.uint_to_uniform_float(r1)
-        noise, _ = tl.random.pair_uniform_to_normal(u1, u2)
-        return x + level * noise.to(x.dtype)
-    hit = tl.random.uint_to_uniform_float(r0) < level
+        return x + level * draw.to(x.dtype)
+    hit = draw < level
     if KIND == 1:
         return tl.where(hit, 0.0, x)
     if KIND == 3:
         return tl.where(hit, 0.0, x * scale)
-    salt = tl.random.uint_to_uniform_float(r1) < 0.5
-    return tl.where(hit, tl.where(salt, low, high).to(x.dtype), x)
+    return tl.where(hit, tl.where(draw < 0.5 * level, low, high).to(x.dtype), x)
 
 
 @triton.jit
-def corrupt_grad_values(g, seed, index, level, scale, KIND: tl.constexpr):
-    """The gradient through corrupt: identity for gaussian, else zero where hit
-    (dropout also scales the survivors)."""
-    if KIND == 0:
-        return g
-    r0, _, _, _ = tl.randint4x(seed, index)
-    hit = tl.random.uint_to_uniform_float(r0) < level
+def corrupt_grad_values(g, uniform, level, scale, KIND: tl.constexpr):
+    """The gradient through a non-gaussian corrupt: zero where hit (dropout also
+    scales the survivors)."""
+    hit = uniform < level
     if KIND == 3:
         return tl.where(hit, 0.0, g * scale)
     return tl.where(hit, 0.0, g)
@@ -61,20 +92,14 @@ def corrupt_grad_values(g, seed, index, level, scale, KIND: tl.constexpr):
 @triton.jit
 def corrupt_kernel(x_ptr, out_ptr, seed_ptr, n, level, scale, low, high,
                    KIND: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr):
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    pid = tl.program_id(0).to(tl.int64)
+    offs = pid * BLOCK + tl.arange(0, BLOCK)
     ok = offs < n
     seed = tl.load(seed_ptr)
+    draw = draws_of_counters(seed, pid * (BLOCK // 4), BLOCK // 4, KIND == 0)
     x = tl.load(x_ptr + offs, mask=ok, other=0).to(ACC)
-    y = corrupt_values(x, seed, offs, level, scale, low, high, KIND)
+    y = corrupt_values(x, draw, level, scale, low, high, KIND)
     tl.store(out_ptr + offs, y.to(out_ptr.dtype.element_ty), mask=ok)
-
-
-@triton.jit
-def standard_normal(seed, index):
-    r0, r1, _, _ = tl.randint4x(seed, index)
-    n, _ = tl.random.pair_uniform_to_normal(
-        tl.random.uint_to_uniform_float(r0), tl.random.uint_to_uniform_float(r1))
-    return n
 
 
 @triton.jit
@@ -88,7 +113,7 @@ def reparameterize_kernel(mu_ptr, logvar_ptr, z_ptr, partial_ptr, seed_ptr, n,
     mu = tl.load(mu_ptr + offs, mask=ok, other=0).to(ACC)
     lv = tl.load(logvar_ptr + offs, mask=ok, other=0).to(ACC)
     sd = tl.exp(0.5 * lv)
-    eps = standard_normal(seed, offs).to(ACC)
+    eps = draws_of_counters(seed, pid.to(tl.int64) * (BLOCK // 4), BLOCK // 4, True).to(ACC)
     tl.store(z_ptr + offs, (mu + eps * sd).to(z_ptr.dtype.element_ty), mask=ok)
     terms = tl.where(ok, 1.0 + lv - mu * mu - sd * sd, 0.0)
     tl.store(partial_ptr + pid, tl.sum(terms, axis=0))
@@ -98,7 +123,8 @@ def reparameterize_kernel(mu_ptr, logvar_ptr, z_ptr, partial_ptr, seed_ptr, n,
 def reparameterize_backward_kernel(grad_z_ptr, grad_kl_ptr, mu_ptr, logvar_ptr, grad_mu_ptr,
                                    grad_logvar_ptr, seed_ptr, n, inv_batch,
                                    ACC: tl.constexpr, BLOCK: tl.constexpr):
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    pid = tl.program_id(0).to(tl.int64)
+    offs = pid * BLOCK + tl.arange(0, BLOCK)
     ok = offs < n
     seed = tl.load(seed_ptr)
     gkl = tl.load(grad_kl_ptr).to(ACC) * inv_batch
@@ -106,7 +132,7 @@ def reparameterize_backward_kernel(grad_z_ptr, grad_kl_ptr, mu_ptr, logvar_ptr, 
     mu = tl.load(mu_ptr + offs, mask=ok, other=0).to(ACC)
     lv = tl.load(logvar_ptr + offs, mask=ok, other=0).to(ACC)
     sd = tl.exp(0.5 * lv)
-    eps = standard_normal(seed, offs).to(ACC)
+    eps = draws_of_counters(seed, pid * (BLOCK // 4), BLOCK // 4, True).to(ACC)
     tl.store(grad_mu_ptr + offs, (g + gkl * mu).to(grad_mu_ptr.dtype.element_ty), mask=ok)
     grad_lv = 0.5 * (g * eps * sd + gkl * (sd * sd - 1.0))
     tl.store(grad_logvar_ptr + offs, grad_lv.to(grad_logvar_ptr.dtype.element_ty), mask=ok)
@@ -133,12 +159,12 @@ def noisy_matmul_kernel(
         a = tl.load(a_ptr + rm[:, None] * stride_am + rk[None, :] * stride_ak, mask=a_ok, other=0)
         b = tl.load(b_ptr + rk[:, None] * stride_bk + rn[None, :] * stride_bn, mask=b_ok, other=0)
         if CORRUPT == 1:  # the padding stays 0: gaussian noise or salt must not reach the sum
-            noisy = corrupt_values(a.to(acc.dtype), seed, rm[:, None] * x_width + rk[None, :],
-                                   level, scale, low, high, KIND)
+            draw = draws_at(seed, rm[:, None] * x_width + rk[None, :], KIND == 0)
+            noisy = corrupt_values(a.to(acc.dtype), draw, level, scale, low, high, KIND)
             a = tl.where(a_ok, noisy, 0.0).to(a_ptr.dtype.element_ty)
         if CORRUPT == 2:
-            noisy = corrupt_values(b.to(acc.dtype), seed, rk[:, None] * x_width + rn[None, :],
-                                   level, scale, low, high, KIND)
+            draw = draws_at(seed, rk[:, None] * x_width + rn[None, :], KIND == 0)
+            noisy = corrupt_values(b.to(acc.dtype), draw, level, scale, low, high, KIND)
             b = tl.where(b_ok, noisy, 0.0).to(b_ptr.dtype.element_ty)
         if DOT_IN_FP32:  # Triton 3.6's interpreter multiplies bfloat16 bit patterns
             a, b = a.to(tl.float32), b.to(tl.float32)
@@ -146,8 +172,9 @@ def noisy_matmul_kernel(
             acc += tl.dot(a, b, input_precision="ieee", out_dtype=tl.float64)
         else:
             acc = tl.dot(a, b, acc, input_precision=PRECISION)
-    if CORRUPT == 3:
-        acc = corrupt_grad_values(acc, seed, rm[:, None] * x_width + rn[None, :], level, scale, KIND)
+    if CORRUPT == 3:  # never gaussian, whose gradient is the identity
+        uniform = draws_at(seed, rm[:, None] * x_width + rn[None, :], False)
+        acc = corrupt_grad_values(acc, uniform, level, scale, KIND)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + rn, mask=rn < N, other=0).to(acc.dtype)[None, :]
     ok = (rm < M)[:, None] & (rn < N)[None, :]
@@ -244,6 +271,7 @@ def noisy_linear_backward(grad_out, x, weight, kind: str, level: float, seed, lo
     grad_out = grad_out.to(x.dtype)
     width = x.shape[1]
     common = dict(x_width=width, kind=kind, level=level, seed=seed, low=low, high=high)
-    grad_x = noisy_matmul(grad_out, weight, corrupt_at=CORRUPT_GRAD_OUT, **common)
+    at = CORRUPT_NONE if kind == "gaussian" else CORRUPT_GRAD_OUT  # gaussian: the identity
+    grad_x = noisy_matmul(grad_out, weight, corrupt_at=at, **common)
     grad_weight = noisy_matmul(grad_out.t(), x, corrupt_at=CORRUPT_B, **common)
     return grad_x, grad_weight

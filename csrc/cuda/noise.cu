@@ -18,16 +18,30 @@ namespace nz = aefast::noise;
 constexpr int kThreads = 256;
 constexpr int64_t kMaxBlocks = 4096;  // grid-stride loops beyond
 
-int64_t blocks_for(int64_t n) { return std::min<int64_t>(std::max<int64_t>(ceil_div(n, kThreads), 1), kMaxBlocks); }
+// One thread per Philox counter: four consecutive elements.
+constexpr int kPer = nz::kDrawsPerCounter;
+
+int64_t blocks_for(int64_t n) {
+  return std::min<int64_t>(std::max<int64_t>(ceil_div(ceil_div(n, kPer), kThreads), 1), kMaxBlocks);
+}
+
+// Grid-stride loop over the counters of n elements: fn(counter).
+#define AEFAST_FOR_COUNTERS(n, c)                                                                   \
+  for (int64_t c = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; c < ceil_div(n, kPer); \
+       c += static_cast<int64_t>(gridDim.x) * kThreads)
 
 template <typename T, int KIND>
 __global__ void corrupt_kernel(const T* __restrict__ x, T* __restrict__ out, int64_t n, float level,
                                acc_t<T> scale, acc_t<T> low, acc_t<T> high, const int64_t* __restrict__ seed_ptr) {
   const uint64_t seed = static_cast<uint64_t>(*seed_ptr);
-  for (int64_t i = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; i < n;
-       i += static_cast<int64_t>(gridDim.x) * kThreads) {
-    const nz::Bits2 r = nz::philox(seed, static_cast<uint64_t>(i));
-    out[i] = from_acc<T>(nz::corrupt_element<KIND, acc_t<T>>(to_acc(x[i]), r, level, scale, low, high));
+  AEFAST_FOR_COUNTERS(n, c) {
+    float d[kPer];
+    nz::draws<KIND == nz::kGaussian>(seed, static_cast<uint64_t>(c), d);
+#pragma unroll
+    for (int j = 0; j < kPer; ++j) {
+      const int64_t i = c * kPer + j;
+      if (i < n) out[i] = from_acc<T>(nz::corrupt_element<KIND, acc_t<T>>(to_acc(x[i]), d[j], level, scale, low, high));
+    }
   }
 }
 
@@ -51,13 +65,18 @@ __global__ void reparameterize_kernel(const T* __restrict__ mu, const T* __restr
   __shared__ A shared[kThreads];
   const uint64_t seed = static_cast<uint64_t>(*seed_ptr);
   A terms = 0;
-  for (int64_t i = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; i < n;
-       i += static_cast<int64_t>(gridDim.x) * kThreads) {
-    const A eps = static_cast<A>(nz::normal(nz::philox(seed, static_cast<uint64_t>(i))));
-    const A m = to_acc(mu[i]), lv = to_acc(logvar[i]);
-    const A sd = nz::std_from_logvar(lv);
-    z[i] = from_acc<T>(m + eps * sd);
-    terms += A(1) + lv - m * m - sd * sd;
+  AEFAST_FOR_COUNTERS(n, c) {
+    float eps[kPer];
+    nz::draws<true>(seed, static_cast<uint64_t>(c), eps);
+#pragma unroll
+    for (int j = 0; j < kPer; ++j) {
+      const int64_t i = c * kPer + j;
+      if (i >= n) break;
+      const A m = to_acc(mu[i]), lv = to_acc(logvar[i]);
+      const A sd = nz::std_from_logvar(lv);
+      z[i] = from_acc<T>(m + static_cast<A>(eps[j]) * sd);
+      terms += A(1) + lv - m * m - sd * sd;
+    }
   }
   const A total = block_sum(terms, shared);
   if (threadIdx.x == 0) partial[blockIdx.x] = total;
@@ -82,13 +101,18 @@ __global__ void reparameterize_backward_kernel(const T* __restrict__ grad_z, con
   using A = acc_t<T>;
   const uint64_t seed = static_cast<uint64_t>(*seed_ptr);
   const A gkl = to_acc(*grad_kl) / static_cast<A>(batch);
-  for (int64_t i = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; i < n;
-       i += static_cast<int64_t>(gridDim.x) * kThreads) {
-    const A eps = static_cast<A>(nz::normal(nz::philox(seed, static_cast<uint64_t>(i))));
-    const A g = to_acc(grad_z[i]), lv = to_acc(logvar[i]);
-    const A sd = nz::std_from_logvar(lv);
-    grad_mu[i] = from_acc<T>(g + gkl * to_acc(mu[i]));
-    grad_logvar[i] = from_acc<T>(A(0.5) * (g * eps * sd + gkl * (sd * sd - A(1))));
+  AEFAST_FOR_COUNTERS(n, c) {
+    float eps[kPer];
+    nz::draws<true>(seed, static_cast<uint64_t>(c), eps);
+#pragma unroll
+    for (int j = 0; j < kPer; ++j) {
+      const int64_t i = c * kPer + j;
+      if (i >= n) break;
+      const A g = to_acc(grad_z[i]), lv = to_acc(logvar[i]);
+      const A sd = nz::std_from_logvar(lv);
+      grad_mu[i] = from_acc<T>(g + gkl * to_acc(mu[i]));
+      grad_logvar[i] = from_acc<T>(A(0.5) * (g * static_cast<A>(eps[j]) * sd + gkl * (sd * sd - A(1))));
+    }
   }
 }
 
