@@ -131,8 +131,10 @@ def test_bad_flags_and_data_are_one_line_errors(tmp_path, capsys, small_digits):
         (["train", "sparse", "--data", "data.csv"], "must be digits, synthetic or a .npy, .npz or .pt file"),
         (["train", "sparse", "--resume", "--out", str(tmp_path)], "holds no checkpoint.pt"),
         (["train", "sparse", "--device", "tpu"], "--device must be auto, cpu or cuda"),
+        (["train", "topk-sae", "--k", "1000", "--out", str(tmp_path / "k")], "k must be an integer in [1, 256]"),
     ]:
         _one_line_error(capsys, argv, match)
+    assert not (tmp_path / "k").exists()  # checked before anything is written
     _train("ae", "--data", small_digits, "--epochs", "1", "--out", str(tmp_path / "run"))
     capsys.readouterr()
     _one_line_error(capsys, ["train", "ae", "--data", small_digits, "--out", str(tmp_path / "run")],

@@ -9,6 +9,7 @@ from torch import Tensor, nn
 
 import aefast as ae
 from aefast.models.base import AutoencoderModel, bernoulli_nll, detached, squared_error
+from aefast.ops.noise import check_kind_level
 
 
 class GSN(AutoencoderModel):
@@ -29,7 +30,7 @@ class GSN(AutoencoderModel):
             raise ValueError(f"walkback must be >= 1, got {walkback}")
         self.encoder = nn.Linear(n_in, hidden)
         self.decoder = nn.Linear(hidden, n_in)
-        self.kind, self.level = kind, level
+        self.kind, self.level = kind, check_kind_level(kind, level)  # fail before training starts
         self.walkback, self.sample_steps = walkback, sample_steps
 
     def chain_step_logits(self, x: Tensor) -> Tensor:

@@ -55,6 +55,9 @@ def train(config: dict[str, Any], out_dir: Path, checkpoint: dict[str, Any] | No
     model = configuration.build_model(config, data.image_shape).to(device)
     if device.type == "cuda" and config["amp"]:
         model.autocast_dtype = torch.bfloat16
+    model.eval()
+    with torch.no_grad(), model.autocast():  # a bad hyper-parameter fails here, before anything is written
+        model.loss(data.train[:config["batch_size"]].to(device))
     optimizers = model.configure_optimizers(config["lr"])
     shuffle = torch.Generator().manual_seed(config["seed"])
     history: list[dict[str, Any]] = []
