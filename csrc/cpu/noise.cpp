@@ -8,6 +8,9 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
 #include <string>
 #include <type_traits>
 #include <vector>
@@ -37,17 +40,86 @@ uint64_t read_seed(const at::Tensor& seed, const at::Tensor& like) {
 constexpr int64_t kBlockCounters = 64;
 constexpr int64_t kBlockElements = kBlockCounters * nz::kDrawsPerCounter;
 
+// The four words of kBlockCounters consecutive counters, one array per word. The
+// block starts at a multiple of 64, so the counters' high words are all equal.
+struct BlockWords {
+  alignas(32) uint32_t w[4][kBlockCounters];
+};
+
+AEFAST_SIMD_CLONES void philox_block_portable(uint64_t seed, uint64_t first_counter, BlockWords& out) {
+  for (int64_t c = 0; c < kBlockCounters; ++c) {
+    const nz::Bits4 r = nz::philox(seed, first_counter + static_cast<uint64_t>(c));
+    out.w[0][c] = r.a;
+    out.w[1][c] = r.b;
+    out.w[2][c] = r.c;
+    out.w[3][c] = r.d;
+  }
+}
+
+#if defined(__x86_64__) && defined(__GNUC__)
+// Philox for 8 counters per instruction with AVX2: the even and odd lanes'
+// 32x32 -> 64-bit products by two vpmuludq, blended back into high and low words.
+// GCC's own vectorization of nz::philox widens every lane to 64 bits and runs ~3x
+// slower. Same words, bit for bit (tested against the reference).
+__attribute__((target("avx2"))) inline void mul_hi_lo(__m256i constant, __m256i b, __m256i* hi, __m256i* lo) {
+  const __m256i even = _mm256_mul_epu32(constant, b);
+  const __m256i odd = _mm256_mul_epu32(constant, _mm256_srli_epi64(b, 32));
+  *lo = _mm256_blend_epi32(even, _mm256_slli_epi64(odd, 32), 0xAA);
+  *hi = _mm256_blend_epi32(_mm256_srli_epi64(even, 32), odd, 0xAA);
+}
+
+__attribute__((target("avx2"))) void philox_block_avx2(uint64_t seed, uint64_t first_counter, BlockWords& out) {
+  const __m256i round_a = _mm256_set1_epi32(static_cast<int>(0xD2511F53u));
+  const __m256i round_b = _mm256_set1_epi32(static_cast<int>(0xCD9E8D57u));
+  const __m256i lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  const __m256i high = _mm256_set1_epi32(static_cast<int>(first_counter >> 32));
+  for (int64_t c = 0; c < kBlockCounters; c += 8) {
+    __m256i c0 = _mm256_add_epi32(_mm256_set1_epi32(static_cast<int>(first_counter + c)), lanes);
+    __m256i c1 = high, c2 = _mm256_setzero_si256(), c3 = _mm256_setzero_si256();
+    uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
+    for (int round = 0; round < 10; ++round) {
+      __m256i hi_b, lo_b, hi_a, lo_a;
+      mul_hi_lo(round_b, c2, &hi_b, &lo_b);
+      mul_hi_lo(round_a, c0, &hi_a, &lo_a);
+      c0 = _mm256_xor_si256(_mm256_xor_si256(hi_b, c1), _mm256_set1_epi32(static_cast<int>(k0)));
+      c2 = _mm256_xor_si256(_mm256_xor_si256(hi_a, c3), _mm256_set1_epi32(static_cast<int>(k1)));
+      c1 = lo_b;
+      c3 = lo_a;
+      k0 += 0x9E3779B9u;
+      k1 += 0xBB67AE85u;
+    }
+    _mm256_store_si256(reinterpret_cast<__m256i*>(out.w[0] + c), c0);
+    _mm256_store_si256(reinterpret_cast<__m256i*>(out.w[1] + c), c1);
+    _mm256_store_si256(reinterpret_cast<__m256i*>(out.w[2] + c), c2);
+    _mm256_store_si256(reinterpret_cast<__m256i*>(out.w[3] + c), c3);
+  }
+}
+
+const bool kHaveAvx2 = __builtin_cpu_supports("avx2");
+#endif
+
+void philox_block(uint64_t seed, uint64_t first_counter, BlockWords& out) {
+#if defined(__x86_64__) && defined(__GNUC__)
+  if (kHaveAvx2) return philox_block_avx2(seed, first_counter, out);
+#endif
+  philox_block_portable(seed, first_counter, out);
+}
+
+// Words to draws, in element order (element 4 c + j: word j of counter c).
 template <bool kNormal>
-AEFAST_INLINE void fill_block(uint64_t seed, uint64_t first_counter, float* draws) {
-  for (int64_t c = 0; c < kBlockCounters; ++c)
-    nz::draws<kNormal>(seed, first_counter + static_cast<uint64_t>(c), draws + nz::kDrawsPerCounter * c);
+AEFAST_INLINE void words_to_draws(const BlockWords& words, float* draws) {
+  for (int64_t c = 0; c < kBlockCounters; ++c) {
+    float* d = draws + nz::kDrawsPerCounter * c;
+    if (kNormal) {
+      nz::normal_pair(words.w[0][c], words.w[1][c], d, d + 1);
+      nz::normal_pair(words.w[2][c], words.w[3][c], d + 2, d + 3);
+    } else {
+      for (int j = 0; j < nz::kDrawsPerCounter; ++j) d[j] = nz::uniform(words.w[j][c]);
+    }
+  }
 }
-AEFAST_SIMD_CLONES void fill_uniforms(uint64_t seed, uint64_t first_counter, float* draws) {
-  fill_block<false>(seed, first_counter, draws);
-}
-AEFAST_SIMD_CLONES void fill_normals(uint64_t seed, uint64_t first_counter, float* draws) {
-  fill_block<true>(seed, first_counter, draws);
-}
+AEFAST_SIMD_CLONES void uniforms_of(const BlockWords& words, float* draws) { words_to_draws<false>(words, draws); }
+AEFAST_SIMD_CLONES void normals_of(const BlockWords& words, float* draws) { words_to_draws<true>(words, draws); }
 
 // fn(block, first element, elements, draws) for every block of n elements, blocks
 // split among threads. Block b always holds elements [256 b, 256 b + 256): results
@@ -57,9 +129,11 @@ void for_each_block(int64_t n, uint64_t seed, bool normal, const Fn& fn) {
   const int64_t blocks = (n + kBlockElements - 1) / kBlockElements;
   at::parallel_for(0, blocks, 64, [&](int64_t b0, int64_t b1) {
     alignas(64) float draws[kBlockElements];
+    BlockWords words;
     for (int64_t b = b0; b < b1; ++b) {
       const uint64_t first_counter = static_cast<uint64_t>(b * kBlockCounters);
-      normal ? fill_normals(seed, first_counter, draws) : fill_uniforms(seed, first_counter, draws);
+      philox_block(seed, first_counter, words);
+      normal ? normals_of(words, draws) : uniforms_of(words, draws);
       const int64_t e0 = b * kBlockElements;
       fn(b, e0, std::min(kBlockElements, n - e0), draws);
     }
