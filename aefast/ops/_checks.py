@@ -37,3 +37,12 @@ def check_nonnegative(x, name: str) -> float:
     if not isinstance(x, numbers.Real) or not math.isfinite(float(x)) or float(x) < 0.0:
         raise ValueError(f"{name} must be a finite number >= 0, got {x!r}")
     return float(x)
+
+
+def autocast_inputs(device: torch.device, *tensors):
+    """Under autocast, the floating tensors in the autocast dtype, as F.linear's
+    inputs would be (a drop-in matmul-like op then takes mixed-precision inputs)."""
+    if not torch.is_autocast_enabled(device.type):
+        return tensors
+    dtype = torch.get_autocast_dtype(device.type)
+    return tuple(t.to(dtype) if isinstance(t, Tensor) and t.is_floating_point() else t for t in tensors)

@@ -238,8 +238,12 @@ def contractive_penalty(h: Tensor, weight: Tensor) -> Tensor:
     """Contractive-autoencoder penalty for sigmoid units h = sigmoid(x W^T + b):
     ``sum_i sum_j (h_ij (1 - h_ij))^2 * ||W_j||^2``, the squared Frobenius norm of the
     encoder Jacobian summed over the batch. h of shape (B, H), weight W of shape (H, D)
-    (an nn.Linear's weight). Returns a 0-dim tensor of h's dtype."""
+    (an nn.Linear's weight). Returns a 0-dim tensor of h's dtype (of the wider of the
+    two under autocast, which may hand over h and weight in different dtypes)."""
     check_matrix(h, "h")
+    if torch.is_autocast_enabled(h.device.type) and isinstance(weight, Tensor) and weight.dtype != h.dtype:
+        wide = torch.promote_types(h.dtype, weight.dtype)
+        h, weight = h.to(wide), weight.to(wide)
     if not isinstance(weight, Tensor) or weight.dim() != 2 or weight.shape[0] != h.shape[1]:
         shape = tuple(weight.shape) if isinstance(weight, Tensor) else type(weight).__name__
         raise ValueError(f"weight must be 2-D of shape (H={h.shape[1]}, D), got {shape}")

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from aefast import backends, reference
-from aefast.ops._checks import FLOAT_DTYPES
+from aefast.ops._checks import FLOAT_DTYPES, autocast_inputs
 
 KINDS = reference.CORRUPTION_KINDS
 
@@ -282,8 +282,10 @@ def noisy_linear(
     """``F.linear(corrupt(x, kind, level, seed=seed), weight, bias)`` without storing
     the corrupted input: autograd saves x, weight and the seed, and the backward
     regenerates corrupt(x). x (..., D), weight (O, D), bias (O,) or None. On GPU with
-    the Triton backend the corruption happens inside the matmul's loads of x."""
+    the Triton backend the corruption happens inside the matmul's loads of x. Under
+    autocast, x, weight and bias run in the autocast dtype, as for F.linear."""
     _check_float_tensor(x, "x")
+    x, weight, bias = autocast_inputs(x.device, x, weight, bias)
     if x.dim() < 1 or x.numel() == 0:
         raise ValueError(f"x must be non-empty with at least 1 dimension, got shape {tuple(x.shape)}")
     if not isinstance(weight, Tensor) or weight.dim() != 2 or weight.shape[1] != x.shape[-1]:

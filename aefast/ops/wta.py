@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from aefast import backends, reference
-from aefast.ops._checks import FLOAT_DTYPES
+from aefast.ops._checks import FLOAT_DTYPES, autocast_inputs
 from aefast.ops._distributed import global_count, global_topk_keep
 
 # Backends with top-k kernels so far (the sparse decoder: DECODE_OPS below); the
@@ -238,8 +238,10 @@ def sparse_decode(values: Tensor, indices: Tensor, weight: Tensor, bias: Tensor 
 
     The weight gradient is deterministic: the (row, slot) pairs are sorted by latent
     and each latent's gradient row is reduced in (row, slot) order, with no atomics,
-    so every run gives the same bits."""
+    so every run gives the same bits. Under autocast, values, weight and bias run in
+    the autocast dtype, as for a matmul."""
     _check_x(values, "values")
+    values, weight, bias = autocast_inputs(values.device, values, weight, bias)
     if not isinstance(indices, Tensor) or indices.shape != values.shape or indices.dtype != torch.long:
         raise ValueError(f"indices must be an int64 tensor of the values' shape {tuple(values.shape)}")
     if not isinstance(weight, Tensor) or weight.dim() != 2 or weight.dtype != values.dtype:
