@@ -248,9 +248,10 @@ def test_opcheck(device, backend):
         torch.library.opcheck(ops.corrupt, (x, kind, LEVELS[kind], seed, 0.0, 1.0))
         torch.library.opcheck(ops.noisy_linear, (x, w, b, kind, LEVELS[kind], seed, 0.0, 1.0))
         torch.library.opcheck(ops.noisy_linear, (x, w, None, kind, LEVELS[kind], seed, 0.0, 1.0))
-        torch.library.opcheck(ops.noisy_linear_backward,
-                              (torch.randn(9, 5, device=device), x.detach(), w.detach(), kind,
-                               LEVELS[kind], seed, 0.0, 1.0))
+        torch.library.opcheck(ops.noisy_linear_grad_input,
+                              (torch.randn(9, 5, device=device), w.detach(), kind, LEVELS[kind], seed))
+        torch.library.opcheck(ops.noisy_linear_grad_weight,
+                              (torch.randn(9, 5, device=device), x.detach(), kind, LEVELS[kind], seed, 0.0, 1.0))
     torch.library.opcheck(ops.reparameterize_forward, (mu, logvar, seed))
     torch.library.opcheck(ops.reparameterize_backward,
                           (torch.randn(6, 5, device=device), torch.tensor(0.5, device=device),

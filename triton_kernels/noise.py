@@ -266,12 +266,14 @@ def noisy_linear_forward(x, weight, bias, kind: str, level: float, seed, low: fl
                         seed=seed, low=low, high=high, bias=bias)
 
 
-def noisy_linear_backward(grad_out, x, weight, kind: str, level: float, seed, low: float, high: float):
-    """(grad_x, grad_weight); the corrupted x is regenerated tile by tile."""
-    grad_out = grad_out.to(x.dtype)
-    width = x.shape[1]
-    common = dict(x_width=width, kind=kind, level=level, seed=seed, low=low, high=high)
-    at = CORRUPT_NONE if kind == "gaussian" else CORRUPT_GRAD_OUT  # gaussian: the identity
-    grad_x = noisy_matmul(grad_out, weight, corrupt_at=at, **common)
-    grad_weight = noisy_matmul(grad_out.t(), x, corrupt_at=CORRUPT_B, **common)
-    return grad_x, grad_weight
+def noisy_linear_grad_input(grad_out, weight, kind: str, level: float, seed):
+    """The gradient of x: grad_out @ weight through corrupt's mask (gaussian: none)."""
+    at = CORRUPT_NONE if kind == "gaussian" else CORRUPT_GRAD_OUT
+    return noisy_matmul(grad_out.to(weight.dtype), weight, corrupt_at=at, x_width=weight.shape[1], kind=kind,
+                        level=level, seed=seed, low=0.0, high=0.0)
+
+
+def noisy_linear_grad_weight(grad_out, x, kind: str, level: float, seed, low: float, high: float):
+    """The gradient of weight: grad_out^T @ corrupt(x), x regenerated tile by tile."""
+    return noisy_matmul(grad_out.to(x.dtype).t(), x, corrupt_at=CORRUPT_B, x_width=x.shape[1], kind=kind,
+                        level=level, seed=seed, low=low, high=high)

@@ -63,12 +63,18 @@ def _noisy_linear_triton(
     return _triton().noisy_linear_forward(x, weight, bias, kind, level, seed, low, high)
 
 
-@torch.library.custom_op("aefast::noisy_linear_backward_triton", mutates_args=())
-def _noisy_linear_backward_triton(
-    grad_out: Tensor, x: Tensor, weight: Tensor, kind: str, level: float, seed: Tensor,
-    low: float, high: float,
-) -> tuple[Tensor, Tensor]:
-    return _triton().noisy_linear_backward(grad_out, x, weight, kind, level, seed, low, high)
+@torch.library.custom_op("aefast::noisy_linear_grad_input_triton", mutates_args=())
+def _noisy_linear_grad_input_triton(
+    grad_out: Tensor, weight: Tensor, kind: str, level: float, seed: Tensor
+) -> Tensor:
+    return _triton().noisy_linear_grad_input(grad_out, weight, kind, level, seed)
+
+
+@torch.library.custom_op("aefast::noisy_linear_grad_weight_triton", mutates_args=())
+def _noisy_linear_grad_weight_triton(
+    grad_out: Tensor, x: Tensor, kind: str, level: float, seed: Tensor, low: float, high: float
+) -> Tensor:
+    return _triton().noisy_linear_grad_weight(grad_out, x, kind, level, seed, low, high)
 
 
 # ------------------------------------------ noisy_linear over the C++ corrupt op
@@ -89,16 +95,16 @@ def _noisy_linear_cpp(
     return F.linear(torch.ops.aefast.corrupt(x, kind, level, seed, low, high), weight, bias)
 
 
-@torch.library.custom_op("aefast::noisy_linear_backward", mutates_args=())
-def _noisy_linear_backward_cpp(
-    grad_out: Tensor, x: Tensor, weight: Tensor, kind: str, level: float, seed: Tensor,
-    low: float, high: float,
-) -> tuple[Tensor, Tensor]:
-    corrupt = torch.ops.aefast.corrupt
-    grad_out = grad_out.to(x.dtype)
-    grad_x = _corrupt_grad(corrupt, grad_out @ weight, kind, level, seed)
-    grad_weight = grad_out.t() @ corrupt(x, kind, level, seed, low, high)
-    return grad_x, grad_weight
+@torch.library.custom_op("aefast::noisy_linear_grad_input", mutates_args=())
+def _noisy_linear_grad_input_cpp(grad_out: Tensor, weight: Tensor, kind: str, level: float, seed: Tensor) -> Tensor:
+    return _corrupt_grad(torch.ops.aefast.corrupt, grad_out.to(weight.dtype) @ weight, kind, level, seed)
+
+
+@torch.library.custom_op("aefast::noisy_linear_grad_weight", mutates_args=())
+def _noisy_linear_grad_weight_cpp(
+    grad_out: Tensor, x: Tensor, kind: str, level: float, seed: Tensor, low: float, high: float
+) -> Tensor:
+    return grad_out.to(x.dtype).t() @ torch.ops.aefast.corrupt(x, kind, level, seed, low, high)
 
 
 # ------------------------------------------- fake implementations and autograd
@@ -112,7 +118,8 @@ class FamilyOps:
     reparameterize_forward: object
     reparameterize_backward: object
     noisy_linear: object
-    noisy_linear_backward: object
+    noisy_linear_grad_input: object
+    noisy_linear_grad_weight: object
 
 
 OPS: dict[str, FamilyOps] = {
@@ -121,7 +128,8 @@ OPS: dict[str, FamilyOps] = {
         torch.ops.aefast.reparameterize_forward_triton.default,
         torch.ops.aefast.reparameterize_backward_triton.default,
         torch.ops.aefast.noisy_linear_triton.default,
-        torch.ops.aefast.noisy_linear_backward_triton.default,
+        torch.ops.aefast.noisy_linear_grad_input_triton.default,
+        torch.ops.aefast.noisy_linear_grad_weight_triton.default,
     )
 }
 if backends.CPP_BUILT:  # one C++ op serves both: the dispatcher picks the CPU or CUDA kernel
@@ -130,7 +138,8 @@ if backends.CPP_BUILT:  # one C++ op serves both: the dispatcher picks the CPU o
         torch.ops.aefast.reparameterize_forward.default,
         torch.ops.aefast.reparameterize_backward.default,
         torch.ops.aefast.noisy_linear.default,
-        torch.ops.aefast.noisy_linear_backward.default,
+        torch.ops.aefast.noisy_linear_grad_input.default,
+        torch.ops.aefast.noisy_linear_grad_weight.default,
     )
 
 
@@ -149,8 +158,12 @@ def _register(ops: FamilyOps) -> None:
     torch.library.register_fake(ops.noisy_linear)(
         lambda x, weight, bias, kind, level, seed, low, high: x.new_empty((x.shape[0], weight.shape[0]))
     )
-    torch.library.register_fake(ops.noisy_linear_backward)(
-        lambda grad_out, x, weight, kind, level, seed, low, high: (_dense_like(x), _dense_like(weight))
+    torch.library.register_fake(ops.noisy_linear_grad_input)(
+        lambda grad_out, weight, kind, level, seed: grad_out.new_empty((grad_out.shape[0], weight.shape[1]),
+                                                                      dtype=weight.dtype)
+    )
+    torch.library.register_fake(ops.noisy_linear_grad_weight)(
+        lambda grad_out, x, kind, level, seed, low, high: x.new_empty((grad_out.shape[1], x.shape[1]))
     )
 
     def corrupt_setup(ctx, inputs, output):
@@ -175,15 +188,14 @@ def _register(ops: FamilyOps) -> None:
 
     def noisy_linear_backward(ctx, grad_out):
         x, weight, seed = ctx.saved_tensors
-        grad_x, grad_weight = ops.noisy_linear_backward(
-            grad_out, x, weight, ctx.kind, ctx.level, seed, ctx.low, ctx.high
+        need_x, need_weight, need_bias = ctx.needs_input_grad[:3]
+        grad_x = ops.noisy_linear_grad_input(grad_out, weight, ctx.kind, ctx.level, seed) if need_x else None
+        grad_weight = (
+            ops.noisy_linear_grad_weight(grad_out, x, ctx.kind, ctx.level, seed, ctx.low, ctx.high)
+            if need_weight else None
         )
-        grad_bias = grad_out.sum(0).to(x.dtype) if ctx.has_bias and ctx.needs_input_grad[2] else None
-        return (
-            grad_x if ctx.needs_input_grad[0] else None,
-            grad_weight if ctx.needs_input_grad[1] else None,
-            grad_bias, None, None, None, None, None,
-        )
+        grad_bias = grad_out.sum(0).to(x.dtype) if ctx.has_bias and need_bias else None
+        return grad_x, grad_weight, grad_bias, None, None, None, None, None
 
     torch.library.register_autograd(ops.corrupt, corrupt_backward, setup_context=corrupt_setup)
     torch.library.register_autograd(
