@@ -13,6 +13,7 @@ from aefast.ops.wta import (
     lifetime_topk,
     sparse_decode,
     spatial_wta,
+    topk_encode,
     topk_mask,
     topk_sparse,
 )
@@ -37,6 +38,7 @@ __all__ = [
     "sigmoid_kl_sparsity",
     "sparse_decode",
     "spatial_wta",
+    "topk_encode",
     "topk_mask",
     "topk_sparse",
 ]

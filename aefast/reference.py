@@ -111,6 +111,13 @@ def sparse_decode(values: Tensor, indices: Tensor, weight: Tensor, bias: Tensor 
     return out if bias is None else out + bias
 
 
+def topk_encode(x: Tensor, weight: Tensor, bias: Tensor | None, k: int) -> tuple[Tensor, Tensor]:
+    """The top-k encoder: topk_sparse(relu(x @ weight.T + bias), k), weight (L, D).
+    ReLU before selection: a row with fewer than k positive units takes zeros at the
+    lowest indices among the rest."""
+    return topk_sparse(torch.relu(torch.nn.functional.linear(x, weight, bias)), k, relu=False)
+
+
 # ------------------------------------------------------------ noise injection
 # Philox4x32-10 keyed by (seed, element index): element i takes word i mod 4 of the
 # block of counter i div 4, mapped to floats as Triton's tl.rand maps a word; normals

@@ -5,6 +5,8 @@
 - topk_sparse (forward) against torch.topk, and one read of x (the memory floor);
 - topk_mask forward + backward against torch.topk then scatter into a dense mask
   (eager), and against a clone of x (the memory floor of the forward);
+- topk_encode forward + backward (the fused encoder, no (B, L) pre-activation kept)
+  against F.linear, ReLU and torch.topk eager;
 - sparse_decode forward + backward against F.embedding_bag with per-sample weights
   (the best plain-PyTorch sparse decoder) and the dense decode (scatter the code
   into (B, L), then a matmul).
@@ -69,7 +71,25 @@ def decode_contenders(device, B, k, L, D):
         code = torch.zeros(B, L, device=device).scatter(1, indices, v)
         return code @ w
 
+    x = torch.randn(B, D, device=device)
+    encoder = weight.detach().clone()  # (L, D), as nn.Linear(D, L).weight
+    bias = torch.zeros(L, device=device)
+    grad_values = torch.randn(B, k, device=device)
+
+    def encode_step(encode):
+        def step():
+            w = encoder.detach().requires_grad_(True)
+            encode(x, w).backward(grad_values)
+        return step
+
+    def eager_encode(x, w):
+        return torch.topk(torch.relu(F.linear(x, w, bias)), k).values
+
     return {
+        "topk_encode": {
+            "aefast": encode_step(lambda x, w: ae.topk_encode(x, w, bias, k)[0]),
+            "linear+relu+topk eager": encode_step(eager_encode),
+        },
         "sparse_decode": {
             "aefast": run(lambda v, w: ae.sparse_decode(v, indices, w)),
             "embedding_bag": run(lambda v, w: F.embedding_bag(indices, w, per_sample_weights=v, mode="sum")),
@@ -90,7 +110,7 @@ def main(argv=None) -> int:
     env = harness.environment(device)
     lines = [
         f"Measured on {env['device']} ({env['threads']} threads), torch {env['torch']}, {env['date']}.",
-        "float32; topk: 1024 x 16384, k = 32; sparse_decode: B = 1024, k = 32, L = 16384, D = 768.",
+        "float32; topk: 1024 x 16384, k = 32; topk_encode and sparse_decode: B = 1024, k = 32, L = 16384, D = 768.",
         "",
     ]
     rows, records = harness.ratio_table(groups, TARGETS, device, args.rounds)

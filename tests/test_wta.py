@@ -204,6 +204,65 @@ def test_torch_compile_fullgraph(device, backend):
     assert_compiled_matches_eager(model, torch.randn(10, 12, device=device), model.dec, backend)
 
 
+# ---------------------------------------------------------------- top-k encoder
+
+
+def integer_valued(shape, device, dtype, low=-3, high=4):
+    """Small integers: every matmul order gives the same exact pre-activations (and many ties)."""
+    return torch.randint(low, high, shape).to(device, dtype)
+
+
+@pytest.mark.parametrize(("device", "backend"), wta_backends())
+def test_topk_encode_matches_reference(device, backend, poisoned):
+    for dtype in DTYPES:
+        for (B, D, L, k), with_bias in [((37, 20, 300, 16), True), ((1, 1, 1, 1), False), ((130, 9, 5000, 64), True)]:
+            x = leaf(integer_valued((B, D), device, dtype))
+            w = leaf(integer_valued((L, D), device, dtype, -2, 3))
+            b = leaf(integer_valued((L,), device, dtype, -2, 3)) if with_bias else None
+            with ae.backend(backend):
+                values, indices = ae.topk_encode(x, w, b, k)
+            want_values, want_indices = reference.topk_encode(x, w, b, k)
+            assert torch.equal(indices, want_indices) and torch.equal(values, want_values)
+            g = integer_valued((B, k), device, dtype)
+            inputs = [t for t in (x, w, b) if t is not None]
+            grads = torch.autograd.grad(values, inputs, g)
+            want_grads = torch.autograd.grad(want_values, inputs, g)
+            for got, want in zip(grads, want_grads):
+                assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize(("device", "backend"), wta_backends())
+def test_topk_encode_gradcheck_opcheck_and_saved_tensors(device, backend):
+    x = torch.randn(5, 6, dtype=torch.float64, device=device, requires_grad=True)
+    w = torch.randn(40, 6, dtype=torch.float64, device=device, requires_grad=True)
+    b = torch.randn(40, dtype=torch.float64, device=device, requires_grad=True)
+    with ae.backend(backend):
+        assert torch.autograd.gradcheck(lambda *t: ae.topk_encode(*t, 7)[0], (x, w, b))
+    torch.library.opcheck(torch.ops.aefast.topk_encode.default, (x.float(), w.float(), b.float(), 7))
+    torch.library.opcheck(torch.ops.aefast.topk_encode.default, (x.float(), w.float(), None, 7))
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        with ae.backend(backend):
+            ae.topk_encode(x, w, b, 7)
+        assert saved and not [t for t in saved if t.shape == (5, 40)]
+        reference.topk_encode(x, w, b, 7)
+        assert [t for t in saved if t.shape == (5, 40)], "the reference saves the pre-activation: the check can fail"
+
+
+class TinyFusedTopKSAE(TinyTopKSAE):
+    def forward(self, x):
+        values, indices = ae.topk_encode(x, self.enc.weight, self.enc.bias, self.k)
+        return (ae.sparse_decode(values, indices, self.dec, self.bias) - x).pow(2).mean()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("device", "backend"), wta_backends())
+def test_topk_encode_torch_compile_fullgraph(device, backend):
+    torch.manual_seed(0)
+    model = TinyFusedTopKSAE().to(device)
+    assert_compiled_matches_eager(model, torch.randn(10, 12, device=device), model.enc.weight, backend)
+
+
 def test_backends_without_kernels_say_so():
     assert "triton" not in KERNELS
     x = torch.randn(3, 5)
@@ -244,6 +303,15 @@ class TestBadInput:
         for backend in ["reference"] + [b for b in ae.available_backends(device) if b in KERNELS]:
             with ae.backend(backend), pytest.raises(ValueError, match="x contains NaN"):
                 ae.topk_sparse(x, 3)
+
+    def test_topk_encode_arguments(self, device):
+        x, w = torch.randn(4, 6, device=device), torch.randn(10, 6, device=device)
+        with pytest.raises(ValueError, match=r"k must be an integer in \[1, 10\]"):
+            ae.topk_encode(x, w, None, 11)
+        with pytest.raises(ValueError, match="weight must be 2-D of shape"):
+            ae.topk_encode(x, w.t(), None, 2)
+        with pytest.raises(ValueError, match="bias must be None or of shape"):
+            ae.topk_encode(x, w, torch.randn(6, device=device), 2)
 
     def test_sparse_decode_arguments(self, device):
         values = torch.rand(4, 2, device=device)
