@@ -85,12 +85,13 @@ def backend(name: str):
         _forced.pop()
 
 
-def resolve(device: torch.device, op: str = "", kernels: tuple[str, ...] = BACKENDS) -> str:
+def resolve(device: torch.device, op: str = "", kernels: tuple[str, ...] = BACKENDS,
+            gpu_preference: tuple[str, ...] | None = None) -> str:
     """The backend that runs operator `op`, which has kernels for `kernels`, on
-    tensors of `device` now."""
+    tensors of `device` now (`gpu_preference`: the op's own order under `auto` on GPU)."""
     name = current_backend()
     if name == "auto":
-        preference = ("cpp",) if device.type == "cpu" else GPU_PREFERENCE
+        preference = ("cpp",) if device.type == "cpu" else (gpu_preference or GPU_PREFERENCE)
         for candidate in preference:
             if candidate in kernels and _why_unavailable(candidate, device.type) is None:
                 return candidate

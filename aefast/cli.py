@@ -91,7 +91,18 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=TRAIN_EPILOG)
     add_train_arguments(train)
     train.set_defaults(fn=cmd_train)
+    bench = sub.add_parser(
+        "bench", help="microbenchmarks of every operator against the eager and compiled reference",
+        description=bench_module().__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    bench_module().add_arguments(bench)
+    bench.set_defaults(fn=lambda args: bench_module().main(args))
     return parser
+
+
+def bench_module():
+    from aefast.bench import run
+
+    return run
 
 
 TRAIN_EPILOG = """\

@@ -206,7 +206,8 @@ def corrupt(
     elif kind == "dropout":
         out = torch.where(hit, 0.0, xa * torch.tensor(1.0 / (1.0 - level), dtype=acc))
     elif kind == "salt_pepper":
-        out = torch.where(hit, torch.where(u < 0.5 * level32, low, high).to(acc), xa)
+        low_t, high_t = torch.tensor(low, dtype=acc), torch.tensor(high, dtype=acc)
+        out = torch.where(hit, torch.where(u < 0.5 * level32, low_t, high_t), xa)
     else:
         raise ValueError(f"kind must be one of {', '.join(CORRUPTION_KINDS)}, got {kind!r}")
     return out.to(x.dtype)

@@ -13,16 +13,12 @@ one clone for kl_sparsity.
 from __future__ import annotations
 
 import argparse
-import sys
-import pathlib
 
 import torch
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-import harness  # noqa: E402
-
-import aefast as ae  # noqa: E402
-from aefast import reference  # noqa: E402
+import aefast as ae
+from aefast import reference
+from aefast.bench import harness
 
 RHO, BETA = 0.05, 3.0
 

@@ -12,16 +12,12 @@
 from __future__ import annotations
 
 import argparse
-import pathlib
-import sys
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-import harness  # noqa: E402
-
-import aefast as ae  # noqa: E402
+import aefast as ae
+from aefast.bench import harness
 
 LEVEL = 0.3
 TARGETS = {  # least contender time / aefast time (harness.ratio_table)

@@ -15,16 +15,12 @@
 from __future__ import annotations
 
 import argparse
-import pathlib
-import sys
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-import harness  # noqa: E402
-
-import aefast as ae  # noqa: E402
+import aefast as ae
+from aefast.bench import harness
 
 TARGETS = {  # contender: aefast must be at least this many times faster
     "topk_sparse": {"torch.topk": 3.0},

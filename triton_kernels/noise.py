@@ -76,7 +76,8 @@ def corrupt_values(x, draw, level, scale, low, high, KIND: tl.constexpr):
         return tl.where(hit, 0.0, x)
     if KIND == 3:
         return tl.where(hit, 0.0, x * scale)
-    return tl.where(hit, tl.where(draw < 0.5 * level, low, high).to(x.dtype), x)
+    zero = tl.zeros_like(x)  # low and high in x's dtype (a where of two scalars would be float32)
+    return tl.where(hit, tl.where(draw < 0.5 * level, zero + low, zero + high), x)
 
 
 @triton.jit
@@ -238,7 +239,11 @@ def _precision(dtype: torch.dtype) -> str:
     if dtype == torch.float64:
         return "ieee64"
     # float32 follows PyTorch's own switch for F.linear (off by default: full precision).
-    return "tf32" if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32 else "ieee"
+    # The newer fp32_precision setting first: reading allow_tf32 after it was set raises.
+    matmul = torch.backends.cuda.matmul
+    tf32 = (getattr(matmul, "fp32_precision", None) == "tf32") if hasattr(matmul, "fp32_precision") \
+        else matmul.allow_tf32
+    return "tf32" if dtype == torch.float32 and tf32 else "ieee"
 
 
 def noisy_matmul(a, b, *, corrupt_at: int, x_width: int, kind: str, level: float, seed, low: float,

@@ -41,8 +41,12 @@ def check_nonnegative(x, name: str) -> float:
 
 def autocast_inputs(device: torch.device, *tensors):
     """Under autocast, the floating tensors in the autocast dtype, as F.linear's
-    inputs would be (a drop-in matmul-like op then takes mixed-precision inputs)."""
+    inputs would be (a drop-in matmul-like op then takes mixed-precision inputs);
+    float64 stays float64, as autocast leaves it."""
     if not torch.is_autocast_enabled(device.type):
         return tensors
     dtype = torch.get_autocast_dtype(device.type)
-    return tuple(t.to(dtype) if isinstance(t, Tensor) and t.is_floating_point() else t for t in tensors)
+    return tuple(
+        t.to(dtype) if isinstance(t, Tensor) and t.is_floating_point() and t.dtype != torch.float64 else t
+        for t in tensors
+    )

@@ -244,22 +244,27 @@ def _check_finite(value, name: str) -> float:
 
 
 def seed_tensor(seed, device: torch.device) -> Tensor:
-    """The seed as a 0-dim int64 tensor on `device`. None draws one from torch's
-    default CPU generator, so torch.manual_seed reproduces a run on any device."""
+    """The seed as a 0-dim int64 tensor on `device`, made by a fill on the device (a
+    copy from the host would wait for the GPU's queue). None draws one from torch's
+    default CPU generator, so torch.manual_seed reproduces a run on any device (under
+    torch.compile the draw is traced as a device-side torch.randint instead)."""
     if seed is None:
-        seed = torch.randint(0, SEED_RANGE - 1, (), dtype=torch.long)
+        if torch.compiler.is_compiling():
+            return torch.randint(0, SEED_RANGE - 1, (), dtype=torch.long, device=device)
+        seed = int(torch.randint(0, SEED_RANGE - 1, (), dtype=torch.long))
     elif isinstance(seed, Tensor):
         if seed.dim() != 0 or seed.dtype != torch.long:
             raise ValueError(f"seed must be an int or a 0-dim int64 tensor, got {seed.dtype} {tuple(seed.shape)}")
+        return seed.to(device)
     elif not isinstance(seed, numbers.Integral) or isinstance(seed, bool) or not 0 <= seed < SEED_RANGE:
         raise ValueError(f"seed must be None or an integer in [0, 2**63), got {seed!r}")
-    else:
-        seed = torch.tensor(int(seed), dtype=torch.long)
-    return seed.to(device)
+    return torch.full((), int(seed), dtype=torch.long, device=device)
 
 
 def _resolve(device: torch.device, op: str) -> str:
-    return backends.resolve(device, op, tuple(OPS))
+    # On GPU the fused Triton matmul is the point of noisy_linear: it comes first.
+    preference = ("triton", "cuda") if op == "noisy_linear" else None
+    return backends.resolve(device, op, tuple(OPS), gpu_preference=preference)
 
 
 # --------------------------------------------------------------- public API

@@ -14,7 +14,8 @@ from typing import Callable
 
 import torch
 
-RESULTS = pathlib.Path(__file__).resolve().parent / "results"
+# Stored results, relative to the folder the command runs in (the checkout's root).
+RESULTS = pathlib.Path("bench") / "results"
 
 
 def synchronize(device: torch.device) -> None:

@@ -1,0 +1,138 @@
+"""`aefast bench`: every operator, forward and forward + backward, on the current
+device, for each available backend against the plain-PyTorch reference eager and
+under torch.compile, at named sizes; contenders alternate round by round
+(aefast.bench.harness). Each row: median time, achieved GB/s (the bytes the op must
+move at minimum, aefast.bench.cases) and its share of the copy bandwidth measured in
+the same run, and the speedup over the eager and the compiled reference. Writes a
+table on screen, bench.json, bench.md and bench.png (speedups over eager)."""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+import aefast as ae
+from aefast.bench import harness
+from aefast.bench.cases import CASES, SIZES, run
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
+MODES = {"forward": False, "forward+backward": True}
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--op", action="append", choices=sorted(CASES), help="an operator (repeatable; default: all)")
+    p.add_argument("--backend", action="append", choices=[b for b in ae.backends.BACKENDS if b != "reference"],
+                   help="an aefast backend (repeatable; default: every available one with a kernel)")
+    p.add_argument("--size", action="append", choices=["small", "medium", "large"],
+                   help="a named size (repeatable; default: all). CPU: 256x1024, 1024x4096, 4096x4096; "
+                        "CUDA: 1024x4096, 4096x16384, 4096x65536 (rows x units; per-op shapes derive from these)")
+    p.add_argument("--dtype", action="append", choices=sorted(DTYPES), help="(repeatable; default: float32)")
+    p.add_argument("--mode", action="append", choices=sorted(MODES), help="(repeatable; default: both)")
+    p.add_argument("--no-compile", action="store_true", help="leave out the torch.compile(reference) contender")
+    p.add_argument("--rounds", type=int, default=7, help="timed rounds per contender (median reported)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--out", default=None, help="results folder (default: bench/results/<machine>-<date>/)")
+
+
+def copy_bandwidth(device: torch.device, rounds: int) -> float:
+    """GB/s of a clone (read + write, fresh allocation) of a tensor larger than the caches."""
+    x = torch.empty((64 << 20) // 4 if device.type == "cpu" else (1 << 30) // 4, device=device).fill_(1.0)
+    ms = harness.median_ms(harness.alternate({"clone": x.clone}, device, rounds=rounds)["clone"])
+    return 2 * x.numel() * 4 / (ms * 1e-3) / 1e9
+
+
+def _with_backend(name, fn):
+    def call(**inputs):
+        with ae.backend(name):
+            return fn(**inputs)
+    return call
+
+
+def measure(args) -> tuple[list[dict], dict]:
+    device = torch.device(args.device)
+    env = harness.environment(device)
+    env["copy_GBps"] = round(copy_bandwidth(device, args.rounds), 1)
+    rows = []
+    for op in args.op or sorted(CASES):
+        case = CASES[op]
+        backends = [b for b in ae.available_backends(device) if b in case.kernels and b != "reference"]
+        backends = [b for b in backends if not args.backend or b in args.backend]
+        compiled = None if args.no_compile else torch.compile(case.reference)
+        for size in args.size or ["small", "medium", "large"]:
+            for dtype_name in args.dtype or ["float32"]:
+                inputs = case.inputs(size, DTYPES[dtype_name], device)
+                shape = "x".join(map(str, SIZES[device.type][size]))
+                for mode in args.mode or list(MODES):
+                    backward = MODES[mode]
+                    fns = {f"aefast[{b}]": _with_backend(b, case.aefast) for b in backends}
+                    fns["eager"] = case.reference
+                    if compiled is not None:
+                        fns["compiled"] = compiled
+                    contenders = {name: (lambda f=f: run(case, f, inputs, backward)) for name, f in fns.items()}
+                    ms = {n: harness.median_ms(t) for n, t in harness.alternate(contenders, device, args.rounds).items()}
+                    gbytes = case.bytes_moved(inputs, backward) / 1e9
+                    for name, value in ms.items():
+                        gbps = gbytes / (value * 1e-3)
+                        rows.append({
+                            "op": op, "size": size, "shape": shape, "dtype": dtype_name, "mode": mode,
+                            "contender": name, "median_ms": round(value, 3), "GBps": round(gbps, 2),
+                            "copy_share": round(gbps / env["copy_GBps"], 3), "bytes": int(gbytes * 1e9),
+                            "vs_eager": round(ms["eager"] / value, 3),
+                            "vs_compiled": round(ms["compiled"] / value, 3) if "compiled" in ms else None,
+                        })
+                    print(f"  {op} {size} {dtype_name} {mode}: " + ", ".join(f"{n} {v:.2f} ms" for n, v in ms.items()),
+                          flush=True)
+    return rows, env
+
+
+def markdown(rows: list[dict], env: dict) -> str:
+    lines = [
+        f"Measured on {env['device']} ({env['threads']} threads), torch {env['torch']}, {env['date']}; "
+        f"copy bandwidth {env['copy_GBps']} GB/s (a clone of a fresh tensor, in this run).",
+        "",
+        "| op | size | dtype | mode | contender | median ms | GB/s | share of copy | vs eager | vs compiled |",
+        "|---|---|---|---|---|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        compiled = "" if r["vs_compiled"] is None else f"{r['vs_compiled']:.2f}x"
+        lines.append(f"| {r['op']} | {r['size']} {r['shape']} | {r['dtype']} | {r['mode']} | {r['contender']} | "
+                     f"{r['median_ms']:.2f} | {r['GBps']:.1f} | {r['copy_share']:.0%} | {r['vs_eager']:.2f}x | {compiled} |")
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict], path) -> None:
+    """Speedup over the eager reference of each aefast backend, forward + backward."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    picked = [r for r in rows if r["contender"].startswith("aefast") and r["mode"] == "forward+backward"] or \
+        [r for r in rows if r["contender"].startswith("aefast")]
+    labels = sorted({f"{r['op']}\n{r['size']}" for r in picked}, key=lambda s: s)
+    contenders = sorted({r["contender"] for r in picked})
+    fig, ax = plt.subplots(figsize=(max(6, 0.55 * len(labels) * max(1, len(contenders))), 4))
+    width = 0.8 / max(1, len(contenders))
+    for i, name in enumerate(contenders):
+        by_label = {f"{r['op']}\n{r['size']}": r["vs_eager"] for r in picked if r["contender"] == name}
+        xs = [j + i * width for j, label in enumerate(labels) if label in by_label]
+        ax.bar(xs, [by_label[label] for label in labels if label in by_label], width, label=name)
+    ax.axhline(1.0, color="black", linewidth=0.8)
+    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(labels))], labels, fontsize=7)
+    ax.set_ylabel("speedup over eager reference")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(args) -> int:
+    rows, env = measure(args)
+    table = markdown(rows, env)
+    print(table)
+    out = harness.results_dir(torch.device(args.device), args.out)
+    harness.write(out, "bench", {"environment": env, "results": rows}, table)
+    plot(rows, out / "bench.png")
+    print(f"\nwritten to {out}/bench.json, bench.md, bench.png")
+    return 0
