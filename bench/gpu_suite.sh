@@ -3,7 +3,7 @@
 # command of at most 10 minutes: print the device, build the extension there, run
 # the whole test suite on CUDA for every backend, run the benchmarks, run
 # compute-sanitizer over a small CUDA test selection, and write a compact result
-# set (a handful of files) to commit. The step limits add up to 550 s, inside the
+# set (a handful of files) to commit. The step limits add up to 590 s, inside the
 # device tool's 600 s per command.
 #
 #   bash bench/gpu_suite.sh                 # results in bench/results/<gpu>-<date>/
@@ -41,6 +41,8 @@ need "setuptools, ninja, pybind11 (the build runs with --no-build-isolation --no
 need "scikit-learn, scipy, matplotlib, tqdm (data, statistics, figures and progress of the tests)" "$PY" -c "import sklearn, scipy, matplotlib, tqdm"
 need "tests/ and the bench scripts" test -f bench/bench_kl_sparsity.py -a -f bench/bench_wta.py -a -f bench/bench_noise.py -a -d tests
 # aefast is not installed yet on a fresh machine: import it from the checkout.
+need "aefast bench parses its arguments" env PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" \
+  "$PY" -m aefast bench --help
 for script in bench_kl_sparsity bench_wta bench_noise; do
   need "bench/$script.py parses its arguments" env PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" \
     "$PY" "bench/$script.py" --help
@@ -60,13 +62,12 @@ if [ -z "$OUT" ]; then
 fi
 
 STEPS=(
-  "device|20|nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv; $PY -c 'import torch, triton, sys; print(\"torch\", torch.__version__, \"cuda\", torch.version.cuda, \"triton\", triton.__version__, \"python\", sys.version.split()[0]); p = torch.cuda.get_device_properties(0); print(p.name, p.multi_processor_count, \"SMs\")'; nvcc --version | tail -1"
-  "build|180|MAX_JOBS=16 $PY -m pip install --no-build-isolation --no-deps -v -e . && $PY -m aefast info"
-  "tests|190|$PY -m pytest tests -q -p no:cacheprovider -rs"
-  "bench-kl|50|$PY bench/bench_kl_sparsity.py --device cuda --sizes 4096x4096,16384x16384 --out $OUT"
-  "bench-wta|35|$PY bench/bench_wta.py --device cuda --out $OUT"
-  "bench-noise|35|$PY bench/bench_noise.py --device cuda --out $OUT"
-  "sanitizer|40|PYTORCH_NO_CUDA_MEMORY_CACHING=1 ${SANITIZER:-compute-sanitizer} --tool memcheck --error-exitcode 1 $PY -m pytest tests/test_kl_sparsity.py tests/test_noise.py -q -p no:cacheprovider -k 'cuda and (65x129 or 37) and matches_reference'"
+  "device|15|nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv; $PY -c 'import torch, triton, sys; print(\"torch\", torch.__version__, \"cuda\", torch.version.cuda, \"triton\", triton.__version__, \"python\", sys.version.split()[0]); p = torch.cuda.get_device_properties(0); print(p.name, p.multi_processor_count, \"SMs\")'; nvcc --version | tail -1"
+  "build|165|MAX_JOBS=16 $PY -m pip install --no-build-isolation --no-deps -v -e . && $PY -m aefast info"
+  "tests|170|$PY -m pytest tests -q -p no:cacheprovider -rs"
+  "bench|110|$PY -m aefast bench --device cuda --no-compile --rounds 3 --out $OUT"
+  "bench-families|100|$PY bench/bench_kl_sparsity.py --device cuda --sizes 4096x4096,16384x16384 --out $OUT; $PY bench/bench_wta.py --device cuda --out $OUT; $PY bench/bench_noise.py --device cuda --out $OUT"
+  "sanitizer|30|PYTORCH_NO_CUDA_MEMORY_CACHING=1 ${SANITIZER:-compute-sanitizer} --tool memcheck --error-exitcode 1 $PY -m pytest tests/test_kl_sparsity.py tests/test_noise.py -q -p no:cacheprovider -k 'cuda and (65x129 or 37) and matches_reference'"
 )
 
 if [ "$DRY" = 1 ]; then
@@ -96,6 +97,6 @@ for s in "${STEPS[@]}"; do
   [ "$rc" = 0 ] || status=1
   echo "| $name | $result | $((SECONDS - start)) |" >>"$summary"
 done
-{ echo; tail -n 3 "$OUT/tests.log" 2>/dev/null | sed 's/^/    /'; echo; for f in kl_sparsity wta noise; do cat "$OUT/$f.md" 2>/dev/null; echo; done; } >>"$summary"
+{ echo; tail -n 3 "$OUT/tests.log" 2>/dev/null | sed 's/^/    /'; echo; for f in kl_sparsity wta noise bench; do cat "$OUT/$f.md" 2>/dev/null; echo; done; } >>"$summary"
 cat "$summary"
 exit "$status"

@@ -49,7 +49,9 @@ def _with_backend(name, fn):
     return call
 
 
-def measure(args) -> tuple[list[dict], dict]:
+def measure(args, progress=None) -> tuple[list[dict], dict]:
+    """Times every case asked for; `progress(rows, env)` after each operator (the
+    results so far are written then, so a run cut short keeps what it measured)."""
     device = torch.device(args.device)
     env = harness.environment(device)
     env["copy_GBps"] = round(copy_bandwidth(device, args.rounds), 1)
@@ -83,6 +85,8 @@ def measure(args) -> tuple[list[dict], dict]:
                         })
                     print(f"  {op} {size} {dtype_name} {mode}: " + ", ".join(f"{n} {v:.2f} ms" for n, v in ms.items()),
                           flush=True)
+        if progress is not None:
+            progress(rows, env)
     return rows, env
 
 
@@ -128,11 +132,13 @@ def plot(rows: list[dict], path) -> None:
 
 
 def main(args) -> int:
-    rows, env = measure(args)
-    table = markdown(rows, env)
-    print(table)
     out = harness.results_dir(torch.device(args.device), args.out)
-    harness.write(out, "bench", {"environment": env, "results": rows}, table)
+
+    def save(rows, env):
+        harness.write(out, "bench", {"environment": env, "results": rows}, markdown(rows, env))
+
+    rows, env = measure(args, progress=save)
+    print(markdown(rows, env))
     plot(rows, out / "bench.png")
     print(f"\nwritten to {out}/bench.json, bench.md, bench.png")
     return 0
