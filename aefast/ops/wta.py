@@ -22,28 +22,45 @@ from aefast.ops._distributed import global_count, global_topk_keep
 
 # Backends with top-k kernels so far (the sparse decoder: DECODE_OPS below); the
 # others run `reference` under `auto` and raise when asked for by name.
-KERNELS = ("cpp",)
+KERNELS = ("cpp", "triton")
 
+
+@torch.library.custom_op("aefast::topk_forward_triton", mutates_args=())
+def _topk_forward_triton(x: Tensor, k: int, relu: bool) -> tuple[Tensor, Tensor]:
+    from aefast.triton_kernels import topk as kernels
+
+    return kernels.topk_forward(x, k, relu)
+
+
+# The selection op of each backend with a top-k kernel: per row the k largest.
+TOPK_OPS = {"triton": torch.ops.aefast.topk_forward_triton.default}
 if backends.CPP_BUILT:
+    TOPK_OPS["cpp"] = torch.ops.aefast.topk_forward.default
 
-    @torch.library.register_fake("aefast::topk_forward")
-    def _topk_fake(x, k, relu):
+
+def _register_topk(op) -> None:
+    @torch.library.register_fake(op)
+    def _(x, k, relu):
         return x.new_empty((x.shape[0], k)), x.new_empty((x.shape[0], k), dtype=torch.long)
 
-    def _topk_setup(ctx, inputs, output):
+    def setup(ctx, inputs, output):
         x, _, ctx.relu = inputs
         ctx.width = x.shape[1]
         ctx.save_for_backward(*output)
         ctx.mark_non_differentiable(output[1])
 
-    def _topk_backward(ctx, grad_values, _grad_indices):
+    def backward(ctx, grad_values, _grad_indices):
         values, indices = ctx.saved_tensors
         if ctx.relu:  # as torch.relu: no gradient where the output is 0
             grad_values = grad_values * (values > 0)
         grad = grad_values.new_zeros((values.shape[0], ctx.width)).scatter_(1, indices, grad_values)
         return grad, None, None
 
-    torch.library.register_autograd("aefast::topk_forward", _topk_backward, setup_context=_topk_setup)
+    torch.library.register_autograd(op, backward, setup_context=setup)
+
+
+for _op in TOPK_OPS.values():
+    _register_topk(_op)
 
 
 # ------------------------------------------------------------- sparse decoder
@@ -125,10 +142,11 @@ def _encoder_rows(latents: int) -> int:
     return max(16, (1 << 23) // max(latents, 1))
 
 
-if backends.CPP_BUILT:
+def _make_topk_encode(name: str, select, decode_forward, decode_backward):
+    """The fused top-k encoder over one backend's selection and decoder ops."""
 
-    @torch.library.custom_op("aefast::topk_encode", mutates_args=())
-    def _topk_encode(x: Tensor, weight: Tensor, bias: Tensor | None, k: int) -> tuple[Tensor, Tensor]:
+    @torch.library.custom_op(f"aefast::{name}", mutates_args=())
+    def encode(x: Tensor, weight: Tensor, bias: Tensor | None, k: int) -> tuple[Tensor, Tensor]:
         # Row blocks: the (B, L) pre-activation never exists, only (rows, L) at a time.
         B, L = x.shape[0], weight.shape[0]
         values = x.new_empty((B, k))
@@ -136,36 +154,41 @@ if backends.CPP_BUILT:
         step = _encoder_rows(L)
         for r0 in range(0, B, step):
             pre = torch.nn.functional.linear(x[r0:r0 + step], weight, bias).relu_()
-            values[r0:r0 + step], indices[r0:r0 + step] = torch.ops.aefast.topk_forward(pre, k, False)
+            values[r0:r0 + step], indices[r0:r0 + step] = select(pre, k, False)
         return values, indices
 
-    @_topk_encode.register_fake
+    @encode.register_fake
     def _(x, weight, bias, k):
         return x.new_empty((x.shape[0], k)), x.new_empty((x.shape[0], k), dtype=torch.long)
 
-    def _topk_encode_setup(ctx, inputs, output):
+    def setup(ctx, inputs, output):
         x, weight, bias, _ = inputs
         ctx.has_bias = bias is not None
         ctx.latents = weight.shape[0]
         ctx.save_for_backward(x, weight, *output)
         ctx.mark_non_differentiable(output[1])
 
-    def _topk_encode_backward(ctx, grad_values, _grad_indices):
+    def backward(ctx, grad_values, _grad_indices):
         x, weight, values, indices = ctx.saved_tensors
         grad_pre = grad_values.to(values.dtype) * (values > 0)  # through the ReLU
-        decode, decode_backward = DECODE_OPS["cpp"]
         need_x, need_weight, need_bias = ctx.needs_input_grad[:3]
         # grad x = sum_k grad_pre[b, k] W[idx[b, k]]: the sparse decoder's forward;
         # grad W[l] = sum over (b, k) with idx = l of grad_pre[b, k] x[b]: its weight
         # gradient (deterministic, no atomics) with x in the place of grad_out.
-        grad_x = decode(grad_pre, indices, weight, None) if need_x else None
+        grad_x = decode_forward(grad_pre, indices, weight, None) if need_x else None
         grad_weight = decode_backward(x, grad_pre, indices, weight)[1] if need_weight else None
         grad_bias = None
         if ctx.has_bias and need_bias:
             grad_bias = grad_pre.new_zeros(ctx.latents).index_add_(0, indices.flatten(), grad_pre.flatten())
         return grad_x, grad_weight, grad_bias, None
 
-    torch.library.register_autograd("aefast::topk_encode", _topk_encode_backward, setup_context=_topk_encode_setup)
+    encode.register_autograd(backward, setup_context=setup)
+    return getattr(torch.ops.aefast, name).default
+
+
+# The fused encoder per backend with both a top-k and a decoder kernel.
+ENCODE_OPS = {b: _make_topk_encode("topk_encode" if b == "cpp" else f"topk_encode_{b}", TOPK_OPS[b], *DECODE_OPS[b])
+              for b in TOPK_OPS if b in DECODE_OPS}
 
 
 # ------------------------------------------------------------------ checks
@@ -199,7 +222,7 @@ def _select(x: Tensor, k: int, relu: bool, op: str) -> tuple[Tensor, Tensor]:
     name = backends.resolve(x.device, op, KERNELS)
     if name == "reference":
         return reference.topk_sparse(x, k, relu)
-    return torch.ops.aefast.topk_forward(x, k, relu)
+    return TOPK_OPS[name](x, k, relu)
 
 
 # --------------------------------------------------------------- public API
@@ -326,7 +349,7 @@ def topk_encode(x: Tensor, weight: Tensor, bias: Tensor | None, k: int) -> tuple
     if bias is not None and tuple(bias.shape) != (weight.shape[0],):
         raise ValueError(f"bias must be None or of shape ({weight.shape[0]},), got {tuple(bias.shape)}")
     k = _check_k(k, weight.shape[0], "the number of latents")
-    name = backends.resolve(x.device, "topk_encode", KERNELS)
+    name = backends.resolve(x.device, "topk_encode", tuple(ENCODE_OPS))
     if name == "reference":
         return reference.topk_encode(x, weight, bias, k)
-    return torch.ops.aefast.topk_encode(x, weight, bias, k)
+    return ENCODE_OPS[name](x, weight, bias, k)
