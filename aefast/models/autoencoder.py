@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import torch
 from torch import Tensor, nn
 
 from aefast.models.base import AutoencoderModel, detached, mlp, squared_error

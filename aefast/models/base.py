@@ -73,6 +73,23 @@ class AutoencoderModel(nn.Module):
         return torch.autocast(device_type=device.type, dtype=self.autocast_dtype)
 
 
+class OneLayerSigmoidAutoencoder(AutoencoderModel):
+    """x -> h = sigmoid(encoder(x)) -> x_hat = sigmoid(decoder(h)): the shape the
+    UFLDL-style models share; subclasses set `encoder` (D -> H) and `decoder` (H -> D)."""
+
+    encoder: nn.Module
+    decoder: nn.Module
+
+    def encode(self, x: Tensor) -> Tensor:
+        return torch.sigmoid(self.encoder(x))
+
+    def reconstruct(self, x: Tensor) -> Tensor:
+        return torch.sigmoid(self.decoder(self.encode(x)))
+
+    def filters(self) -> Tensor:
+        return self.encoder.weight
+
+
 def squared_error(x_hat: Tensor, x: Tensor) -> Tensor:
     """1/2 ||x_hat - x||^2 summed over features, averaged over the batch (UFLDL's J)."""
     return 0.5 * (x_hat.float() - x.float()).pow(2).flatten(1).sum(1).mean()

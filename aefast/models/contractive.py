@@ -6,12 +6,12 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from aefast.models.base import AutoencoderModel, detached, squared_error
+from aefast.models.base import OneLayerSigmoidAutoencoder, detached, squared_error
 from aefast.ops._checks import check_nonnegative
 from aefast.ops.kl_sparsity import contractive_penalty
 
 
-class ContractiveAutoencoder(AutoencoderModel):
+class ContractiveAutoencoder(OneLayerSigmoidAutoencoder):
     """h = sigmoid(W1 x + b1), x_hat = sigmoid(W2 h + b2); loss 1/2 ||x_hat - x||^2 +
     lam * ||J_h(x)||_F^2, both averaged over the batch. The Jacobian norm of a sigmoid
     layer has a closed form (aefast.contractive_penalty), no autograd through a Jacobian."""
@@ -21,15 +21,6 @@ class ContractiveAutoencoder(AutoencoderModel):
         self.encoder = nn.Linear(n_in, hidden)
         self.decoder = nn.Linear(hidden, n_in)
         self.lam = check_nonnegative(lam, "lam")
-
-    def encode(self, x: Tensor) -> Tensor:
-        return torch.sigmoid(self.encoder(x))
-
-    def reconstruct(self, x: Tensor) -> Tensor:
-        return torch.sigmoid(self.decoder(self.encode(x)))
-
-    def filters(self) -> Tensor:
-        return self.encoder.weight
 
     def loss(self, x: Tensor) -> dict[str, Tensor]:
         h = self.encode(x)

@@ -4,14 +4,13 @@ corrupted input is never stored."""
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor, nn
 
 import aefast as ae
-from aefast.models.base import AutoencoderModel, detached, squared_error
+from aefast.models.base import OneLayerSigmoidAutoencoder, detached, squared_error
 
 
-class DenoisingAutoencoder(AutoencoderModel):
+class DenoisingAutoencoder(OneLayerSigmoidAutoencoder):
     """h = sigmoid(W1 corrupt(x) + b1), x_hat = sigmoid(W2 h + b2), loss 1/2 ||x_hat - x||^2
     against the clean x. `kind`: gaussian, masking, salt_pepper or dropout; `level`: its
     strength. In eval mode the corruption is off (aefast.nn.NoisyLinear), so codes and
@@ -21,15 +20,6 @@ class DenoisingAutoencoder(AutoencoderModel):
         super().__init__()
         self.encoder = ae.nn.NoisyLinear(n_in, hidden, kind, level)
         self.decoder = nn.Linear(hidden, n_in)
-
-    def encode(self, x: Tensor) -> Tensor:
-        return torch.sigmoid(self.encoder(x))
-
-    def reconstruct(self, x: Tensor) -> Tensor:
-        return torch.sigmoid(self.decoder(self.encode(x)))
-
-    def filters(self) -> Tensor:
-        return self.encoder.weight
 
     def loss(self, x: Tensor) -> dict[str, Tensor]:
         reconstruction = squared_error(self.reconstruct(x), x)

@@ -8,11 +8,11 @@ import torch
 from torch import Tensor, nn
 
 import aefast as ae
-from aefast.models.base import AutoencoderModel, bernoulli_nll, detached, squared_error
+from aefast.models.base import OneLayerSigmoidAutoencoder, bernoulli_nll, detached, squared_error
 from aefast.ops.noise import check_kind_level
 
 
-class GSN(AutoencoderModel):
+class GSN(OneLayerSigmoidAutoencoder):
     """One chain step: x~ = corrupt(x) (fused into the first layer by noisy_linear),
     h = sigmoid(W1 x~ + b1), P(x | x~) = Bernoulli(sigmoid(W2 h + b2)).
 
@@ -38,15 +38,6 @@ class GSN(AutoencoderModel):
         x = x.to(self.encoder.weight.dtype)  # chain states after the first come from (autocast) logits
         h = torch.sigmoid(ae.noisy_linear(x, self.encoder.weight, self.encoder.bias, self.kind, self.level))
         return self.decoder(h)
-
-    def encode(self, x: Tensor) -> Tensor:
-        return torch.sigmoid(self.encoder(x))
-
-    def reconstruct(self, x: Tensor) -> Tensor:
-        return torch.sigmoid(self.decoder(self.encode(x)))
-
-    def filters(self) -> Tensor:
-        return self.encoder.weight
 
     @torch.no_grad()
     def sample(self, n: int) -> Tensor:

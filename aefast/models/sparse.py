@@ -5,13 +5,13 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from aefast.models.base import AutoencoderModel, detached, squared_error
+from aefast.models.base import OneLayerSigmoidAutoencoder, detached, squared_error
 from aefast.nn import KLSparsity
 from aefast.ops._checks import check_nonnegative, check_open_unit
 from aefast.ops.kl_sparsity import sigmoid_kl_sparsity
 
 
-class SparseAutoencoder(AutoencoderModel):
+class SparseAutoencoder(OneLayerSigmoidAutoencoder):
     """x -> h = sigmoid(W1 x + b1) -> x_hat = sigmoid(W2 h + b2).
 
     Loss: 1/2 ||x_hat - x||^2 (mean over the batch) + beta * sum_j KL(rho || rho_hat_j)
@@ -31,15 +31,6 @@ class SparseAutoencoder(AutoencoderModel):
         self.rho, self.beta = check_open_unit(rho, "rho"), check_nonnegative(beta, "beta")
         self.weight_decay = check_nonnegative(weight_decay, "weight_decay")
         self.sparsity = KLSparsity(rho, beta, momentum) if momentum is not None else None
-
-    def encode(self, x: Tensor) -> Tensor:
-        return torch.sigmoid(self.encoder(x))
-
-    def reconstruct(self, x: Tensor) -> Tensor:
-        return torch.sigmoid(self.decoder(self.encode(x)))
-
-    def filters(self) -> Tensor:
-        return self.encoder.weight
 
     def loss(self, x: Tensor) -> dict[str, Tensor]:
         if self.sparsity is None:
