@@ -84,8 +84,8 @@ def _decode_backward_triton(
     return kernels.sparse_decode_backward(grad_out, values, indices, weight)
 
 
-# (forward, backward) of the sparse decoder per backend; one C++ op serves cpp (and
-# cuda, once csrc/cuda has the kernel).
+# (forward, backward) of the sparse decoder per backend; one C++ op serves cpp and
+# cuda (the dispatcher picks the CPU or CUDA kernel).
 DECODE_OPS = {
     "triton": (
         torch.ops.aefast.sparse_decode_forward_triton.default,
@@ -93,7 +93,7 @@ DECODE_OPS = {
     )
 }
 if backends.CPP_BUILT:
-    DECODE_OPS["cpp"] = (
+    DECODE_OPS["cpp"] = DECODE_OPS["cuda"] = (
         torch.ops.aefast.sparse_decode_forward.default,
         torch.ops.aefast.sparse_decode_backward.default,
     )
@@ -129,7 +129,7 @@ def _register_decode(forward, backward) -> None:
     torch.library.register_autograd(forward, grads, setup_context=setup)
 
 
-for _forward, _backward in DECODE_OPS.values():
+for _forward, _backward in dict.fromkeys(DECODE_OPS.values()):  # cpp and cuda share one op
     _register_decode(_forward, _backward)
 
 

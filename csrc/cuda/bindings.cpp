@@ -9,6 +9,7 @@
 #include "../noise_args.h"
 #include "kl_sparsity.h"
 #include "noise.h"
+#include "sparse_decode.h"
 
 namespace aefast {
 namespace cuda {
@@ -198,6 +199,62 @@ std::tuple<at::Tensor, at::Tensor> reparameterize_backward_op(const at::Tensor& 
   return {grad_mu, grad_logvar};
 }
 
+// ---- sparse decoder ----
+
+void check_decode_inputs(const at::Tensor& values, const at::Tensor& indices, const at::Tensor& weight) {
+  TORCH_CHECK_VALUE(values.dim() == 2 && indices.sizes() == values.sizes(),
+                    "aefast: values and indices must both be (B, k)");
+  TORCH_CHECK_VALUE(indices.scalar_type() == at::kLong, "aefast: indices must be int64");
+  TORCH_CHECK_VALUE(weight.dim() == 2 && weight.scalar_type() == values.scalar_type(),
+                    "aefast: weight must be (L, D) of the values' dtype");
+  // One host sync, as the other backends: an index out of range must not read out of bounds.
+  if (indices.numel() > 0) {
+    const auto range = at::aminmax(indices);
+    const int64_t low = std::get<0>(range).item<int64_t>(), high = std::get<1>(range).item<int64_t>();
+    TORCH_CHECK_INDEX(low >= 0 && high < weight.size(0), "aefast: indices must be in [0, ", weight.size(0), ")");
+  }
+}
+
+at::Tensor sparse_decode_forward_op(const at::Tensor& values_in, const at::Tensor& indices_in,
+                                    const at::Tensor& weight_in, const std::optional<at::Tensor>& bias_in) {
+  const c10::cuda::CUDAGuard guard(values_in.device());
+  check_decode_inputs(values_in, indices_in, weight_in);
+  const auto values = values_in.contiguous(), weight = weight_in.contiguous();
+  const auto indices = indices_in.contiguous();
+  at::Tensor bias;
+  if (bias_in.has_value()) bias = bias_in->to(values.scalar_type()).contiguous();
+  const int64_t B = values.size(0), K = values.size(1), D = weight.size(1);
+  auto out = at::empty({B, D}, values.options());
+  check(sparse_decode_forward(values.const_data_ptr(), indices.const_data_ptr<int64_t>(), weight.const_data_ptr(),
+                              bias.defined() ? bias.const_data_ptr() : nullptr, out.data_ptr(), dtype_of(values), B, K,
+                              D, stream()));
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor> sparse_decode_backward_op(const at::Tensor& grad_out_in,
+                                                             const at::Tensor& values_in,
+                                                             const at::Tensor& indices_in,
+                                                             const at::Tensor& weight_in) {
+  const c10::cuda::CUDAGuard guard(values_in.device());
+  check_decode_inputs(values_in, indices_in, weight_in);
+  const auto values = values_in.contiguous(), weight = weight_in.contiguous();
+  const auto indices = indices_in.contiguous();
+  const auto grad_out = grad_out_in.to(values.scalar_type()).contiguous();
+  const int64_t B = values.size(0), K = values.size(1), L = weight.size(0), D = weight.size(1);
+  // The (row, slot) pairs sorted by latent, stably: each latent's run in (row, slot) order.
+  const auto flat = indices.flatten();
+  const auto order = std::get<1>(at::sort(flat, /*stable=*/true, /*dim=*/0, /*descending=*/false)).contiguous();
+  auto starts = at::zeros({L + 1}, indices.options());
+  starts.narrow(0, 1, L).copy_(at::cumsum(at::bincount(flat, {}, L), 0));
+  auto grad_values = at::empty({B, K}, values.options());
+  auto grad_weight = at::empty({L, D}, weight.options());
+  check(sparse_decode_backward(grad_out.const_data_ptr(), values.const_data_ptr(), indices.const_data_ptr<int64_t>(),
+                               weight.const_data_ptr(), order.const_data_ptr<int64_t>(),
+                               starts.const_data_ptr<int64_t>(), grad_values.data_ptr(), grad_weight.data_ptr(),
+                               dtype_of(values), B, K, L, D, stream()));
+  return {grad_values, grad_weight};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(aefast, CUDA, m) {
@@ -210,6 +267,8 @@ TORCH_LIBRARY_IMPL(aefast, CUDA, m) {
   m.impl("corrupt", &corrupt_op);
   m.impl("reparameterize_forward", &reparameterize_forward_op);
   m.impl("reparameterize_backward", &reparameterize_backward_op);
+  m.impl("sparse_decode_forward", &sparse_decode_forward_op);
+  m.impl("sparse_decode_backward", &sparse_decode_backward_op);
 }
 
 }  // namespace cuda

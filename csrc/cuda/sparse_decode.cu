@@ -1,0 +1,106 @@
+// CUDA sparse decoder. Forward: a block per (row, slice of D), each thread one
+// output column summing its k terms in slot order. Values gradient: a warp per
+// (row, slot), a dot product of grad_out's row and the weight row reduced in a
+// fixed shuffle order. Weight gradient: a block per (latent, slice of D) summing
+// the latent's (row, slot) pairs in their sorted order. No atomics anywhere: the
+// same bits on every run.
+#include <algorithm>
+
+#include "common.cuh"
+#include "sparse_decode.h"
+
+namespace aefast {
+namespace cuda {
+namespace {
+
+constexpr int kThreads = 256;
+constexpr int kWarp = 32;
+
+template <typename T>
+__global__ void decode_forward_kernel(const T* __restrict__ values, const int64_t* __restrict__ indices,
+                                      const T* __restrict__ weight, const T* __restrict__ bias, T* __restrict__ out,
+                                      int64_t K, int64_t D) {
+  using A = acc_t<T>;
+  const int64_t row = blockIdx.x;
+  const int64_t d = static_cast<int64_t>(blockIdx.y) * kThreads + threadIdx.x;
+  if (d >= D) return;
+  A acc = bias != nullptr ? to_acc(bias[d]) : A(0);
+  for (int64_t k = 0; k < K; ++k) {
+    const int64_t e = row * K + k;
+    acc += to_acc(values[e]) * to_acc(weight[indices[e] * D + d]);
+  }
+  out[row * D + d] = from_acc<T>(acc);
+}
+
+template <typename T>
+__global__ void decode_values_grad_kernel(const T* __restrict__ grad_out, const int64_t* __restrict__ indices,
+                                          const T* __restrict__ weight, T* __restrict__ grad_values, int64_t pairs,
+                                          int64_t K, int64_t D) {
+  using A = acc_t<T>;
+  const int64_t e = (static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x) / kWarp;
+  const int lane = threadIdx.x % kWarp;
+  if (e >= pairs) return;  // whole warps leave together: e is the same across a warp
+  const T* g = grad_out + (e / K) * D;
+  const T* w = weight + indices[e] * D;
+  A acc = 0;
+  for (int64_t d = lane; d < D; d += kWarp) acc += to_acc(g[d]) * to_acc(w[d]);
+  for (int offset = kWarp / 2; offset > 0; offset /= 2) acc += __shfl_down_sync(0xffffffffu, acc, offset);
+  if (lane == 0) grad_values[e] = from_acc<T>(acc);
+}
+
+template <typename T>
+__global__ void decode_weight_grad_kernel(const T* __restrict__ grad_out, const T* __restrict__ values,
+                                          const int64_t* __restrict__ order, const int64_t* __restrict__ starts,
+                                          T* __restrict__ grad_weight, int64_t K, int64_t D) {
+  using A = acc_t<T>;
+  const int64_t latent = blockIdx.x;
+  const int64_t d = static_cast<int64_t>(blockIdx.y) * kThreads + threadIdx.x;
+  if (d >= D) return;
+  A acc = 0;
+  for (int64_t i = starts[latent]; i < starts[latent + 1]; ++i) {
+    const int64_t e = order[i];
+    acc += to_acc(values[e]) * to_acc(grad_out[(e / K) * D + d]);
+  }
+  grad_weight[latent * D + d] = from_acc<T>(acc);
+}
+
+dim3 rows_by_columns(int64_t rows, int64_t D) {
+  return dim3(static_cast<unsigned>(rows), static_cast<unsigned>(ceil_div(D, kThreads)));
+}
+
+}  // namespace
+
+cudaError_t sparse_decode_forward(const void* values, const int64_t* indices, const void* weight, const void* bias,
+                                  void* out, DType dtype, int64_t B, int64_t K, int64_t D, cudaStream_t stream) {
+  if (B == 0 || D == 0) return cudaSuccess;
+  return dispatch(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    decode_forward_kernel<T><<<rows_by_columns(B, D), kThreads, 0, stream>>>(
+        static_cast<const T*>(values), indices, static_cast<const T*>(weight), static_cast<const T*>(bias),
+        static_cast<T*>(out), K, D);
+  });
+}
+
+cudaError_t sparse_decode_backward(const void* grad_out, const void* values, const int64_t* indices,
+                                   const void* weight, const int64_t* order, const int64_t* starts, void* grad_values,
+                                   void* grad_weight, DType dtype, int64_t B, int64_t K, int64_t L, int64_t D,
+                                   cudaStream_t stream) {
+  return dispatch(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    const int64_t pairs = B * K;
+    if (pairs > 0) {
+      const int64_t blocks = ceil_div(pairs * kWarp, kThreads);
+      decode_values_grad_kernel<T><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
+          static_cast<const T*>(grad_out), indices, static_cast<const T*>(weight), static_cast<T*>(grad_values), pairs,
+          K, D);
+    }
+    if (L > 0 && D > 0) {
+      decode_weight_grad_kernel<T><<<rows_by_columns(L, D), kThreads, 0, stream>>>(
+          static_cast<const T*>(grad_out), static_cast<const T*>(values), order, starts,
+          static_cast<T*>(grad_weight), K, D);
+    }
+  });
+}
+
+}  // namespace cuda
+}  // namespace aefast
