@@ -60,7 +60,7 @@ def measure(args, progress=None) -> tuple[list[dict], dict]:
         case = CASES[op]
         backends = [b for b in ae.available_backends(device) if b in case.kernels and b != "reference"]
         backends = [b for b in backends if not args.backend or b in args.backend]
-        compiled = None if args.no_compile else torch.compile(case.reference)
+        compiled = None if args.no_compile or not case.compile_reference else torch.compile(case.reference)
         for size in args.size or ["small", "medium", "large"]:
             for dtype_name in args.dtype or ["float32"]:
                 inputs = case.inputs(size, DTYPES[dtype_name], device)
