@@ -16,7 +16,8 @@ import torch
 
 BACKENDS = ("reference", "cpp", "triton", "cuda")
 
-# Until stored GPU benchmark results rank them, the compiled CUDA kernels come first.
+# Where no stored GPU benchmark ranks an op's backends (GPU_RANKING), the compiled
+# CUDA kernels come first.
 GPU_PREFERENCE = ("cuda", "triton")
 
 try:
@@ -33,6 +34,21 @@ TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
 # Triton's interpreter runs the kernels on CPU tensors; it must be chosen before the
 # kernels are defined, so it is read once, here.
 TRITON_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+def _load_gpu_ranking() -> dict[str, list[str]]:
+    """{op: backends, fastest first} from the newest GPU run of `aefast bench`
+    (aefast/bench/gpu_ranking.json, written by aefast.bench.ranking); empty if none."""
+    import json
+    import pathlib
+
+    path = pathlib.Path(__file__).resolve().parent / "bench" / "gpu_ranking.json"
+    try:
+        return json.loads(path.read_text())["ranking"]
+    except (OSError, ValueError, KeyError):
+        return {}
+
+
+GPU_RANKING: dict[str, list[str]] = _load_gpu_ranking()
 
 _default = os.environ.get("AEFAST_BACKEND", "auto")
 _forced: list[str] = []
@@ -88,10 +104,14 @@ def backend(name: str):
 def resolve(device: torch.device, op: str = "", kernels: tuple[str, ...] = BACKENDS,
             gpu_preference: tuple[str, ...] | None = None) -> str:
     """The backend that runs operator `op`, which has kernels for `kernels`, on
-    tensors of `device` now (`gpu_preference`: the op's own order under `auto` on GPU)."""
+    tensors of `device` now. Under `auto` on GPU: the stored benchmark ranking of `op`
+    if there is one, else `gpu_preference` (the op's own order), else GPU_PREFERENCE."""
     name = current_backend()
     if name == "auto":
-        preference = ("cpp",) if device.type == "cpu" else (gpu_preference or GPU_PREFERENCE)
+        if device.type == "cpu":
+            preference = ("cpp",)
+        else:
+            preference = tuple(GPU_RANKING.get(op, ())) or gpu_preference or GPU_PREFERENCE
         for candidate in preference:
             if candidate in kernels and _why_unavailable(candidate, device.type) is None:
                 return candidate

@@ -71,3 +71,33 @@ def test_environment_variable_chooses_the_backend():
     env = dict(os.environ, AEFAST_BACKEND="reference")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["reference", "reference"]
+
+
+def test_stored_gpu_ranking_drives_auto(tmp_path, monkeypatch):
+    import json
+
+    from aefast.bench import ranking
+
+    def row(op, contender, size, ms):
+        return {"op": op, "contender": contender, "size": size, "mode": "forward+backward",
+                "dtype": "float32", "median_ms": ms}
+
+    rows = [row("corrupt", "aefast[cuda]", "large", 2.0), row("corrupt", "aefast[triton]", "large", 1.0),
+            row("corrupt", "aefast[cuda]", "small", 0.1), row("corrupt", "aefast[triton]", "small", 0.2),
+            row("corrupt", "eager", "large", 9.0)]
+    bench = tmp_path / "bench.json"
+    bench.write_text(json.dumps({"environment": {"device_type": "cuda", "device": "H100"}, "results": rows}))
+    written = ranking.write_ranking(bench, tmp_path / "gpu_ranking.json")
+    assert written["ranking"] == {"corrupt": ["triton", "cuda"]}  # the largest size decides
+
+    monkeypatch.setattr(backends, "CUDA_BUILT", True)  # both GPU backends "available"
+    cuda = torch.device("cuda")
+    assert backends.resolve(cuda, "corrupt") == "cuda"  # no ranking: GPU_PREFERENCE
+    monkeypatch.setattr(backends, "GPU_RANKING", written["ranking"])
+    assert backends.resolve(cuda, "corrupt") == "triton"
+    assert backends.resolve(cuda, "kl_sparsity") == "cuda"  # not ranked: the default order
+    assert backends.resolve(torch.device("cpu"), "corrupt") == "cpp"
+
+    bench.write_text(json.dumps({"environment": {"device_type": "cpu", "device": "x"}, "results": rows}))
+    with pytest.raises(ValueError, match="no GPU run"):
+        ranking.write_ranking(bench, tmp_path / "gpu_ranking.json")

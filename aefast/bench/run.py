@@ -54,6 +54,7 @@ def measure(args, progress=None) -> tuple[list[dict], dict]:
     results so far are written then, so a run cut short keeps what it measured)."""
     device = torch.device(args.device)
     env = harness.environment(device)
+    env["device_type"] = device.type
     env["copy_GBps"] = round(copy_bandwidth(device, args.rounds), 1)
     rows = []
     for op in args.op or sorted(CASES):

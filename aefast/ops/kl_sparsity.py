@@ -209,7 +209,7 @@ def kl_sparsity(a: Tensor, rho: float, beta: float = 1.0, *, group=None) -> Tens
     if group is not None:
         rho_hat = global_column_mean(a, group)
         return reference.kl_penalty_from_rho_hat(rho_hat, rho, beta).to(a.dtype)
-    name = backends.resolve(a.device)
+    name = backends.resolve(a.device, "kl_sparsity")
     if name == "reference":
         return reference.kl_sparsity(a, rho, beta)
     return OPS[name].kl_forward(a, rho, beta)[0]
@@ -227,7 +227,7 @@ def sigmoid_kl_sparsity(
     if group is not None:
         h = torch.sigmoid(z)
         return h, kl_sparsity(h, rho, beta, group=group)
-    name = backends.resolve(z.device)
+    name = backends.resolve(z.device, "sigmoid_kl_sparsity")
     if name == "reference":
         return reference.sigmoid_kl_sparsity(z, rho, beta)
     h, penalty, _ = OPS[name].sigmoid_kl_forward(z, rho, beta)
@@ -252,7 +252,7 @@ def contractive_penalty(h: Tensor, weight: Tensor) -> Tensor:
             f"weight must have h's dtype and device ({h.dtype}, {h.device}), "
             f"got {weight.dtype} on {weight.device}"
         )
-    name = backends.resolve(h.device)
+    name = backends.resolve(h.device, "contractive_penalty")
     if name == "reference":
         return reference.contractive_penalty(h, weight)
     return OPS[name].contractive_forward(h, weight)[0]
