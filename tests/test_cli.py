@@ -49,3 +49,29 @@ def test_bench_prints_the_table_and_writes_json_markdown_png(capsys, tmp_path, o
         assert (r["vs_eager"] == 1.0) == (r["contender"] == "eager")
     assert (tmp_path / "bench.md").read_text().startswith("Measured on")
     assert (tmp_path / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_readme_tables_come_from_the_newest_stored_run(tmp_path):
+    import json
+
+    from aefast.bench import readme
+
+    def run(folder, date, ms):
+        path = tmp_path / "results" / folder
+        path.mkdir(parents=True)
+        row = {"op": "corrupt", "size": "medium", "shape": "1024x4096", "mode": "forward", "contender": "aefast[cpp]",
+               "median_ms": ms, "copy_share": 0.5, "vs_eager": 3.0, "vs_compiled": None}
+        env = {"device": "cpu-x", "threads": 2, "torch": "2.13", "date": date, "copy_GBps": 4.0, "device_type": "cpu"}
+        (path / "bench.json").write_text(json.dumps({"environment": env, "results": [row]}))
+
+    run("old", "2026-01-01T00:00:00", 9.99)
+    run("new", "2026-02-01T00:00:00", 1.25)
+    page = tmp_path / "README.md"
+    page.write_text("intro\n<!-- aefast-bench:cpu -->\nstale\n<!-- /aefast-bench:cpu -->\n"
+                    "<!-- aefast-bench:cuda -->\n<!-- /aefast-bench:cuda -->\nend\n")
+    assert readme.update(page, tmp_path / "results") == ["cpu"]
+    first = page.read_text()
+    assert "| corrupt | forward | cpp | 1.25 | 50% | 3.00x |  |" in first and "9.99" not in first
+    assert "stale" not in first and first.startswith("intro\n") and first.endswith("end\n")
+    readme.update(page, tmp_path / "results")
+    assert page.read_text() == first  # idempotent

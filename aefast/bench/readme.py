@@ -1,0 +1,69 @@
+"""The README's `aefast bench` tables, generated from the newest stored results:
+
+    python -m aefast.bench.readme            # rewrites README.md between its markers
+
+For each device type with results under bench/results/*/bench.json (the newest run
+per type), the aefast rows at one size (CPU: medium; GPU: large): time, speedup over
+the eager and the compiled reference, and share of the copy bandwidth.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import re
+
+SIZE = {"cpu": "medium", "cuda": "large"}
+
+
+def newest_runs(results: pathlib.Path) -> dict[str, dict]:
+    """{device type: bench.json record} of the newest run per device type."""
+    runs: dict[str, dict] = {}
+    for path in results.glob("*/bench.json"):
+        record = json.loads(path.read_text())
+        env = record["environment"]
+        kind = env.get("device_type", "cpu")
+        record["path"] = path
+        if kind not in runs or env["date"] > runs[kind]["environment"]["date"]:
+            runs[kind] = record
+    return runs
+
+
+def table(record: dict, kind: str) -> str:
+    env, size = record["environment"], SIZE[kind]
+    rows = [r for r in record["results"] if r["contender"].startswith("aefast") and r["size"] == size]
+    if not rows:  # a run cut short: its largest size
+        size = max({r["size"] for r in record["results"]}, key=("small", "medium", "large").index)
+        rows = [r for r in record["results"] if r["contender"].startswith("aefast") and r["size"] == size]
+    lines = [
+        f"{env['device']}, {env['threads']} threads, torch {env['torch']}, {env['date'][:10]}; size {size} "
+        f"({rows[0]['shape'] if rows else '?'}), float32; copy bandwidth {env['copy_GBps']} GB/s "
+        f"(`{record['path'].parent.as_posix()}/bench.md` has every row):",
+        "",
+        "| op | mode | backend | median ms | share of copy | vs eager | vs compiled |",
+        "|---|---|---|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        compiled = "" if r["vs_compiled"] is None else f"{r['vs_compiled']:.2f}x"
+        lines.append(f"| {r['op']} | {r['mode']} | {r['contender'][len('aefast['):-1]} | {r['median_ms']:.2f} | "
+                     f"{r['copy_share']:.0%} | {r['vs_eager']:.2f}x | {compiled} |")
+    return "\n".join(lines)
+
+
+def update(readme: pathlib.Path, results: pathlib.Path) -> list[str]:
+    """Rewrites each `<!-- aefast-bench:KIND -->` ... `<!-- /aefast-bench:KIND -->`
+    block of readme that has results; returns the kinds written."""
+    text = readme.read_text()
+    written = []
+    for kind, record in newest_runs(results).items():
+        pattern = re.compile(rf"(<!-- aefast-bench:{kind} -->\n)(?:.*?\n)?(<!-- /aefast-bench:{kind} -->)", re.S)
+        if pattern.search(text):
+            text = pattern.sub(lambda m: m.group(1) + table(record, kind) + "\n" + m.group(2), text)
+            written.append(kind)
+    readme.write_text(text)
+    return written
+
+
+if __name__ == "__main__":
+    kinds = update(pathlib.Path("README.md"), pathlib.Path("bench") / "results")
+    print("README.md: wrote the aefast bench tables of " + (", ".join(kinds) or "no device (no results or markers)"))
