@@ -17,14 +17,20 @@ SIZE = {"cpu": "medium", "cuda": "large"}
 
 
 def newest_runs(results: pathlib.Path) -> dict[str, dict]:
-    """{device type: bench.json record} of the newest run per device type."""
+    """{device type: bench.json record} of the newest run per device type, among the
+    runs that measured the size shown for it if any did."""
     runs: dict[str, dict] = {}
-    for path in results.glob("*/bench.json"):
+
+    def rank(record):
+        kind = record["environment"].get("device_type", "cpu")
+        has_size = any(r["size"] == SIZE[kind] for r in record["results"])
+        return has_size, record["environment"]["date"]
+
+    for path in sorted(results.glob("*/bench.json")):
         record = json.loads(path.read_text())
-        env = record["environment"]
-        kind = env.get("device_type", "cpu")
         record["path"] = path
-        if kind not in runs or env["date"] > runs[kind]["environment"]["date"]:
+        kind = record["environment"].get("device_type", "cpu")
+        if kind not in runs or rank(record) > rank(runs[kind]):
             runs[kind] = record
     return runs
 

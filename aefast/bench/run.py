@@ -42,6 +42,14 @@ def copy_bandwidth(device: torch.device, rounds: int) -> float:
     return 2 * x.numel() * 4 / (ms * 1e-3) / 1e9
 
 
+def matmul_tflops(device: torch.device, rounds: int) -> float:
+    """float32 matmul rate (TFLOP/s) of this device, for reading the compute-bound ops."""
+    n = 4096 if device.type == "cuda" else 1024
+    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+    ms = harness.median_ms(harness.alternate({"mm": lambda: a @ b}, device, rounds=rounds)["mm"])
+    return 2 * n**3 / (ms * 1e-3) / 1e12
+
+
 def _with_backend(name, fn):
     def call(**inputs):
         with ae.backend(name):
@@ -56,6 +64,7 @@ def measure(args, progress=None) -> tuple[list[dict], dict]:
     env = harness.environment(device)
     env["device_type"] = device.type
     env["copy_GBps"] = round(copy_bandwidth(device, args.rounds), 1)
+    env["matmul_fp32_TFLOPs"] = round(matmul_tflops(device, args.rounds), 3)
     rows = []
     for op in args.op or sorted(CASES):
         case = CASES[op]
@@ -94,7 +103,8 @@ def measure(args, progress=None) -> tuple[list[dict], dict]:
 def markdown(rows: list[dict], env: dict) -> str:
     lines = [
         f"Measured on {env['device']} ({env['threads']} threads), torch {env['torch']}, {env['date']}; "
-        f"copy bandwidth {env['copy_GBps']} GB/s (a clone of a fresh tensor, in this run).",
+        f"copy bandwidth {env['copy_GBps']} GB/s (a clone of a fresh tensor, in this run); "
+        f"float32 matmul {env['matmul_fp32_TFLOPs']} TFLOP/s.",
         "",
         "| op | size | dtype | mode | contender | median ms | GB/s | share of copy | vs eager | vs compiled |",
         "|---|---|---|---|---|---:|---:|---:|---:|---:|",
