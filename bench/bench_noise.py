@@ -105,19 +105,8 @@ def main(argv=None) -> int:
         **noisy_linear_contenders(device, 1024, 4096, 1024),
         **reparameterize_contenders(device, 1024, 16384),
     }
-    env = harness.environment(device)
-    lines = [
-        f"Measured on {env['device']} ({env['threads']} threads), torch {env['torch']}, {env['date']}.",
-        f"float32; corrupt and reparameterize: 1024 x 16384; noisy_linear: 1024 x 4096 -> 1024; level {LEVEL}.",
-        "",
-    ]
-    rows, records = harness.ratio_table(groups, TARGETS, device, args.rounds)
-    table = "\n".join(lines + rows)
-    print(table)
-    out = harness.results_dir(device, args.out)
-    harness.write(out, "noise", {"environment": env, "results": records}, table)
-    print(f"\nwritten to {out}")
-    return 0
+    header = [f"float32; corrupt and reparameterize: 1024 x 16384; noisy_linear: 1024 x 4096 -> 1024; level {LEVEL}."]
+    return harness.report("noise", header, groups, TARGETS, device, args.rounds, args.out)
 
 
 if __name__ == "__main__":

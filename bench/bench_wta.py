@@ -103,20 +103,8 @@ def main(argv=None) -> int:
     device = torch.device(args.device)
     torch.manual_seed(0)
     groups = {**topk_contenders(device, 1024, 16384, 32), **decode_contenders(device, 1024, 32, 16384, 768)}
-    env = harness.environment(device)
-    lines = [
-        f"Measured on {env['device']} ({env['threads']} threads), torch {env['torch']}, {env['date']}.",
-        "float32; topk: 1024 x 16384, k = 32; topk_encode and sparse_decode: B = 1024, k = 32, L = 16384, D = 768.",
-        "",
-    ]
-    rows, records = harness.ratio_table(groups, TARGETS, device, args.rounds)
-    lines += rows
-    table = "\n".join(lines)
-    print(table)
-    out = harness.results_dir(device, args.out)
-    harness.write(out, "wta", {"environment": env, "results": records}, table)
-    print(f"\nwritten to {out}")
-    return 0
+    header = ["float32; topk: 1024 x 16384, k = 32; topk_encode and sparse_decode: B = 1024, k = 32, L = 16384, D = 768."]
+    return harness.report("wta", header, groups, TARGETS, device, args.rounds, args.out)
 
 
 if __name__ == "__main__":

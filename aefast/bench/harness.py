@@ -105,3 +105,18 @@ def ratio_table(groups: dict[str, dict[str, Callable[[], object]]], targets: dic
             shown = "" if name == "aefast" else f"{ratio:.2f}"
             lines.append(f"| {op} | {name} | {value:.1f} | {shown} | {verdict} |")
     return lines, records
+
+
+def report(stem: str, header: list[str], groups, targets, device: torch.device, rounds: int,
+           out: str | None) -> int:
+    """Times the groups (ratio_table), prints the table under `header` and writes
+    <stem>.json and <stem>.md to the results folder."""
+    env = environment(device)
+    rows, records = ratio_table(groups, targets, device, rounds)
+    table = "\n".join([f"Measured on {env['device']} ({env['threads']} threads), torch {env['torch']}, "
+                       f"{env['date']}.", *header, "", *rows])
+    print(table)
+    folder = results_dir(device, out)
+    write(folder, stem, {"environment": env, "results": records}, table)
+    print(f"\nwritten to {folder}")
+    return 0

@@ -50,3 +50,15 @@ def autocast_inputs(device: torch.device, *tensors):
         t.to(dtype) if isinstance(t, Tensor) and t.is_floating_point() and t.dtype != torch.float64 else t
         for t in tensors
     )
+
+
+def check_linear_params(x: Tensor, weight, bias, out_name: str) -> None:
+    """weight (out_name, D) and bias (out_name,) or None, of x's dtype, D = x's last size."""
+    width = x.shape[-1]
+    if not isinstance(weight, Tensor) or weight.dim() != 2 or weight.shape[1] != width:
+        shape = tuple(weight.shape) if isinstance(weight, Tensor) else type(weight).__name__
+        raise ValueError(f"weight must be 2-D of shape ({out_name}, D={width}), got {shape}")
+    if weight.dtype != x.dtype or (bias is not None and bias.dtype != x.dtype):
+        raise ValueError(f"weight and bias must have x's dtype {x.dtype}")
+    if bias is not None and tuple(bias.shape) != (weight.shape[0],):
+        raise ValueError(f"bias must be None or of shape ({weight.shape[0]},), got {tuple(bias.shape)}")

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from aefast import backends, reference
-from aefast.ops._checks import FLOAT_DTYPES, autocast_inputs
+from aefast.ops._checks import FLOAT_DTYPES, autocast_inputs, check_linear_params
 
 KINDS = reference.CORRUPTION_KINDS
 
@@ -305,13 +305,7 @@ def noisy_linear(
     x, weight, bias = autocast_inputs(x.device, x, weight, bias)
     if x.dim() < 1 or x.numel() == 0:
         raise ValueError(f"x must be non-empty with at least 1 dimension, got shape {tuple(x.shape)}")
-    if not isinstance(weight, Tensor) or weight.dim() != 2 or weight.shape[1] != x.shape[-1]:
-        shape = tuple(weight.shape) if isinstance(weight, Tensor) else type(weight).__name__
-        raise ValueError(f"weight must be 2-D of shape (O, D={x.shape[-1]}), got {shape}")
-    if weight.dtype != x.dtype or (bias is not None and bias.dtype != x.dtype):
-        raise ValueError(f"weight and bias must have x's dtype {x.dtype}")
-    if bias is not None and tuple(bias.shape) != (weight.shape[0],):
-        raise ValueError(f"bias must be None or of shape ({weight.shape[0]},), got {tuple(bias.shape)}")
+    check_linear_params(x, weight, bias, "O")
     level = check_kind_level(kind, level)
     low, high = _check_finite(low, "low"), _check_finite(high, "high")
     seed = seed_tensor(seed, x.device)

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from aefast import backends, reference
-from aefast.ops._checks import FLOAT_DTYPES, autocast_inputs
+from aefast.ops._checks import FLOAT_DTYPES, autocast_inputs, check_linear_params
 from aefast.ops._distributed import global_count, global_topk_keep
 
 # Backends with top-k kernels so far (the sparse decoder: DECODE_OPS below); the
@@ -341,13 +341,7 @@ def topk_encode(x: Tensor, weight: Tensor, bias: Tensor | None, k: int) -> tuple
     Under autocast, x, weight and bias run in the autocast dtype."""
     _check_x(x)
     x, weight, bias = autocast_inputs(x.device, x, weight, bias)
-    if not isinstance(weight, Tensor) or weight.dim() != 2 or weight.shape[1] != x.shape[1]:
-        shape = tuple(weight.shape) if isinstance(weight, Tensor) else type(weight).__name__
-        raise ValueError(f"weight must be 2-D of shape (L, D={x.shape[1]}), got {shape}")
-    if weight.dtype != x.dtype or (bias is not None and bias.dtype != x.dtype):
-        raise ValueError(f"weight and bias must have x's dtype {x.dtype}")
-    if bias is not None and tuple(bias.shape) != (weight.shape[0],):
-        raise ValueError(f"bias must be None or of shape ({weight.shape[0]},), got {tuple(bias.shape)}")
+    check_linear_params(x, weight, bias, "L")
     k = _check_k(k, weight.shape[0], "the number of latents")
     name = backends.resolve(x.device, "topk_encode", tuple(ENCODE_OPS))
     if name == "reference":
