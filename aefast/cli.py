@@ -1,4 +1,4 @@
-"""The `aefast` command (also `python -m aefast`): info, train."""
+"""The `aefast` command (also `python -m aefast`): info, train, bench."""
 
 from __future__ import annotations
 
