@@ -12,7 +12,6 @@ one clone for kl_sparsity.
 
 from __future__ import annotations
 
-import argparse
 
 import torch
 
@@ -127,12 +126,9 @@ def markdown(records, env) -> str:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--device", default="cpu")
+    p = harness.script_parser(__doc__, rounds=15)
     p.add_argument("--sizes", default="4096x4096", help="comma-separated ROWSxCOLS")
     p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
-    p.add_argument("--rounds", type=int, default=15)
-    p.add_argument("--out", default=None, help="results folder (default bench/results/<machine>-<date>)")
     args = p.parse_args(argv)
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     sizes = [tuple(int(n) for n in size.split("x")) for size in args.sizes.split(",")]

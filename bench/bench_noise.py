@@ -11,7 +11,6 @@
 
 from __future__ import annotations
 
-import argparse
 
 import torch
 import torch.nn.functional as F
@@ -93,11 +92,7 @@ def reparameterize_contenders(device, B, Z):
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--rounds", type=int, default=11)
-    p.add_argument("--out", default=None)
-    args = p.parse_args(argv)
+    args = harness.script_parser(__doc__, rounds=11).parse_args(argv)
     device = torch.device(args.device)
     torch.manual_seed(0)
     groups = {

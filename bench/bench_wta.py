@@ -14,7 +14,6 @@
 
 from __future__ import annotations
 
-import argparse
 
 import torch
 import torch.nn.functional as F
@@ -95,11 +94,7 @@ def decode_contenders(device, B, k, L, D):
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--rounds", type=int, default=11)
-    p.add_argument("--out", default=None)
-    args = p.parse_args(argv)
+    args = harness.script_parser(__doc__, rounds=11).parse_args(argv)
     device = torch.device(args.device)
     torch.manual_seed(0)
     groups = {**topk_contenders(device, 1024, 16384, 32), **decode_contenders(device, 1024, 32, 16384, 768)}

@@ -20,7 +20,9 @@ import triton.language as tl
 from aefast.reference import CORRUPTION_KINDS
 from aefast.triton_kernels._common import acc_dtype
 
-GAUSSIAN, MASKING, SALT_PEPPER, DROPOUT = range(4)
+# KIND in the kernels: the kind's index in CORRUPTION_KINDS (0 gaussian, 1 masking,
+# 2 salt_pepper, 3 dropout).
+DROPOUT = CORRUPTION_KINDS.index("dropout")
 
 # Where noisy_matmul_kernel applies the corruption.
 CORRUPT_NONE = 0

@@ -47,10 +47,6 @@ def nbytes(*tensors) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
-def first_output(out):
-    return out[0] if isinstance(out, tuple) else out
-
-
 def run(case: Case, fn, inputs: dict, backward: bool) -> None:
     """One call of fn on the case's inputs (fresh leaves), then its backward."""
     if not backward:

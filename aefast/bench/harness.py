@@ -3,6 +3,7 @@ round by round, so drift in the machine (frequency, other load) hits them alike.
 
 from __future__ import annotations
 
+import argparse
 import datetime
 import json
 import pathlib
@@ -16,6 +17,15 @@ import torch
 
 # Stored results, relative to the folder the command runs in (the checkout's root).
 RESULTS = pathlib.Path("bench") / "results"
+
+
+def script_parser(description: str, rounds: int) -> argparse.ArgumentParser:
+    """The arguments every bench/bench_*.py script takes: --device, --rounds, --out."""
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--rounds", type=int, default=rounds)
+    p.add_argument("--out", default=None, help="results folder (default bench/results/<machine>-<date>)")
+    return p
 
 
 def synchronize(device: torch.device) -> None:

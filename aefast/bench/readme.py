@@ -36,11 +36,10 @@ def newest_runs(results: pathlib.Path) -> dict[str, dict]:
 
 
 def table(record: dict, kind: str) -> str:
-    env, size = record["environment"], SIZE[kind]
+    env, sizes = record["environment"], {r["size"] for r in record["results"]}
+    # The size shown for this device, else (a run cut short) the largest measured.
+    size = SIZE[kind] if SIZE[kind] in sizes else max(sizes, key=("small", "medium", "large").index)
     rows = [r for r in record["results"] if r["contender"].startswith("aefast") and r["size"] == size]
-    if not rows:  # a run cut short: its largest size
-        size = max({r["size"] for r in record["results"]}, key=("small", "medium", "large").index)
-        rows = [r for r in record["results"] if r["contender"].startswith("aefast") and r["size"] == size]
     lines = [
         f"{env['device']}, {env['threads']} threads, torch {env['torch']}, {env['date'][:10]}; size {size} "
         f"({rows[0]['shape'] if rows else '?'}), float32; copy bandwidth {env['copy_GBps']} GB/s "

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
-from aefast.models.base import AutoencoderModel, detached, mlp, squared_error
+from aefast.models.base import MLPAutoencoder, detached, mlp, squared_error
 
 
 def _step(optimizer: torch.optim.Optimizer, loss: Tensor) -> None:
@@ -17,7 +17,7 @@ def _step(optimizer: torch.optim.Optimizer, loss: Tensor) -> None:
     optimizer.step()
 
 
-class AdversarialAutoencoder(AutoencoderModel):
+class AdversarialAutoencoder(MLPAutoencoder):
     """Deterministic MLP encoder to a `latent`-dim code, MLP decoder, MLP discriminator
     on codes; prior N(0, prior_std^2 I). Each batch takes the paper's alternating steps:
     (1) reconstruction: encoder + decoder on 1/2 ||x_hat - x||^2; (2) regularisation:
@@ -37,15 +37,6 @@ class AdversarialAutoencoder(AutoencoderModel):
         return {"autoencoder": torch.optim.Adam(autoencoder, lr=lr),
                 "discriminator": torch.optim.Adam(self.discriminator.parameters(), lr=lr),
                 "generator": torch.optim.Adam(self.encoder.parameters(), lr=lr)}
-
-    def encode(self, x: Tensor) -> Tensor:
-        return self.encoder(x)
-
-    def reconstruct(self, x: Tensor) -> Tensor:
-        return self.decoder(self.encoder(x))
-
-    def filters(self) -> Tensor:
-        return self.encoder[0].weight
 
     def sample(self, n: int) -> Tensor:
         return self.decoder(self.prior_std * torch.randn(n, self.latent, device=self.decoder[0].weight.device))

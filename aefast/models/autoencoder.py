@@ -6,10 +6,10 @@ from collections.abc import Sequence
 
 from torch import Tensor, nn
 
-from aefast.models.base import AutoencoderModel, detached, mlp, squared_error
+from aefast.models.base import MLPAutoencoder, detached, mlp, squared_error
 
 
-class Autoencoder(AutoencoderModel):
+class Autoencoder(MLPAutoencoder):
     """x -> MLP (ReLU) -> linear code -> MLP (ReLU) -> sigmoid x_hat.
 
     `layers`: the encoder's widths, the last one the code size; the decoder mirrors them.
@@ -20,15 +20,6 @@ class Autoencoder(AutoencoderModel):
         super().__init__()
         self.encoder = mlp([n_in, *layers])
         self.decoder = mlp([*reversed(layers), n_in], last=nn.Sigmoid())
-
-    def encode(self, x: Tensor) -> Tensor:
-        return self.encoder(x)
-
-    def reconstruct(self, x: Tensor) -> Tensor:
-        return self.decoder(self.encoder(x))
-
-    def filters(self) -> Tensor:
-        return self.encoder[0].weight
 
     def loss(self, x: Tensor) -> dict[str, Tensor]:
         reconstruction = squared_error(self.reconstruct(x), x)

@@ -90,6 +90,23 @@ class OneLayerSigmoidAutoencoder(AutoencoderModel):
         return self.encoder.weight
 
 
+class MLPAutoencoder(AutoencoderModel):
+    """x -> code = encoder(x) -> x_hat = decoder(code) with MLP encoder and decoder
+    (`mlp`); subclasses set `encoder` and `decoder`."""
+
+    encoder: nn.Sequential
+    decoder: nn.Sequential
+
+    def encode(self, x: Tensor) -> Tensor:
+        return self.encoder(x)
+
+    def reconstruct(self, x: Tensor) -> Tensor:
+        return self.decoder(self.encoder(x))
+
+    def filters(self) -> Tensor:
+        return self.encoder[0].weight
+
+
 def squared_error(x_hat: Tensor, x: Tensor) -> Tensor:
     """1/2 ||x_hat - x||^2 summed over features, averaged over the batch (UFLDL's J)."""
     return 0.5 * (x_hat.float() - x.float()).pow(2).flatten(1).sum(1).mean()

@@ -12,15 +12,21 @@ from torch import Tensor
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
-def check_matrix(t: Tensor, name: str) -> None:
+def check_tensor(t, name: str) -> None:
     if not isinstance(t, Tensor):
         raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+
+
+def check_float_dtype(t: Tensor, name: str) -> None:
+    if t.dtype not in FLOAT_DTYPES:
+        raise ValueError(f"{name} must be float32, float16, bfloat16 or float64, got {t.dtype}")
+
+
+def check_matrix(t: Tensor, name: str) -> None:
+    check_tensor(t, name)
     if t.dim() != 2:
         raise ValueError(f"{name} must be 2-D (batch, units), got shape {tuple(t.shape)}")
-    if t.dtype not in FLOAT_DTYPES:
-        raise ValueError(
-            f"{name} must be float32, float16, bfloat16 or float64, got {t.dtype}"
-        )
+    check_float_dtype(t, name)
     if t.shape[0] == 0:
         raise ValueError(f"{name} must have at least one row (an empty batch has no mean)")
     if t.shape[1] == 0:
@@ -30,6 +36,12 @@ def check_matrix(t: Tensor, name: str) -> None:
 def check_open_unit(x, name: str) -> float:
     if not isinstance(x, numbers.Real) or not 0.0 < float(x) < 1.0:
         raise ValueError(f"{name} must be a number in the open interval (0, 1), got {x!r}")
+    return float(x)
+
+
+def check_finite(x, name: str) -> float:
+    if not isinstance(x, numbers.Real) or isinstance(x, bool) or not math.isfinite(x):
+        raise ValueError(f"{name} must be a finite number, got {x!r}")
     return float(x)
 
 

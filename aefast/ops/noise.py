@@ -3,9 +3,9 @@
 Every random number is Philox4x32-10 of (seed, element index) (see
 csrc/include/aefast/philox.h): the seed is the only state, so a backward
 regenerates the noise instead of saving it, and every backend draws the same
-numbers. The seed travels as a 0-dim int64 tensor on the input's device, so
-drawing it (from torch's default CPU generator when seed=None) never syncs a GPU
-and torch.compile traces it.
+numbers. The seed travels as a 0-dim int64 tensor on the input's device, made
+there by a fill (seed_tensor): no host-to-device copy waits for the GPU, and
+torch.compile traces it.
 
 C++ ops (csrc/ops.cpp; CPU and CUDA kernels) and Triton ops (custom ops below)
 share signatures, fake implementations and autograd formulas. noisy_linear is a
@@ -16,7 +16,6 @@ tiles of x as it loads them.
 
 from __future__ import annotations
 
-import math
 import numbers
 from dataclasses import dataclass
 
@@ -25,7 +24,13 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from aefast import backends, reference
-from aefast.ops._checks import FLOAT_DTYPES, autocast_inputs, check_linear_params
+from aefast.ops._checks import (
+    autocast_inputs,
+    check_finite,
+    check_float_dtype,
+    check_linear_params,
+    check_tensor,
+)
 
 KINDS = reference.CORRUPTION_KINDS
 
@@ -216,18 +221,14 @@ SEED_RANGE = 2**63  # seeds are 0 <= seed < 2^63 (a 64-bit Philox key)
 
 
 def _check_float_tensor(t, name: str) -> None:
-    if not isinstance(t, Tensor):
-        raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if t.dtype not in FLOAT_DTYPES:
-        raise ValueError(f"{name} must be float32, float16, bfloat16 or float64, got {t.dtype}")
+    check_tensor(t, name)
+    check_float_dtype(t, name)
 
 
 def check_kind_level(kind, level) -> float:
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {', '.join(KINDS)}; got {kind!r}")
-    if not isinstance(level, numbers.Real) or isinstance(level, bool) or not math.isfinite(level):
-        raise ValueError(f"level must be a finite number, got {level!r}")
-    level = float(level)
+    level = check_finite(level, "level")
     if kind == "gaussian" and level < 0.0:
         raise ValueError(f"level (the noise's standard deviation) must be >= 0 for gaussian, got {level}")
     if kind == "dropout" and not 0.0 <= level < 1.0:
@@ -235,12 +236,6 @@ def check_kind_level(kind, level) -> float:
     if kind in ("masking", "salt_pepper") and not 0.0 <= level <= 1.0:
         raise ValueError(f"level (the fraction corrupted) must be in [0, 1] for {kind}, got {level}")
     return level
-
-
-def _check_finite(value, name: str) -> float:
-    if not isinstance(value, numbers.Real) or isinstance(value, bool) or not math.isfinite(value):
-        raise ValueError(f"{name} must be a finite number, got {value!r}")
-    return float(value)
 
 
 def seed_tensor(seed, device: torch.device) -> Tensor:
@@ -284,7 +279,7 @@ def corrupt(x: Tensor, kind: str, level: float, *, seed=None, low: float = 0.0, 
     the seed from torch's default generator (``torch.manual_seed`` reproduces it)."""
     _check_float_tensor(x, "x")
     level = check_kind_level(kind, level)
-    low, high = _check_finite(low, "low"), _check_finite(high, "high")
+    low, high = check_finite(low, "low"), check_finite(high, "high")
     seed = seed_tensor(seed, x.device)
     name = _resolve(x.device, "corrupt")
     if name == "reference":
@@ -307,7 +302,7 @@ def noisy_linear(
         raise ValueError(f"x must be non-empty with at least 1 dimension, got shape {tuple(x.shape)}")
     check_linear_params(x, weight, bias, "O")
     level = check_kind_level(kind, level)
-    low, high = _check_finite(low, "low"), _check_finite(high, "high")
+    low, high = check_finite(low, "low"), check_finite(high, "high")
     seed = seed_tensor(seed, x.device)
     rows = x.reshape(-1, x.shape[-1])  # row-major indices of x are those of its rows
     name = _resolve(x.device, "noisy_linear")

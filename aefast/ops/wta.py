@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from aefast import backends, reference
-from aefast.ops._checks import FLOAT_DTYPES, autocast_inputs, check_linear_params
+from aefast.ops._checks import autocast_inputs, check_float_dtype, check_linear_params, check_tensor
 from aefast.ops._distributed import global_count, global_topk_keep
 
 # Backends with top-k kernels so far (the sparse decoder: DECODE_OPS below); the
@@ -195,12 +195,10 @@ ENCODE_OPS = {b: _make_topk_encode("topk_encode" if b == "cpp" else f"topk_encod
 
 
 def _check_x(x: Tensor, name: str = "x", dims: int = 2) -> None:
-    if not isinstance(x, Tensor):
-        raise ValueError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    check_tensor(x, name)
     if x.dim() != dims:
         raise ValueError(f"{name} must be {dims}-D, got shape {tuple(x.shape)}")
-    if x.dtype not in FLOAT_DTYPES:
-        raise ValueError(f"{name} must be float32, float16, bfloat16 or float64, got {x.dtype}")
+    check_float_dtype(x, name)
     if x.numel() == 0:
         raise ValueError(f"{name} must not be empty, got shape {tuple(x.shape)}")
 

@@ -25,24 +25,28 @@ int64_t blocks_for(int64_t n) {
   return std::min<int64_t>(std::max<int64_t>(ceil_div(ceil_div(n, kPer), kThreads), 1), kMaxBlocks);
 }
 
-// Grid-stride loop over the counters of n elements: fn(counter).
-#define AEFAST_FOR_COUNTERS(n, c)                                                                   \
-  for (int64_t c = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; c < ceil_div(n, kPer); \
-       c += static_cast<int64_t>(gridDim.x) * kThreads)
+// Grid-stride loop over the Philox counters of n elements: fn(i, draw) for every
+// element i below n, with its draw (a normal when kNormal, else a uniform).
+template <bool kNormal, typename Fn>
+__device__ __forceinline__ void for_each_draw(uint64_t seed, int64_t n, Fn&& fn) {
+  for (int64_t c = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; c < ceil_div(n, kPer);
+       c += static_cast<int64_t>(gridDim.x) * kThreads) {
+    float d[kPer];
+    nz::draws<kNormal>(seed, static_cast<uint64_t>(c), d);
+#pragma unroll
+    for (int j = 0; j < kPer; ++j) {
+      const int64_t i = c * kPer + j;
+      if (i < n) fn(i, d[j]);
+    }
+  }
+}
 
 template <typename T, int KIND>
 __global__ void corrupt_kernel(const T* __restrict__ x, T* __restrict__ out, int64_t n, float level,
                                acc_t<T> scale, acc_t<T> low, acc_t<T> high, const int64_t* __restrict__ seed_ptr) {
-  const uint64_t seed = static_cast<uint64_t>(*seed_ptr);
-  AEFAST_FOR_COUNTERS(n, c) {
-    float d[kPer];
-    nz::draws<KIND == nz::kGaussian>(seed, static_cast<uint64_t>(c), d);
-#pragma unroll
-    for (int j = 0; j < kPer; ++j) {
-      const int64_t i = c * kPer + j;
-      if (i < n) out[i] = from_acc<T>(nz::corrupt_element<KIND, acc_t<T>>(to_acc(x[i]), d[j], level, scale, low, high));
-    }
-  }
+  for_each_draw<KIND == nz::kGaussian>(static_cast<uint64_t>(*seed_ptr), n, [&](int64_t i, float draw) {
+    out[i] = from_acc<T>(nz::corrupt_element<KIND, acc_t<T>>(to_acc(x[i]), draw, level, scale, low, high));
+  });
 }
 
 // Block sum in a fixed tree order.
@@ -63,21 +67,13 @@ __global__ void reparameterize_kernel(const T* __restrict__ mu, const T* __restr
                                       const int64_t* __restrict__ seed_ptr) {
   using A = acc_t<T>;
   __shared__ A shared[kThreads];
-  const uint64_t seed = static_cast<uint64_t>(*seed_ptr);
   A terms = 0;
-  AEFAST_FOR_COUNTERS(n, c) {
-    float eps[kPer];
-    nz::draws<true>(seed, static_cast<uint64_t>(c), eps);
-#pragma unroll
-    for (int j = 0; j < kPer; ++j) {
-      const int64_t i = c * kPer + j;
-      if (i >= n) break;
-      const A m = to_acc(mu[i]), lv = to_acc(logvar[i]);
-      const A sd = nz::std_from_logvar(lv);
-      z[i] = from_acc<T>(m + static_cast<A>(eps[j]) * sd);
-      terms += A(1) + lv - m * m - sd * sd;
-    }
-  }
+  for_each_draw<true>(static_cast<uint64_t>(*seed_ptr), n, [&](int64_t i, float eps) {
+    const A m = to_acc(mu[i]), lv = to_acc(logvar[i]);
+    const A sd = nz::std_from_logvar(lv);
+    z[i] = from_acc<T>(m + static_cast<A>(eps) * sd);
+    terms += A(1) + lv - m * m - sd * sd;
+  });
   const A total = block_sum(terms, shared);
   if (threadIdx.x == 0) partial[blockIdx.x] = total;
 }
@@ -99,21 +95,13 @@ __global__ void reparameterize_backward_kernel(const T* __restrict__ grad_z, con
                                                T* __restrict__ grad_mu, T* __restrict__ grad_logvar, int64_t batch,
                                                int64_t n, const int64_t* __restrict__ seed_ptr) {
   using A = acc_t<T>;
-  const uint64_t seed = static_cast<uint64_t>(*seed_ptr);
   const A gkl = to_acc(*grad_kl) / static_cast<A>(batch);
-  AEFAST_FOR_COUNTERS(n, c) {
-    float eps[kPer];
-    nz::draws<true>(seed, static_cast<uint64_t>(c), eps);
-#pragma unroll
-    for (int j = 0; j < kPer; ++j) {
-      const int64_t i = c * kPer + j;
-      if (i >= n) break;
-      const A g = to_acc(grad_z[i]), lv = to_acc(logvar[i]);
-      const A sd = nz::std_from_logvar(lv);
-      grad_mu[i] = from_acc<T>(g + gkl * to_acc(mu[i]));
-      grad_logvar[i] = from_acc<T>(A(0.5) * (g * static_cast<A>(eps[j]) * sd + gkl * (sd * sd - A(1))));
-    }
-  }
+  for_each_draw<true>(static_cast<uint64_t>(*seed_ptr), n, [&](int64_t i, float eps) {
+    const A g = to_acc(grad_z[i]), lv = to_acc(logvar[i]);
+    const A sd = nz::std_from_logvar(lv);
+    grad_mu[i] = from_acc<T>(g + gkl * to_acc(mu[i]));
+    grad_logvar[i] = from_acc<T>(A(0.5) * (g * static_cast<A>(eps) * sd + gkl * (sd * sd - A(1))));
+  });
 }
 
 }  // namespace
