@@ -10,6 +10,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "alloc.h"
 #include "aefast/kl_math.h"
 #include "simd.h"
 
@@ -196,7 +197,7 @@ std::tuple<at::Tensor, at::Tensor> kl_sparsity_forward(const at::Tensor& a_in, d
 at::Tensor kl_sparsity_backward(const at::Tensor& grad_penalty, const at::Tensor& rho_hat,
                                 int64_t B, double rho, double beta, at::ScalarType dtype) {
   const int64_t H = rho_hat.numel();
-  auto out = at::empty({B, H}, rho_hat.options().dtype(dtype));
+  auto out = empty_output({B, H}, rho_hat.options().dtype(dtype));
   const double scale = grad_penalty.item<double>() * beta / static_cast<double>(B);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "kl_sparsity_backward", [&] {
     using A = acc_t<scalar_t>;
@@ -214,7 +215,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sigmoid_kl_sparsity_forward(const
   check_matrix(z_in, "z");
   const auto z = z_in.contiguous();
   const int64_t B = z.size(0), H = z.size(1);
-  auto h = at::empty_like(z);
+  auto h = empty_output_like(z);
   std::vector<double> sums;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z.scalar_type(), "sigmoid_kl_sparsity_forward", [&] {
     using A = acc_t<scalar_t>;
@@ -237,7 +238,7 @@ at::Tensor sigmoid_kl_sparsity_backward(const at::Tensor& grad_h_in, const at::T
   const auto h = h_in.contiguous();
   const auto grad_h = grad_h_in.to(h.scalar_type()).contiguous();
   const int64_t B = h.size(0), H = h.size(1);
-  auto grad_z = at::empty_like(h);
+  auto grad_z = empty_output_like(h);
   const double scale = grad_penalty.item<double>() * beta / static_cast<double>(B);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, h.scalar_type(), "sigmoid_kl_sparsity_backward", [&] {
     using A = acc_t<scalar_t>;
@@ -301,8 +302,8 @@ std::tuple<at::Tensor, at::Tensor> contractive_penalty_backward(const at::Tensor
   const auto w = w_in.contiguous();
   const int64_t B = h.size(0), H = h.size(1), D = w.size(1);
   const double g = grad_penalty.item<double>();
-  auto grad_h = at::empty_like(h);
-  auto grad_w = at::empty_like(w);
+  auto grad_h = empty_output_like(h);
+  auto grad_w = empty_output_like(w);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, h.scalar_type(), "contractive_penalty_backward", [&] {
     using A = acc_t<scalar_t>;
     const auto w2d = w2.to(at::kDouble).contiguous();

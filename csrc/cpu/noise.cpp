@@ -15,6 +15,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "alloc.h"
 #include "../noise_args.h"
 #include "aefast/philox.h"
 #include "simd.h"
@@ -205,7 +206,7 @@ at::Tensor corrupt(const at::Tensor& x, c10::string_view kind, double level, con
   noise_args::check_level(k, level);
   const uint64_t s = read_seed(seed, x);
   const at::Tensor xc = x.contiguous();
-  at::Tensor out = at::empty(xc.sizes(), xc.options());
+  at::Tensor out = empty_output_like(xc);
   const int64_t n = xc.numel();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, xc.scalar_type(), "corrupt", [&] {
     using A = acc_t<scalar_t>;
@@ -226,7 +227,7 @@ std::tuple<at::Tensor, at::Tensor> reparameterize_forward(const at::Tensor& mu, 
   const uint64_t s = read_seed(seed, mu);
   const at::Tensor m = mu.contiguous(), lv = logvar.contiguous();
   const int64_t B = m.size(0);
-  at::Tensor z = at::empty(m.sizes(), m.options());
+  at::Tensor z = empty_output_like(m);
   at::Tensor kl;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, m.scalar_type(), "reparameterize", [&] {
     using A = acc_t<scalar_t>;
@@ -255,7 +256,7 @@ std::tuple<at::Tensor, at::Tensor> reparameterize_backward(const at::Tensor& gra
   const uint64_t s = read_seed(seed, mu);
   const at::Tensor g = grad_z.to(mu.scalar_type()).contiguous(), m = mu.contiguous(), lv = logvar.contiguous();
   const int64_t B = m.size(0);
-  at::Tensor grad_mu = at::empty(m.sizes(), m.options()), grad_lv = at::empty(m.sizes(), m.options());
+  at::Tensor grad_mu = empty_output_like(m), grad_lv = empty_output_like(m);
   const double gkl_over_b = grad_kl.item<double>() / static_cast<double>(std::max<int64_t>(B, 1));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, m.scalar_type(), "reparameterize_backward", [&] {
     using A = acc_t<scalar_t>;

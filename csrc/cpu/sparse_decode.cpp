@@ -11,6 +11,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "alloc.h"
 #include "simd.h"
 
 namespace aefast {
@@ -72,7 +73,7 @@ at::Tensor sparse_decode_forward(const at::Tensor& values_in, const at::Tensor& 
   const int64_t B = values.size(0), K = values.size(1), L = weight.size(0), D = weight.size(1);
   const int64_t* ip = indices.const_data_ptr<int64_t>();
   check_indices(ip, B * K, L);
-  auto out = at::empty({B, D}, values.options());
+  auto out = empty_output({B, D}, values.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, values.scalar_type(), "sparse_decode_forward", [&] {
     using A = acc_t<scalar_t>;
     const scalar_t* vp = values.const_data_ptr<scalar_t>();
@@ -109,7 +110,7 @@ std::tuple<at::Tensor, at::Tensor> sparse_decode_backward(const at::Tensor& grad
   const int64_t* ip = indices.const_data_ptr<int64_t>();
   check_indices(ip, B * K, L);
   auto grad_values = at::empty({B, K}, values.options());
-  auto grad_weight = at::empty({L, D}, weight.options());
+  auto grad_weight = empty_output({L, D}, weight.options());
 
   // Counting sort of the B*K (row, slot) pairs by latent, stable: (row, slot) order.
   std::vector<int64_t> start(static_cast<size_t>(L + 1), 0);

@@ -10,11 +10,17 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cmath>
+#include <limits>
 #include <type_traits>
 #include <utility>
 #include <vector>
 
 #include "simd.h"
+
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
 
 namespace aefast {
 namespace cpu {
@@ -96,12 +102,214 @@ AEFAST_SIMD_CLONES bool topk_scan_f32(const float* x, int64_t n, int64_t first, 
   return topk_scan<float, float>(x, n, first, k, heap);
 }
 
+// Block selection for long rows with few winners. A pass over the row keeps only
+// the maximum of each block of 16 elements (one cache line of float32): contiguous
+// reads at memory speed. Any t0 with at least k block maxima >= t0 bounds the
+// answer from below (k blocks each hold an element >= t0), so every winner lies in
+// a block whose maximum is >= t0; only those blocks (about k of them) are read
+// again, from cache, and their elements >= t0 collected. The row goes by in tiles of
+// 16 x G elements, G >= 8k blocks: t0 comes from the first tile's maxima, and
+// between tiles the candidates are cut back to the k best, whose worst value is
+// the bar for the later tiles. No heap and no scalar pass over the row.
+constexpr int64_t kBlockLen = 16;
+
+// Blocks per tile for a row of n with k winners, or 0 for the plain scan.
+inline int64_t tile_blocks(int64_t n, int64_t k) {
+  // G >= 8k keeps the blocks read again a small share of each tile; G <= 16384 keeps
+  // a tile (1 MB of float32 at most) in L2; a whole first tile holds G blocks.
+  const int64_t blocks = std::max<int64_t>(1024, 8 * k);
+  return blocks > 16384 || n < kBlockLen * blocks ? 0 : blocks;
+}
+
+// What a pass over a tile found: whether it holds a NaN, and the range of its block maxima.
+template <typename A>
+struct TileMaxima {
+  bool nan = false;
+  A low = std::numeric_limits<A>::infinity(), high = -std::numeric_limits<A>::infinity();
+  void add(A m) {
+    low = m < low ? m : low;
+    high = m > high ? m : high;
+  }
+};
+
+// maxima[b] = max of x[16b, 16b + 16) for the ceil(n / 16) blocks of x[0, n).
 template <typename T, typename A>
-bool scan(const T* x, int64_t n, int64_t first, int64_t k, Candidate<A>* heap) {
+inline TileMaxima<A> block_maxima(const T* x, int64_t n, A* maxima) {
+  TileMaxima<A> found;
+  int bad = 0;
+  const int64_t whole = n / kBlockLen;
+  for (int64_t b = 0; b < whole; ++b) {
+    A m = static_cast<A>(x[b * kBlockLen]);
+    for (int64_t t = 0; t < kBlockLen; ++t) {
+      const A v = static_cast<A>(x[b * kBlockLen + t]);
+      m = v > m ? v : m;
+      bad |= !(v == v);
+    }
+    maxima[b] = m;
+    found.add(m);
+  }
+  if (whole * kBlockLen < n) {
+    A m = -std::numeric_limits<A>::infinity();
+    for (int64_t j = whole * kBlockLen; j < n; ++j) {
+      const A v = static_cast<A>(x[j]);
+      m = v > m ? v : m;
+      bad |= !(v == v);
+    }
+    maxima[whole] = m;
+    found.add(m);
+  }
+  found.nan = bad != 0;
+  return found;
+}
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#define AEFAST_BLOCK_MAXIMA_AVX2 1
+const bool kHaveAvx2 = __builtin_cpu_supports("avx2");
+// float32 with AVX2: 8 blocks at a time, their 8 x 16 values reduced to 8 maxima by
+// max-of-shuffles (what a horizontal max of each would cost 8 times over).
+__attribute__((target("avx2"))) TileMaxima<float> block_maxima_avx2(const float* x, int64_t n, float* maxima) {
+  const int64_t whole = n / kBlockLen;
+  __m256 unordered = _mm256_setzero_ps();
+  __m256 low = _mm256_set1_ps(std::numeric_limits<float>::infinity()), high = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
+  int64_t b = 0;
+  for (; b + 8 <= whole; b += 8) {
+    const float* p = x + b * kBlockLen;
+    __m256 a[8];
+    for (int i = 0; i < 8; ++i) {
+      const __m256 lo = _mm256_loadu_ps(p + i * kBlockLen), hi = _mm256_loadu_ps(p + i * kBlockLen + 8);
+      unordered = _mm256_or_ps(unordered, _mm256_cmp_ps(lo, hi, _CMP_UNORD_Q));
+      a[i] = _mm256_max_ps(lo, hi);  // a[i]: 8 partial maxima of block b + i
+    }
+    __m256 pairs[4];  // blocks 2i, 2i+1 interleaved, each 128-bit half reduced 2x
+    for (int i = 0; i < 4; ++i)
+      pairs[i] = _mm256_max_ps(_mm256_unpacklo_ps(a[2 * i], a[2 * i + 1]), _mm256_unpackhi_ps(a[2 * i], a[2 * i + 1]));
+    __m256 quads[2];  // per 128-bit half: one value per block of four
+    for (int i = 0; i < 2; ++i)
+      quads[i] = _mm256_max_ps(_mm256_shuffle_ps(pairs[2 * i], pairs[2 * i + 1], _MM_SHUFFLE(1, 0, 1, 0)),
+                               _mm256_shuffle_ps(pairs[2 * i], pairs[2 * i + 1], _MM_SHUFFLE(3, 2, 3, 2)));
+    const __m256 halves = _mm256_max_ps(_mm256_permute2f128_ps(quads[0], quads[1], 0x20),
+                                        _mm256_permute2f128_ps(quads[0], quads[1], 0x31));
+    _mm256_storeu_ps(maxima + b, halves);
+    low = _mm256_min_ps(low, halves);
+    high = _mm256_max_ps(high, halves);
+  }
+  TileMaxima<float> found = block_maxima<float, float>(x + b * kBlockLen, n - b * kBlockLen, maxima + b);
+  found.nan |= _mm256_movemask_ps(unordered) != 0;
+  alignas(32) float lows[8], highs[8];
+  _mm256_store_ps(lows, low);
+  _mm256_store_ps(highs, high);
+  for (int i = 0; i < 8; ++i) {
+    found.add(lows[i]);
+    found.add(highs[i]);
+  }
+  return found;
+}
+#endif
+
+// The bar t0: at least k of the maxima are >= t0, and t0 is close to the k-th
+// largest (bisection on the value, each step one vectorized count).
+template <typename A>
+inline __attribute__((always_inline)) A maxima_bar(const A* maxima, int64_t blocks, int64_t k, A lo, A hi) {
+  auto count_at_least = [&](A t) {
+    int32_t c = 0;  // 32-bit: a wider vector of counts (blocks <= 16384)
+    for (int64_t b = 0; b < blocks; ++b) c += maxima[b] >= t;
+    return static_cast<int64_t>(c);
+  };
+  if (!std::isfinite(lo) || !std::isfinite(hi)) return lo;  // rows with infinities: lo is safe
+  if (count_at_least(hi) >= k) return hi;
+  for (int step = 0; step < 24; ++step) {  // invariant: count(lo) >= k > count(hi)
+    const A mid = lo + (hi - lo) / 2;
+    if (mid <= lo || mid >= hi) break;
+    const int64_t c = count_at_least(mid);
+    if (c < k) {
+      hi = mid;
+    } else {
+      lo = mid;
+      if (c <= k + k / 4 + 8) break;  // close enough: a few extra blocks to read again
+    }
+  }
+  return lo;
+}
+
+template <typename A>
+struct ScanScratch {
+  std::vector<A> maxima;
+  std::vector<Candidate<A>> found;
+};
+
+// Cuts `found` back to its k best; returns the worst of them.
+template <typename A>
+inline A keep_best(std::vector<Candidate<A>>& found, int64_t k) {
+  std::nth_element(found.begin(), found.begin() + (k - 1), found.end(),
+                   [](const Candidate<A>& a, const Candidate<A>& b) { return better(a, b); });
+  found.resize(k);
+  return found[k - 1].value;
+}
+
+// The k best of x[0, n) into `out`, reading again only blocks that can hold a winner.
+template <typename T, typename A>
+inline __attribute__((always_inline)) bool block_scan(const T* x, int64_t n, int64_t first, int64_t k, int64_t blocks, Candidate<A>* out,
+                ScanScratch<A>& scratch) {
+  scratch.maxima.resize(blocks);
+  A* maxima = scratch.maxima.data();
+  auto& found = scratch.found;
+  found.clear();
+  const int64_t tile_len = blocks * kBlockLen;
+  A bar = A(0);
+  for (int64_t start = 0; start < n; start += tile_len) {
+    const T* tile = x + start;
+    const int64_t len = std::min(tile_len, n - start), tile_blocks = (len + kBlockLen - 1) / kBlockLen;
+    TileMaxima<A> range;
+#ifdef AEFAST_BLOCK_MAXIMA_AVX2
+    if constexpr (std::is_same_v<T, float>) {
+      range = kHaveAvx2 ? block_maxima_avx2(tile, len, maxima) : block_maxima<T, A>(tile, len, maxima);
+    } else {
+      range = block_maxima<T, A>(tile, len, maxima);
+    }
+#else
+    range = block_maxima<T, A>(tile, len, maxima);
+#endif
+    if (range.nan) return false;
+    // The first tile is whole: elements >= its t0 qualify. Later tiles come after all
+    // kept candidates, so an element equal to the bar loses its tie: strictly above.
+    const bool first_tile = start == 0;
+    if (first_tile) bar = maxima_bar(maxima, blocks, k, range.low, range.high);
+    auto qualifies = [&](A v) { return v > bar || (first_tile && v == bar); };
+    auto collect = [&](int64_t b0, int64_t b1) {  // the qualifying elements of blocks [b0, b1)
+      for (int64_t b = b0; b < b1; ++b) {
+        if (!qualifies(maxima[b])) continue;
+        for (int64_t j = b * kBlockLen; j < std::min(len, (b + 1) * kBlockLen); ++j) {
+          const A v = static_cast<A>(tile[j]);
+          if (qualifies(v)) found.push_back({v, first + start + j});
+        }
+      }
+    };
+    int64_t b0 = 0;
+    for (; b0 + kBlock <= tile_blocks; b0 += kBlock) {
+      int any = 0;  // vectorized: most runs of maxima hold no block to read again
+      for (int64_t b = b0; b < b0 + kBlock; ++b) any |= maxima[b] >= bar;
+      if (any) collect(b0, b0 + kBlock);
+    }
+    collect(b0, tile_blocks);
+    if (static_cast<int64_t>(found.size()) > k) bar = keep_best(found, k);
+  }
+  std::copy(found.begin(), found.end(), out);
+  return true;
+}
+
+AEFAST_SIMD_CLONES bool block_scan_f32(const float* x, int64_t n, int64_t first, int64_t k, int64_t blocks,
+                                       Candidate<float>* out, ScanScratch<float>& scratch) {
+  return block_scan<float, float>(x, n, first, k, blocks, out, scratch);
+}
+
+// The k best of x[0, n) into `heap`: block selection when the row is long enough.
+template <typename T, typename A>
+bool scan(const T* x, int64_t n, int64_t first, int64_t k, Candidate<A>* heap, ScanScratch<A>& scratch) {
+  const int64_t blocks = tile_blocks(n, k);
   if constexpr (std::is_same_v<T, float>) {
-    return topk_scan_f32(x, n, first, k, heap);
+    return blocks > 0 ? block_scan_f32(x, n, first, k, blocks, heap, scratch) : topk_scan_f32(x, n, first, k, heap);
   } else {
-    return topk_scan<T, A>(x, n, first, k, heap);
+    return blocks > 0 ? block_scan<T, A>(x, n, first, k, blocks, heap, scratch) : topk_scan<T, A>(x, n, first, k, heap);
   }
 }
 
@@ -127,12 +335,13 @@ std::tuple<at::Tensor, at::Tensor> topk_forward(const at::Tensor& x_in, int64_t 
     std::vector<Candidate<A>> cand(static_cast<size_t>(B * chunks * k));
     std::vector<int64_t> cand_count(static_cast<size_t>(B * chunks), 0);
     at::parallel_for(0, B * chunks, 1, [&](int64_t t0, int64_t t1) {
+      ScanScratch<A> scratch;
       for (int64_t t = t0; t < t1; ++t) {
         const int64_t row = t / chunks, c = t % chunks;
         const int64_t first = c * chunk_len, n = std::min(H, first + chunk_len) - first;
         if (n <= 0) continue;
         const int64_t kk = std::min(k, n);
-        if (!scan(xp + row * H + first, n, first, kk, cand.data() + t * k)) has_nan = true;
+        if (!scan(xp + row * H + first, n, first, kk, cand.data() + t * k, scratch)) has_nan = true;
         cand_count[t] = kk;
       }
     });
@@ -145,7 +354,13 @@ std::tuple<at::Tensor, at::Tensor> topk_forward(const at::Tensor& x_in, int64_t 
           const Candidate<A>* p = cand.data() + (row * chunks + c) * k;
           merged.insert(merged.end(), p, p + cand_count[row * chunks + c]);
         }
-        std::partial_sort(merged.begin(), merged.begin() + k, merged.end(), better<A>);
+        // A lambda, not &better: the comparisons inline (sorting 32 took 3 us through a pointer).
+        const auto by_rank = [](const Candidate<A>& a, const Candidate<A>& b) { return better(a, b); };
+        if (chunks == 1) {
+          std::sort(merged.begin(), merged.end(), by_rank);
+        } else {
+          std::partial_sort(merged.begin(), merged.begin() + k, merged.end(), by_rank);
+        }
         for (int64_t j = 0; j < k; ++j) {
           A v = merged[j].value;
           if (relu && v < A(0)) v = A(0);
