@@ -1,8 +1,11 @@
-// CPU top-k per row in one streaming pass: a k-entry heap of the best values seen
-// and a vectorized filter that skips whole blocks of the row whose elements cannot
-// enter it (none above the heap's worst value). For random rows only ~k log(H/k)
-// elements ever reach the heap, so the pass runs at memory speed; torch.topk
-// instead copies every (value, int64 index) pair of the row and partially sorts.
+// CPU top-k per row, in one streaming pass; torch.topk instead copies every (value,
+// int64 index) pair of the row and partially sorts them. Two ways, by row length:
+// - long rows with few winners (16 x max(1024, 8k) elements or more): block
+//   selection, which reads the row once at memory speed and looks again at only
+//   the ~k cache lines that can hold a winner (block_scan below);
+// - otherwise a k-entry heap of the best values seen, behind a vectorized filter
+//   that skips blocks of the row with nothing above the heap's worst value.
+// Both keep the order every backend has: value descending, ties to the lower index.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
