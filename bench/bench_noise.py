@@ -38,12 +38,12 @@ def corrupt_contenders(device, B, D):
             "aefast": lambda: ae.corrupt(x, "gaussian", LEVEL),
             "x + level * randn_like": lambda: eager_gaussian(x),
             "compiled": lambda: compiled_gaussian(x),
-            "clone (floor)": lambda: x.clone(),
+            "clone (floor)": lambda: harness.fresh_clone(x),
         },
         "corrupt masking": {
             "aefast": lambda: ae.corrupt(x, "masking", LEVEL),
             "x * (rand_like >= level)": lambda: x * (torch.rand_like(x) >= LEVEL),
-            "clone (floor)": lambda: x.clone(),
+            "clone (floor)": lambda: harness.fresh_clone(x),
         },
     }
 

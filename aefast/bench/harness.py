@@ -4,12 +4,14 @@ round by round, so drift in the machine (frequency, other load) hits them alike.
 from __future__ import annotations
 
 import argparse
+import ctypes
 import datetime
 import json
 import pathlib
 import platform
 import re
 import statistics
+import sys
 import time
 from typing import Callable
 
@@ -17,6 +19,24 @@ import torch
 
 # Stored results, relative to the folder the command runs in (the checkout's root).
 RESULTS = pathlib.Path("bench") / "results"
+
+_HUGE_PAGE = 2 << 20
+_MADV_HUGEPAGE = 14  # Linux
+
+
+def fresh_clone(x: torch.Tensor) -> torch.Tensor:
+    """A copy of x into a fresh tensor allocated as aefast's CPU kernels allocate their
+    large outputs (csrc/cpu/alloc.h: transparent huge pages asked for before the first
+    touch), so that a memory floor pays the same page faults as the op it bounds. On
+    GPU, and where the hint is unavailable, a plain clone."""
+    out = torch.empty_like(x, memory_format=torch.contiguous_format)
+    nbytes = out.numel() * out.element_size()
+    if out.device.type == "cpu" and sys.platform == "linux" and nbytes >= 4 * _HUGE_PAGE:
+        begin = -(-out.data_ptr() // _HUGE_PAGE) * _HUGE_PAGE
+        end = (out.data_ptr() + nbytes) // _HUGE_PAGE * _HUGE_PAGE
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.madvise(ctypes.c_void_p(begin), ctypes.c_size_t(end - begin), ctypes.c_int(_MADV_HUGEPAGE))
+    return out.copy_(x)
 
 
 def script_parser(description: str, rounds: int) -> argparse.ArgumentParser:

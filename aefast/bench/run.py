@@ -36,9 +36,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def copy_bandwidth(device: torch.device, rounds: int) -> float:
-    """GB/s of a clone (read + write, fresh allocation) of a tensor larger than the caches."""
+    """GB/s of a clone (read + write, fresh allocation as aefast's kernels allocate) of a
+    tensor larger than the caches."""
     x = torch.empty((64 << 20) // 4 if device.type == "cpu" else (1 << 30) // 4, device=device).fill_(1.0)
-    ms = harness.median_ms(harness.alternate({"clone": x.clone}, device, rounds=rounds)["clone"])
+    ms = harness.median_ms(harness.alternate({"clone": lambda: harness.fresh_clone(x)}, device, rounds=rounds)["clone"])
     return 2 * x.numel() * 4 / (ms * 1e-3) / 1e9
 
 
