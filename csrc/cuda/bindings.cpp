@@ -10,6 +10,7 @@
 #include "kl_sparsity.h"
 #include "noise.h"
 #include "sparse_decode.h"
+#include "topk.h"
 
 namespace aefast {
 namespace cuda {
@@ -255,6 +256,47 @@ std::tuple<at::Tensor, at::Tensor> sparse_decode_backward_op(const at::Tensor& g
   return {grad_values, grad_weight};
 }
 
+// ---- top-k selection ----
+
+std::tuple<at::Tensor, at::Tensor> topk_forward_op(const at::Tensor& x_in, int64_t k, bool relu) {
+  TORCH_CHECK_VALUE(x_in.dim() == 2, "aefast: x must be 2-D, got ", x_in.dim(), "-D");
+  TORCH_CHECK(x_in.is_cuda(), "aefast: x must be a CUDA tensor");
+  const c10::cuda::CUDAGuard guard(x_in.device());
+  const int64_t B = x_in.size(0), H = x_in.size(1);
+  TORCH_CHECK_VALUE(k >= 1 && k <= H, "aefast: k must be in [1, ", H, "], got ", k);
+  const auto x = x_in.contiguous();
+  const DType dtype = dtype_of(x);
+  const auto index_options = x.options().dtype(at::kLong);
+  if (B == 0) return {at::empty({0, k}, x.options()), at::empty({0, k}, index_options)};
+  // The winners of each row, in no order, with their sort keys (csrc/cuda/topk.h).
+  const bool packed = topk_packs_keys(dtype, H);
+  const int64_t chunks = topk_row_chunks(B, H, x.get_device());
+  auto workspace = at::empty({topk_workspace_bytes(B, chunks)}, x.options().dtype(at::kByte));
+  auto nan_flag = at::zeros({}, x.options().dtype(at::kInt));
+  auto keys = at::empty({B, k}, index_options);
+  auto unordered = packed ? at::Tensor() : at::empty({B, k}, index_options);
+  check(topk_select(x.const_data_ptr(), dtype, B, H, k, chunks, packed,
+                    workspace.numel() > 0 ? workspace.data_ptr() : nullptr, nan_flag.data_ptr<int>(),
+                    keys.data_ptr<int64_t>(), packed ? nullptr : unordered.data_ptr<int64_t>(), stream()));
+  // One host sync, as the CPU kernel's check.
+  TORCH_CHECK_VALUE(nan_flag.item<int>() == 0, "aefast: x contains NaN; top-k of NaN is undefined");
+  // Order: value descending, then index ascending. Integer sorts: exact, and -0.0 and
+  // +0.0 (one key) stay tied.
+  at::Tensor indices;
+  if (packed) {  // ((~key) << 31) | index: unique, so one plain sort is the order
+    const auto sorted = std::get<0>(at::sort(keys, /*dim=*/1));
+    indices = at::bitwise_and(sorted, (int64_t(1) << 31) - 1);
+  } else {  // by index, then stably by key
+    const auto by_index = at::sort(unordered, /*dim=*/1);
+    const auto keys_by_index = keys.gather(1, std::get<1>(by_index));
+    const auto order = std::get<1>(at::sort(keys_by_index, /*stable=*/true, /*dim=*/1, /*descending=*/false));
+    indices = std::get<0>(by_index).gather(1, order);
+  }
+  auto values = x.gather(1, indices);
+  if (relu) values.clamp_min_(0);
+  return {values, indices};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(aefast, CUDA, m) {
@@ -269,6 +311,7 @@ TORCH_LIBRARY_IMPL(aefast, CUDA, m) {
   m.impl("reparameterize_backward", &reparameterize_backward_op);
   m.impl("sparse_decode_forward", &sparse_decode_forward_op);
   m.impl("sparse_decode_backward", &sparse_decode_backward_op);
+  m.impl("topk_forward", &topk_forward_op);
 }
 
 }  // namespace cuda
