@@ -28,6 +28,10 @@ TORCH_LIBRARY(aefast, m) {
   // (descending) then index (ascending): ties go to the lower index on every
   // backend. relu=True clamps the selected values at 0 after selection.
   m.def("topk_forward(Tensor x, int k, bool relu) -> (Tensor values, Tensor indices)");
+  // The (B, width) matrix that is 0 but for out[b, indices[b, j]] = values[b, j]
+  // (indices distinct within a row): a top-k mask or its gradient, written in one pass
+  // (CPU kernel only; on GPU the ops scatter with torch).
+  m.def("scatter_rows(Tensor values, Tensor indices, int width) -> Tensor");
   // out[b] = bias + sum_k values[b, k] * weight[indices[b, k]], weight (L, D).
   m.def("sparse_decode_forward(Tensor values, Tensor indices, Tensor weight, Tensor? bias) -> Tensor");
   // Gradients of values and weight; the weight gradient is reduced per latent in

@@ -47,8 +47,10 @@ def rows(shape, dtype, device, *, ties=False):
     return x.to(device, dtype)
 
 
+# Rows of 16 * max(1024, 8k) or more take the CPU's block selection: (2, 40000) and
+# (3, 30000) with k = 200 end in a short tile, (2, 70001) in several.
 CASES = [((1, 1), 1), ((1, 7), 3), ((3, 1000), 1), ((3, 1000), 32), ((3, 1000), 1000),
-         ((4097, 33), 5), ((2, 70001), 64)]
+         ((4097, 33), 5), ((2, 70001), 64), ((2, 40000), 1), ((3, 30000), 200)]
 # Under Triton's interpreter every selection round is NumPy code: smaller rows there.
 INTERPRETED_CASES = [((1, 1), 1), ((1, 7), 3), ((3, 300), 1), ((3, 300), 7), ((3, 300), 300), ((5, 33), 5)]
 
@@ -94,6 +96,32 @@ def test_topk_with_infinities_and_long_rows(device, backend):
     assert indices[1, 0] == hot and torch.equal(indices[1, 1:], rest)
 
 
+@pytest.mark.parametrize(("device", "backend"), wta_backends())
+def test_signed_zeros_tie_by_index_in_every_dtype(device, backend, poisoned):
+    # -0.0 and +0.0 are one value: ties to the lower index whatever the sign bits (the
+    # CUDA kernel compares integer keys of the bits, where -0.0 must take +0.0's). The
+    # C++ kernels return x's own elements, sign bits included (Triton's stores the
+    # maximum it found, a zero of either sign). A long row too, which the CUDA kernel
+    # splits over blocks.
+    torch.manual_seed(0)
+    choices = torch.tensor([-0.0, 0.0, 1.0, -1.0, float("-inf"), float("inf")], dtype=torch.float64)
+    shapes = [((3, 300), (1, 7, 150, 300))]
+    if not interpreted(device, backend):
+        shapes.append(((1, 1 << 18), (1, 64, 5000)))
+    for shape, ks in shapes:
+        x = choices[torch.randint(0, len(choices), shape)]
+        for dtype in DTYPES:
+            xd = x.to(device, dtype)
+            for k in ks:
+                with ae.backend(backend):
+                    values, indices = ae.topk_sparse(xd, k, relu=False)
+                want_values, want_indices = reference.topk_sparse(xd.cpu(), k, relu=False)
+                assert torch.equal(indices.cpu(), want_indices)
+                assert torch.equal(values.cpu(), want_values)
+                if backend != "triton":
+                    assert torch.equal(values.cpu().signbit(), want_values.signbit())
+
+
 @pytest.mark.parametrize(("device", "backend"), wta_backends(interpreted_too=False))
 def test_one_long_row_split_into_parallel_chunks(device, backend):
     # A single row (as batch_topk makes) is scanned in chunks whose candidates are
@@ -105,6 +133,46 @@ def test_one_long_row_split_into_parallel_chunks(device, backend):
                 values, indices = ae.topk_sparse(x, k, relu=False)
             want_values, want_indices = reference.topk_sparse(x, k, relu=False)
             assert torch.equal(indices, want_indices) and torch.equal(values, want_values)
+
+
+def test_scatter_rows_writes_every_element_once(poisoned):
+    # The CPU kernel behind dense top-k outputs and the selection's gradient.
+    op = torch.ops.aefast.scatter_rows
+    for dtype in DTYPES:
+        for B, k, width in ((1, 1, 1), (5, 7, 33), (3, 64, 20001)):
+            values = torch.randn(B, k, dtype=torch.float64).to(dtype)
+            indices = torch.stack([torch.randperm(width)[:k] for _ in range(B)])
+            want = torch.zeros(B, width, dtype=dtype).scatter_(1, indices, values)
+            assert torch.equal(op(values, indices, width), want)
+    values = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
+    indices = torch.stack([torch.randperm(9)[:3] for _ in range(4)])
+    assert torch.autograd.gradcheck(lambda v: op(v, indices, 9), (values,))
+    assert torch.autograd.gradgradcheck(lambda v: op(v, indices, 9), (values,))
+    torch.library.opcheck(op.default, (values, indices, 9))
+    with pytest.raises(IndexError, match=r"indices must be in \[0, 9\)"):
+        op(values.detach(), indices + 7, 9)
+    with pytest.raises(ValueError, match="values and indices must both be"):
+        op(values.detach(), indices[:, :2], 9)
+
+
+@pytest.mark.parametrize(("device", "backend"), wta_backends(interpreted_too=False))
+def test_long_rows_with_signed_zeros_late_winners_and_late_nan(device, backend):
+    # -0.0 and +0.0 tie (lower index first); winners only in the last tile; a NaN
+    # after the first tile of a long row is still found.
+    x = torch.zeros(3, 50000)
+    x[:, 1::3] = -0.0
+    x[1, -100:] = torch.arange(100.0)
+    x[2] = -torch.rand(50000)
+    x[2, 49000:49010] = 5.0
+    x = x.to(device)
+    for k in (1, 40, 300):
+        with ae.backend(backend):
+            values, indices = ae.topk_sparse(x, k, relu=False)
+        want_values, want_indices = reference.topk_sparse(x, k, relu=False)
+        assert torch.equal(indices, want_indices) and torch.equal(values, want_values)
+    x[0, 40000] = float("nan")
+    with ae.backend(backend), pytest.raises(ValueError, match="x contains NaN"):
+        ae.topk_sparse(x, 8)
 
 
 @pytest.mark.parametrize(("device", "backend"), wta_backends())
@@ -286,11 +354,17 @@ def test_topk_encode_torch_compile_fullgraph(device, backend):
     assert_compiled_matches_eager(model, torch.randn(10, 12, device=device), model.enc.weight, backend)
 
 
-def test_backends_without_kernels_say_so():
-    assert "cuda" not in KERNELS
+def test_every_backend_has_topk_kernels_and_a_forced_one_that_cannot_run_says_so():
+    assert set(KERNELS) == set(backends.BACKENDS) - {"reference"}
+    if backends.CPP_BUILT:  # one C++ op (and one fused encoder over it) for cpp and cuda
+        assert TOPK_OPS["cuda"] is TOPK_OPS["cpp"] and ENCODE_OPS["cuda"] is ENCODE_OPS["cpp"]
+    x, w = torch.randn(3, 5), torch.randn(7, 5)
+    for run in (lambda: ae.topk_sparse(x, 2), lambda: ae.batch_topk(x, 2), lambda: ae.lifetime_topk(x, 0.5),
+                lambda: ae.spatial_wta(x.view(3, 5, 1, 1)), lambda: ae.topk_encode(x, w, None, 2)):
+        with ae.backend("cuda"), pytest.raises(RuntimeError, match="'cuda' cannot run cpu tensors"):
+            run()
     with ae.backend("cuda"), pytest.raises(RuntimeError, match="has no kernel for topk_sparse"):
-        backends.resolve(torch.device("cuda"), "topk_sparse", KERNELS)
-    x = torch.randn(3, 5)
+        backends.resolve(torch.device("cuda"), "topk_sparse", ("cpp", "triton"))
     with ae.backend("reference"):
         assert torch.equal(ae.topk_sparse(x, 2)[1], reference.topk_sparse(x, 2)[1])
 

@@ -4,9 +4,13 @@ spatial_wta and sparse_decode.
 One selection kernel (`aefast::topk_forward`: per row the k largest, ties to the
 lower index) serves every top-k variant through views: batch_topk selects over the
 flattened batch, lifetime_topk over the columns, spatial_wta over each feature map.
-Dense outputs and the gradient's scatter use PyTorch's own in-place scatter into
-fresh zeros (the out-of-place scatter would clone the zeros first: a second full
-write).
+It exists for CPU tensors (csrc/cpu/topk.cpp: block maxima or a heap), for CUDA tensors
+(csrc/cuda/topk.cu, a radix select that splits long rows over many blocks) and in
+Triton (triton_kernels/topk.py).
+
+Dense outputs and the selection's gradient come from `scatter_rows`: on CPU one C++
+pass per row (`aefast::scatter_rows`), elsewhere PyTorch's in-place scatter into
+fresh zeros.
 """
 
 from __future__ import annotations
@@ -20,9 +24,9 @@ from aefast import backends, reference
 from aefast.ops._checks import autocast_inputs, check_float_dtype, check_linear_params, check_tensor
 from aefast.ops._distributed import global_count, global_topk_keep
 
-# Backends with top-k kernels so far (the sparse decoder: DECODE_OPS below); the
-# others run `reference` under `auto` and raise when asked for by name.
-KERNELS = ("cpp", "triton")
+# Backends with top-k kernels (the sparse decoder: DECODE_OPS below); `reference`
+# runs where none is available under `auto`.
+KERNELS = ("cpp", "triton", "cuda")
 
 
 @torch.library.custom_op("aefast::topk_forward_triton", mutates_args=())
@@ -32,10 +36,12 @@ def _topk_forward_triton(x: Tensor, k: int, relu: bool) -> tuple[Tensor, Tensor]
     return kernels.topk_forward(x, k, relu)
 
 
-# The selection op of each backend with a top-k kernel: per row the k largest.
+# The selection op of each backend with a top-k kernel: per row the k largest. One
+# C++ op serves cpp and cuda (the dispatcher picks the CPU or CUDA kernel; `cuda` is
+# only chosen where backends.CUDA_BUILT says the CUDA kernels are in aefast._C).
 TOPK_OPS = {"triton": torch.ops.aefast.topk_forward_triton.default}
 if backends.CPP_BUILT:
-    TOPK_OPS["cpp"] = torch.ops.aefast.topk_forward.default
+    TOPK_OPS["cpp"] = TOPK_OPS["cuda"] = torch.ops.aefast.topk_forward.default
 
 
 def _register_topk(op) -> None:
@@ -53,14 +59,41 @@ def _register_topk(op) -> None:
         values, indices = ctx.saved_tensors
         if ctx.relu:  # as torch.relu: no gradient where the output is 0
             grad_values = grad_values * (values > 0)
-        grad = grad_values.new_zeros((values.shape[0], ctx.width)).scatter_(1, indices, grad_values)
-        return grad, None, None
+        return scatter_rows(grad_values, indices, ctx.width, fused=True), None, None
 
     torch.library.register_autograd(op, backward, setup_context=setup)
 
 
-for _op in TOPK_OPS.values():
+for _op in dict.fromkeys(TOPK_OPS.values()):  # cpp and cuda share one op
     _register_topk(_op)
+
+
+# ------------------------------------------------------------- dense outputs
+
+
+def _scatter_rows_setup(ctx, inputs, output):
+    ctx.save_for_backward(inputs[1])
+
+
+def _scatter_rows_backward(ctx, grad):
+    (indices,) = ctx.saved_tensors
+    return grad.gather(1, indices), None, None
+
+
+if backends.CPP_BUILT:
+    torch.library.register_fake("aefast::scatter_rows")(
+        lambda values, indices, width: values.new_empty((values.shape[0], width)))
+    torch.library.register_autograd("aefast::scatter_rows", _scatter_rows_backward, setup_context=_scatter_rows_setup)
+
+
+def scatter_rows(values: Tensor, indices: Tensor, width: int, *, fused: bool) -> Tensor:
+    """(B, width) zeros but for out[b, indices[b, j]] = values[b, j]. With fused=True, on
+    CPU, one C++ pass writes each row once into huge pages (csrc/cpu/topk.cpp); else
+    PyTorch's in-place scatter into fresh zeros (the out-of-place one would clone them)."""
+    if fused and backends.CPP_BUILT and values.device.type == "cpu":
+        return torch.ops.aefast.scatter_rows(values, indices, width)
+    out = values.new_zeros((values.shape[0], width))
+    return out.scatter_(1, indices, values)
 
 
 # ------------------------------------------------------------- sparse decoder
@@ -186,9 +219,12 @@ def _make_topk_encode(name: str, select, decode_forward, decode_backward):
     return getattr(torch.ops.aefast, name).default
 
 
-# The fused encoder per backend with both a top-k and a decoder kernel.
-ENCODE_OPS = {b: _make_topk_encode("topk_encode" if b == "cpp" else f"topk_encode_{b}", TOPK_OPS[b], *DECODE_OPS[b])
-              for b in TOPK_OPS if b in DECODE_OPS}
+# The fused encoder per backend with both a top-k and a decoder kernel. cpp and cuda
+# share one op, as their selection and decoder ops are the same C++ ops: its Python
+# body runs on either device and the C++ ops it calls dispatch on the tensors' device.
+ENCODE_OPS = {"triton": _make_topk_encode("topk_encode_triton", TOPK_OPS["triton"], *DECODE_OPS["triton"])}
+if backends.CPP_BUILT:
+    ENCODE_OPS["cpp"] = ENCODE_OPS["cuda"] = _make_topk_encode("topk_encode", TOPK_OPS["cpp"], *DECODE_OPS["cpp"])
 
 
 # ------------------------------------------------------------------ checks
@@ -223,6 +259,11 @@ def _select(x: Tensor, k: int, relu: bool, op: str) -> tuple[Tensor, Tensor]:
     return TOPK_OPS[name](x, k, relu)
 
 
+def _fused(x: Tensor, op: str) -> bool:
+    """Whether the dense output is written by aefast's kernel (not plain PyTorch)."""
+    return backends.resolve(x.device, op, KERNELS) != "reference"
+
+
 # --------------------------------------------------------------- public API
 
 
@@ -241,7 +282,7 @@ def topk_mask(x: Tensor, k: int, *, relu: bool = True) -> Tensor:
     """x (B, H) with all but the k largest values of each row set to 0; ReLU after
     selection when relu=True. The gradient flows to the winners only."""
     values, indices = topk_sparse(x, k, relu=relu)
-    return torch.zeros_like(x, memory_format=torch.contiguous_format).scatter_(1, indices, values)
+    return scatter_rows(values, indices, x.shape[1], fused=_fused(x, "topk_mask"))
 
 
 def batch_topk(x: Tensor, k: int, *, relu: bool = True, group=None) -> Tensor:
@@ -262,8 +303,7 @@ def batch_topk(x: Tensor, k: int, *, relu: bool = True, group=None) -> Tensor:
         values = torch.where(global_topk_keep(values, total, group), values, 0.0)  # -inf * 0 is NaN
         if relu:
             values = torch.relu(values)
-    out = torch.zeros_like(flat, memory_format=torch.contiguous_format)
-    return out.scatter_(1, indices, values).view(x.shape)
+    return scatter_rows(values, indices, flat.shape[1], fused=_fused(x, "batch_topk")).view(x.shape)
 
 
 def lifetime_topk(x: Tensor, rate: float, *, group=None) -> Tensor:
@@ -280,8 +320,7 @@ def lifetime_topk(x: Tensor, rate: float, *, group=None) -> Tensor:
     values, indices = _select(x.t(), min(m, x.shape[0]), False, "lifetime_topk")
     if group is not None:
         values = torch.where(global_topk_keep(values, m, group), values, 0.0)
-    out = torch.zeros((x.shape[1], x.shape[0]), dtype=x.dtype, device=x.device)
-    return out.scatter_(1, indices, values).t()
+    return scatter_rows(values, indices, x.shape[0], fused=_fused(x, "lifetime_topk")).t()
 
 
 def spatial_wta(x: Tensor, *, lifetime_rate: float | None = None) -> Tensor:
@@ -300,8 +339,7 @@ def spatial_wta(x: Tensor, *, lifetime_rate: float | None = None) -> Tensor:
         _, winners = _select(values.detach().view(n, c).t(), m, False, "spatial_wta")
         kept = torch.zeros((c, n), dtype=torch.bool, device=x.device).scatter_(1, winners, True)
         values = torch.where(kept.t().reshape(n * c, 1), values, 0.0)  # -inf * 0 would be NaN
-    out = torch.zeros_like(maps, memory_format=torch.contiguous_format)
-    return out.scatter_(1, indices, values).view(x.shape)
+    return scatter_rows(values, indices, maps.shape[1], fused=_fused(x, "spatial_wta")).view(x.shape)
 
 
 def sparse_decode(values: Tensor, indices: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:

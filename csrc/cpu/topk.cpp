@@ -14,11 +14,13 @@
 #include <algorithm>
 #include <atomic>
 #include <cmath>
+#include <cstring>
 #include <limits>
 #include <type_traits>
 #include <utility>
 #include <vector>
 
+#include "alloc.h"
 #include "simd.h"
 
 #if defined(__x86_64__)
@@ -376,9 +378,48 @@ std::tuple<at::Tensor, at::Tensor> topk_forward(const at::Tensor& x_in, int64_t 
   return {values, indices};
 }
 
+// One write of each output row (zeros, then its k values), in huge pages (alloc.h):
+// torch's zeros + scatter_ writes the row twice and faults it in 4 KB at a time.
+at::Tensor scatter_rows(const at::Tensor& values_in, const at::Tensor& indices_in, int64_t width) {
+  TORCH_CHECK_VALUE(values_in.dim() == 2 && indices_in.sizes() == values_in.sizes(),
+                    "aefast: values and indices must both be (B, k)");
+  TORCH_CHECK_VALUE(indices_in.scalar_type() == at::kLong, "aefast: indices must be int64");
+  TORCH_CHECK_VALUE(width >= 0, "aefast: width must be >= 0, got ", width);
+  const auto values = values_in.contiguous();
+  const auto indices = indices_in.contiguous();
+  const int64_t B = values.size(0), K = values.size(1);
+  auto out = empty_output({B, width}, values.options());
+  std::atomic<bool> out_of_range{false};
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, values.scalar_type(), "scatter_rows", [&] {
+    const scalar_t* vp = values.const_data_ptr<scalar_t>();
+    const int64_t* ip = indices.const_data_ptr<int64_t>();
+    scalar_t* op = out.data_ptr<scalar_t>();
+    const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 15) / std::max<int64_t>(width, 1));
+    at::parallel_for(0, B, grain, [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) {
+        scalar_t* row = op + r * width;
+        std::memset(static_cast<void*>(row), 0, static_cast<size_t>(width) * sizeof(scalar_t));  // 0.0: all bits 0
+        for (int64_t j = 0; j < K; ++j) {
+          const int64_t c = ip[r * K + j];
+          if (c < 0 || c >= width) {
+            out_of_range = true;
+            continue;
+          }
+          row[c] = vp[r * K + j];
+        }
+      }
+    });
+  });
+  TORCH_CHECK_INDEX(!out_of_range.load(), "aefast: indices must be in [0, ", width, ")");
+  return out;
+}
+
 }  // namespace
 
-TORCH_LIBRARY_IMPL(aefast, CPU, m) { m.impl("topk_forward", &topk_forward); }
+TORCH_LIBRARY_IMPL(aefast, CPU, m) {
+  m.impl("topk_forward", &topk_forward);
+  m.impl("scatter_rows", &scatter_rows);
+}
 
 }  // namespace cpu
 }  // namespace aefast
