@@ -9,7 +9,9 @@
   against F.linear, ReLU and torch.topk eager;
 - sparse_decode forward + backward against F.embedding_bag with per-sample weights
   (the best plain-PyTorch sparse decoder) and the dense decode (scatter the code
-  into (B, L), then a matmul).
+  into (B, L), then a matmul);
+- on GPU also topk_mask forward + backward at 4096 x 65536, k = 32 and 128, for the
+  cuda and triton backends against eager, torch.compile and the copy floor.
 """
 
 from __future__ import annotations
@@ -47,6 +49,37 @@ def topk_contenders(device, B, H, k):
         "topk_mask": {"aefast": fused_mask, "topk+scatter eager": eager_mask,
                       "clone (floor)": lambda: harness.fresh_clone(x)},
     }
+
+
+def gpu_topk_mask_groups(device, B=4096, H=65536, ks=(32, 128)):
+    """GPU: topk_mask forward + backward at 4096 x 65536 per backend with a top-k kernel,
+    against eager topk + scatter and its torch.compile, and the memory floor: fresh
+    copies of x and of the gradient (read x, write the mask; read the gradient, write
+    x's). floor / aefast is the share of copy bandwidth reached."""
+    x = torch.randn(B, H, device=device)
+    grad = torch.randn(B, H, device=device)
+
+    def step(fn):
+        def run():
+            fn(x.detach().requires_grad_(True)).backward(grad)
+        return run
+
+    groups = {}
+    for k in ks:
+        def eager(xx, k=k):
+            values, indices = torch.topk(xx, k)
+            return torch.zeros_like(xx).scatter(1, indices, torch.relu(values))
+
+        compiled = torch.compile(eager)
+        for backend in [b for b in ("cuda", "triton") if b in ae.available_backends(device)]:
+            def fused(xx, k=k, backend=backend):
+                with ae.backend(backend):
+                    return ae.topk_mask(xx, k)
+
+            groups[f"topk_mask {B}x{H} k={k} [{backend}]"] = {
+                "aefast": step(fused), "topk+scatter eager": step(eager), "compiled": step(compiled),
+                "copies (floor)": lambda: (harness.fresh_clone(x), harness.fresh_clone(grad))}
+    return groups
 
 
 def decode_contenders(device, B, k, L, D):
@@ -99,6 +132,9 @@ def main(argv=None) -> int:
     torch.manual_seed(0)
     groups = {**topk_contenders(device, 1024, 16384, 32), **decode_contenders(device, 1024, 32, 16384, 768)}
     header = ["float32; topk: 1024 x 16384, k = 32; topk_encode and sparse_decode: B = 1024, k = 32, L = 16384, D = 768."]
+    if device.type == "cuda":
+        groups.update(gpu_topk_mask_groups(device))
+        header.append("GPU: topk_mask forward + backward at 4096 x 65536 per backend; floor / aefast = share of copy bandwidth.")
     return harness.report("wta", header, groups, TARGETS, device, args.rounds, args.out)
 
 

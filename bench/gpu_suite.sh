@@ -66,8 +66,8 @@ STEPS=(
   "device|15|nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv; $PY -c 'import torch, triton, sys; print(\"torch\", torch.__version__, \"cuda\", torch.version.cuda, \"triton\", triton.__version__, \"python\", sys.version.split()[0]); p = torch.cuda.get_device_properties(0); print(p.name, p.multi_processor_count, \"SMs\")'; nvcc --version | tail -1"
   "build|165|MAX_JOBS=16 $PY -m pip install --no-build-isolation --no-deps -v -e . && $PY -m aefast info"
   "tests|170|$PY -m pytest tests -q -p no:cacheprovider -rs"
-  "bench|110|$PY -m aefast bench --device cuda --no-compile --rounds 3 --out $OUT && $PY -m aefast.bench.ranking $OUT/bench.json $OUT/gpu_ranking.json"
-  "bench-families|100|$PY bench/bench_kl_sparsity.py --device cuda --sizes 4096x4096,16384x16384 --out $OUT; $PY bench/bench_wta.py --device cuda --out $OUT; $PY bench/bench_noise.py --device cuda --out $OUT"
+  "bench|100|$PY -m aefast bench --device cuda --no-compile --rounds 3 --out $OUT && $PY -m aefast.bench.ranking $OUT/bench.json $OUT/gpu_ranking.json"
+  "bench-families|110|$PY bench/bench_kl_sparsity.py --device cuda --sizes 4096x4096,16384x16384 --out $OUT; $PY bench/bench_noise.py --device cuda --out $OUT; $PY bench/bench_wta.py --device cuda --out $OUT"
   "sanitizer|30|PYTORCH_NO_CUDA_MEMORY_CACHING=1 ${SANITIZER:-compute-sanitizer} --tool memcheck --error-exitcode 1 $PY -m pytest tests/test_kl_sparsity.py tests/test_noise.py -q -p no:cacheprovider -k 'cuda and (65x129 or 37) and matches_reference'"
 )
 
