@@ -47,10 +47,11 @@ def rows(shape, dtype, device, *, ties=False):
     return x.to(device, dtype)
 
 
-# Rows of 16 * max(1024, 8k) or more take the CPU's block selection: (2, 40000) and
-# (3, 30000) with k = 200 end in a short tile, (2, 70001) in several.
+# Rows of 1024 or more with 128k or more take the CPU's block selection: (2, 4100) and
+# (3, 30000) with k = 200 end in a short tile, (3, 2000) is one tile, (2, 70001) several.
 CASES = [((1, 1), 1), ((1, 7), 3), ((3, 1000), 1), ((3, 1000), 32), ((3, 1000), 1000),
-         ((4097, 33), 5), ((2, 70001), 64), ((2, 40000), 1), ((3, 30000), 200)]
+         ((4097, 33), 5), ((2, 70001), 64), ((2, 40000), 1), ((3, 30000), 200), ((2, 4100), 8),
+         ((3, 2000), 3)]
 # Under Triton's interpreter every selection round is NumPy code: smaller rows there.
 INTERPRETED_CASES = [((1, 1), 1), ((1, 7), 3), ((3, 300), 1), ((3, 300), 7), ((3, 300), 300), ((5, 33), 5)]
 

@@ -37,10 +37,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def copy_bandwidth(device: torch.device, rounds: int) -> float:
     """GB/s of a clone (read + write, fresh allocation as aefast's kernels allocate) of a
-    tensor larger than the caches."""
+    tensor larger than the caches: the best of at least 11 rounds. (On the CPU dev
+    machine the first process to touch fresh memory after a pause ran 4x slower for
+    a few calls: the rate reachable is the reference, not a median of such calls.)"""
     x = torch.empty((64 << 20) // 4 if device.type == "cpu" else (1 << 30) // 4, device=device).fill_(1.0)
-    ms = harness.median_ms(harness.alternate({"clone": lambda: harness.fresh_clone(x)}, device, rounds=rounds)["clone"])
-    return 2 * x.numel() * 4 / (ms * 1e-3) / 1e9
+    samples = harness.alternate({"clone": lambda: harness.fresh_clone(x)}, device, rounds=max(rounds, 11))["clone"]
+    return 2 * x.numel() * 4 / min(samples) / 1e9
 
 
 def matmul_tflops(device: torch.device, rounds: int) -> float:

@@ -1,8 +1,8 @@
 // CPU top-k per row, in one streaming pass; torch.topk instead copies every (value,
 // int64 index) pair of the row and partially sorts them. Two ways, by row length:
-// - long rows with few winners (16 x max(1024, 8k) elements or more): block
-//   selection, which reads the row once at memory speed and looks again at only
-//   the ~k cache lines that can hold a winner (block_scan below);
+// - rows with few winners (128k and 1024 elements or more): block selection, which
+//   reads the row once at memory speed and looks again at only the ~k cache lines
+//   that can hold a winner (block_scan below);
 // - otherwise a k-entry heap of the best values seen, behind a vectorized filter
 //   that skips blocks of the row with nothing above the heap's worst value.
 // Both keep the order every backend has: value descending, ties to the lower index.
@@ -121,9 +121,12 @@ constexpr int64_t kBlockLen = 16;
 // Blocks per tile for a row of n with k winners, or 0 for the plain scan.
 inline int64_t tile_blocks(int64_t n, int64_t k) {
   // G >= 8k keeps the blocks read again a small share of each tile; G <= 16384 keeps
-  // a tile (1 MB of float32 at most) in L2; a whole first tile holds G blocks.
-  const int64_t blocks = std::max<int64_t>(1024, 8 * k);
-  return blocks > 16384 || n < kBlockLen * blocks ? 0 : blocks;
+  // a tile (1 MB of float32 at most) in L2; a row shorter than a tile is one tile
+  // (the first tile must be whole: G blocks of 16).
+  int64_t blocks = std::max<int64_t>(1024, 8 * k);
+  if (blocks > 16384) return 0;
+  blocks = std::min(blocks, n / kBlockLen);
+  return blocks >= 8 * k && blocks >= 64 ? blocks : 0;
 }
 
 // What a pass over a tile found: whether it holds a NaN, and the range of its block maxima.
