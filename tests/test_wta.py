@@ -35,6 +35,15 @@ def decode_backends():
     return backends_with(DECODE_OPS)
 
 
+def assert_topk_sparse_matches_reference(x, k, backend):
+    """topk_sparse (relu=False) on `backend`: the reference's indices and values exactly."""
+    with ae.backend(backend):
+        values, indices = ae.topk_sparse(x, k, relu=False)
+    want_values, want_indices = reference.topk_sparse(x, k, relu=False)
+    assert torch.equal(indices, want_indices) and torch.equal(values, want_values)
+    return values, indices
+
+
 def leaf(x):
     return x.detach().clone().requires_grad_(True)
 
@@ -89,10 +98,7 @@ def test_topk_with_infinities_and_long_rows(device, backend):
     x[1] = float("-inf")
     hot = 12345 % x.shape[1]
     x[1, hot] = 3.0
-    with ae.backend(backend):
-        values, indices = ae.topk_sparse(x, 64, relu=False)
-    want_values, want_indices = reference.topk_sparse(x, 64, relu=False)
-    assert torch.equal(indices, want_indices) and torch.equal(values, want_values)
+    _, indices = assert_topk_sparse_matches_reference(x, 64, backend)
     rest = torch.tensor([i for i in range(64) if i != hot][:63], device=device)  # -inf ties: lowest first
     assert indices[1, 0] == hot and torch.equal(indices[1, 1:], rest)
 
@@ -130,10 +136,7 @@ def test_one_long_row_split_into_parallel_chunks(device, backend):
     for x in (torch.randn(1, 1 << 20), torch.randint(-2, 3, (1, 1 << 20)).float()):
         x = x.to(device)
         for k in (1, 64, 5000):
-            with ae.backend(backend):
-                values, indices = ae.topk_sparse(x, k, relu=False)
-            want_values, want_indices = reference.topk_sparse(x, k, relu=False)
-            assert torch.equal(indices, want_indices) and torch.equal(values, want_values)
+            assert_topk_sparse_matches_reference(x, k, backend)
 
 
 def test_scatter_rows_writes_every_element_once(poisoned):
@@ -167,10 +170,7 @@ def test_long_rows_with_signed_zeros_late_winners_and_late_nan(device, backend):
     x[2, 49000:49010] = 5.0
     x = x.to(device)
     for k in (1, 40, 300):
-        with ae.backend(backend):
-            values, indices = ae.topk_sparse(x, k, relu=False)
-        want_values, want_indices = reference.topk_sparse(x, k, relu=False)
-        assert torch.equal(indices, want_indices) and torch.equal(values, want_values)
+        assert_topk_sparse_matches_reference(x, k, backend)
     x[0, 40000] = float("nan")
     with ae.backend(backend), pytest.raises(ValueError, match="x contains NaN"):
         ae.topk_sparse(x, 8)
