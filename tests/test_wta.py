@@ -292,6 +292,29 @@ def test_torch_compile_fullgraph(device, backend):
     assert_compiled_matches_eager(model, torch.randn(10, 12, device=device), model.dec, backend)
 
 
+class DenseWTA(torch.nn.Module):
+    """Every op with a dense output (through scatter_rows on CPU), one loss."""
+
+    def __init__(self, d=12, hidden=40):
+        super().__init__()
+        self.enc = torch.nn.Linear(d, hidden)
+
+    def forward(self, x):
+        h = self.enc(x)
+        maps = h.view(x.shape[0], 4, 2, 5)
+        dense = (ae.topk_mask(h, 4), ae.batch_topk(h, 3), ae.lifetime_topk(h, 0.3),
+                 ae.spatial_wta(maps, lifetime_rate=0.5).view_as(h))
+        return sum((d * h).sum() for d in dense)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("device", "backend"), wta_backends())
+def test_dense_outputs_torch_compile_fullgraph(device, backend):
+    torch.manual_seed(0)
+    model = DenseWTA().to(device)
+    assert_compiled_matches_eager(model, torch.randn(10, 12, device=device), model.enc.weight, backend)
+
+
 # ---------------------------------------------------------------- top-k encoder
 
 
