@@ -161,13 +161,16 @@ def test_scatter_rows_writes_every_element_once(poisoned):
 
 @pytest.mark.parametrize(("device", "backend"), wta_backends(interpreted_too=False))
 def test_long_rows_with_signed_zeros_late_winners_and_late_nan(device, backend):
-    # -0.0 and +0.0 tie (lower index first); winners only in the last tile; a NaN
-    # after the first tile of a long row is still found.
-    x = torch.zeros(3, 50000)
+    # -0.0 and +0.0 tie (lower index first); winners only in the last tile; blocks of
+    # -inf and a few +inf; a NaN after the first tile of a long row is still found.
+    x = torch.zeros(4, 50000)
     x[:, 1::3] = -0.0
     x[1, -100:] = torch.arange(100.0)
     x[2] = -torch.rand(50000)
     x[2, 49000:49010] = 5.0
+    x[3] = torch.randn(50000)  # masked logits: -inf runs, and a few +inf
+    x[3, :3000] = float("-inf")
+    x[3, [7, 20000, 45001]] = float("inf")
     x = x.to(device)
     for k in (1, 40, 300):
         assert_topk_sparse_matches_reference(x, k, backend)

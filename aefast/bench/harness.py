@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import ctypes
 import datetime
+import functools
 import json
 import pathlib
 import platform
@@ -24,6 +25,11 @@ _HUGE_PAGE = 2 << 20
 _MADV_HUGEPAGE = 14  # Linux
 
 
+@functools.cache
+def _libc() -> ctypes.CDLL:
+    return ctypes.CDLL(None, use_errno=True)
+
+
 def fresh_clone(x: torch.Tensor) -> torch.Tensor:
     """A copy of x into a fresh tensor allocated as aefast's CPU kernels allocate their
     large outputs (csrc/cpu/alloc.h: transparent huge pages asked for before the first
@@ -34,7 +40,7 @@ def fresh_clone(x: torch.Tensor) -> torch.Tensor:
     if out.device.type == "cpu" and sys.platform == "linux" and nbytes >= 4 * _HUGE_PAGE:
         begin = -(-out.data_ptr() // _HUGE_PAGE) * _HUGE_PAGE
         end = (out.data_ptr() + nbytes) // _HUGE_PAGE * _HUGE_PAGE
-        libc = ctypes.CDLL(None, use_errno=True)
+        libc = _libc()
         libc.madvise(ctypes.c_void_p(begin), ctypes.c_size_t(end - begin), ctypes.c_int(_MADV_HUGEPAGE))
     return out.copy_(x)
 

@@ -96,7 +96,7 @@ __attribute__((target("avx2"))) void philox_block_avx2(uint64_t seed, uint64_t f
   }
 }
 
-const bool kHaveAvx2 = __builtin_cpu_supports("avx2");
+const bool kHaveAvx2 = (__builtin_cpu_init(), __builtin_cpu_supports("avx2"));  // init: a static initializer may run first
 #endif
 
 void philox_block(uint64_t seed, uint64_t first_counter, BlockWords& out) {

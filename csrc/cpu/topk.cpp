@@ -172,7 +172,7 @@ inline TileMaxima<A> block_maxima(const T* x, int64_t n, A* maxima) {
 
 #if defined(__x86_64__) && defined(__GNUC__)
 #define AEFAST_BLOCK_MAXIMA_AVX2 1
-const bool kHaveAvx2 = __builtin_cpu_supports("avx2");
+const bool kHaveAvx2 = (__builtin_cpu_init(), __builtin_cpu_supports("avx2"));  // init: a static initializer may run first
 // float32 with AVX2: 8 blocks at a time, their 8 x 16 values reduced to 8 maxima by
 // max-of-shuffles (what a horizontal max of each would cost 8 times over).
 __attribute__((target("avx2"))) TileMaxima<float> block_maxima_avx2(const float* x, int64_t n, float* maxima) {
@@ -223,10 +223,28 @@ inline __attribute__((always_inline)) A maxima_bar(const A* maxima, int64_t bloc
     for (int64_t b = 0; b < blocks; ++b) c += maxima[b] >= t;
     return static_cast<int64_t>(c);
   };
-  if (!std::isfinite(lo) || !std::isfinite(hi)) return lo;  // rows with infinities: lo is safe
   if (count_at_least(hi) >= k) return hi;
-  for (int step = 0; step < 24; ++step) {  // invariant: count(lo) >= k > count(hi)
-    const A mid = lo + (hi - lo) / 2;
+  if (!std::isfinite(lo) || !std::isfinite(hi)) {
+    // Infinities (an all -inf block of masked logits, a +inf): bisect between the
+    // smallest and largest finite maxima instead, or stop where no finite bar can do.
+    A finite_lo = std::numeric_limits<A>::infinity(), finite_hi = -finite_lo;
+    for (int64_t b = 0; b < blocks; ++b) {
+      if (!std::isfinite(maxima[b])) continue;
+      finite_lo = std::min(finite_lo, maxima[b]);
+      finite_hi = std::max(finite_hi, maxima[b]);
+    }
+    if (finite_lo > finite_hi) return lo;  // no finite maximum
+    if (hi > finite_hi) {
+      if (count_at_least(finite_hi) >= k) return finite_hi;
+      hi = finite_hi;
+    }
+    if (lo < finite_lo) {
+      if (count_at_least(finite_lo) < k) return lo;
+      lo = finite_lo;
+    }
+  }
+  for (int step = 0; step < 64; ++step) {  // invariant: count(lo) >= k > count(hi)
+    const A mid = lo / 2 + hi / 2;  // no overflow across the whole range
     if (mid <= lo || mid >= hi) break;
     const int64_t c = count_at_least(mid);
     if (c < k) {
