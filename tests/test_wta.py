@@ -287,14 +287,6 @@ class TinyTopKSAE(torch.nn.Module):
         return (ae.sparse_decode(values, indices, self.dec, self.bias) - x).pow(2).mean()
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize(("device", "backend"), wta_backends())
-def test_torch_compile_fullgraph(device, backend):
-    torch.manual_seed(0)
-    model = TinyTopKSAE().to(device)
-    assert_compiled_matches_eager(model, torch.randn(10, 12, device=device), model.dec, backend)
-
-
 class DenseWTA(torch.nn.Module):
     """Every op with a dense output (through scatter_rows on CPU), one loss."""
 
@@ -308,14 +300,6 @@ class DenseWTA(torch.nn.Module):
         dense = (ae.topk_mask(h, 4), ae.batch_topk(h, 3), ae.lifetime_topk(h, 0.3),
                  ae.spatial_wta(maps, lifetime_rate=0.5).view_as(h))
         return sum((d * h).sum() for d in dense)
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize(("device", "backend"), wta_backends())
-def test_dense_outputs_torch_compile_fullgraph(device, backend):
-    torch.manual_seed(0)
-    model = DenseWTA().to(device)
-    assert_compiled_matches_eager(model, torch.randn(10, 12, device=device), model.enc.weight, backend)
 
 
 # ---------------------------------------------------------------- top-k encoder
@@ -374,11 +358,14 @@ class TinyFusedTopKSAE(TinyTopKSAE):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize(("model_class", "parameter"),
+                         [(TinyTopKSAE, "dec"), (TinyFusedTopKSAE, "enc.weight"), (DenseWTA, "enc.weight")],
+                         ids=["topk_sparse+sparse_decode", "topk_encode", "dense_outputs"])
 @pytest.mark.parametrize(("device", "backend"), wta_backends())
-def test_topk_encode_torch_compile_fullgraph(device, backend):
+def test_torch_compile_fullgraph(device, backend, model_class, parameter):
     torch.manual_seed(0)
-    model = TinyFusedTopKSAE().to(device)
-    assert_compiled_matches_eager(model, torch.randn(10, 12, device=device), model.enc.weight, backend)
+    model = model_class().to(device)
+    assert_compiled_matches_eager(model, torch.randn(10, 12, device=device), model.get_parameter(parameter), backend)
 
 
 def test_every_backend_has_topk_kernels_and_a_forced_one_that_cannot_run_says_so():

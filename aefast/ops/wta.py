@@ -251,17 +251,13 @@ def _check_rate(rate, name: str) -> float:
     return float(rate)
 
 
-def _select(x: Tensor, k: int, relu: bool, op: str) -> tuple[Tensor, Tensor]:
-    """Per row of the 2-D x, the k largest (values, indices) on the current backend."""
+def _select(x: Tensor, k: int, relu: bool, op: str) -> tuple[Tensor, Tensor, bool]:
+    """Per row of the 2-D x, the k largest (values, indices) on the current backend, and
+    whether that backend is aefast's (then its kernel also writes dense outputs)."""
     name = backends.resolve(x.device, op, KERNELS)
     if name == "reference":
-        return reference.topk_sparse(x, k, relu)
-    return TOPK_OPS[name](x, k, relu)
-
-
-def _fused(x: Tensor, op: str) -> bool:
-    """Whether the dense output is written by aefast's kernel (not plain PyTorch)."""
-    return backends.resolve(x.device, op, KERNELS) != "reference"
+        return *reference.topk_sparse(x, k, relu), False
+    return *TOPK_OPS[name](x, k, relu), True
 
 
 # --------------------------------------------------------------- public API
@@ -275,14 +271,17 @@ def topk_sparse(x: Tensor, k: int, *, relu: bool = True) -> tuple[Tensor, Tensor
     flows to the winners only. NaN in x raises a ValueError."""
     _check_x(x)
     k = _check_k(k, x.shape[1], "the number of units")
-    return _select(x, k, relu, "topk_sparse")
+    values, indices, _ = _select(x, k, relu, "topk_sparse")
+    return values, indices
 
 
 def topk_mask(x: Tensor, k: int, *, relu: bool = True) -> Tensor:
     """x (B, H) with all but the k largest values of each row set to 0; ReLU after
     selection when relu=True. The gradient flows to the winners only."""
-    values, indices = topk_sparse(x, k, relu=relu)
-    return scatter_rows(values, indices, x.shape[1], fused=_fused(x, "topk_mask"))
+    _check_x(x)
+    k = _check_k(k, x.shape[1], "the number of units")
+    values, indices, fused = _select(x, k, relu, "topk_mask")
+    return scatter_rows(values, indices, x.shape[1], fused=fused)
 
 
 def batch_topk(x: Tensor, k: int, *, relu: bool = True, group=None) -> Tensor:
@@ -296,14 +295,14 @@ def batch_topk(x: Tensor, k: int, *, relu: bool = True, group=None) -> Tensor:
     k = _check_k(k, x.shape[1], "per row on average")
     flat = x.reshape(1, -1)
     if group is None:
-        values, indices = _select(flat, k * x.shape[0], relu, "batch_topk")
+        values, indices, fused = _select(flat, k * x.shape[0], relu, "batch_topk")
     else:
         total = k * global_count(x.shape[0], x.device, group)
-        values, indices = _select(flat, min(total, flat.shape[1]), False, "batch_topk")
+        values, indices, fused = _select(flat, min(total, flat.shape[1]), False, "batch_topk")
         values = torch.where(global_topk_keep(values, total, group), values, 0.0)  # -inf * 0 is NaN
         if relu:
             values = torch.relu(values)
-    return scatter_rows(values, indices, flat.shape[1], fused=_fused(x, "batch_topk")).view(x.shape)
+    return scatter_rows(values, indices, flat.shape[1], fused=fused).view(x.shape)
 
 
 def lifetime_topk(x: Tensor, rate: float, *, group=None) -> Tensor:
@@ -317,10 +316,10 @@ def lifetime_topk(x: Tensor, rate: float, *, group=None) -> Tensor:
     rate = _check_rate(rate, "rate")
     batch = x.shape[0] if group is None else global_count(x.shape[0], x.device, group)
     m = reference.lifetime_count(rate, batch)
-    values, indices = _select(x.t(), min(m, x.shape[0]), False, "lifetime_topk")
+    values, indices, fused = _select(x.t(), min(m, x.shape[0]), False, "lifetime_topk")
     if group is not None:
         values = torch.where(global_topk_keep(values, m, group), values, 0.0)
-    return scatter_rows(values, indices, x.shape[0], fused=_fused(x, "lifetime_topk")).t()
+    return scatter_rows(values, indices, x.shape[0], fused=fused).t()
 
 
 def spatial_wta(x: Tensor, *, lifetime_rate: float | None = None) -> Tensor:
@@ -333,13 +332,13 @@ def spatial_wta(x: Tensor, *, lifetime_rate: float | None = None) -> Tensor:
         lifetime_rate = _check_rate(lifetime_rate, "lifetime_rate")
     n, c = x.shape[:2]
     maps = x.reshape(n * c, -1)
-    values, indices = _select(maps, 1, False, "spatial_wta")
+    values, indices, fused = _select(maps, 1, False, "spatial_wta")
     if lifetime_rate is not None:
         m = reference.lifetime_count(lifetime_rate, n)
-        _, winners = _select(values.detach().view(n, c).t(), m, False, "spatial_wta")
+        _, winners, _ = _select(values.detach().view(n, c).t(), m, False, "spatial_wta")
         kept = torch.zeros((c, n), dtype=torch.bool, device=x.device).scatter_(1, winners, True)
         values = torch.where(kept.t().reshape(n * c, 1), values, 0.0)  # -inf * 0 would be NaN
-    return scatter_rows(values, indices, maps.shape[1], fused=_fused(x, "spatial_wta")).view(x.shape)
+    return scatter_rows(values, indices, maps.shape[1], fused=fused).view(x.shape)
 
 
 def sparse_decode(values: Tensor, indices: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
