@@ -91,7 +91,7 @@ def measure(args, progress=None) -> tuple[list[dict], dict]:
                         gbps = gbytes / (value * 1e-3)
                         rows.append({
                             "op": op, "size": size, "shape": shape, "dtype": dtype_name, "mode": mode,
-                            "contender": name, "median_ms": round(value, 3), "GBps": round(gbps, 2),
+                            "contender": name, "median_ms": round(value, 5), "GBps": round(gbps, 2),
                             "copy_share": round(gbps / env["copy_GBps"], 3), "bytes": int(gbytes * 1e9),
                             "vs_eager": round(ms["eager"] / value, 3),
                             "vs_compiled": round(ms["compiled"] / value, 3) if "compiled" in ms else None,
