@@ -214,3 +214,17 @@ class TestBadInput:
             ae.contractive_penalty(h, torch.rand(5, 2, device=device))
         with pytest.raises(ValueError, match="weight must have h's dtype"):
             ae.contractive_penalty(h, torch.rand(3, 2, device=device, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("device,backend", [p for p in device_backends() if p.values[0] == "cpu"])
+def test_offsets_past_2_to_the_31(device, backend):
+    """A weight view whose elements lie 2^30 elements apart in a 4 GiB storage (never
+    touched but for 15 elements): column offsets cols * stride pass 2^31 and must be
+    computed in 64 bits."""
+    storage = torch.empty(2**31 + 64, dtype=torch.float16)
+    weight = storage.as_strided((5, 3), (1, 2**30)).t()  # (H=3, D=5); weight.t() strides (1, 2^30)
+    weight.copy_(torch.randn(3, 5, dtype=torch.float16))
+    h = torch.rand(4, 3, dtype=torch.float16)
+    with ae.backend(backend):
+        penalty = ae.contractive_penalty(h, weight)
+    assert_close(penalty, reference.contractive_penalty(h.double(), weight.double()), torch.float16)

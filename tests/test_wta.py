@@ -446,3 +446,36 @@ def test_spatial_wta_with_dead_maps_has_no_nan(device, backend):
     assert not torch.isnan(out).any()
     assert torch.equal(out, reference.spatial_wta(x, 0.5))
     assert ((out != 0).flatten(2).sum(2) <= 1).all()
+
+
+def test_triton_launchers_report_nan_and_bad_indices_on_the_device():
+    """The Triton launchers never read a device value on the host (a GPU would stall
+    every call): NaN in x comes back as a flag and NaN values, and an index out of
+    range reads nothing and makes its outputs NaN. The ops raise on CPU tensors only."""
+    from aefast.triton_kernels import sparse_decode as decode_kernels
+    from aefast.triton_kernels import topk as topk_kernels
+
+    x = torch.randn(3, 700)
+    for k in (5, 200):  # the chunked rounds and the sort path
+        values, indices, nan = topk_kernels.topk_forward(x, k, True)
+        assert not bool(nan) and torch.equal(indices, reference.topk_sparse(x, k)[1])
+        x[1, 650] = float("nan")
+        values, indices, nan = topk_kernels.topk_forward(x, k, True)
+        assert bool(nan) and torch.isnan(values).all()
+        assert torch.equal(indices, torch.arange(k).expand(3, k))  # safe to scatter
+        x[1, 650] = 0.0
+    values, weight = torch.randn(4, 3), torch.randn(9, 5)
+    indices = torch.randint(0, 9, (4, 3))
+    indices[2, 1] = -1
+    out = decode_kernels.sparse_decode_forward(values, indices, weight, None)
+    assert torch.isnan(out[2]).all() and not torch.isnan(out[[0, 1, 3]]).any()
+    grad_values, grad_weight = decode_kernels.sparse_decode_backward(torch.ones(4, 5), values, indices, weight)
+    assert torch.isnan(grad_values[2, 1]) and not torch.isnan(grad_values.flatten()[[0, 1, 2, 3, 4, 6]]).any()
+    kept = indices.clone()
+    kept[2, 1] = 0
+    masked = values.clone()
+    masked[2, 1] = 0.0  # the bad pair adds to no latent's gradient
+    expected = reference.sparse_decode(masked, kept, weight)
+    torch.testing.assert_close(grad_weight, torch.autograd.functional.vjp(
+        lambda w: reference.sparse_decode(masked, kept, w), weight, torch.ones(4, 5))[1])
+    assert expected.shape == (4, 5)

@@ -1,11 +1,50 @@
-"""What the Triton launchers of every family share."""
+"""What the Triton launchers of every family share: the accumulation type, where a
+launch is planned for (a GPU or the interpreter), and the limits of a CUDA grid."""
 
 from __future__ import annotations
 
+import contextlib
+import functools
+
 import torch
 import triton.language as tl
+
+# A CUDA grid: axis 0 up to 2^31 - 1 programs, axes 1 and 2 up to 65535.
+MAX_GRID_X = 2**31 - 1
+MAX_GRID_YZ = 65535
+# Streaming multiprocessors assumed for a meta tensor (an H200's), see planned_for_gpu.
+DEFAULT_SMS = 132
 
 
 def acc_dtype(dtype: torch.dtype):
     """The accumulation type: float64 for float64 tensors, else float32."""
     return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+def planned_for_gpu(device: torch.device) -> bool:
+    """Whether launches on `device` are planned for a GPU (tile sizes, program counts).
+    CUDA tensors are, and so are meta tensors: they stand for CUDA tensors when launch
+    plans are checked at full size without memory (tests/triton_compile_check.py).
+    CPU tensors run under the interpreter, which wants few, large programs."""
+    return device.type in ("cuda", "meta")
+
+
+def multiprocessors(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return DEFAULT_SMS
+
+
+def on_input_device(launcher):
+    """Runs `launcher` with its first tensor argument's device current: Triton launches
+    on the current device, which need not be the tensors' (torch's own ops follow the
+    tensors)."""
+
+    @functools.wraps(launcher)
+    def run(*args, **kwargs):
+        t = next(a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor))
+        device = torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
+        with device:
+            return launcher(*args, **kwargs)
+
+    return run

@@ -13,7 +13,7 @@ import triton
 import triton.language as tl
 
 from aefast.reference import RHO_HAT_EPS, stat_dtype
-from aefast.triton_kernels._common import acc_dtype
+from aefast.triton_kernels._common import acc_dtype, multiprocessors, on_input_device, planned_for_gpu
 
 # What column_partial_sums_kernel sums over the rows.
 SUM_X = 0  # x itself
@@ -29,7 +29,7 @@ def column_partial_sums_kernel(
 ):
     pid_h = tl.program_id(0)
     pid_s = tl.program_id(1)
-    cols = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
+    cols = (pid_h * BLOCK_H + tl.arange(0, BLOCK_H)).to(tl.int64)  # cols * stride_xh may pass 2^31
     col_ok = cols < H
     first_row = pid_s * rows_per_split
     acc = tl.zeros((BLOCK_B, BLOCK_H), dtype=ACC)
@@ -50,7 +50,7 @@ def column_partial_sums_kernel(
         else:
             v = x
         acc += v
-    tl.store(partial_ptr + pid_s * H + cols, tl.sum(acc, axis=0), mask=col_ok)
+    tl.store(partial_ptr + pid_s.to(tl.int64) * H + cols, tl.sum(acc, axis=0), mask=col_ok)
 
 
 @triton.jit
@@ -65,8 +65,10 @@ def kl_bernoulli_grad(rho, r, EPS: tl.constexpr):
 def sum_of_splits(partial_ptr, n_splits, H, cols, ok, ACC: tl.constexpr, BLOCK_H: tl.constexpr):
     """Column totals of a (n_splits, H) partial-sum buffer, added in split order."""
     s = tl.zeros((BLOCK_H,), dtype=ACC)
-    for sp in range(0, n_splits):
-        s += tl.load(partial_ptr + sp * H + cols, mask=ok, other=0)
+    split = partial_ptr + cols
+    for _ in range(0, n_splits):
+        s += tl.load(split, mask=ok, other=0)
+        split += H  # pointer steps: n_splits * H may pass 2^31
     return s
 
 
@@ -110,7 +112,7 @@ def kl_grad_broadcast_kernel(
     EPS: tl.constexpr, ACC: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
     rows = (tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)).to(tl.int64)  # axis 0: no 65535 cap
-    cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    cols = (tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)).to(tl.int64)
     g = tl.load(grad_penalty_ptr).to(ACC) * beta_over_b
     r = tl.load(rho_hat_ptr + cols, mask=cols < H, other=0.5).to(ACC)
     c = g * kl_bernoulli_grad(rho, r, EPS)
@@ -126,7 +128,7 @@ def sigmoid_kl_backward_kernel(
     EPS: tl.constexpr, ACC: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
     rows = (tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)).to(tl.int64)  # axis 0: no 65535 cap
-    cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    cols = (tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)).to(tl.int64)
     mask = (rows < B)[:, None] & (cols < H)[None, :]
     g = tl.load(grad_penalty_ptr).to(ACC) * beta_over_b
     r = tl.load(rho_hat_ptr + cols, mask=cols < H, other=0.5).to(ACC)
@@ -147,7 +149,7 @@ def scale_by_unit_kernel(
     """out = g * factor * f(x) * unit, with f(x) = 2 s (1 - 2x), s = x (1 - x), for the
     contractive grad in h (unit per column), or f(x) = x for the grad in W (unit per row)."""
     rows = (tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
-    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    cols = (tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)).to(tl.int64)  # cols * stride_xc: 2^31
     mask = (rows < R)[:, None] & (cols < C)[None, :]
     g = tl.load(grad_penalty_ptr).to(ACC) * factor
     x = tl.load(x_ptr + rows[:, None] * stride_xr + cols[None, :] * stride_xc, mask=mask, other=0)
@@ -164,19 +166,20 @@ def scale_by_unit_kernel(
 # ------------------------------------------------------------------ launchers
 
 
-def _tiles(device: torch.device) -> tuple[int, int, int]:
-    """(BLOCK_B, BLOCK_H, programs to aim for): the interpreter runs each program as
-    NumPy code, so there it wants few, large tiles."""
-    if device.type != "cuda":
-        return 64, 64, 4
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
-    return 32, 128, 4 * sms
+def _tiles(device: torch.device, dtype: torch.dtype) -> tuple[int, int, int, int]:
+    """(BLOCK_B, BLOCK_H, programs to aim for, warps). On a GPU, 8 warps keep a tile's
+    16 elements a thread in registers (4 warps spilled the float64 sigmoid on sm_80 and
+    sm_90, docs/triton-kernels.md); the interpreter runs each program as NumPy code,
+    so there it wants few, large tiles."""
+    if not planned_for_gpu(device):
+        return 64, 64, 4, 4
+    return 32, 128, 4 * multiprocessors(device), 8
 
 
 def _column_sums(x: torch.Tensor, what: int, h: torch.Tensor | None = None):
     """Partial column sums of f(x) over row splits: (partial (n_splits, H), n_splits)."""
     B, H = x.shape
-    block_b, block_h, target = _tiles(x.device)
+    block_b, block_h, target, warps = _tiles(x.device, x.dtype)
     col_blocks = triton.cdiv(H, block_h)
     splits = max(1, min(triton.cdiv(B, block_b), triton.cdiv(target, col_blocks)))
     rows_per_split = triton.cdiv(triton.cdiv(B, splits), block_b) * block_b
@@ -184,7 +187,7 @@ def _column_sums(x: torch.Tensor, what: int, h: torch.Tensor | None = None):
     partial = torch.empty((splits, H), dtype=stat_dtype(x.dtype), device=x.device)
     column_partial_sums_kernel[(col_blocks, splits)](
         x, h if h is not None else x, partial, B, H, x.stride(0), x.stride(1), rows_per_split,
-        WHAT=what, ACC=acc_dtype(x.dtype), BLOCK_B=block_b, BLOCK_H=block_h,
+        WHAT=what, ACC=acc_dtype(x.dtype), BLOCK_B=block_b, BLOCK_H=block_h, num_warps=warps,
     )
     return partial, splits
 
@@ -199,23 +202,26 @@ def _finish_kl(partial, splits, B, H, rho, beta, dtype, device):
     return penalty, rho_hat
 
 
+@on_input_device
 def kl_sparsity_forward(a: torch.Tensor, rho: float, beta: float):
     partial, splits = _column_sums(a, SUM_X)
     return _finish_kl(partial, splits, a.shape[0], a.shape[1], rho, beta, a.dtype, a.device)
 
 
+@on_input_device
 def kl_sparsity_backward(grad_penalty, rho_hat, batch: int, rho: float, beta: float, dtype):
     H = rho_hat.shape[0]
     out = torch.empty((batch, H), dtype=dtype, device=rho_hat.device)
-    block_b, block_h, _ = _tiles(rho_hat.device)
+    block_b, block_h, _, warps = _tiles(rho_hat.device, dtype)
     grid = (triton.cdiv(batch, block_b), triton.cdiv(H, block_h))
     kl_grad_broadcast_kernel[grid](
         grad_penalty, rho_hat, out, batch, H, rho, beta / batch,
-        EPS=RHO_HAT_EPS, ACC=acc_dtype(dtype), BLOCK_B=block_b, BLOCK_H=block_h,
+        EPS=RHO_HAT_EPS, ACC=acc_dtype(dtype), BLOCK_B=block_b, BLOCK_H=block_h, num_warps=warps,
     )
     return out
 
 
+@on_input_device
 def sigmoid_kl_sparsity_forward(z: torch.Tensor, rho: float, beta: float):
     h = torch.empty(z.shape, dtype=z.dtype, device=z.device)
     partial, splits = _column_sums(z, SUM_SIGMOID, h)
@@ -223,20 +229,22 @@ def sigmoid_kl_sparsity_forward(z: torch.Tensor, rho: float, beta: float):
     return h, penalty, rho_hat
 
 
+@on_input_device
 def sigmoid_kl_sparsity_backward(grad_h, grad_penalty, h, rho_hat, rho: float, beta: float):
     B, H = h.shape
     grad_h = grad_h.to(h.dtype)
     grad_z = torch.empty(h.shape, dtype=h.dtype, device=h.device)
-    block_b, block_h, _ = _tiles(h.device)
+    block_b, block_h, _, warps = _tiles(h.device, h.dtype)
     grid = (triton.cdiv(B, block_b), triton.cdiv(H, block_h))
     sigmoid_kl_backward_kernel[grid](
         grad_h, h, grad_penalty, rho_hat, grad_z, B, H,
         grad_h.stride(0), grad_h.stride(1), h.stride(0), h.stride(1), rho, beta / B,
-        EPS=RHO_HAT_EPS, ACC=acc_dtype(h.dtype), BLOCK_B=block_b, BLOCK_H=block_h,
+        EPS=RHO_HAT_EPS, ACC=acc_dtype(h.dtype), BLOCK_B=block_b, BLOCK_H=block_h, num_warps=warps,
     )
     return grad_z
 
 
+@on_input_device
 def contractive_penalty_forward(h: torch.Tensor, weight: torch.Tensor):
     H = h.shape[1]
     s2_partial, n_s2 = _column_sums(h, SUM_CONTRACTIVE)
@@ -254,15 +262,16 @@ def contractive_penalty_forward(h: torch.Tensor, weight: torch.Tensor):
 def _scale_by_unit(x, unit, grad_penalty, factor: float, unit_is_row: bool, contractive: bool):
     R, C = x.shape
     out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-    block_r, block_c, _ = _tiles(x.device)
+    block_r, block_c, _, warps = _tiles(x.device, x.dtype)
     scale_by_unit_kernel[(triton.cdiv(R, block_r), triton.cdiv(C, block_c))](
         x, unit, grad_penalty, out, R, C, x.stride(0), x.stride(1), factor,
         UNIT_IS_ROW=unit_is_row, CONTRACTIVE=contractive, ACC=acc_dtype(x.dtype),
-        BLOCK_R=block_r, BLOCK_C=block_c,
+        BLOCK_R=block_r, BLOCK_C=block_c, num_warps=warps,
     )
     return out
 
 
+@on_input_device
 def contractive_penalty_backward(grad_penalty, h, weight, s2, w2):
     grad_h = _scale_by_unit(h, w2, grad_penalty, 1.0, unit_is_row=False, contractive=True)
     grad_w = _scale_by_unit(weight, s2, grad_penalty, 2.0, unit_is_row=True, contractive=False)

@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 
 from aefast.reference import CORRUPTION_KINDS
-from aefast.triton_kernels._common import acc_dtype
+from aefast.triton_kernels._common import acc_dtype, on_input_device, planned_for_gpu
 
 # KIND in the kernels: the kind's index in CORRUPTION_KINDS (0 gaussian, 1 masking,
 # 2 salt_pepper, 3 dropout).
@@ -188,7 +188,7 @@ def noisy_matmul_kernel(
 
 
 def _block(device: torch.device) -> int:
-    return 1024 if device.type == "cuda" else 4096  # the interpreter wants few programs
+    return 1024 if planned_for_gpu(device) else 4096  # the interpreter wants few programs
 
 
 def _float32(value: float) -> float:
@@ -202,6 +202,7 @@ def _kind_params(kind: str, level: float, low: float, high: float):
     return k, _float32(level), scale, low, high
 
 
+@on_input_device
 def corrupt(x: torch.Tensor, kind: str, level: float, seed: torch.Tensor, low: float, high: float):
     k, level, scale, low, high = _kind_params(kind, level, low, high)
     x = x.contiguous()
@@ -213,6 +214,7 @@ def corrupt(x: torch.Tensor, kind: str, level: float, seed: torch.Tensor, low: f
     return out
 
 
+@on_input_device
 def reparameterize_forward(mu: torch.Tensor, logvar: torch.Tensor, seed: torch.Tensor):
     mu, logvar = mu.contiguous(), logvar.contiguous()
     n, block = mu.numel(), _block(mu.device)
@@ -225,6 +227,7 @@ def reparameterize_forward(mu: torch.Tensor, logvar: torch.Tensor, seed: torch.T
     return z, kl.to(mu.dtype)
 
 
+@on_input_device
 def reparameterize_backward(grad_z, grad_kl, mu, logvar, seed):
     mu, logvar = mu.contiguous(), logvar.contiguous()
     grad_z = grad_z.to(mu.dtype).contiguous()
@@ -248,6 +251,16 @@ def _precision(dtype: torch.dtype) -> str:
     return "tf32" if dtype == torch.float32 and tf32 else "ieee"
 
 
+def _matmul_tiles(device: torch.device, dtype: torch.dtype, precision: str):
+    """(BLOCK_M, BLOCK_N, BLOCK_K, warps). On a GPU, chosen so that no specialization
+    spills registers on sm_80 or sm_90 (docs/triton-kernels.md): float32 without TF32
+    multiplies on the FMA units, and the Philox draws of a corrupted tile add their own
+    registers, so its K step is 16."""
+    if not planned_for_gpu(device):
+        return 32, 32, 32, 4
+    return (64, 64, 16, 8) if dtype == torch.float32 and precision == "ieee" else (64, 64, 32, 8)
+
+
 def noisy_matmul(a, b, *, corrupt_at: int, x_width: int, kind: str, level: float, seed, low: float,
                  high: float, bias=None, out_dtype=None):
     """a (M, K) @ b (K, N) with the operand (or output gradient) named by corrupt_at
@@ -256,23 +269,26 @@ def noisy_matmul(a, b, *, corrupt_at: int, x_width: int, kind: str, level: float
     N = b.shape[1]
     k, level, scale, low, high = _kind_params(kind, level, low, high)
     out = torch.empty((M, N), dtype=out_dtype or a.dtype, device=a.device)
-    bm, bn, bk = (64, 64, 32) if a.device.type == "cuda" else (32, 32, 32)
+    precision = _precision(a.dtype)
+    bm, bn, bk, warps = _matmul_tiles(a.device, a.dtype, precision)
     noisy_matmul_kernel[(triton.cdiv(M, bm), triton.cdiv(N, bn))](
         a, b, out, bias if bias is not None else out, seed, M, N, K,
         a.stride(0), a.stride(1), b.stride(0), b.stride(1), x_width, level, scale, low, high,
-        KIND=k, CORRUPT=corrupt_at, HAS_BIAS=bias is not None, PRECISION=_precision(a.dtype),
+        KIND=k, CORRUPT=corrupt_at, HAS_BIAS=bias is not None, PRECISION=precision,
         DOT_IN_FP32=a.device.type == "cpu" and a.dtype == torch.bfloat16,
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps,
     )
     return out
 
 
+@on_input_device
 def noisy_linear_forward(x, weight, bias, kind: str, level: float, seed, low: float, high: float):
     """F.linear(corrupt(x), weight, bias): x (B, D), weight (O, D)."""
     return noisy_matmul(x, weight.t(), corrupt_at=CORRUPT_A, x_width=x.shape[1], kind=kind, level=level,
                         seed=seed, low=low, high=high, bias=bias)
 
 
+@on_input_device
 def noisy_linear_grad_input(grad_out, weight, kind: str, level: float, seed):
     """The gradient of x: grad_out @ weight through corrupt's mask (gaussian: none)."""
     at = CORRUPT_NONE if kind == "gaussian" else CORRUPT_GRAD_OUT
@@ -280,6 +296,7 @@ def noisy_linear_grad_input(grad_out, weight, kind: str, level: float, seed):
                         level=level, seed=seed, low=0.0, high=0.0)
 
 
+@on_input_device
 def noisy_linear_grad_weight(grad_out, x, kind: str, level: float, seed, low: float, high: float):
     """The gradient of weight: grad_out^T @ corrupt(x), x regenerated tile by tile."""
     return noisy_matmul(grad_out.to(x.dtype).t(), x, corrupt_at=CORRUPT_B, x_width=x.shape[1], kind=kind,

@@ -33,7 +33,12 @@ KERNELS = ("cpp", "triton", "cuda")
 def _topk_forward_triton(x: Tensor, k: int, relu: bool) -> tuple[Tensor, Tensor]:
     from aefast.triton_kernels import topk as kernels
 
-    return kernels.topk_forward(x, k, relu)
+    values, indices, nan = kernels.topk_forward(x, k, relu)
+    # On CPU the flag costs nothing to read; on a GPU reading it would stall the host
+    # every call, so there the NaN values returned report it.
+    if x.device.type == "cpu" and bool(nan):
+        raise ValueError("x contains NaN; top-k of NaN is undefined")
+    return values, indices
 
 
 # The selection op of each backend with a top-k kernel: per row the k largest. One
@@ -105,6 +110,7 @@ def _decode_forward_triton(
 ) -> Tensor:
     from aefast.triton_kernels import sparse_decode as kernels
 
+    _check_indices_on_cpu(indices, weight.shape[0])
     return kernels.sparse_decode_forward(values, indices, weight, bias)
 
 
@@ -114,7 +120,16 @@ def _decode_backward_triton(
 ) -> tuple[Tensor, Tensor]:
     from aefast.triton_kernels import sparse_decode as kernels
 
+    _check_indices_on_cpu(indices, weight.shape[0])
     return kernels.sparse_decode_backward(grad_out, values, indices, weight)
+
+
+def _check_indices_on_cpu(indices: Tensor, latents: int) -> None:
+    """An index out of range raises on CPU, where reading the check costs nothing; the
+    GPU kernels make its outputs NaN instead of stalling the host every call."""
+    if indices.device.type == "cpu" and indices.numel() and (
+            bool(indices.min() < 0) or bool(indices.max() >= latents)):
+        raise IndexError(f"aefast: indices must be in [0, {latents})")
 
 
 # (forward, backward) of the sparse decoder per backend; one C++ op serves cpp and
