@@ -1,5 +1,6 @@
 """The `aefast` command: info, and the short sparse-autoencoder run on digits."""
 
+import pathlib
 import re
 import subprocess
 import sys
@@ -49,6 +50,34 @@ def test_bench_prints_the_table_and_writes_json_markdown_png(capsys, tmp_path, o
         assert (r["vs_eager"] == 1.0) == (r["contender"] == "eager")
     assert (tmp_path / "bench.md").read_text().startswith("Measured on")
     assert (tmp_path / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bench_records_a_failing_contender_and_goes_on(capsys, tmp_path, one_thread, monkeypatch):
+    import dataclasses
+    import json
+
+    from aefast.bench import cases
+
+    def broken(**inputs):
+        raise RuntimeError("planted failure")
+
+    monkeypatch.setitem(cases.CASES, "kl_sparsity", dataclasses.replace(cases.CASES["kl_sparsity"], aefast=broken))
+    assert main(["bench", "--op", "kl_sparsity", "--op", "corrupt", "--size", "small", "--mode", "forward",
+                 "--rounds", "1", "--no-compile", "--out", str(tmp_path)]) == 0
+    rows = json.loads((tmp_path / "bench.json").read_text())["results"]
+    failed = [r for r in rows if "error" in r]
+    assert failed and all(r["op"] == "kl_sparsity" and "planted failure" in r["error"] for r in failed)
+    assert {r["contender"] for r in rows if r["op"] == "kl_sparsity" and "error" not in r} == {"eager"}
+    assert any(r["op"] == "corrupt" and r["contender"].startswith("aefast") for r in rows)  # the run went on
+    assert "error: RuntimeError: planted failure" in (tmp_path / "bench.md").read_text()
+
+
+def test_gpu_suite_dry_runs_fit_the_device_budget():
+    for flags, budget in (([], 480), (["--smoke"], 150)):
+        suite = pathlib.Path(__file__).resolve().parent.parent / "bench" / "gpu_suite.sh"
+        proc = subprocess.run(["bash", str(suite), "--dry-run", *flags], capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        assert f"of {budget}s)" in proc.stdout and "gpu_suite: dry run passed" in proc.stdout
 
 
 def test_readme_tables_come_from_the_newest_stored_run(tmp_path):

@@ -20,7 +20,7 @@ def rank(rows: list[dict]) -> dict[str, list[str]]:
     ranking = {}
     for op in sorted({r["op"] for r in rows}):
         timed = [r for r in rows if r["op"] == op and r["contender"].startswith("aefast[")
-                 and r["mode"] == "forward+backward" and r["dtype"] == "float32"]
+                 and r["mode"] == "forward+backward" and r["dtype"] == "float32" and "error" not in r]
         if not timed:
             continue
         largest = max((r["size"] for r in timed), key=SIZE_ORDER.index)

@@ -60,6 +60,17 @@ def _with_backend(name, fn):
     return call
 
 
+def _failing(contenders: dict) -> dict[str, str]:
+    """{name: error} of the contenders that raise when called once."""
+    failed = {}
+    for name, fn in contenders.items():
+        try:
+            fn()
+        except Exception as exc:  # noqa: BLE001 -- any failure of a contender is a result
+            failed[name] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"
+    return failed
+
+
 def measure(args, progress=None) -> tuple[list[dict], dict]:
     """Times every case asked for; `progress(rows, env)` after each operator (the
     results so far are written then, so a run cut short keeps what it measured)."""
@@ -85,13 +96,19 @@ def measure(args, progress=None) -> tuple[list[dict], dict]:
                     if compiled is not None:
                         fns["compiled"] = compiled
                     contenders = {name: (lambda f=f: run(case, f, inputs, backward)) for name, f in fns.items()}
+                    base = {"op": op, "size": size, "shape": shape, "dtype": dtype_name, "mode": mode}
+                    for name, error in _failing(contenders).items():  # recorded; the run goes on
+                        rows.append({**base, "contender": name, "error": error})
+                        print(f"  {op} {size} {dtype_name} {mode}: {name} FAILED: {error}", flush=True)
+                        del contenders[name]
+                    if "eager" not in contenders:
+                        continue
                     ms = {n: harness.median_ms(t) for n, t in harness.alternate(contenders, device, args.rounds).items()}
                     gbytes = case.bytes_moved(inputs, backward) / 1e9
                     for name, value in ms.items():
                         gbps = gbytes / (value * 1e-3)
                         rows.append({
-                            "op": op, "size": size, "shape": shape, "dtype": dtype_name, "mode": mode,
-                            "contender": name, "median_ms": round(value, 5), "GBps": round(gbps, 2),
+                            **base, "contender": name, "median_ms": round(value, 5), "GBps": round(gbps, 2),
                             "copy_share": round(gbps / env["copy_GBps"], 3), "bytes": int(gbytes * 1e9),
                             "vs_eager": round(ms["eager"] / value, 3),
                             "vs_compiled": round(ms["compiled"] / value, 3) if "compiled" in ms else None,
@@ -113,6 +130,10 @@ def markdown(rows: list[dict], env: dict) -> str:
         "|---|---|---|---|---|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['op']} | {r['size']} {r['shape']} | {r['dtype']} | {r['mode']} | {r['contender']} | "
+                         f"error: {r['error']} | | | | |")
+            continue
         compiled = "" if r["vs_compiled"] is None else f"{r['vs_compiled']:.2f}x"
         lines.append(f"| {r['op']} | {r['size']} {r['shape']} | {r['dtype']} | {r['mode']} | {r['contender']} | "
                      f"{r['median_ms']:.2f} | {r['GBps']:.1f} | {r['copy_share']:.0%} | {r['vs_eager']:.2f}x | {compiled} |")
@@ -126,6 +147,7 @@ def plot(rows: list[dict], path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    rows = [r for r in rows if "error" not in r]
     picked = [r for r in rows if r["contender"].startswith("aefast") and r["mode"] == "forward+backward"] or \
         [r for r in rows if r["contender"].startswith("aefast")]
     labels = sorted({f"{r['op']}\n{r['size']}" for r in picked}, key=lambda s: s)
