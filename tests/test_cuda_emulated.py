@@ -50,11 +50,11 @@ LAUNCHERS = {  # tests/cuda_emu/api.cpp
     "corrupt": [P, P, INT, I64, INT, F32, F64, F64, F64, P],
     "reparameterize_forward": [P, P, P, P, P, INT, I64, I64, P],
     "reparameterize_backward": [P, P, P, P, P, P, INT, I64, I64, P],
-    "sparse_decode_forward": [P, P, P, P, P, INT, I64, I64, I64],
+    "sparse_decode_forward": [P, P, P, P, P, INT, I64, I64, I64, I64],
     "sparse_decode_backward": [P, P, P, P, P, P, P, P, INT, I64, I64, I64, I64],
     "topk_select": [P, INT, I64, I64, I64, I64, INT, P, P, P, P],
 }
-QUERIES = {"column_splits": [I64, I64], "reparameterize_blocks": [I64], "topk_row_chunks": [I64, I64],
+QUERIES = {"column_splits": [I64, I64, INT], "reparameterize_blocks": [I64], "topk_row_chunks": [I64, I64, INT],
            "topk_workspace_bytes": [I64, I64], "topk_packs_keys": [INT, I64]}
 
 
@@ -193,7 +193,7 @@ CONTRACTIVE_D = {(1, 1): 1, (5, 1): 300}  # the weight's width; 19 otherwise
 
 def kl_splits(emu, B, H):
     """The bindings' choice (column_splits), and more."""
-    return sorted({emu.query("column_splits", B, H), 2, 7})
+    return sorted({emu.query("column_splits", B, H, SMS), 2, 7})
 
 
 def activations(shape, dtype, dead_unit=True):
@@ -234,7 +234,7 @@ def test_kl_sparsity(emu, shape, dtype):
 def test_kl_sparsity_more_rows_than_the_grid(emu):
     """B > 4096: the elementwise gradient kernels loop over rows past gridDim.y."""
     B, H = 4100, 3
-    check_kl_sparsity(emu, (B, H), torch.float32, emu.query("column_splits", B, H), POLICIES[:1])
+    check_kl_sparsity(emu, (B, H), torch.float32, emu.query("column_splits", B, H, SMS), POLICIES[:1])
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -386,6 +386,13 @@ def test_noise_past_one_block_per_256_and_past_the_grid_limit(emu):
 
 # ------------------------------------------------------------------ sparse decoder
 
+def latent_runs(indices, L):
+    """As csrc/cuda/bindings.cpp: the (row, slot) pairs sorted by latent, stably, and where
+    each latent's run starts (a search of the sorted indices: pairs out of range fall in none)."""
+    latents, order = torch.sort(indices.flatten(), stable=True)
+    return order, torch.searchsorted(latents, torch.arange(L + 1))
+
+
 DECODE_CASES = [(37, 5, 50, 19, True), (37, 5, 50, 19, False), (1, 1, 1, 1, True), (3, 0, 4, 7, True),
                 (4, 3, 6, 300, False), (64, 4, 4, 33, False)]  # (B, K, L, D, bias); the last: long runs per latent
 
@@ -396,17 +403,13 @@ def test_sparse_decode(emu, B, K, L, D, with_bias, dtype):
     values, weight = torch.rand(B, K, dtype=torch.float64).to(dtype), randn(L, D, dtype=dtype)
     bias = randn(D, dtype=dtype) if with_bias else None
     indices, grad_out = torch.randint(0, L, (B, K)), randn(B, D, dtype=dtype)
-    # As csrc/cuda/bindings.cpp: the (row, slot) pairs sorted by latent, stably, and each latent's run.
-    flat = indices.flatten()
-    order = torch.sort(flat, stable=True).indices
-    starts = torch.zeros(L + 1, dtype=torch.int64)
-    starts[1:] = torch.cumsum(torch.bincount(flat, minlength=L), 0)
+    order, starts = latent_runs(indices, L)
     inputs = [values, weight] + ([bias] if with_bias else [])
     (want,), want_grads = grads64(lambda v, w, *b: reference.sparse_decode(v, indices, w, *b), inputs, [grad_out])
 
     def run():
         out = poisoned((B, D), dtype)
-        emu("sparse_decode_forward", values, indices, weight, bias, out, dtype, B, K, D)
+        emu("sparse_decode_forward", values, indices, weight, bias, out, dtype, B, K, L, D)
         grad_values, grad_weight = poisoned((B, K), dtype), poisoned((L, D), dtype)
         emu("sparse_decode_backward", grad_out, values, indices, weight, order, starts, grad_values, grad_weight,
             dtype, B, K, L, D)
@@ -416,6 +419,40 @@ def test_sparse_decode(emu, B, K, L, D, with_bias, dtype):
         assert_close(out, want, dtype, scale=10)
         assert_close(grad_values, want_grads[0], dtype, scale=10)
         assert_close(grad_weight, want_grads[1], dtype, scale=10)
+
+    under_policies(emu, run, check)
+
+
+def test_sparse_decode_index_out_of_range_reads_nothing_and_gives_nan(emu):
+    B, K, L, D = 5, 3, 7, 40
+    f32 = torch.float32
+    # The weight's neighbours in memory hold finite values, and the outputs start finite:
+    # a read of weight[-1] or weight[L], or an unwritten output, would not give NaN.
+    framed = torch.full((L + 2, D), 1e30)
+    weight = framed[1:L + 1]
+    weight.copy_(randn(L, D, dtype=f32))
+    values, grad_out = randn(B, K, dtype=f32), randn(B, D, dtype=f32)
+    indices = torch.randint(0, L, (B, K))
+    indices[1, 2], indices[3, 0] = -1, L  # no host check: the kernels must not read them
+    order, starts = latent_runs(indices, L)
+    kept, masked = indices.clamp(0, L - 1), values.clone()
+    masked[1, 2] = masked[3, 0] = 0.0  # the bad pairs add to no latent's gradient
+    want_weight = torch.autograd.functional.vjp(lambda w: reference.sparse_decode(masked.double(), kept, w),
+                                                weight.double(), grad_out.double())[1]
+
+    def run():
+        out, grad_values, grad_weight = torch.full((B, D), 7.0), torch.full((B, K), 7.0), torch.full((L, D), 7.0)
+        emu("sparse_decode_forward", values, indices, weight, None, out, f32, B, K, L, D)
+        emu("sparse_decode_backward", grad_out, values, indices, weight, order, starts, grad_values, grad_weight,
+            f32, B, K, L, D)
+        return out, grad_values, grad_weight
+
+    def check(out, grad_values, grad_weight):
+        bad_rows = torch.tensor([False, True, False, True, False])
+        assert torch.isnan(out[bad_rows]).all() and not torch.isnan(out[~bad_rows]).any()
+        assert torch.isnan(grad_values[1, 2]) and torch.isnan(grad_values[3, 0])
+        assert torch.isnan(grad_values).sum() == 2
+        assert_close(grad_weight, want_weight, f32, scale=10)
 
     under_policies(emu, run, check)
 
@@ -493,7 +530,7 @@ def test_topk_a_block_per_row(emu, shape, k, values, dtype):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize(("shape", "k", "values", "chunks"), SPLIT_CASES, ids=str)
 def test_topk_rows_split_into_chunks(emu, shape, k, values, chunks, dtype):
-    chunks = chunks or emu.query("topk_row_chunks", *shape)
+    chunks = chunks or emu.query("topk_row_chunks", *shape, SMS)
     assert chunks > 1
     for packed in packings(dtype):
         check_topk(emu, shape, k, values, dtype, packed, chunks)
@@ -564,3 +601,73 @@ def test_a_collective_waiting_for_an_exited_lane_is_an_error_not_a_hang(emu):
     with pytest.raises(EmulatorError, match="lane 31 .*has exited"):
         variant("sparse_decode_backward", *args)
     emu("sparse_decode_backward", *args)  # the intact kernel runs
+
+
+# ------------------------------------------------------------------ launch plans at users' sizes
+
+H200_SMS = 132
+
+
+@pytest.fixture
+def planning(emu):
+    """The emulator in plan-only mode on an H200's 132 SMs: the real launchers run at
+    users' sizes with no memory (null pointers); each launch is recorded, not run, and a
+    grid past CUDA's limits fails it."""
+    emu.lib.emu_plan_only(1)
+    emu.lib.emu_configure(0, 0, 0, H200_SMS)
+    yield emu
+    emu.lib.emu_plan_only(0)
+    emu.configure(POLICIES[0])
+
+
+def planned(emu):
+    out = (ctypes.c_uint * 6)()
+    emu.lib.emu_planned.argtypes = [ctypes.c_longlong, ctypes.c_void_p]
+    emu.lib.emu_planned_count.restype = ctypes.c_longlong
+    launches = []
+    for i in range(emu.lib.emu_planned_count()):
+        emu.lib.emu_planned(i, out)
+        launches.append(tuple(out))
+    emu.lib.emu_plan_only(1)  # clears the record
+    return launches
+
+
+def test_launch_plans_at_users_sizes_stay_within_cuda_limits(planning):
+    emu, f32 = planning, torch.float32
+    rho, beta = 0.05, 3.0
+    cases = []
+    for B, H in ((65536, 65536), (4096, 1 << 20)):
+        splits = emu.query("column_splits", B, H, H200_SMS)
+        cases += [("kl_sparsity_forward", None, f32, B, H, rho, beta, splits, None, None, None),
+                  ("kl_sparsity_backward", None, None, None, f32, B, H, rho, beta),
+                  ("sigmoid_kl_sparsity_forward", None, None, f32, B, H, rho, beta, splits, None, None, None),
+                  ("sigmoid_kl_sparsity_backward", None, None, None, None, None, f32, B, H, rho, beta)]
+    B, H, D = 4096, 1 << 20, 8192  # a 1M x 8192 weight
+    splits = emu.query("column_splits", B, H, H200_SMS)
+    cases += [("contractive_penalty_forward", None, None, f32, B, H, D, splits, None, None, None, None),
+              ("contractive_penalty_backward", None, None, None, None, None, None, None, f32, B, H, D)]
+    n = (8 << 20) * 784  # noisy_linear at N = 8M rows of 784: corrupt(x) before the matmul
+    cases += [("corrupt", None, None, f32, n, 1, 0.25, 1.0, 0.0, 1.0, None),
+              ("reparameterize_forward", None, None, None, None, None, f32, 8 << 20, (8 << 20) * 64, None),
+              ("reparameterize_backward", None, None, None, None, None, None, f32, 8 << 20, (8 << 20) * 64, None)]
+    B, K, L, D = 65536, 32, 1 << 20, 8192
+    cases += [("sparse_decode_forward", None, None, None, None, None, f32, B, K, L, D),
+              ("sparse_decode_backward", None, None, None, None, None, None, None, None, f32, B, K, L, D)]
+    workspace = ctypes.c_void_p(1)  # never touched in plan-only mode
+    for B, H, k in ((4096, 65536, 32), (65536, 1 << 20, 32), (1, 1 << 28, 4096 * 32), (3, 1 << 30, 7)):
+        chunks = emu.query("topk_row_chunks", B, H, H200_SMS)
+        cases.append(("topk_select", None, f32, B, H, k, chunks, 1, workspace if chunks > 1 else None,
+                      None, None, None))
+    for name, *args in cases:
+        emu(name, *args)  # a grid past CUDA's limits fails the launch: cudaErrorInvalidConfiguration
+        launches = planned(emu)
+        assert launches, f"{name} launched nothing"
+        for grid_x, grid_y, grid_z, *block in launches:
+            assert grid_x < 2**31 and grid_y <= 65535 and grid_z <= 65535, (name, args, grid_x, grid_y, grid_z)
+            assert block[0] * block[1] * block[2] <= 1024, (name, block)
+
+
+def test_a_grid_past_cuda_limits_fails_its_launch_instead_of_truncating(planning):
+    # 2^37 columns: 2^32 column blocks of 32, which a cast to unsigned would make 0.
+    status = planning.lib.emu_kl_sparsity_forward(None, 0, 1, 1 << 37, 0.05, 1.0, 1, None, None, None)
+    assert status == 9, f"expected cudaErrorInvalidConfiguration (9), got {status}"

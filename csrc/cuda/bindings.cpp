@@ -6,6 +6,8 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include <limits>
+
 #include "../noise_args.h"
 #include "kl_sparsity.h"
 #include "noise.h"
@@ -51,11 +53,33 @@ void check(cudaError_t err) { TORCH_CHECK(err == cudaSuccess, "aefast CUDA kerne
 
 cudaStream_t stream() { return at::cuda::getCurrentCUDAStream().stream(); }
 
+// Streaming multiprocessors of the current device (torch caches the properties: no sync).
+int multiprocessors() { return at::cuda::getCurrentDeviceProperties()->multiProcessorCount; }
+
+// The CUDA device an op runs on, its first tensor's, made current for the op; every other
+// tensor argument must be on it too (a kernel would read another device's pointer), and
+// the error names the one that is not.
+class OnDevice {
+ public:
+  OnDevice(const at::Tensor& first, const char* name) : guard_(first.device()), device_(first.device()) {
+    TORCH_CHECK_VALUE(first.is_cuda(), "aefast: ", name, " must be a CUDA tensor, got one on ", first.device());
+  }
+  const OnDevice& also(const at::Tensor& t, const char* name) const {
+    TORCH_CHECK_VALUE(t.device() == device_, "aefast: ", name, " is on ", t.device(), " but the op runs on ",
+                      device_, ": every tensor argument must be on the same CUDA device");
+    return *this;
+  }
+
+ private:
+  const c10::cuda::CUDAGuard guard_;
+  const c10::Device device_;
+};
+
 std::tuple<at::Tensor, at::Tensor> kl_sparsity_forward_op(const at::Tensor& a_in, double rho, double beta) {
-  const c10::cuda::CUDAGuard guard(a_in.device());
+  const OnDevice on(a_in, "a");
   const auto a = matrix(a_in, "a");
   const int64_t B = a.size(0), H = a.size(1);
-  const int64_t splits = column_splits(B, H, a.get_device());
+  const int64_t splits = column_splits(B, H, multiprocessors());
   auto partial = at::empty({splits, H}, stat_options(a));
   auto rho_hat = at::empty({H}, stat_options(a));
   auto penalty = at::empty({}, a.options());
@@ -66,7 +90,8 @@ std::tuple<at::Tensor, at::Tensor> kl_sparsity_forward_op(const at::Tensor& a_in
 
 at::Tensor kl_sparsity_backward_op(const at::Tensor& grad_penalty, const at::Tensor& rho_hat_in,
                                 int64_t B, double rho, double beta, at::ScalarType dtype) {
-  const c10::cuda::CUDAGuard guard(rho_hat_in.device());
+  const OnDevice on(rho_hat_in, "rho_hat");
+  on.also(grad_penalty, "grad_penalty");
   const auto rho_hat = stats(rho_hat_in, dtype, "rho_hat");
   const int64_t H = rho_hat.numel();
   auto out = at::empty({B, H}, rho_hat.options().dtype(dtype));
@@ -78,10 +103,10 @@ at::Tensor kl_sparsity_backward_op(const at::Tensor& grad_penalty, const at::Ten
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> sigmoid_kl_sparsity_forward_op(const at::Tensor& z_in,
                                                                            double rho, double beta) {
-  const c10::cuda::CUDAGuard guard(z_in.device());
+  const OnDevice on(z_in, "z");
   const auto z = matrix(z_in, "z");
   const int64_t B = z.size(0), H = z.size(1);
-  const int64_t splits = column_splits(B, H, z.get_device());
+  const int64_t splits = column_splits(B, H, multiprocessors());
   auto h = at::empty_like(z);
   auto partial = at::empty({splits, H}, stat_options(z));
   auto rho_hat = at::empty({H}, stat_options(z));
@@ -95,7 +120,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sigmoid_kl_sparsity_forward_op(co
 at::Tensor sigmoid_kl_sparsity_backward_op(const at::Tensor& grad_h_in, const at::Tensor& grad_penalty,
                                         const at::Tensor& h_in, const at::Tensor& rho_hat_in,
                                         double rho, double beta) {
-  const c10::cuda::CUDAGuard guard(h_in.device());
+  const OnDevice on(h_in, "h");
+  on.also(grad_h_in, "grad_h").also(grad_penalty, "grad_penalty").also(rho_hat_in, "rho_hat");
   const auto h = matrix(h_in, "h");
   TORCH_CHECK(grad_h_in.sizes() == h.sizes(), "aefast: grad_h must have the shape of h");
   const auto grad_h = grad_h_in.to(h.scalar_type()).contiguous();
@@ -111,13 +137,14 @@ at::Tensor sigmoid_kl_sparsity_backward_op(const at::Tensor& grad_h_in, const at
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> contractive_penalty_forward_op(const at::Tensor& h_in,
                                                                            const at::Tensor& w_in) {
-  const c10::cuda::CUDAGuard guard(h_in.device());
+  const OnDevice on(h_in, "h");
+  on.also(w_in, "weight");
   const auto h = matrix(h_in, "h");
   const auto w = matrix(w_in, "weight");
   TORCH_CHECK(w.size(0) == h.size(1) && w.scalar_type() == h.scalar_type(),
               "aefast: weight must be (H, D) of h's dtype");
   const int64_t B = h.size(0), H = h.size(1), D = w.size(1);
-  const int64_t splits = column_splits(B, H, h.get_device());
+  const int64_t splits = column_splits(B, H, multiprocessors());
   auto partial = at::empty({splits + 1, H}, stat_options(h));
   auto s2 = at::empty({H}, stat_options(h));
   auto w2 = at::empty({H}, stat_options(h));
@@ -133,7 +160,8 @@ std::tuple<at::Tensor, at::Tensor> contractive_penalty_backward_op(const at::Ten
                                                                 const at::Tensor& w_in,
                                                                 const at::Tensor& s2_in,
                                                                 const at::Tensor& w2_in) {
-  const c10::cuda::CUDAGuard guard(h_in.device());
+  const OnDevice on(h_in, "h");
+  on.also(grad_penalty, "grad_penalty").also(w_in, "weight").also(s2_in, "s2").also(w2_in, "w2");
   const auto h = matrix(h_in, "h");
   const auto w = matrix(w_in, "weight");
   const auto g = grad_penalty.to(h.scalar_type()).contiguous();
@@ -160,7 +188,8 @@ const int64_t* seed_on_device(const at::Tensor& seed, const at::Tensor& like) {
 
 at::Tensor corrupt_op(const at::Tensor& x_in, c10::string_view kind_name, double level, const at::Tensor& seed,
                       double low, double high) {
-  const c10::cuda::CUDAGuard guard(x_in.device());
+  const OnDevice on(x_in, "x");
+  on.also(seed, "seed");
   const int kind = noise_args::parse_kind(kind_name);
   noise_args::check_level(kind, level);
   const auto x = x_in.contiguous();
@@ -172,7 +201,8 @@ at::Tensor corrupt_op(const at::Tensor& x_in, c10::string_view kind_name, double
 
 std::tuple<at::Tensor, at::Tensor> reparameterize_forward_op(const at::Tensor& mu_in, const at::Tensor& logvar_in,
                                                              const at::Tensor& seed) {
-  const c10::cuda::CUDAGuard guard(mu_in.device());
+  const OnDevice on(mu_in, "mu");
+  on.also(logvar_in, "logvar").also(seed, "seed");
   noise_args::check_gaussian_params(mu_in, logvar_in);
   const auto mu = mu_in.contiguous(), logvar = logvar_in.contiguous();
   auto z = at::empty(mu.sizes(), mu.options());
@@ -187,7 +217,8 @@ std::tuple<at::Tensor, at::Tensor> reparameterize_forward_op(const at::Tensor& m
 std::tuple<at::Tensor, at::Tensor> reparameterize_backward_op(const at::Tensor& grad_z_in, const at::Tensor& grad_kl_in,
                                                               const at::Tensor& mu_in, const at::Tensor& logvar_in,
                                                               const at::Tensor& seed) {
-  const c10::cuda::CUDAGuard guard(mu_in.device());
+  const OnDevice on(mu_in, "mu");
+  on.also(grad_z_in, "grad_z").also(grad_kl_in, "grad_kl").also(logvar_in, "logvar").also(seed, "seed");
   noise_args::check_gaussian_params(mu_in, logvar_in);
   TORCH_CHECK_VALUE(grad_z_in.sizes() == mu_in.sizes(), "grad_z must have mu's shape");
   const auto mu = mu_in.contiguous(), logvar = logvar_in.contiguous();
@@ -208,27 +239,27 @@ void check_decode_inputs(const at::Tensor& values, const at::Tensor& indices, co
   TORCH_CHECK_VALUE(indices.scalar_type() == at::kLong, "aefast: indices must be int64");
   TORCH_CHECK_VALUE(weight.dim() == 2 && weight.scalar_type() == values.scalar_type(),
                     "aefast: weight must be (L, D) of the values' dtype");
-  // One host sync, as the other backends: an index out of range must not read out of bounds.
-  if (indices.numel() > 0) {
-    const auto range = at::aminmax(indices);
-    const int64_t low = std::get<0>(range).item<int64_t>(), high = std::get<1>(range).item<int64_t>();
-    TORCH_CHECK_INDEX(low >= 0 && high < weight.size(0), "aefast: indices must be in [0, ", weight.size(0), ")");
-  }
+  // Indices are not range-checked here: that would read them back to the host every call.
+  // The kernels read nothing for an index out of [0, L) and make its outputs NaN.
 }
 
 at::Tensor sparse_decode_forward_op(const at::Tensor& values_in, const at::Tensor& indices_in,
                                     const at::Tensor& weight_in, const std::optional<at::Tensor>& bias_in) {
-  const c10::cuda::CUDAGuard guard(values_in.device());
+  const OnDevice on(values_in, "values");
+  on.also(indices_in, "indices").also(weight_in, "weight");
   check_decode_inputs(values_in, indices_in, weight_in);
   const auto values = values_in.contiguous(), weight = weight_in.contiguous();
   const auto indices = indices_in.contiguous();
   at::Tensor bias;
-  if (bias_in.has_value()) bias = bias_in->to(values.scalar_type()).contiguous();
-  const int64_t B = values.size(0), K = values.size(1), D = weight.size(1);
+  if (bias_in.has_value()) {
+    on.also(*bias_in, "bias");
+    bias = bias_in->to(values.scalar_type()).contiguous();
+  }
+  const int64_t B = values.size(0), K = values.size(1), L = weight.size(0), D = weight.size(1);
   auto out = at::empty({B, D}, values.options());
   check(sparse_decode_forward(values.const_data_ptr(), indices.const_data_ptr<int64_t>(), weight.const_data_ptr(),
                               bias.defined() ? bias.const_data_ptr() : nullptr, out.data_ptr(), dtype_of(values), B, K,
-                              D, stream()));
+                              L, D, stream()));
   return out;
 }
 
@@ -236,17 +267,19 @@ std::tuple<at::Tensor, at::Tensor> sparse_decode_backward_op(const at::Tensor& g
                                                              const at::Tensor& values_in,
                                                              const at::Tensor& indices_in,
                                                              const at::Tensor& weight_in) {
-  const c10::cuda::CUDAGuard guard(values_in.device());
+  const OnDevice on(values_in, "values");
+  on.also(grad_out_in, "grad_out").also(indices_in, "indices").also(weight_in, "weight");
   check_decode_inputs(values_in, indices_in, weight_in);
   const auto values = values_in.contiguous(), weight = weight_in.contiguous();
   const auto indices = indices_in.contiguous();
   const auto grad_out = grad_out_in.to(values.scalar_type()).contiguous();
   const int64_t B = values.size(0), K = values.size(1), L = weight.size(0), D = weight.size(1);
   // The (row, slot) pairs sorted by latent, stably: each latent's run in (row, slot) order.
-  const auto flat = indices.flatten();
-  const auto order = std::get<1>(at::sort(flat, /*stable=*/true, /*dim=*/0, /*descending=*/false)).contiguous();
-  auto starts = at::zeros({L + 1}, indices.options());
-  starts.narrow(0, 1, L).copy_(at::cumsum(at::bincount(flat, {}, L), 0));
+  // Each latent's run is found by a search of the sorted indices (a bincount would read
+  // their maximum back to the host); pairs out of range fall in no latent's run.
+  const auto sorted = at::sort(indices.flatten(), /*stable=*/true, /*dim=*/0, /*descending=*/false);
+  const auto order = std::get<1>(sorted).contiguous();
+  const auto starts = at::searchsorted(std::get<0>(sorted), at::arange(L + 1, indices.options())).contiguous();
   auto grad_values = at::empty({B, K}, values.options());
   auto grad_weight = at::empty({L, D}, weight.options());
   check(sparse_decode_backward(grad_out.const_data_ptr(), values.const_data_ptr(), indices.const_data_ptr<int64_t>(),
@@ -260,8 +293,7 @@ std::tuple<at::Tensor, at::Tensor> sparse_decode_backward_op(const at::Tensor& g
 
 std::tuple<at::Tensor, at::Tensor> topk_forward_op(const at::Tensor& x_in, int64_t k, bool relu) {
   TORCH_CHECK_VALUE(x_in.dim() == 2, "aefast: x must be 2-D, got ", x_in.dim(), "-D");
-  TORCH_CHECK(x_in.is_cuda(), "aefast: x must be a CUDA tensor");
-  const c10::cuda::CUDAGuard guard(x_in.device());
+  const OnDevice on(x_in, "x");
   const int64_t B = x_in.size(0), H = x_in.size(1);
   TORCH_CHECK_VALUE(k >= 1 && k <= H, "aefast: k must be in [1, ", H, "], got ", k);
   const auto x = x_in.contiguous();
@@ -270,7 +302,7 @@ std::tuple<at::Tensor, at::Tensor> topk_forward_op(const at::Tensor& x_in, int64
   if (B == 0) return {at::empty({0, k}, x.options()), at::empty({0, k}, index_options)};
   // The winners of each row, in no order, with their sort keys (csrc/cuda/topk.h).
   const bool packed = topk_packs_keys(dtype, H);
-  const int64_t chunks = topk_row_chunks(B, H, x.get_device());
+  const int64_t chunks = topk_row_chunks(B, H, multiprocessors());
   auto workspace = at::empty({topk_workspace_bytes(B, chunks)}, x.options().dtype(at::kByte));
   auto nan_flag = at::zeros({}, x.options().dtype(at::kInt));
   auto keys = at::empty({B, k}, index_options);
@@ -278,8 +310,6 @@ std::tuple<at::Tensor, at::Tensor> topk_forward_op(const at::Tensor& x_in, int64
   check(topk_select(x.const_data_ptr(), dtype, B, H, k, chunks, packed,
                     workspace.numel() > 0 ? workspace.data_ptr() : nullptr, nan_flag.data_ptr<int>(),
                     keys.data_ptr<int64_t>(), packed ? nullptr : unordered.data_ptr<int64_t>(), stream()));
-  // One host sync, as the CPU kernel's check.
-  TORCH_CHECK_VALUE(nan_flag.item<int>() == 0, "aefast: x contains NaN; top-k of NaN is undefined");
   // Order: value descending, then index ascending. Integer sorts: exact, and -0.0 and
   // +0.0 (one key) stay tied.
   at::Tensor indices;
@@ -294,6 +324,11 @@ std::tuple<at::Tensor, at::Tensor> topk_forward_op(const at::Tensor& x_in, int64
   }
   auto values = x.gather(1, indices);
   if (relu) values.clamp_min_(0);
+  // NaN in x: reading the flag here would stall the host every call, so the outputs
+  // report it instead, on the device: NaN values, and indices 0..k-1 (safe to scatter).
+  const auto nan = nan_flag.to(at::kBool);
+  values = at::where(nan, at::full_like(values, std::numeric_limits<double>::quiet_NaN()), values);
+  indices = at::where(nan, at::arange(k, index_options).expand({B, k}), indices);
   return {values, indices};
 }
 

@@ -33,6 +33,14 @@ __device__ __forceinline__ __nv_bfloat16 from_acc<__nv_bfloat16>(float x) {
 
 __host__ __device__ inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
+// A launch grid from int64 block counts, within CUDA's limits (x < 2^31, y and z <= 65535)
+// or else all zeros, which the launch refuses (cudaErrorInvalidConfiguration) where a
+// cast to unsigned would silently launch too few blocks.
+inline dim3 grid_of(int64_t x, int64_t y = 1, int64_t z = 1) {
+  const bool fits = x >= 1 && x <= 0x7FFFFFFF && y >= 1 && y <= 65535 && z >= 1 && z <= 65535;
+  return fits ? dim3(static_cast<unsigned>(x), static_cast<unsigned>(y), static_cast<unsigned>(z)) : dim3(0, 0, 0);
+}
+
 // Calls fn(T{}) with T the element type of `dtype`; returns the launch status.
 template <typename Fn>
 cudaError_t dispatch(DType dtype, Fn&& fn) {

@@ -179,19 +179,16 @@ __global__ void contractive_grad_weight_kernel(const T* __restrict__ w,
 }
 
 dim3 column_grid(int64_t rows, int64_t cols) {
-  return dim3(static_cast<unsigned>(ceil_div(cols, kColumnThreads)),
-              static_cast<unsigned>(std::min<int64_t>(std::max<int64_t>(rows, 1), 4096)));
+  return grid_of(ceil_div(cols, kColumnThreads), std::min<int64_t>(std::max<int64_t>(rows, 1), 4096));
 }
 
 int64_t rows_per_split(int64_t B, int64_t splits) { return ceil_div(B, splits); }
 
 }  // namespace
 
-int64_t column_splits(int64_t B, int64_t H, int device) {
-  int sms = 0;
-  if (cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess) sms = 80;
+int64_t column_splits(int64_t B, int64_t H, int sms) {
   const int64_t col_blocks = ceil_div(H, kWarp);
-  const int64_t want = ceil_div(8LL * sms, col_blocks);  // ~8 blocks per SM in all
+  const int64_t want = ceil_div(8LL * std::max(sms, 1), col_blocks);  // ~8 blocks per SM in all
   const int64_t most = std::max<int64_t>(1, ceil_div(B, 64));  // at least 64 rows a split
   const int64_t splits = std::min<int64_t>(std::min(want, most), 65535);
   return ceil_div(B, rows_per_split(B, std::max<int64_t>(splits, 1)));
@@ -203,7 +200,7 @@ cudaError_t kl_sparsity_forward(const void* a, DType dtype, int64_t B, int64_t H
   return dispatch(dtype, [&](auto tag) {
     using T = decltype(tag);
     using A = acc_t<T>;
-    const dim3 grid(static_cast<unsigned>(ceil_div(H, kWarp)), static_cast<unsigned>(splits));
+    const dim3 grid = grid_of(ceil_div(H, kWarp), splits);
     column_partial_sums_kernel<T, Sum::kX><<<grid, dim3(kWarp, kRowLanes), 0, stream>>>(
         static_cast<const T*>(a), nullptr, static_cast<A*>(partial), B, H, rows_per_split(B, splits));
     kl_penalty_kernel<T><<<1, kFinishThreads, 0, stream>>>(
@@ -230,7 +227,7 @@ cudaError_t sigmoid_kl_sparsity_forward(const void* z, void* h, DType dtype, int
   return dispatch(dtype, [&](auto tag) {
     using T = decltype(tag);
     using A = acc_t<T>;
-    const dim3 grid(static_cast<unsigned>(ceil_div(H, kWarp)), static_cast<unsigned>(splits));
+    const dim3 grid = grid_of(ceil_div(H, kWarp), splits);
     column_partial_sums_kernel<T, Sum::kSigmoid><<<grid, dim3(kWarp, kRowLanes), 0, stream>>>(
         static_cast<const T*>(z), static_cast<T*>(h), static_cast<A*>(partial), B, H,
         rows_per_split(B, splits));
@@ -262,11 +259,11 @@ cudaError_t contractive_penalty_forward(const void* h, const void* weight, DType
     using A = acc_t<T>;
     A* s2_partial = static_cast<A*>(partial);
     A* w2_rows = s2_partial + h_splits * H;
-    const dim3 grid(static_cast<unsigned>(ceil_div(H, kWarp)), static_cast<unsigned>(h_splits));
+    const dim3 grid = grid_of(ceil_div(H, kWarp), h_splits);
     column_partial_sums_kernel<T, Sum::kContractive><<<grid, dim3(kWarp, kRowLanes), 0, stream>>>(
         static_cast<const T*>(h), nullptr, s2_partial, B, H, rows_per_split(B, h_splits));
     constexpr int kRowsPerBlock = 8;
-    row_square_sums_kernel<T><<<static_cast<unsigned>(ceil_div(H, kRowsPerBlock)), kRowsPerBlock * kWarp, 0,
+    row_square_sums_kernel<T><<<grid_of(ceil_div(H, kRowsPerBlock)), kRowsPerBlock * kWarp, 0,
                                 stream>>>(static_cast<const T*>(weight), H, D, w2_rows);
     contractive_penalty_kernel<T><<<1, kFinishThreads, 0, stream>>>(
         s2_partial, h_splits, w2_rows, H, static_cast<A*>(s2), static_cast<A*>(w2),

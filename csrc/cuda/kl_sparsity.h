@@ -13,9 +13,10 @@
 namespace aefast {
 namespace cuda {
 
-// How many row splits the column sums of a (B, H) matrix use on `device`:
-// the partial-sum buffers hold splits * H statistics.
-int64_t column_splits(int64_t B, int64_t H, int device);
+// How many row splits the column sums of a (B, H) matrix use on a GPU of `sms`
+// multiprocessors: the partial-sum buffers hold splits * H statistics. A pure function
+// (launch planning is tested at users' sizes without a GPU).
+int64_t column_splits(int64_t B, int64_t H, int sms);
 
 cudaError_t kl_sparsity_forward(const void* a, DType dtype, int64_t B, int64_t H, double rho,
                                 double beta, int64_t splits, void* partial, void* rho_hat,

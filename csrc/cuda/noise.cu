@@ -113,7 +113,7 @@ cudaError_t corrupt(const void* x, void* out, DType dtype, int64_t n, int kind, 
     using T = decltype(tag);
     using A = acc_t<T>;
     const auto launch = [&](auto kernel) {
-      kernel<<<static_cast<unsigned>(blocks_for(n)), kThreads, 0, stream>>>(
+      kernel<<<grid_of(blocks_for(n)), kThreads, 0, stream>>>(
           static_cast<const T*>(x), static_cast<T*>(out), n, level, A(scale), A(low), A(high), seed);
     };
     switch (kind) {
@@ -134,7 +134,7 @@ cudaError_t reparameterize_forward(const void* mu, const void* logvar, void* z, 
     using T = decltype(tag);
     using A = acc_t<T>;
     const int64_t blocks = blocks_for(n);
-    reparameterize_kernel<T><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
+    reparameterize_kernel<T><<<grid_of(blocks), kThreads, 0, stream>>>(
         static_cast<const T*>(mu), static_cast<const T*>(logvar), static_cast<T*>(z), static_cast<A*>(partial), n,
         seed);
     kl_finish_kernel<T><<<1, kThreads, 0, stream>>>(static_cast<const A*>(partial), blocks, batch,
@@ -148,7 +148,7 @@ cudaError_t reparameterize_backward(const void* grad_z, const void* grad_kl, con
   if (n == 0) return cudaSuccess;
   return dispatch(dtype, [&](auto tag) {
     using T = decltype(tag);
-    reparameterize_backward_kernel<T><<<static_cast<unsigned>(blocks_for(n)), kThreads, 0, stream>>>(
+    reparameterize_backward_kernel<T><<<grid_of(blocks_for(n)), kThreads, 0, stream>>>(
         static_cast<const T*>(grad_z), static_cast<const T*>(grad_kl), static_cast<const T*>(mu),
         static_cast<const T*>(logvar), static_cast<T*>(grad_mu), static_cast<T*>(grad_logvar), batch, n, seed);
   });

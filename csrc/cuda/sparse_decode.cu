@@ -5,6 +5,7 @@
 // the latent's (row, slot) pairs in their sorted order. No atomics anywhere: the
 // same bits on every run.
 #include <algorithm>
+#include <limits>
 
 #include "common.cuh"
 #include "sparse_decode.h"
@@ -16,10 +17,18 @@ namespace {
 constexpr int kThreads = 256;
 constexpr int kWarp = 32;
 
+// An index out of [0, L) reads nothing: its outputs are NaN (no host check stalls a call).
+__device__ __forceinline__ bool in_range(int64_t latent, int64_t L) { return latent >= 0 && latent < L; }
+
+template <typename A>
+__device__ __forceinline__ A nan_of() {
+  return std::numeric_limits<A>::quiet_NaN();
+}
+
 template <typename T>
 __global__ void decode_forward_kernel(const T* __restrict__ values, const int64_t* __restrict__ indices,
                                       const T* __restrict__ weight, const T* __restrict__ bias, T* __restrict__ out,
-                                      int64_t K, int64_t D) {
+                                      int64_t K, int64_t L, int64_t D) {
   using A = acc_t<T>;
   const int64_t row = blockIdx.x;
   const int64_t d = static_cast<int64_t>(blockIdx.y) * kThreads + threadIdx.x;
@@ -27,7 +36,9 @@ __global__ void decode_forward_kernel(const T* __restrict__ values, const int64_
   A acc = bias != nullptr ? to_acc(bias[d]) : A(0);
   for (int64_t k = 0; k < K; ++k) {
     const int64_t e = row * K + k;
-    acc += to_acc(values[e]) * to_acc(weight[indices[e] * D + d]);
+    const int64_t latent = indices[e];
+    const A w = in_range(latent, L) ? to_acc(weight[latent * D + d]) : nan_of<A>();
+    acc += to_acc(values[e]) * w;
   }
   out[row * D + d] = from_acc<T>(acc);
 }
@@ -35,15 +46,17 @@ __global__ void decode_forward_kernel(const T* __restrict__ values, const int64_
 template <typename T>
 __global__ void decode_values_grad_kernel(const T* __restrict__ grad_out, const int64_t* __restrict__ indices,
                                           const T* __restrict__ weight, T* __restrict__ grad_values, int64_t pairs,
-                                          int64_t K, int64_t D) {
+                                          int64_t K, int64_t L, int64_t D) {
   using A = acc_t<T>;
   const int64_t e = (static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x) / kWarp;
   const int lane = threadIdx.x % kWarp;
   if (e >= pairs) return;  // whole warps leave together: e is the same across a warp
   const T* g = grad_out + (e / K) * D;
-  const T* w = weight + indices[e] * D;
-  A acc = 0;
-  for (int64_t d = lane; d < D; d += kWarp) acc += to_acc(g[d]) * to_acc(w[d]);
+  const int64_t latent = indices[e];
+  const bool valid = in_range(latent, L);  // the same across the warp
+  const T* w = weight + (valid ? latent : 0) * D;
+  A acc = valid ? A(0) : nan_of<A>();
+  for (int64_t d = lane; valid && d < D; d += kWarp) acc += to_acc(g[d]) * to_acc(w[d]);
   for (int offset = kWarp / 2; offset > 0; offset /= 2) acc += __shfl_down_sync(0xffffffffu, acc, offset);
   if (lane == 0) grad_values[e] = from_acc<T>(acc);
 }
@@ -65,19 +78,20 @@ __global__ void decode_weight_grad_kernel(const T* __restrict__ grad_out, const 
 }
 
 dim3 rows_by_columns(int64_t rows, int64_t D) {
-  return dim3(static_cast<unsigned>(rows), static_cast<unsigned>(ceil_div(D, kThreads)));
+  return grid_of(rows, ceil_div(D, kThreads));
 }
 
 }  // namespace
 
 cudaError_t sparse_decode_forward(const void* values, const int64_t* indices, const void* weight, const void* bias,
-                                  void* out, DType dtype, int64_t B, int64_t K, int64_t D, cudaStream_t stream) {
+                                  void* out, DType dtype, int64_t B, int64_t K, int64_t L, int64_t D,
+                                  cudaStream_t stream) {
   if (B == 0 || D == 0) return cudaSuccess;
   return dispatch(dtype, [&](auto tag) {
     using T = decltype(tag);
     decode_forward_kernel<T><<<rows_by_columns(B, D), kThreads, 0, stream>>>(
         static_cast<const T*>(values), indices, static_cast<const T*>(weight), static_cast<const T*>(bias),
-        static_cast<T*>(out), K, D);
+        static_cast<T*>(out), K, L, D);
   });
 }
 
@@ -90,9 +104,9 @@ cudaError_t sparse_decode_backward(const void* grad_out, const void* values, con
     const int64_t pairs = B * K;
     if (pairs > 0) {
       const int64_t blocks = ceil_div(pairs * kWarp, kThreads);
-      decode_values_grad_kernel<T><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
+      decode_values_grad_kernel<T><<<grid_of(blocks), kThreads, 0, stream>>>(
           static_cast<const T*>(grad_out), indices, static_cast<const T*>(weight), static_cast<T*>(grad_values), pairs,
-          K, D);
+          K, L, D);
     }
     if (L > 0 && D > 0) {
       decode_weight_grad_kernel<T><<<rows_by_columns(L, D), kThreads, 0, stream>>>(

@@ -1,6 +1,8 @@
 // Launchers of the CUDA sparse decoder: out[b] = bias + sum_k values[b, k] *
 // weight[indices[b, k]], weight (L, D). No torch headers; tensors contiguous.
-// Every launcher returns the launch status.
+// Every launcher returns the launch status. Indices are not checked on the host (that
+// would stall it every call): an index out of [0, L) reads nothing and makes its
+// outputs NaN (the forward row, the values gradient), and is in no latent's run.
 #pragma once
 
 #include <cuda_runtime_api.h>
@@ -14,8 +16,8 @@ namespace cuda {
 
 // bias may be null.
 cudaError_t sparse_decode_forward(const void* values, const int64_t* indices, const void* weight,
-                                  const void* bias, void* out, DType dtype, int64_t B, int64_t K, int64_t D,
-                                  cudaStream_t stream);
+                                  const void* bias, void* out, DType dtype, int64_t B, int64_t K, int64_t L,
+                                  int64_t D, cudaStream_t stream);
 
 // order: the B * K (row, slot) positions sorted by latent, stably; starts: L + 1
 // offsets of each latent's run in order. The weight gradient of latent l is the

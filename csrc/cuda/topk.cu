@@ -356,12 +356,7 @@ int64_t chunk_length(int64_t H, int64_t chunks) { return ceil_div(ceil_div(H, ch
 
 }  // namespace
 
-int64_t topk_row_chunks(int64_t B, int64_t H, int device) {
-  int sms = 0;
-  if (cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess) {
-    (void)cudaGetLastError();  // not a launch failure: guess
-    sms = 132;
-  }
+int64_t topk_row_chunks(int64_t B, int64_t H, int sms) {
   const int64_t wave = 8LL * std::max(sms, 1);  // 8 blocks of kThreads fill an SM
   int64_t chunks = 1;
   if (B < wave) chunks = std::min(ceil_div(wave, B), ceil_div(H, kMinChunk));
@@ -389,7 +384,7 @@ cudaError_t topk_select(const void* x, DType dtype, int64_t B, int64_t H, int64_
     using T = decltype(tag);
     const T* xt = static_cast<const T*>(x);
     if (chunks == 1) {
-      row_topk_kernel<T><<<static_cast<unsigned>(B), kThreads, 0, stream>>>(xt, H, k, packed, nan_flag, keys,
+      row_topk_kernel<T><<<grid_of(B), kThreads, 0, stream>>>(xt, H, k, packed, nan_flag, keys,
                                                                              indices);
       return;
     }
@@ -400,10 +395,10 @@ cudaError_t topk_select(const void* x, DType dtype, int64_t B, int64_t H, int64_
     auto* hist = reinterpret_cast<Count*>(state + B);
     Count* equal_counts = hist + B * kRadix;
     const int64_t chunk_len = chunk_length(H, chunks);
-    const dim3 grid(static_cast<unsigned>(B), static_cast<unsigned>(chunks));
+    const dim3 grid = grid_of(B, chunks);
     for (int pass = 0; pass < KeyTraits<T>::kBits / kDigitBits; ++pass) {
       chunk_histogram_kernel<T><<<grid, kThreads, 0, stream>>>(xt, H, chunk_len, pass, state, hist, nan_flag);
-      chunk_choose_kernel<T><<<static_cast<unsigned>(B), kThreads, 0, stream>>>(pass, k, state, hist);
+      chunk_choose_kernel<T><<<grid_of(B), kThreads, 0, stream>>>(pass, k, state, hist);
     }
     chunk_tie_count_kernel<T><<<grid, kThreads, 0, stream>>>(xt, H, chunk_len, k, state, equal_counts);
     chunk_gather_kernel<T><<<grid, kThreads, 0, stream>>>(xt, H, chunk_len, k, packed, state, equal_counts, keys,

@@ -14,10 +14,10 @@
 namespace aefast {
 namespace cuda {
 
-// How many chunks each row is split into, each taken by one block per pass, on
-// `device`: 1 (a block per row) when the rows alone fill the GPU, more for few long
-// rows (batch_topk selects from a single row).
-int64_t topk_row_chunks(int64_t B, int64_t H, int device);
+// How many chunks each row is split into, each taken by one block per pass, on a GPU
+// of `sms` multiprocessors: 1 (a block per row) when the rows alone fill the GPU, more
+// for few long rows (batch_topk selects from a single row). A pure function.
+int64_t topk_row_chunks(int64_t B, int64_t H, int sms);
 
 // Bytes of device scratch topk_select needs for B rows in `chunks` chunks (0 for one chunk).
 int64_t topk_workspace_bytes(int64_t B, int64_t chunks);

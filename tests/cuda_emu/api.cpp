@@ -17,9 +17,9 @@ DType dt(int d) { return static_cast<DType>(d); }
 extern "C" {
 
 // ---- sizes and layouts the bindings ask for
-int64_t emu_column_splits(int64_t B, int64_t H) { return column_splits(B, H, 0); }
+int64_t emu_column_splits(int64_t B, int64_t H, int sms) { return column_splits(B, H, sms); }
 int64_t emu_reparameterize_blocks(int64_t n) { return reparameterize_blocks(n); }
-int64_t emu_topk_row_chunks(int64_t B, int64_t H) { return topk_row_chunks(B, H, 0); }
+int64_t emu_topk_row_chunks(int64_t B, int64_t H, int sms) { return topk_row_chunks(B, H, sms); }
 int64_t emu_topk_workspace_bytes(int64_t B, int64_t chunks) { return topk_workspace_bytes(B, chunks); }
 int emu_topk_packs_keys(int dtype, int64_t H) { return topk_packs_keys(dt(dtype), H); }
 
@@ -84,8 +84,8 @@ int emu_reparameterize_backward(const void* grad_z, const void* grad_kl, const v
 }
 
 int emu_sparse_decode_forward(const void* values, const int64_t* indices, const void* weight, const void* bias,
-                              void* out, int dtype, int64_t B, int64_t K, int64_t D) {
-  return status(sparse_decode_forward(values, indices, weight, bias, out, dt(dtype), B, K, D, nullptr));
+                              void* out, int dtype, int64_t B, int64_t K, int64_t L, int64_t D) {
+  return status(sparse_decode_forward(values, indices, weight, bias, out, dt(dtype), B, K, L, D, nullptr));
 }
 
 int emu_sparse_decode_backward(const void* grad_out, const void* values, const int64_t* indices, const void* weight,

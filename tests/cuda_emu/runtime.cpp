@@ -14,6 +14,7 @@
 #include <ucontext.h>
 
 #include <algorithm>
+#include <array>
 #include <cstdio>
 #include <random>
 #include <string>
@@ -37,6 +38,10 @@ constexpr int kMaxThreads = 1024;
 constexpr size_t kStackBytes = 64 << 10, kGuardBytes = 4096;
 
 int g_sms = 2;
+// Plan-only mode: launches are recorded (grid and block), not run, and memsets do
+// nothing, so the real launchers can be driven at users' sizes with no memory.
+bool g_plan_only = false;
+std::vector<std::array<unsigned, 6>> g_planned;
 int g_thread_order = kForward, g_block_order = kForward;
 std::mt19937_64 g_rng;
 cudaError_t g_last = cudaSuccess;
@@ -246,8 +251,12 @@ void run_grid(dim3 grid, dim3 block, const std::function<void()>& body) {
   if (!g_error.empty()) return;  // an earlier launch failed
   const uint64_t threads = uint64_t(block.x) * block.y * block.z;
   if (threads == 0 || threads > kMaxThreads || block.z > 64 || grid.x == 0 || grid.y == 0 || grid.z == 0 ||
-      grid.y > 65535 || grid.z > 65535) {
+      grid.x > 0x7FFFFFFFu || grid.y > 65535 || grid.z > 65535) {
     g_last = cudaErrorInvalidConfiguration;
+    return;
+  }
+  if (g_plan_only) {
+    g_planned.push_back({grid.x, grid.y, grid.z, block.x, block.y, block.z});
     return;
   }
   if (g_stacks == nullptr) {
@@ -298,7 +307,7 @@ const char* cudaGetErrorString(cudaError_t err) {
 }
 
 cudaError_t cudaMemsetAsync(void* ptr, int value, size_t bytes, cudaStream_t) {
-  std::memset(ptr, value, bytes);
+  if (!emu::g_plan_only) std::memset(ptr, value, bytes);
   return cudaSuccess;
 }
 
@@ -321,5 +330,18 @@ extern "C" void emu_configure(int thread_order, int block_order, unsigned long l
 }
 
 extern "C" const char* emu_error() { return emu::g_error.c_str(); }
+
+// Plan-only mode on or off (see g_plan_only); either way the recorded launches are cleared.
+extern "C" void emu_plan_only(int on) {
+  emu::g_plan_only = on != 0;
+  emu::g_planned.clear();
+}
+
+extern "C" long long emu_planned_count() { return static_cast<long long>(emu::g_planned.size()); }
+
+// out: grid x, y, z and block x, y, z of recorded launch i.
+extern "C" void emu_planned(long long i, unsigned* out) {
+  for (int j = 0; j < 6; ++j) out[j] = emu::g_planned[i][j];
+}
 
 extern "C" long long emu_launches() { return emu::g_launches; }

@@ -8,5 +8,9 @@ struct CUDAStreamStub {
   cudaStream_t stream() const { return nullptr; }
 };
 inline CUDAStreamStub getCurrentCUDAStream() { return {}; }
+inline cudaDeviceProp* getCurrentDeviceProperties() {
+  static cudaDeviceProp properties{};
+  return &properties;
+}
 }  // namespace cuda
 }  // namespace at
