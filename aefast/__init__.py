@@ -4,10 +4,10 @@
     h, penalty = ae.sigmoid_kl_sparsity(z, rho=0.05, beta=3.0)
 """
 
-from aefast import backends
+from aefast import backends, nn
 from aefast.backends import available_backends, backend, current_backend
-from aefast.ops.noise import corrupt, noisy_linear, reparameterize
 from aefast.ops.kl_sparsity import contractive_penalty, kl_sparsity, sigmoid_kl_sparsity
+from aefast.ops.noise import corrupt, noisy_linear, reparameterize
 from aefast.ops.wta import (
     batch_topk,
     lifetime_topk,
@@ -17,8 +17,6 @@ from aefast.ops.wta import (
     topk_mask,
     topk_sparse,
 )
-
-from aefast import nn  # noqa: E402  (after the ops it wraps)
 
 __version__ = "0.1.0"
 

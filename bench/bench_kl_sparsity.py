@@ -13,7 +13,6 @@ one clone for kl_sparsity.
 
 from __future__ import annotations
 
-
 import torch
 
 import aefast as ae
@@ -59,13 +58,13 @@ def contenders(op: str, device: torch.device, rows: int, cols: int, dtype: torch
         z = torch.randn(rows, cols, generator=gen).to(device, dtype)
         grad_h = torch.randn(rows, cols, generator=gen).to(device, dtype)
         fused, ref = ae.sigmoid_kl_sparsity, reference.sigmoid_kl_sparsity
-        make = lambda fn: step_sigmoid_kl(fn, z, grad_h, one)  # noqa: E731
-        floor = lambda: (harness.fresh_clone(z), harness.fresh_clone(z))  # noqa: E731
+        make = lambda fn: step_sigmoid_kl(fn, z, grad_h, one)
+        floor = lambda: (harness.fresh_clone(z), harness.fresh_clone(z))
     else:
         a = torch.rand(rows, cols, generator=gen).to(device, dtype)
         fused, ref = ae.kl_sparsity, reference.kl_sparsity
-        make = lambda fn: step_kl(fn, a, one)  # noqa: E731
-        floor = lambda: (a.sum(), harness.fresh_clone(a))  # noqa: E731
+        make = lambda fn: step_kl(fn, a, one)
+        floor = lambda: (a.sum(), harness.fresh_clone(a))
     runs = {
         f"aefast[{b}]": make(with_backend(b, fused))
         for b in ae.available_backends(device)
@@ -116,7 +115,7 @@ def markdown(records, env) -> str:
     ]
     for r in records:
         q, t, m = r["ratios"], r["targets"], r["met"]
-        mark = lambda k: "" if m[k] else " **missed**"  # noqa: E731
+        mark = lambda k: "" if m[k] else " **missed**"
         shape = "x".join(map(str, r["shape"]))
         lines.append(
             f"| {r['op']} | {shape} | {q['speedup_vs_eager']:.2f}x (>= {t['eager']}){mark('speedup_vs_eager')} "

@@ -11,7 +11,6 @@
 
 from __future__ import annotations
 
-
 import torch
 import torch.nn.functional as F
 
@@ -48,11 +47,11 @@ def corrupt_contenders(device, B, D):
     }
 
 
-def noisy_linear_contenders(device, B, D, O):
+def noisy_linear_contenders(device, B, D, out_features):
     x = torch.rand(B, D, device=device)
-    weight = torch.randn(O, D, device=device) * D**-0.5
-    bias = torch.zeros(O, device=device)
-    grad = torch.randn(B, O, device=device)
+    weight = torch.randn(out_features, D, device=device) * D**-0.5
+    bias = torch.zeros(out_features, device=device)
+    grad = torch.randn(B, out_features, device=device)
 
     def run(linear):
         def step():

@@ -10,7 +10,7 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-import aefast  # noqa: E402
+import aefast
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 

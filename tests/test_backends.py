@@ -6,10 +6,10 @@ import sys
 
 import pytest
 import torch
-from conftest import device_backends
 
 import aefast as ae
 from aefast import backends
+from conftest import device_backends
 
 
 def test_available_backends_lists_what_is_built():
@@ -31,9 +31,8 @@ def test_auto_picks_cpp_on_cpu():
 
 
 def test_unknown_backend_name():
-    with pytest.raises(ValueError, match="backend must be one of"):
-        with ae.backend("fastest"):
-            pass
+    with pytest.raises(ValueError, match="backend must be one of"), ae.backend("fastest"):
+        pass
 
 
 def test_forced_backend_that_cannot_run_raises():

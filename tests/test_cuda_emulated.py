@@ -564,6 +564,9 @@ def outcome_in_child(fn):
     pid = os.fork()
     if pid == 0:
         faulthandler.disable()  # a crash is an expected outcome here, not worth a traceback
+        # The parent's OpenMP pool does not survive the fork: a parallel region in the
+        # child would wait for its threads forever. One thread runs none.
+        torch.set_num_threads(1)
         try:
             fn()
             code = 0

@@ -2,11 +2,17 @@
 
 import pytest
 import torch
-from conftest import DEVICES, assert_close, assert_compiled_matches_eager, device_backends, dtypes_for
 
 import aefast as ae
 from aefast import reference
 from aefast.ops.kl_sparsity import OPS
+from conftest import (
+    DEVICES,
+    assert_close,
+    assert_compiled_matches_eager,
+    device_backends,
+    dtypes_for,
+)
 
 SHAPES = [(1, 1), (1, 7), (3, 1000), (4097, 33), (65, 129)]
 RHO, BETA = 0.07, 2.5

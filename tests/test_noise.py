@@ -4,11 +4,11 @@ import math
 
 import pytest
 import torch
-from conftest import DEVICES, TOLERANCES, assert_close, assert_compiled_matches_eager, dtypes_for
 
 import aefast as ae
 from aefast import reference
 from aefast.ops.noise import KINDS, OPS
+from conftest import DEVICES, TOLERANCES, assert_close, assert_compiled_matches_eager, dtypes_for
 
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 LEVELS = {"gaussian": 0.3, "masking": 0.3, "salt_pepper": 0.25, "dropout": 0.4}

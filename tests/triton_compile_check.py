@@ -19,9 +19,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
+import json
 import os
 import pathlib
-import json
 import re
 import subprocess
 import sys
@@ -32,11 +32,11 @@ if os.environ.get("TRITON_INTERPRET", "0") == "1":
 # A fresh cache: every specialization is compiled (and its ptxas figures read) each run.
 os.environ["TRITON_CACHE_DIR"] = tempfile.mkdtemp(prefix="aefast-triton-cache-")
 
-import torch  # noqa: E402
-import triton  # noqa: E402
-from triton.backends.compiler import GPUTarget  # noqa: E402
-from triton.backends.driver import DriverBase  # noqa: E402
-from triton.runtime.driver import driver  # noqa: E402
+import torch
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.backends.driver import DriverBase
+from triton.runtime.driver import driver
 
 # An H200 (sm_90): 227 KiB of shared memory per block, 1024 threads, 132 SMs.
 MAX_SHARED = 227 * 1024
@@ -171,6 +171,7 @@ def record_compiles():
         if self.module is None and PTXAS_LOGS:  # compiled now, not found in Triton's cache
             arch = driver.active.arch
             regs, spills, stack = ptxas_figures(PTXAS_LOGS.pop())
+            PTXAS_LOGS.clear()  # a compile that failed before its launch leaves no stale log
             COMPILED.append(Compiled(self.name, arch, _signature(self.src), regs, spills, stack,
                                      self.metadata.shared, self.metadata.num_warps * 32))
         return original(self)
@@ -238,8 +239,8 @@ def noise_launches():
             old = matmul.fp32_precision
             matmul.fp32_precision = "tf32" if tf32 else "ieee"
             try:
-                for N, D, O in ((37, 29, 13), (8 << 20, 784, 1024)):
-                    x, w, b = meta(N, D, dtype=dtype), meta(O, D, dtype=dtype), meta(O, dtype=dtype)
+                for N, D, out in ((37, 29, 13), (8 << 20, 784, 1024)):
+                    x, w, b = meta(N, D, dtype=dtype), meta(out, D, dtype=dtype), meta(out, dtype=dtype)
                     for kind in CORRUPTION_KINDS:
                         y = noise.noisy_linear_forward(x, w, b, kind, 0.25, seed, 0.0, 1.0)
                         noise.noisy_linear_forward(x, w, None, kind, 0.25, seed, 0.0, 1.0)

@@ -13,7 +13,12 @@ import triton
 import triton.language as tl
 
 from aefast.reference import RHO_HAT_EPS, stat_dtype
-from aefast.triton_kernels._common import acc_dtype, multiprocessors, on_input_device, planned_for_gpu
+from aefast.triton_kernels._common import (
+    acc_dtype,
+    multiprocessors,
+    on_input_device,
+    planned_for_gpu,
+)
 
 # What column_partial_sums_kernel sums over the rows.
 SUM_X = 0  # x itself

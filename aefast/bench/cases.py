@@ -9,8 +9,8 @@ also back-propagates a fixed random gradient into every input that takes one.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 

@@ -66,7 +66,7 @@ def _failing(contenders: dict) -> dict[str, str]:
     for name, fn in contenders.items():
         try:
             fn()
-        except Exception as exc:  # noqa: BLE001 -- any failure of a contender is a result
+        except Exception as exc:
             failed[name] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"
     return failed
 
