@@ -40,6 +40,11 @@ def dtypes_for(device, backend):
     return dtypes
 
 
+def leaf(x):
+    """A fresh leaf copy of x that takes a gradient."""
+    return x.detach().clone().requires_grad_(True)
+
+
 def assert_close(actual, expected, dtype, scale=1.0):
     rtol, atol = TOLERANCES[dtype]
     torch.testing.assert_close(

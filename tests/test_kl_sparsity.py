@@ -12,6 +12,7 @@ from conftest import (
     assert_compiled_matches_eager,
     device_backends,
     dtypes_for,
+    leaf,
 )
 
 SHAPES = [(1, 1), (1, 7), (3, 1000), (4097, 33), (65, 129)]
@@ -24,10 +25,6 @@ def activations(shape, dtype, device, *, dead_unit=True):
     if dead_unit and shape[1] > 1:
         a[:, 0] = 0.0
     return a.to(device=device, dtype=dtype)
-
-
-def leaf(x):
-    return x.detach().clone().requires_grad_(True)
 
 
 def ref_grads(fn, inputs, grad_outputs):

@@ -8,7 +8,14 @@ import torch
 import aefast as ae
 from aefast import reference
 from aefast.ops.noise import KINDS, OPS
-from conftest import DEVICES, TOLERANCES, assert_close, assert_compiled_matches_eager, dtypes_for
+from conftest import (
+    DEVICES,
+    TOLERANCES,
+    assert_close,
+    assert_compiled_matches_eager,
+    dtypes_for,
+    leaf,
+)
 
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 LEVELS = {"gaussian": 0.3, "masking": 0.3, "salt_pepper": 0.25, "dropout": 0.4}
@@ -22,10 +29,6 @@ def noise_backends():
         for b in ae.available_backends(d)
         if b in OPS
     ]
-
-
-def leaf(x):
-    return x.detach().clone().requires_grad_(True)
 
 
 def interpreter_rounds_down(device, backend, dtype):

@@ -6,7 +6,7 @@ import torch
 import aefast as ae
 from aefast import backends, reference
 from aefast.ops.wta import DECODE_OPS, ENCODE_OPS, KERNELS, TOPK_OPS
-from conftest import DEVICES, assert_close, assert_compiled_matches_eager
+from conftest import DEVICES, assert_close, assert_compiled_matches_eager, leaf
 
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 
@@ -42,10 +42,6 @@ def assert_topk_sparse_matches_reference(x, k, backend):
     want_values, want_indices = reference.topk_sparse(x, k, relu=False)
     assert torch.equal(indices, want_indices) and torch.equal(values, want_values)
     return values, indices
-
-
-def leaf(x):
-    return x.detach().clone().requires_grad_(True)
 
 
 def rows(shape, dtype, device, *, ties=False):
@@ -441,8 +437,9 @@ class TestBadInput:
         with pytest.raises(ValueError, match="bias must be None or of shape"):
             ae.sparse_decode(values, indices, weight, torch.zeros(4, device=device))
         if device == "cpu":
-            with pytest.raises(IndexError, match=r"indices must be in \[0, 5\)"):
-                ae.sparse_decode(values, indices + 5, weight)
+            for backend in ["reference"] + [b for b in ae.available_backends(device) if b in DECODE_OPS]:
+                with ae.backend(backend), pytest.raises(IndexError, match=r"indices must be in \[0, 5\)"):
+                    ae.sparse_decode(values, indices - 5, weight)  # negative: the reference once took them
         else:  # no host check on a GPU: the rows with a bad index come back NaN
             assert torch.isnan(ae.sparse_decode(values, indices + 5, weight)).all()
 

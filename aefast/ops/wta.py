@@ -125,9 +125,12 @@ def _decode_backward_triton(
 
 
 def _check_indices_on_cpu(indices: Tensor, latents: int) -> None:
-    """An index out of range raises on CPU, where reading the check costs nothing; the
-    GPU kernels make its outputs NaN instead of stalling the host every call."""
-    if indices.device.type == "cpu" and indices.numel() and (
+    """An index out of range raises on CPU, on every backend (the reference too), where
+    reading the check costs nothing; on a GPU the kernels make its outputs NaN instead
+    of stalling the host every call."""
+    # Not while torch.compile traces (a data-dependent branch would break the graph):
+    # the compiled call runs the ops, whose kernels check or read nothing out of range.
+    if indices.device.type == "cpu" and indices.numel() and not torch.compiler.is_compiling() and (
             bool(indices.min() < 0) or bool(indices.max() >= latents)):
         raise IndexError(f"aefast: indices must be in [0, {latents})")
 
@@ -373,6 +376,7 @@ def sparse_decode(values: Tensor, indices: Tensor, weight: Tensor, bias: Tensor 
         raise ValueError(f"weight must be 2-D (L, D) of the values' dtype {values.dtype}")
     if bias is not None and (bias.shape != (weight.shape[1],) or bias.dtype != values.dtype):
         raise ValueError(f"bias must be None or of shape ({weight.shape[1]},) and dtype {values.dtype}")
+    _check_indices_on_cpu(indices, weight.shape[0])
     name = backends.resolve(values.device, "sparse_decode", tuple(DECODE_OPS))
     if name == "reference":
         return reference.sparse_decode(values, indices, weight, bias)
