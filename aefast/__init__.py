@@ -6,17 +6,10 @@
 
 from aefast import backends, nn
 from aefast.backends import available_backends, backend, current_backend
-from aefast.ops.kl_sparsity import contractive_penalty, kl_sparsity, sigmoid_kl_sparsity
+from aefast.ops.decode import sparse_decode, topk_encode
+from aefast.ops.kl import contractive_penalty, kl_sparsity, sigmoid_kl_sparsity
 from aefast.ops.noise import corrupt, noisy_linear, reparameterize
-from aefast.ops.wta import (
-    batch_topk,
-    lifetime_topk,
-    sparse_decode,
-    spatial_wta,
-    topk_encode,
-    topk_mask,
-    topk_sparse,
-)
+from aefast.ops.topk import batch_topk, lifetime_topk, spatial_wta, topk_mask, topk_sparse
 
 __version__ = "0.1.0"
 

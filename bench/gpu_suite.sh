@@ -75,14 +75,14 @@ print(\"the build will use CUDA_HOME =\", CUDA_HOME); p = torch.cuda.get_device_
 echo \"nvcc: \$(command -v nvcc) (\$(nvcc --version | tail -1))\""
 BENCH="$PY -m aefast bench --device cuda --out $OUT"
 RANKING="$PY -m aefast.bench.ranking $OUT/bench.json $OUT/gpu_ranking.json"
-SANITIZE="PYTORCH_NO_CUDA_MEMORY_CACHING=1 ${SANITIZER:-compute-sanitizer} --tool memcheck --error-exitcode 1 $PYTEST tests/test_kl_sparsity.py tests/test_noise.py tests/test_wta.py -k 'cuda and opcheck'"
+SANITIZE="PYTORCH_NO_CUDA_MEMORY_CACHING=1 ${SANITIZER:-compute-sanitizer} --tool memcheck --error-exitcode 1 $PYTEST tests/test_kl.py tests/test_noise.py tests/test_topk.py tests/test_decode.py -k 'cuda and opcheck'"
 
 # name|seconds|command: each step under its own limit; the limits add up to the budget.
 if [ "$SMOKE" = 1 ]; then
   STEPS=(
     "device|10|$DEVICE"
     "build|100|$BUILD"
-    "tests|25|$PYTEST tests/test_kl_sparsity.py tests/test_noise.py tests/test_wta.py -k 'cuda and opcheck'"
+    "tests|25|$PYTEST tests/test_kl.py tests/test_noise.py tests/test_topk.py tests/test_decode.py -k 'cuda and opcheck'"
     "bench|15|$BENCH --size small --mode forward+backward --no-compile --rounds 1"
   )
   BUDGET=150

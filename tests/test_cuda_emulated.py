@@ -553,8 +553,8 @@ BARRIERS = {
     "topk: the barrier that frees warp_sums in block_exclusive_sum": (
         "topk", "  __syncthreads();  // warp_sums is free again when this returns\n",
         lambda emu, policies: check_topk(emu, (2, 1000), 32, "ties", torch.float32, True, 1, policies)),
-    "kl_sparsity: the barrier before column_partial_sums_kernel sums the lanes": (
-        "kl_sparsity", "  lanes[threadIdx.y][threadIdx.x] = acc;\n  __syncthreads();\n",
+    "kl: the barrier before column_partial_sums_kernel sums the lanes": (
+        "kl", "  lanes[threadIdx.y][threadIdx.x] = acc;\n  __syncthreads();\n",
         lambda emu, policies: check_kl_sparsity(emu, (130, 70), torch.float32, 3, policies)),
 }
 
@@ -594,7 +594,7 @@ def test_a_removed_barrier_is_caught(emu, name):
 def test_a_collective_waiting_for_an_exited_lane_is_an_error_not_a_hang(emu):
     # decode_values_grad_kernel: lane 31 of each warp leaves before the shuffle reduction.
     variant = build_emulator(
-        {"sparse_decode": [("if (e >= pairs) return;", "if (e >= pairs || lane == 31) return;")]})
+        {"decode": [("if (e >= pairs) return;", "if (e >= pairs || lane == 31) return;")]})
     values, weight = torch.rand(3, 2), torch.randn(5, 4)
     indices, grad_out = torch.randint(0, 5, (3, 2)), torch.randn(3, 4)
     order, starts = torch.sort(indices.flatten(), stable=True).indices, torch.zeros(6, dtype=torch.int64)

@@ -202,7 +202,7 @@ FLOATS = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 
 def kl_launches():
-    from aefast.triton_kernels import kl_sparsity as kl
+    from aefast.triton_kernels import kl
 
     for dtype in FLOATS:
         for B, H in ((37, 65), (65536, 65536)):
@@ -251,7 +251,7 @@ def noise_launches():
 
 
 def topk_launches():
-    from aefast.triton_kernels import sparse_decode, topk
+    from aefast.triton_kernels import topk
 
     for dtype in FLOATS:
         # topk_sparse / topk_mask / topk_encode rows, lifetime_topk's columns (a
@@ -261,16 +261,22 @@ def topk_launches():
             for k in ks:
                 topk.topk_forward(meta(B, H, dtype=dtype), k, True)
         topk.topk_forward(meta(4096, 8192, dtype=dtype).t(), 82, False)
-        # sparse decoder: forward with and without bias, backward
+
+
+def decode_launches():
+    from aefast.triton_kernels import decode
+
+    for dtype in FLOATS:
+        # sparse decoder (and topk_encode's backward): forward with and without bias, backward
         for B, K, L, D in ((37, 5, 91, 29), (65536, 32, 1 << 17, 4096)):
             values, indices = meta(B, K, dtype=dtype), meta(B, K, dtype=torch.long)
             weight = meta(L, D, dtype=dtype)
-            sparse_decode.sparse_decode_forward(values, indices, weight, meta(D, dtype=dtype))
-            sparse_decode.sparse_decode_forward(values, indices, weight, None)
-            sparse_decode.sparse_decode_backward(meta(B, D, dtype=dtype), values, indices, weight)
+            decode.sparse_decode_forward(values, indices, weight, meta(D, dtype=dtype))
+            decode.sparse_decode_forward(values, indices, weight, None)
+            decode.sparse_decode_backward(meta(B, D, dtype=dtype), values, indices, weight)
 
 
-FAMILIES = {"kl": kl_launches, "noise": noise_launches, "topk": topk_launches}
+FAMILIES = {"decode": decode_launches, "kl": kl_launches, "noise": noise_launches, "topk": topk_launches}
 
 
 def all_kernels() -> list[str]:

@@ -7,8 +7,8 @@ import torch
 from torch import Tensor, nn
 
 from aefast.models.base import OneLayerSigmoidAutoencoder, detached, squared_error
-from aefast.ops._checks import check_nonnegative
-from aefast.ops.kl_sparsity import contractive_penalty
+from aefast.ops.checks import check_nonnegative
+from aefast.ops.kl import contractive_penalty
 
 
 class ContractiveAutoencoder(OneLayerSigmoidAutoencoder):

@@ -7,8 +7,8 @@ from torch import Tensor, nn
 
 from aefast.models.base import OneLayerSigmoidAutoencoder, detached, squared_error
 from aefast.nn import KLSparsity
-from aefast.ops._checks import check_nonnegative, check_open_unit
-from aefast.ops.kl_sparsity import sigmoid_kl_sparsity
+from aefast.ops.checks import check_nonnegative, check_open_unit
+from aefast.ops.kl import sigmoid_kl_sparsity
 
 
 class SparseAutoencoder(OneLayerSigmoidAutoencoder):

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from aefast import backends, reference
-from aefast.ops._checks import (
+from aefast.ops.checks import (
     autocast_inputs,
     check_finite,
     check_float_dtype,

@@ -9,9 +9,9 @@
 #include <limits>
 
 #include "../noise_args.h"
-#include "kl_sparsity.h"
+#include "kl.h"
 #include "noise.h"
-#include "sparse_decode.h"
+#include "decode.h"
 #include "topk.h"
 
 namespace aefast {

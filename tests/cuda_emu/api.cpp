@@ -1,8 +1,8 @@
 // extern "C" wrappers of the launchers of csrc/cuda/*.h, for ctypes. A launcher
 // returns its cudaError_t, or -1 when the emulator found a misuse (emu_error()).
-#include "kl_sparsity.h"
+#include "kl.h"
 #include "noise.h"
-#include "sparse_decode.h"
+#include "decode.h"
 #include "topk.h"
 
 using namespace aefast::cuda;

@@ -1,4 +1,4 @@
-"""Argument checks shared by the operator families: each raises a ValueError that
+"""Argument checks of the operators (and of the models and modules that take the same
 names the argument and what it may be."""
 
 from __future__ import annotations
@@ -74,3 +74,16 @@ def check_linear_params(x: Tensor, weight, bias, out_name: str) -> None:
         raise ValueError(f"weight and bias must have x's dtype {x.dtype}")
     if bias is not None and tuple(bias.shape) != (weight.shape[0],):
         raise ValueError(f"bias must be None or of shape ({weight.shape[0]},), got {tuple(bias.shape)}")
+
+
+def argument(name: str, check, *extra):
+    """A declared check of the public argument `name` (aefast/ops/_declare.py):
+    `check(value, name, *extra)`; what it returns, if not None, replaces the value."""
+
+    def run(args: dict) -> None:
+        value = check(args[name], name, *extra)
+        if value is not None:
+            args[name] = value
+
+    run.__name__ = f"check_{name}"
+    return run

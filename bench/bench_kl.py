@@ -1,8 +1,8 @@
 """Sparse-KL family, forward + backward: aefast backends against the plain-PyTorch
 formula (eager and torch.compile) and against the memory floor, alternating.
 
-    python bench/bench_kl_sparsity.py                 # CPU, 4096 x 4096 float32
-    python bench/bench_kl_sparsity.py --device cuda --sizes 4096x4096,16384x16384
+    python bench/bench_kl.py                 # CPU, 4096 x 4096 float32
+    python bench/bench_kl.py --device cuda --sizes 4096x4096,16384x16384
 
 The floor is the bytes an ideal fused op must move, timed as plain copies of the
 same tensors with the same fresh allocations (harness.fresh_clone: huge pages, as the

@@ -5,7 +5,7 @@ import torch
 
 import aefast as ae
 from aefast import reference
-from aefast.ops.kl_sparsity import OPS
+from aefast.ops.kl import OPS
 from conftest import (
     DEVICES,
     assert_close,

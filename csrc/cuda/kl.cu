@@ -6,7 +6,7 @@
 
 #include "aefast/kl_math.h"
 #include "common.cuh"
-#include "kl_sparsity.h"
+#include "kl.h"
 
 namespace aefast {
 namespace cuda {

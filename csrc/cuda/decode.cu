@@ -8,7 +8,7 @@
 #include <limits>
 
 #include "common.cuh"
-#include "sparse_decode.h"
+#include "decode.h"
 
 namespace aefast {
 namespace cuda {

@@ -2,13 +2,13 @@
 
     pytest bench/ --benchmark-group-by=param:op
 
-The ratios the issue sets as targets come from bench_kl_sparsity.py, which times
+The ratios the issue sets as targets come from bench_kl.py, which times
 all contenders alternating in one run; these cases give pytest-benchmark's
 statistics per contender."""
 
 import pytest
 import torch
-from bench_kl_sparsity import contenders
+from bench_kl import contenders
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 ROWS = COLS = 4096

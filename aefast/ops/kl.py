@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from aefast import backends, reference
-from aefast.ops._checks import check_matrix, check_nonnegative, check_open_unit
+from aefast.ops.checks import check_matrix, check_nonnegative, check_open_unit
 from aefast.ops._distributed import global_column_mean
 from aefast.reference import stat_dtype
 
@@ -21,7 +21,7 @@ from aefast.reference import stat_dtype
 
 
 def _triton():
-    from aefast.triton_kernels import kl_sparsity as kernels
+    from aefast.triton_kernels import kl as kernels
 
     return kernels
 

@@ -1,0 +1,207 @@
+"""The decode family (sparse_decode, topk_encode, and the top-k sparse autoencoders
+built on them) against aefast/reference.py, on every backend with kernels."""
+
+import pytest
+import torch
+
+import aefast as ae
+from aefast import reference
+from aefast.ops.decode import DECODE_OPS, ENCODE_OPS
+from aefast.ops.topk import TOPK_OPS
+from conftest import (
+    DEVICES,
+    assert_close,
+    assert_compiled_matches_eager,
+    decode_backends,
+    interpreted,
+    leaf,
+    topk_backends,
+)
+
+DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
+
+
+@pytest.mark.parametrize(("device", "backend"), decode_backends())
+def test_sparse_decode_matches_reference(device, backend, poisoned):
+    for dtype in DTYPES:
+        B, K, L, D = 37, 5, 50, 19
+        values = leaf(torch.rand(B, K, dtype=torch.float64).to(device, dtype))
+        indices = torch.randint(0, L, (B, K), device=device)
+        weight = leaf(torch.randn(L, D, dtype=torch.float64).to(device, dtype))
+        bias = leaf(torch.randn(D, dtype=torch.float64).to(device, dtype))
+        with ae.backend(backend):
+            out = ae.sparse_decode(values, indices, weight, bias)
+        g = torch.randn(B, D, dtype=dtype, device=device)
+        grads = torch.autograd.grad(out, (values, weight, bias), g)
+        ref64 = [leaf(t.double()) for t in (values, weight, bias)]
+        want = reference.sparse_decode(ref64[0], indices, ref64[1], ref64[2])
+        want_grads = torch.autograd.grad(want, ref64, g.double())
+        assert_close(out, want, dtype, scale=10)
+        for got_g, want_g in zip(grads, want_grads):
+            assert_close(got_g, want_g, dtype, scale=10)
+
+
+@pytest.mark.parametrize(("device", "backend"), decode_backends())
+def test_sparse_decode_weight_gradient_is_deterministic(device, backend):
+    B, K, L, D = 64, 4, 4, 33  # few latents: each collects 64 (row, slot) pairs on average
+    values = torch.rand(B, K, device=device)
+    indices = torch.randint(0, L, (B, K), device=device)
+    weight = leaf(torch.randn(L, D, device=device))
+    g = torch.randn(B, D, device=device)
+    with ae.backend(backend):
+        runs = [torch.autograd.grad(ae.sparse_decode(values, indices, weight), weight, g)[0] for _ in range(4)]
+    for r in runs[1:]:
+        assert torch.equal(r, runs[0])
+
+
+@pytest.mark.parametrize(("device", "backend"), decode_backends())
+def test_sparse_decode_gradcheck_float64(device, backend):
+    values = leaf(torch.rand(4, 3, dtype=torch.float64, device=device))
+    indices = torch.randint(0, 6, (4, 3), device=device)
+    weight = leaf(torch.randn(6, 5, dtype=torch.float64, device=device))
+    bias = leaf(torch.randn(5, dtype=torch.float64, device=device))
+    with ae.backend(backend):
+        assert torch.autograd.gradcheck(
+            lambda v, w, b: ae.sparse_decode(v, indices, w, b), (values, weight, bias)
+        )
+
+
+@pytest.mark.parametrize(("device", "backend"), topk_backends())
+def test_opcheck(device, backend):
+    x = torch.randn(6, 20, device=device, requires_grad=True)
+    torch.library.opcheck(TOPK_OPS[backend], (x, 3, True))
+    torch.library.opcheck(TOPK_OPS[backend], (x, 20, False))
+
+
+@pytest.mark.parametrize(("device", "backend"), decode_backends())
+def test_sparse_decode_opcheck(device, backend):
+    forward, backward = DECODE_OPS[backend]
+    values = torch.rand(6, 3, device=device, requires_grad=True)
+    indices = torch.randint(0, 9, (6, 3), device=device)
+    weight = torch.randn(9, 4, device=device, requires_grad=True)
+    torch.library.opcheck(forward, (values, indices, weight, None))
+    torch.library.opcheck(forward, (values, indices, weight, torch.randn(4, device=device)))
+    torch.library.opcheck(backward, (torch.randn(6, 4, device=device), values.detach(), indices, weight.detach()))
+
+
+class TinyTopKSAE(torch.nn.Module):
+    def __init__(self, d=12, latents=40, k=4):
+        super().__init__()
+        self.enc = torch.nn.Linear(d, latents)
+        self.dec = torch.nn.Parameter(torch.randn(latents, d) * 0.1)
+        self.bias = torch.nn.Parameter(torch.zeros(d))
+        self.k = k
+
+    def forward(self, x):
+        values, indices = ae.topk_sparse(self.enc(x), self.k)
+        return (ae.sparse_decode(values, indices, self.dec, self.bias) - x).pow(2).mean()
+
+
+class DenseWTA(torch.nn.Module):
+    """Every op with a dense output (through scatter_rows on CPU), one loss."""
+
+    def __init__(self, d=12, hidden=40):
+        super().__init__()
+        self.enc = torch.nn.Linear(d, hidden)
+
+    def forward(self, x):
+        h = self.enc(x)
+        maps = h.view(x.shape[0], 4, 2, 5)
+        dense = (ae.topk_mask(h, 4), ae.batch_topk(h, 3), ae.lifetime_topk(h, 0.3),
+                 ae.spatial_wta(maps, lifetime_rate=0.5).view_as(h))
+        return sum((d * h).sum() for d in dense)
+
+
+# ---------------------------------------------------------------- top-k encoder
+
+
+def integer_valued(shape, device, dtype, low=-3, high=4):
+    """Small integers: every matmul order gives the same exact pre-activations (and many ties)."""
+    return torch.randint(low, high, shape).to(device, dtype)
+
+
+@pytest.mark.parametrize(("device", "backend"), topk_backends())
+def test_topk_encode_matches_reference(device, backend, poisoned):
+    cases = [((37, 20, 300, 16), True), ((1, 1, 1, 1), False), ((130, 9, 5000, 64), True)]
+    if interpreted(device, backend):
+        cases = [((7, 20, 300, 6), True), ((1, 1, 1, 1), False)]
+    for dtype in DTYPES:
+        for (B, D, L, k), with_bias in cases:
+            x = leaf(integer_valued((B, D), device, dtype))
+            w = leaf(integer_valued((L, D), device, dtype, -2, 3))
+            b = leaf(integer_valued((L,), device, dtype, -2, 3)) if with_bias else None
+            with ae.backend(backend):
+                values, indices = ae.topk_encode(x, w, b, k)
+            want_values, want_indices = reference.topk_encode(x, w, b, k)
+            assert torch.equal(indices, want_indices) and torch.equal(values, want_values)
+            g = integer_valued((B, k), device, dtype)
+            inputs = [t for t in (x, w, b) if t is not None]
+            grads = torch.autograd.grad(values, inputs, g)
+            want_grads = torch.autograd.grad(want_values, inputs, g)
+            for got, want in zip(grads, want_grads):
+                assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize(("device", "backend"), topk_backends())
+def test_topk_encode_gradcheck_opcheck_and_saved_tensors(device, backend):
+    x = torch.randn(5, 6, dtype=torch.float64, device=device, requires_grad=True)
+    w = torch.randn(40, 6, dtype=torch.float64, device=device, requires_grad=True)
+    b = torch.randn(40, dtype=torch.float64, device=device, requires_grad=True)
+    with ae.backend(backend):
+        assert torch.autograd.gradcheck(lambda *t: ae.topk_encode(*t, 7)[0], (x, w, b),
+                                        fast_mode=interpreted(device, backend))
+    torch.library.opcheck(ENCODE_OPS[backend], (x.float(), w.float(), b.float(), 7))
+    torch.library.opcheck(ENCODE_OPS[backend], (x.float(), w.float(), None, 7))
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        with ae.backend(backend):
+            ae.topk_encode(x, w, b, 7)
+        assert saved and not [t for t in saved if t.shape == (5, 40)]
+        reference.topk_encode(x, w, b, 7)
+        assert [t for t in saved if t.shape == (5, 40)], "the reference saves the pre-activation: the check can fail"
+
+
+class TinyFusedTopKSAE(TinyTopKSAE):
+    def forward(self, x):
+        values, indices = ae.topk_encode(x, self.enc.weight, self.enc.bias, self.k)
+        return (ae.sparse_decode(values, indices, self.dec, self.bias) - x).pow(2).mean()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("model_class", "parameter"),
+                         [(TinyTopKSAE, "dec"), (TinyFusedTopKSAE, "enc.weight"), (DenseWTA, "enc.weight")],
+                         ids=["topk_sparse+sparse_decode", "topk_encode", "dense_outputs"])
+@pytest.mark.parametrize(("device", "backend"), topk_backends())
+def test_torch_compile_fullgraph(device, backend, model_class, parameter):
+    torch.manual_seed(0)
+    model = model_class().to(device)
+    assert_compiled_matches_eager(model, torch.randn(10, 12, device=device), model.get_parameter(parameter), backend)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+class TestBadInput:
+    def test_topk_encode_arguments(self, device):
+        x, w = torch.randn(4, 6, device=device), torch.randn(10, 6, device=device)
+        with pytest.raises(ValueError, match=r"k must be an integer in \[1, 10\]"):
+            ae.topk_encode(x, w, None, 11)
+        with pytest.raises(ValueError, match="weight must be 2-D of shape"):
+            ae.topk_encode(x, w.t(), None, 2)
+        with pytest.raises(ValueError, match="bias must be None or of shape"):
+            ae.topk_encode(x, w, torch.randn(6, device=device), 2)
+
+    def test_sparse_decode_arguments(self, device):
+        values = torch.rand(4, 2, device=device)
+        indices = torch.randint(0, 5, (4, 2), device=device)
+        weight = torch.randn(5, 3, device=device)
+        with pytest.raises(ValueError, match="indices must be an int64 tensor"):
+            ae.sparse_decode(values, indices.int(), weight)
+        with pytest.raises(ValueError, match="weight must be 2-D"):
+            ae.sparse_decode(values, indices, weight.double())
+        with pytest.raises(ValueError, match="bias must be None or of shape"):
+            ae.sparse_decode(values, indices, weight, torch.zeros(4, device=device))
+        if device == "cpu":
+            for backend in ["reference"] + [b for b in ae.available_backends(device) if b in DECODE_OPS]:
+                with ae.backend(backend), pytest.raises(IndexError, match=r"indices must be in \[0, 5\)"):
+                    ae.sparse_decode(values, indices - 5, weight)  # negative: the reference once took them
+        else:  # no host check on a GPU: the rows with a bad index come back NaN
+            assert torch.isnan(ae.sparse_decode(values, indices + 5, weight)).all()
