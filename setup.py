@@ -50,7 +50,7 @@ def _extension():
     print(f"aefast: building the C++ CPU kernels and the CUDA kernels (CUDA_HOME={CUDA_HOME})")
     return CUDAExtension(
         "aefast._C",
-        sources + _sources("csrc/cuda/*.cu") + ["csrc/cuda/bindings.cpp"],
+        sources + _sources("csrc/cuda/*.cu") + _sources("csrc/cuda/*_bindings.cpp"),
         include_dirs=include_dirs,
         define_macros=[("AEFAST_WITH_CUDA", "1")],
         extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-lineinfo"]},

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import json
 import os
+import pathlib
 
 import torch
 
@@ -35,15 +37,15 @@ TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
 # kernels are defined, so it is read once, here.
 TRITON_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
-def _load_gpu_ranking() -> dict[str, list[str]]:
-    """{op: backends, fastest first} from the newest GPU run of `aefast bench`
-    (aefast/bench/gpu_ranking.json, written by aefast.bench.ranking); empty if none."""
-    import json
-    import pathlib
+# {op: backends, fastest first} from the newest GPU run of `aefast bench`, written by
+# aefast.bench.ranking; shipped with the package.
+RANKING_FILE = pathlib.Path(__file__).resolve().parent / "gpu_ranking.json"
 
-    path = pathlib.Path(__file__).resolve().parent / "bench" / "gpu_ranking.json"
+
+def _load_gpu_ranking() -> dict[str, list[str]]:
+    """The stored ranking (RANKING_FILE); empty if none."""
     try:
-        return json.loads(path.read_text())["ranking"]
+        return json.loads(RANKING_FILE.read_text())["ranking"]
     except (OSError, ValueError, KeyError):
         return {}
 

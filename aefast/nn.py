@@ -6,8 +6,8 @@ import torch
 from torch import Tensor, nn
 
 from aefast import reference
-from aefast.ops.checks import check_matrix, check_nonnegative, check_open_unit
 from aefast.ops._distributed import global_column_mean
+from aefast.ops.checks import check_matrix, check_nonnegative, check_open_unit
 from aefast.ops.kl import contractive_penalty, kl_sparsity
 from aefast.ops.noise import check_kind_level, corrupt, noisy_linear
 

@@ -1,5 +1,5 @@
 // Argument checks of the noise-injection operators, shared by their CPU
-// (csrc/cpu/noise.cpp) and CUDA (csrc/cuda/bindings.cpp) registrations.
+// (csrc/cpu/noise.cpp) and CUDA (csrc/cuda/noise_bindings.cpp) registrations.
 #pragma once
 
 #include <ATen/ATen.h>

@@ -11,8 +11,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import aefast
-from aefast.ops.decode import DECODE_OPS
-from aefast.ops.topk import KERNELS as TOPK_KERNELS
+from aefast.ops._declare import OPERATORS
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
@@ -35,28 +34,21 @@ def device_backends():
     ]
 
 
-def backends_with(kernels):
-    """(device, backend) pairs that can run here and have a kernel in `kernels`."""
+def op_backends(op, interpreted_too=True):
+    """(device, backend) pairs that can run here and have a kernel for every kernel
+    the public op `op` uses, read from its declaration (aefast/ops/<family>.py). With
+    interpreted_too=False, not Triton's interpreter: for sizes it would take minutes
+    over (the same cases run compiled on a GPU)."""
     return [
         pytest.param(d, b, id=f"{d}-{b}")
         for d in DEVICES
         for b in aefast.available_backends(d)
-        if b in kernels
+        if b in OPERATORS[op].kernel_backends and (interpreted_too or not interpreted(d, b))
     ]
-
-
-def topk_backends(interpreted_too=True):
-    """With interpreted_too=False, not Triton's interpreter: for sizes it would take
-    minutes over (the same cases run compiled on a GPU)."""
-    return [p for p in backends_with(TOPK_KERNELS) if interpreted_too or not interpreted(*p.values)]
 
 
 def interpreted(device, backend):
     return backend == "triton" and device == "cpu"
-
-
-def decode_backends():
-    return backends_with(DECODE_OPS)
 
 
 def dtypes_for(device, backend):

@@ -41,10 +41,10 @@ BIG_SEED = 0x7EDC_BA98_7654_3210
 
 P, I64, F64, F32, INT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_double, ctypes.c_float, ctypes.c_int
 LAUNCHERS = {  # tests/cuda_emu/api.cpp
-    "kl_sparsity_forward": [P, INT, I64, I64, F64, F64, I64, P, P, P],
-    "kl_sparsity_backward": [P, P, P, INT, I64, I64, F64, F64],
-    "sigmoid_kl_sparsity_forward": [P, P, INT, I64, I64, F64, F64, I64, P, P, P],
-    "sigmoid_kl_sparsity_backward": [P, P, P, P, P, INT, I64, I64, F64, F64],
+    "kl_sparsity_forward": [P, INT, I64, I64, F64, F64, F64, I64, P, P, P],
+    "kl_sparsity_backward": [P, P, P, INT, I64, I64, F64, F64, F64],
+    "sigmoid_kl_sparsity_forward": [P, P, INT, I64, I64, F64, F64, F64, I64, P, P, P],
+    "sigmoid_kl_sparsity_backward": [P, P, P, P, P, INT, I64, I64, F64, F64, F64],
     "contractive_penalty_forward": [P, P, INT, I64, I64, I64, I64, P, P, P, P],
     "contractive_penalty_backward": [P, P, P, P, P, P, P, INT, I64, I64, I64],
     "corrupt": [P, P, INT, I64, INT, F32, F64, F64, F64, P],
@@ -187,6 +187,7 @@ def test_emulated_half_conversions_round_to_nearest_even(emu):
 # ------------------------------------------------------------------ sparse-KL family
 
 RHO, BETA = 0.07, 2.5
+EPS = reference.RHO_HAT_EPS
 KL_SHAPES = [(1, 1), (1, 7), (5, 1), (37, 45), (300, 33), (130, 70), (3, 333)]
 CONTRACTIVE_D = {(1, 1): 1, (5, 1): 300}  # the weight's width; 19 otherwise
 
@@ -211,9 +212,9 @@ def check_kl_sparsity(emu, shape, dtype, splits, policies=POLICIES):
 
     def run():
         partial, rho_hat, penalty = poisoned((splits, H), stat), poisoned((H,), stat), poisoned((), dtype)
-        emu("kl_sparsity_forward", a, dtype, B, H, RHO, BETA, splits, partial, rho_hat, penalty)
+        emu("kl_sparsity_forward", a, dtype, B, H, RHO, BETA, EPS, splits, partial, rho_hat, penalty)
         grad = poisoned((B, H), dtype)
-        emu("kl_sparsity_backward", g, rho_hat, grad, dtype, B, H, RHO, BETA)
+        emu("kl_sparsity_backward", g, rho_hat, grad, dtype, B, H, RHO, BETA, EPS)
         return penalty, rho_hat, grad
 
     def check(penalty, rho_hat, grad):
@@ -248,9 +249,9 @@ def test_sigmoid_kl_sparsity(emu, shape, dtype):
         def run():
             h, partial, rho_hat, penalty = (poisoned((B, H), dtype), poisoned((splits, H), stat),
                                             poisoned((H,), stat), poisoned((), dtype))
-            emu("sigmoid_kl_sparsity_forward", z, h, dtype, B, H, RHO, BETA, splits, partial, rho_hat, penalty)
+            emu("sigmoid_kl_sparsity_forward", z, h, dtype, B, H, RHO, BETA, EPS, splits, partial, rho_hat, penalty)
             grad = poisoned((B, H), dtype)
-            emu("sigmoid_kl_sparsity_backward", gh, gp, h, rho_hat, grad, dtype, B, H, RHO, BETA)
+            emu("sigmoid_kl_sparsity_backward", gh, gp, h, rho_hat, grad, dtype, B, H, RHO, BETA, EPS)
             return h, penalty, rho_hat, grad
 
         def check(h, penalty, rho_hat, grad):
@@ -387,7 +388,7 @@ def test_noise_past_one_block_per_256_and_past_the_grid_limit(emu):
 # ------------------------------------------------------------------ sparse decoder
 
 def latent_runs(indices, L):
-    """As csrc/cuda/bindings.cpp: the (row, slot) pairs sorted by latent, stably, and where
+    """As csrc/cuda/decode_bindings.cpp: the (row, slot) pairs sorted by latent, stably, and where
     each latent's run starts (a search of the sorted indices: pairs out of range fall in none)."""
     latents, order = torch.sort(indices.flatten(), stable=True)
     return order, torch.searchsorted(latents, torch.arange(L + 1))
@@ -475,7 +476,7 @@ def topk_rows(shape, dtype, values):
 
 
 def emulated_topk(emu, x, k, chunks, packed):
-    """topk_select, then the keys sorted and decoded as csrc/cuda/bindings.cpp does:
+    """topk_select, then the keys sorted and decoded as csrc/cuda/topk_bindings.cpp does:
     (nan flag, values, indices)."""
     B, H = x.shape
     workspace = torch.full((emu.query("topk_workspace_bytes", B, chunks),), 0xAB, dtype=torch.uint8)
@@ -641,10 +642,10 @@ def test_launch_plans_at_users_sizes_stay_within_cuda_limits(planning):
     cases = []
     for B, H in ((65536, 65536), (4096, 1 << 20)):
         splits = emu.query("column_splits", B, H, H200_SMS)
-        cases += [("kl_sparsity_forward", None, f32, B, H, rho, beta, splits, None, None, None),
-                  ("kl_sparsity_backward", None, None, None, f32, B, H, rho, beta),
-                  ("sigmoid_kl_sparsity_forward", None, None, f32, B, H, rho, beta, splits, None, None, None),
-                  ("sigmoid_kl_sparsity_backward", None, None, None, None, None, f32, B, H, rho, beta)]
+        cases += [("kl_sparsity_forward", None, f32, B, H, rho, beta, EPS, splits, None, None, None),
+                  ("kl_sparsity_backward", None, None, None, f32, B, H, rho, beta, EPS),
+                  ("sigmoid_kl_sparsity_forward", None, None, f32, B, H, rho, beta, EPS, splits, None, None, None),
+                  ("sigmoid_kl_sparsity_backward", None, None, None, None, None, f32, B, H, rho, beta, EPS)]
     B, H, D = 4096, 1 << 20, 8192  # a 1M x 8192 weight
     splits = emu.query("column_splits", B, H, H200_SMS)
     cases += [("contractive_penalty_forward", None, None, f32, B, H, D, splits, None, None, None, None),
@@ -672,5 +673,5 @@ def test_launch_plans_at_users_sizes_stay_within_cuda_limits(planning):
 
 def test_a_grid_past_cuda_limits_fails_its_launch_instead_of_truncating(planning):
     # 2^37 columns: 2^32 column blocks of 32, which a cast to unsigned would make 0.
-    status = planning.lib.emu_kl_sparsity_forward(None, 0, 1, 1 << 37, 0.05, 1.0, 1, None, None, None)
+    status = planning.lib.emu_kl_sparsity_forward(None, 0, 1, 1 << 37, 0.05, 1.0, EPS, 1, None, None, None)
     assert status == 9, f"expected cudaErrorInvalidConfiguration (9), got {status}"

@@ -65,18 +65,26 @@ def _cuda_runtime_include():
 CXX = shutil.which("c++") or shutil.which("g++")
 
 
+BINDINGS = sorted((ROOT / "csrc" / "cuda").glob("*_bindings.cpp"))
+
+
+def test_every_family_has_its_cuda_bindings():
+    assert [b.name for b in BINDINGS] == [f"{f}_bindings.cpp" for f in ("decode", "kl", "noise", "topk")]
+
+
 @pytest.mark.skipif(CXX is None or _cuda_runtime_include() is None, reason="no C++ compiler or CUDA headers")
-def test_cuda_bindings_compile_against_torch_headers():
-    """csrc/cuda/bindings.cpp is compiled only in CUDA builds of torch: check its
-    syntax and types here against torch's headers, with stand-ins for the two CUDA
-    headers a CPU build of torch lacks (tests/cuda_stubs)."""
+@pytest.mark.parametrize("bindings", BINDINGS, ids=lambda p: p.name)
+def test_cuda_bindings_compile_against_torch_headers(bindings):
+    """csrc/cuda/<family>_bindings.cpp are compiled only in CUDA builds of torch: check
+    their syntax and types here against torch's headers, with stand-ins for the two
+    CUDA headers a CPU build of torch lacks (tests/cuda_stubs)."""
     from torch.utils.cpp_extension import include_paths
 
     cmd = [
         CXX, "-std=c++20", "-fsyntax-only",  # torch 2.13 headers need C++20
         f"-I{ROOT / 'tests' / 'cuda_stubs'}", *[f"-I{p}" for p in include_paths()],
         f"-I{_cuda_runtime_include()}", f"-I{ROOT / 'csrc' / 'include'}",
-        str(ROOT / "csrc" / "cuda" / "bindings.cpp"),
+        str(bindings),
     ]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-4000:]

@@ -6,22 +6,20 @@ import torch
 
 import aefast as ae
 from aefast import reference
-from aefast.ops.decode import DECODE_OPS, ENCODE_OPS
-from aefast.ops.topk import TOPK_OPS
+from aefast.ops._declare import OPERATORS, kernels
 from conftest import (
     DEVICES,
     assert_close,
     assert_compiled_matches_eager,
-    decode_backends,
     interpreted,
     leaf,
-    topk_backends,
+    op_backends,
 )
 
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 
 
-@pytest.mark.parametrize(("device", "backend"), decode_backends())
+@pytest.mark.parametrize(("device", "backend"), op_backends("sparse_decode"))
 def test_sparse_decode_matches_reference(device, backend, poisoned):
     for dtype in DTYPES:
         B, K, L, D = 37, 5, 50, 19
@@ -41,7 +39,7 @@ def test_sparse_decode_matches_reference(device, backend, poisoned):
             assert_close(got_g, want_g, dtype, scale=10)
 
 
-@pytest.mark.parametrize(("device", "backend"), decode_backends())
+@pytest.mark.parametrize(("device", "backend"), op_backends("sparse_decode"))
 def test_sparse_decode_weight_gradient_is_deterministic(device, backend):
     B, K, L, D = 64, 4, 4, 33  # few latents: each collects 64 (row, slot) pairs on average
     values = torch.rand(B, K, device=device)
@@ -54,7 +52,7 @@ def test_sparse_decode_weight_gradient_is_deterministic(device, backend):
         assert torch.equal(r, runs[0])
 
 
-@pytest.mark.parametrize(("device", "backend"), decode_backends())
+@pytest.mark.parametrize(("device", "backend"), op_backends("sparse_decode"))
 def test_sparse_decode_gradcheck_float64(device, backend):
     values = leaf(torch.rand(4, 3, dtype=torch.float64, device=device))
     indices = torch.randint(0, 6, (4, 3), device=device)
@@ -66,16 +64,9 @@ def test_sparse_decode_gradcheck_float64(device, backend):
         )
 
 
-@pytest.mark.parametrize(("device", "backend"), topk_backends())
-def test_opcheck(device, backend):
-    x = torch.randn(6, 20, device=device, requires_grad=True)
-    torch.library.opcheck(TOPK_OPS[backend], (x, 3, True))
-    torch.library.opcheck(TOPK_OPS[backend], (x, 20, False))
-
-
-@pytest.mark.parametrize(("device", "backend"), decode_backends())
+@pytest.mark.parametrize(("device", "backend"), op_backends("sparse_decode"))
 def test_sparse_decode_opcheck(device, backend):
-    forward, backward = DECODE_OPS[backend]
+    forward, backward = kernels(backend).sparse_decode_forward, kernels(backend).sparse_decode_backward
     values = torch.rand(6, 3, device=device, requires_grad=True)
     indices = torch.randint(0, 9, (6, 3), device=device)
     weight = torch.randn(9, 4, device=device, requires_grad=True)
@@ -120,7 +111,7 @@ def integer_valued(shape, device, dtype, low=-3, high=4):
     return torch.randint(low, high, shape).to(device, dtype)
 
 
-@pytest.mark.parametrize(("device", "backend"), topk_backends())
+@pytest.mark.parametrize(("device", "backend"), op_backends("topk_encode"))
 def test_topk_encode_matches_reference(device, backend, poisoned):
     cases = [((37, 20, 300, 16), True), ((1, 1, 1, 1), False), ((130, 9, 5000, 64), True)]
     if interpreted(device, backend):
@@ -142,7 +133,7 @@ def test_topk_encode_matches_reference(device, backend, poisoned):
                 assert torch.equal(got, want)
 
 
-@pytest.mark.parametrize(("device", "backend"), topk_backends())
+@pytest.mark.parametrize(("device", "backend"), op_backends("topk_encode"))
 def test_topk_encode_gradcheck_opcheck_and_saved_tensors(device, backend):
     x = torch.randn(5, 6, dtype=torch.float64, device=device, requires_grad=True)
     w = torch.randn(40, 6, dtype=torch.float64, device=device, requires_grad=True)
@@ -150,8 +141,8 @@ def test_topk_encode_gradcheck_opcheck_and_saved_tensors(device, backend):
     with ae.backend(backend):
         assert torch.autograd.gradcheck(lambda *t: ae.topk_encode(*t, 7)[0], (x, w, b),
                                         fast_mode=interpreted(device, backend))
-    torch.library.opcheck(ENCODE_OPS[backend], (x.float(), w.float(), b.float(), 7))
-    torch.library.opcheck(ENCODE_OPS[backend], (x.float(), w.float(), None, 7))
+    torch.library.opcheck(kernels(backend).topk_encode, (x.float(), w.float(), b.float(), 7))
+    torch.library.opcheck(kernels(backend).topk_encode, (x.float(), w.float(), None, 7))
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
         with ae.backend(backend):
@@ -171,7 +162,7 @@ class TinyFusedTopKSAE(TinyTopKSAE):
 @pytest.mark.parametrize(("model_class", "parameter"),
                          [(TinyTopKSAE, "dec"), (TinyFusedTopKSAE, "enc.weight"), (DenseWTA, "enc.weight")],
                          ids=["topk_sparse+sparse_decode", "topk_encode", "dense_outputs"])
-@pytest.mark.parametrize(("device", "backend"), topk_backends())
+@pytest.mark.parametrize(("device", "backend"), op_backends("topk_encode"))
 def test_torch_compile_fullgraph(device, backend, model_class, parameter):
     torch.manual_seed(0)
     model = model_class().to(device)
@@ -200,7 +191,7 @@ class TestBadInput:
         with pytest.raises(ValueError, match="bias must be None or of shape"):
             ae.sparse_decode(values, indices, weight, torch.zeros(4, device=device))
         if device == "cpu":
-            for backend in ["reference"] + [b for b in ae.available_backends(device) if b in DECODE_OPS]:
+            for backend in ["reference"] + [b for b in ae.available_backends(device) if b in OPERATORS["sparse_decode"].kernel_backends]:
                 with ae.backend(backend), pytest.raises(IndexError, match=r"indices must be in \[0, 5\)"):
                     ae.sparse_decode(values, indices - 5, weight)  # negative: the reference once took them
         else:  # no host check on a GPU: the rows with a bad index come back NaN

@@ -5,18 +5,19 @@ import torch
 
 import aefast as ae
 from aefast import reference
-from aefast.ops.kl import OPS
+from aefast.ops._declare import kernels
 from conftest import (
     DEVICES,
     assert_close,
     assert_compiled_matches_eager,
-    device_backends,
     dtypes_for,
     leaf,
+    op_backends,
 )
 
 SHAPES = [(1, 1), (1, 7), (3, 1000), (4097, 33), (65, 129)]
 RHO, BETA = 0.07, 2.5
+EPS = reference.RHO_HAT_EPS
 
 
 def activations(shape, dtype, device, *, dead_unit=True):
@@ -37,7 +38,7 @@ def ref_grads(fn, inputs, grad_outputs):
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
-@pytest.mark.parametrize(("device", "backend"), device_backends())
+@pytest.mark.parametrize(("device", "backend"), op_backends("kl_sparsity"))
 def test_kl_sparsity_matches_reference(device, backend, shape, poisoned):
     for dtype in dtypes_for(device, backend):
         a = leaf(activations(shape, dtype, device))
@@ -57,7 +58,7 @@ def test_kl_sparsity_matches_reference(device, backend, shape, poisoned):
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
-@pytest.mark.parametrize(("device", "backend"), device_backends())
+@pytest.mark.parametrize(("device", "backend"), op_backends("sigmoid_kl_sparsity"))
 def test_sigmoid_kl_sparsity_matches_reference(device, backend, shape, poisoned):
     for dtype in dtypes_for(device, backend):
         z = leaf((torch.randn(shape, dtype=torch.float64) * 3 - 2).to(device, dtype))
@@ -76,7 +77,7 @@ def test_sigmoid_kl_sparsity_matches_reference(device, backend, shape, poisoned)
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
-@pytest.mark.parametrize(("device", "backend"), device_backends())
+@pytest.mark.parametrize(("device", "backend"), op_backends("contractive_penalty"))
 def test_contractive_penalty_matches_reference(device, backend, shape, poisoned):
     for dtype in dtypes_for(device, backend):
         h = leaf(activations(shape, dtype, device, dead_unit=False))
@@ -92,7 +93,7 @@ def test_contractive_penalty_matches_reference(device, backend, shape, poisoned)
         assert_close(grad_w, egw, dtype, scale=shape[0])
 
 
-@pytest.mark.parametrize(("device", "backend"), device_backends())
+@pytest.mark.parametrize(("device", "backend"), op_backends("kl_sparsity"))
 def test_non_contiguous_inputs(device, backend):
     base = activations((40, 90), torch.float32, device, dead_unit=False)
     views = {"transposed": base.t(), "strided": base[::3, ::2], "offset": base[5:, 7:]}
@@ -109,7 +110,7 @@ def test_non_contiguous_inputs(device, backend):
             torch.testing.assert_close(g_, w_, rtol=1e-5, atol=1e-5, msg=name)
 
 
-@pytest.mark.parametrize(("device", "backend"), device_backends())
+@pytest.mark.parametrize(("device", "backend"), op_backends("kl_sparsity"))
 def test_gradcheck_float64(device, backend):
     if device == "cuda" and backend == "triton":
         pytest.skip("float64 gradcheck runs on CPU (and with the CUDA C++ kernels)")
@@ -130,23 +131,23 @@ def _op_samples(device, dtype=torch.float32):
     rho_hat = torch.rand(6, dtype=torch.float32, device=device)
     g = torch.randn((), dtype=dtype, device=device)
     return {
-        "kl_forward": (a, RHO, BETA),
-        "kl_backward": (g, rho_hat, 9, RHO, BETA, dtype),
-        "sigmoid_kl_forward": (z, RHO, BETA),
-        "sigmoid_kl_backward": (torch.randn(9, 6, device=device), g, a.detach(), rho_hat, RHO, BETA),
-        "contractive_forward": (a, w),
-        "contractive_backward": (g, a.detach(), w.detach(), rho_hat, rho_hat + 1),
+        "kl_sparsity_forward": (a, RHO, BETA, EPS),
+        "kl_sparsity_backward": (g, rho_hat, 9, RHO, BETA, EPS, dtype),
+        "sigmoid_kl_sparsity_forward": (z, RHO, BETA, EPS),
+        "sigmoid_kl_sparsity_backward": (torch.randn(9, 6, device=device), g, a.detach(), rho_hat, RHO, BETA, EPS),
+        "contractive_penalty_forward": (a, w),
+        "contractive_penalty_backward": (g, a.detach(), w.detach(), rho_hat, rho_hat + 1),
     }
 
 
 @pytest.mark.parametrize(
     "op_name",
-    ["kl_forward", "kl_backward", "sigmoid_kl_forward", "sigmoid_kl_backward",
-     "contractive_forward", "contractive_backward"],
+    ["kl_sparsity_forward", "kl_sparsity_backward", "sigmoid_kl_sparsity_forward", "sigmoid_kl_sparsity_backward",
+     "contractive_penalty_forward", "contractive_penalty_backward"],
 )
-@pytest.mark.parametrize(("device", "backend"), device_backends())
+@pytest.mark.parametrize(("device", "backend"), op_backends("kl_sparsity"))
 def test_opcheck(device, backend, op_name):
-    op = getattr(OPS[backend], op_name)
+    op = getattr(kernels(backend), op_name)
     torch.library.opcheck(op, _op_samples(device)[op_name])
 
 
@@ -162,7 +163,7 @@ class TinySparseAE(torch.nn.Module):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("device", "backend"), device_backends())
+@pytest.mark.parametrize(("device", "backend"), op_backends("kl_sparsity"))
 def test_torch_compile_fullgraph(device, backend):
     torch.manual_seed(0)
     model = TinySparseAE().to(device)
@@ -219,7 +220,7 @@ class TestBadInput:
             ae.contractive_penalty(h, torch.rand(3, 2, device=device, dtype=torch.float64))
 
 
-@pytest.mark.parametrize("device,backend", [p for p in device_backends() if p.values[0] == "cpu"])
+@pytest.mark.parametrize("device,backend", [p for p in op_backends("kl_sparsity") if p.values[0] == "cpu"])
 def test_offsets_past_2_to_the_31(device, backend):
     """A weight view whose elements lie 2^30 elements apart in a 4 GiB storage (never
     touched but for 15 elements): column offsets cols * stride pass 2^31 and must be
@@ -231,3 +232,27 @@ def test_offsets_past_2_to_the_31(device, backend):
     with ae.backend(backend):
         penalty = ae.contractive_penalty(h, weight)
     assert_close(penalty, reference.contractive_penalty(h.double(), weight.double()), torch.float16)
+
+
+@pytest.mark.parametrize(("device", "backend"), op_backends("kl_sparsity"))
+def test_the_clamp_is_the_eps_passed_in(device, backend):
+    """The kernels clamp rho_hat to [eps, 1 - eps] with the eps they are given (the ops
+    pass aefast.reference.RHO_HAT_EPS: one definition), not a constant of their own."""
+    eps = 0.2
+    a = activations((8, 6), torch.float64 if device == "cpu" else torch.float32, device)  # unit 0 dead
+    rho_hat = a.double().mean(0)
+    r = rho_hat.clamp(eps, 1 - eps)
+    want = BETA * (RHO * torch.log(RHO / r) + (1 - RHO) * torch.log((1 - RHO) / (1 - r))).sum()
+    ops = kernels(backend)
+    penalty, _ = ops.kl_sparsity_forward(a, RHO, BETA, eps)
+    _, penalty_of_h, _ = ops.sigmoid_kl_sparsity_forward(torch.logit(a.clamp(1e-3, 1 - 1e-3)), RHO, BETA, eps)
+    assert_close(penalty, want, a.dtype, scale=10)
+    assert penalty_of_h.item() == pytest.approx(want.item(), rel=1e-2)
+    clamped = (rho_hat < eps) | (rho_hat > 1 - eps)
+    grad = ops.kl_sparsity_backward(torch.ones((), dtype=a.dtype, device=device), rho_hat.to(_stat(a)), 8,
+                                    RHO, BETA, eps, a.dtype)
+    assert clamped.any() and torch.all(grad[:, clamped] == 0) and torch.all(grad[:, ~clamped] != 0)
+
+
+def _stat(x):
+    return reference.stat_dtype(x.dtype)

@@ -7,28 +7,20 @@ import torch
 
 import aefast as ae
 from aefast import reference
-from aefast.ops.noise import KINDS, OPS
+from aefast.ops._declare import kernels
+from aefast.ops.noise import KINDS
 from conftest import (
-    DEVICES,
     TOLERANCES,
     assert_close,
     assert_compiled_matches_eager,
     dtypes_for,
     leaf,
+    op_backends,
 )
 
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 LEVELS = {"gaussian": 0.3, "masking": 0.3, "salt_pepper": 0.25, "dropout": 0.4}
 BIG_SEED = 0x7EDC_BA98_7654_3210  # both key words non-zero
-
-
-def noise_backends():
-    return [
-        pytest.param(d, b, id=f"{d}-{b}")
-        for d in DEVICES
-        for b in ae.available_backends(d)
-        if b in OPS
-    ]
 
 
 def interpreter_rounds_down(device, backend, dtype):
@@ -71,7 +63,7 @@ def test_reference_philox_matches_triton_randint4x_at_large_counters():
     assert torch.equal(out.view(-1, 4), torch.stack(reference.philox(BIG_SEED, index), 1))
 
 
-@pytest.mark.parametrize(("device", "backend"), noise_backends())
+@pytest.mark.parametrize(("device", "backend"), op_backends("corrupt"))
 def test_uniform_and_normal_distributions(device, backend):
     from scipy import stats
 
@@ -97,7 +89,7 @@ SHAPES = [(1,), (1, 1), (37, 129), (3, 5, 7, 11)]
 
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
-@pytest.mark.parametrize(("device", "backend"), noise_backends())
+@pytest.mark.parametrize(("device", "backend"), op_backends("corrupt"))
 def test_corrupt_matches_reference(device, backend, shape, kind, poisoned):
     for dtype in dtypes_for(device, backend):
         x = leaf(torch.rand(shape, dtype=torch.float64).to(device, dtype))
@@ -119,7 +111,7 @@ def test_corrupt_matches_reference(device, backend, shape, kind, poisoned):
             assert torch.equal(out, want) and torch.equal(grad, want_grad)
 
 
-@pytest.mark.parametrize(("device", "backend"), noise_backends())
+@pytest.mark.parametrize(("device", "backend"), op_backends("corrupt"))
 def test_corrupt_takes_any_strides_and_depends_on_logical_index_only(device, backend):
     x = torch.rand(40, 30, device=device)
     with ae.backend(backend):
@@ -129,7 +121,7 @@ def test_corrupt_takes_any_strides_and_depends_on_logical_index_only(device, bac
     assert torch.equal(strided, dense) and not torch.equal(dense, other_seed)
 
 
-@pytest.mark.parametrize(("device", "backend"), noise_backends())
+@pytest.mark.parametrize(("device", "backend"), op_backends("corrupt"))
 def test_seed_none_follows_torch_manual_seed(device, backend):
     x = torch.rand(64, 33, device=device)
     with ae.backend(backend):
@@ -141,7 +133,7 @@ def test_seed_none_follows_torch_manual_seed(device, backend):
     assert torch.equal(first, again) and not torch.equal(first, second)
 
 
-@pytest.mark.parametrize(("device", "backend"), noise_backends())
+@pytest.mark.parametrize(("device", "backend"), op_backends("corrupt"))
 def test_levels_at_the_edges(device, backend):
     x = torch.rand(16, 17, device=device) + 0.5
     with ae.backend(backend):
@@ -156,7 +148,7 @@ def test_levels_at_the_edges(device, backend):
 
 
 @pytest.mark.parametrize("kind", KINDS)
-@pytest.mark.parametrize(("device", "backend"), noise_backends())
+@pytest.mark.parametrize(("device", "backend"), op_backends("noisy_linear"))
 def test_noisy_linear_matches_reference(device, backend, kind, poisoned):
     for dtype in [d for d in dtypes_for(device, backend) if d != torch.float16]:
         for shape, out_features, with_bias in [((37, 70), 11, True), ((1, 1), 1, False), ((2, 3, 33), 65, True)]:
@@ -177,7 +169,7 @@ def test_noisy_linear_matches_reference(device, backend, kind, poisoned):
                 assert_close(got, expected, compared_as, scale=scale)
 
 
-@pytest.mark.parametrize(("device", "backend"), noise_backends())
+@pytest.mark.parametrize(("device", "backend"), op_backends("noisy_linear"))
 def test_noisy_linear_saves_no_corrupted_input(device, backend):
     x = leaf(torch.rand(64, 48, device=device))
     w = leaf(torch.randn(16, 48, device=device))
@@ -203,7 +195,7 @@ def test_noisy_linear_saves_no_corrupted_input(device, backend):
 
 
 @pytest.mark.parametrize("shape", [(1, 1), (33, 17), (4, 1000)], ids=str)
-@pytest.mark.parametrize(("device", "backend"), noise_backends())
+@pytest.mark.parametrize(("device", "backend"), op_backends("reparameterize"))
 def test_reparameterize_matches_reference(device, backend, shape, poisoned):
     for dtype in dtypes_for(device, backend):
         mu = leaf(torch.randn(shape, dtype=torch.float64).to(device, dtype))
@@ -222,7 +214,7 @@ def test_reparameterize_matches_reference(device, backend, shape, poisoned):
 # ------------------------------------------------------- gradcheck, opcheck
 
 
-@pytest.mark.parametrize(("device", "backend"), noise_backends())
+@pytest.mark.parametrize(("device", "backend"), op_backends("corrupt"))
 def test_gradcheck_float64(device, backend):
     x = torch.rand(4, 6, dtype=torch.float64, device=device, requires_grad=True)
     w = torch.randn(3, 6, dtype=torch.float64, device=device, requires_grad=True)
@@ -240,9 +232,9 @@ def test_gradcheck_float64(device, backend):
                                         fast_mode=fast)
 
 
-@pytest.mark.parametrize(("device", "backend"), noise_backends())
+@pytest.mark.parametrize(("device", "backend"), op_backends("corrupt"))
 def test_opcheck(device, backend):
-    ops = OPS[backend]
+    ops = kernels(backend)
     seed = torch.tensor(BIG_SEED, device=device)
     x = torch.rand(9, 13, device=device, requires_grad=True)
     w = torch.randn(5, 13, device=device, requires_grad=True)
@@ -262,7 +254,7 @@ def test_opcheck(device, backend):
                            mu.detach(), logvar.detach(), seed))
 
 
-@pytest.mark.parametrize(("device", "backend"), noise_backends())
+@pytest.mark.parametrize(("device", "backend"), op_backends("corrupt"))
 def test_torch_compile_fullgraph(device, backend):
     x = torch.rand(8, 12, device=device)
     w = torch.randn(6, 12, device=device, requires_grad=True)

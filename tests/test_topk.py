@@ -6,9 +6,8 @@ import torch
 
 import aefast as ae
 from aefast import backends, reference
-from aefast.ops.decode import ENCODE_OPS
-from aefast.ops.topk import KERNELS, TOPK_OPS
-from conftest import DEVICES, interpreted, leaf, topk_backends
+from aefast.ops._declare import KERNELS, OPERATORS, kernels
+from conftest import DEVICES, interpreted, leaf, op_backends
 
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 
@@ -39,7 +38,7 @@ INTERPRETED_CASES = [((1, 1), 1), ((1, 7), 3), ((3, 300), 1), ((3, 300), 7), ((3
 
 def topk_cases():
     return [pytest.param(d, b, shape, k, id=f"{d}-{b}-{shape}-{k}")
-            for d, b in (p.values for p in topk_backends())
+            for d, b in (p.values for p in op_backends("topk_sparse"))
             for shape, k in (INTERPRETED_CASES if interpreted(d, b) else CASES)]
 
 
@@ -63,7 +62,17 @@ def test_topk_sparse_and_mask_match_reference(device, backend, shape, k, ties, p
             assert torch.equal(grad, want_grad)
 
 
-@pytest.mark.parametrize(("device", "backend"), topk_backends())
+@pytest.mark.parametrize(("device", "backend"), op_backends("topk_sparse"))
+def test_opcheck(device, backend):
+    x = torch.randn(6, 20, device=device, requires_grad=True)
+    torch.library.opcheck(kernels(backend).topk_forward, (x, 3, True))
+    torch.library.opcheck(kernels(backend).topk_forward, (x, 20, False))
+    if backend == "cpp":
+        values, indices = torch.randn(6, 4, requires_grad=True), torch.randperm(20)[:4].repeat(6, 1)
+        torch.library.opcheck(kernels(backend).scatter_rows, (values, indices, 20))
+
+
+@pytest.mark.parametrize(("device", "backend"), op_backends("topk_sparse"))
 def test_topk_with_infinities_and_long_rows(device, backend):
     x = torch.randn(2, 1 << (10 if interpreted(device, backend) else 20), device=device)
     x[0, :1000] = float("-inf")
@@ -75,7 +84,7 @@ def test_topk_with_infinities_and_long_rows(device, backend):
     assert indices[1, 0] == hot and torch.equal(indices[1, 1:], rest)
 
 
-@pytest.mark.parametrize(("device", "backend"), topk_backends())
+@pytest.mark.parametrize(("device", "backend"), op_backends("topk_sparse"))
 def test_signed_zeros_tie_by_index_in_every_dtype(device, backend, poisoned):
     # -0.0 and +0.0 are one value: ties to the lower index whatever the sign bits (the
     # CUDA kernel compares integer keys of the bits, where -0.0 must take +0.0's). The
@@ -101,7 +110,7 @@ def test_signed_zeros_tie_by_index_in_every_dtype(device, backend, poisoned):
                     assert torch.equal(values.cpu().signbit(), want_values.signbit())
 
 
-@pytest.mark.parametrize(("device", "backend"), topk_backends(interpreted_too=False))
+@pytest.mark.parametrize(("device", "backend"), op_backends("topk_sparse", interpreted_too=False))
 def test_one_long_row_split_into_parallel_chunks(device, backend):
     # A single row (as batch_topk makes) is scanned in chunks whose candidates are
     # merged: ties across chunk boundaries must still go to the lower index.
@@ -142,7 +151,7 @@ def assert_nan_reported(device, backend, topk_values):
                 topk_values()
 
 
-@pytest.mark.parametrize(("device", "backend"), topk_backends(interpreted_too=False))
+@pytest.mark.parametrize(("device", "backend"), op_backends("topk_sparse", interpreted_too=False))
 def test_long_rows_with_signed_zeros_late_winners_and_late_nan(device, backend):
     # -0.0 and +0.0 tie (lower index first); winners only in the last tile; blocks of
     # -inf and a few +inf; a NaN after the first tile of a long row is still found.
@@ -161,7 +170,7 @@ def test_long_rows_with_signed_zeros_late_winners_and_late_nan(device, backend):
     assert_nan_reported(device, backend, lambda: ae.topk_sparse(x, 8)[0])
 
 
-@pytest.mark.parametrize(("device", "backend"), topk_backends())
+@pytest.mark.parametrize(("device", "backend"), op_backends("topk_sparse"))
 def test_batch_lifetime_and_spatial_match_reference(device, backend, poisoned):
     batch = 9 if interpreted(device, backend) else 37
     for dtype in DTYPES:
@@ -182,7 +191,7 @@ def test_batch_lifetime_and_spatial_match_reference(device, backend, poisoned):
         assert ((ae.lifetime_topk(x, 0.1) != 0).sum(0) == reference.lifetime_count(0.1, batch)).all()
 
 
-@pytest.mark.parametrize(("device", "backend"), topk_backends())
+@pytest.mark.parametrize(("device", "backend"), op_backends("topk_sparse"))
 def test_gradcheck_float64(device, backend):
     # distinct, well separated, and never 0 (where ReLU has no derivative for gradcheck to agree on)
     x = leaf(((torch.randperm(60).double().view(4, 15) + 0.5) / 7 - 4).to(device))
@@ -195,9 +204,12 @@ def test_gradcheck_float64(device, backend):
 
 
 def test_every_backend_has_topk_kernels_and_a_forced_one_that_cannot_run_says_so():
-    assert set(KERNELS) == set(backends.BACKENDS) - {"reference"}
+    for op in ("topk_sparse", "topk_mask", "batch_topk", "lifetime_topk", "spatial_wta", "topk_encode"):
+        assert OPERATORS[op].backends == backends.BACKENDS
     if backends.CPP_BUILT:  # one C++ op (and one fused encoder over it) for cpp and cuda
-        assert TOPK_OPS["cuda"] is TOPK_OPS["cpp"] and ENCODE_OPS["cuda"] is ENCODE_OPS["cpp"]
+        assert kernels("cuda").topk_forward is kernels("cpp").topk_forward
+        assert kernels("cuda").topk_encode is kernels("cpp").topk_encode
+        assert KERNELS["scatter_rows"].backends == ("reference", "cpp")  # a CPU kernel only
     x, w = torch.randn(3, 5), torch.randn(7, 5)
     for run in (lambda: ae.topk_sparse(x, 2), lambda: ae.batch_topk(x, 2), lambda: ae.lifetime_topk(x, 0.5),
                 lambda: ae.spatial_wta(x.view(3, 5, 1, 1)), lambda: ae.topk_encode(x, w, None, 2)):
@@ -236,11 +248,12 @@ class TestBadInput:
     def test_nan(self, device):
         x = torch.randn(3, 100, device=device)
         x[1, 57] = float("nan")
-        for backend in ["reference"] + [b for b in ae.available_backends(device) if b in KERNELS]:
+        for backend in ["reference"] + [b for b in ae.available_backends(device)
+                                     if b in OPERATORS["topk_sparse"].kernel_backends]:
             assert_nan_reported(device, backend, lambda: ae.topk_sparse(x, 3)[0])
 
 
-@pytest.mark.parametrize(("device", "backend"), topk_backends())
+@pytest.mark.parametrize(("device", "backend"), op_backends("topk_sparse"))
 def test_spatial_wta_with_dead_maps_has_no_nan(device, backend):
     x = torch.randn(6, 3, 4, 4, device=device)
     x[2, 1] = float("-inf")  # a map with no finite value: its maximum loses the lifetime cut

@@ -202,6 +202,7 @@ FLOATS = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 
 def kl_launches():
+    from aefast.reference import RHO_HAT_EPS
     from aefast.triton_kernels import kl
 
     for dtype in FLOATS:
@@ -209,10 +210,10 @@ def kl_launches():
             a = meta(B, H, dtype=dtype)
             g = meta(dtype=dtype)
             for x in (a, meta(H, B, dtype=dtype).t()):  # contiguous and transposed input
-                _, rho_hat = kl.kl_sparsity_forward(x, 0.05, 3.0)
-                kl.kl_sparsity_backward(g, rho_hat, B, 0.05, 3.0, dtype)
-                h, _, rho_hat = kl.sigmoid_kl_sparsity_forward(x, 0.05, 3.0)
-                kl.sigmoid_kl_sparsity_backward(x, g, h, rho_hat, 0.05, 3.0)
+                _, rho_hat = kl.kl_sparsity_forward(x, 0.05, 3.0, RHO_HAT_EPS)
+                kl.kl_sparsity_backward(g, rho_hat, B, 0.05, 3.0, RHO_HAT_EPS, dtype)
+                h, _, rho_hat = kl.sigmoid_kl_sparsity_forward(x, 0.05, 3.0, RHO_HAT_EPS)
+                kl.sigmoid_kl_sparsity_backward(x, g, h, rho_hat, 0.05, 3.0, RHO_HAT_EPS)
         # contractive: a (1M x 8192) weight, and a small one
         for B, H, D in ((37, 65, 11), (4096, 1 << 20, 8192)):
             h, w = meta(B, H, dtype=dtype), meta(H, D, dtype=dtype)
@@ -230,7 +231,7 @@ def noise_launches():
     for dtype in FLOATS:
         for n in (37, 8 << 20):
             x = meta(n // 37 if n > 37 else 1, 37 if n > 37 else n, dtype=dtype)
-            for kind in CORRUPTION_KINDS:
+            for kind in range(len(CORRUPTION_KINDS)):  # the launchers take the kind's index
                 noise.corrupt(x, kind, 0.25, seed, 0.0, 1.0)
             z, kl = noise.reparameterize_forward(x, x, seed)
             noise.reparameterize_backward(z, kl, x, x, seed)
@@ -241,7 +242,7 @@ def noise_launches():
             try:
                 for N, D, out in ((37, 29, 13), (8 << 20, 784, 1024)):
                     x, w, b = meta(N, D, dtype=dtype), meta(out, D, dtype=dtype), meta(out, dtype=dtype)
-                    for kind in CORRUPTION_KINDS:
+                    for kind in range(len(CORRUPTION_KINDS)):
                         y = noise.noisy_linear_forward(x, w, b, kind, 0.25, seed, 0.0, 1.0)
                         noise.noisy_linear_forward(x, w, None, kind, 0.25, seed, 0.0, 1.0)
                         noise.noisy_linear_grad_input(y, w, kind, 0.25, seed)

@@ -21,6 +21,12 @@ def acc_dtype(dtype: torch.dtype):
     return tl.float64 if dtype == torch.float64 else tl.float32
 
 
+def stat_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype of the per-unit statistics a forward returns: the accumulation type
+    (as the C++ kernels and aefast.reference.stat_dtype keep them)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 def planned_for_gpu(device: torch.device) -> bool:
     """Whether launches on `device` are planned for a GPU (tile sizes, program counts).
     CUDA tensors are, and so are meta tensors: they stand for CUDA tensors when launch

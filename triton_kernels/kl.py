@@ -3,7 +3,8 @@
 The column statistics are taken in two deterministic stages: programs over
 (column block, row split) write partial sums, then one program adds the splits in
 order and computes the penalty. Launch functions mirror the C++ operators'
-signatures (csrc/ops.cpp).
+signatures (declared in aefast/ops/kl.py); `eps` is the clamp of rho_hat to
+[eps, 1 - eps], passed in by the caller (aefast.reference.RHO_HAT_EPS).
 """
 
 from __future__ import annotations
@@ -12,12 +13,12 @@ import torch
 import triton
 import triton.language as tl
 
-from aefast.reference import RHO_HAT_EPS, stat_dtype
 from aefast.triton_kernels._common import (
     acc_dtype,
     multiprocessors,
     on_input_device,
     planned_for_gpu,
+    stat_dtype,
 )
 
 # What column_partial_sums_kernel sums over the rows.
@@ -197,45 +198,45 @@ def _column_sums(x: torch.Tensor, what: int, h: torch.Tensor | None = None):
     return partial, splits
 
 
-def _finish_kl(partial, splits, B, H, rho, beta, dtype, device):
+def _finish_kl(partial, splits, B, H, rho, beta, eps, dtype, device):
     rho_hat = torch.empty((H,), dtype=stat_dtype(dtype), device=device)
     penalty = torch.empty((), dtype=dtype, device=device)
     kl_penalty_kernel[(1,)](
         partial, rho_hat, penalty, splits, H, B, rho, beta,
-        EPS=RHO_HAT_EPS, ACC=acc_dtype(dtype), BLOCK_H=min(1024, triton.next_power_of_2(H)),
+        EPS=eps, ACC=acc_dtype(dtype), BLOCK_H=min(1024, triton.next_power_of_2(H)),
     )
     return penalty, rho_hat
 
 
 @on_input_device
-def kl_sparsity_forward(a: torch.Tensor, rho: float, beta: float):
+def kl_sparsity_forward(a: torch.Tensor, rho: float, beta: float, eps: float):
     partial, splits = _column_sums(a, SUM_X)
-    return _finish_kl(partial, splits, a.shape[0], a.shape[1], rho, beta, a.dtype, a.device)
+    return _finish_kl(partial, splits, a.shape[0], a.shape[1], rho, beta, eps, a.dtype, a.device)
 
 
 @on_input_device
-def kl_sparsity_backward(grad_penalty, rho_hat, batch: int, rho: float, beta: float, dtype):
+def kl_sparsity_backward(grad_penalty, rho_hat, batch: int, rho: float, beta: float, eps: float, dtype):
     H = rho_hat.shape[0]
     out = torch.empty((batch, H), dtype=dtype, device=rho_hat.device)
     block_b, block_h, _, warps = _tiles(rho_hat.device, dtype)
     grid = (triton.cdiv(batch, block_b), triton.cdiv(H, block_h))
     kl_grad_broadcast_kernel[grid](
         grad_penalty, rho_hat, out, batch, H, rho, beta / batch,
-        EPS=RHO_HAT_EPS, ACC=acc_dtype(dtype), BLOCK_B=block_b, BLOCK_H=block_h, num_warps=warps,
+        EPS=eps, ACC=acc_dtype(dtype), BLOCK_B=block_b, BLOCK_H=block_h, num_warps=warps,
     )
     return out
 
 
 @on_input_device
-def sigmoid_kl_sparsity_forward(z: torch.Tensor, rho: float, beta: float):
+def sigmoid_kl_sparsity_forward(z: torch.Tensor, rho: float, beta: float, eps: float):
     h = torch.empty(z.shape, dtype=z.dtype, device=z.device)
     partial, splits = _column_sums(z, SUM_SIGMOID, h)
-    penalty, rho_hat = _finish_kl(partial, splits, z.shape[0], z.shape[1], rho, beta, z.dtype, z.device)
+    penalty, rho_hat = _finish_kl(partial, splits, z.shape[0], z.shape[1], rho, beta, eps, z.dtype, z.device)
     return h, penalty, rho_hat
 
 
 @on_input_device
-def sigmoid_kl_sparsity_backward(grad_h, grad_penalty, h, rho_hat, rho: float, beta: float):
+def sigmoid_kl_sparsity_backward(grad_h, grad_penalty, h, rho_hat, rho: float, beta: float, eps: float):
     B, H = h.shape
     grad_h = grad_h.to(h.dtype)
     grad_z = torch.empty(h.shape, dtype=h.dtype, device=h.device)
@@ -244,7 +245,7 @@ def sigmoid_kl_sparsity_backward(grad_h, grad_penalty, h, rho_hat, rho: float, b
     sigmoid_kl_backward_kernel[grid](
         grad_h, h, grad_penalty, rho_hat, grad_z, B, H,
         grad_h.stride(0), grad_h.stride(1), h.stride(0), h.stride(1), rho, beta / B,
-        EPS=RHO_HAT_EPS, ACC=acc_dtype(h.dtype), BLOCK_B=block_b, BLOCK_H=block_h, num_warps=warps,
+        EPS=eps, ACC=acc_dtype(h.dtype), BLOCK_B=block_b, BLOCK_H=block_h, num_warps=warps,
     )
     return grad_z
 

@@ -17,12 +17,12 @@ import torch
 import triton
 import triton.language as tl
 
-from aefast.reference import CORRUPTION_KINDS
 from aefast.triton_kernels._common import acc_dtype, on_input_device, planned_for_gpu
 
-# KIND in the kernels: the kind's index in CORRUPTION_KINDS (0 gaussian, 1 masking,
-# 2 salt_pepper, 3 dropout).
-DROPOUT = CORRUPTION_KINDS.index("dropout")
+# KIND in the kernels, and `kind` in the launchers: the kind's index in
+# aefast.reference.CORRUPTION_KINDS, passed in by the caller (aefast/ops/noise.py):
+# 0 gaussian, 1 masking, 2 salt_pepper, 3 dropout.
+GAUSSIAN, MASKING, SALT_PEPPER, DROPOUT = range(4)
 
 # Where noisy_matmul_kernel applies the corruption.
 CORRUPT_NONE = 0
@@ -196,14 +196,13 @@ def _float32(value: float) -> float:
     return float(np.float32(value))
 
 
-def _kind_params(kind: str, level: float, low: float, high: float):
-    k = CORRUPTION_KINDS.index(kind)
-    scale = 1.0 / (1.0 - level) if k == DROPOUT else 1.0
-    return k, _float32(level), scale, low, high
+def _kind_params(kind: int, level: float, low: float, high: float):
+    scale = 1.0 / (1.0 - level) if kind == DROPOUT else 1.0
+    return kind, _float32(level), scale, low, high
 
 
 @on_input_device
-def corrupt(x: torch.Tensor, kind: str, level: float, seed: torch.Tensor, low: float, high: float):
+def corrupt(x: torch.Tensor, kind: int, level: float, seed: torch.Tensor, low: float, high: float):
     k, level, scale, low, high = _kind_params(kind, level, low, high)
     x = x.contiguous()
     out = torch.empty_like(x)
@@ -261,7 +260,7 @@ def _matmul_tiles(device: torch.device, dtype: torch.dtype, precision: str):
     return (64, 64, 16, 8) if dtype == torch.float32 and precision == "ieee" else (64, 64, 32, 8)
 
 
-def noisy_matmul(a, b, *, corrupt_at: int, x_width: int, kind: str, level: float, seed, low: float,
+def noisy_matmul(a, b, *, corrupt_at: int, x_width: int, kind: int, level: float, seed, low: float,
                  high: float, bias=None, out_dtype=None):
     """a (M, K) @ b (K, N) with the operand (or output gradient) named by corrupt_at
     treated as x, of row length x_width. Any strides."""
@@ -282,22 +281,22 @@ def noisy_matmul(a, b, *, corrupt_at: int, x_width: int, kind: str, level: float
 
 
 @on_input_device
-def noisy_linear_forward(x, weight, bias, kind: str, level: float, seed, low: float, high: float):
+def noisy_linear_forward(x, weight, bias, kind: int, level: float, seed, low: float, high: float):
     """F.linear(corrupt(x), weight, bias): x (B, D), weight (O, D)."""
     return noisy_matmul(x, weight.t(), corrupt_at=CORRUPT_A, x_width=x.shape[1], kind=kind, level=level,
                         seed=seed, low=low, high=high, bias=bias)
 
 
 @on_input_device
-def noisy_linear_grad_input(grad_out, weight, kind: str, level: float, seed):
+def noisy_linear_grad_input(grad_out, weight, kind: int, level: float, seed):
     """The gradient of x: grad_out @ weight through corrupt's mask (gaussian: none)."""
-    at = CORRUPT_NONE if kind == "gaussian" else CORRUPT_GRAD_OUT
+    at = CORRUPT_NONE if kind == GAUSSIAN else CORRUPT_GRAD_OUT
     return noisy_matmul(grad_out.to(weight.dtype), weight, corrupt_at=at, x_width=weight.shape[1], kind=kind,
                         level=level, seed=seed, low=0.0, high=0.0)
 
 
 @on_input_device
-def noisy_linear_grad_weight(grad_out, x, kind: str, level: float, seed, low: float, high: float):
+def noisy_linear_grad_weight(grad_out, x, kind: int, level: float, seed, low: float, high: float):
     """The gradient of weight: grad_out^T @ corrupt(x), x regenerated tile by tile."""
     return noisy_matmul(grad_out.to(x.dtype).t(), x, corrupt_at=CORRUPT_B, x_width=x.shape[1], kind=kind,
                         level=level, seed=seed, low=low, high=high)

@@ -1,6 +1,7 @@
 """Stored GPU results drive `auto`: rank each operator's backends by the median
 forward + backward time of a GPU `aefast bench` run (float32, its largest size) and
-write aefast/bench/gpu_ranking.json, which aefast.backends reads at import.
+write aefast/gpu_ranking.json (aefast.backends.RANKING_FILE), which aefast.backends
+reads at import.
 
     python -m aefast.bench.ranking bench/results/<gpu>-<date>/bench.json [OUT.json]
 """
@@ -11,7 +12,8 @@ import json
 import pathlib
 import sys
 
-RANKING_FILE = pathlib.Path(__file__).resolve().parent / "gpu_ranking.json"
+from aefast.backends import RANKING_FILE
+
 SIZE_ORDER = ("small", "medium", "large")
 
 

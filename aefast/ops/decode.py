@@ -6,34 +6,23 @@ triton_kernels/decode.py; the selection is the top-k family's (aefast/ops/topk.p
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import Tensor
 
-from aefast import backends, reference
+from aefast import reference
+from aefast.ops._declare import CPP, Bench, kernel, kernels, operator
 from aefast.ops.checks import autocast_inputs, check_linear_params
-from aefast.ops.topk import TOPK_OPS, _check_k, _check_x
+from aefast.ops.topk import K, check_dense, check_k
 
-# ------------------------------------------------------------- sparse decoder
-
-
-@torch.library.custom_op("aefast::sparse_decode_forward_triton", mutates_args=())
-def _decode_forward_triton(
-    values: Tensor, indices: Tensor, weight: Tensor, bias: Tensor | None
-) -> Tensor:
-    from aefast.triton_kernels import decode as kernels
-
-    _check_indices_on_cpu(indices, weight.shape[0])
-    return kernels.sparse_decode_forward(values, indices, weight, bias)
+# ---------------------------------------------------------------- kernels
 
 
-@torch.library.custom_op("aefast::sparse_decode_backward_triton", mutates_args=())
-def _decode_backward_triton(
-    grad_out: Tensor, values: Tensor, indices: Tensor, weight: Tensor
-) -> tuple[Tensor, Tensor]:
-    from aefast.triton_kernels import decode as kernels
+def _triton():
+    from aefast.triton_kernels import decode
 
-    _check_indices_on_cpu(indices, weight.shape[0])
-    return kernels.sparse_decode_backward(grad_out, values, indices, weight)
+    return decode
 
 
 def _check_indices_on_cpu(indices: Tensor, latents: int) -> None:
@@ -41,62 +30,57 @@ def _check_indices_on_cpu(indices: Tensor, latents: int) -> None:
     reading the check costs nothing; on a GPU the kernels make its outputs NaN instead
     of stalling the host every call."""
     # Not while torch.compile traces (a data-dependent branch would break the graph):
-    # the compiled call runs the ops, whose kernels check or read nothing out of range.
+    # the compiled call runs the kernels, which read nothing out of range.
     if indices.device.type == "cpu" and indices.numel() and not torch.compiler.is_compiling() and (
             bool(indices.min() < 0) or bool(indices.max() >= latents)):
         raise IndexError(f"aefast: indices must be in [0, {latents})")
 
 
-# (forward, backward) of the sparse decoder per backend; one C++ op serves cpp and
-# cuda (the dispatcher picks the CPU or CUDA kernel).
-DECODE_OPS = {
-    "triton": (
-        torch.ops.aefast.sparse_decode_forward_triton.default,
-        torch.ops.aefast.sparse_decode_backward_triton.default,
-    )
-}
-if backends.CPP_BUILT:
-    DECODE_OPS["cpp"] = DECODE_OPS["cuda"] = (
-        torch.ops.aefast.sparse_decode_forward.default,
-        torch.ops.aefast.sparse_decode_backward.default,
-    )
+def _decode_forward_triton(values, indices, weight, bias):
+    _check_indices_on_cpu(indices, weight.shape[0])  # called directly, as opcheck does
+    return _triton().sparse_decode_forward(values, indices, weight, bias)
 
 
-def _register_decode(forward, backward) -> None:
-    @torch.library.register_fake(forward)
-    def _(values, indices, weight, bias):
-        return values.new_empty((values.shape[0], weight.shape[1]))
-
-    @torch.library.register_fake(backward)
-    def _(grad_out, values, indices, weight):
-        return torch.empty_like(values, memory_format=torch.contiguous_format), torch.empty_like(
-            weight, memory_format=torch.contiguous_format
-        )
-
-    def setup(ctx, inputs, output):
-        values, indices, weight, bias = inputs
-        ctx.has_bias = bias is not None
-        ctx.save_for_backward(values, indices, weight)
-
-    def grads(ctx, grad_out):
-        values, indices, weight = ctx.saved_tensors
-        grad_values, grad_weight = backward(grad_out, values, indices, weight)
-        grad_bias = grad_out.sum(0) if ctx.has_bias and ctx.needs_input_grad[3] else None
-        return (
-            grad_values if ctx.needs_input_grad[0] else None,
-            None,
-            grad_weight if ctx.needs_input_grad[2] else None,
-            grad_bias,
-        )
-
-    torch.library.register_autograd(forward, grads, setup_context=setup)
+def _decode_backward_triton(grad_out, values, indices, weight):
+    _check_indices_on_cpu(indices, weight.shape[0])
+    return _triton().sparse_decode_backward(grad_out, values, indices, weight)
 
 
-for _forward, _backward in dict.fromkeys(DECODE_OPS.values()):  # cpp and cuda share one op
-    _register_decode(_forward, _backward)
+def _decode_setup(ctx, inputs, output):
+    values, indices, weight, bias = inputs
+    ctx.has_bias = bias is not None
+    ctx.save_for_backward(values, indices, weight)
 
 
-# ---------------------------------------------------------------- top-k encoder
+def _decode_backward(ops, ctx, grad_out):
+    values, indices, weight = ctx.saved_tensors
+    grad_values, grad_weight = ops.sparse_decode_backward(grad_out, values, indices, weight)
+    grad_bias = grad_out.sum(0) if ctx.has_bias and ctx.needs_input_grad[3] else None
+    need = ctx.needs_input_grad
+    return grad_values if need[0] else None, None, grad_weight if need[2] else None, grad_bias
+
+
+# out[b] = bias + sum_k values[b, k] * weight[indices[b, k]], weight (L, D).
+kernel(
+    "sparse_decode_forward(Tensor values, Tensor indices, Tensor weight, Tensor? bias) -> Tensor",
+    fake=lambda values, indices, weight, bias: values.new_empty((values.shape[0], weight.shape[1])),
+    reference=reference.sparse_decode,
+    native=CPP,
+    triton=_decode_forward_triton,
+    setup=_decode_setup, backward=_decode_backward,
+)
+# Gradients of values and weight; the weight gradient is reduced per latent in (row,
+# slot) order: deterministic, no atomics.
+kernel(
+    "sparse_decode_backward(Tensor grad_out, Tensor values, Tensor indices, Tensor weight) "
+    "-> (Tensor grad_values, Tensor grad_weight)",
+    fake=lambda grad_out, values, indices, weight: (
+        torch.empty_like(values, memory_format=torch.contiguous_format),
+        torch.empty_like(weight, memory_format=torch.contiguous_format)),
+    reference=None,
+    native=CPP,
+    triton=_decode_backward_triton,
+)
 
 
 def _encoder_rows(latents: int) -> int:
@@ -105,69 +89,63 @@ def _encoder_rows(latents: int) -> int:
     return max(16, (1 << 23) // max(latents, 1))
 
 
-def _make_topk_encode(name: str, select, decode_forward, decode_backward):
-    """The fused top-k encoder over one backend's selection and decoder ops."""
-
-    @torch.library.custom_op(f"aefast::{name}", mutates_args=())
-    def encode(x: Tensor, weight: Tensor, bias: Tensor | None, k: int) -> tuple[Tensor, Tensor]:
-        # Row blocks: the (B, L) pre-activation never exists, only (rows, L) at a time.
-        B, L = x.shape[0], weight.shape[0]
-        values = x.new_empty((B, k))
-        indices = torch.empty((B, k), dtype=torch.long, device=x.device)
-        step = _encoder_rows(L)
-        for r0 in range(0, B, step):
-            pre = torch.nn.functional.linear(x[r0:r0 + step], weight, bias).relu_()
-            values[r0:r0 + step], indices[r0:r0 + step] = select(pre, k, False)
-        return values, indices
-
-    @encode.register_fake
-    def _(x, weight, bias, k):
-        return x.new_empty((x.shape[0], k)), x.new_empty((x.shape[0], k), dtype=torch.long)
-
-    def setup(ctx, inputs, output):
-        x, weight, bias, _ = inputs
-        ctx.has_bias = bias is not None
-        ctx.latents = weight.shape[0]
-        ctx.save_for_backward(x, weight, *output)
-        ctx.mark_non_differentiable(output[1])
-
-    def backward(ctx, grad_values, _grad_indices):
-        x, weight, values, indices = ctx.saved_tensors
-        grad_pre = grad_values.to(values.dtype) * (values > 0)  # through the ReLU
-        need_x, need_weight, need_bias = ctx.needs_input_grad[:3]
-        # grad x = sum_k grad_pre[b, k] W[idx[b, k]]: the sparse decoder's forward;
-        # grad W[l] = sum over (b, k) with idx = l of grad_pre[b, k] x[b]: its weight
-        # gradient (deterministic, no atomics) with x in the place of grad_out.
-        grad_x = decode_forward(grad_pre, indices, weight, None) if need_x else None
-        grad_weight = decode_backward(x, grad_pre, indices, weight)[1] if need_weight else None
-        grad_bias = None
-        if ctx.has_bias and need_bias:
-            grad_bias = grad_pre.new_zeros(ctx.latents).index_add_(0, indices.flatten(), grad_pre.flatten())
-        return grad_x, grad_weight, grad_bias, None
-
-    encode.register_autograd(backward, setup_context=setup)
-    return getattr(torch.ops.aefast, name).default
+def _encode_in_row_blocks(backend: str, x: Tensor, weight: Tensor, bias: Tensor | None, k: int):
+    """The fused encoder over `backend`'s selection kernel: the (B, L) pre-activation
+    never exists, only (rows, L) at a time."""
+    select = kernels(backend).topk_forward
+    B, L = x.shape[0], weight.shape[0]
+    values = x.new_empty((B, k))
+    indices = torch.empty((B, k), dtype=torch.long, device=x.device)
+    step = _encoder_rows(L)
+    for r0 in range(0, B, step):
+        pre = torch.nn.functional.linear(x[r0:r0 + step], weight, bias).relu_()
+        values[r0:r0 + step], indices[r0:r0 + step] = select(pre, k, False)
+    return values, indices
 
 
-# The fused encoder per backend with both a top-k and a decoder kernel. cpp and cuda
-# share one op, as their selection and decoder ops are the same C++ ops: its Python
-# body runs on either device and the C++ ops it calls dispatch on the tensors' device.
-ENCODE_OPS = {"triton": _make_topk_encode("topk_encode_triton", TOPK_OPS["triton"], *DECODE_OPS["triton"])}
-if backends.CPP_BUILT:
-    ENCODE_OPS["cpp"] = ENCODE_OPS["cuda"] = _make_topk_encode("topk_encode", TOPK_OPS["cpp"], *DECODE_OPS["cpp"])
+def _encode_setup(ctx, inputs, output):
+    x, weight, bias, _ = inputs
+    ctx.has_bias = bias is not None
+    ctx.latents = weight.shape[0]
+    ctx.save_for_backward(x, weight, *output)
+    ctx.mark_non_differentiable(output[1])
 
 
-def sparse_decode(values: Tensor, indices: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
-    """``out[b] = bias + sum_k values[b, k] * weight[indices[b, k]]`` for values and
-    int64 indices of shape (B, k) and weight (L, D): the decoder of a top-k sparse
-    autoencoder without a dense (B, L) code, forward or backward.
+def _encode_backward(ops, ctx, grad_values, _grad_indices):
+    x, weight, values, indices = ctx.saved_tensors
+    grad_pre = grad_values.to(values.dtype) * (values > 0)  # through the ReLU
+    need_x, need_weight, need_bias = ctx.needs_input_grad[:3]
+    # grad x = sum_k grad_pre[b, k] W[idx[b, k]]: the sparse decoder's forward;
+    # grad W[l] = sum over (b, k) with idx = l of grad_pre[b, k] x[b]: its weight
+    # gradient (deterministic, no atomics) with x in the place of grad_out.
+    grad_x = ops.sparse_decode_forward(grad_pre, indices, weight, None) if need_x else None
+    grad_weight = ops.sparse_decode_backward(x, grad_pre, indices, weight)[1] if need_weight else None
+    grad_bias = None
+    if ctx.has_bias and need_bias:
+        grad_bias = grad_pre.new_zeros(ctx.latents).index_add_(0, indices.flatten(), grad_pre.flatten())
+    return grad_x, grad_weight, grad_bias, None
 
-    The weight gradient is deterministic: the (row, slot) pairs are sorted by latent
-    and each latent's gradient row is reduced in (row, slot) order, with no atomics,
-    so every run gives the same bits. Under autocast, values, weight and bias run in
-    the autocast dtype, as for a matmul."""
-    _check_x(values, "values")
-    values, weight, bias = autocast_inputs(values.device, values, weight, bias)
+
+# topk_sparse(relu(x @ weight.T + bias), k) without the (B, L) pre-activation: a Python
+# composite of the backend's own selection and decoder kernels.
+kernel(
+    "topk_encode(Tensor x, Tensor weight, Tensor? bias, int k) -> (Tensor values, Tensor indices)",
+    fake=lambda x, weight, bias, k: (x.new_empty((x.shape[0], k)), x.new_empty((x.shape[0], k), dtype=torch.long)),
+    reference=reference.topk_encode,
+    native=functools.partial(_encode_in_row_blocks, "cpp"),
+    triton=functools.partial(_encode_in_row_blocks, "triton"),
+    setup=_encode_setup, backward=_encode_backward,
+)
+
+
+# ---------------------------------------------------------------- checks
+
+
+def _decode_inputs(args: dict) -> None:
+    values = args["values"]
+    args["values"], args["weight"], args["bias"] = values, weight, bias = autocast_inputs(
+        values.device, values, args["weight"], args["bias"])
+    indices = args["indices"]
     if not isinstance(indices, Tensor) or indices.shape != values.shape or indices.dtype != torch.long:
         raise ValueError(f"indices must be an int64 tensor of the values' shape {tuple(values.shape)}")
     if not isinstance(weight, Tensor) or weight.dim() != 2 or weight.dtype != values.dtype:
@@ -175,13 +153,87 @@ def sparse_decode(values: Tensor, indices: Tensor, weight: Tensor, bias: Tensor 
     if bias is not None and (bias.shape != (weight.shape[1],) or bias.dtype != values.dtype):
         raise ValueError(f"bias must be None or of shape ({weight.shape[1]},) and dtype {values.dtype}")
     _check_indices_on_cpu(indices, weight.shape[0])
-    name = backends.resolve(values.device, "sparse_decode", tuple(DECODE_OPS))
-    if name == "reference":
-        return reference.sparse_decode(values, indices, weight, bias)
-    return DECODE_OPS[name][0](values, indices, weight, bias)
 
 
-def topk_encode(x: Tensor, weight: Tensor, bias: Tensor | None, k: int) -> tuple[Tensor, Tensor]:
+def _encode_inputs(args: dict) -> None:
+    x = args["x"]
+    args["x"], args["weight"], args["bias"] = x, weight, bias = autocast_inputs(
+        x.device, x, args["weight"], args["bias"])
+    check_linear_params(x, weight, bias, "L")
+    args["k"] = check_k(args["k"], weight.shape[0], "the number of latents")
+
+
+# ---------------------------------------------------------------- benchmark cases
+
+WIDTH = 768  # the decoder's output width, the encoder's input width
+
+
+def _nbytes(*tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def _codes(rows, cols, dtype, device):
+    latents = 4 * cols
+    return {
+        "values": torch.rand(rows, K, device=device).to(dtype),
+        "indices": torch.randint(0, latents, (rows, K), device=device),
+        "weight": (torch.randn(latents, WIDTH, device=device) * 0.02).to(dtype),
+    }
+
+
+def _decode_bytes(inputs, backward):
+    values, weight = inputs["values"], inputs["weight"]
+    rows_used = min(values.numel(), weight.shape[0]) * weight.shape[1] * weight.element_size()
+    out = values.shape[0] * weight.shape[1] * weight.element_size()
+    forward = _nbytes(values, inputs["indices"]) + rows_used + out
+    return forward + ((out + rows_used + _nbytes(weight, values)) if backward else 0)
+
+
+def _encoder_inputs(rows, cols, dtype, device):
+    latents = 4 * cols
+    return {
+        "x": torch.randn(rows, WIDTH, device=device).to(dtype),
+        "weight": (torch.randn(latents, WIDTH, device=device) * WIDTH**-0.5).to(dtype),
+        "bias": torch.zeros(latents, device=device).to(dtype),
+    }
+
+
+def _encode_bytes(inputs, backward):
+    x, weight = inputs["x"], inputs["weight"]
+    forward = _nbytes(x, weight) + x.shape[0] * K * (x.element_size() + 8)
+    return forward + (_nbytes(x, weight) * 2 if backward else 0)
+
+
+# ---------------------------------------------------------------- public API
+
+
+@operator(
+    uses=("sparse_decode_forward",),
+    checks=(check_dense("values"), _decode_inputs),
+    bench=Bench(make=_codes, call=lambda op, **inputs: op(**inputs), reference=reference.sparse_decode,
+                bytes_moved=_decode_bytes, differentiable=("values", "weight")),
+)
+def sparse_decode(ops, values: Tensor, indices: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """``out[b] = bias + sum_k values[b, k] * weight[indices[b, k]]`` for values and
+    int64 indices of shape (B, k) and weight (L, D): the decoder of a top-k sparse
+    autoencoder without a dense (B, L) code, forward or backward.
+
+    The weight gradient is deterministic: the (row, slot) pairs are sorted by latent
+    and each latent's gradient row is reduced in (row, slot) order, with no atomics,
+    so every run gives the same bits. Under autocast, values, weight and bias run in
+    the autocast dtype, as for a matmul. An index out of [0, L) raises an IndexError
+    on CPU; on a GPU it makes its row of the output NaN (a check would stall the host)."""
+    return ops.sparse_decode_forward(values, indices, weight, bias)
+
+
+@operator(
+    uses=("topk_encode",),
+    checks=(check_dense(), _encode_inputs),
+    bench=Bench(make=_encoder_inputs, call=lambda op, x, weight, bias: op(x, weight, bias, K),
+                reference=lambda x, weight, bias: reference.topk_encode(x, weight, bias, K),
+                bytes_moved=_encode_bytes, differentiable=("x", "weight", "bias")),
+)
+def topk_encode(ops, x: Tensor, weight: Tensor, bias: Tensor | None, k: int) -> tuple[Tensor, Tensor]:
     """The fused top-k encoder of a sparse autoencoder:
     ``topk_sparse(relu(x @ weight.T + bias), k)`` for x (B, D) and weight (L, D),
     without ever holding the (B, L) pre-activation: forward, it is computed a block
@@ -191,11 +243,4 @@ def topk_encode(x: Tensor, weight: Tensor, bias: Tensor | None, k: int) -> tuple
     per-latent scatter of them times x). ReLU before selection: a row with fewer
     than k positive units fills up with zeros at the lowest remaining indices.
     Under autocast, x, weight and bias run in the autocast dtype."""
-    _check_x(x)
-    x, weight, bias = autocast_inputs(x.device, x, weight, bias)
-    check_linear_params(x, weight, bias, "L")
-    k = _check_k(k, weight.shape[0], "the number of latents")
-    name = backends.resolve(x.device, "topk_encode", tuple(ENCODE_OPS))
-    if name == "reference":
-        return reference.topk_encode(x, weight, bias, k)
-    return ENCODE_OPS[name](x, weight, bias, k)
+    return ops.topk_encode(x, weight, bias, k)

@@ -1,199 +1,182 @@
 """The sparse-KL family: kl_sparsity, sigmoid_kl_sparsity, contractive_penalty.
 
-Each operator exists as a C++ op (schema in csrc/ops.cpp; CPU and CUDA kernels)
-and as a Triton op (torch.library.custom_op below), with the same signature, fake
-implementation and autograd formula; the public functions pick one by backend.
+Kernels: csrc/cpu/kl.cpp, csrc/cuda/kl.cu, triton_kernels/kl.py. Each forward
+kernel also returns the per-unit statistics its backward reads (rho_hat: the column
+means; s2 and w2 for the contractive penalty), in float32 (float64 for float64 input).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import Tensor
 
-from aefast import backends, reference
-from aefast.ops.checks import check_matrix, check_nonnegative, check_open_unit
+from aefast import reference
+from aefast.ops._declare import CPP, Bench, kernel, operator
 from aefast.ops._distributed import global_column_mean
-from aefast.reference import stat_dtype
-
-# ---------------------------------------------------------------- Triton ops
+from aefast.ops.checks import argument, check_matrix, check_nonnegative, check_open_unit
+from aefast.reference import RHO_HAT_EPS, stat_dtype
 
 
 def _triton():
-    from aefast.triton_kernels import kl as kernels
+    from aefast.triton_kernels import kl
 
-    return kernels
-
-
-@torch.library.custom_op("aefast::kl_sparsity_forward_triton", mutates_args=())
-def _kl_forward_triton(a: Tensor, rho: float, beta: float) -> tuple[Tensor, Tensor]:
-    return _triton().kl_sparsity_forward(a, rho, beta)
-
-
-@torch.library.custom_op("aefast::kl_sparsity_backward_triton", mutates_args=())
-def _kl_backward_triton(
-    grad_penalty: Tensor, rho_hat: Tensor, batch: int, rho: float, beta: float, dtype: torch.dtype
-) -> Tensor:
-    return _triton().kl_sparsity_backward(grad_penalty, rho_hat, batch, rho, beta, dtype)
-
-
-@torch.library.custom_op("aefast::sigmoid_kl_sparsity_forward_triton", mutates_args=())
-def _sigmoid_kl_forward_triton(
-    z: Tensor, rho: float, beta: float
-) -> tuple[Tensor, Tensor, Tensor]:
-    return _triton().sigmoid_kl_sparsity_forward(z, rho, beta)
-
-
-@torch.library.custom_op("aefast::sigmoid_kl_sparsity_backward_triton", mutates_args=())
-def _sigmoid_kl_backward_triton(
-    grad_h: Tensor, grad_penalty: Tensor, h: Tensor, rho_hat: Tensor, rho: float, beta: float
-) -> Tensor:
-    return _triton().sigmoid_kl_sparsity_backward(grad_h, grad_penalty, h, rho_hat, rho, beta)
-
-
-@torch.library.custom_op("aefast::contractive_penalty_forward_triton", mutates_args=())
-def _contractive_forward_triton(h: Tensor, weight: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    return _triton().contractive_penalty_forward(h, weight)
-
-
-@torch.library.custom_op("aefast::contractive_penalty_backward_triton", mutates_args=())
-def _contractive_backward_triton(
-    grad_penalty: Tensor, h: Tensor, weight: Tensor, s2: Tensor, w2: Tensor
-) -> tuple[Tensor, Tensor]:
-    return _triton().contractive_penalty_backward(grad_penalty, h, weight, s2, w2)
-
-
-# ------------------------------------------- fake implementations and autograd
-
-
-@dataclass(frozen=True)
-class FamilyOps:
-    """The six operators of one backend."""
-
-    kl_forward: object
-    kl_backward: object
-    sigmoid_kl_forward: object
-    sigmoid_kl_backward: object
-    contractive_forward: object
-    contractive_backward: object
-
-
-OPS: dict[str, FamilyOps] = {
-    "triton": FamilyOps(
-        torch.ops.aefast.kl_sparsity_forward_triton.default,
-        torch.ops.aefast.kl_sparsity_backward_triton.default,
-        torch.ops.aefast.sigmoid_kl_sparsity_forward_triton.default,
-        torch.ops.aefast.sigmoid_kl_sparsity_backward_triton.default,
-        torch.ops.aefast.contractive_penalty_forward_triton.default,
-        torch.ops.aefast.contractive_penalty_backward_triton.default,
-    )
-}
-if backends.CPP_BUILT:  # one C++ op serves both: the dispatcher picks the CPU or CUDA kernel
-    OPS["cpp"] = OPS["cuda"] = FamilyOps(
-        torch.ops.aefast.kl_sparsity_forward.default,
-        torch.ops.aefast.kl_sparsity_backward.default,
-        torch.ops.aefast.sigmoid_kl_sparsity_forward.default,
-        torch.ops.aefast.sigmoid_kl_sparsity_backward.default,
-        torch.ops.aefast.contractive_penalty_forward.default,
-        torch.ops.aefast.contractive_penalty_backward.default,
-    )
+    return kl
 
 
 def _stats(x: Tensor, n: int) -> Tensor:
     return x.new_empty((n,), dtype=stat_dtype(x.dtype))
 
 
-def _kl_forward_fake(a, rho, beta):
-    return a.new_empty(()), _stats(a, a.shape[1])
+def _dense_like(t: Tensor) -> Tensor:
+    return torch.empty_like(t, memory_format=torch.contiguous_format)
 
 
-def _kl_backward_fake(grad_penalty, rho_hat, batch, rho, beta, dtype):
-    return rho_hat.new_empty((batch, rho_hat.shape[0]), dtype=dtype)
+# ---------------------------------------------------------------- kernels
 
 
-def _sigmoid_kl_forward_fake(z, rho, beta):
-    return torch.empty_like(z, memory_format=torch.contiguous_format), z.new_empty(()), _stats(
-        z, z.shape[1]
-    )
+def _kl_setup(ctx, inputs, output):
+    a, ctx.rho, ctx.beta, ctx.eps = inputs
+    ctx.batch, ctx.dtype = a.shape[0], a.dtype
+    ctx.save_for_backward(output[1])
 
 
-def _sigmoid_kl_backward_fake(grad_h, grad_penalty, h, rho_hat, rho, beta):
-    return torch.empty_like(h, memory_format=torch.contiguous_format)
+def _kl_backward(ops, ctx, grad_penalty, _grad_rho_hat):
+    (rho_hat,) = ctx.saved_tensors
+    grad = ops.kl_sparsity_backward(grad_penalty, rho_hat, ctx.batch, ctx.rho, ctx.beta, ctx.eps, ctx.dtype)
+    return grad, None, None, None
 
 
-def _contractive_forward_fake(h, weight):
-    return h.new_empty(()), _stats(h, h.shape[1]), _stats(h, h.shape[1])
+kernel(
+    "kl_sparsity_forward(Tensor a, float rho, float beta, float eps) -> (Tensor penalty, Tensor rho_hat)",
+    fake=lambda a, rho, beta, eps: (a.new_empty(()), _stats(a, a.shape[1])),
+    reference=lambda a, rho, beta, eps: (reference.kl_sparsity(a, rho, beta), None),
+    native=CPP,
+    triton=lambda a, rho, beta, eps: _triton().kl_sparsity_forward(a, rho, beta, eps),
+    setup=_kl_setup, backward=_kl_backward,
+)
+kernel(
+    "kl_sparsity_backward(Tensor grad_penalty, Tensor rho_hat, SymInt batch, float rho, float beta, "
+    "float eps, ScalarType dtype) -> Tensor",
+    fake=lambda grad_penalty, rho_hat, batch, rho, beta, eps, dtype: rho_hat.new_empty(
+        (batch, rho_hat.shape[0]), dtype=dtype),
+    reference=None,
+    native=CPP,
+    triton=lambda grad_penalty, rho_hat, batch, rho, beta, eps, dtype: _triton().kl_sparsity_backward(
+        grad_penalty, rho_hat, batch, rho, beta, eps, dtype),
+)
 
 
-def _contractive_backward_fake(grad_penalty, h, weight, s2, w2):
-    return (
-        torch.empty_like(h, memory_format=torch.contiguous_format),
-        torch.empty_like(weight, memory_format=torch.contiguous_format),
-    )
+def _sigmoid_kl_setup(ctx, inputs, output):
+    _, ctx.rho, ctx.beta, ctx.eps = inputs
+    h, _, rho_hat = output
+    ctx.save_for_backward(h, rho_hat)
 
 
-def _register(ops: FamilyOps) -> None:
-    torch.library.register_fake(ops.kl_forward)(_kl_forward_fake)
-    torch.library.register_fake(ops.kl_backward)(_kl_backward_fake)
-    torch.library.register_fake(ops.sigmoid_kl_forward)(_sigmoid_kl_forward_fake)
-    torch.library.register_fake(ops.sigmoid_kl_backward)(_sigmoid_kl_backward_fake)
-    torch.library.register_fake(ops.contractive_forward)(_contractive_forward_fake)
-    torch.library.register_fake(ops.contractive_backward)(_contractive_backward_fake)
+def _sigmoid_kl_backward(ops, ctx, grad_h, grad_penalty, _grad_rho_hat):
+    h, rho_hat = ctx.saved_tensors
+    grad = ops.sigmoid_kl_sparsity_backward(grad_h, grad_penalty, h, rho_hat, ctx.rho, ctx.beta, ctx.eps)
+    return grad, None, None, None
 
-    def kl_setup(ctx, inputs, output):
-        a, ctx.rho, ctx.beta = inputs
-        ctx.batch, ctx.dtype = a.shape[0], a.dtype
-        ctx.save_for_backward(output[1])
 
-    def kl_backward(ctx, grad_penalty, _grad_rho_hat):
-        (rho_hat,) = ctx.saved_tensors
-        grad = ops.kl_backward(grad_penalty, rho_hat, ctx.batch, ctx.rho, ctx.beta, ctx.dtype)
-        return grad, None, None
+kernel(
+    "sigmoid_kl_sparsity_forward(Tensor z, float rho, float beta, float eps) "
+    "-> (Tensor h, Tensor penalty, Tensor rho_hat)",
+    fake=lambda z, rho, beta, eps: (_dense_like(z), z.new_empty(()), _stats(z, z.shape[1])),
+    reference=lambda z, rho, beta, eps: (*reference.sigmoid_kl_sparsity(z, rho, beta), None),
+    native=CPP,
+    triton=lambda z, rho, beta, eps: _triton().sigmoid_kl_sparsity_forward(z, rho, beta, eps),
+    setup=_sigmoid_kl_setup, backward=_sigmoid_kl_backward,
+)
+kernel(
+    "sigmoid_kl_sparsity_backward(Tensor grad_h, Tensor grad_penalty, Tensor h, Tensor rho_hat, float rho, "
+    "float beta, float eps) -> Tensor",
+    fake=lambda grad_h, grad_penalty, h, rho_hat, rho, beta, eps: _dense_like(h),
+    reference=None,
+    native=CPP,
+    triton=lambda grad_h, grad_penalty, h, rho_hat, rho, beta, eps: _triton().sigmoid_kl_sparsity_backward(
+        grad_h, grad_penalty, h, rho_hat, rho, beta, eps),
+)
 
-    def sigmoid_kl_setup(ctx, inputs, output):
-        _, ctx.rho, ctx.beta = inputs
-        h, _, rho_hat = output
-        ctx.save_for_backward(h, rho_hat)
 
-    def sigmoid_kl_backward(ctx, grad_h, grad_penalty, _grad_rho_hat):
-        h, rho_hat = ctx.saved_tensors
-        grad = ops.sigmoid_kl_backward(grad_h, grad_penalty, h, rho_hat, ctx.rho, ctx.beta)
-        return grad, None, None
+def _contractive_setup(ctx, inputs, output):
+    h, weight = inputs
+    ctx.save_for_backward(h, weight, output[1], output[2])
 
-    def contractive_setup(ctx, inputs, output):
-        h, weight = inputs
-        ctx.save_for_backward(h, weight, output[1], output[2])
 
-    def contractive_backward(ctx, grad_penalty, _grad_s2, _grad_w2):
-        grad_h, grad_weight = ops.contractive_backward(grad_penalty, *ctx.saved_tensors)
-        return (
-            grad_h if ctx.needs_input_grad[0] else None,
-            grad_weight if ctx.needs_input_grad[1] else None,
+def _contractive_backward(ops, ctx, grad_penalty, _grad_s2, _grad_w2):
+    grad_h, grad_weight = ops.contractive_penalty_backward(grad_penalty, *ctx.saved_tensors)
+    return (grad_h if ctx.needs_input_grad[0] else None, grad_weight if ctx.needs_input_grad[1] else None)
+
+
+# s2: per unit the sum over the batch of (h (1 - h))^2; w2: the weight's squared row norms.
+kernel(
+    "contractive_penalty_forward(Tensor h, Tensor weight) -> (Tensor penalty, Tensor s2, Tensor w2)",
+    fake=lambda h, weight: (h.new_empty(()), _stats(h, h.shape[1]), _stats(h, h.shape[1])),
+    reference=lambda h, weight: (reference.contractive_penalty(h, weight), None, None),
+    native=CPP,
+    triton=lambda h, weight: _triton().contractive_penalty_forward(h, weight),
+    setup=_contractive_setup, backward=_contractive_backward,
+)
+kernel(
+    "contractive_penalty_backward(Tensor grad_penalty, Tensor h, Tensor weight, Tensor s2, Tensor w2) "
+    "-> (Tensor grad_h, Tensor grad_weight)",
+    fake=lambda grad_penalty, h, weight, s2, w2: (_dense_like(h), _dense_like(weight)),
+    reference=None,
+    native=CPP,
+    triton=lambda grad_penalty, h, weight, s2, w2: _triton().contractive_penalty_backward(
+        grad_penalty, h, weight, s2, w2),
+)
+
+
+# ---------------------------------------------------------------- checks
+
+_RHO_BETA = (argument("rho", check_open_unit), argument("beta", check_nonnegative))
+
+
+def _contractive_inputs(args: dict) -> None:
+    h, weight = args["h"], args["weight"]
+    check_matrix(h, "h")
+    # Under autocast h and weight may come in different dtypes: both in the wider.
+    if torch.is_autocast_enabled(h.device.type) and isinstance(weight, Tensor) and weight.dtype != h.dtype:
+        wide = torch.promote_types(h.dtype, weight.dtype)
+        args["h"], args["weight"] = h, weight = h.to(wide), weight.to(wide)
+    if not isinstance(weight, Tensor) or weight.dim() != 2 or weight.shape[0] != h.shape[1]:
+        shape = tuple(weight.shape) if isinstance(weight, Tensor) else type(weight).__name__
+        raise ValueError(f"weight must be 2-D of shape (H={h.shape[1]}, D), got {shape}")
+    if weight.dtype != h.dtype or weight.device != h.device:
+        raise ValueError(
+            f"weight must have h's dtype and device ({h.dtype}, {h.device}), got {weight.dtype} on {weight.device}"
         )
 
-    torch.library.register_autograd(ops.kl_forward, kl_backward, setup_context=kl_setup)
-    torch.library.register_autograd(
-        ops.sigmoid_kl_forward, sigmoid_kl_backward, setup_context=sigmoid_kl_setup
-    )
-    torch.library.register_autograd(
-        ops.contractive_forward, contractive_backward, setup_context=contractive_setup
-    )
+
+# ---------------------------------------------------------------- benchmark cases
+
+RHO, BETA = 0.05, 3.0
 
 
-for _ops in {id(o): o for o in OPS.values()}.values():
-    _register(_ops)
+def _unit_interval(rows, cols, dtype, device):
+    return torch.empty(rows, cols, device=device).uniform_(0.02, 0.98).to(dtype)
 
 
-# ------------------------------------------------------------ public functions
+def _nbytes(*tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
 
 
-def _check_kl(x: Tensor, name: str, rho, beta) -> tuple[float, float]:
-    check_matrix(x, name)
-    return check_open_unit(rho, "rho"), check_nonnegative(beta, "beta")
+# ---------------------------------------------------------------- public API
 
 
-def kl_sparsity(a: Tensor, rho: float, beta: float = 1.0, *, group=None) -> Tensor:
+@operator(
+    uses=("kl_sparsity_forward",),
+    checks=(argument("a", check_matrix), *_RHO_BETA),
+    bench=Bench(
+        make=lambda r, c, dtype, device: {"a": _unit_interval(r, c, dtype, device)},
+        call=lambda op, a: op(a, RHO, BETA),
+        reference=lambda a: reference.kl_sparsity(a, RHO, BETA),
+        bytes_moved=lambda inputs, backward: _nbytes(inputs["a"]) * (2 if backward else 1),
+        differentiable=("a",),
+    ),
+)
+def kl_sparsity(ops, a: Tensor, rho: float, beta: float = 1.0, *, group=None) -> Tensor:
     """Sparse-autoencoder penalty ``beta * sum_j KL(rho || rho_hat_j)``.
 
     ``rho_hat_j = mean_i a[i, j]`` is the mean activation of unit j over the batch
@@ -205,54 +188,52 @@ def kl_sparsity(a: Tensor, rho: float, beta: float = 1.0, *, group=None) -> Tens
     With ``group`` (a torch.distributed process group), rho_hat is the mean over the
     global batch of all ranks, as if one process saw the whole batch.
     """
-    rho, beta = _check_kl(a, "a", rho, beta)
     if group is not None:
         rho_hat = global_column_mean(a, group)
         return reference.kl_penalty_from_rho_hat(rho_hat, rho, beta).to(a.dtype)
-    name = backends.resolve(a.device, "kl_sparsity")
-    if name == "reference":
-        return reference.kl_sparsity(a, rho, beta)
-    return OPS[name].kl_forward(a, rho, beta)[0]
+    return ops.kl_sparsity_forward(a, rho, beta, RHO_HAT_EPS)[0]
 
 
-def sigmoid_kl_sparsity(
-    z: Tensor, rho: float, beta: float = 1.0, *, group=None
-) -> tuple[Tensor, Tensor]:
+@operator(
+    uses=("sigmoid_kl_sparsity_forward",),
+    checks=(argument("z", check_matrix), *_RHO_BETA),
+    bench=Bench(
+        make=lambda r, c, dtype, device: {"z": torch.randn(r, c, device=device).to(dtype)},
+        call=lambda op, z: op(z, RHO, BETA),
+        reference=lambda z: reference.sigmoid_kl_sparsity(z, RHO, BETA),
+        bytes_moved=lambda inputs, backward: _nbytes(inputs["z"]) * (5 if backward else 2),
+        differentiable=("z",),
+    ),
+)
+def sigmoid_kl_sparsity(ops, z: Tensor, rho: float, beta: float = 1.0, *, group=None) -> tuple[Tensor, Tensor]:
     """``h = sigmoid(z)`` fused with ``kl_sparsity(h, rho, beta)``: returns (h, penalty).
 
     The forward reads z once and writes h; the backward reads h and the gradient of
     h once and writes the gradient of z, the sigmoid derivative fused in.
     """
-    rho, beta = _check_kl(z, "z", rho, beta)
     if group is not None:
         h = torch.sigmoid(z)
         return h, kl_sparsity(h, rho, beta, group=group)
-    name = backends.resolve(z.device, "sigmoid_kl_sparsity")
-    if name == "reference":
-        return reference.sigmoid_kl_sparsity(z, rho, beta)
-    h, penalty, _ = OPS[name].sigmoid_kl_forward(z, rho, beta)
+    h, penalty, _ = ops.sigmoid_kl_sparsity_forward(z, rho, beta, RHO_HAT_EPS)
     return h, penalty
 
 
-def contractive_penalty(h: Tensor, weight: Tensor) -> Tensor:
+@operator(
+    uses=("contractive_penalty_forward",),
+    checks=(_contractive_inputs,),
+    bench=Bench(
+        make=lambda r, c, dtype, device: {
+            "h": _unit_interval(r, c, dtype, device), "weight": torch.randn(c, 784, device=device).to(dtype)},
+        call=lambda op, h, weight: op(h, weight),
+        reference=reference.contractive_penalty,
+        bytes_moved=lambda inputs, backward: _nbytes(inputs["h"], inputs["weight"]) * (3 if backward else 1),
+        differentiable=("h", "weight"),
+    ),
+)
+def contractive_penalty(ops, h: Tensor, weight: Tensor) -> Tensor:
     """Contractive-autoencoder penalty for sigmoid units h = sigmoid(x W^T + b):
     ``sum_i sum_j (h_ij (1 - h_ij))^2 * ||W_j||^2``, the squared Frobenius norm of the
     encoder Jacobian summed over the batch. h of shape (B, H), weight W of shape (H, D)
     (an nn.Linear's weight). Returns a 0-dim tensor of h's dtype (of the wider of the
     two under autocast, which may hand over h and weight in different dtypes)."""
-    check_matrix(h, "h")
-    if torch.is_autocast_enabled(h.device.type) and isinstance(weight, Tensor) and weight.dtype != h.dtype:
-        wide = torch.promote_types(h.dtype, weight.dtype)
-        h, weight = h.to(wide), weight.to(wide)
-    if not isinstance(weight, Tensor) or weight.dim() != 2 or weight.shape[0] != h.shape[1]:
-        shape = tuple(weight.shape) if isinstance(weight, Tensor) else type(weight).__name__
-        raise ValueError(f"weight must be 2-D of shape (H={h.shape[1]}, D), got {shape}")
-    if weight.dtype != h.dtype or weight.device != h.device:
-        raise ValueError(
-            f"weight must have h's dtype and device ({h.dtype}, {h.device}), "
-            f"got {weight.dtype} on {weight.device}"
-        )
-    name = backends.resolve(h.device, "contractive_penalty")
-    if name == "reference":
-        return reference.contractive_penalty(h, weight)
-    return OPS[name].contractive_forward(h, weight)[0]
+    return ops.contractive_penalty_forward(h, weight)[0]

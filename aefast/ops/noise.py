@@ -7,24 +7,24 @@ numbers. The seed travels as a 0-dim int64 tensor on the input's device, made
 there by a fill (seed_tensor): no host-to-device copy waits for the GPU, and
 torch.compile traces it.
 
-C++ ops (csrc/ops.cpp; CPU and CUDA kernels) and Triton ops (custom ops below)
-share signatures, fake implementations and autograd formulas. noisy_linear is a
-Python op on either side: with the C++ kernels it is corrupt + F.linear with a
-backward that regenerates corrupt(x); with Triton, one matmul kernel corrupts the
-tiles of x as it loads them.
+Kernels: csrc/cpu/noise.cpp, csrc/cuda/noise.cu, triton_kernels/noise.py.
+noisy_linear is a Python composite for cpp and cuda (the C++ corrupt, then
+F.linear, with a backward that regenerates corrupt(x)); with Triton, one matmul
+kernel corrupts the tiles of x as it loads them.
 """
 
 from __future__ import annotations
 
 import numbers
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from aefast import backends, reference
+from aefast import reference
+from aefast.ops._declare import CPP, Bench, kernel, kernels, operator
 from aefast.ops.checks import (
+    argument,
     autocast_inputs,
     check_finite,
     check_float_dtype,
@@ -34,195 +34,147 @@ from aefast.ops.checks import (
 
 KINDS = reference.CORRUPTION_KINDS
 
-# ---------------------------------------------------------------- Triton ops
-
 
 def _triton():
-    from aefast.triton_kernels import noise as kernels
+    from aefast.triton_kernels import noise
 
-    return kernels
-
-
-@torch.library.custom_op("aefast::corrupt_triton", mutates_args=())
-def _corrupt_triton(x: Tensor, kind: str, level: float, seed: Tensor, low: float, high: float) -> Tensor:
-    return _triton().corrupt(x, kind, level, seed, low, high)
+    return noise
 
 
-@torch.library.custom_op("aefast::reparameterize_forward_triton", mutates_args=())
-def _reparameterize_forward_triton(mu: Tensor, logvar: Tensor, seed: Tensor) -> tuple[Tensor, Tensor]:
-    return _triton().reparameterize_forward(mu, logvar, seed)
-
-
-@torch.library.custom_op("aefast::reparameterize_backward_triton", mutates_args=())
-def _reparameterize_backward_triton(
-    grad_z: Tensor, grad_kl: Tensor, mu: Tensor, logvar: Tensor, seed: Tensor
-) -> tuple[Tensor, Tensor]:
-    return _triton().reparameterize_backward(grad_z, grad_kl, mu, logvar, seed)
-
-
-@torch.library.custom_op("aefast::noisy_linear_triton", mutates_args=())
-def _noisy_linear_triton(
-    x: Tensor, weight: Tensor, bias: Tensor | None, kind: str, level: float, seed: Tensor,
-    low: float, high: float,
-) -> Tensor:
-    return _triton().noisy_linear_forward(x, weight, bias, kind, level, seed, low, high)
-
-
-@torch.library.custom_op("aefast::noisy_linear_grad_input_triton", mutates_args=())
-def _noisy_linear_grad_input_triton(
-    grad_out: Tensor, weight: Tensor, kind: str, level: float, seed: Tensor
-) -> Tensor:
-    return _triton().noisy_linear_grad_input(grad_out, weight, kind, level, seed)
-
-
-@torch.library.custom_op("aefast::noisy_linear_grad_weight_triton", mutates_args=())
-def _noisy_linear_grad_weight_triton(
-    grad_out: Tensor, x: Tensor, kind: str, level: float, seed: Tensor, low: float, high: float
-) -> Tensor:
-    return _triton().noisy_linear_grad_weight(grad_out, x, kind, level, seed, low, high)
-
-
-# ------------------------------------------ noisy_linear over the C++ corrupt op
-
-
-def _corrupt_grad(corrupt_op, grad: Tensor, kind: str, level: float, seed: Tensor) -> Tensor:
-    """The gradient through corrupt: identity for gaussian; otherwise the same mask
-    (and dropout's scale) applied to the gradient: corrupt with low = high = 0."""
-    return grad if kind == "gaussian" else corrupt_op(grad, kind, level, seed, 0.0, 0.0)
-
-
-@torch.library.custom_op("aefast::noisy_linear", mutates_args=())
-def _noisy_linear_cpp(
-    x: Tensor, weight: Tensor, bias: Tensor | None, kind: str, level: float, seed: Tensor,
-    low: float, high: float,
-) -> Tensor:
-    # The corrupted input lives only until the matmul returns; it is not saved.
-    return F.linear(torch.ops.aefast.corrupt(x, kind, level, seed, low, high), weight, bias)
-
-
-@torch.library.custom_op("aefast::noisy_linear_grad_input", mutates_args=())
-def _noisy_linear_grad_input_cpp(grad_out: Tensor, weight: Tensor, kind: str, level: float, seed: Tensor) -> Tensor:
-    return _corrupt_grad(torch.ops.aefast.corrupt, grad_out.to(weight.dtype) @ weight, kind, level, seed)
-
-
-@torch.library.custom_op("aefast::noisy_linear_grad_weight", mutates_args=())
-def _noisy_linear_grad_weight_cpp(
-    grad_out: Tensor, x: Tensor, kind: str, level: float, seed: Tensor, low: float, high: float
-) -> Tensor:
-    return grad_out.to(x.dtype).t() @ torch.ops.aefast.corrupt(x, kind, level, seed, low, high)
-
-
-# ------------------------------------------- fake implementations and autograd
-
-
-@dataclass(frozen=True)
-class FamilyOps:
-    """The operators of one backend."""
-
-    corrupt: object
-    reparameterize_forward: object
-    reparameterize_backward: object
-    noisy_linear: object
-    noisy_linear_grad_input: object
-    noisy_linear_grad_weight: object
-
-
-OPS: dict[str, FamilyOps] = {
-    "triton": FamilyOps(
-        torch.ops.aefast.corrupt_triton.default,
-        torch.ops.aefast.reparameterize_forward_triton.default,
-        torch.ops.aefast.reparameterize_backward_triton.default,
-        torch.ops.aefast.noisy_linear_triton.default,
-        torch.ops.aefast.noisy_linear_grad_input_triton.default,
-        torch.ops.aefast.noisy_linear_grad_weight_triton.default,
-    )
-}
-if backends.CPP_BUILT:  # one C++ op serves both: the dispatcher picks the CPU or CUDA kernel
-    OPS["cpp"] = OPS["cuda"] = FamilyOps(
-        torch.ops.aefast.corrupt.default,
-        torch.ops.aefast.reparameterize_forward.default,
-        torch.ops.aefast.reparameterize_backward.default,
-        torch.ops.aefast.noisy_linear.default,
-        torch.ops.aefast.noisy_linear_grad_input.default,
-        torch.ops.aefast.noisy_linear_grad_weight.default,
-    )
+def _kind(kind: str) -> int:
+    """The kind as the Triton kernels take it: its index in KINDS."""
+    return KINDS.index(kind)
 
 
 def _dense_like(t: Tensor) -> Tensor:
     return torch.empty_like(t, memory_format=torch.contiguous_format)
 
 
-def _register(ops: FamilyOps) -> None:
-    torch.library.register_fake(ops.corrupt)(lambda x, kind, level, seed, low, high: _dense_like(x))
-    torch.library.register_fake(ops.reparameterize_forward)(
-        lambda mu, logvar, seed: (_dense_like(mu), mu.new_empty(()))
+def _corrupt_grad(corrupt, grad: Tensor, kind: str, level: float, seed: Tensor) -> Tensor:
+    """The gradient through corrupt: identity for gaussian; otherwise the same mask
+    (and dropout's scale) applied to the gradient: corrupt with low = high = 0."""
+    return grad if kind == "gaussian" else corrupt(grad, kind, level, seed, 0.0, 0.0)
+
+
+# ---------------------------------------------------------------- kernels
+
+
+def _corrupt_setup(ctx, inputs, output):
+    _, ctx.kind, ctx.level, seed, _, _ = inputs
+    ctx.save_for_backward(seed)
+
+
+def _corrupt_backward(ops, ctx, grad):
+    (seed,) = ctx.saved_tensors
+    return _corrupt_grad(ops.corrupt, grad, ctx.kind, ctx.level, seed), None, None, None, None, None
+
+
+# kind is gaussian, masking, salt_pepper or dropout; seed a 0-dim int64 tensor on the
+# input's device. The backward is corrupt itself applied to the gradient (same seed,
+# same mask).
+kernel(
+    "corrupt(Tensor x, str kind, float level, Tensor seed, float low, float high) -> Tensor",
+    fake=lambda x, kind, level, seed, low, high: _dense_like(x),
+    reference=reference.corrupt,
+    native=CPP,
+    triton=lambda x, kind, level, seed, low, high: _triton().corrupt(x, _kind(kind), level, seed, low, high),
+    setup=_corrupt_setup, backward=_corrupt_backward,
+)
+
+
+def _reparameterize_setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)  # mu, logvar, seed: eps is regenerated
+
+
+def _reparameterize_backward(ops, ctx, grad_z, grad_kl):
+    grad_mu, grad_logvar = ops.reparameterize_backward(grad_z, grad_kl, *ctx.saved_tensors)
+    return grad_mu, grad_logvar, None
+
+
+# z = mu + eps * exp(logvar / 2); kl = batch mean of -1/2 sum(1 + logvar - mu^2 - exp(logvar)).
+kernel(
+    "reparameterize_forward(Tensor mu, Tensor logvar, Tensor seed) -> (Tensor z, Tensor kl)",
+    fake=lambda mu, logvar, seed: (_dense_like(mu), mu.new_empty(())),
+    reference=reference.reparameterize,
+    native=CPP,
+    triton=lambda mu, logvar, seed: _triton().reparameterize_forward(mu, logvar, seed),
+    setup=_reparameterize_setup, backward=_reparameterize_backward,
+)
+kernel(
+    "reparameterize_backward(Tensor grad_z, Tensor grad_kl, Tensor mu, Tensor logvar, Tensor seed) "
+    "-> (Tensor grad_mu, Tensor grad_logvar)",
+    fake=lambda grad_z, grad_kl, mu, logvar, seed: (_dense_like(mu), _dense_like(mu)),
+    reference=None,
+    native=CPP,
+    triton=lambda grad_z, grad_kl, mu, logvar, seed: _triton().reparameterize_backward(
+        grad_z, grad_kl, mu, logvar, seed),
+)
+
+
+def _noisy_linear_composite(x, weight, bias, kind, level, seed, low, high):
+    # The corrupted input lives only until the matmul returns; it is not saved.
+    return F.linear(kernels("cpp").corrupt(x, kind, level, seed, low, high), weight, bias)
+
+
+def _noisy_linear_grad_input_composite(grad_out, weight, kind, level, seed):
+    return _corrupt_grad(kernels("cpp").corrupt, grad_out.to(weight.dtype) @ weight, kind, level, seed)
+
+
+def _noisy_linear_grad_weight_composite(grad_out, x, kind, level, seed, low, high):
+    return grad_out.to(x.dtype).t() @ kernels("cpp").corrupt(x, kind, level, seed, low, high)
+
+
+def _noisy_linear_setup(ctx, inputs, output):
+    x, weight, bias, ctx.kind, ctx.level, seed, ctx.low, ctx.high = inputs
+    ctx.has_bias = bias is not None
+    ctx.save_for_backward(x, weight, seed)  # never the corrupted x
+
+
+def _noisy_linear_backward(ops, ctx, grad_out):
+    x, weight, seed = ctx.saved_tensors
+    need_x, need_weight, need_bias = ctx.needs_input_grad[:3]
+    grad_x = ops.noisy_linear_grad_input(grad_out, weight, ctx.kind, ctx.level, seed) if need_x else None
+    grad_weight = (
+        ops.noisy_linear_grad_weight(grad_out, x, ctx.kind, ctx.level, seed, ctx.low, ctx.high)
+        if need_weight else None
     )
-    torch.library.register_fake(ops.reparameterize_backward)(
-        lambda grad_z, grad_kl, mu, logvar, seed: (_dense_like(mu), _dense_like(mu))
-    )
-    torch.library.register_fake(ops.noisy_linear)(
-        lambda x, weight, bias, kind, level, seed, low, high: x.new_empty((x.shape[0], weight.shape[0]))
-    )
-    torch.library.register_fake(ops.noisy_linear_grad_input)(
-        lambda grad_out, weight, kind, level, seed: grad_out.new_empty((grad_out.shape[0], weight.shape[1]),
-                                                                      dtype=weight.dtype)
-    )
-    torch.library.register_fake(ops.noisy_linear_grad_weight)(
-        lambda grad_out, x, kind, level, seed, low, high: x.new_empty((grad_out.shape[1], x.shape[1]))
-    )
-
-    def corrupt_setup(ctx, inputs, output):
-        _, ctx.kind, ctx.level, seed, _, _ = inputs
-        ctx.save_for_backward(seed)
-
-    def corrupt_backward(ctx, grad):
-        (seed,) = ctx.saved_tensors
-        return _corrupt_grad(ops.corrupt, grad, ctx.kind, ctx.level, seed), None, None, None, None, None
-
-    def reparameterize_setup(ctx, inputs, output):
-        ctx.save_for_backward(*inputs)  # mu, logvar, seed: eps is regenerated
-
-    def reparameterize_backward(ctx, grad_z, grad_kl):
-        grad_mu, grad_logvar = ops.reparameterize_backward(grad_z, grad_kl, *ctx.saved_tensors)
-        return grad_mu, grad_logvar, None
-
-    def noisy_linear_setup(ctx, inputs, output):
-        x, weight, bias, ctx.kind, ctx.level, seed, ctx.low, ctx.high = inputs
-        ctx.has_bias = bias is not None
-        ctx.save_for_backward(x, weight, seed)  # never the corrupted x
-
-    def noisy_linear_backward(ctx, grad_out):
-        x, weight, seed = ctx.saved_tensors
-        need_x, need_weight, need_bias = ctx.needs_input_grad[:3]
-        grad_x = ops.noisy_linear_grad_input(grad_out, weight, ctx.kind, ctx.level, seed) if need_x else None
-        grad_weight = (
-            ops.noisy_linear_grad_weight(grad_out, x, ctx.kind, ctx.level, seed, ctx.low, ctx.high)
-            if need_weight else None
-        )
-        grad_bias = grad_out.sum(0).to(x.dtype) if ctx.has_bias and need_bias else None
-        return grad_x, grad_weight, grad_bias, None, None, None, None, None
-
-    torch.library.register_autograd(ops.corrupt, corrupt_backward, setup_context=corrupt_setup)
-    torch.library.register_autograd(
-        ops.reparameterize_forward, reparameterize_backward, setup_context=reparameterize_setup
-    )
-    torch.library.register_autograd(
-        ops.noisy_linear, noisy_linear_backward, setup_context=noisy_linear_setup
-    )
+    grad_bias = grad_out.sum(0).to(x.dtype) if ctx.has_bias and need_bias else None
+    return grad_x, grad_weight, grad_bias, None, None, None, None, None
 
 
-for _ops in {id(o): o for o in OPS.values()}.values():
-    _register(_ops)
+kernel(
+    "noisy_linear(Tensor x, Tensor weight, Tensor? bias, str kind, float level, Tensor seed, float low, "
+    "float high) -> Tensor",
+    fake=lambda x, weight, bias, kind, level, seed, low, high: x.new_empty((x.shape[0], weight.shape[0])),
+    reference=reference.noisy_linear,
+    native=_noisy_linear_composite,
+    triton=lambda x, weight, bias, kind, level, seed, low, high: _triton().noisy_linear_forward(
+        x, weight, bias, _kind(kind), level, seed, low, high),
+    setup=_noisy_linear_setup, backward=_noisy_linear_backward,
+)
+kernel(
+    "noisy_linear_grad_input(Tensor grad_out, Tensor weight, str kind, float level, Tensor seed) -> Tensor",
+    fake=lambda grad_out, weight, kind, level, seed: grad_out.new_empty(
+        (grad_out.shape[0], weight.shape[1]), dtype=weight.dtype),
+    reference=None,
+    native=_noisy_linear_grad_input_composite,
+    triton=lambda grad_out, weight, kind, level, seed: _triton().noisy_linear_grad_input(
+        grad_out, weight, _kind(kind), level, seed),
+)
+kernel(
+    "noisy_linear_grad_weight(Tensor grad_out, Tensor x, str kind, float level, Tensor seed, float low, "
+    "float high) -> Tensor",
+    fake=lambda grad_out, x, kind, level, seed, low, high: x.new_empty((grad_out.shape[1], x.shape[1])),
+    reference=None,
+    native=_noisy_linear_grad_weight_composite,
+    triton=lambda grad_out, x, kind, level, seed, low, high: _triton().noisy_linear_grad_weight(
+        grad_out, x, _kind(kind), level, seed, low, high),
+)
 
 
-# ------------------------------------------------------------------ checks
+# ---------------------------------------------------------------- checks
 
 SEED_RANGE = 2**63  # seeds are 0 <= seed < 2^63 (a 64-bit Philox key)
-
-
-def _check_float_tensor(t, name: str) -> None:
-    check_tensor(t, name)
-    check_float_dtype(t, name)
 
 
 def check_kind_level(kind, level) -> float:
@@ -256,16 +208,88 @@ def seed_tensor(seed, device: torch.device) -> Tensor:
     return torch.full((), int(seed), dtype=torch.long, device=device)
 
 
-def _resolve(device: torch.device, op: str) -> str:
-    # On GPU the fused Triton matmul is the point of noisy_linear: it comes first.
-    preference = ("triton", "cuda") if op == "noisy_linear" else None
-    return backends.resolve(device, op, tuple(OPS), gpu_preference=preference)
+def _float_tensor(name: str):
+    def check(t, name):
+        check_tensor(t, name)
+        check_float_dtype(t, name)
+
+    return argument(name, check)
 
 
-# --------------------------------------------------------------- public API
+def _noise_params(on: str):
+    """kind and level, low and high, and the seed made a tensor on the device of `on`."""
+
+    def check(args: dict) -> None:
+        args["level"] = check_kind_level(args["kind"], args["level"])
+        args["low"], args["high"] = check_finite(args["low"], "low"), check_finite(args["high"], "high")
+        args["seed"] = seed_tensor(args["seed"], args[on].device)
+
+    return check
 
 
-def corrupt(x: Tensor, kind: str, level: float, *, seed=None, low: float = 0.0, high: float = 1.0) -> Tensor:
+def _linear_inputs(args: dict) -> None:
+    x = args["x"]
+    args["x"], args["weight"], args["bias"] = x, weight, bias = autocast_inputs(
+        x.device, x, args["weight"], args["bias"])
+    if x.dim() < 1 or x.numel() == 0:
+        raise ValueError(f"x must be non-empty with at least 1 dimension, got shape {tuple(x.shape)}")
+    check_linear_params(x, weight, bias, "O")
+
+
+def _gaussian_params(args: dict) -> None:
+    mu, logvar = args["mu"], args["logvar"]
+    if mu.dim() != 2 or mu.numel() == 0:
+        raise ValueError(f"mu must be a non-empty 2-D (batch, latent) tensor, got shape {tuple(mu.shape)}")
+    if logvar.shape != mu.shape or logvar.dtype != mu.dtype or logvar.device != mu.device:
+        raise ValueError(
+            f"logvar must match mu's shape, dtype and device ({tuple(mu.shape)}, {mu.dtype}, {mu.device}), "
+            f"got {tuple(logvar.shape)}, {logvar.dtype}, {logvar.device}"
+        )
+    args["seed"] = seed_tensor(args["seed"], mu.device)
+
+
+# ---------------------------------------------------------------- benchmark cases
+
+LEVEL, SEED = 0.3, 1
+
+
+def _nbytes(*tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def _seed(device) -> Tensor:
+    return torch.tensor(SEED, device=device)
+
+
+def _linear_case_inputs(rows, cols, dtype, device):
+    return {
+        "x": torch.rand(rows, cols, device=device).to(dtype),
+        "weight": (torch.randn(cols // 4, cols, device=device) * cols**-0.5).to(dtype),
+        "bias": torch.zeros(cols // 4, device=device).to(dtype),
+    }
+
+
+def _linear_bytes(inputs, backward):
+    x, weight = inputs["x"], inputs["weight"]
+    out = x.shape[0] * weight.shape[0] * x.element_size()
+    return _nbytes(x, weight) + out + ((out + 2 * _nbytes(x, weight)) if backward else 0)
+
+
+# ---------------------------------------------------------------- public API
+
+
+@operator(
+    uses=("corrupt",),
+    checks=(_float_tensor("x"), _noise_params("x")),
+    bench=Bench(
+        make=lambda r, c, dtype, device: {"x": torch.rand(r, c, device=device).to(dtype)},
+        call=lambda op, x: op(x, "masking", LEVEL, seed=SEED),
+        reference=lambda x: reference.corrupt(x, "masking", LEVEL, _seed(x.device)),
+        bytes_moved=lambda inputs, backward: _nbytes(inputs["x"]) * (4 if backward else 2),
+        differentiable=("x",), compile_reference=False,
+    ),
+)
+def corrupt(ops, x: Tensor, kind: str, level: float, *, seed=None, low: float = 0.0, high: float = 1.0) -> Tensor:
     """Corrupt x (any shape) for a denoising autoencoder:
 
     - ``gaussian``: ``x + level * N(0, 1)``;
@@ -277,58 +301,48 @@ def corrupt(x: Tensor, kind: str, level: float, *, seed=None, low: float = 0.0, 
     float32(level); the same seed gives the same mask on every backend. The backward
     regenerates the mask from the seed: nothing else is saved. ``seed=None`` draws
     the seed from torch's default generator (``torch.manual_seed`` reproduces it)."""
-    _check_float_tensor(x, "x")
-    level = check_kind_level(kind, level)
-    low, high = check_finite(low, "low"), check_finite(high, "high")
-    seed = seed_tensor(seed, x.device)
-    name = _resolve(x.device, "corrupt")
-    if name == "reference":
-        return reference.corrupt(x, kind, level, seed, low, high)
-    return OPS[name].corrupt(x, kind, level, seed, low, high)
+    return ops.corrupt(x, kind, level, seed, low, high)
 
 
-def noisy_linear(
-    x: Tensor, weight: Tensor, bias: Tensor | None, kind: str, level: float, *, seed=None,
-    low: float = 0.0, high: float = 1.0,
-) -> Tensor:
+@operator(
+    uses=("noisy_linear",),
+    checks=(_float_tensor("x"), _linear_inputs, _noise_params("x")),
+    # On GPU the fused Triton matmul is the point of noisy_linear: it comes first.
+    gpu_preference=("triton", "cuda"),
+    bench=Bench(
+        make=_linear_case_inputs,
+        call=lambda op, x, weight, bias: op(x, weight, bias, "masking", LEVEL, seed=SEED),
+        reference=lambda x, weight, bias: reference.noisy_linear(x, weight, bias, "masking", LEVEL, _seed(x.device)),
+        bytes_moved=_linear_bytes, differentiable=("x", "weight", "bias"), compile_reference=False,
+    ),
+)
+def noisy_linear(ops, x: Tensor, weight: Tensor, bias: Tensor | None, kind: str, level: float, *, seed=None,
+                 low: float = 0.0, high: float = 1.0) -> Tensor:
     """``F.linear(corrupt(x, kind, level, seed=seed), weight, bias)`` without storing
     the corrupted input: autograd saves x, weight and the seed, and the backward
     regenerates corrupt(x). x (..., D), weight (O, D), bias (O,) or None. On GPU with
     the Triton backend the corruption happens inside the matmul's loads of x. Under
     autocast, x, weight and bias run in the autocast dtype, as for F.linear."""
-    _check_float_tensor(x, "x")
-    x, weight, bias = autocast_inputs(x.device, x, weight, bias)
-    if x.dim() < 1 or x.numel() == 0:
-        raise ValueError(f"x must be non-empty with at least 1 dimension, got shape {tuple(x.shape)}")
-    check_linear_params(x, weight, bias, "O")
-    level = check_kind_level(kind, level)
-    low, high = check_finite(low, "low"), check_finite(high, "high")
-    seed = seed_tensor(seed, x.device)
     rows = x.reshape(-1, x.shape[-1])  # row-major indices of x are those of its rows
-    name = _resolve(x.device, "noisy_linear")
-    if name == "reference":
-        out = reference.noisy_linear(rows, weight, bias, kind, level, seed, low, high)
-    else:
-        out = OPS[name].noisy_linear(rows, weight, bias, kind, level, seed, low, high)
+    out = ops.noisy_linear(rows, weight, bias, kind, level, seed, low, high)
     return out.view(*x.shape[:-1], weight.shape[0])
 
 
-def reparameterize(mu: Tensor, logvar: Tensor, *, seed=None) -> tuple[Tensor, Tensor]:
+@operator(
+    uses=("reparameterize_forward",),
+    checks=(_float_tensor("mu"), _float_tensor("logvar"), _gaussian_params),
+    bench=Bench(
+        make=lambda r, c, dtype, device: {"mu": torch.randn(r, c, device=device).to(dtype),
+                                          "logvar": (0.1 * torch.randn(r, c, device=device)).to(dtype)},
+        call=lambda op, mu, logvar: op(mu, logvar, seed=SEED),
+        reference=lambda mu, logvar: reference.reparameterize(mu, logvar, _seed(mu.device)),
+        bytes_moved=lambda inputs, backward: int(_nbytes(inputs["mu"]) * (4 if backward else 1.5)),
+        differentiable=("mu", "logvar"), compile_reference=False,
+    ),
+)
+def reparameterize(ops, mu: Tensor, logvar: Tensor, *, seed=None) -> tuple[Tensor, Tensor]:
     """The VAE's reparameterization trick fused with its KL term: returns
     ``z = mu + eps * exp(logvar / 2)`` (eps ~ N(0, 1) from Philox(seed, index)) and
     ``kl = mean over the batch of -1/2 sum_j (1 + logvar - mu^2 - exp(logvar))``.
     mu and logvar (B, Z) of one dtype. The backward regenerates eps from the seed."""
-    _check_float_tensor(mu, "mu")
-    _check_float_tensor(logvar, "logvar")
-    if mu.dim() != 2 or mu.numel() == 0:
-        raise ValueError(f"mu must be a non-empty 2-D (batch, latent) tensor, got shape {tuple(mu.shape)}")
-    if logvar.shape != mu.shape or logvar.dtype != mu.dtype or logvar.device != mu.device:
-        raise ValueError(
-            f"logvar must match mu's shape, dtype and device ({tuple(mu.shape)}, {mu.dtype}, {mu.device}), "
-            f"got {tuple(logvar.shape)}, {logvar.dtype}, {logvar.device}"
-        )
-    seed = seed_tensor(seed, mu.device)
-    name = _resolve(mu.device, "reparameterize")
-    if name == "reference":
-        return reference.reparameterize(mu, logvar, seed)
-    return OPS[name].reparameterize_forward(mu, logvar, seed)
+    return ops.reparameterize_forward(mu, logvar, seed)

@@ -1,17 +1,16 @@
 """The top-k family: topk_sparse, topk_mask, batch_topk, lifetime_topk and
 spatial_wta (winner-take-all and k-sparse autoencoders, top-k sparse autoencoders).
 
-One selection kernel (`aefast::topk_forward`: per row the k largest, ties to the
-lower index) serves every top-k variant through views: batch_topk selects over the
+One selection kernel (`topk_forward`: per row the k largest, ties to the lower
+index) serves every top-k variant through views: batch_topk selects over the
 flattened batch, lifetime_topk over the columns, spatial_wta over each feature map.
-It exists for CPU tensors (csrc/cpu/topk.cpp: block maxima or a heap), for CUDA tensors
-(csrc/cuda/topk.cu, a radix select that splits long rows over many blocks) and in
-Triton (triton_kernels/topk.py). The sparse decoder and the fused top-k encoder that
-use it are the decode family (aefast/ops/decode.py).
+Kernels: csrc/cpu/topk.cpp (block maxima or a heap), csrc/cuda/topk.cu (a radix
+select that splits long rows over many blocks), triton_kernels/topk.py. The sparse
+decoder and the fused top-k encoder that use it are the decode family
+(aefast/ops/decode.py).
 
 Dense outputs and the selection's gradient come from `scatter_rows`: on CPU one C++
-pass per row (`aefast::scatter_rows`), elsewhere PyTorch's in-place scatter into
-fresh zeros.
+pass per row, elsewhere PyTorch's in-place scatter into fresh zeros.
 """
 
 from __future__ import annotations
@@ -21,20 +20,49 @@ import numbers
 import torch
 from torch import Tensor
 
-from aefast import backends, reference
-from aefast.ops.checks import check_float_dtype, check_tensor
+from aefast import reference
+from aefast.ops._declare import CPP, Bench, kernel, operator
 from aefast.ops._distributed import global_count, global_topk_keep
+from aefast.ops.checks import argument, check_float_dtype, check_tensor
 
-# Backends with top-k kernels (the sparse decoder: aefast/ops/decode.py); `reference`
-# runs where none is available under `auto`.
-KERNELS = ("cpp", "triton", "cuda")
+# ---------------------------------------------------------------- kernels
 
 
-@torch.library.custom_op("aefast::topk_forward_triton", mutates_args=())
-def _topk_forward_triton(x: Tensor, k: int, relu: bool) -> tuple[Tensor, Tensor]:
-    from aefast.triton_kernels import topk as kernels
+def _scatter_reference(values: Tensor, indices: Tensor, width: int) -> Tensor:
+    # In place into fresh zeros: the out-of-place scatter would clone them.
+    return values.new_zeros((values.shape[0], width)).scatter_(1, indices, values)
 
-    values, indices, nan = kernels.topk_forward(x, k, relu)
+
+def _scatter_setup(ctx, inputs, output):
+    ctx.save_for_backward(inputs[1])
+
+
+def _scatter_backward(ops, ctx, grad):
+    (indices,) = ctx.saved_tensors
+    return grad.gather(1, indices), None, None
+
+
+# The (B, width) matrix that is 0 but for out[b, indices[b, j]] = values[b, j] (indices
+# distinct within a row): a top-k mask or its gradient, each row written once into huge
+# pages. A CPU kernel only: elsewhere torch's scatter does it (scatter_rows below).
+kernel(
+    "scatter_rows(Tensor values, Tensor indices, int width) -> Tensor",
+    fake=lambda values, indices, width: values.new_empty((values.shape[0], width)),
+    reference=_scatter_reference,
+    native=CPP, native_devices=("cpu",),
+    setup=_scatter_setup, backward=_scatter_backward,
+)
+
+
+def scatter_rows(ops, values: Tensor, indices: Tensor, width: int) -> Tensor:
+    """scatter_rows on the backend of `ops` where it has a kernel, else in torch."""
+    return ops.get("scatter_rows", _scatter_reference)(values, indices, width)
+
+
+def _topk_triton(x: Tensor, k: int, relu: bool) -> tuple[Tensor, Tensor]:
+    from aefast.triton_kernels import topk
+
+    values, indices, nan = topk.topk_forward(x, k, relu)
     # On CPU the flag costs nothing to read; on a GPU reading it would stall the host
     # every call, so there the NaN values returned report it.
     if x.device.type == "cpu" and bool(nan):
@@ -42,175 +70,177 @@ def _topk_forward_triton(x: Tensor, k: int, relu: bool) -> tuple[Tensor, Tensor]
     return values, indices
 
 
-# The selection op of each backend with a top-k kernel: per row the k largest. One
-# C++ op serves cpp and cuda (the dispatcher picks the CPU or CUDA kernel; `cuda` is
-# only chosen where backends.CUDA_BUILT says the CUDA kernels are in aefast._C).
-TOPK_OPS = {"triton": torch.ops.aefast.topk_forward_triton.default}
-if backends.CPP_BUILT:
-    TOPK_OPS["cpp"] = TOPK_OPS["cuda"] = torch.ops.aefast.topk_forward.default
+def _topk_setup(ctx, inputs, output):
+    x, _, ctx.relu = inputs
+    ctx.width = x.shape[1]
+    ctx.save_for_backward(*output)
+    ctx.mark_non_differentiable(output[1])
 
 
-def _register_topk(op) -> None:
-    @torch.library.register_fake(op)
-    def _(x, k, relu):
-        return x.new_empty((x.shape[0], k)), x.new_empty((x.shape[0], k), dtype=torch.long)
-
-    def setup(ctx, inputs, output):
-        x, _, ctx.relu = inputs
-        ctx.width = x.shape[1]
-        ctx.save_for_backward(*output)
-        ctx.mark_non_differentiable(output[1])
-
-    def backward(ctx, grad_values, _grad_indices):
-        values, indices = ctx.saved_tensors
-        if ctx.relu:  # as torch.relu: no gradient where the output is 0
-            grad_values = grad_values * (values > 0)
-        return scatter_rows(grad_values, indices, ctx.width, fused=True), None, None
-
-    torch.library.register_autograd(op, backward, setup_context=setup)
+def _topk_backward(ops, ctx, grad_values, _grad_indices):
+    values, indices = ctx.saved_tensors
+    if ctx.relu:  # as torch.relu: no gradient where the output is 0
+        grad_values = grad_values * (values > 0)
+    return scatter_rows(ops, grad_values, indices, ctx.width), None, None
 
 
-for _op in dict.fromkeys(TOPK_OPS.values()):  # cpp and cuda share one op
-    _register_topk(_op)
+# Per row the k largest values, ordered by value (descending) then index (ascending):
+# ties go to the lower index on every backend. relu=True clamps the selected values
+# at 0 after selection.
+kernel(
+    "topk_forward(Tensor x, int k, bool relu) -> (Tensor values, Tensor indices)",
+    fake=lambda x, k, relu: (x.new_empty((x.shape[0], k)), x.new_empty((x.shape[0], k), dtype=torch.long)),
+    reference=reference.topk_sparse,
+    native=CPP,
+    triton=_topk_triton,
+    setup=_topk_setup, backward=_topk_backward,
+)
 
 
-# ------------------------------------------------------------- dense outputs
+# ---------------------------------------------------------------- checks
 
 
-def _scatter_rows_setup(ctx, inputs, output):
-    ctx.save_for_backward(inputs[1])
+def check_dense(name: str = "x", dims: int = 2):
+    """A non-empty floating tensor of `dims` dimensions."""
+
+    def check(x, name):
+        check_tensor(x, name)
+        if x.dim() != dims:
+            raise ValueError(f"{name} must be {dims}-D, got shape {tuple(x.shape)}")
+        check_float_dtype(x, name)
+        if x.numel() == 0:
+            raise ValueError(f"{name} must not be empty, got shape {tuple(x.shape)}")
+
+    return argument(name, check)
 
 
-def _scatter_rows_backward(ctx, grad):
-    (indices,) = ctx.saved_tensors
-    return grad.gather(1, indices), None, None
-
-
-if backends.CPP_BUILT:
-    torch.library.register_fake("aefast::scatter_rows")(
-        lambda values, indices, width: values.new_empty((values.shape[0], width)))
-    torch.library.register_autograd("aefast::scatter_rows", _scatter_rows_backward, setup_context=_scatter_rows_setup)
-
-
-def scatter_rows(values: Tensor, indices: Tensor, width: int, *, fused: bool) -> Tensor:
-    """(B, width) zeros but for out[b, indices[b, j]] = values[b, j]. With fused=True, on
-    CPU, one C++ pass writes each row once into huge pages (csrc/cpu/topk.cpp); else
-    PyTorch's in-place scatter into fresh zeros (the out-of-place one would clone them)."""
-    if fused and backends.CPP_BUILT and values.device.type == "cpu":
-        return torch.ops.aefast.scatter_rows(values, indices, width)
-    out = values.new_zeros((values.shape[0], width))
-    return out.scatter_(1, indices, values)
-
-
-# ------------------------------------------------------------------ checks
-
-
-def _check_x(x: Tensor, name: str = "x", dims: int = 2) -> None:
-    check_tensor(x, name)
-    if x.dim() != dims:
-        raise ValueError(f"{name} must be {dims}-D, got shape {tuple(x.shape)}")
-    check_float_dtype(x, name)
-    if x.numel() == 0:
-        raise ValueError(f"{name} must not be empty, got shape {tuple(x.shape)}")
-
-
-def _check_k(k, upper: int, what: str) -> int:
+def check_k(k, upper: int, what: str) -> int:
     if not isinstance(k, numbers.Integral) or isinstance(k, bool) or not 1 <= k <= upper:
         raise ValueError(f"k must be an integer in [1, {upper}] ({what}), got {k!r}")
     return int(k)
 
 
-def _check_rate(rate, name: str) -> float:
-    if not isinstance(rate, numbers.Real) or isinstance(rate, bool) or not 0.0 < float(rate) <= 1.0:
-        raise ValueError(f"{name} must be a number in (0, 1], got {rate!r}")
-    return float(rate)
+def _k_per_row(args: dict) -> None:
+    args["k"] = check_k(args["k"], args["x"].shape[1], "the number of units")
 
 
-def _select(x: Tensor, k: int, relu: bool, op: str) -> tuple[Tensor, Tensor, bool]:
-    """Per row of the 2-D x, the k largest (values, indices) on the current backend, and
-    whether that backend is aefast's (then its kernel also writes dense outputs)."""
-    name = backends.resolve(x.device, op, KERNELS)
-    if name == "reference":
-        return *reference.topk_sparse(x, k, relu), False
-    return *TOPK_OPS[name](x, k, relu), True
+def _k_per_row_on_average(args: dict) -> None:
+    args["k"] = check_k(args["k"], args["x"].shape[1], "per row on average")
 
 
-# --------------------------------------------------------------- public API
+def _rate(name: str, optional: bool = False):
+    def check(rate, name):
+        if optional and rate is None:
+            return None
+        if not isinstance(rate, numbers.Real) or isinstance(rate, bool) or not 0.0 < float(rate) <= 1.0:
+            raise ValueError(f"{name} must be a number in (0, 1], got {rate!r}")
+        return float(rate)
+
+    return argument(name, check)
 
 
-def topk_sparse(x: Tensor, k: int, *, relu: bool = True) -> tuple[Tensor, Tensor]:
+# ---------------------------------------------------------------- benchmark cases
+
+K = 32
+
+
+def _normal(rows, cols, dtype, device):
+    return {"x": torch.randn(rows, cols, device=device).to(dtype)}
+
+
+def _nbytes(x: Tensor) -> int:
+    return x.numel() * x.element_size()
+
+
+def _sparse_bytes(inputs, backward):
+    x = inputs["x"]
+    return _nbytes(x) * (2 if backward else 1) + x.shape[0] * K * (x.element_size() + 8)
+
+
+def _dense_bytes(inputs, backward):  # read x, write the dense output (and its gradient)
+    return _nbytes(inputs["x"]) * (3 if backward else 2)
+
+
+def _bench(call, reference_call, bytes_moved=_dense_bytes, make=_normal):
+    return Bench(make=make, call=call, reference=reference_call, bytes_moved=bytes_moved, differentiable=("x",))
+
+
+# ---------------------------------------------------------------- public API
+
+
+@operator(uses=("topk_forward",), checks=(check_dense(), _k_per_row),
+          bench=_bench(lambda op, x: op(x, K), lambda x: reference.topk_sparse(x, K), _sparse_bytes))
+def topk_sparse(ops, x: Tensor, k: int, *, relu: bool = True) -> tuple[Tensor, Tensor]:
     """Per row of x (B, H), the k largest values and their int64 indices, each (B, k).
 
     Ordered by value (descending), ties to the lower index, the same on every backend.
     With relu=True the selected values are clamped at 0 after selection. The gradient
     flows to the winners only. NaN in x raises a ValueError."""
-    _check_x(x)
-    k = _check_k(k, x.shape[1], "the number of units")
-    values, indices, _ = _select(x, k, relu, "topk_sparse")
-    return values, indices
+    return ops.topk_forward(x, k, relu)
 
 
-def topk_mask(x: Tensor, k: int, *, relu: bool = True) -> Tensor:
+@operator(uses=("topk_forward",), checks=(check_dense(), _k_per_row),
+          bench=_bench(lambda op, x: op(x, K), lambda x: reference.topk_mask(x, K)))
+def topk_mask(ops, x: Tensor, k: int, *, relu: bool = True) -> Tensor:
     """x (B, H) with all but the k largest values of each row set to 0; ReLU after
     selection when relu=True. The gradient flows to the winners only."""
-    _check_x(x)
-    k = _check_k(k, x.shape[1], "the number of units")
-    values, indices, fused = _select(x, k, relu, "topk_mask")
-    return scatter_rows(values, indices, x.shape[1], fused=fused)
+    values, indices = ops.topk_forward(x, k, relu)
+    return scatter_rows(ops, values, indices, x.shape[1])
 
 
-def batch_topk(x: Tensor, k: int, *, relu: bool = True, group=None) -> Tensor:
+@operator(uses=("topk_forward",), checks=(check_dense(), _k_per_row_on_average),
+          bench=_bench(lambda op, x: op(x, K), lambda x: reference.batch_topk(x, K)))
+def batch_topk(ops, x: Tensor, k: int, *, relu: bool = True, group=None) -> Tensor:
     """BatchTopK: keep the k * B largest values of the whole batch x (B, H), zero the
     rest (ReLU after selection). On average k per row, any number in a given row.
 
     With ``group`` (a torch.distributed process group) the k * B_global largest of the
     GLOBAL batch are kept: N ranks keep exactly what one process keeps on the
     concatenated batch (ties go to the earlier rank, then the earlier position)."""
-    _check_x(x)
-    k = _check_k(k, x.shape[1], "per row on average")
     flat = x.reshape(1, -1)
     if group is None:
-        values, indices, fused = _select(flat, k * x.shape[0], relu, "batch_topk")
+        values, indices = ops.topk_forward(flat, k * x.shape[0], relu)
     else:
         total = k * global_count(x.shape[0], x.device, group)
-        values, indices, fused = _select(flat, min(total, flat.shape[1]), False, "batch_topk")
+        values, indices = ops.topk_forward(flat, min(total, flat.shape[1]), False)
         values = torch.where(global_topk_keep(values, total, group), values, 0.0)  # -inf * 0 is NaN
         if relu:
             values = torch.relu(values)
-    return scatter_rows(values, indices, flat.shape[1], fused=fused).view(x.shape)
+    return scatter_rows(ops, values, indices, flat.shape[1]).view(x.shape)
 
 
-def lifetime_topk(x: Tensor, rate: float, *, group=None) -> Tensor:
+@operator(uses=("topk_forward",), checks=(check_dense(), _rate("rate")),
+          bench=_bench(lambda op, x: op(x, 0.05), lambda x: reference.lifetime_topk(x, 0.05)))
+def lifetime_topk(ops, x: Tensor, rate: float, *, group=None) -> Tensor:
     """Lifetime sparsity (winner-take-all autoencoder, Makhzani & Frey 2015): per unit
     (column of x (B, H)) keep the ceil(rate * B) largest activations across the batch,
     zero the rest. No ReLU: apply it before if the units need one.
 
     With ``group``, B is the global batch and the selection is made over all ranks'
     rows, exactly as one process would on the concatenated batch."""
-    _check_x(x)
-    rate = _check_rate(rate, "rate")
     batch = x.shape[0] if group is None else global_count(x.shape[0], x.device, group)
     m = reference.lifetime_count(rate, batch)
-    values, indices, fused = _select(x.t(), min(m, x.shape[0]), False, "lifetime_topk")
+    values, indices = ops.topk_forward(x.t(), min(m, x.shape[0]), False)
     if group is not None:
         values = torch.where(global_topk_keep(values, m, group), values, 0.0)
-    return scatter_rows(values, indices, x.shape[0], fused=fused).t()
+    return scatter_rows(ops, values, indices, x.shape[0]).t()
 
 
-def spatial_wta(x: Tensor, *, lifetime_rate: float | None = None) -> Tensor:
+@operator(uses=("topk_forward",), checks=(check_dense(dims=4), _rate("lifetime_rate", optional=True)),
+          bench=_bench(lambda op, x: op(x), reference.spatial_wta,
+                       make=lambda r, c, dtype, device: {
+                           "x": torch.randn(r // 4, 16, 8, c // 32, device=device).to(dtype)}))
+def spatial_wta(ops, x: Tensor, *, lifetime_rate: float | None = None) -> Tensor:
     """Spatial sparsity (convolutional winner-take-all autoencoder): for x (N, C, H, W)
     keep only the largest value of each sample's feature map, zero the rest (ties to
     the first position). With lifetime_rate, per channel keep only the
     ceil(rate * N) samples whose maxima are largest."""
-    _check_x(x, dims=4)
-    if lifetime_rate is not None:
-        lifetime_rate = _check_rate(lifetime_rate, "lifetime_rate")
     n, c = x.shape[:2]
     maps = x.reshape(n * c, -1)
-    values, indices, fused = _select(maps, 1, False, "spatial_wta")
+    values, indices = ops.topk_forward(maps, 1, False)
     if lifetime_rate is not None:
         m = reference.lifetime_count(lifetime_rate, n)
-        _, winners, _ = _select(values.detach().view(n, c).t(), m, False, "spatial_wta")
+        _, winners = ops.topk_forward(values.detach().view(n, c).t(), m, False)
         kept = torch.zeros((c, n), dtype=torch.bool, device=x.device).scatter_(1, winners, True)
         values = torch.where(kept.t().reshape(n * c, 1), values, 0.0)  # -inf * 0 would be NaN
-    return scatter_rows(values, indices, maps.shape[1], fused=fused).view(x.shape)
+    return scatter_rows(ops, values, indices, maps.shape[1]).view(x.shape)

@@ -11,8 +11,8 @@
 #include <type_traits>
 #include <vector>
 
-#include "alloc.h"
-#include "simd.h"
+#include "../decode_args.h"
+#include "common.h"
 
 namespace aefast {
 namespace cpu {
@@ -34,9 +34,6 @@ AEFAST_SIMD_CLONES void axpy(float a, const float* x, float* y, int64_t n) { axp
 template <typename T, typename A>
 void axpy(A a, const T* x, A* y, int64_t n) { axpy_loop<T, A>(a, x, y, n); }
 
-template <typename T>
-using acc_t = std::conditional_t<std::is_same_v<T, double>, double, float>;
-
 // float32: the sum is reassociated so that it vectorizes (a fixed order still: the
 // same bits on every run on a machine). Without this the 768-long dependent chain
 // of adds made the values gradient the slowest part of the backward.
@@ -51,14 +48,6 @@ inline void prefetch_row(const T* row, int64_t n) {
   for (int64_t b = 0; b < n * static_cast<int64_t>(sizeof(T)); b += 64) __builtin_prefetch(p + b);
 }
 
-void check_inputs(const at::Tensor& values, const at::Tensor& indices, const at::Tensor& weight) {
-  TORCH_CHECK_VALUE(values.dim() == 2 && indices.sizes() == values.sizes(),
-                    "aefast: values and indices must both be (B, k)");
-  TORCH_CHECK_VALUE(indices.scalar_type() == at::kLong, "aefast: indices must be int64");
-  TORCH_CHECK_VALUE(weight.dim() == 2 && weight.scalar_type() == values.scalar_type(),
-                    "aefast: weight must be (L, D) of the values' dtype");
-}
-
 void check_indices(const int64_t* idx, int64_t n, int64_t L) {
   for (int64_t i = 0; i < n; ++i)
     TORCH_CHECK_INDEX(idx[i] >= 0 && idx[i] < L, "aefast: indices must be in [0, ", L, "), got ", idx[i]);
@@ -66,7 +55,7 @@ void check_indices(const int64_t* idx, int64_t n, int64_t L) {
 
 at::Tensor sparse_decode_forward(const at::Tensor& values_in, const at::Tensor& indices_in,
                                  const at::Tensor& weight_in, const std::optional<at::Tensor>& bias) {
-  check_inputs(values_in, indices_in, weight_in);
+  decode_args::check_inputs(values_in, indices_in, weight_in);
   const auto values = values_in.contiguous();
   const auto indices = indices_in.contiguous();
   const auto weight = weight_in.contiguous();
@@ -101,7 +90,7 @@ std::tuple<at::Tensor, at::Tensor> sparse_decode_backward(const at::Tensor& grad
                                                           const at::Tensor& values_in,
                                                           const at::Tensor& indices_in,
                                                           const at::Tensor& weight_in) {
-  check_inputs(values_in, indices_in, weight_in);
+  decode_args::check_inputs(values_in, indices_in, weight_in);
   const auto values = values_in.contiguous();
   const auto indices = indices_in.contiguous();
   const auto weight = weight_in.contiguous();

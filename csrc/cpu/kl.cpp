@@ -10,9 +10,8 @@
 #include <type_traits>
 #include <vector>
 
-#include "alloc.h"
+#include "common.h"
 #include "aefast/kl_math.h"
-#include "simd.h"
 
 namespace aefast {
 namespace cpu {
@@ -20,17 +19,7 @@ namespace {
 
 namespace m = aefast::math;
 
-// float32 accumulation for float32 and half inputs, float64 for float64.
-template <typename T>
-using acc_t = std::conditional_t<std::is_same_v<T, double>, double, float>;
-
-at::ScalarType stat_dtype(at::ScalarType t) {
-  return t == at::kDouble ? at::kDouble : at::kFloat;
-}
-
 // ---- per-row loops: generic templates, plus float32 copies with SIMD clones ----
-
-#define AEFAST_INLINE inline __attribute__((always_inline))
 
 template <typename T, typename A>
 AEFAST_INLINE void sum_rows(const T* x, int64_t rows, int64_t H, A* acc) {
@@ -90,7 +79,7 @@ AEFAST_INLINE void contractive_grad_rows(const T* h, const A* v, T* gh, int64_t 
   }
 }
 
-// float32: the same loops, compiled per instruction set (simd.h); the overloads
+// float32: the same loops, compiled per instruction set (common.h); the overloads
 // win over the templates for float32 pointers.
 AEFAST_SIMD_CLONES void sum_rows(const float* x, int64_t rows, int64_t H, float* acc) {
   sum_rows<float, float>(x, rows, H, acc);
@@ -144,7 +133,7 @@ void for_rows(int64_t B, int64_t H, const Fn& fn) {
 }
 
 // rho_hat = sums / B in the statistics dtype; returns beta * sum_j KL(rho || clamp(rho_hat_j)).
-double rho_hat_and_penalty(const std::vector<double>& sums, int64_t B, double rho, double beta,
+double rho_hat_and_penalty(const std::vector<double>& sums, int64_t B, double rho, double beta, double eps,
                            at::Tensor& rho_hat) {
   const int64_t H = static_cast<int64_t>(sums.size());
   double total = 0.0;
@@ -152,7 +141,7 @@ double rho_hat_and_penalty(const std::vector<double>& sums, int64_t B, double rh
     scalar_t* r = rho_hat.data_ptr<scalar_t>();
     for (int64_t j = 0; j < H; ++j) {
       r[j] = static_cast<scalar_t>(sums[j] / static_cast<double>(B));
-      total += m::kl_bernoulli(rho, m::clamp_rho_hat(static_cast<double>(r[j])));
+      total += m::kl_bernoulli(rho, m::clamp_rho_hat(static_cast<double>(r[j]), eps));
     }
   });
   return beta * total;
@@ -160,12 +149,12 @@ double rho_hat_and_penalty(const std::vector<double>& sums, int64_t B, double rh
 
 // c_j = scale * dKL(rho || clamp(rho_hat_j)) / d rho_hat_j, in the accumulation type.
 template <typename A>
-std::vector<A> kl_grad_per_unit(const at::Tensor& rho_hat, double rho, double scale) {
+std::vector<A> kl_grad_per_unit(const at::Tensor& rho_hat, double rho, double eps, double scale) {
   const int64_t H = rho_hat.numel();
   std::vector<A> c(static_cast<size_t>(H));
   auto r = rho_hat.to(at::kDouble).contiguous();
   const double* rp = r.const_data_ptr<double>();
-  for (int64_t j = 0; j < H; ++j) c[j] = static_cast<A>(scale * m::kl_bernoulli_grad(rho, rp[j]));
+  for (int64_t j = 0; j < H; ++j) c[j] = static_cast<A>(scale * m::kl_bernoulli_grad(rho, rp[j], eps));
   return c;
 }
 
@@ -177,7 +166,7 @@ void check_matrix(const at::Tensor& t, const char* name) {
 // ---- operators ----
 
 std::tuple<at::Tensor, at::Tensor> kl_sparsity_forward(const at::Tensor& a_in, double rho,
-                                                        double beta) {
+                                                        double beta, double eps) {
   check_matrix(a_in, "a");
   const auto a = a_in.contiguous();
   const int64_t B = a.size(0), H = a.size(1);
@@ -190,18 +179,18 @@ std::tuple<at::Tensor, at::Tensor> kl_sparsity_forward(const at::Tensor& a_in, d
     });
   });
   auto rho_hat = at::empty({H}, a.options().dtype(stat_dtype(a.scalar_type())));
-  const double penalty = rho_hat_and_penalty(sums, B, rho, beta, rho_hat);
+  const double penalty = rho_hat_and_penalty(sums, B, rho, beta, eps, rho_hat);
   return {at::scalar_tensor(penalty, a.options()), rho_hat};
 }
 
 at::Tensor kl_sparsity_backward(const at::Tensor& grad_penalty, const at::Tensor& rho_hat,
-                                int64_t B, double rho, double beta, at::ScalarType dtype) {
+                                int64_t B, double rho, double beta, double eps, at::ScalarType dtype) {
   const int64_t H = rho_hat.numel();
   auto out = empty_output({B, H}, rho_hat.options().dtype(dtype));
   const double scale = grad_penalty.item<double>() * beta / static_cast<double>(B);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "kl_sparsity_backward", [&] {
     using A = acc_t<scalar_t>;
-    const auto c = kl_grad_per_unit<A>(rho_hat, rho, scale);
+    const auto c = kl_grad_per_unit<A>(rho_hat, rho, eps, scale);
     scalar_t* o = out.data_ptr<scalar_t>();
     for_rows(B, H, [&](int64_t r0, int64_t rows) {
       broadcast_rows(c.data(), o + r0 * H, rows, H);
@@ -211,7 +200,8 @@ at::Tensor kl_sparsity_backward(const at::Tensor& grad_penalty, const at::Tensor
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> sigmoid_kl_sparsity_forward(const at::Tensor& z_in,
-                                                                           double rho, double beta) {
+                                                                           double rho, double beta,
+                                                                           double eps) {
   check_matrix(z_in, "z");
   const auto z = z_in.contiguous();
   const int64_t B = z.size(0), H = z.size(1);
@@ -226,13 +216,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sigmoid_kl_sparsity_forward(const
     });
   });
   auto rho_hat = at::empty({H}, z.options().dtype(stat_dtype(z.scalar_type())));
-  const double penalty = rho_hat_and_penalty(sums, B, rho, beta, rho_hat);
+  const double penalty = rho_hat_and_penalty(sums, B, rho, beta, eps, rho_hat);
   return {h, at::scalar_tensor(penalty, z.options()), rho_hat};
 }
 
 at::Tensor sigmoid_kl_sparsity_backward(const at::Tensor& grad_h_in, const at::Tensor& grad_penalty,
                                         const at::Tensor& h_in, const at::Tensor& rho_hat,
-                                        double rho, double beta) {
+                                        double rho, double beta, double eps) {
   check_matrix(h_in, "h");
   TORCH_CHECK(grad_h_in.sizes() == h_in.sizes(), "aefast: grad_h must have the shape of h");
   const auto h = h_in.contiguous();
@@ -242,7 +232,7 @@ at::Tensor sigmoid_kl_sparsity_backward(const at::Tensor& grad_h_in, const at::T
   const double scale = grad_penalty.item<double>() * beta / static_cast<double>(B);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, h.scalar_type(), "sigmoid_kl_sparsity_backward", [&] {
     using A = acc_t<scalar_t>;
-    const auto c = kl_grad_per_unit<A>(rho_hat, rho, scale);
+    const auto c = kl_grad_per_unit<A>(rho_hat, rho, eps, scale);
     const scalar_t* gh = grad_h.const_data_ptr<scalar_t>();
     const scalar_t* hp = h.const_data_ptr<scalar_t>();
     scalar_t* gz = grad_z.data_ptr<scalar_t>();

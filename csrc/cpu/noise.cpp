@@ -15,21 +15,15 @@
 #include <type_traits>
 #include <vector>
 
-#include "alloc.h"
+#include "common.h"
 #include "../noise_args.h"
 #include "aefast/philox.h"
-#include "simd.h"
 
 namespace aefast {
 namespace cpu {
 namespace {
 
 namespace nz = aefast::noise;
-
-#define AEFAST_INLINE inline __attribute__((always_inline))
-
-template <typename T>
-using acc_t = std::conditional_t<std::is_same_v<T, double>, double, float>;
 
 uint64_t read_seed(const at::Tensor& seed, const at::Tensor& like) {
   noise_args::check_seed(seed, like);
@@ -184,7 +178,7 @@ AEFAST_INLINE void reparameterize_grad_span(const T* gz, const T* mu, const T* l
   }
 }
 
-// float32: the same loops compiled per instruction set (simd.h).
+// float32: the same loops compiled per instruction set (common.h).
 AEFAST_SIMD_CLONES void corrupt_span_any(int kind, const float* x, float* out, int64_t n, const float* draws,
                                          float level, float scale, float low, float high) {
   corrupt_span_any<float, float>(kind, x, out, n, draws, level, scale, low, high);

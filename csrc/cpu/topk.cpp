@@ -20,8 +20,7 @@
 #include <utility>
 #include <vector>
 
-#include "alloc.h"
-#include "simd.h"
+#include "common.h"
 
 #if defined(__x86_64__)
 #include <immintrin.h>
@@ -348,7 +347,7 @@ std::tuple<at::Tensor, at::Tensor> topk_forward(const at::Tensor& x_in, int64_t 
   auto indices = at::empty({B, k}, x.options().dtype(at::kLong));
   std::atomic<bool> has_nan{false};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "topk_forward", [&] {
-    using A = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+    using A = acc_t<scalar_t>;
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
     scalar_t* vp = values.data_ptr<scalar_t>();
     int64_t* ip = indices.data_ptr<int64_t>();
@@ -399,7 +398,7 @@ std::tuple<at::Tensor, at::Tensor> topk_forward(const at::Tensor& x_in, int64_t 
   return {values, indices};
 }
 
-// One write of each output row (zeros, then its k values), in huge pages (alloc.h):
+// One write of each output row (zeros, then its k values), in huge pages (common.h):
 // torch's zeros + scatter_ writes the row twice and faults it in 4 KB at a time.
 at::Tensor scatter_rows(const at::Tensor& values_in, const at::Tensor& indices_in, int64_t width) {
   TORCH_CHECK_VALUE(values_in.dim() == 2 && indices_in.sizes() == values_in.sizes(),

@@ -70,7 +70,7 @@ __device__ A block_sum(A v) {
 // One block: rho_hat = (sum of the splits) / B, penalty = beta * sum_j KL(rho || clamp(rho_hat_j)).
 template <typename T>
 __global__ void kl_penalty_kernel(const acc_t<T>* __restrict__ partial, int64_t splits, int64_t B,
-                                  int64_t H, acc_t<T> rho, acc_t<T> beta,
+                                  int64_t H, acc_t<T> rho, acc_t<T> beta, acc_t<T> eps,
                                   acc_t<T>* __restrict__ rho_hat, T* __restrict__ penalty) {
   using A = acc_t<T>;
   A kl = 0;
@@ -79,7 +79,7 @@ __global__ void kl_penalty_kernel(const acc_t<T>* __restrict__ partial, int64_t 
     for (int64_t sp = 0; sp < splits; ++sp) s += partial[sp * H + j];
     const A mean = s / static_cast<A>(B);
     rho_hat[j] = mean;
-    kl += m::kl_bernoulli(rho, m::clamp_rho_hat(mean));
+    kl += m::kl_bernoulli(rho, m::clamp_rho_hat(mean, eps));
   }
   const A total = block_sum(kl);
   if (threadIdx.x == 0) *penalty = from_acc<T>(beta * total);
@@ -126,10 +126,11 @@ __global__ void row_square_sums_kernel(const T* __restrict__ w, int64_t H, int64
 template <typename T>
 __global__ void kl_grad_broadcast_kernel(const T* __restrict__ grad_penalty,
                                          const acc_t<T>* __restrict__ rho_hat, T* __restrict__ out,
-                                         int64_t B, int64_t H, acc_t<T> rho, acc_t<T> beta_over_b) {
+                                         int64_t B, int64_t H, acc_t<T> rho, acc_t<T> beta_over_b,
+                                         acc_t<T> eps) {
   const int64_t col = static_cast<int64_t>(blockIdx.x) * kColumnThreads + threadIdx.x;
   if (col >= H) return;
-  const T c = from_acc<T>(to_acc(*grad_penalty) * beta_over_b * m::kl_bernoulli_grad(rho, rho_hat[col]));
+  const T c = from_acc<T>(to_acc(*grad_penalty) * beta_over_b * m::kl_bernoulli_grad(rho, rho_hat[col], eps));
   for (int64_t r = blockIdx.y; r < B; r += gridDim.y) out[r * H + col] = c;
 }
 
@@ -137,11 +138,12 @@ template <typename T>
 __global__ void sigmoid_kl_grad_kernel(const T* __restrict__ grad_h, const T* __restrict__ h,
                                        const T* __restrict__ grad_penalty,
                                        const acc_t<T>* __restrict__ rho_hat, T* __restrict__ grad_z,
-                                       int64_t B, int64_t H, acc_t<T> rho, acc_t<T> beta_over_b) {
+                                       int64_t B, int64_t H, acc_t<T> rho, acc_t<T> beta_over_b,
+                                       acc_t<T> eps) {
   using A = acc_t<T>;
   const int64_t col = static_cast<int64_t>(blockIdx.x) * kColumnThreads + threadIdx.x;
   if (col >= H) return;
-  const A c = to_acc(*grad_penalty) * beta_over_b * m::kl_bernoulli_grad(rho, rho_hat[col]);
+  const A c = to_acc(*grad_penalty) * beta_over_b * m::kl_bernoulli_grad(rho, rho_hat[col], eps);
   for (int64_t r = blockIdx.y; r < B; r += gridDim.y) {
     const int64_t at = r * H + col;
     grad_z[at] = from_acc<T>((to_acc(grad_h[at]) + c) * m::sigmoid_grad(to_acc(h[at])));
@@ -195,7 +197,7 @@ int64_t column_splits(int64_t B, int64_t H, int sms) {
 }
 
 cudaError_t kl_sparsity_forward(const void* a, DType dtype, int64_t B, int64_t H, double rho,
-                                double beta, int64_t splits, void* partial, void* rho_hat,
+                                double beta, double eps, int64_t splits, void* partial, void* rho_hat,
                                 void* penalty, cudaStream_t stream) {
   return dispatch(dtype, [&](auto tag) {
     using T = decltype(tag);
@@ -204,25 +206,25 @@ cudaError_t kl_sparsity_forward(const void* a, DType dtype, int64_t B, int64_t H
     column_partial_sums_kernel<T, Sum::kX><<<grid, dim3(kWarp, kRowLanes), 0, stream>>>(
         static_cast<const T*>(a), nullptr, static_cast<A*>(partial), B, H, rows_per_split(B, splits));
     kl_penalty_kernel<T><<<1, kFinishThreads, 0, stream>>>(
-        static_cast<const A*>(partial), splits, B, H, A(rho), A(beta), static_cast<A*>(rho_hat),
+        static_cast<const A*>(partial), splits, B, H, A(rho), A(beta), A(eps), static_cast<A*>(rho_hat),
         static_cast<T*>(penalty));
   });
 }
 
 cudaError_t kl_sparsity_backward(const void* grad_penalty, const void* rho_hat, void* grad_a,
                                  DType dtype, int64_t B, int64_t H, double rho, double beta,
-                                 cudaStream_t stream) {
+                                 double eps, cudaStream_t stream) {
   return dispatch(dtype, [&](auto tag) {
     using T = decltype(tag);
     using A = acc_t<T>;
     kl_grad_broadcast_kernel<T><<<column_grid(B, H), kColumnThreads, 0, stream>>>(
         static_cast<const T*>(grad_penalty), static_cast<const A*>(rho_hat), static_cast<T*>(grad_a),
-        B, H, A(rho), A(beta / static_cast<double>(B)));
+        B, H, A(rho), A(beta / static_cast<double>(B)), A(eps));
   });
 }
 
 cudaError_t sigmoid_kl_sparsity_forward(const void* z, void* h, DType dtype, int64_t B, int64_t H,
-                                        double rho, double beta, int64_t splits, void* partial,
+                                        double rho, double beta, double eps, int64_t splits, void* partial,
                                         void* rho_hat, void* penalty, cudaStream_t stream) {
   return dispatch(dtype, [&](auto tag) {
     using T = decltype(tag);
@@ -232,7 +234,7 @@ cudaError_t sigmoid_kl_sparsity_forward(const void* z, void* h, DType dtype, int
         static_cast<const T*>(z), static_cast<T*>(h), static_cast<A*>(partial), B, H,
         rows_per_split(B, splits));
     kl_penalty_kernel<T><<<1, kFinishThreads, 0, stream>>>(
-        static_cast<const A*>(partial), splits, B, H, A(rho), A(beta), static_cast<A*>(rho_hat),
+        static_cast<const A*>(partial), splits, B, H, A(rho), A(beta), A(eps), static_cast<A*>(rho_hat),
         static_cast<T*>(penalty));
   });
 }
@@ -240,14 +242,14 @@ cudaError_t sigmoid_kl_sparsity_forward(const void* z, void* h, DType dtype, int
 cudaError_t sigmoid_kl_sparsity_backward(const void* grad_h, const void* grad_penalty,
                                          const void* h, const void* rho_hat, void* grad_z,
                                          DType dtype, int64_t B, int64_t H, double rho,
-                                         double beta, cudaStream_t stream) {
+                                         double beta, double eps, cudaStream_t stream) {
   return dispatch(dtype, [&](auto tag) {
     using T = decltype(tag);
     using A = acc_t<T>;
     sigmoid_kl_grad_kernel<T><<<column_grid(B, H), kColumnThreads, 0, stream>>>(
         static_cast<const T*>(grad_h), static_cast<const T*>(h), static_cast<const T*>(grad_penalty),
         static_cast<const A*>(rho_hat), static_cast<T*>(grad_z), B, H, A(rho),
-        A(beta / static_cast<double>(B)));
+        A(beta / static_cast<double>(B)), A(eps));
   });
 }
 

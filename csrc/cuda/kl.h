@@ -19,21 +19,21 @@ namespace cuda {
 int64_t column_splits(int64_t B, int64_t H, int sms);
 
 cudaError_t kl_sparsity_forward(const void* a, DType dtype, int64_t B, int64_t H, double rho,
-                                double beta, int64_t splits, void* partial, void* rho_hat,
+                                double beta, double eps, int64_t splits, void* partial, void* rho_hat,
                                 void* penalty, cudaStream_t stream);
 
 cudaError_t kl_sparsity_backward(const void* grad_penalty, const void* rho_hat, void* grad_a,
                                  DType dtype, int64_t B, int64_t H, double rho, double beta,
-                                 cudaStream_t stream);
+                                 double eps, cudaStream_t stream);
 
 cudaError_t sigmoid_kl_sparsity_forward(const void* z, void* h, DType dtype, int64_t B, int64_t H,
-                                        double rho, double beta, int64_t splits, void* partial,
+                                        double rho, double beta, double eps, int64_t splits, void* partial,
                                         void* rho_hat, void* penalty, cudaStream_t stream);
 
 cudaError_t sigmoid_kl_sparsity_backward(const void* grad_h, const void* grad_penalty,
                                          const void* h, const void* rho_hat, void* grad_z,
                                          DType dtype, int64_t B, int64_t H, double rho,
-                                         double beta, cudaStream_t stream);
+                                         double beta, double eps, cudaStream_t stream);
 
 // partial: (h_splits + 1) * H statistics (the last H hold the weight's row norms);
 // the weight is (H, D).

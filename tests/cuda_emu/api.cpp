@@ -31,26 +31,27 @@ void emu_to_half(const float* in, int64_t n, int bf16, uint16_t* out) {
 
 // ---- launchers
 int emu_kl_sparsity_forward(const void* a, int dtype, int64_t B, int64_t H, double rho, double beta,
-                            int64_t splits, void* partial, void* rho_hat, void* penalty) {
-  return status(kl_sparsity_forward(a, dt(dtype), B, H, rho, beta, splits, partial, rho_hat, penalty, nullptr));
+                            double eps, int64_t splits, void* partial, void* rho_hat, void* penalty) {
+  return status(kl_sparsity_forward(a, dt(dtype), B, H, rho, beta, eps, splits, partial, rho_hat, penalty, nullptr));
 }
 
 int emu_kl_sparsity_backward(const void* grad_penalty, const void* rho_hat, void* grad_a, int dtype, int64_t B,
-                             int64_t H, double rho, double beta) {
-  return status(kl_sparsity_backward(grad_penalty, rho_hat, grad_a, dt(dtype), B, H, rho, beta, nullptr));
+                             int64_t H, double rho, double beta, double eps) {
+  return status(kl_sparsity_backward(grad_penalty, rho_hat, grad_a, dt(dtype), B, H, rho, beta, eps, nullptr));
 }
 
 int emu_sigmoid_kl_sparsity_forward(const void* z, void* h, int dtype, int64_t B, int64_t H, double rho,
-                                    double beta, int64_t splits, void* partial, void* rho_hat, void* penalty) {
+                                    double beta, double eps, int64_t splits, void* partial, void* rho_hat,
+                                    void* penalty) {
   return status(
-      sigmoid_kl_sparsity_forward(z, h, dt(dtype), B, H, rho, beta, splits, partial, rho_hat, penalty, nullptr));
+      sigmoid_kl_sparsity_forward(z, h, dt(dtype), B, H, rho, beta, eps, splits, partial, rho_hat, penalty, nullptr));
 }
 
 int emu_sigmoid_kl_sparsity_backward(const void* grad_h, const void* grad_penalty, const void* h,
                                      const void* rho_hat, void* grad_z, int dtype, int64_t B, int64_t H, double rho,
-                                     double beta) {
+                                     double beta, double eps) {
   return status(sigmoid_kl_sparsity_backward(grad_h, grad_penalty, h, rho_hat, grad_z, dt(dtype), B, H, rho, beta,
-                                             nullptr));
+                                             eps, nullptr));
 }
 
 int emu_contractive_penalty_forward(const void* h, const void* weight, int dtype, int64_t B, int64_t H, int64_t D,

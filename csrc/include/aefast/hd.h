@@ -1,9 +1,11 @@
-// What the shared per-element headers need to compile both as plain C++ on a host
-// compiler and as __host__ __device__ code under nvcc.
+// What the CPU and CUDA code share: the macros that compile a function both as plain
+// C++ on a host compiler and as __host__ __device__ code under nvcc, the
+// accumulation type, and float <-> bits.
 #pragma once
 
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 
 #ifdef __CUDACC__
 #define AEFAST_HD __host__ __device__ __forceinline__
@@ -12,6 +14,12 @@
 #endif
 
 namespace aefast {
+
+// The accumulation type of a kernel on T: float64 for float64, float32 for float32
+// and the half types (the dtype of the per-unit statistics a forward returns).
+template <typename T>
+using acc_t = std::conditional_t<std::is_same_v<T, double>, double, float>;
+
 namespace math {
 
 AEFAST_HD float bits_to_float(int32_t bits) {

@@ -11,11 +11,10 @@
 namespace aefast {
 namespace math {
 
-// rho_hat is clamped to [kRhoHatEps, 1 - kRhoHatEps] before the KL divergence is
-// taken, so a dead (or saturated) unit gives a large but finite penalty and
-// gradient. The gradient is zero where the clamp is active, as for torch.clamp.
-// Keep in sync with aefast/reference.py (RHO_HAT_EPS).
-constexpr double kRhoHatEps = 1e-6;
+// rho_hat is clamped to [eps, 1 - eps] before the KL divergence is taken, so a dead
+// (or saturated) unit gives a large but finite penalty and gradient. The gradient is
+// zero where the clamp is active, as for torch.clamp. eps is an argument of the ops,
+// passed in from aefast.reference.RHO_HAT_EPS: defined once, there.
 
 // exp for float with only +, *, compares and a bit cast (Cephes' expf polynomial,
 // about 1 ulp), so a host compiler vectorizes loops that call it: libm's expf,
@@ -48,8 +47,8 @@ AEFAST_HD T sigmoid_grad(T h) {
 }
 
 template <typename T>
-AEFAST_HD T clamp_rho_hat(T r) {
-  const T lo = T(kRhoHatEps), hi = T(1) - T(kRhoHatEps);
+AEFAST_HD T clamp_rho_hat(T r, T eps) {
+  const T lo = eps, hi = T(1) - eps;
   return r < lo ? lo : (r > hi ? hi : r);
 }
 
@@ -61,8 +60,8 @@ AEFAST_HD T kl_bernoulli(T rho, T r) {
 
 // d KL(rho || clamp(r)) / d r: zero where the clamp is active.
 template <typename T>
-AEFAST_HD T kl_bernoulli_grad(T rho, T r) {
-  if (r < T(kRhoHatEps) || r > T(1) - T(kRhoHatEps)) return T(0);
+AEFAST_HD T kl_bernoulli_grad(T rho, T r, T eps) {
+  if (r < eps || r > T(1) - eps) return T(0);
   return -rho / r + (T(1) - rho) / (T(1) - r);
 }
 

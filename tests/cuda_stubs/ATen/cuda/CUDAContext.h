@@ -1,5 +1,5 @@
 // Stand-in for torch's CUDA header, absent from CPU builds of torch: just enough
-// for a syntax check of csrc/cuda/bindings.cpp (tests/test_cuda_sources.py).
+// for a syntax check of csrc/cuda/<family>_bindings.cpp (tests/test_cuda_sources.py).
 #pragma once
 #include <cuda_runtime_api.h>
 namespace at {

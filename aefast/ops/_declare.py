@@ -1,0 +1,228 @@
+"""One declaration per operator: everything else is derived from it.
+
+A family module (aefast/ops/<family>.py) declares two kinds of things.
+
+`kernel(schema, ...)`: an internal operator that each backend computes. The schema
+is written once, here in Python, and registered with torch.library once per
+implementation of it:
+- `aefast::<name>`, serving the `cpp` and `cuda` backends: C++ kernels compiled into
+  aefast._C (`native=CPP`; csrc/cpu and csrc/cuda register them per dispatch key)
+  or a Python composite of other C++ kernels (`native=function`);
+- `aefast::<name>_triton`, serving the `triton` backend (`triton=function`);
+- the `reference` backend runs `reference`, plain PyTorch differentiated by torch
+  itself (it returns only what the public bodies read; the rest may be None).
+Its fake (meta) function and its autograd formula (`setup`, `backward`) are
+registered for every implementation; `backward(ops, ctx, *grads)` receives the
+kernels of the same implementation as `ops`.
+
+`@operator(...)`: a public op. Its body takes `ops`, the kernels of the backend
+chosen for this call, then the public arguments; the decorator turns it into the
+public function: bind the arguments, run the declared checks (the same for every
+backend, the reference included; a check may also normalise an argument), pick the
+backend (aefast.backends.resolve, among the backends that have every kernel the op
+`uses`), run the body. The tests' backend matrix (tests/conftest.py) and the
+benchmark cases (aefast/bench/cases.py, from `bench=`) read OPERATORS.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from aefast import backends
+
+CPP = "C++ kernels in aefast._C"  # native=CPP: the op's kernels are compiled C++
+BACKENDS = backends.BACKENDS
+
+
+@dataclass
+class Kernel:
+    name: str
+    schema: str  # "(args) -> results", the op's arguments without its name
+    fake: Callable
+    reference: Callable | None
+    native: Callable | str | None = None
+    native_devices: tuple[str, ...] = ("cpu", "cuda")
+    triton: Callable | None = None
+    setup: Callable | None = None
+    backward: Callable | None = None
+    ops: dict[str, object] = field(default_factory=dict)  # backend -> what runs it
+
+    @property
+    def backends(self) -> tuple[str, ...]:
+        return tuple(self.ops)
+
+
+KERNELS: dict[str, Kernel] = {}
+
+
+class Kernels:
+    """The kernels of one backend, by name: `kernels("cpp").topk_forward(x, k, relu)`."""
+
+    def __init__(self, backend: str):
+        self.backend = backend
+
+    def __getattr__(self, name: str):
+        kernel = KERNELS.get(name)
+        if kernel is None or self.backend not in kernel.ops:
+            raise AttributeError(f"aefast backend {self.backend!r} has no kernel {name!r}")
+        return kernel.ops[self.backend]
+
+    def get(self, name: str, default=None):
+        kernel = KERNELS.get(name)
+        return kernel.ops.get(self.backend, default) if kernel is not None else default
+
+    def __repr__(self) -> str:
+        return f"Kernels({self.backend!r})"
+
+
+_KERNEL_SETS = {b: Kernels(b) for b in BACKENDS}
+
+
+def kernels(backend: str) -> Kernels:
+    return _KERNEL_SETS[backend]
+
+
+def _python_op(qualname: str, schema: str, fn: Callable):
+    @functools.wraps(fn)
+    def body(*args):  # custom_op reads the schema, not the signature
+        return fn(*args)
+
+    torch.library.custom_op(qualname, body, mutates_args=(), schema=schema)
+    namespace, name = qualname.split("::")
+    return getattr(getattr(torch.ops, namespace), name).default
+
+
+def kernel(schema: str, *, fake: Callable, reference: Callable | None, native=None,
+           native_devices: Sequence[str] = ("cpu", "cuda"), triton: Callable | None = None,
+           setup: Callable | None = None, backward: Callable | None = None) -> Kernel:
+    """Declare and register the kernel `name(args) -> results` (see the module doc)."""
+    name, _, arguments = schema.partition("(")
+    if name in KERNELS:
+        raise ValueError(f"kernel {name} is declared twice")
+    k = Kernel(name, "(" + arguments, fake, reference, native, tuple(native_devices), triton, setup, backward)
+    if reference is not None:
+        k.ops["reference"] = reference
+    if native is CPP and backends.CPP_BUILT:
+        torch.library.define(f"aefast::{name}", k.schema)
+        op = getattr(torch.ops.aefast, name).default
+    elif callable(native) and backends.CPP_BUILT:  # a composite of C++ kernels
+        op = _python_op(f"aefast::{name}", k.schema, native)
+    else:
+        op = None
+    if op is not None:
+        _register(k, op, "cpp")
+        for device in k.native_devices:
+            k.ops[{"cpu": "cpp", "cuda": "cuda"}[device]] = op
+    if triton is not None:
+        op = _python_op(f"aefast::{name}_triton", k.schema, triton)
+        _register(k, op, "triton")
+        k.ops["triton"] = op
+    KERNELS[name] = k
+    return k
+
+
+def _register(k: Kernel, op, backend: str) -> None:
+    torch.library.register_fake(op)(k.fake)
+    if k.backward is not None:
+        torch.library.register_autograd(
+            op, functools.partial(k.backward, kernels(backend)), setup_context=k.setup)
+
+
+@dataclass(frozen=True)
+class Bench:
+    """How `aefast bench` and the pytest-benchmark cases time an op (aefast/bench/cases.py)."""
+
+    make: Callable  # (rows, cols, dtype, device) -> {input name: tensor}
+    call: Callable  # (public op, **inputs) -> outputs
+    reference: Callable  # (**inputs) -> the same outputs, in plain PyTorch
+    bytes_moved: Callable  # (inputs, backward) -> the bytes the op must move at minimum
+    differentiable: tuple[str, ...] = ()  # inputs that take a gradient
+    # Inductor spends over ten minutes on the plain-PyTorch Philox of the noise ops'
+    # references on CPU: those are compared against the eager reference only.
+    compile_reference: bool = True
+
+
+@dataclass
+class Operator:
+    name: str
+    family: str
+    function: Callable  # the public function
+    uses: tuple[str, ...]
+    gpu_preference: tuple[str, ...] | None
+    bench: Bench | None
+
+    @property
+    def backends(self) -> tuple[str, ...]:
+        """Backends with every kernel the op uses; `reference` always."""
+        return tuple(b for b in BACKENDS if all(b in KERNELS[u].ops for u in self.uses))
+
+    @property
+    def kernel_backends(self) -> tuple[str, ...]:
+        return tuple(b for b in self.backends if b != "reference")
+
+
+OPERATORS: dict[str, Operator] = {}
+
+
+def operator(*, uses: Sequence[str], checks: Sequence[Callable[[dict], None]] = (),
+             device: str | None = None, gpu_preference: Sequence[str] | None = None,
+             bench: Bench | None = None):
+    """Declare the public op whose body follows (see the module doc). `device` names
+    the argument whose device picks the backend (default: the first)."""
+
+    def declare(body: Callable) -> Callable:
+        params = list(inspect.signature(body).parameters.values())[1:]  # after `ops`
+        bind = _binder(body.__name__, params)
+        where = device or params[0].name
+        unknown = [u for u in uses if u not in KERNELS]
+        if unknown:
+            raise ValueError(f"{body.__name__} uses undeclared kernels {unknown}")
+        op = Operator(body.__name__, body.__module__.rsplit(".", 1)[-1], body, tuple(uses),
+                      tuple(gpu_preference) if gpu_preference else None, bench)
+
+        @functools.wraps(body)
+        def public(*args, **kwargs):
+            bound = bind(args, kwargs)
+            for check in checks:
+                check(bound)
+            name = backends.resolve(bound[where].device, op.name, op.backends, op.gpu_preference)
+            return body(kernels(name), **bound)
+
+        public.__signature__ = inspect.Signature(params)
+        op.function = public
+        OPERATORS[op.name] = op
+        return public
+
+    return declare
+
+
+def _binder(name: str, params: list[inspect.Parameter]):
+    """Arguments by name, defaults filled in, as Python binds them (plain dict work, so
+    torch.compile traces it)."""
+    positional = [p.name for p in params if p.kind is p.POSITIONAL_OR_KEYWORD]
+    names = {p.name for p in params}
+    defaults = {p.name: p.default for p in params if p.default is not p.empty}
+    required = [p.name for p in params if p.default is p.empty]
+
+    def bind(args: tuple, kwargs: dict) -> dict:
+        if len(args) > len(positional):
+            raise TypeError(f"{name}() takes {len(positional)} positional arguments but {len(args)} were given")
+        bound = dict(defaults)
+        bound.update(zip(positional, args))
+        for key, value in kwargs.items():
+            if key not in names:
+                raise TypeError(f"{name}() got an unexpected keyword argument {key!r}")
+            if key in positional[:len(args)]:
+                raise TypeError(f"{name}() got multiple values for argument {key!r}")
+            bound[key] = value
+        missing = [n for n in required if n not in bound]
+        if missing:
+            raise TypeError(f"{name}() missing required arguments: {', '.join(missing)}")
+        return bound
+
+    return bind

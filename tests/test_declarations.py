@@ -1,0 +1,120 @@
+"""What aefast/ops/_declare.py derives from each op's one declaration: the public
+function and its signature, the checks run before every backend (the reference too),
+the backends an op has, the benchmark cases."""
+
+import inspect
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+import aefast as ae
+from aefast import backends
+from aefast.bench.cases import CASES
+from aefast.ops._declare import KERNELS, OPERATORS, kernels
+
+PUBLIC_OPS = sorted(n for n in ae.__all__ if callable(getattr(ae, n)) and n not in (
+    "available_backends", "backend", "current_backend"))
+
+
+def test_every_public_op_is_declared_once_with_a_benchmark_case():
+    assert sorted(OPERATORS) == PUBLIC_OPS
+    for name, op in OPERATORS.items():
+        assert getattr(ae, name) is op.function
+        assert op.family in ("kl", "topk", "decode", "noise")
+        assert CASES[name].kernels == op.kernel_backends
+        assert "reference" in op.backends
+
+
+def test_every_kernel_is_registered_once_per_implementation():
+    for name, k in KERNELS.items():
+        assert set(k.backends) <= set(backends.BACKENDS)
+        if "triton" in k.ops:
+            assert k.ops["triton"] is getattr(torch.ops.aefast, f"{name}_triton").default
+        if backends.CPP_BUILT and k.native is not None:
+            assert k.ops["cpp"] is getattr(torch.ops.aefast, name).default
+        if "cuda" in k.ops:
+            assert k.ops["cuda"] is k.ops["cpp"]  # one op, a kernel per dispatch key
+
+
+def test_the_public_signature_is_the_declared_one_without_ops():
+    params = inspect.signature(ae.topk_sparse).parameters
+    assert list(params) == ["x", "k", "relu"] and params["relu"].kind is inspect.Parameter.KEYWORD_ONLY
+    assert "Per row of x" in ae.topk_sparse.__doc__
+    x = torch.randn(3, 5)
+    assert torch.equal(ae.topk_sparse(x, k=2)[1], ae.topk_sparse(x, 2)[1])
+    with pytest.raises(TypeError, match="unexpected keyword argument 'kk'"):
+        ae.topk_sparse(x, kk=2)
+    with pytest.raises(TypeError, match="takes 2 positional arguments but 3"):
+        ae.topk_sparse(x, 2, False)
+    with pytest.raises(TypeError, match="missing required arguments: k"):
+        ae.topk_sparse(x)
+    with pytest.raises(TypeError, match="multiple values for argument 'k'"):
+        ae.topk_sparse(x, 2, k=2)
+
+
+def small_inputs(op):
+    return OPERATORS[op].bench.make(8, 64, torch.float32, torch.device("cpu"))
+
+
+@pytest.mark.parametrize("op", sorted(OPERATORS))
+def test_the_checks_run_before_every_backend_the_reference_too(op):
+    declared = OPERATORS[op]
+    inputs = small_inputs(op)
+    first = next(iter(inputs))
+    inputs[first] = inputs[first].tolist()
+    for backend in ["reference", *(b for b in ae.available_backends("cpu") if b in declared.kernel_backends)]:
+        with ae.backend(backend), pytest.raises(ValueError, match=first):
+            declared.bench.call(declared.function, **inputs)
+
+
+@pytest.mark.parametrize("op", sorted(OPERATORS))
+def test_each_backend_runs_its_own_kernels(op, monkeypatch):
+    """The body gets the chosen backend's kernels: with those of `cpp` replaced by a
+    spy, the op under `cpp` calls it and the op under `reference` does not."""
+    declared = OPERATORS[op]
+    if "cpp" not in ae.available_backends("cpu"):
+        pytest.skip("aefast._C is not built")
+    calls = []
+    for name in declared.uses:
+        real = KERNELS[name].ops["cpp"]
+        monkeypatch.setitem(KERNELS[name].ops, "cpp", lambda *a, _real=real, _name=name: calls.append(_name) or _real(*a))
+    for backend, expected in (("reference", []), ("cpp", list(declared.uses))):
+        calls.clear()
+        with ae.backend(backend):
+            declared.bench.call(declared.function, **small_inputs(op))
+        assert sorted(set(calls)) == sorted(expected), backend
+
+
+def test_a_new_kernel_is_one_declaration_and_the_matrix_picks_it_up():
+    """In a fresh process: an op declared with a reference and a Python kernel for cpp
+    is registered (fake, autograd), chosen by auto on CPU, and listed for the tests."""
+    code = textwrap.dedent("""
+        import torch
+        import aefast
+        from aefast.ops._declare import OPERATORS, kernel, operator
+        def twice(x):
+            return x * 2
+        kernel("twice_test_only(Tensor x) -> Tensor", fake=torch.empty_like, reference=twice, native=twice,
+               setup=lambda ctx, inputs, output: None, backward=lambda ops, ctx, g: 2 * g)
+        @operator(uses=("twice_test_only",))
+        def twice_test_only(ops, x):
+            return ops.twice_test_only(x)
+        assert OPERATORS["twice_test_only"].kernel_backends == ("cpp", "cuda"), OPERATORS["twice_test_only"].backends
+        x = torch.randn(3, requires_grad=True)
+        twice_test_only(x).sum().backward()
+        assert torch.equal(x.grad, torch.full((3,), 2.0))
+        torch.library.opcheck(torch.ops.aefast.twice_test_only.default, (torch.randn(3, requires_grad=True),))
+        print("ok")
+    """)
+    if not backends.CPP_BUILT:
+        pytest.skip("aefast._C is not built")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-3000:]
+
+
+def test_kernels_of_a_backend_name_what_they_lack():
+    with pytest.raises(AttributeError, match="'triton' has no kernel 'scatter_rows'"):
+        kernels("triton").scatter_rows  # noqa: B018
