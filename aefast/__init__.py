@@ -13,6 +13,15 @@ from aefast.ops.topk import batch_topk, lifetime_topk, spatial_wta, topk_mask, t
 
 __version__ = "0.1.0"
 
+
+def load_run(run_dir):
+    """The trained model of an `aefast train` output folder, in eval mode on the CPU, and
+    its configuration (a dict): ``model, config = aefast.load_run("runs/sparse-...")``."""
+    from aefast.train.loop import load_run as load
+
+    return load(run_dir)
+
+
 __all__ = [
     "available_backends",
     "backend",
@@ -23,6 +32,7 @@ __all__ = [
     "current_backend",
     "kl_sparsity",
     "lifetime_topk",
+    "load_run",
     "nn",
     "noisy_linear",
     "reparameterize",

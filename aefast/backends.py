@@ -13,6 +13,7 @@ import importlib.util
 import json
 import os
 import pathlib
+import sys
 
 import torch
 
@@ -52,7 +53,22 @@ def _load_gpu_ranking() -> dict[str, list[str]]:
 
 GPU_RANKING: dict[str, list[str]] = _load_gpu_ranking()
 
+
+
+def _started_as_the_command() -> bool:
+    """Whether this process is the `aefast` command (the script, or python -m aefast)."""
+    argv = getattr(sys, "orig_argv", sys.argv)
+    by_module = "-m" in argv[:-1] and argv[argv.index("-m") + 1] == "aefast"
+    return by_module or os.path.basename(sys.argv[0]) == "aefast"
+
+
 _default = os.environ.get("AEFAST_BACKEND", "auto")
+if _default != "auto" and _default not in BACKENDS:
+    _message = f"AEFAST_BACKEND must be one of {', '.join(('auto',) + BACKENDS)}, got {_default!r}"
+    if _started_as_the_command():  # the package is imported before the command can catch it
+        print(f"aefast: error: {_message}", file=sys.stderr)
+        raise SystemExit(2)
+    raise ValueError(_message)
 _forced: list[str] = []
 
 
@@ -119,9 +135,9 @@ def resolve(device: torch.device, op: str = "", kernels: tuple[str, ...] = BACKE
                 return candidate
         return "reference"
     if name != "reference" and name not in kernels:
-        raise RuntimeError(
-            f"aefast backend {name!r} has no kernel for {op} yet (it has: {', '.join(kernels)})"
-        )
+        why = _why_unavailable(name, device.type)
+        raise RuntimeError(f"aefast backend {name!r} has no kernel for {op} here (it has: {', '.join(kernels)})"
+                           + (f"; {name} cannot run {device.type} tensors here either: {why}" if why else ""))
     why = _why_unavailable(name, device.type)
     if why is not None:
         raise RuntimeError(f"aefast backend {name!r} cannot run {device.type} tensors: {why}")

@@ -61,6 +61,10 @@ def cmd_train(args) -> int:
             raise ValueError("--resume needs --out DIR, the folder of the run to continue")
         out, checkpoint = Path(args.out), load_checkpoint(Path(args.out))
         config = configuration.resolve(args.model, given, args.config, saved=checkpoint["config"])
+        done = len(checkpoint["history"])
+        if config["epochs"] <= done:
+            raise ValueError(f"--resume: the run in {out} has done {done} epochs; to train on, give --epochs "
+                             f"above {done} (it is {config['epochs']})")
     else:
         config = configuration.resolve(args.model, given, args.config)
         out, checkpoint = Path(args.out) if args.out else default_out_dir(args.model), None
@@ -78,9 +82,11 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    import aefast
     from aefast.train.config import add_train_arguments
 
     parser = _Parser(prog="aefast", description="Fast autoencoder training.")
+    parser.add_argument("--version", action="version", version=f"aefast {aefast.__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("info", help="what is built and which backend runs where").set_defaults(fn=cmd_info)
     train = sub.add_parser(

@@ -85,9 +85,11 @@ def _read_array_file(path: Path) -> tuple[object, object]:
                     raise ValueError("it holds no array")
                 return arrays["x" if "x" in arrays.files else arrays.files[0]], arrays.get("y")
         obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # numpy, zipfile and pickle raise many kinds; all mean "unreadable"
-        why = ("not a torch.save file of a tensor or of a dict of tensors" if suffix == ".pt"
-               else str(exc).strip().splitlines()[0])
+    except Exception:  # numpy, zipfile and pickle raise many kinds; all mean "unreadable"
+        # Never numpy's own words: they suggest allow_pickle=True, which runs code from the file.
+        why = {".pt": "not a torch.save file of a tensor or of a dict of tensors",
+               ".npy": "corrupt, or not a .npy array of numbers",
+               ".npz": "corrupt, or not a .npz archive of arrays of numbers"}[suffix]
         raise ValueError(f"cannot read data file {str(path)!r}: {why}") from None
     if isinstance(obj, dict):
         if "x" not in obj:
@@ -97,11 +99,17 @@ def _read_array_file(path: Path) -> tuple[object, object]:
 
 
 def _check_array(x, y, source: str) -> tuple[Tensor, Tensor | None]:
+    kind = getattr(getattr(x, "dtype", None), "kind", "f")  # numpy's: b bool, i/u integer, f float, ...
+    if kind not in "biufc":
+        raise ValueError(f"{source}: expected an array of numbers, got {x.dtype} ({_KIND_WORDS.get(kind, 'not numbers')})")
     x = torch.as_tensor(x)
     if x.dim() not in (2, 4) or x.shape[0] < 2 or x.numel() == 0:
         raise ValueError(f"{source}: expected an (N, D) or (N, C, H, W) array with N >= 2, got shape {tuple(x.shape)}")
     if x.dtype == torch.bool or x.is_complex():
         raise ValueError(f"{source}: expected real numbers, got {x.dtype}")
+    if not x.is_floating_point():
+        raise ValueError(f"{source}: the array holds integers ({x.dtype}, values {int(x.min())}..{int(x.max())}); "
+                         f"save it as floats scaled to [0, 1] (e.g. x / 255 for 8-bit pixels)")
     x = x.float()
     if not torch.isfinite(x).all():
         raise ValueError(f"{source}: the array contains NaN or infinite values")
@@ -110,6 +118,9 @@ def _check_array(x, y, source: str) -> tuple[Tensor, Tensor | None]:
         if y.shape[0] != x.shape[0]:
             raise ValueError(f"{source}: {y.shape[0]} labels for {x.shape[0]} rows")
     return x, y
+
+
+_KIND_WORDS = {"U": "strings", "S": "bytes", "O": "Python objects", "M": "dates", "m": "time spans", "V": "records"}
 
 
 def _image_shape(x: Tensor) -> tuple[int, int, int]:

@@ -10,6 +10,18 @@ from aefast.ops._distributed import global_column_mean
 from aefast.ops.checks import check_matrix, check_nonnegative, check_open_unit
 from aefast.ops.kl import contractive_penalty, kl_sparsity
 from aefast.ops.noise import check_kind_level, corrupt, noisy_linear
+from aefast.ops.topk import batch_topk, lifetime_topk, spatial_wta, topk_mask
+
+__all__ = [
+    "BatchTopK",
+    "ContractivePenalty",
+    "Corrupt",
+    "KLSparsity",
+    "LifetimeTopK",
+    "NoisyLinear",
+    "SpatialWTA",
+    "TopK",
+]
 
 
 class KLSparsity(nn.Module):
@@ -115,3 +127,69 @@ class NoisyLinear(nn.Linear):
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, kind={self.kind!r}, level={self.level}"
+
+
+class TopK(nn.Module):
+    """``aefast.topk_mask``: per row of (B, H) keep the k largest, zero the rest (ReLU
+    after selection when relu=True), for ``nn.Sequential``."""
+
+    def __init__(self, k: int, *, relu: bool = True):
+        super().__init__()
+        if not isinstance(k, int) or isinstance(k, bool) or k < 1:
+            raise ValueError(f"k must be an integer >= 1, got {k!r}")
+        self.k, self.relu = k, bool(relu)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return topk_mask(x, self.k, relu=self.relu)
+
+    def extra_repr(self) -> str:
+        return f"k={self.k}, relu={self.relu}"
+
+
+class BatchTopK(TopK):
+    """``aefast.batch_topk``: keep the k * B largest of the batch (k per row on average)."""
+
+    def __init__(self, k: int, *, relu: bool = True, group=None):
+        super().__init__(k, relu=relu)
+        self.group = group
+
+    def forward(self, x: Tensor) -> Tensor:
+        return batch_topk(x, self.k, relu=self.relu, group=self.group)
+
+
+def _rate(rate, name: str) -> float:
+    if not isinstance(rate, (int, float)) or isinstance(rate, bool) or not 0.0 < float(rate) <= 1.0:
+        raise ValueError(f"{name} must be a number in (0, 1], got {rate!r}")
+    return float(rate)
+
+
+class LifetimeTopK(nn.Module):
+    """``aefast.lifetime_topk``: per unit keep the ceil(rate * B) largest activations of
+    the batch (winner-take-all autoencoder). Like the paper, only while training: in
+    ``eval()`` it passes its input through, so a row's code does not depend on its batch."""
+
+    def __init__(self, rate: float, *, group=None):
+        super().__init__()
+        self.rate, self.group = _rate(rate, "rate"), group
+
+    def forward(self, x: Tensor) -> Tensor:
+        return lifetime_topk(x, self.rate, group=self.group) if self.training else x
+
+    def extra_repr(self) -> str:
+        return f"rate={self.rate}"
+
+
+class SpatialWTA(nn.Module):
+    """``aefast.spatial_wta``: per sample and channel of (N, C, H, W) keep the largest value
+    of the map; with lifetime_rate, lifetime sparsity across the batch on top (training
+    only, as LifetimeTopK)."""
+
+    def __init__(self, *, lifetime_rate: float | None = None):
+        super().__init__()
+        self.lifetime_rate = None if lifetime_rate is None else _rate(lifetime_rate, "lifetime_rate")
+
+    def forward(self, x: Tensor) -> Tensor:
+        return spatial_wta(x, lifetime_rate=self.lifetime_rate if self.training else None)
+
+    def extra_repr(self) -> str:
+        return f"lifetime_rate={self.lifetime_rate}"

@@ -12,7 +12,8 @@ import torch
 from torch import Tensor
 
 # rho_hat is clamped to [RHO_HAT_EPS, 1 - RHO_HAT_EPS] so the KL penalty of a dead
-# or saturated unit stays finite (csrc/include/aefast/kl_math.h: kRhoHatEps).
+# or saturated unit stays finite. The one definition: the KL kernels of every backend
+# take it as an argument (aefast/ops/kl.py passes it).
 RHO_HAT_EPS = 1e-6
 
 
@@ -21,23 +22,23 @@ def stat_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def kl_penalty_from_rho_hat(rho_hat: Tensor, rho: float, beta: float = 1.0) -> Tensor:
-    """beta * sum_j KL(rho || clamp(rho_hat_j)) for a vector of mean activations."""
-    r = rho_hat.clamp(RHO_HAT_EPS, 1.0 - RHO_HAT_EPS)
+def kl_penalty_from_rho_hat(rho_hat: Tensor, rho: float, beta: float = 1.0, eps: float = RHO_HAT_EPS) -> Tensor:
+    """beta * sum_j KL(rho || clamp(rho_hat_j, eps, 1 - eps)) for a vector of mean activations."""
+    r = rho_hat.clamp(eps, 1.0 - eps)
     kl = rho * torch.log(rho / r) + (1.0 - rho) * torch.log((1.0 - rho) / (1.0 - r))
     return beta * kl.sum()
 
 
-def kl_sparsity(a: Tensor, rho: float, beta: float = 1.0) -> Tensor:
-    """0-dim beta * sum_j KL(rho || rho_hat_j), rho_hat_j = mean_i a[i, j]."""
+def kl_sparsity(a: Tensor, rho: float, beta: float = 1.0, eps: float = RHO_HAT_EPS) -> Tensor:
+    """0-dim beta * sum_j KL(rho || rho_hat_j), rho_hat_j = mean_i a[i, j] clamped to [eps, 1 - eps]."""
     rho_hat = a.mean(0, dtype=stat_dtype(a.dtype))
-    return kl_penalty_from_rho_hat(rho_hat, rho, beta).to(a.dtype)
+    return kl_penalty_from_rho_hat(rho_hat, rho, beta, eps).to(a.dtype)
 
 
-def sigmoid_kl_sparsity(z: Tensor, rho: float, beta: float = 1.0) -> tuple[Tensor, Tensor]:
-    """(h, penalty) with h = sigmoid(z) and penalty = kl_sparsity(h, rho, beta)."""
+def sigmoid_kl_sparsity(z: Tensor, rho: float, beta: float = 1.0, eps: float = RHO_HAT_EPS) -> tuple[Tensor, Tensor]:
+    """(h, penalty) with h = sigmoid(z) and penalty = kl_sparsity(h, rho, beta, eps)."""
     h = torch.sigmoid(z)
-    return h, kl_sparsity(h, rho, beta)
+    return h, kl_sparsity(h, rho, beta, eps)
 
 
 def contractive_penalty(h: Tensor, weight: Tensor) -> Tensor:

@@ -13,7 +13,7 @@
 # one folder): summary.md and suite.log, rewritten after every step, so a run killed at
 # any point keeps what finished; bench.json, bench.md, bench.png and gpu_ranking.json from
 # `aefast bench`. Commit them under bench/results/<gpu>-<date>/ and copy gpu_ranking.json
-# to aefast/bench/ (`auto` then follows it on GPU).
+# to aefast/ (`auto` then follows it on GPU).
 set -uo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)

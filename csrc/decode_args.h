@@ -1,5 +1,5 @@
 // Argument checks of the decode operators, shared by their CPU (csrc/cpu/decode.cpp)
-// and CUDA (csrc/cuda/decode_ops.cpp) registrations. The public op checks the same
+// and CUDA (csrc/cuda/decode_bindings.cpp) registrations. The public op checks the same
 // in Python first (aefast/ops/decode.py); these guard direct calls of the kernels.
 #pragma once
 

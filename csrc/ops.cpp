@@ -1,7 +1,7 @@
 // The Python module aefast._C. The operators' schemas are declared once, in Python,
 // with their fake and autograd (aefast/ops/<family>.py, `kernel(...)`); the C++
 // kernels are registered for them per dispatch key: csrc/cpu/<family>.cpp for CPU,
-// csrc/cuda/<family>_ops.cpp for CUDA.
+// csrc/cuda/<family>_bindings.cpp for CUDA.
 #include <torch/extension.h>
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {

@@ -31,7 +31,7 @@ def test_bad_argument_is_one_line_not_a_traceback():
     proc = subprocess.run([sys.executable, "-m", "aefast", "train", "sparse", "--rho", "1.5", "--epochs", "1"],
                           capture_output=True, text=True)
     assert proc.returncode == 2
-    assert proc.stderr.strip().splitlines() == ["aefast: error: rho must be a number in the open interval (0, 1), got 1.5"]
+    assert proc.stderr.strip().splitlines() == ["aefast: error: --rho must be in (0, 1), got 1.5"]  # the flag named
 
 
 def test_bench_prints_the_table_and_writes_json_markdown_png(capsys, tmp_path, one_thread):
@@ -104,3 +104,19 @@ def test_readme_tables_come_from_the_newest_stored_run(tmp_path):
     assert "stale" not in first and first.startswith("intro\n") and first.endswith("end\n")
     readme.update(page, tmp_path / "results")
     assert page.read_text() == first  # idempotent
+
+
+def test_version_and_a_bogus_backend_variable():
+    import os
+
+    import aefast
+
+    proc = subprocess.run([sys.executable, "-m", "aefast", "--version"], capture_output=True, text=True)
+    assert proc.returncode == 0 and proc.stdout.strip() == f"aefast {aefast.__version__}"
+    env = {**os.environ, "AEFAST_BACKEND": "bogus"}
+    proc = subprocess.run([sys.executable, "-m", "aefast", "info"], capture_output=True, text=True, env=env)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == ("aefast: error: AEFAST_BACKEND must be one of auto, reference, cpp, triton, cuda, "
+                                   "got 'bogus'")
+    proc = subprocess.run([sys.executable, "-c", "import aefast"], capture_output=True, text=True, env=env)
+    assert proc.returncode == 1 and "ValueError: AEFAST_BACKEND must be one of auto" in proc.stderr

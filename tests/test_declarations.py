@@ -16,7 +16,7 @@ from aefast.bench.cases import CASES
 from aefast.ops._declare import KERNELS, OPERATORS, kernels
 
 PUBLIC_OPS = sorted(n for n in ae.__all__ if callable(getattr(ae, n)) and n not in (
-    "available_backends", "backend", "current_backend"))
+    "available_backends", "backend", "current_backend", "load_run"))
 
 
 def test_every_public_op_is_declared_once_with_a_benchmark_case():
@@ -118,3 +118,14 @@ def test_a_new_kernel_is_one_declaration_and_the_matrix_picks_it_up():
 def test_kernels_of_a_backend_name_what_they_lack():
     with pytest.raises(AttributeError, match="'triton' has no kernel 'scatter_rows'"):
         kernels("triton").scatter_rows  # noqa: B018
+
+
+def test_a_backward_gets_the_kernels_of_the_device_it_runs_on():
+    """The native implementation serves cpp and cuda: its backward on CUDA tensors must
+    not reach for a CPU-only kernel (scatter_rows)."""
+    from aefast.ops._declare import backward_kernels
+
+    assert backward_kernels("native", torch.device("cpu")) is kernels("cpp")
+    assert backward_kernels("native", torch.device("cuda", 1)) is kernels("cuda")
+    assert backward_kernels("triton", torch.device("cuda")) is kernels("triton")
+    assert kernels("cuda").get("scatter_rows") is None  # so the top-k backward scatters with torch there

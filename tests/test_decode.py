@@ -190,6 +190,10 @@ class TestBadInput:
             ae.sparse_decode(values, indices, weight.double())
         with pytest.raises(ValueError, match="bias must be None or of shape"):
             ae.sparse_decode(values, indices, weight, torch.zeros(4, device=device))
+        linear = torch.nn.Linear(5, 3).to(device)  # weight (3, 5): its own layout is the transposed one
+        with pytest.raises(ValueError, match=r"the weight looks transposed .* pass its weight.t\(\)"):
+            ae.sparse_decode(values, indices, linear.weight, linear.bias)
+        assert ae.sparse_decode(values, indices, linear.weight.t(), linear.bias).shape == (4, 3)
         if device == "cpu":
             for backend in ["reference"] + [b for b in ae.available_backends(device) if b in OPERATORS["sparse_decode"].kernel_backends]:
                 with ae.backend(backend), pytest.raises(IndexError, match=r"indices must be in \[0, 5\)"):

@@ -61,7 +61,10 @@ def test_kl_sparsity_matches_reference(device, backend, shape, poisoned):
 @pytest.mark.parametrize(("device", "backend"), op_backends("sigmoid_kl_sparsity"))
 def test_sigmoid_kl_sparsity_matches_reference(device, backend, shape, poisoned):
     for dtype in dtypes_for(device, backend):
-        z = leaf((torch.randn(shape, dtype=torch.float64) * 3 - 2).to(device, dtype))
+        # At most 5: sigmoid(z > 5.5) rounds to exactly 1 in bfloat16, where the Triton kernel
+        # (rho_hat from the h it returns) and the float64 reference part by far more than
+        # a rounding error, through the clamp (one row: rho_hat is that h). It failed 1 run in 30.
+        z = leaf((torch.randn(shape, dtype=torch.float64) * 3 - 2).clamp(max=5.0).to(device, dtype))
         with ae.backend(backend):
             h, penalty = ae.sigmoid_kl_sparsity(z, RHO, BETA)
         gh = torch.randn(shape, dtype=dtype, device=device)
@@ -252,6 +255,8 @@ def test_the_clamp_is_the_eps_passed_in(device, backend):
     grad = ops.kl_sparsity_backward(torch.ones((), dtype=a.dtype, device=device), rho_hat.to(_stat(a)), 8,
                                     RHO, BETA, eps, a.dtype)
     assert clamped.any() and torch.all(grad[:, clamped] == 0) and torch.all(grad[:, ~clamped] != 0)
+    reference_penalty, _ = kernels("reference").kl_sparsity_forward(a, RHO, BETA, eps)
+    assert_close(reference_penalty, want, a.dtype, scale=10)
 
 
 def _stat(x):

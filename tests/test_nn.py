@@ -76,3 +76,27 @@ def test_contractive_module():
     torch.testing.assert_close(
         ae.nn.ContractivePenalty(0.3)(h, w), 0.3 * reference.contractive_penalty(h, w)
     )
+
+
+def test_the_module_exports_its_modules_only():
+    assert "torch" not in ae.nn.__all__ and "check_matrix" not in ae.nn.__all__
+    assert all(isinstance(getattr(ae.nn, name), type) for name in ae.nn.__all__)
+
+
+def test_selection_modules_in_a_sequential():
+    torch.manual_seed(0)
+    x = torch.randn(6, 10)
+    net = torch.nn.Sequential(torch.nn.Linear(10, 12), ae.nn.TopK(3))
+    out = net(x)
+    assert torch.equal(out, ae.topk_mask(net[0](x), 3)) and ((out != 0).sum(1) <= 3).all()
+    assert torch.equal(ae.nn.BatchTopK(2)(x), ae.batch_topk(x, 2))
+    lifetime = ae.nn.LifetimeTopK(0.5)
+    assert torch.equal(lifetime(x), ae.lifetime_topk(x, 0.5))
+    assert torch.equal(lifetime.eval()(x), x)  # training only: an eval code does not depend on its batch
+    maps = torch.randn(4, 3, 5, 5)
+    spatial = ae.nn.SpatialWTA(lifetime_rate=0.5)
+    assert torch.equal(spatial(maps), ae.spatial_wta(maps, lifetime_rate=0.5))
+    assert torch.equal(spatial.eval()(maps), ae.spatial_wta(maps))
+    for bad in (lambda: ae.nn.TopK(0), lambda: ae.nn.LifetimeTopK(1.5), lambda: ae.nn.SpatialWTA(lifetime_rate=0)):
+        with pytest.raises(ValueError):
+            bad()

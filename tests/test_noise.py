@@ -312,3 +312,10 @@ def test_bad_arguments_name_what_is_wrong():
         ae.reparameterize(torch.rand(5), torch.rand(5))
     with pytest.raises(ValueError, match="kind"):
         ae.nn.Corrupt("blur", 0.1)
+
+
+def test_the_triton_kind_numbers_are_the_reference_order():
+    from aefast.triton_kernels import noise as kernels
+
+    assert tuple(
+        KINDS.index(kind) for kind in ("gaussian", "masking", "salt_pepper", "dropout")) == (kernels.GAUSSIAN, kernels.MASKING, kernels.SALT_PEPPER, kernels.DROPOUT)

@@ -66,11 +66,24 @@ def test_output_folder_and_figures(tmp_path, capsys, model, data, figures, evalu
     ("stacked", ["--pretrain-epochs", "1"]),     # greedy phases change across the resume point
     ("gsn", ["--walkback", "2"]),                # noise ops drawing their seeds from torch's generator
 ])
-def test_resume_reproduces_the_uninterrupted_run(tmp_path, small_digits, model, flags):
+def test_resume_reproduces_the_uninterrupted_run(tmp_path, small_digits, model, flags, monkeypatch, capsys):
+    from aefast.train import loop
+
     common = [model, "--data", small_digits, "--batch-size", "32", *flags]
     _train(*common, "--epochs", "4", "--out", str(tmp_path / "straight"))
-    _train(*common, "--epochs", "2", "--out", str(tmp_path / "resumed"))
-    _train(model, "--epochs", "4", "--out", str(tmp_path / "resumed"), "--resume")
+    save = loop._save_checkpoint
+
+    def interrupted_after_epoch_2(out_dir, model, optimizers, shuffle, history, *rest):
+        save(out_dir, model, optimizers, shuffle, history, *rest)
+        if len(history) == 2:
+            raise KeyboardInterrupt  # as Ctrl-C right after the checkpoint of epoch 2
+
+    with monkeypatch.context() as patch:
+        patch.setattr(loop, "_save_checkpoint", interrupted_after_epoch_2)
+        assert main(["train", *common, "--epochs", "4", "--out", str(tmp_path / "resumed")]) == 130
+    capsys.readouterr()
+    _train(model, "--out", str(tmp_path / "resumed"), "--resume")
+    assert f"resuming {tmp_path / 'resumed'} after epoch 2 of 4" in capsys.readouterr().out
 
     def curve(run):
         return [(r["epoch"], r["train"], r["val"]) for r in
@@ -116,6 +129,7 @@ def _one_line_error(capsys, argv, match):
         code = exit_.code
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and match in err[0], err
+    return err[0]
 
 
 def test_bad_flags_and_data_are_one_line_errors(tmp_path, capsys, small_digits):
@@ -160,3 +174,109 @@ def test_array_files_with_labels_and_images(tmp_path):
         data = load_dataset(str(tmp_path / name), val_fraction=0.2, seed=1)
         assert data.image_shape == (3, 4, 4) and data.train.shape == (40, 48) and data.val.shape == (10, 48)
         assert torch.equal(torch.sort(torch.cat([data.train_labels, data.val_labels])).values, torch.sort(y).values)
+
+
+def test_bad_data_is_refused_before_training(tmp_path, capsys):
+    digits = load_dataset("digits").train[:60].numpy()
+    files = {
+        "strings.npy": np.array(["a", "b"] * 40).reshape(40, 2),
+        "ints.npy": (digits * 255).astype(np.int64),
+        "wide.npy": digits * 255,
+    }
+    for name, array in files.items():
+        np.save(tmp_path / name, array)
+    (tmp_path / "garbage.npy").write_bytes(b"\x93NUMPY garbage that is no array")
+    for argv, match in [
+        (["train", "ae", "--data", str(tmp_path / "strings.npy")], "expected an array of numbers, got <U1 (strings)"),
+        (["train", "ae", "--data", str(tmp_path / "ints.npy")], "the array holds integers (torch.int64, values 0..255)"),
+        (["train", "vae", "--data", str(tmp_path / "wide.npy")], "values lie in [0, 255], but VariationalAutoencoder"),
+        (["train", "ae", "--data", str(tmp_path / "garbage.npy")], "corrupt, or not a .npy array of numbers"),
+    ]:
+        _one_line_error(capsys, [*argv, "--out", str(tmp_path / "never")], match)
+    assert not (tmp_path / "never").exists()
+    (tmp_path / "garbage.npy").write_bytes(np.lib.format.magic(1, 0) + b"\x76\x00{'descr': '|O', 'fortran_order': False, 'shape': (2,), }" + b" " * 60 + b"\n")
+    line = _one_line_error(capsys, ["train", "ae", "--data", str(tmp_path / "garbage.npy")], "cannot read data file")
+    assert "pickle" not in line  # numpy's advice to unpickle is never passed on
+    _train("topk-sae", "--data", str(tmp_path / "wide.npy"), "--epochs", "1", "--out", str(tmp_path / "sae"))  # any range
+
+
+def test_bad_flags_name_the_flag(tmp_path, capsys):
+    for argv, match in [
+        (["--epochs", "0"], "--epochs must be >= 1, got 0"),
+        (["--epochs", "-1"], "--epochs must be >= 1, got -1"),
+        (["--batch-size", "0"], "--batch-size must be >= 1, got 0"),
+        (["--lr", "-1"], "--lr must be > 0, got -1.0"),
+        (["--lr", "nan"], "--lr must be > 0, got nan"),
+        (["--val-fraction", "1"], "--val-fraction must be in (0, 1), got 1.0"),
+        (["--hidden", "0"], "--hidden must be >= 1, got 0"),
+        (["--rho", "2"], "--rho must be in (0, 1), got 2.0"),
+    ]:
+        _one_line_error(capsys, ["train", "sparse", *argv, "--out", str(tmp_path / "never")], match)
+    _one_line_error(capsys, ["train", "ae", "--layers", "64,0", "--out", str(tmp_path / "never")],
+                    "--layers must be >= 1 (each), got 64,0")
+    _one_line_error(capsys, ["train", "wta", "--rate", "1.5"], "--rate must be in (0, 1], got 1.5")
+    toml = tmp_path / "c.toml"
+    toml.write_text("epochs = 0\n")
+    _one_line_error(capsys, ["train", "ae", "--config", str(toml)], "--epochs must be >= 1, got 0")
+    assert not (tmp_path / "never").exists()
+
+
+def test_a_loss_that_diverges_stops_the_run(tmp_path, capsys, small_digits):
+    _one_line_error(capsys, ["train", "ae", "--data", small_digits, "--epochs", "3", "--lr", "1e30",
+                             "--out", str(tmp_path / "run")],
+                    "epoch 1: training loss = nan, training reconstruction = nan")
+    assert not (tmp_path / "run" / "checkpoint.pt").exists()
+    from aefast.train.loop import _check_finite
+
+    with pytest.raises(ValueError, match=r"epoch 4: validation loss = nan: training diverged \(try a smaller --lr\); "
+                                         r"the checkpoint of epoch 3 in .* is kept"):
+        _check_finite({"loss": 1.0}, {"loss": float("nan")}, 3, tmp_path)
+
+
+def test_the_epoch_table_keeps_its_columns_apart(capsys):
+    from aefast.train.loop import _EpochTable
+
+    table = _EpochTable()
+    for epoch, value in enumerate([1680070.5, -680070.5e10, 691701.6875, 1e-12], start=1):
+        table.row({"epoch": epoch, "train": {"loss": value, "reconstruction": value}, "val": {"loss": value}})
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split() == ["epoch", "loss", "reconstruction", "val", "loss"]
+    assert all(len(line.split()) == 4 for line in lines[1:])
+    assert float(lines[2].split()[1]) == pytest.approx(-680070.5e10, rel=1e-4)
+
+
+def test_stacked_refuses_a_budget_that_never_reaches_fine_tuning(capsys):
+    _one_line_error(capsys, ["train", "stacked", "--epochs", "2"],
+                    "stacked: --epochs 2 ends before fine-tuning: greedy pretraining takes 2 layers x "
+                    "--pretrain-epochs 10 = 20 epochs")
+    assert resolve("stacked", {"epochs": 21})["epochs"] == 21
+
+
+def test_resume_refuses_epochs_already_done_and_keeps_the_config(tmp_path, capsys, small_digits):
+    run = str(tmp_path / "run")
+    _train("ae", "--data", small_digits, "--epochs", "3", "--out", run)
+    before = (tmp_path / "run" / "config.toml").read_text()
+    for epochs in ("3", "2"):
+        _one_line_error(capsys, ["train", "ae", "--out", run, "--resume", "--epochs", epochs],
+                        f"--resume: the run in {run} has done 3 epochs; to train on, give --epochs above 3")
+    _one_line_error(capsys, ["train", "ae", "--out", run, "--resume"], "has done 3 epochs")
+    assert (tmp_path / "run" / "config.toml").read_text() == before
+
+
+@pytest.mark.parametrize("model", MODEL_NAMES)
+def test_load_run_rebuilds_every_model(tmp_path, small_digits, model):
+    import aefast
+
+    flags = ["--pretrain-epochs", "0"] if model == "stacked" else []
+    for conv in ([False, True] if model == "wta" else [False]):
+        out = tmp_path / f"{model}{'-conv' if conv else ''}"
+        _train(model, "--data", small_digits, "--epochs", "1", "--out", str(out), *flags, *(["--conv"] if conv else []))
+        loaded, config = aefast.load_run(out)
+        assert config["model"] == model and config["conv"] == conv and not loaded.training
+        saved = torch.load(out / "checkpoint.pt", weights_only=True)["model"]
+        assert saved.keys() == loaded.state_dict().keys()
+        assert all(torch.equal(saved[k], v) for k, v in loaded.state_dict().items())
+        x = torch.from_numpy(np.load(small_digits)[:5])
+        assert loaded.reconstruct(x).reshape(5, -1).shape == (5, 64)
+    with pytest.raises(ValueError, match="holds no checkpoint.pt: not an aefast train output folder"):
+        aefast.load_run(tmp_path)

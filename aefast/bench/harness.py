@@ -3,7 +3,6 @@ round by round, so drift in the machine (frequency, other load) hits them alike.
 
 from __future__ import annotations
 
-import argparse
 import ctypes
 import datetime
 import functools
@@ -32,7 +31,7 @@ def _libc() -> ctypes.CDLL:
 
 def fresh_clone(x: torch.Tensor) -> torch.Tensor:
     """A copy of x into a fresh tensor allocated as aefast's CPU kernels allocate their
-    large outputs (csrc/cpu/alloc.h: transparent huge pages asked for before the first
+    large outputs (csrc/cpu/common.h: transparent huge pages asked for before the first
     touch), so that a memory floor pays the same page faults as the op it bounds. On
     GPU, and where the hint is unavailable, a plain clone."""
     out = torch.empty_like(x, memory_format=torch.contiguous_format)
@@ -43,15 +42,6 @@ def fresh_clone(x: torch.Tensor) -> torch.Tensor:
         libc = _libc()
         libc.madvise(ctypes.c_void_p(begin), ctypes.c_size_t(end - begin), ctypes.c_int(_MADV_HUGEPAGE))
     return out.copy_(x)
-
-
-def script_parser(description: str, rounds: int) -> argparse.ArgumentParser:
-    """The arguments every bench/bench_*.py script takes: --device, --rounds, --out."""
-    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--rounds", type=int, default=rounds)
-    p.add_argument("--out", default=None, help="results folder (default bench/results/<machine>-<date>)")
-    return p
 
 
 def synchronize(device: torch.device) -> None:

@@ -19,6 +19,9 @@ from torch import Tensor, nn
 class AutoencoderModel(nn.Module):
     # Figures: a histogram of the codes for models whose point is a sparse code.
     sparse_code = False
+    # The output goes through a sigmoid (or scores pixels as Bernoulli): the data must
+    # lie in [0, 1], which the trainer checks. Models with a linear decoder say False.
+    unit_interval_data = True
     # Mixed precision: the trainer sets this to a dtype on GPU; None runs in full precision.
     # The aefast ops take no part in autocast (they want one dtype for all their tensor
     # arguments), so the models cast parameters to the activations' dtype where they

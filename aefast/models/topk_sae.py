@@ -22,6 +22,7 @@ class TopKSAE(AutoencoderModel):
     x - x_hat, weighted by `aux_coef`. That gives dead latents a gradient again."""
 
     sparse_code = True
+    unit_interval_data = False  # a linear decoder: any real-valued activations
 
     def __init__(self, n_in: int, n_latents: int = 256, k: int = 8, k_aux: int = 32,
                  aux_coef: float = 1 / 32, dead_steps: int = 100):

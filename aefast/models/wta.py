@@ -19,6 +19,7 @@ class _WTABase(AutoencoderModel):
     anything else); loss 1/2 ||x_hat - x||^2."""
 
     sparse_code = True
+    unit_interval_data = False  # a linear decoder
 
     def reconstruct(self, x: Tensor) -> Tensor:
         return self.decoder(self.encode(x)).flatten(1)

@@ -115,7 +115,7 @@ def kernel(schema: str, *, fake: Callable, reference: Callable | None, native=No
     else:
         op = None
     if op is not None:
-        _register(k, op, "cpp")
+        _register(k, op, "native")
         for device in k.native_devices:
             k.ops[{"cpu": "cpp", "cuda": "cuda"}[device]] = op
     if triton is not None:
@@ -126,11 +126,24 @@ def kernel(schema: str, *, fake: Callable, reference: Callable | None, native=No
     return k
 
 
-def _register(k: Kernel, op, backend: str) -> None:
+def backward_kernels(implementation: str, device: torch.device) -> Kernels:
+    """The kernels a backward formula gets: those of the implementation that ran the
+    forward; the native one serves two backends, `cuda` for CUDA tensors, else `cpp`."""
+    if implementation == "native":
+        return kernels("cuda" if device.type == "cuda" else "cpp")
+    return kernels(implementation)
+
+
+def _register(k: Kernel, op, implementation: str) -> None:
     torch.library.register_fake(op)(k.fake)
-    if k.backward is not None:
-        torch.library.register_autograd(
-            op, functools.partial(k.backward, kernels(backend)), setup_context=k.setup)
+    if k.backward is None:
+        return
+
+    def backward(ctx, *grads):
+        device = next(g.device for g in grads if isinstance(g, torch.Tensor))
+        return k.backward(backward_kernels(implementation, device), ctx, *grads)
+
+    torch.library.register_autograd(op, backward, setup_context=k.setup)
 
 
 @dataclass(frozen=True)
@@ -155,11 +168,7 @@ class Operator:
     uses: tuple[str, ...]
     gpu_preference: tuple[str, ...] | None
     bench: Bench | None
-
-    @property
-    def backends(self) -> tuple[str, ...]:
-        """Backends with every kernel the op uses; `reference` always."""
-        return tuple(b for b in BACKENDS if all(b in KERNELS[u].ops for u in self.uses))
+    backends: tuple[str, ...] = ()  # with every kernel the op uses; `reference` always
 
     @property
     def kernel_backends(self) -> tuple[str, ...]:
@@ -183,7 +192,8 @@ def operator(*, uses: Sequence[str], checks: Sequence[Callable[[dict], None]] = 
         if unknown:
             raise ValueError(f"{body.__name__} uses undeclared kernels {unknown}")
         op = Operator(body.__name__, body.__module__.rsplit(".", 1)[-1], body, tuple(uses),
-                      tuple(gpu_preference) if gpu_preference else None, bench)
+                      tuple(gpu_preference) if gpu_preference else None, bench,
+                      tuple(b for b in BACKENDS if all(b in KERNELS[u].ops for u in uses)))
 
         @functools.wraps(body)
         def public(*args, **kwargs):

@@ -1,5 +1,5 @@
-"""Argument checks of the operators (and of the models and modules that take the same
-names the argument and what it may be."""
+"""Argument checks of the operators, and of the models and modules that take the same
+arguments: each raises a ValueError that names the argument and what it may be."""
 
 from __future__ import annotations
 

@@ -150,6 +150,10 @@ def _decode_inputs(args: dict) -> None:
         raise ValueError(f"indices must be an int64 tensor of the values' shape {tuple(values.shape)}")
     if not isinstance(weight, Tensor) or weight.dim() != 2 or weight.dtype != values.dtype:
         raise ValueError(f"weight must be 2-D (L, D) of the values' dtype {values.dtype}")
+    if isinstance(bias, Tensor) and bias.dim() == 1 and bias.shape[0] == weight.shape[0] != weight.shape[1]:
+        raise ValueError(f"weight must be (L, D) and bias (D,), got weight {tuple(weight.shape)} and bias "
+                         f"{tuple(bias.shape)}: the weight looks transposed (an nn.Linear(L, D) holds (D, L): "
+                         f"pass its weight.t())")
     if bias is not None and (bias.shape != (weight.shape[1],) or bias.dtype != values.dtype):
         raise ValueError(f"bias must be None or of shape ({weight.shape[1]},) and dtype {values.dtype}")
     _check_indices_on_cpu(indices, weight.shape[0])

@@ -49,7 +49,7 @@ def _kl_backward(ops, ctx, grad_penalty, _grad_rho_hat):
 kernel(
     "kl_sparsity_forward(Tensor a, float rho, float beta, float eps) -> (Tensor penalty, Tensor rho_hat)",
     fake=lambda a, rho, beta, eps: (a.new_empty(()), _stats(a, a.shape[1])),
-    reference=lambda a, rho, beta, eps: (reference.kl_sparsity(a, rho, beta), None),
+    reference=lambda a, rho, beta, eps: (reference.kl_sparsity(a, rho, beta, eps), None),
     native=CPP,
     triton=lambda a, rho, beta, eps: _triton().kl_sparsity_forward(a, rho, beta, eps),
     setup=_kl_setup, backward=_kl_backward,
@@ -82,7 +82,7 @@ kernel(
     "sigmoid_kl_sparsity_forward(Tensor z, float rho, float beta, float eps) "
     "-> (Tensor h, Tensor penalty, Tensor rho_hat)",
     fake=lambda z, rho, beta, eps: (_dense_like(z), z.new_empty(()), _stats(z, z.shape[1])),
-    reference=lambda z, rho, beta, eps: (*reference.sigmoid_kl_sparsity(z, rho, beta), None),
+    reference=lambda z, rho, beta, eps: (*reference.sigmoid_kl_sparsity(z, rho, beta, eps), None),
     native=CPP,
     triton=lambda z, rho, beta, eps: _triton().sigmoid_kl_sparsity_forward(z, rho, beta, eps),
     setup=_sigmoid_kl_setup, backward=_sigmoid_kl_backward,

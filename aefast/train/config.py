@@ -74,12 +74,70 @@ PARAM_HELP = {
 PARAM_TYPES: dict[str, type] = {"momentum": float}  # where the default (None) does not tell
 
 
+def _at_least(low: int) -> tuple[Callable[[Any], bool], str]:
+    return (lambda v: v >= low), f">= {low}"
+
+
+_POSITIVE = (lambda v: 0 < v < math.inf), "> 0"
+_NONNEGATIVE = (lambda v: 0 <= v < math.inf), ">= 0"
+_OPEN_UNIT = (lambda v: 0 < v < 1), "in (0, 1)"
+_UNIT_RIGHT_CLOSED = (lambda v: 0 < v <= 1), "in (0, 1]"
+
+# The values each option may take, checked wherever a value comes from (a flag, the
+# --config file, a resumed run's configuration), the flag named in the message. A list's
+# test applies to each of its elements.
+RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "epochs": _at_least(1),
+    "batch_size": _at_least(1),
+    "lr": _POSITIVE,
+    "seed": ((lambda v: 0 <= v < 2**63), "in [0, 2**63)"),
+    "val_fraction": _OPEN_UNIT,
+    "device": ((lambda v: v in ("auto", "cpu", "cuda") or v.startswith("cuda:")), "auto, cpu or cuda"),
+    "layers": _at_least(1),
+    "hidden": _at_least(1),
+    "pretrain_epochs": _at_least(0),
+    "kind": ((lambda v: v in ("gaussian", "masking", "salt_pepper", "dropout")),
+             "one of gaussian, masking, salt_pepper, dropout"),
+    "level": _NONNEGATIVE,
+    "rho": _OPEN_UNIT,
+    "beta": _NONNEGATIVE,
+    "weight_decay": _NONNEGATIVE,
+    "momentum": _UNIT_RIGHT_CLOSED,
+    "latent": _at_least(1),
+    "lam": _NONNEGATIVE,
+    "channels": _at_least(1),
+    "kernel_size": _at_least(1),
+    "decoder_kernel_size": _at_least(1),
+    "walkback": _at_least(0),
+    "sample_steps": _at_least(1),
+    "rate": _UNIT_RIGHT_CLOSED,
+    "discriminator_hidden": _at_least(1),
+    "prior_std": _POSITIVE,
+    "n_latents": _at_least(1),
+    "k": _at_least(1),
+    "k_aux": _at_least(0),
+    "aux_coef": _NONNEGATIVE,
+    "dead_steps": _at_least(1),
+}
+
+
 @dataclass(frozen=True)
 class ModelSpec:
     summary: str
     build: Callable[..., models.AutoencoderModel]  # build(image_shape, **params)
     params: dict[str, Any]
     training: dict[str, Any] = field(default_factory=dict)  # overrides of TRAINING
+    check: Callable[[dict[str, Any]], None] | None = None  # of a whole configuration
+
+
+def _reaches_fine_tuning(config: dict[str, Any]) -> None:
+    """Greedy pretraining takes pretrain_epochs per layer; the epochs after it fine-tune."""
+    layers, per_layer = len(config["layers"]), config["pretrain_epochs"]
+    if config["epochs"] <= layers * per_layer:
+        raise ValueError(
+            f"stacked: --epochs {config['epochs']} ends before fine-tuning: greedy pretraining takes {layers} "
+            f"layers x --pretrain-epochs {per_layer} = {layers * per_layer} epochs; give --epochs above "
+            f"{layers * per_layer} or a smaller --pretrain-epochs")
 
 
 def _flat(cls) -> Callable[..., models.AutoencoderModel]:
@@ -95,7 +153,7 @@ MODELS: dict[str, ModelSpec] = {
                     {"layers": [128, 32]}),
     "stacked": ModelSpec("stacked autoencoder: greedy layer-wise pretraining, then fine-tuning",
                          _flat(models.StackedAutoencoder), {"layers": [128, 32], "pretrain_epochs": 10},
-                         {"epochs": 60}),
+                         {"epochs": 60}, check=_reaches_fine_tuning),
     "denoising": ModelSpec("denoising autoencoder: reconstruct x from a corrupted copy",
                            _flat(models.DenoisingAutoencoder), {"hidden": 128, "kind": "masking", "level": 0.3}),
     "sparse": ModelSpec("sparse autoencoder: sigmoid code with the KL(rho || rho_hat) penalty (UFLDL)",
@@ -163,6 +221,9 @@ def resolve(model: str, overrides: dict[str, Any], config_file: str | None = Non
             raise ValueError(f"{where} does not apply to model {spec_name(model, conv)} "
                              f"(its options: {', '.join(_flag(k) for k in config if k != 'model')})")
         config[key] = _coerce(key, value, config[key])
+    spec = MODELS[spec_name(model, conv)]
+    if spec.check is not None:
+        spec.check(config)
     return config
 
 
@@ -221,7 +282,12 @@ def _coerce(key: str, value: Any, default: Any) -> Any:
         ok = True
     if not ok:
         raise ValueError(f"{_flag(key)} must be {_TYPE_WORDS.get(kind, kind.__name__)}, got {value!r}")
-    return float(value) if kind is float and value is not None else (list(value) if kind is list else value)
+    value = float(value) if kind is float and value is not None else (list(value) if kind is list else value)
+    test, words = RANGES.get(key, (None, ""))
+    if test is not None and value is not None and not all(test(v) for v in (value if kind is list else [value])):
+        shown = ",".join(map(str, value)) if kind is list else value
+        raise ValueError(f"{_flag(key)} must be {words}{' (each)' if kind is list else ''}, got {shown}")
+    return value
 
 
 _TYPE_WORDS = {bool: "true or false", int: "an integer", float: "a number", str: "a string",

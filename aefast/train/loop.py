@@ -11,6 +11,7 @@ the generators exactly as the uninterrupted run did at the start of the next epo
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 import time
@@ -53,6 +54,7 @@ def train(config: dict[str, Any], out_dir: Path, checkpoint: dict[str, Any] | No
     data = load_dataset(config["data"], config["val_fraction"], config["seed"])
     torch.manual_seed(config["seed"])
     model = configuration.build_model(config, data.image_shape).to(device)
+    check_data_range(model, data)
     if device.type == "cuda" and config["amp"]:
         model.autocast_dtype = torch.bfloat16
     model.eval()
@@ -78,6 +80,8 @@ def train(config: dict[str, Any], out_dir: Path, checkpoint: dict[str, Any] | No
 
     train_x, val_x = data.train.to(device), data.val.to(device)
     n_params = sum(p.numel() for p in model.parameters())
+    if history:
+        _say(f"resuming {out_dir} after epoch {len(history)} of {config['epochs']}")
     _say(f"{config['model']}{' --conv' if config['conv'] else ''} on {data.name}: {len(train_x)} train / "
         f"{len(val_x)} validation rows of {'x'.join(map(str, data.image_shape))}, {n_params:,} parameters, "
         f"{_backend(device)} on {device}; writing {out_dir}")
@@ -92,12 +96,13 @@ def train(config: dict[str, Any], out_dir: Path, checkpoint: dict[str, Any] | No
                                    progress)
         seconds = time.perf_counter() - start
         val_terms = _validate(model, val_x, config["batch_size"])
+        _check_finite(train_terms, val_terms, epoch, out_dir)
         record = {"epoch": epoch + 1, "train": train_terms, "val": val_terms,
                   "seconds": round(seconds, 4), "samples_per_s": round(len(train_x) / seconds, 1)}
         if phase:
             record["phase"] = phase
         history.append(record)
-        _save_checkpoint(out_dir, model, optimizers, shuffle, history, config)
+        _save_checkpoint(out_dir, model, optimizers, shuffle, history, config, data.image_shape)
         with open(out_dir / METRICS, "a") as f:
             f.write(json.dumps(record) + "\n")
         table.row(record)
@@ -147,9 +152,10 @@ def _validate(model: AutoencoderModel, x: torch.Tensor, batch_size: int) -> dict
     return {name: value / len(x) for name, value in sums.items()}
 
 
-def _save_checkpoint(out_dir: Path, model, optimizers, shuffle, history, config) -> None:
+def _save_checkpoint(out_dir: Path, model, optimizers, shuffle, history, config, image_shape) -> None:
     state = {
         "epoch": len(history),
+        "image_shape": list(image_shape),
         "model": model.state_dict(),
         "optimizers": {name: optimizer.state_dict() for name, optimizer in optimizers.items()},
         "rng": {"torch": torch.get_rng_state(), "shuffle": shuffle.get_state(),
@@ -161,6 +167,43 @@ def _save_checkpoint(out_dir: Path, model, optimizers, shuffle, history, config)
     temporary = out_dir / (CHECKPOINT + ".tmp")
     torch.save(state, temporary)
     os.replace(temporary, out_dir / CHECKPOINT)
+
+
+def check_data_range(model: AutoencoderModel, data) -> None:
+    """Models that reconstruct through a sigmoid, or score pixels as Bernoulli, need data
+    in [0, 1]: anything else trains to nonsense (or NaN) without an error."""
+    if not model.unit_interval_data:
+        return
+    low, high = float(min(data.train.min(), data.val.min())), float(max(data.train.max(), data.val.max()))
+    if low < 0.0 or high > 1.0:
+        raise ValueError(f"{data.name}: values lie in [{low:g}, {high:g}], but {type(model).__name__} reconstructs "
+                         f"through a sigmoid: scale the data to [0, 1] (e.g. (x - x.min()) / (x.max() - x.min()))")
+
+
+def _check_finite(train_terms: dict[str, float], val_terms: dict[str, float], epoch: int, out_dir: Path) -> None:
+    """A loss that became NaN or infinite ends the run; the checkpoint of the last good
+    epoch stays as it was (this epoch's is not written)."""
+    bad = [f"{part} {name} = {value}" for part, terms in (("training", train_terms), ("validation", val_terms))
+           for name, value in terms.items() if not math.isfinite(value)]
+    if bad:
+        kept = f"the checkpoint of epoch {epoch} in {out_dir} is kept" if epoch else "no checkpoint was written"
+        raise ValueError(f"epoch {epoch + 1}: {', '.join(bad)}: training diverged (try a smaller --lr); {kept}")
+
+
+def load_run(run_dir: str | Path) -> tuple[AutoencoderModel, dict[str, Any]]:
+    """The trained model of an `aefast train` output folder (in eval mode, on the CPU) and
+    its configuration: `model, config = aefast.load_run("runs/sparse-...")`."""
+    run_dir = Path(run_dir)
+    if not (run_dir / CHECKPOINT).is_file():
+        raise ValueError(f"{run_dir} holds no {CHECKPOINT}: not an aefast train output folder")
+    checkpoint = load_checkpoint(run_dir)
+    config = checkpoint["config"]
+    image_shape = checkpoint.get("image_shape")
+    if image_shape is None:  # a run written before the shape was saved: ask its data
+        image_shape = load_dataset(config["data"], config["val_fraction"], config["seed"]).image_shape
+    model = configuration.build_model(config, tuple(image_shape))
+    model.load_state_dict(checkpoint["model"])
+    return model.eval(), config
 
 
 def _set_rng_states(states: dict[str, Any], shuffle: torch.Generator) -> None:
@@ -216,7 +259,9 @@ class _EpochTable:
             val = ["loss"] + (["reconstruction"] if "reconstruction" in record["val"] else [])
             self.columns = [("train", k) for k in record["train"]] + [("val", k) for k in val]
             self.names = [k if part == "train" else f"val {k}" for part, k in self.columns]
-            self.widths = [max(10, len(name) + 1) for name in self.names]
-            _say(f"{'epoch':>5}" + "".join(f"{name:>{w}}" for name, w in zip(self.names, self.widths)))
-        cells = "".join(f"{record[part][k]:>{w}.4f}" for (part, k), w in zip(self.columns, self.widths))
+            self.widths = [max(11, len(name)) for name in self.names]
+            _say(f"{'epoch':>5}" + "".join(f" {name:>{w}}" for name, w in zip(self.names, self.widths)))
+        # A space before every cell and 5 significant digits (at most 11 characters, e.g.
+        # -1.2346e+06): the columns stay apart for any magnitude.
+        cells = "".join(f" {record[part][k]:>{w}.5g}" for (part, k), w in zip(self.columns, self.widths))
         _say(f"{record['epoch']:5d}{cells}" + (f"  {record['phase']}" if "phase" in record else ""))

@@ -1,5 +1,5 @@
-// Device-side helpers every CUDA family uses: the accumulation type, conversions
-// between storage and accumulation types, and the dtype dispatch of a launcher.
+// Device-side helpers every CUDA family uses: conversions between storage and
+// accumulation types (acc_t, in aefast/hd.h), and the dtype dispatch of a launcher.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -9,13 +9,11 @@
 #include <cstdint>
 #include <type_traits>
 
+#include "aefast/hd.h"  // acc_t
 #include "dtype.h"
 
 namespace aefast {
 namespace cuda {
-
-template <typename T>
-using acc_t = std::conditional_t<std::is_same<T, double>::value, double, float>;
 
 __device__ __forceinline__ float to_acc(float x) { return x; }
 __device__ __forceinline__ double to_acc(double x) { return x; }
