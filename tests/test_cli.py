@@ -40,7 +40,8 @@ def test_bench_prints_the_table_and_writes_json_markdown_png(capsys, tmp_path, o
     assert main(["bench", "--op", "kl_sparsity", "--op", "corrupt", "--size", "small", "--rounds", "1",
                  "--no-compile", "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
-    assert "| kl_sparsity | small 256x1024 | float32 | forward+backward | aefast[cpp] |" in out
+    assert "| kl_sparsity | small 256x1024 | rho=0.05, beta=3.0; a 256x1024 | float32 | forward+backward | aefast[cpp] |" in out
+    assert "| corrupt | small 256x1024 | masking, level=0.3; x 256x1024 | float32 | forward | torch: x * (torch.rand_like(x) >= level) |" in out
     record = json.loads((tmp_path / "bench.json").read_text())
     rows = record["results"]
     assert {r["op"] for r in rows} == {"kl_sparsity", "corrupt"} and record["environment"]["copy_GBps"] > 0
@@ -100,7 +101,7 @@ def test_readme_tables_come_from_the_newest_stored_run(tmp_path):
                     "<!-- aefast-bench:cuda -->\n<!-- /aefast-bench:cuda -->\nend\n")
     assert readme.update(page, tmp_path / "results") == ["cpu"]
     first = page.read_text()
-    assert "| corrupt | forward | cpp | 1.25 | 50% | 3.00x |  |" in first and "9.99" not in first
+    assert "| corrupt |  | forward | cpp | 1.25 | 50% | 3.00x |  |  |" in first and "9.99" not in first
     assert "stale" not in first and first.startswith("intro\n") and first.endswith("end\n")
     readme.update(page, tmp_path / "results")
     assert page.read_text() == first  # idempotent
@@ -120,3 +121,47 @@ def test_version_and_a_bogus_backend_variable():
                                    "got 'bogus'")
     proc = subprocess.run([sys.executable, "-c", "import aefast"], capture_output=True, text=True, env=env)
     assert proc.returncode == 1 and "ValueError: AEFAST_BACKEND must be one of auto" in proc.stderr
+
+
+def test_readme_table_names_the_case_and_the_pytorch_call(tmp_path):
+    import json
+
+    from aefast.bench import readme
+
+    base = {"op": "topk_sparse", "size": "medium", "shape": "1024x4096", "case": "k=32; x 1024x4096",
+            "dtype": "float32", "mode": "forward", "copy_share": 0.4, "vs_compiled": None}
+    rows = [{**base, "contender": "aefast[cpp]", "median_ms": 2.0, "vs_eager": 9.0},
+            {**base, "contender": "torch: torch.topk", "median_ms": 5.0, "vs_eager": 3.6}]
+    env = {"device": "cpu-x", "threads": 2, "torch": "2.13", "date": "2026-03-01T00:00:00", "copy_GBps": 4.0,
+           "device_type": "cpu"}
+    (tmp_path / "results" / "run").mkdir(parents=True)
+    (tmp_path / "results" / "run" / "bench.json").write_text(json.dumps({"environment": env, "results": rows}))
+    page = tmp_path / "README.md"
+    page.write_text("<!-- aefast-bench:cpu -->\n<!-- /aefast-bench:cpu -->\n")
+    readme.update(page, tmp_path / "results")
+    assert "| topk_sparse | k=32; x 1024x4096 | forward | cpp | 2.00 | 40% | 9.00x |  | 2.50x (`torch.topk`) |" in (
+        page.read_text())
+
+
+def test_bench_figure_has_a_labelled_panel_per_mode(tmp_path, monkeypatch):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib.figure import Figure
+
+    from aefast.bench.run import plot
+
+    rows = [{"op": op, "size": "small", "mode": mode, "contender": name, "vs_eager": v}
+            for op in ("topk_sparse", "corrupt") for mode in ("forward", "forward+backward")
+            for name, v in (("aefast[cpp]", 4.0), ("eager", 1.0), ("torch: call", 2.0))]
+    figures, savefig = [], Figure.savefig
+    monkeypatch.setattr(Figure, "savefig", lambda fig, *a, **k: figures.append(fig) or savefig(fig, *a, **k))
+    plot(rows, tmp_path / "bench.png", {"device": "cpu-x", "torch": "2.13"})
+    (fig,) = figures
+    titles = [ax.get_title() for ax in fig.axes]
+    assert titles == ["forward", "forward+backward"]
+    assert all(ax.get_ylabel() == "speedup over the eager reference" for ax in fig.axes)
+    legend = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
+    assert legend == ["aefast[cpp]", "torch"]
+    assert "cpu-x" in fig._suptitle.get_text()
+    assert (tmp_path / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

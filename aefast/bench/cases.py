@@ -46,6 +46,16 @@ class Case:
     def compile_reference(self) -> bool:
         return self.bench.compile_reference
 
+    @property
+    def library(self) -> tuple[str, Callable[..., object]] | None:
+        return self.bench.library
+
+    def describe(self, inputs: dict) -> str:
+        """The case's settings and its inputs' shapes: `k=32; x 1024x4096`."""
+        shapes = ", ".join(f"{name} {'x'.join(map(str, t.shape))}" for name, t in inputs.items()
+                           if isinstance(t, torch.Tensor))
+        return f"{self.bench.params}; {shapes}" if self.bench.params else shapes
+
     def bytes_moved(self, inputs: dict, backward: bool) -> int:
         return int(self.bench.bytes_moved(inputs, backward))
 

@@ -46,13 +46,19 @@ def table(record: dict, kind: str) -> str:
         f"({rows[0]['shape'] if rows else '?'}), float32; copy bandwidth {env['copy_GBps']} GB/s "
         f"(`{record['path'].parent.as_posix()}/bench.md` has every row):",
         "",
-        "| op | mode | backend | median ms | share of copy | vs eager | vs compiled |",
-        "|---|---|---|---:|---:|---:|---:|",
+        "| op | case | mode | backend | median ms | share of copy | vs eager | vs compiled | vs PyTorch call |",
+        "|---|---|---|---|---:|---:|---:|---:|---|",
     ]
+    # The call a user would write with PyTorch alone, timed in the same run (newer runs).
+    library = {(r["op"], r["mode"], r["dtype"]): r for r in record["results"]
+               if r["contender"].startswith("torch:") and r["size"] == size and "error" not in r}
     for r in rows:
         compiled = "" if r["vs_compiled"] is None else f"{r['vs_compiled']:.2f}x"
-        lines.append(f"| {r['op']} | {r['mode']} | {r['contender'][len('aefast['):-1]} | {r['median_ms']:.2f} | "
-                     f"{r['copy_share']:.0%} | {r['vs_eager']:.2f}x | {compiled} |")
+        torch_row = library.get((r["op"], r["mode"], r.get("dtype", "float32")))
+        versus = (f"{torch_row['median_ms'] / r['median_ms']:.2f}x (`{torch_row['contender'][len('torch: '):]}`)"
+                  if torch_row else "")
+        lines.append(f"| {r['op']} | {r.get('case', '')} | {r['mode']} | {r['contender'][len('aefast['):-1]} | "
+                     f"{r['median_ms']:.2f} | {r['copy_share']:.0%} | {r['vs_eager']:.2f}x | {compiled} | {versus} |")
     return "\n".join(lines)
 
 

@@ -30,6 +30,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", action="append", choices=sorted(DTYPES), help="(repeatable; default: float32)")
     p.add_argument("--mode", action="append", choices=sorted(MODES), help="(repeatable; default: both)")
     p.add_argument("--no-compile", action="store_true", help="leave out the torch.compile(reference) contender")
+    p.add_argument("--no-library", action="store_true",
+                   help="leave out the plain-PyTorch call a user would write (torch.topk, F.embedding_bag, ...)")
     p.add_argument("--rounds", type=int, default=7, help="timed rounds per contender (median reported)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", default=None, help="results folder (default: bench/results/<machine>-<date>/)")
@@ -95,8 +97,11 @@ def measure(args, progress=None) -> tuple[list[dict], dict]:
                     fns["eager"] = case.reference
                     if compiled is not None:
                         fns["compiled"] = compiled
+                    if case.library is not None and not args.no_library:
+                        fns[f"torch: {case.library[0]}"] = case.library[1]
                     contenders = {name: (lambda f=f: run(case, f, inputs, backward)) for name, f in fns.items()}
-                    base = {"op": op, "size": size, "shape": shape, "dtype": dtype_name, "mode": mode}
+                    base = {"op": op, "size": size, "shape": shape, "case": case.describe(inputs),
+                            "dtype": dtype_name, "mode": mode}
                     for name, error in _failing(contenders).items():  # recorded; the run goes on
                         rows.append({**base, "contender": name, "error": error})
                         print(f"  {op} {size} {dtype_name} {mode}: {name} FAILED: {error}", flush=True)
@@ -124,44 +129,53 @@ def markdown(rows: list[dict], env: dict) -> str:
     lines = [
         f"Measured on {env['device']} ({env['threads']} threads), torch {env['torch']}, {env['date']}; "
         f"copy bandwidth {env['copy_GBps']} GB/s (a clone of a fresh tensor, in this run); "
-        f"float32 matmul {env['matmul_fp32_TFLOPs']} TFLOP/s.",
+        f"float32 matmul {env['matmul_fp32_TFLOPs']} TFLOP/s. Contenders: aefast[backend]; eager, aefast's "
+        "plain-PyTorch reference (aefast/reference.py); compiled, the same under torch.compile; torch: ..., "
+        "the call a user would write with PyTorch alone.",
         "",
-        "| op | size | dtype | mode | contender | median ms | GB/s | share of copy | vs eager | vs compiled |",
-        "|---|---|---|---|---|---:|---:|---:|---:|---:|",
+        "| op | size | case | dtype | mode | contender | median ms | GB/s | share of copy | vs eager | vs compiled |",
+        "|---|---|---|---|---|---|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
+        head = f"| {r['op']} | {r['size']} {r['shape']} | {r.get('case', '')} | {r['dtype']} | {r['mode']} | {r['contender']} |"
         if "error" in r:
-            lines.append(f"| {r['op']} | {r['size']} {r['shape']} | {r['dtype']} | {r['mode']} | {r['contender']} | "
-                         f"error: {r['error']} | | | | |")
+            lines.append(f"{head} error: {r['error']} | | | | |")
             continue
         compiled = "" if r["vs_compiled"] is None else f"{r['vs_compiled']:.2f}x"
-        lines.append(f"| {r['op']} | {r['size']} {r['shape']} | {r['dtype']} | {r['mode']} | {r['contender']} | "
-                     f"{r['median_ms']:.2f} | {r['GBps']:.1f} | {r['copy_share']:.0%} | {r['vs_eager']:.2f}x | {compiled} |")
+        lines.append(f"{head} {r['median_ms']:.2f} | {r['GBps']:.1f} | {r['copy_share']:.0%} | {r['vs_eager']:.2f}x | {compiled} |")
     return "\n".join(lines)
 
 
-def plot(rows: list[dict], path) -> None:
-    """Speedup over the eager reference of each aefast backend, forward + backward."""
+def plot(rows: list[dict], path, env: dict | None = None) -> None:
+    """Speedup over the eager reference of every contender but eager: one panel per mode,
+    a group of bars per op and size, labelled."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [r for r in rows if "error" not in r]
-    picked = [r for r in rows if r["contender"].startswith("aefast") and r["mode"] == "forward+backward"] or \
-        [r for r in rows if r["contender"].startswith("aefast")]
-    labels = sorted({f"{r['op']}\n{r['size']}" for r in picked}, key=lambda s: s)
-    contenders = sorted({r["contender"] for r in picked})
-    fig, ax = plt.subplots(figsize=(max(6, 0.55 * len(labels) * max(1, len(contenders))), 4))
+    rows = [r for r in rows if "error" not in r and r["contender"] != "eager"]
+    modes = [m for m in MODES if any(r["mode"] == m for r in rows)] or list(MODES)[:1]
+    labels = sorted({f"{r['op']}\n{r['size']}" for r in rows})
+    contenders = sorted({r["contender"].split(":")[0] for r in rows})  # "torch: <call>" as one colour
     width = 0.8 / max(1, len(contenders))
-    for i, name in enumerate(contenders):
-        by_label = {f"{r['op']}\n{r['size']}": r["vs_eager"] for r in picked if r["contender"] == name}
-        xs = [j + i * width for j, label in enumerate(labels) if label in by_label]
-        ax.bar(xs, [by_label[label] for label in labels if label in by_label], width, label=name)
-    ax.axhline(1.0, color="black", linewidth=0.8)
-    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(labels))], labels, fontsize=7)
-    ax.set_ylabel("speedup over eager reference")
-    ax.legend()
+    fig, axes = plt.subplots(len(modes), 1, squeeze=False,
+                             figsize=(max(7, 0.45 * len(labels) * max(1, len(contenders))), 3.6 * len(modes)))
+    for ax, mode in zip(axes[:, 0], modes):
+        for i, name in enumerate(contenders):
+            by_label = {f"{r['op']}\n{r['size']}": r["vs_eager"] for r in rows
+                        if r["mode"] == mode and r["contender"].split(":")[0] == name}
+            xs = [j + i * width for j, label in enumerate(labels) if label in by_label]
+            ax.bar(xs, [by_label[label] for label in labels if label in by_label], width, label=name)
+        ax.axhline(1.0, color="black", linewidth=0.8)
+        ax.set_yscale("log")
+        ax.set_xticks([j + 0.4 - width / 2 for j in range(len(labels))], labels, fontsize=7)
+        ax.set_ylabel("speedup over the eager reference")
+        ax.set_title(mode, fontsize=10)
+        ax.legend(fontsize=7)
+    where = f"{env['device']}, torch {env['torch']}" if env else ""
+    fig.suptitle(f"aefast bench{': ' + where if where else ''}\n(above 1: faster than aefast's plain-PyTorch reference)",
+                 fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -175,6 +189,6 @@ def main(args) -> int:
 
     rows, env = measure(args, progress=save)
     print(markdown(rows, env))
-    plot(rows, out / "bench.png")
+    plot(rows, out / "bench.png", env)
     print(f"\nwritten to {out}/bench.json, bench.md, bench.png")
     return 0

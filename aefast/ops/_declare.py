@@ -158,6 +158,10 @@ class Bench:
     # Inductor spends over ten minutes on the plain-PyTorch Philox of the noise ops'
     # references on CPU: those are compared against the eager reference only.
     compile_reference: bool = True
+    params: str = ""  # the case's settings besides its inputs' shapes, as the tables show them
+    # The call a user would write with PyTorch alone, (label, (**inputs) -> outputs), where
+    # it differs from the reference (torch.topk, F.embedding_bag, torch.rand_like ...).
+    library: tuple[str, Callable] | None = None
 
 
 @dataclass

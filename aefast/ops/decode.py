@@ -215,7 +215,9 @@ def _encode_bytes(inputs, backward):
     uses=("sparse_decode_forward",),
     checks=(check_dense("values"), _decode_inputs),
     bench=Bench(make=_codes, call=lambda op, **inputs: op(**inputs), reference=reference.sparse_decode,
-                bytes_moved=_decode_bytes, differentiable=("values", "weight")),
+                bytes_moved=_decode_bytes, differentiable=("values", "weight"), params=f"k={K}",
+                library=("F.embedding_bag", lambda values, indices, weight: torch.nn.functional.embedding_bag(
+                    indices, weight, per_sample_weights=values, mode="sum"))),
 )
 def sparse_decode(ops, values: Tensor, indices: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     """``out[b] = bias + sum_k values[b, k] * weight[indices[b, k]]`` for values and
@@ -235,7 +237,9 @@ def sparse_decode(ops, values: Tensor, indices: Tensor, weight: Tensor, bias: Te
     checks=(check_dense(), _encode_inputs),
     bench=Bench(make=_encoder_inputs, call=lambda op, x, weight, bias: op(x, weight, bias, K),
                 reference=lambda x, weight, bias: reference.topk_encode(x, weight, bias, K),
-                bytes_moved=_encode_bytes, differentiable=("x", "weight", "bias")),
+                bytes_moved=_encode_bytes, differentiable=("x", "weight", "bias"), params=f"k={K}",
+                library=("torch.topk(relu(F.linear))", lambda x, weight, bias: torch.topk(
+                    torch.nn.functional.linear(x, weight, bias).relu(), K))),
 )
 def topk_encode(ops, x: Tensor, weight: Tensor, bias: Tensor | None, k: int) -> tuple[Tensor, Tensor]:
     """The fused top-k encoder of a sparse autoencoder:

@@ -173,7 +173,7 @@ def _nbytes(*tensors) -> int:
         call=lambda op, a: op(a, RHO, BETA),
         reference=lambda a: reference.kl_sparsity(a, RHO, BETA),
         bytes_moved=lambda inputs, backward: _nbytes(inputs["a"]) * (2 if backward else 1),
-        differentiable=("a",),
+        differentiable=("a",), params=f"rho={RHO}, beta={BETA}",
     ),
 )
 def kl_sparsity(ops, a: Tensor, rho: float, beta: float = 1.0, *, group=None) -> Tensor:
@@ -202,7 +202,7 @@ def kl_sparsity(ops, a: Tensor, rho: float, beta: float = 1.0, *, group=None) ->
         call=lambda op, z: op(z, RHO, BETA),
         reference=lambda z: reference.sigmoid_kl_sparsity(z, RHO, BETA),
         bytes_moved=lambda inputs, backward: _nbytes(inputs["z"]) * (5 if backward else 2),
-        differentiable=("z",),
+        differentiable=("z",), params=f"rho={RHO}, beta={BETA}",
     ),
 )
 def sigmoid_kl_sparsity(ops, z: Tensor, rho: float, beta: float = 1.0, *, group=None) -> tuple[Tensor, Tensor]:

@@ -261,6 +261,11 @@ def _seed(device) -> Tensor:
     return torch.tensor(SEED, device=device)
 
 
+def _torch_reparameterize(mu, logvar):
+    z = mu + torch.randn_like(mu) * torch.exp(0.5 * logvar)
+    return z, (-0.5 * (1 + logvar - mu * mu - torch.exp(logvar)).sum(1)).mean()
+
+
 def _linear_case_inputs(rows, cols, dtype, device):
     return {
         "x": torch.rand(rows, cols, device=device).to(dtype),
@@ -286,7 +291,8 @@ def _linear_bytes(inputs, backward):
         call=lambda op, x: op(x, "masking", LEVEL, seed=SEED),
         reference=lambda x: reference.corrupt(x, "masking", LEVEL, _seed(x.device)),
         bytes_moved=lambda inputs, backward: _nbytes(inputs["x"]) * (4 if backward else 2),
-        differentiable=("x",), compile_reference=False,
+        differentiable=("x",), compile_reference=False, params=f"masking, level={LEVEL}",
+        library=("x * (torch.rand_like(x) >= level)", lambda x: x * (torch.rand_like(x) >= LEVEL)),
     ),
 )
 def corrupt(ops, x: Tensor, kind: str, level: float, *, seed=None, low: float = 0.0, high: float = 1.0) -> Tensor:
@@ -314,6 +320,9 @@ def corrupt(ops, x: Tensor, kind: str, level: float, *, seed=None, low: float = 
         call=lambda op, x, weight, bias: op(x, weight, bias, "masking", LEVEL, seed=SEED),
         reference=lambda x, weight, bias: reference.noisy_linear(x, weight, bias, "masking", LEVEL, _seed(x.device)),
         bytes_moved=_linear_bytes, differentiable=("x", "weight", "bias"), compile_reference=False,
+        params=f"masking, level={LEVEL}",
+        library=("F.linear(x * (torch.rand_like(x) >= level))",
+                 lambda x, weight, bias: F.linear(x * (torch.rand_like(x) >= LEVEL), weight, bias)),
     ),
 )
 def noisy_linear(ops, x: Tensor, weight: Tensor, bias: Tensor | None, kind: str, level: float, *, seed=None,
@@ -338,6 +347,7 @@ def noisy_linear(ops, x: Tensor, weight: Tensor, bias: Tensor | None, kind: str,
         reference=lambda mu, logvar: reference.reparameterize(mu, logvar, _seed(mu.device)),
         bytes_moved=lambda inputs, backward: int(_nbytes(inputs["mu"]) * (4 if backward else 1.5)),
         differentiable=("mu", "logvar"), compile_reference=False,
+        library=("mu + torch.randn_like(mu) * exp(logvar / 2), KL formula", _torch_reparameterize),
     ),
 )
 def reparameterize(ops, mu: Tensor, logvar: Tensor, *, seed=None) -> tuple[Tensor, Tensor]:

@@ -161,15 +161,43 @@ def _dense_bytes(inputs, backward):  # read x, write the dense output (and its g
     return _nbytes(inputs["x"]) * (3 if backward else 2)
 
 
-def _bench(call, reference_call, bytes_moved=_dense_bytes, make=_normal):
-    return Bench(make=make, call=call, reference=reference_call, bytes_moved=bytes_moved, differentiable=("x",))
+def _bench(call, reference_call, library, params, bytes_moved=_dense_bytes, make=_normal):
+    return Bench(make=make, call=call, reference=reference_call, bytes_moved=bytes_moved, differentiable=("x",),
+                 params=params, library=library)
+
+
+def _topk_values(x, k, dim=1):  # what a user writes: torch.topk, then ReLU
+    values, indices = torch.topk(x, k, dim=dim)
+    return values.relu(), indices
+
+
+def _torch_topk_mask(x, k):
+    values, indices = _topk_values(x, k)
+    return torch.zeros_like(x).scatter(1, indices, values)
+
+
+def _torch_batch_topk(x, k):
+    values, indices = _topk_values(x.flatten(), k * x.shape[0], dim=0)
+    return torch.zeros_like(x.flatten()).scatter(0, indices, values).view_as(x)
+
+
+def _torch_lifetime_topk(x, rate):
+    values, indices = torch.topk(x, reference.lifetime_count(rate, x.shape[0]), dim=0)
+    return torch.zeros_like(x).scatter(0, indices, values)
+
+
+def _torch_spatial_wta(x):
+    maps = x.flatten(2)
+    values, indices = maps.max(-1, keepdim=True)
+    return torch.zeros_like(maps).scatter(2, indices, values).view_as(x)
 
 
 # ---------------------------------------------------------------- public API
 
 
 @operator(uses=("topk_forward",), checks=(check_dense(), _k_per_row),
-          bench=_bench(lambda op, x: op(x, K), lambda x: reference.topk_sparse(x, K), _sparse_bytes))
+          bench=_bench(lambda op, x: op(x, K), lambda x: reference.topk_sparse(x, K),
+                       ("torch.topk", lambda x: _topk_values(x, K)), f"k={K}", _sparse_bytes))
 def topk_sparse(ops, x: Tensor, k: int, *, relu: bool = True) -> tuple[Tensor, Tensor]:
     """Per row of x (B, H), the k largest values and their int64 indices, each (B, k).
 
@@ -180,7 +208,8 @@ def topk_sparse(ops, x: Tensor, k: int, *, relu: bool = True) -> tuple[Tensor, T
 
 
 @operator(uses=("topk_forward",), checks=(check_dense(), _k_per_row),
-          bench=_bench(lambda op, x: op(x, K), lambda x: reference.topk_mask(x, K)))
+          bench=_bench(lambda op, x: op(x, K), lambda x: reference.topk_mask(x, K),
+                       ("torch.topk + scatter", lambda x: _torch_topk_mask(x, K)), f"k={K}"))
 def topk_mask(ops, x: Tensor, k: int, *, relu: bool = True) -> Tensor:
     """x (B, H) with all but the k largest values of each row set to 0; ReLU after
     selection when relu=True. The gradient flows to the winners only."""
@@ -189,7 +218,8 @@ def topk_mask(ops, x: Tensor, k: int, *, relu: bool = True) -> Tensor:
 
 
 @operator(uses=("topk_forward",), checks=(check_dense(), _k_per_row_on_average),
-          bench=_bench(lambda op, x: op(x, K), lambda x: reference.batch_topk(x, K)))
+          bench=_bench(lambda op, x: op(x, K), lambda x: reference.batch_topk(x, K),
+                       ("torch.topk(x.flatten()) + scatter", lambda x: _torch_batch_topk(x, K)), f"k={K} per row"))
 def batch_topk(ops, x: Tensor, k: int, *, relu: bool = True, group=None) -> Tensor:
     """BatchTopK: keep the k * B largest values of the whole batch x (B, H), zero the
     rest (ReLU after selection). On average k per row, any number in a given row.
@@ -210,7 +240,8 @@ def batch_topk(ops, x: Tensor, k: int, *, relu: bool = True, group=None) -> Tens
 
 
 @operator(uses=("topk_forward",), checks=(check_dense(), _rate("rate")),
-          bench=_bench(lambda op, x: op(x, 0.05), lambda x: reference.lifetime_topk(x, 0.05)))
+          bench=_bench(lambda op, x: op(x, 0.05), lambda x: reference.lifetime_topk(x, 0.05),
+                       ("torch.topk(dim=0) + scatter", lambda x: _torch_lifetime_topk(x, 0.05)), "rate=0.05"))
 def lifetime_topk(ops, x: Tensor, rate: float, *, group=None) -> Tensor:
     """Lifetime sparsity (winner-take-all autoencoder, Makhzani & Frey 2015): per unit
     (column of x (B, H)) keep the ceil(rate * B) largest activations across the batch,
@@ -227,8 +258,8 @@ def lifetime_topk(ops, x: Tensor, rate: float, *, group=None) -> Tensor:
 
 
 @operator(uses=("topk_forward",), checks=(check_dense(dims=4), _rate("lifetime_rate", optional=True)),
-          bench=_bench(lambda op, x: op(x), reference.spatial_wta,
-                       make=lambda r, c, dtype, device: {
+          bench=_bench(lambda op, x: op(x), reference.spatial_wta, ("amax + scatter", _torch_spatial_wta),
+                       "one winner per map", make=lambda r, c, dtype, device: {
                            "x": torch.randn(r // 4, 16, 8, c // 32, device=device).to(dtype)}))
 def spatial_wta(ops, x: Tensor, *, lifetime_rate: float | None = None) -> Tensor:
     """Spatial sparsity (convolutional winner-take-all autoencoder): for x (N, C, H, W)
