@@ -146,6 +146,16 @@ def _register(k: Kernel, op, implementation: str) -> None:
     torch.library.register_autograd(op, backward, setup_context=k.setup)
 
 
+def dense_like(t: torch.Tensor) -> torch.Tensor:
+    """A fresh contiguous tensor of t's shape and dtype: what a kernel's fake returns."""
+    return torch.empty_like(t, memory_format=torch.contiguous_format)
+
+
+def nbytes(*tensors: torch.Tensor) -> int:
+    """The bytes of the tensors' elements: the unit of a benchmark case's memory floor."""
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
 @dataclass(frozen=True)
 class Bench:
     """How `aefast bench` and the pytest-benchmark cases time an op (aefast/bench/cases.py)."""

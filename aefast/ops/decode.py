@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from aefast import reference
-from aefast.ops._declare import CPP, Bench, kernel, kernels, operator
+from aefast.ops._declare import CPP, Bench, dense_like, kernel, kernels, nbytes, operator
 from aefast.ops.checks import autocast_inputs, check_linear_params
 from aefast.ops.topk import K, check_dense, check_k
 
@@ -74,9 +74,7 @@ kernel(
 kernel(
     "sparse_decode_backward(Tensor grad_out, Tensor values, Tensor indices, Tensor weight) "
     "-> (Tensor grad_values, Tensor grad_weight)",
-    fake=lambda grad_out, values, indices, weight: (
-        torch.empty_like(values, memory_format=torch.contiguous_format),
-        torch.empty_like(weight, memory_format=torch.contiguous_format)),
+    fake=lambda grad_out, values, indices, weight: (dense_like(values), dense_like(weight)),
     reference=None,
     native=CPP,
     triton=_decode_backward_triton,
@@ -172,9 +170,6 @@ def _encode_inputs(args: dict) -> None:
 WIDTH = 768  # the decoder's output width, the encoder's input width
 
 
-def _nbytes(*tensors) -> int:
-    return sum(t.numel() * t.element_size() for t in tensors)
-
 
 def _codes(rows, cols, dtype, device):
     latents = 4 * cols
@@ -189,8 +184,8 @@ def _decode_bytes(inputs, backward):
     values, weight = inputs["values"], inputs["weight"]
     rows_used = min(values.numel(), weight.shape[0]) * weight.shape[1] * weight.element_size()
     out = values.shape[0] * weight.shape[1] * weight.element_size()
-    forward = _nbytes(values, inputs["indices"]) + rows_used + out
-    return forward + ((out + rows_used + _nbytes(weight, values)) if backward else 0)
+    forward = nbytes(values, inputs["indices"]) + rows_used + out
+    return forward + ((out + rows_used + nbytes(weight, values)) if backward else 0)
 
 
 def _encoder_inputs(rows, cols, dtype, device):
@@ -204,8 +199,8 @@ def _encoder_inputs(rows, cols, dtype, device):
 
 def _encode_bytes(inputs, backward):
     x, weight = inputs["x"], inputs["weight"]
-    forward = _nbytes(x, weight) + x.shape[0] * K * (x.element_size() + 8)
-    return forward + (_nbytes(x, weight) * 2 if backward else 0)
+    forward = nbytes(x, weight) + x.shape[0] * K * (x.element_size() + 8)
+    return forward + (nbytes(x, weight) * 2 if backward else 0)
 
 
 # ---------------------------------------------------------------- public API

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from aefast import reference
-from aefast.ops._declare import CPP, Bench, kernel, operator
+from aefast.ops._declare import CPP, Bench, dense_like, kernel, nbytes, operator
 from aefast.ops._distributed import global_column_mean
 from aefast.ops.checks import argument, check_matrix, check_nonnegative, check_open_unit
 from aefast.reference import RHO_HAT_EPS, stat_dtype
@@ -26,9 +26,6 @@ def _triton():
 def _stats(x: Tensor, n: int) -> Tensor:
     return x.new_empty((n,), dtype=stat_dtype(x.dtype))
 
-
-def _dense_like(t: Tensor) -> Tensor:
-    return torch.empty_like(t, memory_format=torch.contiguous_format)
 
 
 # ---------------------------------------------------------------- kernels
@@ -81,7 +78,7 @@ def _sigmoid_kl_backward(ops, ctx, grad_h, grad_penalty, _grad_rho_hat):
 kernel(
     "sigmoid_kl_sparsity_forward(Tensor z, float rho, float beta, float eps) "
     "-> (Tensor h, Tensor penalty, Tensor rho_hat)",
-    fake=lambda z, rho, beta, eps: (_dense_like(z), z.new_empty(()), _stats(z, z.shape[1])),
+    fake=lambda z, rho, beta, eps: (dense_like(z), z.new_empty(()), _stats(z, z.shape[1])),
     reference=lambda z, rho, beta, eps: (*reference.sigmoid_kl_sparsity(z, rho, beta, eps), None),
     native=CPP,
     triton=lambda z, rho, beta, eps: _triton().sigmoid_kl_sparsity_forward(z, rho, beta, eps),
@@ -90,7 +87,7 @@ kernel(
 kernel(
     "sigmoid_kl_sparsity_backward(Tensor grad_h, Tensor grad_penalty, Tensor h, Tensor rho_hat, float rho, "
     "float beta, float eps) -> Tensor",
-    fake=lambda grad_h, grad_penalty, h, rho_hat, rho, beta, eps: _dense_like(h),
+    fake=lambda grad_h, grad_penalty, h, rho_hat, rho, beta, eps: dense_like(h),
     reference=None,
     native=CPP,
     triton=lambda grad_h, grad_penalty, h, rho_hat, rho, beta, eps: _triton().sigmoid_kl_sparsity_backward(
@@ -120,7 +117,7 @@ kernel(
 kernel(
     "contractive_penalty_backward(Tensor grad_penalty, Tensor h, Tensor weight, Tensor s2, Tensor w2) "
     "-> (Tensor grad_h, Tensor grad_weight)",
-    fake=lambda grad_penalty, h, weight, s2, w2: (_dense_like(h), _dense_like(weight)),
+    fake=lambda grad_penalty, h, weight, s2, w2: (dense_like(h), dense_like(weight)),
     reference=None,
     native=CPP,
     triton=lambda grad_penalty, h, weight, s2, w2: _triton().contractive_penalty_backward(
@@ -158,9 +155,6 @@ def _unit_interval(rows, cols, dtype, device):
     return torch.empty(rows, cols, device=device).uniform_(0.02, 0.98).to(dtype)
 
 
-def _nbytes(*tensors) -> int:
-    return sum(t.numel() * t.element_size() for t in tensors)
-
 
 # ---------------------------------------------------------------- public API
 
@@ -172,7 +166,7 @@ def _nbytes(*tensors) -> int:
         make=lambda r, c, dtype, device: {"a": _unit_interval(r, c, dtype, device)},
         call=lambda op, a: op(a, RHO, BETA),
         reference=lambda a: reference.kl_sparsity(a, RHO, BETA),
-        bytes_moved=lambda inputs, backward: _nbytes(inputs["a"]) * (2 if backward else 1),
+        bytes_moved=lambda inputs, backward: nbytes(inputs["a"]) * (2 if backward else 1),
         differentiable=("a",), params=f"rho={RHO}, beta={BETA}",
     ),
 )
@@ -201,7 +195,7 @@ def kl_sparsity(ops, a: Tensor, rho: float, beta: float = 1.0, *, group=None) ->
         make=lambda r, c, dtype, device: {"z": torch.randn(r, c, device=device).to(dtype)},
         call=lambda op, z: op(z, RHO, BETA),
         reference=lambda z: reference.sigmoid_kl_sparsity(z, RHO, BETA),
-        bytes_moved=lambda inputs, backward: _nbytes(inputs["z"]) * (5 if backward else 2),
+        bytes_moved=lambda inputs, backward: nbytes(inputs["z"]) * (5 if backward else 2),
         differentiable=("z",), params=f"rho={RHO}, beta={BETA}",
     ),
 )
@@ -226,7 +220,7 @@ def sigmoid_kl_sparsity(ops, z: Tensor, rho: float, beta: float = 1.0, *, group=
             "h": _unit_interval(r, c, dtype, device), "weight": torch.randn(c, 784, device=device).to(dtype)},
         call=lambda op, h, weight: op(h, weight),
         reference=reference.contractive_penalty,
-        bytes_moved=lambda inputs, backward: _nbytes(inputs["h"], inputs["weight"]) * (3 if backward else 1),
+        bytes_moved=lambda inputs, backward: nbytes(inputs["h"], inputs["weight"]) * (3 if backward else 1),
         differentiable=("h", "weight"),
     ),
 )

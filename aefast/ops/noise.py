@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from aefast import reference
-from aefast.ops._declare import CPP, Bench, kernel, kernels, operator
+from aefast.ops._declare import CPP, Bench, dense_like, kernel, kernels, nbytes, operator
 from aefast.ops.checks import (
     argument,
     autocast_inputs,
@@ -45,9 +45,6 @@ def _kind(kind: str) -> int:
     """The kind as the Triton kernels take it: its index in KINDS."""
     return KINDS.index(kind)
 
-
-def _dense_like(t: Tensor) -> Tensor:
-    return torch.empty_like(t, memory_format=torch.contiguous_format)
 
 
 def _corrupt_grad(corrupt, grad: Tensor, kind: str, level: float, seed: Tensor) -> Tensor:
@@ -74,7 +71,7 @@ def _corrupt_backward(ops, ctx, grad):
 # same mask).
 kernel(
     "corrupt(Tensor x, str kind, float level, Tensor seed, float low, float high) -> Tensor",
-    fake=lambda x, kind, level, seed, low, high: _dense_like(x),
+    fake=lambda x, kind, level, seed, low, high: dense_like(x),
     reference=reference.corrupt,
     native=CPP,
     triton=lambda x, kind, level, seed, low, high: _triton().corrupt(x, _kind(kind), level, seed, low, high),
@@ -94,7 +91,7 @@ def _reparameterize_backward(ops, ctx, grad_z, grad_kl):
 # z = mu + eps * exp(logvar / 2); kl = batch mean of -1/2 sum(1 + logvar - mu^2 - exp(logvar)).
 kernel(
     "reparameterize_forward(Tensor mu, Tensor logvar, Tensor seed) -> (Tensor z, Tensor kl)",
-    fake=lambda mu, logvar, seed: (_dense_like(mu), mu.new_empty(())),
+    fake=lambda mu, logvar, seed: (dense_like(mu), mu.new_empty(())),
     reference=reference.reparameterize,
     native=CPP,
     triton=lambda mu, logvar, seed: _triton().reparameterize_forward(mu, logvar, seed),
@@ -103,7 +100,7 @@ kernel(
 kernel(
     "reparameterize_backward(Tensor grad_z, Tensor grad_kl, Tensor mu, Tensor logvar, Tensor seed) "
     "-> (Tensor grad_mu, Tensor grad_logvar)",
-    fake=lambda grad_z, grad_kl, mu, logvar, seed: (_dense_like(mu), _dense_like(mu)),
+    fake=lambda grad_z, grad_kl, mu, logvar, seed: (dense_like(mu), dense_like(mu)),
     reference=None,
     native=CPP,
     triton=lambda grad_z, grad_kl, mu, logvar, seed: _triton().reparameterize_backward(
@@ -253,9 +250,6 @@ def _gaussian_params(args: dict) -> None:
 LEVEL, SEED = 0.3, 1
 
 
-def _nbytes(*tensors) -> int:
-    return sum(t.numel() * t.element_size() for t in tensors)
-
 
 def _seed(device) -> Tensor:
     return torch.tensor(SEED, device=device)
@@ -277,7 +271,7 @@ def _linear_case_inputs(rows, cols, dtype, device):
 def _linear_bytes(inputs, backward):
     x, weight = inputs["x"], inputs["weight"]
     out = x.shape[0] * weight.shape[0] * x.element_size()
-    return _nbytes(x, weight) + out + ((out + 2 * _nbytes(x, weight)) if backward else 0)
+    return nbytes(x, weight) + out + ((out + 2 * nbytes(x, weight)) if backward else 0)
 
 
 # ---------------------------------------------------------------- public API
@@ -290,7 +284,7 @@ def _linear_bytes(inputs, backward):
         make=lambda r, c, dtype, device: {"x": torch.rand(r, c, device=device).to(dtype)},
         call=lambda op, x: op(x, "masking", LEVEL, seed=SEED),
         reference=lambda x: reference.corrupt(x, "masking", LEVEL, _seed(x.device)),
-        bytes_moved=lambda inputs, backward: _nbytes(inputs["x"]) * (4 if backward else 2),
+        bytes_moved=lambda inputs, backward: nbytes(inputs["x"]) * (4 if backward else 2),
         differentiable=("x",), compile_reference=False, params=f"masking, level={LEVEL}",
         library=("x * (torch.rand_like(x) >= level)", lambda x: x * (torch.rand_like(x) >= LEVEL)),
     ),
@@ -345,7 +339,7 @@ def noisy_linear(ops, x: Tensor, weight: Tensor, bias: Tensor | None, kind: str,
                                           "logvar": (0.1 * torch.randn(r, c, device=device)).to(dtype)},
         call=lambda op, mu, logvar: op(mu, logvar, seed=SEED),
         reference=lambda mu, logvar: reference.reparameterize(mu, logvar, _seed(mu.device)),
-        bytes_moved=lambda inputs, backward: int(_nbytes(inputs["mu"]) * (4 if backward else 1.5)),
+        bytes_moved=lambda inputs, backward: int(nbytes(inputs["mu"]) * (4 if backward else 1.5)),
         differentiable=("mu", "logvar"), compile_reference=False,
         library=("mu + torch.randn_like(mu) * exp(logvar / 2), KL formula", _torch_reparameterize),
     ),

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from aefast import reference
-from aefast.ops._declare import CPP, Bench, kernel, operator
+from aefast.ops._declare import CPP, Bench, kernel, nbytes, operator
 from aefast.ops._distributed import global_count, global_topk_keep
 from aefast.ops.checks import argument, check_float_dtype, check_tensor
 
@@ -148,17 +148,14 @@ def _normal(rows, cols, dtype, device):
     return {"x": torch.randn(rows, cols, device=device).to(dtype)}
 
 
-def _nbytes(x: Tensor) -> int:
-    return x.numel() * x.element_size()
-
 
 def _sparse_bytes(inputs, backward):
     x = inputs["x"]
-    return _nbytes(x) * (2 if backward else 1) + x.shape[0] * K * (x.element_size() + 8)
+    return nbytes(x) * (2 if backward else 1) + x.shape[0] * K * (x.element_size() + 8)
 
 
 def _dense_bytes(inputs, backward):  # read x, write the dense output (and its gradient)
-    return _nbytes(inputs["x"]) * (3 if backward else 2)
+    return nbytes(inputs["x"]) * (3 if backward else 2)
 
 
 def _bench(call, reference_call, library, params, bytes_moved=_dense_bytes, make=_normal):
