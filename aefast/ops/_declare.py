@@ -13,7 +13,8 @@ implementation of it:
   itself (it returns only what the public bodies read; the rest may be None).
 Its fake (meta) function and its autograd formula (`setup`, `backward`) are
 registered for every implementation; `backward(ops, ctx, *grads)` receives the
-kernels of the same implementation as `ops`.
+kernels of the backend that ran the forward as `ops` (the native implementation's
+backward: `cuda` for CUDA tensors, `cpp` otherwise; see backward_kernels).
 
 `@operator(...)`: a public op. Its body takes `ops`, the kernels of the backend
 chosen for this call, then the public arguments; the decorator turns it into the
