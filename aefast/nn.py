@@ -31,8 +31,11 @@ class KLSparsity(nn.Module):
     (``aefast.kl_sparsity``). A small batch gives a poor estimate of the mean
     activation; with ``momentum`` (in (0, 1], BatchNorm's convention: the weight of
     the new batch), rho_hat is an exponential moving average across batches,
-    ``rho_hat = (1 - momentum) * running + momentum * batch_mean``, the gradient
-    flowing through the batch part. The running estimate (buffer ``running_rho_hat``,
+    ``rho_hat = (1 - momentum) * running + momentum * batch_mean``. Its gradient is the
+    sparse autoencoder's (UFLDL) with the estimate in place of the batch mean:
+    ``beta * (-rho / rho_hat + (1 - rho) / (1 - rho_hat)) / B`` per element, as if rho_hat
+    moved one for one with the batch mean (through the batch part alone it would move by
+    `momentum`, and beta would act ten times weaker at 0.1). The running estimate (buffer ``running_rho_hat``,
     float32) is updated in training mode only and starts from the first batch.
     ``group``: a torch.distributed process group whose global batch defines the mean.
     """
@@ -64,7 +67,8 @@ class KLSparsity(nn.Module):
                     f"a has {batch_mean.shape[0]} units but the running estimate has "
                     f"{running.shape[0]}"
                 )
-            estimate = (1.0 - self.momentum) * running.to(batch_mean) + self.momentum * batch_mean
+            moving = (1.0 - self.momentum) * running.to(batch_mean) + self.momentum * batch_mean
+            estimate = batch_mean + (moving - batch_mean).detach()  # the value of the average, the batch's gradient
         if self.training:
             self.running_rho_hat = estimate.detach().clone()
         return reference.kl_penalty_from_rho_hat(estimate, self.rho, self.beta).to(a.dtype)
