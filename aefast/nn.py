@@ -7,7 +7,7 @@ from torch import Tensor, nn
 
 from aefast import reference
 from aefast.ops._distributed import global_column_mean
-from aefast.ops.checks import check_matrix, check_nonnegative, check_open_unit
+from aefast.ops.checks import check_matrix, check_nonnegative, check_open_unit, check_rate
 from aefast.ops.kl import contractive_penalty, kl_sparsity
 from aefast.ops.noise import check_kind_level, corrupt, noisy_linear
 from aefast.ops.topk import batch_topk, lifetime_topk, spatial_wta, topk_mask
@@ -161,12 +161,6 @@ class BatchTopK(TopK):
         return batch_topk(x, self.k, relu=self.relu, group=self.group)
 
 
-def _rate(rate, name: str) -> float:
-    if not isinstance(rate, (int, float)) or isinstance(rate, bool) or not 0.0 < float(rate) <= 1.0:
-        raise ValueError(f"{name} must be a number in (0, 1], got {rate!r}")
-    return float(rate)
-
-
 class LifetimeTopK(nn.Module):
     """``aefast.lifetime_topk``: per unit keep the ceil(rate * B) largest activations of
     the batch (winner-take-all autoencoder). Like the paper, only while training: in
@@ -174,7 +168,7 @@ class LifetimeTopK(nn.Module):
 
     def __init__(self, rate: float, *, group=None):
         super().__init__()
-        self.rate, self.group = _rate(rate, "rate"), group
+        self.rate, self.group = check_rate(rate, "rate"), group
 
     def forward(self, x: Tensor) -> Tensor:
         return lifetime_topk(x, self.rate, group=self.group) if self.training else x
@@ -190,7 +184,7 @@ class SpatialWTA(nn.Module):
 
     def __init__(self, *, lifetime_rate: float | None = None):
         super().__init__()
-        self.lifetime_rate = None if lifetime_rate is None else _rate(lifetime_rate, "lifetime_rate")
+        self.lifetime_rate = None if lifetime_rate is None else check_rate(lifetime_rate, "lifetime_rate")
 
     def forward(self, x: Tensor) -> Tensor:
         return spatial_wta(x, lifetime_rate=self.lifetime_rate if self.training else None)

@@ -28,6 +28,7 @@ benchmark cases (aefast/bench/cases.py, from `bench=`) read OPERATORS.
 from __future__ import annotations
 
 import functools
+import importlib
 import inspect
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -86,6 +87,18 @@ _KERNEL_SETS = {b: Kernels(b) for b in BACKENDS}
 
 def kernels(backend: str) -> Kernels:
     return _KERNEL_SETS[backend]
+
+
+def triton_launcher(family: str, name: str) -> Callable:
+    """The launcher `name` of triton_kernels/<family>.py, called with the kernel's own
+    arguments: the Triton implementation of every kernel that needs nothing more.
+    Imported at the first call, so aefast imports without Triton."""
+
+    def launch(*args):
+        return getattr(importlib.import_module(f"aefast.triton_kernels.{family}"), name)(*args)
+
+    launch.__name__ = launch.__qualname__ = name
+    return launch
 
 
 def _python_op(qualname: str, schema: str, fn: Callable):

@@ -45,6 +45,13 @@ def check_finite(x, name: str) -> float:
     return float(x)
 
 
+def check_rate(rate, name: str) -> float:
+    """A fraction of a batch: in (0, 1]."""
+    if not isinstance(rate, numbers.Real) or isinstance(rate, bool) or not 0.0 < float(rate) <= 1.0:
+        raise ValueError(f"{name} must be a number in (0, 1], got {rate!r}")
+    return float(rate)
+
+
 def check_nonnegative(x, name: str) -> float:
     if not isinstance(x, numbers.Real) or not math.isfinite(float(x)) or float(x) < 0.0:
         raise ValueError(f"{name} must be a finite number >= 0, got {x!r}")

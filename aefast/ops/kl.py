@@ -11,16 +11,10 @@ import torch
 from torch import Tensor
 
 from aefast import reference
-from aefast.ops._declare import CPP, Bench, dense_like, kernel, nbytes, operator
+from aefast.ops._declare import CPP, Bench, dense_like, kernel, nbytes, operator, triton_launcher
 from aefast.ops._distributed import global_column_mean
 from aefast.ops.checks import argument, check_matrix, check_nonnegative, check_open_unit
 from aefast.reference import RHO_HAT_EPS, stat_dtype
-
-
-def _triton():
-    from aefast.triton_kernels import kl
-
-    return kl
 
 
 def _stats(x: Tensor, n: int) -> Tensor:
@@ -48,7 +42,7 @@ kernel(
     fake=lambda a, rho, beta, eps: (a.new_empty(()), _stats(a, a.shape[1])),
     reference=lambda a, rho, beta, eps: (reference.kl_sparsity(a, rho, beta, eps), None),
     native=CPP,
-    triton=lambda a, rho, beta, eps: _triton().kl_sparsity_forward(a, rho, beta, eps),
+    triton=triton_launcher("kl", "kl_sparsity_forward"),
     setup=_kl_setup, backward=_kl_backward,
 )
 kernel(
@@ -58,8 +52,7 @@ kernel(
         (batch, rho_hat.shape[0]), dtype=dtype),
     reference=None,
     native=CPP,
-    triton=lambda grad_penalty, rho_hat, batch, rho, beta, eps, dtype: _triton().kl_sparsity_backward(
-        grad_penalty, rho_hat, batch, rho, beta, eps, dtype),
+    triton=triton_launcher("kl", "kl_sparsity_backward"),
 )
 
 
@@ -81,7 +74,7 @@ kernel(
     fake=lambda z, rho, beta, eps: (dense_like(z), z.new_empty(()), _stats(z, z.shape[1])),
     reference=lambda z, rho, beta, eps: (*reference.sigmoid_kl_sparsity(z, rho, beta, eps), None),
     native=CPP,
-    triton=lambda z, rho, beta, eps: _triton().sigmoid_kl_sparsity_forward(z, rho, beta, eps),
+    triton=triton_launcher("kl", "sigmoid_kl_sparsity_forward"),
     setup=_sigmoid_kl_setup, backward=_sigmoid_kl_backward,
 )
 kernel(
@@ -90,8 +83,7 @@ kernel(
     fake=lambda grad_h, grad_penalty, h, rho_hat, rho, beta, eps: dense_like(h),
     reference=None,
     native=CPP,
-    triton=lambda grad_h, grad_penalty, h, rho_hat, rho, beta, eps: _triton().sigmoid_kl_sparsity_backward(
-        grad_h, grad_penalty, h, rho_hat, rho, beta, eps),
+    triton=triton_launcher("kl", "sigmoid_kl_sparsity_backward"),
 )
 
 
@@ -111,7 +103,7 @@ kernel(
     fake=lambda h, weight: (h.new_empty(()), _stats(h, h.shape[1]), _stats(h, h.shape[1])),
     reference=lambda h, weight: (reference.contractive_penalty(h, weight), None, None),
     native=CPP,
-    triton=lambda h, weight: _triton().contractive_penalty_forward(h, weight),
+    triton=triton_launcher("kl", "contractive_penalty_forward"),
     setup=_contractive_setup, backward=_contractive_backward,
 )
 kernel(
@@ -120,8 +112,7 @@ kernel(
     fake=lambda grad_penalty, h, weight, s2, w2: (dense_like(h), dense_like(weight)),
     reference=None,
     native=CPP,
-    triton=lambda grad_penalty, h, weight, s2, w2: _triton().contractive_penalty_backward(
-        grad_penalty, h, weight, s2, w2),
+    triton=triton_launcher("kl", "contractive_penalty_backward"),
 )
 
 

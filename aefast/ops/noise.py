@@ -22,7 +22,16 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from aefast import reference
-from aefast.ops._declare import CPP, Bench, dense_like, kernel, kernels, nbytes, operator
+from aefast.ops._declare import (
+    CPP,
+    Bench,
+    dense_like,
+    kernel,
+    kernels,
+    nbytes,
+    operator,
+    triton_launcher,
+)
 from aefast.ops.checks import (
     argument,
     autocast_inputs,
@@ -94,7 +103,7 @@ kernel(
     fake=lambda mu, logvar, seed: (dense_like(mu), mu.new_empty(())),
     reference=reference.reparameterize,
     native=CPP,
-    triton=lambda mu, logvar, seed: _triton().reparameterize_forward(mu, logvar, seed),
+    triton=triton_launcher("noise", "reparameterize_forward"),
     setup=_reparameterize_setup, backward=_reparameterize_backward,
 )
 kernel(
@@ -103,8 +112,7 @@ kernel(
     fake=lambda grad_z, grad_kl, mu, logvar, seed: (dense_like(mu), dense_like(mu)),
     reference=None,
     native=CPP,
-    triton=lambda grad_z, grad_kl, mu, logvar, seed: _triton().reparameterize_backward(
-        grad_z, grad_kl, mu, logvar, seed),
+    triton=triton_launcher("noise", "reparameterize_backward"),
 )
 
 

@@ -23,7 +23,7 @@ from torch import Tensor
 from aefast import reference
 from aefast.ops._declare import CPP, Bench, kernel, nbytes, operator
 from aefast.ops._distributed import global_count, global_topk_keep
-from aefast.ops.checks import argument, check_float_dtype, check_tensor
+from aefast.ops.checks import argument, check_float_dtype, check_rate, check_tensor
 
 # ---------------------------------------------------------------- kernels
 
@@ -120,23 +120,20 @@ def check_k(k, upper: int, what: str) -> int:
     return int(k)
 
 
-def _k_per_row(args: dict) -> None:
-    args["k"] = check_k(args["k"], args["x"].shape[1], "the number of units")
+def _k_of_x(what: str):
+    """k in [1, the units of x]; `what` says what k counts."""
+
+    def check(args: dict) -> None:
+        args["k"] = check_k(args["k"], args["x"].shape[1], what)
+
+    return check
 
 
-def _k_per_row_on_average(args: dict) -> None:
-    args["k"] = check_k(args["k"], args["x"].shape[1], "per row on average")
+_k_per_row, _k_per_row_on_average = _k_of_x("the number of units"), _k_of_x("per row on average")
 
 
 def _rate(name: str, optional: bool = False):
-    def check(rate, name):
-        if optional and rate is None:
-            return None
-        if not isinstance(rate, numbers.Real) or isinstance(rate, bool) or not 0.0 < float(rate) <= 1.0:
-            raise ValueError(f"{name} must be a number in (0, 1], got {rate!r}")
-        return float(rate)
-
-    return argument(name, check)
+    return argument(name, lambda rate, name: None if optional and rate is None else check_rate(rate, name))
 
 
 # ---------------------------------------------------------------- benchmark cases

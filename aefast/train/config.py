@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from aefast import models
+from aefast.reference import CORRUPTION_KINDS
 
 TRAINING: dict[str, Any] = {
     "epochs": 30,
@@ -96,8 +97,7 @@ RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "layers": _at_least(1),
     "hidden": _at_least(1),
     "pretrain_epochs": _at_least(0),
-    "kind": ((lambda v: v in ("gaussian", "masking", "salt_pepper", "dropout")),
-             "one of gaussian, masking, salt_pepper, dropout"),
+    "kind": ((lambda v: v in CORRUPTION_KINDS), f"one of {', '.join(CORRUPTION_KINDS)}"),
     "level": _NONNEGATIVE,
     "rho": _OPEN_UNIT,
     "beta": _NONNEGATIVE,
