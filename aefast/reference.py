@@ -12,7 +12,9 @@ import torch
 from torch import Tensor
 
 # rho_hat is clamped to [RHO_HAT_EPS, 1 - RHO_HAT_EPS] so the KL penalty of a dead
-# or saturated unit stays finite. The one definition: the KL kernels of every backend
+# or saturated unit stays finite; the clamp passes the gradient straight through (the
+# derivative is taken at the clamped value), so a dead unit is pushed back to life
+# instead of getting torch.clamp's zero gradient. The one definition: the KL kernels of every backend
 # take it as an argument (aefast/ops/kl.py passes it).
 RHO_HAT_EPS = 1e-6
 
@@ -23,8 +25,9 @@ def stat_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def kl_penalty_from_rho_hat(rho_hat: Tensor, rho: float, beta: float = 1.0, eps: float = RHO_HAT_EPS) -> Tensor:
-    """beta * sum_j KL(rho || clamp(rho_hat_j, eps, 1 - eps)) for a vector of mean activations."""
-    r = rho_hat.clamp(eps, 1.0 - eps)
+    """beta * sum_j KL(rho || clamp(rho_hat_j, eps, 1 - eps)) for a vector of mean activations;
+    the gradient is dKL/dr at the clamped r, also where the clamp is active."""
+    r = rho_hat.detach().clamp(eps, 1.0 - eps) + (rho_hat - rho_hat.detach())  # value: the clamp; gradient: 1
     kl = rho * torch.log(rho / r) + (1.0 - rho) * torch.log((1.0 - rho) / (1.0 - r))
     return beta * kl.sum()
 

@@ -200,7 +200,7 @@ def kl_splits(emu, B, H):
 def activations(shape, dtype, dead_unit=True):
     a = torch.rand(shape, dtype=torch.float64) * 0.98 + 0.01
     if dead_unit and shape[1] > 1:
-        a[:, 0] = 0.0  # rho_hat clamped: no gradient
+        a[:, 0] = 0.0  # rho_hat clamped: the gradient at the clamp
     return a.to(dtype)
 
 
@@ -220,7 +220,7 @@ def check_kl_sparsity(emu, shape, dtype, splits, policies=POLICIES):
     def check(penalty, rho_hat, grad):
         assert_close(rho_hat, a.double().mean(0), stat)
         assert_close(penalty, want, dtype, scale=H)
-        assert_close(grad, want_grad, dtype, scale=100)
+        assert_close(grad, want_grad.to(dtype), dtype, scale=100)  # float16 overflows at a dead unit, B = 1
 
     under_policies(emu, run, check, policies)
 

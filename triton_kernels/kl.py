@@ -60,11 +60,18 @@ def column_partial_sums_kernel(
 
 
 @triton.jit
+def clamp_rho_hat(r, EPS: tl.constexpr):
+    """r clamped to [EPS, 1 - EPS], the bounds in r's precision (a bare literal is float32)."""
+    lo = tl.full([], EPS, r.dtype)
+    return tl.minimum(tl.maximum(r, lo), 1.0 - lo)
+
+
+@triton.jit
 def kl_bernoulli_grad(rho, r, EPS: tl.constexpr):
-    """d KL(rho || clamp(r)) / d r, zero where the clamp is active."""
-    rc = tl.minimum(tl.maximum(r, EPS), 1.0 - EPS)
-    g = -rho / rc + (1.0 - rho) / (1.0 - rc)
-    return tl.where(rc == r, g, 0.0)
+    """d KL(rho || c) / d c at c = clamp(r): a straight-through clamp, so dead units
+    get a gradient (csrc/include/aefast/kl_math.h says why)."""
+    rc = clamp_rho_hat(r, EPS)
+    return -rho / rc + (1.0 - rho) / (1.0 - rc)
 
 
 @triton.jit
@@ -89,7 +96,7 @@ def kl_penalty_kernel(
         ok = cols < H
         mean = sum_of_splits(partial_ptr, n_splits, H, cols, ok, ACC, BLOCK_H) / B
         tl.store(rho_hat_ptr + cols, mean, mask=ok)
-        r = tl.minimum(tl.maximum(mean, EPS), 1.0 - EPS)
+        r = clamp_rho_hat(mean, EPS)
         kl = rho * tl.log(rho / r) + (1.0 - rho) * tl.log((1.0 - rho) / (1.0 - r))
         total += tl.where(ok, kl, 0.0)
     tl.store(penalty_ptr, (beta * tl.sum(total, axis=0)).to(penalty_ptr.dtype.element_ty))

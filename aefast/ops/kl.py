@@ -166,7 +166,9 @@ def kl_sparsity(ops, a: Tensor, rho: float, beta: float = 1.0, *, group=None) ->
 
     ``rho_hat_j = mean_i a[i, j]`` is the mean activation of unit j over the batch
     (a of shape (B, H), values in (0, 1)); it is clamped to
-    ``[RHO_HAT_EPS, 1 - RHO_HAT_EPS]`` (1e-6) so that a dead unit's penalty is finite.
+    ``[RHO_HAT_EPS, 1 - RHO_HAT_EPS]`` (1e-6) so that a dead unit's penalty is finite;
+    the gradient passes the clamp straight through (dKL/drho_hat at the clamped value),
+    so a dead unit gets a push back to life, not a zero.
     Returns a 0-dim tensor of a's dtype; sums are accumulated in float32 (float64 for
     float64 input). One read of ``a`` forward, one write of its gradient backward.
 

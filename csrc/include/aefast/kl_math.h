@@ -12,9 +12,11 @@ namespace aefast {
 namespace math {
 
 // rho_hat is clamped to [eps, 1 - eps] before the KL divergence is taken, so a dead
-// (or saturated) unit gives a large but finite penalty and gradient. The gradient is
-// zero where the clamp is active, as for torch.clamp. eps is an argument of the ops,
-// passed in from aefast.reference.RHO_HAT_EPS: defined once, there.
+// (or saturated) unit gives a large but finite penalty. The gradient is the sparse
+// autoencoder's dKL/drho_hat taken at the clamped value, also where the clamp is active
+// (a straight-through clamp): a dead unit gets the strongest push back to life, where
+// torch.clamp's zero gradient would leave it dead for good. eps is an argument of the
+// ops, passed in from aefast.reference.RHO_HAT_EPS: defined once, there.
 
 // exp for float with only +, *, compares and a bit cast (Cephes' expf polynomial,
 // about 1 ulp), so a host compiler vectorizes loops that call it: libm's expf,
@@ -58,11 +60,11 @@ AEFAST_HD T kl_bernoulli(T rho, T r) {
   return rho * std::log(rho / r) + (T(1) - rho) * std::log((T(1) - rho) / (T(1) - r));
 }
 
-// d KL(rho || clamp(r)) / d r: zero where the clamp is active.
+// d KL(rho || c) / d c at c = clamp(r): the straight-through gradient of the penalty.
 template <typename T>
 AEFAST_HD T kl_bernoulli_grad(T rho, T r, T eps) {
-  if (r < eps || r > T(1) - eps) return T(0);
-  return -rho / r + (T(1) - rho) / (T(1) - r);
+  const T c = clamp_rho_hat(r, eps);
+  return -rho / c + (T(1) - rho) / (T(1) - c);
 }
 
 // Contractive penalty of a sigmoid unit: (h (1 - h))^2, and its derivative in h.
