@@ -117,7 +117,8 @@ output folder (--out DIR):
   metrics.jsonl      one JSON line per epoch: train and validation loss terms, seconds, samples/s
   checkpoint.pt      model, optimizers, random generators, history; rewritten atomically each epoch
   evaluation.json    validation MSE, linear-probe accuracy on the codes and on the raw inputs
-                     (labelled data), feature recovery (synthetic data)
+                     (labelled data), feature recovery (synthetic data), the angle to PCA's
+                     subspace (linear), what the decoder reads besides the code (conv)
   reconstructions.png, filters.png (fully connected encoders), samples.png (vae, aae, gsn),
   sparsity.png (sparse, wta, topk-sae)
 

@@ -41,6 +41,7 @@ def _assert_valid_png(path):
 @pytest.mark.parametrize("model, data, figures, evaluation", [
     ("vae", "digits", {"reconstructions", "filters", "samples"}, {"probe_accuracy", "raw_probe_accuracy"}),
     ("topk-sae", "synthetic", {"reconstructions", "filters", "sparsity"}, {"probe_accuracy", "feature_recovery"}),
+    ("linear", "digits", {"reconstructions", "filters"}, {"pca_largest_angle", "pca_val_mse"}),
 ])
 def test_output_folder_and_figures(tmp_path, capsys, model, data, figures, evaluation):
     _train(model, "--epochs", "2", "--data", data, "--out", str(tmp_path), "--seed", "3")
@@ -64,6 +65,8 @@ def test_output_folder_and_figures(tmp_path, capsys, model, data, figures, evalu
 @pytest.mark.parametrize("model, flags", [
     ("aae", []),                                 # three optimizers, prior samples
     ("stacked", ["--pretrain-epochs", "1"]),     # greedy phases change across the resume point
+    ("conv", ["--pretrain-epochs", "1"]),        # the same for the convolutional stack
+    ("wta", []),                                 # running winner thresholds (buffers) carry over
     ("gsn", ["--walkback", "2"]),                # noise ops drawing their seeds from torch's generator
 ])
 def test_resume_reproduces_the_uninterrupted_run(tmp_path, small_digits, model, flags, monkeypatch, capsys):
@@ -267,7 +270,7 @@ def test_resume_refuses_epochs_already_done_and_keeps_the_config(tmp_path, capsy
 def test_load_run_rebuilds_every_model(tmp_path, small_digits, model):
     import aefast
 
-    flags = ["--pretrain-epochs", "0"] if model == "stacked" else []
+    flags = ["--pretrain-epochs", "0"] if model in ("stacked", "conv") else []
     for conv in ([False, True] if model == "wta" else [False]):
         out = tmp_path / f"{model}{'-conv' if conv else ''}"
         _train(model, "--data", small_digits, "--epochs", "1", "--out", str(out), *flags, *(["--conv"] if conv else []))

@@ -9,6 +9,7 @@ from aefast.models.contractive import ContractiveAutoencoder
 from aefast.models.conv import ConvAutoencoder
 from aefast.models.denoising import DenoisingAutoencoder
 from aefast.models.gsn import GSN
+from aefast.models.linear import LinearAutoencoder
 from aefast.models.sparse import SparseAutoencoder
 from aefast.models.stacked import StackedAutoencoder
 from aefast.models.topk_sae import TopKSAE
@@ -24,6 +25,7 @@ __all__ = [
     "ConvWTAAutoencoder",
     "DenoisingAutoencoder",
     "GSN",
+    "LinearAutoencoder",
     "SparseAutoencoder",
     "StackedAutoencoder",
     "TopKSAE",

@@ -27,6 +27,9 @@ class AutoencoderModel(nn.Module):
     # arguments), so the models cast parameters to the activations' dtype where they
     # pass both to an op.
     autocast_dtype: torch.dtype | None = None
+    # What the decoder reads besides the code `encode` returns, if anything (the
+    # evaluation and the README table report it beside the code size).
+    side_channel: str | None = None
 
     def loss(self, x: Tensor) -> dict[str, Tensor]:
         raise NotImplementedError
@@ -43,6 +46,11 @@ class AutoencoderModel(nn.Module):
     # Optional, for figures: `filters() -> (H, D)` input-layer weights of a fully
     # connected encoder, and `sample(n) -> (n, D)` for generative models.
     def filters(self) -> Tensor | None:
+        return None
+
+    def subspace(self) -> Tensor | None:
+        """(D, k): a basis of the affine subspace the reconstructions lie in, for models
+        whose decoder is linear (the evaluation compares it with PCA's)."""
         return None
 
     # ------------------------------------------------------------ training hooks
@@ -76,9 +84,33 @@ class AutoencoderModel(nn.Module):
         return torch.autocast(device_type=device.type, dtype=self.autocast_dtype)
 
 
+class LayerwiseAutoencoder(AutoencoderModel):
+    """Greedy layer-wise pretraining, then fine-tuning (the stacked autoencoders of the
+    notes, Masci's stacked convolutional one): epochs [k * pretrain_epochs, (k + 1) *
+    pretrain_epochs) train layer k alone on the codes of the layers below, which stay
+    fixed; the epochs after that fine-tune the whole stack. Subclasses set `encoders`
+    (one module per layer) and call `__init__(pretrain_epochs)` first."""
+
+    encoders: nn.ModuleList
+
+    def __init__(self, pretrain_epochs: int):
+        super().__init__()
+        if pretrain_epochs < 0:
+            raise ValueError(f"pretrain_epochs must be >= 0, got {pretrain_epochs}")
+        self.pretrain_epochs = pretrain_epochs
+        self.stage: int | None = None  # the layer being pretrained; None: fine-tuning
+
+    def begin_epoch(self, epoch: int) -> str:
+        depth = len(self.encoders)
+        stage = epoch // self.pretrain_epochs if self.pretrain_epochs else depth
+        self.stage = stage if stage < depth else None
+        return "fine-tune" if self.stage is None else f"pretrain layer {stage + 1}/{depth}"
+
+
 class OneLayerSigmoidAutoencoder(AutoencoderModel):
     """x -> h = sigmoid(encoder(x)) -> x_hat = sigmoid(decoder(h)): the shape the
-    UFLDL-style models share; subclasses set `encoder` (D -> H) and `decoder` (H -> D)."""
+    UFLDL-style models share; subclasses set `encoder` (D -> H) and `decoder` (H -> D),
+    the latter `decoder_layer(encoder, tied)` (tied: W2 = W1^T, a bias of its own)."""
 
     encoder: nn.Module
     decoder: nn.Module
@@ -110,6 +142,36 @@ class MLPAutoencoder(AutoencoderModel):
         return self.encoder[0].weight
 
 
+class TiedDecoder(nn.Module):
+    """The decoder layer of a tied autoencoder: y = h W^T + b with W the encoder layer's
+    own weight (the same parameter, trained by both sides) and a bias of its own."""
+
+    def __init__(self, encoder: nn.Linear):
+        super().__init__()
+        self.out_features, self.in_features = encoder.in_features, encoder.out_features
+        self.bias = nn.Parameter(torch.zeros(encoder.in_features))
+        # In a tuple, not an attribute: a submodule would list the encoder's weight twice
+        # in state_dict. Module.to() and load_state_dict() update parameters in place,
+        # so the reference stays the encoder's.
+        self._tied_to = (encoder,)
+
+    @property
+    def weight(self) -> Tensor:
+        return self._tied_to[0].weight.t()
+
+    def forward(self, h: Tensor) -> Tensor:
+        return nn.functional.linear(h, self.weight, self.bias)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, tied to the encoder's weight"
+
+
+def decoder_layer(encoder: nn.Linear, tied: bool) -> nn.Module:
+    """The layer mapping `encoder`'s output back to its input: its own weights, or
+    (tied) the encoder's weight transposed."""
+    return TiedDecoder(encoder) if tied else nn.Linear(encoder.out_features, encoder.in_features)
+
+
 def squared_error(x_hat: Tensor, x: Tensor) -> Tensor:
     """1/2 ||x_hat - x||^2 summed over features, averaged over the batch (UFLDL's J)."""
     return 0.5 * (x_hat.float() - x.float()).pow(2).flatten(1).sum(1).mean()
@@ -130,6 +192,21 @@ def mlp(sizes: Iterable[int], activation: type[nn.Module] = nn.ReLU, last: nn.Mo
     for i, (a, b) in enumerate(zip(sizes, sizes[1:])):
         layers.append(nn.Linear(a, b))
         if i < len(sizes) - 2:
+            layers.append(activation())
+    if last is not None:
+        layers.append(last)
+    return nn.Sequential(*layers)
+
+
+def mirrored_mlp(encoder: nn.Sequential, activation: type[nn.Module] = nn.ReLU, last: nn.Module | None = None,
+                 tied: bool = False) -> nn.Sequential:
+    """The decoder that mirrors an `mlp` encoder: its linear layers in reverse, each
+    mapping back (tied: through the encoder layer's transposed weight)."""
+    linears = [layer for layer in encoder if isinstance(layer, nn.Linear)]
+    layers: list[nn.Module] = []
+    for i, linear in enumerate(reversed(linears)):
+        layers.append(decoder_layer(linear, tied))
+        if i < len(linears) - 1:
             layers.append(activation())
     if last is not None:
         layers.append(last)

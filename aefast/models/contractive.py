@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from aefast.models.base import OneLayerSigmoidAutoencoder, detached, squared_error
+from aefast.models.base import OneLayerSigmoidAutoencoder, decoder_layer, detached, squared_error
 from aefast.ops.checks import check_nonnegative
 from aefast.ops.kl import contractive_penalty
 
@@ -16,10 +16,10 @@ class ContractiveAutoencoder(OneLayerSigmoidAutoencoder):
     lam * ||J_h(x)||_F^2, both averaged over the batch. The Jacobian norm of a sigmoid
     layer has a closed form (aefast.contractive_penalty), no autograd through a Jacobian."""
 
-    def __init__(self, n_in: int, hidden: int = 128, lam: float = 0.1):
+    def __init__(self, n_in: int, hidden: int = 128, lam: float = 0.1, tied: bool = False):
         super().__init__()
         self.encoder = nn.Linear(n_in, hidden)
-        self.decoder = nn.Linear(hidden, n_in)
+        self.decoder = decoder_layer(self.encoder, tied)
         self.lam = check_nonnegative(lam, "lam")
 
     def loss(self, x: Tensor) -> dict[str, Tensor]:

@@ -4,10 +4,10 @@ corrupted input is never stored."""
 
 from __future__ import annotations
 
-from torch import Tensor, nn
+from torch import Tensor
 
 import aefast as ae
-from aefast.models.base import OneLayerSigmoidAutoencoder, detached, squared_error
+from aefast.models.base import OneLayerSigmoidAutoencoder, decoder_layer, detached, squared_error
 
 
 class DenoisingAutoencoder(OneLayerSigmoidAutoencoder):
@@ -16,10 +16,10 @@ class DenoisingAutoencoder(OneLayerSigmoidAutoencoder):
     strength. In eval mode the corruption is off (aefast.nn.NoisyLinear), so codes and
     validation reconstructions are of clean inputs."""
 
-    def __init__(self, n_in: int, hidden: int = 128, kind: str = "masking", level: float = 0.3):
+    def __init__(self, n_in: int, hidden: int = 128, kind: str = "masking", level: float = 0.3, tied: bool = False):
         super().__init__()
         self.encoder = ae.nn.NoisyLinear(n_in, hidden, kind, level)
-        self.decoder = nn.Linear(hidden, n_in)
+        self.decoder = decoder_layer(self.encoder, tied)
 
     def loss(self, x: Tensor) -> dict[str, Tensor]:
         reconstruction = squared_error(self.reconstruct(x), x)

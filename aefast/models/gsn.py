@@ -1,6 +1,7 @@
-"""Generative stochastic network (Bengio et al. 2014) in its simplest form, the
-generalised denoising autoencoder: corrupting x and reconstructing it defines a Markov
-chain whose stationary distribution estimates the data distribution."""
+"""Generative stochastic network (Bengio et al. 2013, 2014) in its simplest form, the
+generalised denoising autoencoder: corrupting x and sampling a reconstruction from
+P(X | x~) defines a Markov chain whose stationary distribution estimates the data
+distribution."""
 
 from __future__ import annotations
 
@@ -8,51 +9,61 @@ import torch
 from torch import Tensor, nn
 
 import aefast as ae
-from aefast.models.base import OneLayerSigmoidAutoencoder, bernoulli_nll, detached, squared_error
+from aefast.models.base import (
+    OneLayerSigmoidAutoencoder,
+    bernoulli_nll,
+    decoder_layer,
+    detached,
+    squared_error,
+)
 from aefast.ops.noise import check_kind_level
 
 
 class GSN(OneLayerSigmoidAutoencoder):
     """One chain step: x~ = corrupt(x) (fused into the first layer by noisy_linear),
-    h = sigmoid(W1 x~ + b1), P(x | x~) = Bernoulli(sigmoid(W2 h + b2)).
+    h = sigmoid(W1 x~ + b1), P(X | x~) = Bernoulli(sigmoid(W2 h + b2)), and the next
+    state is a draw x ~ P(X | x~): the chain's randomness is the corruption and that draw.
 
-    Walkback training: from each example the chain runs `walkback` steps and every
-    step's reconstruction is trained to give the example back, so the model also learns
-    to undo the spurious places its own chain wanders to. The next state is the
-    reconstruction's mean (pixels are grey levels); the chain's randomness is the
-    corruption. Sampling runs the chain from uniform noise for `sample_steps` steps.
+    Walkback training (Bengio et al. 2013, section 3.4): from each example the chain runs
+    `walkback` steps, drawing each next state, and every step's P(X | x~) is trained to give
+    the example back, so the model also learns to undo the spurious places its own chain
+    wanders to. Sampling runs the chain from uniform noise for `sample_steps` steps and
+    returns the last draw (pixels of 0 and 1); `sample(n, mean=True)` returns the last
+    step's P(X | x~) means instead, the grey-level pictures papers usually show.
     """
 
     def __init__(self, n_in: int, hidden: int = 256, kind: str = "salt_pepper", level: float = 0.3,
-                 walkback: int = 3, sample_steps: int = 30):
+                 walkback: int = 3, sample_steps: int = 30, tied: bool = False):
         super().__init__()
         if walkback < 1:
             raise ValueError(f"walkback must be >= 1, got {walkback}")
         self.encoder = nn.Linear(n_in, hidden)
-        self.decoder = nn.Linear(hidden, n_in)
+        self.decoder = decoder_layer(self.encoder, tied)
         self.kind, self.level = kind, check_kind_level(kind, level)  # fail before training starts
         self.walkback, self.sample_steps = walkback, sample_steps
 
     def chain_step_logits(self, x: Tensor) -> Tensor:
-        """Logits of P(x | corrupt(x)); corrupts in eval mode too, since sampling needs it."""
+        """Logits of P(X | corrupt(x)); corrupts in eval mode too, since sampling needs it."""
         x = x.to(self.encoder.weight.dtype)  # chain states after the first come from (autocast) logits
         h = torch.sigmoid(ae.noisy_linear(x, self.encoder.weight, self.encoder.bias, self.kind, self.level))
         return self.decoder(h)
 
     @torch.no_grad()
-    def sample(self, n: int) -> Tensor:
+    def sample(self, n: int, mean: bool = False) -> Tensor:
         x = torch.rand(n, self.decoder.out_features, device=self.decoder.weight.device)
         for _ in range(self.sample_steps):
-            x = torch.sigmoid(self.chain_step_logits(x))
-        return x
+            p = torch.sigmoid(self.chain_step_logits(x).float())
+            x = torch.bernoulli(p)
+        return p if mean else x
 
     def loss(self, x: Tensor) -> dict[str, Tensor]:
         state, nll = x, 0.0
         for step in range(self.walkback):
             logits = self.chain_step_logits(state)
             nll = nll + bernoulli_nll(logits, x)
-            state = torch.sigmoid(logits.detach())
+            p = torch.sigmoid(logits.detach().float())
             if step == 0:
-                first_step = squared_error(state, x)
+                first_step = squared_error(p, x)
+            state = torch.bernoulli(p)
         nll = nll / self.walkback
         return {"loss": nll, **detached(nll=nll, reconstruction=first_step)}

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from aefast.models.base import OneLayerSigmoidAutoencoder, detached, squared_error
+from aefast.models.base import OneLayerSigmoidAutoencoder, decoder_layer, detached, squared_error
 from aefast.nn import KLSparsity
 from aefast.ops.checks import check_nonnegative, check_open_unit
 from aefast.ops.kl import sigmoid_kl_sparsity
@@ -17,16 +17,19 @@ class SparseAutoencoder(OneLayerSigmoidAutoencoder):
     Loss: 1/2 ||x_hat - x||^2 (mean over the batch) + beta * sum_j KL(rho || rho_hat_j)
     + weight_decay / 2 * (||W1||^2 + ||W2||^2). With `momentum`, rho_hat is a moving
     average across batches (aefast.nn.KLSparsity); without, the fused
-    sigmoid_kl_sparsity op computes h and the penalty in one pass.
+    sigmoid_kl_sparsity op computes h and the penalty in one pass. The default code is
+    overcomplete (128 units for the 64 pixels of digits): the notes' n < p, where only the
+    sparsity penalty keeps the code from copying its input. `tied`: W2 = W1^T, so the
+    decay term is weight_decay * ||W1||^2.
     """
 
     sparse_code = True
 
-    def __init__(self, n_in: int, hidden: int = 64, rho: float = 0.05, beta: float = 3.0,
-                 weight_decay: float = 1e-4, momentum: float | None = None):
+    def __init__(self, n_in: int, hidden: int = 128, rho: float = 0.05, beta: float = 3.0,
+                 weight_decay: float = 1e-4, momentum: float | None = None, tied: bool = False):
         super().__init__()
         self.encoder = nn.Linear(n_in, hidden)
-        self.decoder = nn.Linear(hidden, n_in)
+        self.decoder = decoder_layer(self.encoder, tied)
         # Checked here, not at the first step, so a bad value fails before training starts.
         self.rho, self.beta = check_open_unit(rho, "rho"), check_nonnegative(beta, "beta")
         self.weight_decay = check_nonnegative(weight_decay, "weight_decay")

@@ -9,38 +9,33 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from aefast.models.base import AutoencoderModel, detached, squared_error
+from aefast.models.base import LayerwiseAutoencoder, decoder_layer, detached, squared_error
 
 
-class StackedAutoencoder(AutoencoderModel):
+class StackedAutoencoder(LayerwiseAutoencoder):
     """Layer k is a shallow sigmoid autoencoder: encoders[k] maps the codes of layer k-1
-    to layer k, decoders[k] maps them back. Epochs [k * pretrain_epochs, (k + 1) *
-    pretrain_epochs) train layer k alone on the codes of the layers below, which stay
-    fixed (computed without gradient, so the optimizer leaves them alone); the epochs
-    after that fine-tune the whole stack on reconstructing x."""
+    to layer k, decoders[k] maps them back (`tied`: through encoders[k]'s transposed
+    weight). Greedy layer-wise pretraining (`pretrain_epochs` per layer), then
+    fine-tuning of the whole stack on reconstructing x (LayerwiseAutoencoder).
 
-    def __init__(self, n_in: int, layers: Sequence[int] = (128, 32), pretrain_epochs: int = 10):
-        super().__init__()
+    Loss terms: "loss" is the phase's objective (layer k's reconstruction of its own
+    input while pretraining it); "reconstruction" is always x's, through the layers
+    trained so far and back, so that column keeps one meaning through the run."""
+
+    def __init__(self, n_in: int, layers: Sequence[int] = (128, 32), pretrain_epochs: int = 10, tied: bool = False):
+        super().__init__(pretrain_epochs)
         sizes = [n_in, *layers]
         self.encoders = nn.ModuleList(nn.Linear(a, b) for a, b in zip(sizes, sizes[1:]))
-        self.decoders = nn.ModuleList(nn.Linear(b, a) for a, b in zip(sizes, sizes[1:]))
-        if pretrain_epochs < 0:
-            raise ValueError(f"pretrain_epochs must be >= 0, got {pretrain_epochs}")
-        self.pretrain_epochs = pretrain_epochs
-        self.stage = len(layers)  # the layer being pretrained; len(layers) = fine-tuning
-
-    def begin_epoch(self, epoch: int) -> str:
-        depth = len(self.encoders)
-        self.stage = min(epoch // self.pretrain_epochs, depth) if self.pretrain_epochs else depth
-        return f"pretrain layer {self.stage + 1}/{depth}" if self.stage < depth else "fine-tune"
+        self.decoders = nn.ModuleList(decoder_layer(encoder, tied) for encoder in self.encoders)
 
     def encode(self, x: Tensor, depth: int | None = None) -> Tensor:
         for encoder in self.encoders[:depth]:
             x = torch.sigmoid(encoder(x))
         return x
 
-    def decode(self, h: Tensor) -> Tensor:
-        for decoder in reversed(self.decoders):
+    def decode(self, h: Tensor, depth: int | None = None) -> Tensor:
+        """Back through the decoders of the first `depth` layers (all by default)."""
+        for decoder in reversed(self.decoders[:depth]):
             h = torch.sigmoid(decoder(h))
         return h
 
@@ -51,11 +46,13 @@ class StackedAutoencoder(AutoencoderModel):
         return self.encoders[0].weight
 
     def loss(self, x: Tensor) -> dict[str, Tensor]:
-        if self.stage < len(self.encoders):
-            with torch.no_grad():
-                x = self.encode(x, self.stage)
-            code = torch.sigmoid(self.encoders[self.stage](x))
-            reconstruction = squared_error(torch.sigmoid(self.decoders[self.stage](code)), x)
-        else:
+        if self.stage is None:
             reconstruction = squared_error(self.reconstruct(x), x)
-        return {"loss": reconstruction, **detached(reconstruction=reconstruction)}
+            return {"loss": reconstruction, **detached(reconstruction=reconstruction)}
+        with torch.no_grad():
+            below = self.encode(x, self.stage)
+        code = torch.sigmoid(self.encoders[self.stage](below))
+        layer_loss = squared_error(torch.sigmoid(self.decoders[self.stage](code)), below)
+        with torch.no_grad():
+            reconstruction = squared_error(self.decode(code, self.stage + 1), x)
+        return {"loss": layer_loss, **detached(reconstruction=reconstruction)}

@@ -70,6 +70,10 @@ PARAM_HELP = {
     "k_aux": "dead latents used by the AuxK loss",
     "aux_coef": "weight of the AuxK loss",
     "dead_steps": "steps without firing after which a latent counts as dead",
+    "tied": "tied weights: each decoder layer uses its encoder layer's weight transposed",
+    "switches": "unpool at the encoder's max-pool positions (Masci's switches: the decoder reads them besides "
+                "the code); --no-switches repeats each pooled value, so the code alone reconstructs",
+    "pool": "max-pooling of the feature maps the codes are read from after training (the paper's classifier input)",
 }
 
 PARAM_TYPES: dict[str, type] = {"momentum": float}  # where the default (None) does not tell
@@ -118,6 +122,7 @@ RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "k_aux": _at_least(0),
     "aux_coef": _NONNEGATIVE,
     "dead_steps": _at_least(1),
+    "pool": _at_least(1),
 }
 
 
@@ -132,10 +137,10 @@ class ModelSpec:
 
 def _reaches_fine_tuning(config: dict[str, Any]) -> None:
     """Greedy pretraining takes pretrain_epochs per layer; the epochs after it fine-tune."""
-    layers, per_layer = len(config["layers"]), config["pretrain_epochs"]
+    layers, per_layer = len(config.get("layers") or config["channels"]), config["pretrain_epochs"]
     if config["epochs"] <= layers * per_layer:
         raise ValueError(
-            f"stacked: --epochs {config['epochs']} ends before fine-tuning: greedy pretraining takes {layers} "
+            f"{config['model']}: --epochs {config['epochs']} ends before fine-tuning: greedy pretraining takes {layers} "
             f"layers x --pretrain-epochs {per_layer} = {layers * per_layer} epochs; give --epochs above "
             f"{layers * per_layer} or a smaller --pretrain-epochs")
 
@@ -149,31 +154,38 @@ def _images(cls) -> Callable[..., models.AutoencoderModel]:
 
 
 MODELS: dict[str, ModelSpec] = {
+    "linear": ModelSpec("linear autoencoder: the PCA baseline (linear layers, squared error)",
+                        _flat(models.LinearAutoencoder), {"hidden": 16, "tied": False},
+                        {"epochs": 200, "lr": 1e-2}),
     "ae": ModelSpec("autoencoder: MLP to an undercomplete code", _flat(models.Autoencoder),
-                    {"layers": [128, 32]}),
+                    {"layers": [128, 32], "tied": False}),
     "stacked": ModelSpec("stacked autoencoder: greedy layer-wise pretraining, then fine-tuning",
-                         _flat(models.StackedAutoencoder), {"layers": [128, 32], "pretrain_epochs": 10},
+                         _flat(models.StackedAutoencoder), {"layers": [128, 32], "pretrain_epochs": 10, "tied": False},
                          {"epochs": 60}, check=_reaches_fine_tuning),
     "denoising": ModelSpec("denoising autoencoder: reconstruct x from a corrupted copy",
-                           _flat(models.DenoisingAutoencoder), {"hidden": 128, "kind": "masking", "level": 0.3}),
-    "sparse": ModelSpec("sparse autoencoder: sigmoid code with the KL(rho || rho_hat) penalty (UFLDL)",
+                           _flat(models.DenoisingAutoencoder),
+                           {"hidden": 128, "kind": "masking", "level": 0.3, "tied": False}),
+    "sparse": ModelSpec("sparse autoencoder: overcomplete sigmoid code with the KL(rho || rho_hat) penalty (UFLDL)",
                         _flat(models.SparseAutoencoder),
-                        {"hidden": 64, "rho": 0.05, "beta": 3.0, "weight_decay": 1e-4, "momentum": None},
+                        {"hidden": 128, "rho": 0.05, "beta": 3.0, "weight_decay": 1e-4, "momentum": None,
+                         "tied": False},
                         {"epochs": 60, "lr": 2e-2}),
     "vae": ModelSpec("variational autoencoder: Gaussian posterior, reparameterisation",
                      _flat(models.VariationalAutoencoder), {"hidden": 128, "latent": 16}),
     "contractive": ModelSpec("contractive autoencoder: penalise the encoder's Jacobian",
-                             _flat(models.ContractiveAutoencoder), {"hidden": 128, "lam": 0.1}),
-    "conv": ModelSpec("stacked convolutional autoencoder: conv + max-pool, unpool + conv (Masci 2011)",
-                      _images(models.ConvAutoencoder), {"channels": [16, 32], "kernel_size": 3}),
-    "gsn": ModelSpec("generative stochastic network: walkback-trained denoising chain",
+                             _flat(models.ContractiveAutoencoder), {"hidden": 128, "lam": 0.1, "tied": False}),
+    "conv": ModelSpec("stacked convolutional autoencoder: conv + max-pool, unpool + conv, layer-wise (Masci 2011)",
+                      _images(models.ConvAutoencoder),
+                      {"channels": [16, 32], "kernel_size": 3, "pretrain_epochs": 10, "switches": True},
+                      check=_reaches_fine_tuning),
+    "gsn": ModelSpec("generative stochastic network: walkback-trained denoising chain that samples",
                      _flat(models.GSN), {"hidden": 256, "kind": "salt_pepper", "level": 0.3, "walkback": 3,
-                                         "sample_steps": 30}),
+                                         "sample_steps": 30, "tied": False}),
     "wta": ModelSpec("winner-take-all autoencoder, fully connected: lifetime sparsity (--conv: spatial)",
-                     _flat(models.WTAAutoencoder), {"hidden": 256, "rate": 0.05}),
+                     _flat(models.WTAAutoencoder), {"hidden": 256, "rate": 0.05, "tied": False}),
     "wta-conv": ModelSpec("winner-take-all autoencoder, convolutional: spatial + lifetime sparsity",
                           _images(models.ConvWTAAutoencoder),
-                          {"channels": [32, 32], "kernel_size": 5, "decoder_kernel_size": 7, "rate": 0.2}),
+                          {"channels": [32, 32], "kernel_size": 5, "decoder_kernel_size": 7, "rate": 0.2, "pool": 2}),
     "aae": ModelSpec("adversarial autoencoder: a discriminator matches the codes to a Gaussian prior",
                      _flat(models.AdversarialAutoencoder),
                      {"hidden": 128, "latent": 8, "discriminator_hidden": 64, "prior_std": 1.0},

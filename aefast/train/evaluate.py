@@ -56,8 +56,31 @@ def evaluate(model: AutoencoderModel, data: Dataset, batch_size: int,
     filters = model.filters()
     if data.features is not None and filters is not None:
         result["feature_recovery"] = feature_recovery(data.features, filters)
+    subspace = model.subspace()
+    if subspace is not None:
+        components = principal_components(data.train, subspace.shape[1])
+        result["pca_largest_angle"] = largest_angle(components, subspace.cpu())
+        mean = data.train.double().mean(0)
+        pca_recon = (data.val.double() - mean) @ components @ components.T + mean
+        result["pca_val_mse"] = float((pca_recon - data.val.double()).pow(2).mean())
     result["code_size"] = val_codes.shape[1]
+    if model.side_channel:
+        result["side_channel"] = model.side_channel
     return result
+
+
+def principal_components(x: Tensor, k: int) -> Tensor:
+    """(D, k): the first k principal directions of the rows of x, orthonormal."""
+    centred = x.double() - x.double().mean(0)
+    return torch.linalg.svd(centred, full_matrices=False).Vh[:k].T
+
+
+def largest_angle(a: Tensor, b: Tensor) -> float:
+    """The largest principal angle between span(a) and span(b) (both (D, k)), in
+    degrees: 0 when the subspaces agree, 90 when one holds a direction orthogonal to the other."""
+    qa, qb = torch.linalg.qr(a.double()).Q, torch.linalg.qr(b.double()).Q
+    cosines = torch.linalg.svdvals(qa.T @ qb).clamp(max=1.0)
+    return float(torch.rad2deg(torch.arccos(cosines.min())))
 
 
 def _device(model: AutoencoderModel) -> torch.device:

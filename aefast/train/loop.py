@@ -239,6 +239,11 @@ def _summary(result: dict[str, Any]) -> str:
                      f"{result['raw_probe_accuracy']:.3f} on the raw inputs")
     if "feature_recovery" in result:
         parts.append(f"feature recovery {result['feature_recovery']:.3f} (mean best cosine)")
+    if "pca_largest_angle" in result:
+        parts.append(f"largest principal angle to PCA's subspace {result['pca_largest_angle']:.2f} degrees "
+                     f"(PCA's validation MSE {result['pca_val_mse']:.5f})")
+    if "side_channel" in result:
+        parts.append(f"the decoder also reads the {result['side_channel']}, besides the {result['code_size']} code values")
     return "evaluation: " + "; ".join(parts)
 
 

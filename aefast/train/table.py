@@ -31,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
 
     lines = ["| command | epochs | train s | val MSE | probe accuracy (codes) | code size |",
              "|---|---:|---:|---:|---:|---:|"]
-    raw_probe = None
+    raw_probe, notes = None, []
     for model, conv in ROWS:
         config = defaults(model, conv)
         if args.epochs:
@@ -42,14 +42,20 @@ def main(argv: list[str] | None = None) -> int:
             result = train(config, Path(args.out) / (model + ("-conv" if conv else "")), progress=False)
         seconds = time.perf_counter() - start
         raw_probe = result["raw_probe_accuracy"]
+        code = str(result["code_size"]) + (f" + {result['side_channel']}" if "side_channel" in result else "")
         lines.append(f"| `{command}` | {config['epochs']} | {seconds:.1f} | {result['val_mse']:.4f} | "
-                     f"{result['probe_accuracy']:.3f} | {result['code_size']} |")
+                     f"{result['probe_accuracy']:.3f} | {code} |")
+        if "pca_largest_angle" in result:
+            notes.append(f"`{command}`: its subspace is {result['pca_largest_angle']:.2f} degrees from PCA's "
+                         f"(largest principal angle); PCA with as many components: validation MSE "
+                         f"{result['pca_val_mse']:.4f}.")
         print(lines[-1], flush=True)
     lines.append(f"| raw pixels (no model) | | | | {raw_probe:.3f} | 64 |")
     data = load_dataset("digits")
     table = "\n".join(lines) + (f"\n\nDigits ({len(data.train)} train / {len(data.val)} validation rows), seed 0, "
                                 f"torch {torch.__version__}, {torch.get_num_threads()} CPU thread(s), "
-                                f"{platform.machine()}; train s: the whole run (training, evaluation, figures).\n")
+                                f"{platform.machine()}; train s: the whole run (training, evaluation, figures)."
+                                + "".join(f"\n\n{note}" for note in notes) + "\n")
     print("\n" + table)
     if args.markdown:
         Path(args.markdown).write_text(table)
