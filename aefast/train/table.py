@@ -19,7 +19,13 @@ from aefast.data import load_dataset
 from aefast.train.config import MODELS, defaults
 from aefast.train.loop import train
 
-ROWS = [(name.removesuffix("-conv"), name.endswith("-conv")) for name in MODELS]
+# (model, --conv, flags): every model with its defaults, and the variants worth a row.
+ROWS = [(name.removesuffix("-conv"), name.endswith("-conv"), {}) for name in MODELS]
+ROWS.insert(ROWS.index(("conv", False, {})) + 1, ("conv", False, {"switches": False}))  # the code alone
+
+
+def _flags(overrides: dict) -> str:
+    return "".join(f" --{'' if value else 'no-'}{key.replace('_', '-')}" for key, value in overrides.items())
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -32,14 +38,15 @@ def main(argv: list[str] | None = None) -> int:
     lines = ["| command | epochs | train s | val MSE | probe accuracy (codes) | code size |",
              "|---|---:|---:|---:|---:|---:|"]
     raw_probe, notes = None, []
-    for model, conv in ROWS:
-        config = defaults(model, conv)
+    for model, conv, overrides in ROWS:
+        config = {**defaults(model, conv), **overrides}
         if args.epochs:
             config["epochs"] = args.epochs
-        command = f"aefast train {model}" + (" --conv" if conv else "")
+        command = f"aefast train {model}" + (" --conv" if conv else "") + _flags(overrides)
+        folder = command.removeprefix("aefast train ").replace(" --", "-")
         start = time.perf_counter()
         with redirect_stdout(io.StringIO()):
-            result = train(config, Path(args.out) / (model + ("-conv" if conv else "")), progress=False)
+            result = train(config, Path(args.out) / folder, progress=False)
         seconds = time.perf_counter() - start
         raw_probe = result["raw_probe_accuracy"]
         code = str(result["code_size"]) + (f" + {result['side_channel']}" if "side_channel" in result else "")
