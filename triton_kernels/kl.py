@@ -61,9 +61,13 @@ def column_partial_sums_kernel(
 
 @triton.jit
 def clamp_rho_hat(r, EPS: tl.constexpr):
-    """r clamped to [EPS, 1 - EPS], the bounds in r's precision (a bare literal is float32)."""
-    lo = tl.full([], EPS, r.dtype)
-    return tl.minimum(tl.maximum(r, lo), 1.0 - lo)
+    """r clamped to [EPS, 1 - EPS], the bounds in r's precision (a bare literal is float32:
+    off by 2.5e-9 relative in float64; a float64 constant in the float32 path made ptxas
+    spill the sigmoid-KL backward on sm_80)."""
+    if r.dtype == tl.float64:
+        lo = tl.full([], EPS, tl.float64)
+        return tl.minimum(tl.maximum(r, lo), 1.0 - lo)
+    return tl.minimum(tl.maximum(r, EPS), 1.0 - EPS)
 
 
 @triton.jit
@@ -143,13 +147,15 @@ def sigmoid_kl_backward_kernel(
     rows = (tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)).to(tl.int64)  # axis 0: no 65535 cap
     cols = (tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)).to(tl.int64)
     mask = (rows < B)[:, None] & (cols < H)[None, :]
-    g = tl.load(grad_penalty_ptr).to(ACC) * beta_over_b
-    r = tl.load(rho_hat_ptr + cols, mask=cols < H, other=0.5).to(ACC)
-    c = g * kl_bernoulli_grad(rho, r, EPS)
     gh = tl.load(grad_h_ptr + rows[:, None] * stride_gb + cols[None, :] * stride_gh, mask=mask, other=0)
     h = tl.load(h_ptr + rows[:, None] * stride_hb + cols[None, :] * stride_hh, mask=mask, other=0)
     h = h.to(ACC)
-    gz = (gh.to(ACC) + c[None, :]) * h * (1.0 - h)
+    g = tl.load(grad_penalty_ptr).to(ACC) * beta_over_b
+    # rho_hat read in the tile's own layout (each thread its columns, from cache): a
+    # per-column vector broadcast into the tile went through shared memory and spilled.
+    r = tl.load(rho_hat_ptr + cols[None, :] + 0 * rows[:, None], mask=mask, other=0.5).to(ACC)
+    c = g * kl_bernoulli_grad(rho, r, EPS)
+    gz = (gh.to(ACC) + c) * h * (1.0 - h)
     tl.store(grad_z_ptr + rows[:, None] * H + cols[None, :], gz.to(grad_z_ptr.dtype.element_ty), mask=mask)
 
 
