@@ -122,6 +122,17 @@ def topk_encode(x: Tensor, weight: Tensor, bias: Tensor | None, k: int) -> tuple
     return topk_sparse(torch.relu(torch.nn.functional.linear(x, weight, bias)), k, relu=False)
 
 
+def topk_encode_aux(x: Tensor, weight: Tensor, bias: Tensor | None, k: int, dead: Tensor,
+                    k_aux: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """topk_encode, and the top k_aux of the same relu(pre-activation) among the latents
+    marked in `dead` (bool (L,)); slots past the dead latents hold 0 (at the lowest
+    live indices)."""
+    pre = torch.relu(torch.nn.functional.linear(x, weight, bias))
+    values, indices = topk_sparse(pre, k, relu=False)
+    aux_values, aux_indices = topk_sparse(pre.masked_fill(~dead, float("-inf")), k_aux, relu=False)
+    return values, indices, aux_values.clamp_min(0.0), aux_indices
+
+
 # ------------------------------------------------------------ noise injection
 # Philox4x32-10 keyed by (seed, element index): element i takes word i mod 4 of the
 # block of counter i div 4, mapped to floats as Triton's tl.rand maps a word; normals

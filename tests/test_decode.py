@@ -152,6 +152,63 @@ def test_topk_encode_gradcheck_opcheck_and_saved_tensors(device, backend):
         assert [t for t in saved if t.shape == (5, 40)], "the reference saves the pre-activation: the check can fail"
 
 
+DEAD_PATTERNS = {"some": lambda L: torch.arange(L) % 3 == 1, "none": lambda L: torch.zeros(L, dtype=torch.bool),
+                 "all": lambda L: torch.ones(L, dtype=torch.bool), "fewer than k_aux": lambda L: torch.arange(L) < 2}
+
+
+@pytest.mark.parametrize("pattern", list(DEAD_PATTERNS))
+@pytest.mark.parametrize(("device", "backend"), op_backends("topk_encode_aux"))
+def test_topk_encode_aux_matches_reference(device, backend, pattern, poisoned):
+    cases = [(37, 20, 300, 16, 40), (1, 1, 3, 1, 3), (130, 9, 5000, 64, 256)]
+    if interpreted(device, backend):
+        cases = [(7, 20, 300, 6, 9), (1, 1, 3, 1, 3)]
+    for dtype in DTYPES:
+        for B, D, L, k, k_aux in cases:
+            x = leaf(integer_valued((B, D), device, dtype))  # many ties: the tie rule is tested too
+            w = leaf(integer_valued((L, D), device, dtype, -2, 3))
+            b = leaf(integer_valued((L,), device, dtype, -2, 3))
+            dead = DEAD_PATTERNS[pattern](L).to(device)
+            with ae.backend(backend):
+                got = ae.topk_encode_aux(x, w, b, k, dead, k_aux)
+            want = reference.topk_encode_aux(x, w, b, k, dead, k_aux)
+            for g, e in zip(got, want):
+                assert torch.equal(g, e)
+            assert torch.equal(got[0], reference.topk_encode(x, w, b, k)[0])  # the main selection unchanged
+            live = ~dead[got[3]]  # aux slots on live latents are the padding: value 0
+            assert torch.all(got[2][live] == 0) and torch.all(got[2] >= 0)
+            g_main, g_aux = integer_valued((B, k), device, dtype), integer_valued((B, k_aux), device, dtype)
+            grads = torch.autograd.grad((got[0], got[2]), (x, w, b), (g_main, g_aux))
+            want_grads = torch.autograd.grad((want[0], want[2]), (x, w, b), (g_main, g_aux))
+            for g, e in zip(grads, want_grads):
+                assert torch.equal(g, e)
+
+
+@pytest.mark.parametrize(("device", "backend"), op_backends("topk_encode_aux"))
+def test_topk_encode_aux_gradcheck_opcheck_determinism(device, backend):
+    x = torch.randn(5, 6, dtype=torch.float64, device=device, requires_grad=True)
+    w = torch.randn(40, 6, dtype=torch.float64, device=device, requires_grad=True)
+    b = torch.randn(40, dtype=torch.float64, device=device, requires_grad=True)
+    dead = (torch.arange(40) % 4 == 0).to(device)
+
+    def both(*t):
+        values, _, aux_values, _ = ae.topk_encode_aux(*t, 7, dead, 5)
+        return values, aux_values
+
+    with ae.backend(backend):
+        assert torch.autograd.gradcheck(both, (x, w, b), fast_mode=interpreted(device, backend))
+    torch.library.opcheck(kernels(backend).topk_encode_aux, (x.float(), w.float(), b.float(), 7, dead, 5))
+    if not interpreted(device, backend):  # a minute in the interpreter; the bias path is the same code
+        torch.library.opcheck(kernels(backend).topk_encode_aux, (x.float(), w.float(), None, 7, dead, 5))
+    rows = 40 if interpreted(device, backend) else 300  # latents repeat across rows either way
+    xs, ws = torch.randn(rows, 16, device=device), torch.randn(64, 16, device=device, requires_grad=True)
+    runs = []
+    for _ in range(2):
+        with ae.backend(backend):
+            values, _, aux_values, _ = ae.topk_encode_aux(xs, ws, None, 8, dead[:40].repeat(2)[:64], 16)
+        runs.append(torch.autograd.grad(values.sum() + aux_values.pow(2).sum(), ws)[0])
+    assert torch.equal(runs[0], runs[1])  # the same bits: no atomics in the weight gradient
+
+
 class TinyFusedTopKSAE(TinyTopKSAE):
     def forward(self, x):
         values, indices = ae.topk_encode(x, self.enc.weight, self.enc.bias, self.k)
@@ -180,6 +237,16 @@ class TestBadInput:
         with pytest.raises(ValueError, match="bias must be None or of shape"):
             ae.topk_encode(x, w, torch.randn(6, device=device), 2)
 
+    def test_topk_encode_aux_arguments(self, device):
+        x, w = torch.randn(4, 6, device=device), torch.randn(10, 6, device=device)
+        dead = torch.zeros(10, dtype=torch.bool, device=device)
+        with pytest.raises(ValueError, match=r"k_aux must be an integer in \[1, 10\]"):
+            ae.topk_encode_aux(x, w, None, 2, dead, 11)
+        with pytest.raises(ValueError, match=r"dead must be a bool tensor of shape \(L=10,\)"):
+            ae.topk_encode_aux(x, w, None, 2, dead.long(), 3)
+        with pytest.raises(ValueError, match=r"dead must be a bool tensor of shape \(L=10,\)"):
+            ae.topk_encode_aux(x, w, None, 2, dead[:5], 3)
+
     def test_sparse_decode_arguments(self, device):
         values = torch.rand(4, 2, device=device)
         indices = torch.randint(0, 5, (4, 2), device=device)
@@ -200,3 +267,58 @@ class TestBadInput:
                     ae.sparse_decode(values, indices - 5, weight)  # negative: the reference once took them
         else:  # no host check on a GPU: the rows with a bad index come back NaN
             assert torch.isnan(ae.sparse_decode(values, indices + 5, weight)).all()
+
+
+# ---------------------------------------------------------------- the top-k SAE model on the fused path
+
+
+def _topk_sae(device, dead_steps=1):
+    from aefast.models import TopKSAE
+
+    torch.manual_seed(0)
+    model = TopKSAE(12, n_latents=48, k=4, k_aux=6, dead_steps=dead_steps).to(device)
+    model.steps_since_fired[::3] = 5  # a third of the latents dead: AuxK has work
+    return model
+
+
+@pytest.mark.parametrize(("device", "backend"), op_backends("topk_encode_aux"))
+def test_topk_sae_loss_compiles_fullgraph_with_its_bookkeeping(device, backend):
+    """No host sync, no branch on a tensor's value: the whole training loss, dead-latent
+    bookkeeping included, is one graph, and gives the eager loss, gradients and counters."""
+    x = torch.randn(10, 12, device=device)
+    results = []
+    for compiled in (False, True):
+        model = _topk_sae(device)
+        loss = torch.compile(lambda t: model.loss(t)["loss"], fullgraph=True, backend="aot_eager") \
+            if compiled else (lambda t: model.loss(t)["loss"])
+        torch._dynamo.reset()
+        with ae.backend(backend):
+            value = loss(x)
+            grads = torch.autograd.grad(value, [model.encoder_weight, model.decoder_weight, model.encoder_bias])
+        results.append((value, grads, model.steps_since_fired.clone()))
+    (eager, eager_grads, eager_steps), (compiled, compiled_grads, compiled_steps) = results
+    torch.testing.assert_close(compiled, eager)
+    for c, e in zip(compiled_grads, eager_grads):
+        torch.testing.assert_close(c, e)
+    assert torch.equal(compiled_steps, eager_steps)
+
+
+@pytest.mark.parametrize(("device", "backend"), op_backends("topk_encode_aux", interpreted_too=False))
+def test_topk_sae_keeps_no_dense_code_and_steps_deterministically(device, backend):
+    model, x = _topk_sae(device), torch.randn(30, 12, device=device)
+    saved = []
+    with ae.backend(backend), torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        terms = model.loss(x)
+    assert saved and not [t for t in saved if t.dim() == 2 and t.shape[-1] == 48]  # no (B, L) kept for backward
+    assert float(terms["auxk"]) > 0
+    values, _ = model.winners(x)
+    assert torch.all(values >= 0)  # TopK(ReLU(.)): negative pre-activations never decode
+    states = []
+    for _ in range(2):
+        model = _topk_sae(device)
+        optimizers = model.configure_optimizers(1e-2)
+        with ae.backend(backend):
+            for _ in range(3):
+                model.train_step(x, optimizers)
+        states.append(model.state_dict())
+    assert all(torch.equal(states[0][key], states[1][key]) for key in states[0])  # bit-identical runs

@@ -14,12 +14,18 @@ from aefast.models.base import AutoencoderModel, detached, squared_error
 
 class TopKSAE(AutoencoderModel):
     """z = TopK(ReLU(W_enc (x - b_pre) + b_enc)) with k of `n_latents` active;
-    x_hat = b_pre + sum_k z_k W_dec[k] (aefast.sparse_decode: the dense code is never
-    built). Decoder rows are renormalised to unit length after every step.
+    x_hat = b_pre + sum_k z_k W_dec[k]. The fused path end to end: aefast.topk_encode
+    never holds the (B, L) pre-activation, forward or backward (the encoder's weight
+    gradient touches the winners' rows only, in a fixed order: the same bits every
+    run), and aefast.sparse_decode never builds the dense code. Decoder rows are
+    renormalised to unit length after every step.
 
     AuxK: a latent is dead when it has not fired for `dead_steps` training steps; the
-    top `k_aux` dead latents, decoded alone, are trained to predict the residual
-    x - x_hat, weighted by `aux_coef`. That gives dead latents a gradient again."""
+    top `k_aux` dead latents (aefast.topk_encode_aux: from the same pass as the main
+    selection), decoded alone, are trained to predict the residual x - x_hat, weighted
+    by `aux_coef`. That gives dead latents a gradient again. The bookkeeping stays on
+    the device (no host sync, no branch on a tensor's value), so the loss compiles
+    with torch.compile(fullgraph=True)."""
 
     sparse_code = True
     unit_interval_data = False  # a linear decoder: any real-valued activations
@@ -33,20 +39,30 @@ class TopKSAE(AutoencoderModel):
         self.encoder_bias = nn.Parameter(torch.zeros(n_latents))
         self.pre_bias = nn.Parameter(torch.zeros(n_in))
         self.register_buffer("steps_since_fired", torch.zeros(n_latents, dtype=torch.long))
-        self.k, self.k_aux, self.aux_coef, self.dead_steps = k, k_aux, aux_coef, dead_steps
+        for name, value in (("k", k), ("k_aux", k_aux)):
+            if value > n_latents:
+                raise ValueError(f"{name} must be at most n_latents = {n_latents}, got {value}")
+        self.k, self.k_aux = k, k_aux
+        self.aux_coef, self.dead_steps = aux_coef, dead_steps
 
-    def _preactivations(self, x: Tensor) -> Tensor:
-        return F.linear(x - self.pre_bias, self.encoder_weight, self.encoder_bias)
+    def _encoder_args(self, x: Tensor) -> tuple:
+        return (x - self.pre_bias, self.encoder_weight, self.encoder_bias, self.k)
+
+    def winners(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """(values, indices), each (B, k): the active latents of each row."""
+        return ae.topk_encode(*self._encoder_args(x))
 
     def encode(self, x: Tensor) -> Tensor:
-        return ae.topk_mask(self._preactivations(x), self.k)
+        """The dense (B, L) code, for the probe and the figures."""
+        values, indices = self.winners(x)
+        return values.new_zeros((x.shape[0], self.encoder_weight.shape[0])).scatter_(1, indices, values)
 
     def _decode(self, values: Tensor, indices: Tensor, bias: bool = True) -> Tensor:
         return ae.sparse_decode(values, indices, self.decoder_weight.to(values.dtype),
                                 self.pre_bias.to(values.dtype) if bias else None)
 
     def reconstruct(self, x: Tensor) -> Tensor:
-        return self._decode(*ae.topk_sparse(self._preactivations(x), self.k))
+        return self._decode(*self.winners(x))
 
     def filters(self) -> Tensor:
         return self.encoder_weight
@@ -55,22 +71,24 @@ class TopKSAE(AutoencoderModel):
         return self.steps_since_fired >= self.dead_steps
 
     def loss(self, x: Tensor) -> dict[str, Tensor]:
-        pre = self._preactivations(x)
-        values, indices = ae.topk_sparse(pre, self.k)
+        dead = self.dead_latents()  # as of the last step, like the peers
+        if self.k_aux:
+            values, indices, aux_values, aux_indices = ae.topk_encode_aux(*self._encoder_args(x), dead, self.k_aux)
+        else:
+            values, indices = self.winners(x)
         x_hat = self._decode(values, indices)
         reconstruction = squared_error(x_hat, x)
         if self.training:
-            with torch.no_grad():
-                fired = torch.zeros_like(self.steps_since_fired, dtype=torch.bool)
-                fired[indices[values > 0]] = True
+            with torch.no_grad():  # integer adds: deterministic wherever indices repeat
+                fired = torch.zeros_like(self.steps_since_fired).scatter_add_(
+                    0, indices.flatten(), (values > 0).flatten().long()) > 0
                 self.steps_since_fired.add_(1).masked_fill_(fired, 0)
-        dead = self.dead_latents()
-        n_dead = int(dead.sum())
-        aux = reconstruction.new_zeros(())
-        if n_dead:
-            aux_values, aux_indices = ae.topk_sparse(pre.masked_fill(~dead, float("-inf")), min(self.k_aux, n_dead))
+        if self.k_aux:
             residual = (x - x_hat).detach()
-            aux = squared_error(self._decode(aux_values, aux_indices, bias=False), residual)
+            aux_hat = self._decode(aux_values, aux_indices, bias=False)
+            aux = squared_error(aux_hat, residual) * dead.any()  # nothing to revive: no AuxK term
+        else:
+            aux = reconstruction.new_zeros(())
         return {"loss": reconstruction + self.aux_coef * aux,
                 **detached(reconstruction=reconstruction, auxk=aux, dead=dead.float().mean())}
 

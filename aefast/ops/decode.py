@@ -87,30 +87,39 @@ def _encoder_rows(latents: int) -> int:
     return max(16, (1 << 23) // max(latents, 1))
 
 
-def _encode_in_row_blocks(backend: str, x: Tensor, weight: Tensor, bias: Tensor | None, k: int):
+def _encode_in_row_blocks(backend: str, x: Tensor, weight: Tensor, bias: Tensor | None, k: int,
+                          dead: Tensor | None = None, k_aux: int = 0):
     """The fused encoder over `backend`'s selection kernel: the (B, L) pre-activation
-    never exists, only (rows, L) at a time."""
+    never exists, only (rows, L) at a time. With `dead`, a second selection from the
+    same block: the top k_aux among the dead latents."""
     select = kernels(backend).topk_forward
     B, L = x.shape[0], weight.shape[0]
     values = x.new_empty((B, k))
     indices = torch.empty((B, k), dtype=torch.long, device=x.device)
+    if dead is not None:
+        aux_values = x.new_empty((B, k_aux))
+        aux_indices = torch.empty((B, k_aux), dtype=torch.long, device=x.device)
+        alive = ~dead
     step = _encoder_rows(L)
     for r0 in range(0, B, step):
         pre = torch.nn.functional.linear(x[r0:r0 + step], weight, bias).relu_()
         values[r0:r0 + step], indices[r0:r0 + step] = select(pre, k, False)
-    return values, indices
+        if dead is not None:
+            chosen, where = select(pre.masked_fill_(alive, float("-inf")), k_aux, False)
+            aux_values[r0:r0 + step] = chosen.clamp_min_(0.0)  # a slot past the dead latents: zero
+            aux_indices[r0:r0 + step] = where
+    return (values, indices) if dead is None else (values, indices, aux_values, aux_indices)
 
 
 def _encode_setup(ctx, inputs, output):
-    x, weight, bias, _ = inputs
+    x, weight, bias = inputs[:3]
     ctx.has_bias = bias is not None
     ctx.latents = weight.shape[0]
     ctx.save_for_backward(x, weight, *output)
-    ctx.mark_non_differentiable(output[1])
+    ctx.mark_non_differentiable(*output[1::2])  # the indices
 
 
-def _encode_backward(ops, ctx, grad_values, _grad_indices):
-    x, weight, values, indices = ctx.saved_tensors
+def _winners_backward(ops, ctx, x, weight, values, indices, grad_values):
     grad_pre = grad_values.to(values.dtype) * (values > 0)  # through the ReLU
     need_x, need_weight, need_bias = ctx.needs_input_grad[:3]
     # grad x = sum_k grad_pre[b, k] W[idx[b, k]]: the sparse decoder's forward;
@@ -121,18 +130,45 @@ def _encode_backward(ops, ctx, grad_values, _grad_indices):
     grad_bias = None
     if ctx.has_bias and need_bias:
         grad_bias = grad_pre.new_zeros(ctx.latents).index_add_(0, indices.flatten(), grad_pre.flatten())
-    return grad_x, grad_weight, grad_bias, None
+    return grad_x, grad_weight, grad_bias
+
+
+def _encode_backward(ops, ctx, grad_values, _grad_indices):
+    x, weight, values, indices = ctx.saved_tensors
+    return *_winners_backward(ops, ctx, x, weight, values, indices, grad_values), None
+
+
+def _encode_aux_backward(ops, ctx, grad_values, _grad_indices, grad_aux_values, _grad_aux_indices):
+    # Both selections in one pass of the winners' backward: their slots side by side.
+    x, weight, values, indices, aux_values, aux_indices = ctx.saved_tensors
+    return *_winners_backward(ops, ctx, x, weight, torch.cat([values, aux_values], 1),
+                              torch.cat([indices, aux_indices], 1), torch.cat([grad_values, grad_aux_values], 1)), \
+        None, None, None
+
+
+def _fake_winners(x: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    return x.new_empty((x.shape[0], k)), x.new_empty((x.shape[0], k), dtype=torch.long)
 
 
 # topk_sparse(relu(x @ weight.T + bias), k) without the (B, L) pre-activation: a Python
 # composite of the backend's own selection and decoder kernels.
 kernel(
     "topk_encode(Tensor x, Tensor weight, Tensor? bias, int k) -> (Tensor values, Tensor indices)",
-    fake=lambda x, weight, bias, k: (x.new_empty((x.shape[0], k)), x.new_empty((x.shape[0], k), dtype=torch.long)),
+    fake=lambda x, weight, bias, k: _fake_winners(x, k),
     reference=reference.topk_encode,
     native=functools.partial(_encode_in_row_blocks, "cpp"),
     triton=functools.partial(_encode_in_row_blocks, "triton"),
     setup=_encode_setup, backward=_encode_backward,
+)
+# The same, plus the top k_aux among the dead latents (AuxK) from the same blocks.
+kernel(
+    "topk_encode_aux(Tensor x, Tensor weight, Tensor? bias, int k, Tensor dead, int k_aux) "
+    "-> (Tensor values, Tensor indices, Tensor aux_values, Tensor aux_indices)",
+    fake=lambda x, weight, bias, k, dead, k_aux: (*_fake_winners(x, k), *_fake_winners(x, k_aux)),
+    reference=reference.topk_encode_aux,
+    native=functools.partial(_encode_in_row_blocks, "cpp"),
+    triton=functools.partial(_encode_in_row_blocks, "triton"),
+    setup=_encode_setup, backward=_encode_aux_backward,
 )
 
 
@@ -163,6 +199,16 @@ def _encode_inputs(args: dict) -> None:
         x.device, x, args["weight"], args["bias"])
     check_linear_params(x, weight, bias, "L")
     args["k"] = check_k(args["k"], weight.shape[0], "the number of latents")
+
+
+def _dead_mask(args: dict) -> None:
+    dead, latents = args["dead"], args["weight"].shape[0]
+    if not isinstance(dead, Tensor) or dead.dtype != torch.bool or tuple(dead.shape) != (latents,):
+        shown = f"{dead.dtype} {tuple(dead.shape)}" if isinstance(dead, Tensor) else type(dead).__name__
+        raise ValueError(f"dead must be a bool tensor of shape (L={latents},), got {shown}")
+    if dead.device != args["x"].device:
+        raise ValueError(f"dead must be on x's device {args['x'].device}, got {dead.device}")
+    args["k_aux"] = check_k(args["k_aux"], latents, "the number of latents", name="k_aux")
 
 
 # ---------------------------------------------------------------- benchmark cases
@@ -247,3 +293,29 @@ def topk_encode(ops, x: Tensor, weight: Tensor, bias: Tensor | None, k: int) -> 
     than k positive units fills up with zeros at the lowest remaining indices.
     Under autocast, x, weight and bias run in the autocast dtype."""
     return ops.topk_encode(x, weight, bias, k)
+
+
+def _encoder_inputs_with_dead(rows, cols, dtype, device):
+    inputs = _encoder_inputs(rows, cols, dtype, device)
+    latents = inputs["weight"].shape[0]
+    return {**inputs, "dead": torch.arange(latents, device=device) % 8 == 0}  # one latent in 8 dead
+
+
+@operator(
+    uses=("topk_encode_aux",),
+    checks=(check_dense(), _encode_inputs, _dead_mask),
+    bench=Bench(make=_encoder_inputs_with_dead,
+                call=lambda op, x, weight, bias, dead: op(x, weight, bias, K, dead, 4 * K),
+                reference=lambda x, weight, bias, dead: reference.topk_encode_aux(x, weight, bias, K, dead, 4 * K),
+                bytes_moved=_encode_bytes, differentiable=("x", "weight", "bias"), params=f"k={K}, k_aux={4 * K}"),
+)
+def topk_encode_aux(ops, x: Tensor, weight: Tensor, bias: Tensor | None, k: int, dead: Tensor,
+                    k_aux: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``topk_encode`` and, from the same pass over the pre-activation, the AuxK
+    selection of a top-k sparse autoencoder (Gao et al. 2024): the top ``k_aux`` of
+    ``relu(x @ weight.T + bias)`` among the latents marked in ``dead`` (bool (L,)).
+    Returns (values, indices, aux_values, aux_indices); a row's aux slots past its
+    dead latents (fewer than k_aux dead) hold value 0, so they decode to nothing, and
+    no count of dead latents is read back to the host. The backward of both
+    selections is one pass of topk_encode's (the winners alone, deterministic)."""
+    return ops.topk_encode_aux(x, weight, bias, k, dead, k_aux)

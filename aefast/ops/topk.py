@@ -114,9 +114,9 @@ def check_dense(name: str = "x", dims: int = 2):
     return argument(name, check)
 
 
-def check_k(k, upper: int, what: str) -> int:
+def check_k(k, upper: int, what: str, name: str = "k") -> int:
     if not isinstance(k, numbers.Integral) or isinstance(k, bool) or not 1 <= k <= upper:
-        raise ValueError(f"k must be an integer in [1, {upper}] ({what}), got {k!r}")
+        raise ValueError(f"{name} must be an integer in [1, {upper}] ({what}), got {k!r}")
     return int(k)
 
 
