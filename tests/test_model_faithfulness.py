@@ -61,7 +61,7 @@ def test_wta_codes_do_not_depend_on_the_batch_in_eval_mode(index, digits):
                 alone = getattr(model, name)(x[i:i + 1])
                 torch.testing.assert_close(alone[0], batch_result[i], msg=f"{name} of row {i}")
         for name, batch_result in whole.items():  # the same rows in another batch
-            torch.testing.assert_close(getattr(model, name)(digits[:40])[:40], whole[name][:40], msg=name)
+            torch.testing.assert_close(getattr(model, name)(digits[:40]), batch_result[:40], msg=name)
 
 
 def test_wta_features_are_the_relu_outputs_and_training_codes_the_winners(digits):

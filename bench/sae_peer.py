@@ -1,0 +1,168 @@
+"""aefast's TopKSAE against EleutherAI's sparsify (`pip install eai-sparsify`), side by side.
+
+    python bench/sae_peer.py [--rows 1024] [--width 768] [--latents 16384 65536] [--k 32]
+                             [--steps 5] [--repeats 2] [--out FILE.md]
+
+First a check in this process, at a small size: the two models, given the same weights
+and inputs, reconstruct the same x_hat and give the same gradients of all four
+parameters (encoder weight and bias, decoder weight, decoder bias) for the same loss
+(sparsify's FVU, sum of squared errors over the total variance). Then, per size, each
+library times a full training step (encode, decode, FVU, backward, Adam) in a process
+of its own, the two alternating; each child reports its median step time and its
+transient memory: the peak resident set during a step minus the resident set before
+it (Linux: VmHWM is reset through /proc/self/clear_refs before each step; glibc is
+told to return large blocks on free, MALLOC_MMAP_THRESHOLD_, so freed tensors do not
+stay resident). Both run float32 on the CPU with torch's default threads.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+LIBRARIES = ("aefast", "sparsify")
+if not torch.cuda.is_available():
+    os.environ.setdefault("SPARSIFY_DISABLE_TRITON", "1")  # the peer's Triton decoder needs a GPU
+
+
+def build(library: str, width: int, latents: int, k: int, seed: int = 0):
+    """(model, step inputs -> (x_hat, loss)), both libraries from one set of weights."""
+    generator = torch.Generator().manual_seed(seed)
+    encoder = torch.randn(latents, width, generator=generator) / width**0.5
+    decoder = torch.nn.functional.normalize(torch.randn(latents, width, generator=generator), dim=1)
+    encoder_bias = torch.randn(latents, generator=generator) * 0.01
+    decoder_bias = torch.randn(width, generator=generator) * 0.01
+    if library == "aefast":
+        from aefast.models import TopKSAE
+
+        model = TopKSAE(width, n_latents=latents, k=k, k_aux=0)
+        params = (model.encoder_weight, model.encoder_bias, model.decoder_weight, model.pre_bias)
+
+        def forward(x):
+            x_hat = model.reconstruct(x)
+            return x_hat, (x - x_hat).pow(2).sum() / (x - x.mean(0)).pow(2).sum()
+    else:
+        from sparsify import SparseCoder, SparseCoderConfig
+
+        model = SparseCoder(width, SparseCoderConfig(num_latents=latents, k=k))
+        params = (model.encoder.weight, model.encoder.bias, model.W_dec, model.b_dec)
+
+        def forward(x):
+            out = model(x)
+            return out.sae_out, out.fvu
+    with torch.no_grad():
+        for param, value in zip(params, (encoder, encoder_bias, decoder, decoder_bias)):
+            param.copy_(value)
+    return model, params, forward
+
+
+def check_agreement(width: int = 96, latents: int = 1024, k: int = 16, rows: int = 64) -> str:
+    x = torch.randn(rows, width, generator=torch.Generator().manual_seed(1))
+    results = {}
+    for library in LIBRARIES:
+        _, params, forward = build(library, width, latents, k)
+        x_hat, loss = forward(x)
+        results[library] = (x_hat, loss, torch.autograd.grad(loss, params))
+    (ours_hat, ours_loss, ours_grads), (peer_hat, peer_loss, peer_grads) = results.values()
+    torch.testing.assert_close(ours_hat, peer_hat, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ours_loss, peer_loss, rtol=1e-5, atol=1e-7)
+    names = ("encoder weight", "encoder bias", "decoder weight", "decoder bias")
+    for name, ours, peer in zip(names, ours_grads, peer_grads):
+        torch.testing.assert_close(ours, peer, rtol=1e-4, atol=1e-7, msg=f"gradient of the {name}")
+    return (f"agreement at B={rows}, D={width}, L={latents}, k={k}: x_hat, FVU and the gradients of "
+            f"{', '.join(names)} equal within float32 rounding")
+
+
+# ---------------------------------------------------------------- one library, one process
+
+
+def _status(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(f"no {field} in /proc/self/status")
+
+
+def run_child(library: str, rows: int, width: int, latents: int, k: int, steps: int) -> dict:
+    model, params, forward = build(library, width, latents, k)
+    optimizer = torch.optim.Adam(params, lr=1e-4)
+    x = torch.randn(rows, width, generator=torch.Generator().manual_seed(2))
+    times, transient = [], []
+    for step in range(steps + 1):  # the first step allocates Adam's state: not timed
+        resident = _status("VmRSS")
+        Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
+        start = time.perf_counter()
+        _, loss = forward(x)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        seconds = time.perf_counter() - start
+        if step:
+            times.append(seconds)
+            transient.append(_status("VmHWM") - resident)
+    return {"library": library, "ms": statistics.median(times) * 1e3, "transient_mib": max(transient) / 2**20,
+            "threads": torch.get_num_threads()}
+
+
+def run_in_process(library: str, rows: int, width: int, latents: int, k: int, steps: int) -> dict:
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
+    command = [sys.executable, __file__, "--child", library, "--rows", str(rows), "--width", str(width),
+               "--latents", str(latents), "--k", str(k), "--steps", str(steps)]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, check=True)
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rows", type=int, default=1024)
+    parser.add_argument("--width", type=int, default=768)
+    parser.add_argument("--latents", type=int, nargs="+", default=[16384])
+    parser.add_argument("--k", type=int, default=32)
+    parser.add_argument("--steps", type=int, default=5, help="timed steps per process")
+    parser.add_argument("--repeats", type=int, default=2, help="processes per library and size, alternating")
+    parser.add_argument("--out", type=Path, help="also write the Markdown table here")
+    parser.add_argument("--child", choices=LIBRARIES, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.child:
+        print(json.dumps(run_child(args.child, args.rows, args.width, args.latents[0], args.k, args.steps)))
+        return 0
+    try:
+        import sparsify  # noqa: F401  (prints which decoder it uses)
+    except ImportError:
+        print("sae_peer: the peer is not installed (pip install eai-sparsify)", file=sys.stderr)
+        return 2
+
+    lines = [check_agreement(), "",
+             "| B x D, L, k | aefast step ms | sparsify step ms | speed-up | aefast transient MiB | "
+             "sparsify transient MiB | memory ratio |", "|---|---:|---:|---:|---:|---:|---:|"]
+    print(lines[0], flush=True)
+    for latents in args.latents:
+        runs = {library: [] for library in LIBRARIES}
+        for _ in range(args.repeats):
+            for library in LIBRARIES:
+                runs[library].append(run_in_process(library, args.rows, args.width, latents, args.k, args.steps))
+        ms = {lib: min(r["ms"] for r in rs) for lib, rs in runs.items()}
+        mib = {lib: max(r["transient_mib"] for r in rs) for lib, rs in runs.items()}
+        lines.append(f"| {args.rows} x {args.width}, {latents}, {args.k} | {ms['aefast']:.1f} | {ms['sparsify']:.1f} | "
+                     f"{ms['sparsify'] / ms['aefast']:.2f}x | {mib['aefast']:.0f} | {mib['sparsify']:.0f} | "
+                     f"{mib['aefast'] / mib['sparsify']:.2f} |")
+        print(lines[-1], flush=True)
+    threads = runs["aefast"][0]["threads"]
+    lines += ["", f"float32, CPU, {threads} torch threads, torch {torch.__version__}; step: encode, decode, FVU, "
+              f"backward, Adam; median of {args.steps} steps per process, best of {args.repeats} processes "
+              f"(memory: the worst step)."]
+    if args.out:
+        args.out.write_text("\n".join(lines) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
