@@ -10,6 +10,7 @@ from torch.nn import functional as F
 
 import aefast as ae
 from aefast.models.base import AutoencoderModel, detached, squared_error
+from aefast.ops.topk import check_k
 
 
 class TopKSAE(AutoencoderModel):
@@ -39,10 +40,8 @@ class TopKSAE(AutoencoderModel):
         self.encoder_bias = nn.Parameter(torch.zeros(n_latents))
         self.pre_bias = nn.Parameter(torch.zeros(n_in))
         self.register_buffer("steps_since_fired", torch.zeros(n_latents, dtype=torch.long))
-        for name, value in (("k", k), ("k_aux", k_aux)):
-            if value > n_latents:
-                raise ValueError(f"{name} must be at most n_latents = {n_latents}, got {value}")
-        self.k, self.k_aux = k, k_aux
+        self.k = check_k(k, n_latents, "the number of latents")  # fail before training starts
+        self.k_aux = check_k(k_aux, n_latents, "the number of latents", name="k_aux") if k_aux else 0  # 0: no AuxK
         self.aux_coef, self.dead_steps = aux_coef, dead_steps
 
     def _encoder_args(self, x: Tensor) -> tuple:
