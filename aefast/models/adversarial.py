@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
-from aefast.models.base import MLPAutoencoder, detached, mlp, squared_error
+from aefast.models.base import MLPAutoencoder, adam, detached, mlp, squared_error
 
 
 def _step(optimizer: torch.optim.Optimizer, loss: Tensor) -> None:
@@ -34,9 +34,9 @@ class AdversarialAutoencoder(MLPAutoencoder):
 
     def configure_optimizers(self, lr: float) -> dict[str, torch.optim.Optimizer]:
         autoencoder = [*self.encoder.parameters(), *self.decoder.parameters()]
-        return {"autoencoder": torch.optim.Adam(autoencoder, lr=lr),
-                "discriminator": torch.optim.Adam(self.discriminator.parameters(), lr=lr),
-                "generator": torch.optim.Adam(self.encoder.parameters(), lr=lr)}
+        return {"autoencoder": adam(autoencoder, lr),
+                "discriminator": adam(self.discriminator.parameters(), lr),
+                "generator": adam(self.encoder.parameters(), lr)}
 
     def sample(self, n: int) -> Tensor:
         return self.decoder(self.prior_std * torch.randn(n, self.latent, device=self.decoder[0].weight.device))
