@@ -209,6 +209,32 @@ def test_topk_encode_aux_gradcheck_opcheck_determinism(device, backend):
     assert torch.equal(runs[0], runs[1])  # the same bits: no atomics in the weight gradient
 
 
+@pytest.mark.parametrize(("device", "backend"), op_backends("topk_encode_aux"))
+def test_topk_encode_blocks_merge_to_the_whole_rows_selection(device, backend, monkeypatch):
+    """Tiny blocks (3 rows x 5 latents): many latent blocks per row, candidates merged
+    across them, ties (small integers) still to the lower latent index."""
+    import aefast.ops.decode as decode
+
+    monkeypatch.setattr(decode, "ENCODER_BLOCK_ROWS", 3)
+    monkeypatch.setattr(decode, "ENCODER_BLOCK_ELEMENTS", 15)
+    assert decode._encoder_tile(10, 47) == (3, 5)
+    x = leaf(integer_valued((10, 6), device, torch.float32))
+    w = leaf(integer_valued((47, 6), device, torch.float32, -2, 3))
+    b = leaf(integer_valued((47,), device, torch.float32, -2, 3))
+    dead = (torch.arange(47) % 4 == 1).to(device)
+    for k, k_aux in [(7, 9), (1, 1), (12, 40)]:  # k past a block's width, k_aux past the dead count
+        with ae.backend(backend):
+            got = ae.topk_encode_aux(x, w, b, k, dead, k_aux)
+            main = ae.topk_encode(x, w, b, k)
+        want = reference.topk_encode_aux(x, w, b, k, dead, k_aux)
+        for g, e in zip((*got, *main), (*want, *want[:2])):
+            assert torch.equal(g, e)
+        grads = torch.autograd.grad((got[0], got[2]), (x, w, b), (torch.ones_like(got[0]), torch.ones_like(got[2])))
+        want_grads = torch.autograd.grad((want[0], want[2]), (x, w, b), (torch.ones_like(got[0]), torch.ones_like(got[2])))
+        for g, e in zip(grads, want_grads):
+            assert torch.equal(g, e)
+
+
 class TinyFusedTopKSAE(TinyTopKSAE):
     def forward(self, x):
         values, indices = ae.topk_encode(x, self.enc.weight, self.enc.bias, self.k)

@@ -81,17 +81,37 @@ kernel(
 )
 
 
-def _encoder_rows(latents: int) -> int:
-    """Rows of the pre-activation computed at a time: about 8M elements (at 1024 x 768
-    -> 16384 on 2 CPU threads, blocks of 1M took 2.2x as long: small matmuls)."""
-    return max(16, (1 << 23) // max(latents, 1))
+# Elements of the pre-activation computed at a time (32 MiB in float32): at 1024 x 768
+# -> 16384 on 2 CPU threads, blocks of 1M elements took 2.2x as long (small matmuls).
+ENCODER_BLOCK_ELEMENTS = 1 << 23
+ENCODER_BLOCK_ROWS = 1024
 
 
-def _encode_in_row_blocks(backend: str, x: Tensor, weight: Tensor, bias: Tensor | None, k: int,
-                          dead: Tensor | None = None, k_aux: int = 0):
+def _encoder_tile(rows: int, latents: int) -> tuple[int, int]:
+    """(rows, latents) of a block of the pre-activation. Up to 1024 rows a block, and as
+    many latents as fit: each block row-range reads the weight once, so the weight is
+    read ceil(B / 1024) times (blocks of rows alone, at L = 131072, read it 16 times per
+    1024 rows: 6 GiB, slower than the dense peer)."""
+    block_rows = min(rows, ENCODER_BLOCK_ROWS)
+    return block_rows, max(1, min(latents, ENCODER_BLOCK_ELEMENTS // block_rows))
+
+
+def _merged(select, parts: list[tuple[Tensor, Tensor]], k: int) -> tuple[Tensor, Tensor]:
+    """The top k of the candidates of every latent block (each block's top k, in latent
+    order, indices already global): ties still go to the lower latent index, since the
+    candidates of lower blocks come first and each block's are in its tie order."""
+    if len(parts) == 1:
+        return parts[0]
+    values, where = select(torch.cat([v for v, _ in parts], 1), k, False)
+    return values, torch.cat([i for _, i in parts], 1).gather(1, where)
+
+
+def _encode_in_blocks(backend: str, x: Tensor, weight: Tensor, bias: Tensor | None, k: int,
+                      dead: Tensor | None = None, k_aux: int = 0):
     """The fused encoder over `backend`'s selection kernel: the (B, L) pre-activation
-    never exists, only (rows, L) at a time. With `dead`, a second selection from the
-    same block: the top k_aux among the dead latents."""
+    never exists, only a block of it at a time (`_encoder_tile`), each reduced to its
+    top k candidates and those merged. With `dead`, a second selection from the same
+    blocks: the top k_aux among the dead latents."""
     select = kernels(backend).topk_forward
     B, L = x.shape[0], weight.shape[0]
     values = x.new_empty((B, k))
@@ -100,14 +120,22 @@ def _encode_in_row_blocks(backend: str, x: Tensor, weight: Tensor, bias: Tensor 
         aux_values = x.new_empty((B, k_aux))
         aux_indices = torch.empty((B, k_aux), dtype=torch.long, device=x.device)
         alive = ~dead
-    step = _encoder_rows(L)
-    for r0 in range(0, B, step):
-        pre = torch.nn.functional.linear(x[r0:r0 + step], weight, bias).relu_()
-        values[r0:r0 + step], indices[r0:r0 + step] = select(pre, k, False)
+    block_rows, block_latents = _encoder_tile(B, L)
+    for r0 in range(0, B, block_rows):
+        rows = slice(r0, r0 + block_rows)
+        parts, aux_parts = [], []
+        for c0 in range(0, L, block_latents):
+            cols = slice(c0, c0 + block_latents)
+            pre = torch.nn.functional.linear(x[rows], weight[cols], None if bias is None else bias[cols]).relu_()
+            chosen, where = select(pre, min(k, pre.shape[1]), False)
+            parts.append((chosen, where + c0))
+            if dead is not None:
+                chosen, where = select(pre.masked_fill_(alive[cols], float("-inf")), min(k_aux, pre.shape[1]), False)
+                aux_parts.append((chosen, where + c0))
+        values[rows], indices[rows] = _merged(select, parts, k)
         if dead is not None:
-            chosen, where = select(pre.masked_fill_(alive, float("-inf")), k_aux, False)
-            aux_values[r0:r0 + step] = chosen.clamp_min_(0.0)  # a slot past the dead latents: zero
-            aux_indices[r0:r0 + step] = where
+            chosen, aux_indices[rows] = _merged(select, aux_parts, k_aux)
+            aux_values[rows] = chosen.clamp_min_(0.0)  # a slot past the dead latents: zero
     return (values, indices) if dead is None else (values, indices, aux_values, aux_indices)
 
 
@@ -156,8 +184,8 @@ kernel(
     "topk_encode(Tensor x, Tensor weight, Tensor? bias, int k) -> (Tensor values, Tensor indices)",
     fake=lambda x, weight, bias, k: _fake_winners(x, k),
     reference=reference.topk_encode,
-    native=functools.partial(_encode_in_row_blocks, "cpp"),
-    triton=functools.partial(_encode_in_row_blocks, "triton"),
+    native=functools.partial(_encode_in_blocks, "cpp"),
+    triton=functools.partial(_encode_in_blocks, "triton"),
     setup=_encode_setup, backward=_encode_backward,
 )
 # The same, plus the top k_aux among the dead latents (AuxK) from the same blocks.
@@ -166,8 +194,8 @@ kernel(
     "-> (Tensor values, Tensor indices, Tensor aux_values, Tensor aux_indices)",
     fake=lambda x, weight, bias, k, dead, k_aux: (*_fake_winners(x, k), *_fake_winners(x, k_aux)),
     reference=reference.topk_encode_aux,
-    native=functools.partial(_encode_in_row_blocks, "cpp"),
-    triton=functools.partial(_encode_in_row_blocks, "triton"),
+    native=functools.partial(_encode_in_blocks, "cpp"),
+    triton=functools.partial(_encode_in_blocks, "triton"),
     setup=_encode_setup, backward=_encode_aux_backward,
 )
 
@@ -285,8 +313,9 @@ def sparse_decode(ops, values: Tensor, indices: Tensor, weight: Tensor, bias: Te
 def topk_encode(ops, x: Tensor, weight: Tensor, bias: Tensor | None, k: int) -> tuple[Tensor, Tensor]:
     """The fused top-k encoder of a sparse autoencoder:
     ``topk_sparse(relu(x @ weight.T + bias), k)`` for x (B, D) and weight (L, D),
-    without ever holding the (B, L) pre-activation: forward, it is computed a block
-    of rows at a time (about 8M elements) and reduced to the k winners; backward, the
+    without ever holding the (B, L) pre-activation: forward, it is computed a block at
+    a time (up to 1024 rows by 8M / 1024 latents), each block reduced to its k best
+    candidates and those merged, so the weight is read once per 1024 rows; backward, the
     gradients come from the winners alone (the sparse decoder's kernels: grad x is a
     sparse decode of the winners' gradients through W, grad W a deterministic
     per-latent scatter of them times x). ReLU before selection: a row with fewer
