@@ -111,6 +111,14 @@ def integer_valued(shape, device, dtype, low=-3, high=4):
     return torch.randint(low, high, shape).to(device, dtype)
 
 
+def assert_same_gradients(outputs, want_outputs, inputs, grad_outputs):
+    """The gradients of `inputs` through `outputs` are those through `want_outputs`, bit for bit."""
+    got = torch.autograd.grad(outputs, inputs, grad_outputs)
+    want = torch.autograd.grad(want_outputs, inputs, grad_outputs)
+    for g, e in zip(got, want):
+        assert torch.equal(g, e)
+
+
 @pytest.mark.parametrize(("device", "backend"), op_backends("topk_encode"))
 def test_topk_encode_matches_reference(device, backend, poisoned):
     cases = [((37, 20, 300, 16), True), ((1, 1, 1, 1), False), ((130, 9, 5000, 64), True)]
@@ -126,11 +134,7 @@ def test_topk_encode_matches_reference(device, backend, poisoned):
             want_values, want_indices = reference.topk_encode(x, w, b, k)
             assert torch.equal(indices, want_indices) and torch.equal(values, want_values)
             g = integer_valued((B, k), device, dtype)
-            inputs = [t for t in (x, w, b) if t is not None]
-            grads = torch.autograd.grad(values, inputs, g)
-            want_grads = torch.autograd.grad(want_values, inputs, g)
-            for got, want in zip(grads, want_grads):
-                assert torch.equal(got, want)
+            assert_same_gradients(values, want_values, [t for t in (x, w, b) if t is not None], g)
 
 
 @pytest.mark.parametrize(("device", "backend"), op_backends("topk_encode"))
@@ -177,10 +181,7 @@ def test_topk_encode_aux_matches_reference(device, backend, pattern, poisoned):
             live = ~dead[got[3]]  # aux slots on live latents are the padding: value 0
             assert torch.all(got[2][live] == 0) and torch.all(got[2] >= 0)
             g_main, g_aux = integer_valued((B, k), device, dtype), integer_valued((B, k_aux), device, dtype)
-            grads = torch.autograd.grad((got[0], got[2]), (x, w, b), (g_main, g_aux))
-            want_grads = torch.autograd.grad((want[0], want[2]), (x, w, b), (g_main, g_aux))
-            for g, e in zip(grads, want_grads):
-                assert torch.equal(g, e)
+            assert_same_gradients((got[0], got[2]), (want[0], want[2]), (x, w, b), (g_main, g_aux))
 
 
 @pytest.mark.parametrize(("device", "backend"), op_backends("topk_encode_aux"))
@@ -229,10 +230,8 @@ def test_topk_encode_blocks_merge_to_the_whole_rows_selection(device, backend, m
         want = reference.topk_encode_aux(x, w, b, k, dead, k_aux)
         for g, e in zip((*got, *main), (*want, *want[:2])):
             assert torch.equal(g, e)
-        grads = torch.autograd.grad((got[0], got[2]), (x, w, b), (torch.ones_like(got[0]), torch.ones_like(got[2])))
-        want_grads = torch.autograd.grad((want[0], want[2]), (x, w, b), (torch.ones_like(got[0]), torch.ones_like(got[2])))
-        for g, e in zip(grads, want_grads):
-            assert torch.equal(g, e)
+        assert_same_gradients((got[0], got[2]), (want[0], want[2]), (x, w, b),
+                              (torch.ones_like(got[0]), torch.ones_like(got[2])))
 
 
 class TinyFusedTopKSAE(TinyTopKSAE):
