@@ -262,6 +262,10 @@ def topk_launches():
             for k in ks:
                 topk.topk_forward(meta(B, H, dtype=dtype), k, True)
         topk.topk_forward(meta(4096, 8192, dtype=dtype).t(), 82, False)
+        # topk_encode(_aux)'s blocks and merges at B = 4096, L = 65536, k = 32, k_aux = 1024:
+        # blocks of (1024, 8192) (aefast.ops.decode._encoder_tile), candidates of 8 blocks merged
+        for width, k in ((8192, 32), (256, 32), (8192, 1024)):
+            topk.topk_forward(meta(1024, width, dtype=dtype), k, False)
 
 
 def decode_launches():
