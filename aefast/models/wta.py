@@ -28,9 +28,10 @@ from aefast.reference import lifetime_count
 
 class _WTABase(AutoencoderModel):
     """Subclasses set `encoder` and `decoder` (winners -> x_hat) and implement
-    `features(x)` (the ReLU features), `_winners(features)` (the training-time selection), `_unit_values(code)`
-    ((B, units): each unit's kept value, zero where not kept) and `_keep_above(features,
-    thresholds)` (the eval-time selection). Loss 1/2 ||x_hat - x||^2."""
+    `features(x)` (the ReLU features), `_winners(features)` (the training-time
+    selection), `_unit_values(code)` ((B, units): each unit's kept value, zero where not
+    kept) and `_keep_above(features, thresholds)` (the eval-time selection).
+    Loss 1/2 ||x_hat - x||^2."""
 
     sparse_code = True
     unit_interval_data = False  # a linear decoder
