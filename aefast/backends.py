@@ -54,7 +54,6 @@ def _load_gpu_ranking() -> dict[str, list[str]]:
 GPU_RANKING: dict[str, list[str]] = _load_gpu_ranking()
 
 
-
 def _started_as_the_command() -> bool:
     """Whether this process is the `aefast` command (the script, or python -m aefast)."""
     argv = getattr(sys, "orig_argv", sys.argv)

@@ -244,7 +244,6 @@ def _dead_mask(args: dict) -> None:
 WIDTH = 768  # the decoder's output width, the encoder's input width
 
 
-
 def _codes(rows, cols, dtype, device):
     latents = 4 * cols
     return {

@@ -21,7 +21,6 @@ def _stats(x: Tensor, n: int) -> Tensor:
     return x.new_empty((n,), dtype=stat_dtype(x.dtype))
 
 
-
 # ---------------------------------------------------------------- kernels
 
 
@@ -144,7 +143,6 @@ RHO, BETA = 0.05, 3.0
 
 def _unit_interval(rows, cols, dtype, device):
     return torch.empty(rows, cols, device=device).uniform_(0.02, 0.98).to(dtype)
-
 
 
 # ---------------------------------------------------------------- public API

@@ -55,7 +55,6 @@ def _kind(kind: str) -> int:
     return KINDS.index(kind)
 
 
-
 def _corrupt_grad(corrupt, grad: Tensor, kind: str, level: float, seed: Tensor) -> Tensor:
     """The gradient through corrupt: identity for gaussian; otherwise the same mask
     (and dropout's scale) applied to the gradient: corrupt with low = high = 0."""
@@ -256,7 +255,6 @@ def _gaussian_params(args: dict) -> None:
 # ---------------------------------------------------------------- benchmark cases
 
 LEVEL, SEED = 0.3, 1
-
 
 
 def _seed(device) -> Tensor:

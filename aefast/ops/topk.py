@@ -145,7 +145,6 @@ def _normal(rows, cols, dtype, device):
     return {"x": torch.randn(rows, cols, device=device).to(dtype)}
 
 
-
 def _sparse_bytes(inputs, backward):
     x = inputs["x"]
     return nbytes(x) * (2 if backward else 1) + x.shape[0] * K * (x.element_size() + 8)

@@ -58,9 +58,8 @@ def evaluate(model: AutoencoderModel, data: Dataset, batch_size: int,
         result["feature_recovery"] = feature_recovery(data.features, filters)
     subspace = model.subspace()
     if subspace is not None:
-        components = principal_components(data.train, subspace.shape[1])
+        mean, components = principal_components(data.train, subspace.shape[1])
         result["pca_largest_angle"] = largest_angle(components, subspace.cpu())
-        mean = data.train.double().mean(0)
         pca_recon = (data.val.double() - mean) @ components @ components.T + mean
         result["pca_val_mse"] = float((pca_recon - data.val.double()).pow(2).mean())
     result["code_size"] = val_codes.shape[1]
@@ -69,10 +68,11 @@ def evaluate(model: AutoencoderModel, data: Dataset, batch_size: int,
     return result
 
 
-def principal_components(x: Tensor, k: int) -> Tensor:
-    """(D, k): the first k principal directions of the rows of x, orthonormal."""
-    centred = x.double() - x.double().mean(0)
-    return torch.linalg.svd(centred, full_matrices=False).Vh[:k].T
+def principal_components(x: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """(mean (D,), components (D, k)): the rows' mean and their first k principal
+    directions, orthonormal, in float64."""
+    mean = x.double().mean(0)
+    return mean, torch.linalg.svd(x.double() - mean, full_matrices=False).Vh[:k].T
 
 
 def largest_angle(a: Tensor, b: Tensor) -> float:
