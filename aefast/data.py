@@ -1,6 +1,8 @@
 """Training data that needs no download: scikit-learn's bundled 8x8 digits, a synthetic
 superposition of known features, or any array file. Rows are flattened to (N, D)
-float32; `image_shape` says how to view a row as an image (figures, conv models)."""
+float32; `image_shape` says how to view a row as an image (figures, conv models).
+`ArrayFile` reads rows of an array on disk without loading it whole (aefast.batches
+streams them)."""
 
 from __future__ import annotations
 
@@ -98,13 +100,108 @@ def _read_array_file(path: Path) -> tuple[object, object]:
     return obj, None
 
 
+class ArrayFile:
+    """An (N, D) or (N, C, H, W) array on disk, read by rows and never loaded whole: one
+    .npy file, or a folder of .npy shards (in name order) of one row shape and dtype.
+    Rows are read with plain file reads into buffers the caller owns, so the process
+    holds only what it asked for (the operating system's page cache keeps the rest,
+    and gives it back under pressure). A 2-byte void dtype is bfloat16, which is how
+    ml_dtypes (JAX) saves it: numpy has no bfloat16 of its own."""
+
+    def __init__(self, path: str | Path):
+        import numpy as np
+
+        path = Path(path)
+        if path.is_dir():
+            files = sorted(path.glob("*.npy"))
+            if not files:
+                raise ValueError(f"data folder {str(path)!r} holds no .npy shards")
+        elif path.is_file():
+            files = [path]
+        else:
+            raise OSError(f"cannot read data file {str(path)!r}: no such file or folder")
+        self.name, self.files, self.starts, self.offsets = path.name, files, [0], []
+        for file in files:
+            shape, dtype, offset = _npy_header(file)
+            if len(shape) not in (2, 4):
+                raise ValueError(f"{file}: expected an (N, D) or (N, C, H, W) array, got shape {shape}")
+            if file is files[0]:
+                self.row_shape, self.numpy_dtype = shape[1:], dtype
+            elif (shape[1:], dtype) != (self.row_shape, self.numpy_dtype):
+                raise ValueError(f"{file}: rows of shape {shape[1:]} and dtype {dtype}, but "
+                                 f"{files[0].name} has {self.row_shape} and {self.numpy_dtype}: shards must agree")
+            if file.stat().st_size < offset + math.prod(shape) * dtype.itemsize:
+                raise ValueError(f"{file}: the file ends before the {shape[0]} rows its header announces (truncated?)")
+            self.offsets.append(offset)
+            self.starts.append(self.starts[-1] + shape[0])
+        self.rows = self.starts[-1]
+        self.dim = math.prod(self.row_shape)
+        self.row_bytes = self.dim * self.numpy_dtype.itemsize
+        self.bfloat16 = self.numpy_dtype == np.dtype("V2")
+        self.image_shape = _image_shape(torch.empty((0, *self.row_shape), dtype=torch.uint8))
+
+    def read(self, start: int, stop: int) -> Tensor:
+        """Rows [start, stop) as an (n, D) tensor of the file's dtype (bfloat16 for a
+        2-byte void dtype); an array of anything but floats comes back as numpy, for
+        the caller's check to name what it holds."""
+        import numpy as np
+
+        if not 0 <= start <= stop <= self.rows:
+            raise IndexError(f"rows [{start}, {stop}) outside the {self.rows} rows of {self.name}")
+        out = np.empty((stop - start, self.dim), dtype=np.uint16 if self.bfloat16 else self.numpy_dtype)
+        for i, file in enumerate(self.files):
+            low, high = max(start, self.starts[i]), min(stop, self.starts[i + 1])
+            if low >= high:
+                continue
+            buffer = memoryview(out[low - start:high - start]).cast("B")
+            with open(file, "rb") as f:
+                f.seek(self.offsets[i] + (low - self.starts[i]) * self.row_bytes)
+                if f.readinto(buffer) != len(buffer):
+                    raise OSError(f"{file}: the file ended while reading rows (truncated while training?)")
+        if self.bfloat16:
+            return torch.from_numpy(out).view(torch.bfloat16)
+        return torch.from_numpy(out) if out.dtype.kind == "f" else out
+
+
+def _npy_header(file: Path) -> tuple[tuple[int, ...], object, int]:
+    """(shape, dtype, offset of the data) of a .npy file, from its header alone."""
+    import numpy as np
+
+    try:
+        with open(file, "rb") as f:
+            version = np.lib.format.read_magic(f)
+            read = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}[version]
+            shape, fortran_order, dtype = read(f)
+            offset = f.tell()
+    except Exception:  # bad magic, an unknown version, a header numpy cannot parse
+        raise ValueError(f"cannot read data file {str(file)!r}: corrupt, or not a .npy array of numbers") from None
+    if dtype.hasobject:
+        raise ValueError(f"cannot read data file {str(file)!r}: it holds Python objects, not numbers")
+    if fortran_order and len(shape) > 1:
+        raise ValueError(f"{file}: the array is stored in Fortran order; save it with "
+                         f"np.save(path, np.ascontiguousarray(x)) to read rows from disk")
+    return shape, dtype, offset
+
+
 def _check_array(x, y, source: str) -> tuple[Tensor, Tensor | None]:
     kind = getattr(getattr(x, "dtype", None), "kind", "f")  # numpy's: b bool, i/u integer, f float, ...
+    if kind in "biufc" and (x.ndim not in (2, 4) or x.shape[0] < 2 or math.prod(x.shape) == 0):
+        raise ValueError(f"{source}: expected an (N, D) or (N, C, H, W) array with N >= 2, got shape {tuple(x.shape)}")
+    x = check_values(x, source)
+    if y is not None:
+        y = torch.as_tensor(y).long().reshape(-1)
+        if y.shape[0] != x.shape[0]:
+            raise ValueError(f"{source}: {y.shape[0]} labels for {x.shape[0]} rows")
+    return x, y
+
+
+def check_values(x, source: str) -> Tensor:
+    """x (numpy or torch) as float32, if it holds real, finite floating-point numbers;
+    otherwise an error that says what it holds instead."""
+    kind = getattr(getattr(x, "dtype", None), "kind", "f")
     if kind not in "biufc":
         raise ValueError(f"{source}: expected an array of numbers, got {x.dtype} ({_KIND_WORDS.get(kind, 'not numbers')})")
     x = torch.as_tensor(x)
-    if x.dim() not in (2, 4) or x.shape[0] < 2 or x.numel() == 0:
-        raise ValueError(f"{source}: expected an (N, D) or (N, C, H, W) array with N >= 2, got shape {tuple(x.shape)}")
     if x.dtype == torch.bool or x.is_complex():
         raise ValueError(f"{source}: expected real numbers, got {x.dtype}")
     if not x.is_floating_point():
@@ -113,11 +210,7 @@ def _check_array(x, y, source: str) -> tuple[Tensor, Tensor | None]:
     x = x.float()
     if not torch.isfinite(x).all():
         raise ValueError(f"{source}: the array contains NaN or infinite values")
-    if y is not None:
-        y = torch.as_tensor(y).long().reshape(-1)
-        if y.shape[0] != x.shape[0]:
-            raise ValueError(f"{source}: {y.shape[0]} labels for {x.shape[0]} rows")
-    return x, y
+    return x
 
 
 _KIND_WORDS = {"U": "strings", "S": "bytes", "O": "Python objects", "M": "dates", "m": "time spans", "V": "records"}

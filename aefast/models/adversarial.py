@@ -24,6 +24,8 @@ class AdversarialAutoencoder(MLPAutoencoder):
     the discriminator learns prior samples (label 1) from codes (label 0), then the
     encoder, as the generator, learns to make its codes pass for prior samples."""
 
+    accumulates_gradients = False
+
     def __init__(self, n_in: int, hidden: int = 128, latent: int = 8, discriminator_hidden: int = 64,
                  prior_std: float = 1.0):
         super().__init__()
@@ -59,7 +61,9 @@ class AdversarialAutoencoder(MLPAutoencoder):
         return {"loss": reconstruction + generator,
                 **detached(reconstruction=reconstruction, discriminator=discriminator, generator=generator)}
 
-    def train_step(self, x: Tensor, optimizers: dict[str, torch.optim.Optimizer]) -> dict[str, Tensor]:
+    def train_step(self, batches: Tensor | list[Tensor],
+                   optimizers: dict[str, torch.optim.Optimizer]) -> dict[str, Tensor]:
+        (x,) = [batches] if isinstance(batches, Tensor) else batches  # three steps per batch: no accumulation
         with self.autocast():
             reconstruction = squared_error(self.reconstruct(x), x)
         _step(optimizers["autoencoder"], reconstruction)

@@ -10,7 +10,7 @@ optimizer" override the hooks below instead of the trainer special-casing them.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -30,6 +30,8 @@ class AutoencoderModel(nn.Module):
     # What the decoder reads besides the code `encode` returns, if anything (the
     # evaluation and the README table report it beside the code size).
     side_channel: str | None = None
+    # One optimizer step per batch, so that --grad-accum can add several batches' gradients.
+    accumulates_gradients = True
 
     def loss(self, x: Tensor) -> dict[str, Tensor]:
         raise NotImplementedError
@@ -63,16 +65,26 @@ class AutoencoderModel(nn.Module):
         """Called before each epoch (0-based); returns a phase name to display, if any."""
         return None
 
-    def train_step(self, x: Tensor, optimizers: dict[str, torch.optim.Optimizer]) -> dict[str, Tensor]:
-        """One optimisation step on batch x; returns the loss terms."""
+    def train_step(self, batches: Tensor | Sequence[Tensor],
+                   optimizers: dict[str, torch.optim.Optimizer]) -> dict[str, Tensor]:
+        """One optimisation step on a batch, or on several (gradient accumulation: the
+        gradient of their losses' mean, weighted by rows); returns the loss terms,
+        weighted the same way."""
         (optimizer,) = optimizers.values()
-        with self.autocast():
-            terms = self.loss(x)
+        batches = [batches] if isinstance(batches, Tensor) else list(batches)
+        rows = sum(len(x) for x in batches)
         optimizer.zero_grad(set_to_none=True)
-        terms["loss"].backward()
+        totals: dict[str, Tensor] = {}
+        for x in batches:
+            with self.autocast():
+                terms = self.loss(x)
+            weight = len(x) / rows  # 1.0 for a single batch: the very bits of an unweighted step
+            (terms["loss"] * weight).backward()
+            for name, value in terms.items():
+                totals[name] = totals.get(name, 0.0) + value.detach() * weight
         optimizer.step()
         self.after_step()
-        return {name: value.detach() for name, value in terms.items()}
+        return totals
 
     def after_step(self) -> None:
         """Called after each optimizer step (constraints such as unit-norm weights)."""

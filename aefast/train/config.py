@@ -21,6 +21,7 @@ from aefast.reference import CORRUPTION_KINDS
 TRAINING: dict[str, Any] = {
     "epochs": 30,
     "batch_size": 64,
+    "grad_accum": 1,
     "lr": 3e-3,
     "seed": 0,
     "data": "digits",
@@ -29,20 +30,30 @@ TRAINING: dict[str, Any] = {
     "amp": True,
     "compile": False,
     "conv": False,
+    "buffer_mib": 256,
+    "checkpoint_minutes": 10.0,
 }
 
 TRAINING_HELP = {
     "epochs": "passes over the training rows",
-    "batch_size": "rows per optimisation step (also the chunk size of validation and codes)",
+    "batch_size": "rows per forward pass (also the chunk size of validation and codes)",
+    "grad_accum": "batches whose gradients add up to one optimizer step (a step sees grad_accum x batch_size "
+                  "rows, memory stays that of one batch)",
     "lr": "Adam learning rate",
     "seed": "seed of the initialisation, the noise, the shuffling and the train/validation split",
     "data": "digits (scikit-learn's 8x8 digits, scaled to [0, 1]), synthetic (a sparse superposition "
-            "of known features), or a .npy/.npz/.pt file of an (N, D) or (N, C, H, W) array",
+            "of known features), a .npz/.pt file of an (N, D) or (N, C, H, W) array (loaded), or a .npy "
+            "file or a folder of .npy shards of one (float16, bfloat16 or float32; streamed from disk, "
+            "its last rows held out for validation)",
     "val_fraction": "fraction of the rows held out for validation",
     "device": "auto (cuda when available), cpu or cuda",
     "amp": "bfloat16 autocast on GPU (--no-amp for float32; CPU runs are always float32)",
     "compile": "wrap the model's loss in torch.compile",
     "conv": "the convolutional form of the model (wta)",
+    "buffer_mib": "streamed data: MiB of rows in memory at once (a shuffling window, read by a background "
+                  "thread; it also bounds the validation rows)",
+    "checkpoint_minutes": "also write a checkpoint mid-epoch after this many minutes (besides each epoch's end, "
+                          "and Ctrl-C or SIGTERM, which stop after the current step)",
 }
 
 PARAM_HELP = {
@@ -94,6 +105,9 @@ _UNIT_RIGHT_CLOSED = (lambda v: 0 < v <= 1), "in (0, 1]"
 RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "epochs": _at_least(1),
     "batch_size": _at_least(1),
+    "grad_accum": _at_least(1),
+    "buffer_mib": _at_least(1),
+    "checkpoint_minutes": _NONNEGATIVE,
     "lr": _POSITIVE,
     "seed": ((lambda v: 0 <= v < 2**63), "in [0, 2**63)"),
     "val_fraction": _OPEN_UNIT,

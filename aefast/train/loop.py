@@ -1,25 +1,31 @@
-"""The training loop: epochs of model.train_step over shuffled batches, validation,
-a checkpoint per epoch (written atomically) from which --resume continues exactly, then
-the final evaluation and the figures.
+"""The training loop: epochs of model.train_step over shuffled batches (aefast.batches:
+in memory, or streamed from disk), validation, checkpoints (written atomically) from
+which --resume continues exactly, then the final evaluation and the figures.
 
 Exact resumption: the checkpoint holds the model, every optimizer, the epoch, the loss
-history and the states of every random generator the run draws from (torch's CPU and
-CUDA generators, which the noise ops and the initialisation use, and the shuffling
-generator). Each epoch's validation runs before its checkpoint, so a resumed run sees
-the generators exactly as the uninterrupted run did at the start of the next epoch."""
+history, the position in the current epoch and the states of every random generator
+the run draws from (torch's CPU and CUDA generators, which the noise ops and the
+initialisation use, and the shuffling generator, as it was when the epoch began).
+Checkpoints are written after each epoch's validation, every --checkpoint-minutes
+mid-epoch, and when Ctrl-C or SIGTERM stops the run; a resumed run sees the generators
+exactly as the uninterrupted run did at that point."""
 
 from __future__ import annotations
 
 import json
 import math
 import os
+import signal
 import sys
+import threading
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from aefast.batches import StreamedBatches, open_training_data
 from aefast.data import load_dataset
 from aefast.models import AutoencoderModel
 from aefast.train import config as configuration
@@ -51,10 +57,14 @@ def train(config: dict[str, Any], out_dir: Path, checkpoint: dict[str, Any] | No
     into out_dir; returns the final evaluation. `progress`: show progress bars (None: only
     when stderr is a terminal)."""
     device = _device(config["device"])
-    data = load_dataset(config["data"], config["val_fraction"], config["seed"])
+    data, batches = open_training_data(config["data"], config["val_fraction"], config["seed"],
+                                       config["batch_size"], config["buffer_mib"], device)
     torch.manual_seed(config["seed"])
     model = configuration.build_model(config, data.image_shape).to(device)
     check_data_range(model, data)
+    if config["grad_accum"] > 1 and not model.accumulates_gradients:
+        raise ValueError(f"--grad-accum: {config['model']} takes several optimizer steps per batch "
+                         f"({type(model).__name__}.train_step); it trains with --grad-accum 1 only")
     if device.type == "cuda" and config["amp"]:
         model.autocast_dtype = torch.bfloat16
     model.eval()
@@ -63,12 +73,14 @@ def train(config: dict[str, Any], out_dir: Path, checkpoint: dict[str, Any] | No
     optimizers = model.configure_optimizers(config["lr"])
     shuffle = torch.Generator().manual_seed(config["seed"])
     history: list[dict[str, Any]] = []
+    position = _EpochPosition()
     if checkpoint is not None:
         model.load_state_dict(checkpoint["model"])
         for name, optimizer in optimizers.items():
             optimizer.load_state_dict(checkpoint["optimizers"][name])
         history = checkpoint["history"]
         _set_rng_states(checkpoint["rng"], shuffle)
+        position = _EpochPosition.restore(checkpoint.get("position"), config["batch_size"])
 
     out_dir.mkdir(parents=True, exist_ok=True)
     configuration.write_toml(config, out_dir / CONFIG)
@@ -78,34 +90,41 @@ def train(config: dict[str, Any], out_dir: Path, checkpoint: dict[str, Any] | No
         # module (and so its state_dict and checkpoints) untouched.
         model.loss = torch.compile(model.loss)
 
-    train_x, val_x = data.train.to(device), data.val.to(device)
+    val_x = data.val.to(device)
     n_params = sum(p.numel() for p in model.parameters())
-    if history:
-        _say(f"resuming {out_dir} after epoch {len(history)} of {config['epochs']}")
-    _say(f"{config['model']}{' --conv' if config['conv'] else ''} on {data.name}: {len(train_x)} train / "
+    if history or position.rows:
+        mid = f", {position.rows} rows into epoch {len(history) + 1}" if position.rows else ""
+        _say(f"resuming {out_dir} after epoch {len(history)} of {config['epochs']}{mid}")
+    streamed = (f" (streamed from disk, {min(batches.window_rows, batches.rows)} rows in memory at a time)"
+                if isinstance(batches, StreamedBatches) else "")
+    _say(f"{config['model']}{' --conv' if config['conv'] else ''} on {data.name}: {batches.rows} train{streamed} / "
         f"{len(val_x)} validation rows of {'x'.join(map(str, data.image_shape))}, {n_params:,} parameters, "
         f"{_backend(device)} on {device}; writing {out_dir}")
+    run = _Run(out_dir, config, model, optimizers, shuffle, history, data.image_shape)
     table = _EpochTable()
     for record in history:
         table.row(record)
-    for epoch in range(len(history), config["epochs"]):
-        phase = model.begin_epoch(epoch)
-        start = time.perf_counter()
-        train_terms = _train_epoch(model, optimizers, train_x, config["batch_size"], shuffle,
-                                   f"epoch {epoch + 1}/{config['epochs']}" + (f" ({phase})" if phase else ""),
-                                   progress)
-        seconds = time.perf_counter() - start
-        val_terms = _validate(model, val_x, config["batch_size"])
-        _check_finite(train_terms, val_terms, epoch, out_dir)
-        record = {"epoch": epoch + 1, "train": train_terms, "val": val_terms,
-                  "seconds": round(seconds, 4), "samples_per_s": round(len(train_x) / seconds, 1)}
-        if phase:
-            record["phase"] = phase
-        history.append(record)
-        _save_checkpoint(out_dir, model, optimizers, shuffle, history, config, data.image_shape)
-        with open(out_dir / METRICS, "a") as f:
-            f.write(json.dumps(record) + "\n")
-        table.row(record)
+    with _StopRequests() as stop:
+        for epoch in range(len(history), config["epochs"]):
+            phase = model.begin_epoch(epoch)
+            run.epoch_start_shuffle = shuffle.get_state()
+            train_terms, seconds = _train_epoch(run, batches, position, stop,
+                                                f"epoch {epoch + 1}/{config['epochs']}" + (f" ({phase})" if phase else ""),
+                                                progress)
+            val_terms = _validate(model, val_x, config["batch_size"])
+            _check_finite(train_terms, val_terms, epoch, out_dir)
+            record = {"epoch": epoch + 1, "train": train_terms, "val": val_terms,
+                      "seconds": round(seconds, 4), "samples_per_s": round(batches.rows / seconds, 1),
+                      "peak_memory_mib": round(_peak_memory_mib(device), 1)}
+            if phase:
+                record["phase"] = phase
+            history.append(record)
+            position = _EpochPosition()
+            run.save(position)
+            with open(out_dir / METRICS, "a") as f:
+                f.write(json.dumps(record) + "\n")
+            table.row(record)
+            stop.check()
 
     from aefast.train.figures import write_figures
 
@@ -119,24 +138,133 @@ def train(config: dict[str, Any], out_dir: Path, checkpoint: dict[str, Any] | No
     return result
 
 
-def _train_epoch(model: AutoencoderModel, optimizers, x: torch.Tensor, batch_size: int,
-                 shuffle: torch.Generator, description: str, progress: bool | None) -> dict[str, float]:
+@dataclass
+class _EpochPosition:
+    """How far the current epoch has come: rows trained on, the sums of their loss
+    terms, seconds spent. A checkpoint written mid-epoch holds it; --resume goes on
+    from there."""
+
+    rows: int = 0
+    sums: dict[str, torch.Tensor] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    @classmethod
+    def restore(cls, saved: dict[str, Any] | None, batch_size: int) -> _EpochPosition:
+        if not saved:
+            return cls()
+        if saved["rows"] % batch_size:
+            raise ValueError(f"--resume: the checkpoint was written {saved['rows']} rows into an epoch, which is "
+                             f"not a whole number of batches of --batch-size {batch_size}: resume with the "
+                             f"batch size the run had")
+        return cls(saved["rows"], saved["sums"], saved["seconds"])
+
+
+@dataclass
+class _Run:
+    """What a checkpoint holds, gathered once."""
+
+    out_dir: Path
+    config: dict[str, Any]
+    model: AutoencoderModel
+    optimizers: dict[str, torch.optim.Optimizer]
+    shuffle: torch.Generator
+    history: list[dict[str, Any]]
+    image_shape: tuple[int, int, int]
+    epoch_start_shuffle: torch.Tensor | None = None
+    saved_at: float = field(default_factory=time.monotonic)
+
+    def save(self, position: _EpochPosition) -> None:
+        # Mid-epoch, the shuffling generator is saved as it was when the epoch began:
+        # the resumed epoch draws the same order again and skips the rows done.
+        shuffle = self.epoch_start_shuffle if position.rows else self.shuffle.get_state()
+        _save_checkpoint(self.out_dir, self.model, self.optimizers, shuffle, self.history, self.config,
+                         self.image_shape, position)
+        self.saved_at = time.monotonic()
+
+
+def _train_epoch(run: _Run, batches, position: _EpochPosition, stop: _StopRequests, description: str,
+                 progress: bool | None) -> tuple[dict[str, float], float]:
+    """Train one epoch from `position` on; (the mean loss terms over its rows, seconds)."""
     from tqdm import tqdm
 
+    model, config = run.model, run.config
     model.train()
-    order = torch.randperm(len(x), generator=shuffle).to(x.device)
-    sums: dict[str, torch.Tensor] = {}
-    with tqdm(total=len(x), desc=description, unit="sample", unit_scale=True, leave=False, file=sys.stderr,
-              disable=None if progress is None else not progress, dynamic_ncols=True) as bar:
-        for step, start in enumerate(range(0, len(x), batch_size)):
-            batch = x[order[start:start + batch_size]]
-            terms = model.train_step(batch, optimizers)
+    device = next(model.parameters()).device
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    batch_size, accumulate = config["batch_size"], config["grad_accum"]
+    every = config["checkpoint_minutes"] * 60
+    sums = dict(position.sums)
+    done, seconds, start = position.rows, position.seconds, time.perf_counter()
+    source = batches.epoch(run.shuffle, skip=done // batch_size)
+    with tqdm(total=batches.rows, initial=done, desc=description, unit="row", unit_scale=True, leave=False,
+              file=sys.stderr, disable=None if progress is None else not progress, dynamic_ncols=True) as bar:
+        for step, group in enumerate(_groups(source, accumulate)):
+            group = [batch.to(device, non_blocking=True).float() for batch in group]
+            terms = model.train_step(group, run.optimizers)
+            rows = sum(len(batch) for batch in group)
             for name, value in terms.items():
-                sums[name] = sums.get(name, 0.0) + value.detach().float() * len(batch)
-            bar.update(len(batch))
+                sums[name] = sums.get(name, 0.0) + value.detach().float() * rows
+            done += rows
+            bar.update(rows)
             if step % 10 == 0 and not bar.disable:  # reading the sums waits for the GPU: not every step
-                bar.set_postfix({name: f"{float(v) / bar.n:.4g}" for name, v in sums.items()}, refresh=False)
-    return {name: float(value) / len(x) for name, value in sums.items()}
+                bar.set_postfix({**{name: f"{float(v) / done:.4g}" for name, v in sums.items()},
+                                 "peak": f"{_peak_memory_mib(device):.0f}MiB"}, refresh=False)
+            if done < batches.rows and (stop.requested or time.monotonic() - run.saved_at >= every):
+                run.save(_EpochPosition(done, sums, seconds + time.perf_counter() - start))
+                stop.check()
+    return {name: float(value) / batches.rows for name, value in sums.items()}, seconds + time.perf_counter() - start
+
+
+def _groups(batches, size: int):
+    """Lists of `size` consecutive batches (the last may be shorter): one optimizer step each."""
+    group = []
+    for batch in batches:
+        group.append(batch)
+        if len(group) == size:
+            yield group
+            group = []
+    if group:
+        yield group
+
+
+class _StopRequests:
+    """Ctrl-C (SIGINT) or SIGTERM while training ends the run after the step in
+    progress, with a checkpoint of that point, instead of abandoning a half-done
+    optimizer step; a second Ctrl-C stops at once. Only in the main thread (the only
+    one that may set signal handlers)."""
+
+    def __init__(self):
+        self.requested, self._previous = False, {}
+
+    def __enter__(self) -> _StopRequests:
+        if threading.current_thread() is threading.main_thread():
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def check(self) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+
+    def __exit__(self, *exc) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+
+
+def _peak_memory_mib(device: torch.device) -> float:
+    """The GPU's peak allocated memory since the epoch began; on the CPU, the process's
+    peak resident memory."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
 @torch.no_grad()
@@ -152,15 +280,18 @@ def _validate(model: AutoencoderModel, x: torch.Tensor, batch_size: int) -> dict
     return {name: value / len(x) for name, value in sums.items()}
 
 
-def _save_checkpoint(out_dir: Path, model, optimizers, shuffle, history, config, image_shape) -> None:
+def _save_checkpoint(out_dir: Path, model, optimizers, shuffle: torch.Tensor, history, config, image_shape,
+                     position: _EpochPosition) -> None:
     state = {
         "epoch": len(history),
         "image_shape": list(image_shape),
         "model": model.state_dict(),
         "optimizers": {name: optimizer.state_dict() for name, optimizer in optimizers.items()},
-        "rng": {"torch": torch.get_rng_state(), "shuffle": shuffle.get_state(),
+        "rng": {"torch": torch.get_rng_state(), "shuffle": shuffle,
                 "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
         "history": history,
+        "position": {"rows": position.rows, "sums": position.sums, "seconds": position.seconds}
+                    if position.rows else None,
         "config": config,
     }
     # Write-then-rename: a run killed mid-write leaves the previous checkpoint intact.
