@@ -8,6 +8,7 @@ a resumed epoch yields exactly the batches the uninterrupted one would have."""
 
 from __future__ import annotations
 
+import contextlib
 import math
 import queue
 import threading
@@ -51,8 +52,9 @@ class StreamedBatches:
     """
 
     def __init__(self, array: ArrayFile, rows: int, batch_size: int, window_rows: int,
-                 device: torch.device = torch.device("cpu")):
-        self.array, self.rows, self.batch_size, self.device = array, rows, batch_size, device
+                 device: torch.device | None = None):
+        self.array, self.rows, self.batch_size = array, rows, batch_size
+        self.device = device or torch.device("cpu")
         self.chunk_rows = max(1, window_rows // CHUNKS_PER_WINDOW)
         self.window_rows = self.chunk_rows * CHUNKS_PER_WINDOW
         self.largest_window_rows = 0  # the most rows a window has held (the tests check the bound)
@@ -75,10 +77,8 @@ class StreamedBatches:
         finally:  # also when the consumer stops early: the reader must not wait on a full queue
             stop.set()
             while reader.is_alive():
-                try:
+                with contextlib.suppress(queue.Empty):
                     batches.get(timeout=0.05)
-                except queue.Empty:
-                    pass
 
     def _read(self, windows, seed: int, skip_rows: int, batches: queue.Queue, stop: threading.Event) -> None:
         def put(item) -> bool:
@@ -99,7 +99,11 @@ class StreamedBatches:
                 if seen + size <= skip_rows:  # resuming: this window was used up before the interruption
                     seen += size
                     continue
-                window = torch.cat([self.array.read(start, stop_) for start, stop_ in spans])
+                window = torch.empty((size, self.array.dim), dtype=self.array.torch_dtype)
+                filled = 0
+                for start, stop_ in spans:  # straight into the window: no second copy of it
+                    self.array.read(start, stop_, out=window[filled:filled + stop_ - start])
+                    filled += stop_ - start
                 self.largest_window_rows = max(self.largest_window_rows, len(window))
                 order = torch.randperm(size, generator=torch.Generator().manual_seed(seed + 1 + w))
                 order = order[max(0, skip_rows - seen):]
@@ -132,9 +136,11 @@ def open_training_data(source: str, val_fraction: float, seed: int, batch_size: 
                        device: torch.device) -> tuple[Dataset, InMemoryBatches | StreamedBatches]:
     """The run's data: a Dataset (validation rows, and the training rows, or for a
     streamed array a sample of them, for the evaluation) and the source of its training
-    batches. `.npy` files and folders of `.npy` shards are streamed from disk: the last
-    rows (a `val_fraction` of them, at most one window's worth) are the validation set,
-    the rest train. Everything else is loaded (aefast.data.load_dataset)."""
+    batches. `.npy` files and folders of `.npy` shards are streamed from disk, holding
+    about 1.5 x `buffer_mib` of data in memory whatever their size: the last rows (a
+    `val_fraction` of them, at most a quarter of the buffer as float32) are the
+    validation set, the rest train; the first training rows (as many) are the sample.
+    Everything else is loaded (aefast.data.load_dataset)."""
     from pathlib import Path
 
     from aefast.data import load_dataset
@@ -147,11 +153,14 @@ def open_training_data(source: str, val_fraction: float, seed: int, batch_size: 
         raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
     array = ArrayFile(path)
     window_rows = max(CHUNKS_PER_WINDOW, buffer_mib * 2**20 // max(1, array.row_bytes))
-    n_val = min(max(1, round(val_fraction * array.rows)), window_rows)
+    # The validation rows and the training sample (for the data checks and the
+    # evaluation) stay in memory as float32: each at most a quarter of the buffer.
+    held_rows = max(1, buffer_mib * 2**20 // 4 // (4 * array.dim))
+    n_val = min(max(1, round(val_fraction * array.rows)), held_rows)
     n_train = array.rows - n_val
     if n_train < 1:
         raise ValueError(f"{source}: {array.rows} rows are too few to split off a validation set")
-    sample = check_values(array.read(0, min(n_train, window_rows)), source)
+    sample = check_values(array.read(0, min(n_train, held_rows)), source)
     val = check_values(array.read(n_train, array.rows), source)
     data = Dataset(array.name, sample, val, array.image_shape)
     return data, StreamedBatches(array, n_train, batch_size, window_rows, device)

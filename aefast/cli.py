@@ -114,8 +114,10 @@ def bench_module():
 TRAIN_EPILOG = """\
 output folder (--out DIR):
   config.toml        the configuration used (give it back with --config)
-  metrics.jsonl      one JSON line per epoch: train and validation loss terms, seconds, samples/s
-  checkpoint.pt      model, optimizers, random generators, history; rewritten atomically each epoch
+  metrics.jsonl      one JSON line per epoch: train and validation loss terms, seconds, samples/s,
+                     peak memory
+  checkpoint.pt      model, optimizers, random generators, history, the position in the epoch;
+                     rewritten atomically each epoch, every --checkpoint-minutes and on Ctrl-C
   evaluation.json    validation MSE, linear-probe accuracy on the codes and on the raw inputs
                      (labelled data), feature recovery (synthetic data), the angle to PCA's
                      subspace (linear), what the decoder reads besides the code (conv)
@@ -126,6 +128,7 @@ examples:
   aefast train sparse
   aefast train wta --conv --epochs 10
   aefast train topk-sae --data synthetic --k 3
+  aefast train topk-sae --data acts/ --n-latents 16384 --k 32 --batch-size 4096 --epochs 1
   aefast train vae --out runs/vae --epochs 10 && aefast train vae --out runs/vae --epochs 20 --resume
 """
 

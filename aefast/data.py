@@ -140,27 +140,42 @@ class ArrayFile:
         self.bfloat16 = self.numpy_dtype == np.dtype("V2")
         self.image_shape = _image_shape(torch.empty((0, *self.row_shape), dtype=torch.uint8))
 
-    def read(self, start: int, stop: int) -> Tensor:
+    def read(self, start: int, stop: int, out: Tensor | None = None) -> Tensor:
         """Rows [start, stop) as an (n, D) tensor of the file's dtype (bfloat16 for a
-        2-byte void dtype); an array of anything but floats comes back as numpy, for
-        the caller's check to name what it holds."""
+        2-byte void dtype), into `out` if given; an array of anything but floats comes
+        back as numpy, for the caller's check to name what it holds."""
         import numpy as np
 
         if not 0 <= start <= stop <= self.rows:
             raise IndexError(f"rows [{start}, {stop}) outside the {self.rows} rows of {self.name}")
-        out = np.empty((stop - start, self.dim), dtype=np.uint16 if self.bfloat16 else self.numpy_dtype)
+        if out is None:
+            buffer = np.empty((stop - start, self.dim), dtype=np.uint16 if self.bfloat16 else self.numpy_dtype)
+        else:
+            buffer = (out.view(torch.int16) if self.bfloat16 else out).numpy()
+            if buffer.shape != (stop - start, self.dim) or buffer.itemsize != self.numpy_dtype.itemsize:
+                raise ValueError(f"out: expected ({stop - start}, {self.dim}) of {self.numpy_dtype}, got "
+                                 f"{tuple(out.shape)} of {out.dtype}")
         for i, file in enumerate(self.files):
             low, high = max(start, self.starts[i]), min(stop, self.starts[i + 1])
             if low >= high:
                 continue
-            buffer = memoryview(out[low - start:high - start]).cast("B")
+            view = memoryview(buffer[low - start:high - start]).cast("B")
             with open(file, "rb") as f:
                 f.seek(self.offsets[i] + (low - self.starts[i]) * self.row_bytes)
-                if f.readinto(buffer) != len(buffer):
+                if f.readinto(view) != len(view):
                     raise OSError(f"{file}: the file ended while reading rows (truncated while training?)")
+        if out is not None:
+            return out
         if self.bfloat16:
-            return torch.from_numpy(out).view(torch.bfloat16)
-        return torch.from_numpy(out) if out.dtype.kind == "f" else out
+            return torch.from_numpy(buffer).view(torch.bfloat16)
+        return torch.from_numpy(buffer) if buffer.dtype.kind == "f" else buffer
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        """The dtype `read` returns: the file's, bfloat16 for a 2-byte void dtype."""
+        import numpy as np
+
+        return torch.bfloat16 if self.bfloat16 else torch.from_numpy(np.empty(0, self.numpy_dtype)).dtype
 
 
 def _npy_header(file: Path) -> tuple[tuple[int, ...], object, int]:

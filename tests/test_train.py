@@ -283,3 +283,16 @@ def test_load_run_rebuilds_every_model(tmp_path, small_digits, model):
         assert loaded.reconstruct(x).reshape(5, -1).shape == (5, 64)
     with pytest.raises(ValueError, match="holds no checkpoint.pt: not an aefast train output folder"):
         aefast.load_run(tmp_path)
+
+
+def test_the_evaluation_keeps_a_bounded_block_of_codes(monkeypatch):
+    """A large SAE's codes of every validation row would not fit: the probe and the
+    figures get the first rows' codes, as many as CODE_BYTES holds."""
+    from aefast.models import TopKSAE
+    from aefast.train import evaluate
+
+    monkeypatch.setattr(evaluate, "CODE_BYTES", 4 * 256 * 100)  # 100 rows of 256 latents
+    model, x = TopKSAE(64, n_latents=256, k=4).eval(), torch.randn(500, 64)
+    reconstructions, codes = evaluate.infer(model, x, 64)
+    with torch.no_grad():
+        assert torch.equal(reconstructions, model.reconstruct(x)) and torch.equal(codes, model.encode(x[:100]))

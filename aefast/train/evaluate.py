@@ -12,20 +12,27 @@ from torch import Tensor
 from aefast.data import Dataset
 from aefast.models import AutoencoderModel
 
+# The codes kept for the probe and the figures: a (rows, L) float32 matrix of at most
+# this many bytes (a large top-k SAE's codes of every validation row would not fit).
+CODE_BYTES = 256 * 2**20
+
 
 @torch.no_grad()
 def infer(model: AutoencoderModel, x: Tensor, batch_size: int) -> tuple[Tensor, Tensor]:
-    """(reconstructions, codes flattened to rows), float32 on the CPU. In chunks of the
-    training batch size: batch-level codes (lifetime sparsity) then see the batches they
-    were trained on."""
+    """(reconstructions of every row, codes flattened to rows of the first rows: as many
+    as CODE_BYTES holds), float32 on the CPU. In chunks of the training batch size:
+    batch-level codes (lifetime sparsity) then see the batches they were trained on."""
     model.eval()
-    reconstructions, codes = [], []
+    reconstructions, codes, code_rows = [], [], len(x)
     for start in range(0, len(x), batch_size):
         batch = x[start:start + batch_size]
         with model.autocast():
             reconstructions.append(model.reconstruct(batch).float().cpu())
-            codes.append(model.encode(batch).flatten(1).float().cpu())
-    return torch.cat(reconstructions), torch.cat(codes)
+            if start < code_rows:
+                code = model.encode(batch).flatten(1).float().cpu()
+                code_rows = max(len(batch), CODE_BYTES // (4 * code.shape[1]))
+                codes.append(code)
+    return torch.cat(reconstructions), torch.cat(codes)[:code_rows]
 
 
 def linear_probe(train_x: Tensor, train_y: Tensor, test_x: Tensor, test_y: Tensor) -> float:
@@ -51,8 +58,11 @@ def evaluate(model: AutoencoderModel, data: Dataset, batch_size: int,
     result: dict[str, Any] = {"val_mse": float((val_recon - data.val).pow(2).mean())}
     if data.train_labels is not None and len(data.train_labels.unique()) > 1:
         _, train_codes = infer(model, data.train.to(_device(model)), batch_size)
-        result["probe_accuracy"] = linear_probe(train_codes, data.train_labels, val_codes, data.val_labels)
-        result["raw_probe_accuracy"] = linear_probe(data.train, data.train_labels, data.val, data.val_labels)
+        n_train, n_val = len(train_codes), len(val_codes)  # the rows whose codes were kept
+        result["probe_accuracy"] = linear_probe(train_codes, data.train_labels[:n_train],
+                                                val_codes, data.val_labels[:n_val])
+        result["raw_probe_accuracy"] = linear_probe(data.train[:n_train], data.train_labels[:n_train],
+                                                    data.val[:n_val], data.val_labels[:n_val])
     filters = model.filters()
     if data.features is not None and filters is not None:
         result["feature_recovery"] = feature_recovery(data.features, filters)
