@@ -12,7 +12,7 @@
 # With the device tool: bash bench/gpu_suite.sh --out "$OUT/gpu". Results (at most 7 files,
 # one folder): summary.md and suite.log, rewritten after every step, so a run killed at
 # any point keeps what finished; bench.json, bench.md, bench.png and gpu_ranking.json from
-# `aefast bench`. Commit them under bench/results/<gpu>-<date>/ and copy gpu_ranking.json
+# `aefast bench`; sae_peer.md from bench/sae_peer.py. Commit them under bench/results/<gpu>-<date>/ and copy gpu_ranking.json
 # to aefast/ (`auto` then follows it on GPU).
 set -uo pipefail
 
@@ -75,6 +75,10 @@ print(\"the build will use CUDA_HOME =\", CUDA_HOME); p = torch.cuda.get_device_
 echo \"nvcc: \$(command -v nvcc) (\$(nvcc --version | tail -1))\""
 BENCH="$PY -m aefast bench --device cuda --out $OUT"
 RANKING="$PY -m aefast.bench.ranking $OUT/bench.json $OUT/gpu_ranking.json"
+# Issue 14's GPU size: a TopKSAE training step (against sparsify where it is installed;
+# these machines have no network, so usually aefast alone) and topk_encode against
+# F.linear + torch.topk.
+SAE="$PY bench/sae_peer.py --device cuda --dtype bfloat16 --rows 4096 --width 2048 --latents 65536 --k 32 --steps 10 --repeats 1 --out $OUT/sae_peer.md"
 SANITIZE="PYTORCH_NO_CUDA_MEMORY_CACHING=1 ${SANITIZER:-compute-sanitizer} --tool memcheck --error-exitcode 1 $PYTEST tests/test_kl.py tests/test_noise.py tests/test_topk.py tests/test_decode.py -k 'cuda and opcheck'"
 
 # name|seconds|command: each step under its own limit; the limits add up to the budget.
@@ -90,9 +94,10 @@ else
   STEPS=(
     "device|10|$DEVICE"
     "build|150|$BUILD"
-    "tests|150|$PYTEST tests -k cuda"
-    "bench|130|$BENCH --no-compile --rounds 3 && $RANKING"
-    "sanitizer|40|$SANITIZE"
+    "tests|125|$PYTEST tests -k cuda"
+    "bench|125|$BENCH --no-compile --rounds 3 && $RANKING"
+    "sae|40|$SAE"
+    "sanitizer|30|$SANITIZE"
   )
   BUDGET=480
 fi
