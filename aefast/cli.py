@@ -1,4 +1,4 @@
-"""The `aefast` command (also `python -m aefast`): info, train, bench."""
+"""The `aefast` command (also `python -m aefast`): info, train, study, bench."""
 
 from __future__ import annotations
 
@@ -97,12 +97,59 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=TRAIN_EPILOG)
     add_train_arguments(train)
     train.set_defaults(fn=cmd_train)
+    study = sub.add_parser(
+        "study", help="studies that answer a question with aefast's models: pretraining",
+        description=study_module().__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    study.add_argument("question", choices=["pretraining"],
+                       help="pretraining: does autoencoder pretraining help a classifier, at 1%%, 10%% and "
+                            "100%% of the labels, with and without BatchNorm?")
+    study.add_argument("--data", default="digits",
+                       help="digits (default) or a labelled .npz (arrays x, y) / .pt (dict with x, y) file")
+    study.add_argument("--seeds", type=int, default=3, metavar="N", help="seeds per setting (default 3)")
+    study.add_argument("--label-fractions", type=_fractions, default=(0.01, 0.1, 1.0), metavar="F,F",
+                       help="fractions of the training labels the classifier sees (default 0.01,0.1,1)")
+    study.add_argument("--inits", type=lambda text: tuple(p for p in text.split(",") if p),
+                       default=study_module().INITS, metavar="NAME,NAME",
+                       help="starting points, from: " + ", ".join(study_module().INITS) + " (default all)")
+    study.add_argument("--pretrain-epochs", type=int, default=20, metavar="N",
+                       help="epochs of autoencoder pretraining (default 20)")
+    study.add_argument("--finetune-steps", type=int, default=400, metavar="N",
+                       help="Adam steps of classifier training (default 400)")
+    study.add_argument("--out", metavar="DIR", help="output folder (default runs/study-pretraining-YYYYmmdd-HHMMSS)")
+    study.set_defaults(fn=cmd_study)
     bench = sub.add_parser(
         "bench", help="microbenchmarks of every operator against the eager and compiled reference",
         description=bench_module().__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     bench_module().add_arguments(bench)
     bench.set_defaults(fn=lambda args: bench_module().main(args))
     return parser
+
+
+def _fractions(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+
+
+def study_module():
+    from aefast.train import study
+
+    return study
+
+
+def cmd_study(args) -> int:
+    import time
+    from pathlib import Path
+
+    study = study_module()
+    out = Path(args.out) if args.out else Path("runs") / f"study-{args.question}-{time.strftime('%Y%m%d-%H%M%S')}"
+    result = study.run_study(args.data, args.seeds, args.label_fractions, args.inits, args.pretrain_epochs,
+                             args.finetune_steps)
+    paths = study.write(result, out)
+    print(study.markdown(result), end="")
+    print(f"wrote {out}/: " + ", ".join(path.name for path in paths))
+    return 0
 
 
 def bench_module():
