@@ -295,3 +295,86 @@ def test_triton_launchers_report_nan_and_bad_indices_on_the_device():
     torch.testing.assert_close(grad_weight, torch.autograd.functional.vjp(
         lambda w: reference.sparse_decode(masked, kept, w), weight, torch.ones(4, 5))[1])
     assert expected.shape == (4, 5)
+
+
+# ------------------------------------------- topk_index_order: the CPU's batch-wide selections
+
+
+def index_order_reference(x, k, relu):
+    values, indices = reference.topk_sparse(x, k, relu)
+    indices, order = indices.sort(dim=1)
+    return values.gather(1, order), indices
+
+
+def index_order_inputs(shape, kind, dtype, *, transposed):
+    """(R, n) inputs, as a contiguous tensor or as the transpose of one (lifetime_topk's x.t())."""
+    stored = shape[::-1] if transposed else shape
+    if kind == "normal":
+        x = torch.randn(stored, dtype=torch.float64)
+    elif kind == "ties":  # most of the selection decided at the bar, by index
+        x = torch.randint(-3, 4, stored).double()
+    elif kind == "zeros":  # signed zeros tie; infinities at both ends
+        choices = torch.tensor([-0.0, 0.0, 1.0, -1.0, float("-inf"), float("inf")], dtype=torch.float64)
+        x = choices[torch.randint(0, len(choices), stored)]
+    else:  # "sorted": every winner at the end, where a sampled bar's chunks overflow
+        x = torch.arange(stored[0] * stored[1], dtype=torch.float64).view(stored) / 7
+    x = x.to(dtype)
+    return x.t() if transposed else x
+
+
+# Long rows take the sampled bar (n >= 65536, 256 <= k <= n / 8); transposed inputs the
+# lockstep tiles (37 rows: two tiles of 16 and one of 5); anything else topk_forward.
+INDEX_ORDER_CASES = [((1, 1 << 20), 5000, False), ((2, 70001), 300, False), ((1, 1 << 17), 16384, False),
+                     ((37, 1000), 52, True), ((20, 300), 300, True), ((17, 5), 1, True), ((3, 1000), 40, False)]
+
+
+@pytest.mark.parametrize("kind", ["normal", "ties", "zeros", "sorted"])
+@pytest.mark.parametrize(("shape", "k", "transposed"), INDEX_ORDER_CASES, ids=str)
+def test_index_order_matches_reference(shape, k, transposed, kind, poisoned):
+    op = kernels("cpp").topk_index_order
+    for dtype in DTYPES:
+        x = index_order_inputs(shape, kind, dtype, transposed=transposed)
+        for relu in (True, False):
+            values, indices = op(x, k, relu)
+            want_values, want_indices = index_order_reference(x, k, relu)
+            assert torch.equal(indices, want_indices), (dtype, relu)
+            assert torch.equal(values, want_values) and torch.equal(values.signbit(), want_values.signbit())
+
+
+def test_index_order_reports_nan_late_in_a_long_row_and_in_any_tile():
+    op = kernels("cpp").topk_index_order
+    for dtype in DTYPES:
+        long_row = torch.randn(1, 1 << 20).to(dtype)
+        long_row[0, -3] = float("nan")  # past every sample position's stratum start
+        columns = torch.randn(1000, 37).to(dtype)
+        columns[999, 36] = float("nan")  # the last, partial tile
+        for x in (long_row, columns.t()):
+            with pytest.raises(ValueError, match="x contains NaN"):
+                op(x, 300 if x.shape[0] == 1 else 20, False)
+
+
+def test_index_order_gradcheck_and_opcheck():
+    op = kernels("cpp").topk_index_order
+    x = leaf((torch.randperm(4000).double().view(40, 100) + 0.5) / 7 - 200)
+    assert torch.autograd.gradcheck(lambda t: op(t.t(), 5, False)[0], (x,))
+    assert torch.autograd.gradcheck(lambda t: op(t, 9, True)[0], (x,))
+    torch.library.opcheck(op, (torch.randn(6, 20, requires_grad=True), 3, True))
+    torch.library.opcheck(op, (torch.randn(20, 6, requires_grad=True).t(), 4, False))
+    torch.library.opcheck(op, (torch.randn(1, 1 << 16, requires_grad=True), 512, True))
+
+
+@pytest.mark.parametrize("level", ["avx2", "none"])
+def test_every_simd_path_gives_the_same_selection(level):
+    """The hand-written AVX-512 paths run wherever the CPU has them; AEFAST_SIMD forces
+    the AVX2 and the portable ones, whatever this machine is."""
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, AEFAST_SIMD=level, OMP_NUM_THREADS="2")
+    noise = os.path.join(os.path.dirname(__file__), "test_noise.py")
+    tests = ("index_order_matches or index_order_reports or long_row or infinities or batch_lifetime"
+             " or corrupt_matches or reparameterize_matches")
+    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", __file__, noise,
+                          "-k", tests], env=env, capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]

@@ -15,6 +15,7 @@ pass per row, elsewhere PyTorch's in-place scatter into fresh zeros.
 
 from __future__ import annotations
 
+import functools
 import numbers
 
 import torch
@@ -93,6 +94,31 @@ kernel(
     reference=reference.topk_sparse,
     native=CPP,
     triton=_topk_triton,
+    setup=_topk_setup, backward=_topk_backward,
+)
+
+
+def _index_order_reference(x: Tensor, k: int, relu: bool) -> tuple[Tensor, Tensor]:
+    values, indices = reference.topk_sparse(x, k, relu)
+    indices, order = indices.sort(dim=1)
+    return values.gather(1, order), indices
+
+
+def topk_index_order(ops, x: Tensor, k: int, relu: bool) -> tuple[Tensor, Tensor]:
+    """The winners of topk_forward in index order where the backend has a kernel for
+    that (the CPU's selections over a whole batch); elsewhere topk_forward's own order,
+    which a dense output scattered from them does not see."""
+    return ops.get("topk_index_order", ops.topk_forward)(x, k, relu)
+
+
+# Per row the k largest, ties to the lower index, as topk_forward, but ordered by index:
+# what batch_topk and lifetime_topk scatter, without keeping a value order nobody reads.
+# A CPU kernel only (csrc/cpu/topk_index_order.cpp; a transposed x read in place).
+kernel(
+    "topk_index_order(Tensor x, int k, bool relu) -> (Tensor values, Tensor indices)",
+    fake=lambda x, k, relu: (x.new_empty((x.shape[0], k)), x.new_empty((x.shape[0], k), dtype=torch.long)),
+    reference=_index_order_reference,
+    native=CPP, native_devices=("cpu",),
     setup=_topk_setup, backward=_topk_backward,
 )
 
@@ -222,7 +248,7 @@ def batch_topk(ops, x: Tensor, k: int, *, relu: bool = True, group=None) -> Tens
     concatenated batch (ties go to the earlier rank, then the earlier position)."""
     flat = x.reshape(1, -1)
     if group is None:
-        values, indices = ops.topk_forward(flat, k * x.shape[0], relu)
+        values, indices = topk_index_order(ops, flat, k * x.shape[0], relu)
     else:
         total = k * global_count(x.shape[0], x.device, group)
         values, indices = ops.topk_forward(flat, min(total, flat.shape[1]), False)
@@ -244,7 +270,9 @@ def lifetime_topk(ops, x: Tensor, rate: float, *, group=None) -> Tensor:
     rows, exactly as one process would on the concatenated batch."""
     batch = x.shape[0] if group is None else global_count(x.shape[0], x.device, group)
     m = reference.lifetime_count(rate, batch)
-    values, indices = ops.topk_forward(x.t(), min(m, x.shape[0]), False)
+    # global_topk_keep reads the candidates in value order
+    select = ops.topk_forward if group is not None else functools.partial(topk_index_order, ops)
+    values, indices = select(x.t(), min(m, x.shape[0]), False)
     if group is not None:
         values = torch.where(global_topk_keep(values, m, group), values, 0.0)
     return scatter_rows(ops, values, indices, x.shape[0]).t()

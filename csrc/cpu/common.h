@@ -25,6 +25,9 @@
 #include <sys/mman.h>
 #endif
 
+#include <cstdlib>
+#include <cstring>
+
 namespace aefast {
 namespace cpu {
 
@@ -48,6 +51,29 @@ inline at::Tensor empty_output(at::IntArrayRef sizes, const at::TensorOptions& o
 }
 
 inline at::Tensor empty_output_like(const at::Tensor& t) { return empty_output(t.sizes(), t.options()); }
+
+// The hand-written vector paths (intrinsics, next to a portable loop): the widest the
+// CPU has, or narrower where the environment variable AEFAST_SIMD says so ("avx2",
+// "none"), so that tests run every path on any machine. Read once, at the first call.
+// (The AEFAST_SIMD_CLONES copies are the loader's choice, by the CPU alone.)
+enum class Simd { kNone = 0, kAvx2 = 1, kAvx512 = 2 };
+
+inline Simd simd_level() {
+  static const Simd level = [] {
+    Simd cpu = Simd::kNone;
+#if defined(__x86_64__) && defined(__GNUC__)
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("avx2")) cpu = Simd::kAvx2;
+    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw")) cpu = Simd::kAvx512;
+#endif
+    const char* asked = std::getenv("AEFAST_SIMD");
+    Simd cap = Simd::kAvx512;
+    if (asked != nullptr && std::strcmp(asked, "avx2") == 0) cap = Simd::kAvx2;
+    if (asked != nullptr && std::strcmp(asked, "none") == 0) cap = Simd::kNone;
+    return cpu < cap ? cpu : cap;
+  }();
+  return level;
+}
 
 // The dtype of the per-unit statistics a forward returns: acc_t of the data.
 inline at::ScalarType stat_dtype(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }

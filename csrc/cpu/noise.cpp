@@ -90,12 +90,11 @@ __attribute__((target("avx2"))) void philox_block_avx2(uint64_t seed, uint64_t f
   }
 }
 
-const bool kHaveAvx2 = (__builtin_cpu_init(), __builtin_cpu_supports("avx2"));  // init: a static initializer may run first
 #endif
 
 void philox_block(uint64_t seed, uint64_t first_counter, BlockWords& out) {
 #if defined(__x86_64__) && defined(__GNUC__)
-  if (kHaveAvx2) return philox_block_avx2(seed, first_counter, out);
+  if (simd_level() >= Simd::kAvx2) return philox_block_avx2(seed, first_counter, out);
 #endif
   philox_block_portable(seed, first_counter, out);
 }

@@ -21,6 +21,7 @@
 #include <vector>
 
 #include "common.h"
+#include "topk_candidates.h"
 
 #if defined(__x86_64__)
 #include <immintrin.h>
@@ -29,18 +30,6 @@
 namespace aefast {
 namespace cpu {
 namespace {
-
-template <typename A>
-struct Candidate {
-  A value;
-  int64_t index;
-};
-
-// a is better than b: larger value, then lower index.
-template <typename A>
-inline bool better(const Candidate<A>& a, const Candidate<A>& b) {
-  return a.value > b.value || (a.value == b.value && a.index < b.index);
-}
 
 constexpr int64_t kBlock = 16;
 
@@ -171,7 +160,6 @@ inline TileMaxima<A> block_maxima(const T* x, int64_t n, A* maxima) {
 
 #if defined(__x86_64__) && defined(__GNUC__)
 #define AEFAST_BLOCK_MAXIMA_AVX2 1
-const bool kHaveAvx2 = (__builtin_cpu_init(), __builtin_cpu_supports("avx2"));  // init: a static initializer may run first
 // float32 with AVX2: 8 blocks at a time, their 8 x 16 values reduced to 8 maxima by
 // max-of-shuffles (what a horizontal max of each would cost 8 times over).
 __attribute__((target("avx2"))) TileMaxima<float> block_maxima_avx2(const float* x, int64_t n, float* maxima) {
@@ -287,7 +275,7 @@ inline __attribute__((always_inline)) bool block_scan(const T* x, int64_t n, int
     TileMaxima<A> range;
 #ifdef AEFAST_BLOCK_MAXIMA_AVX2
     if constexpr (std::is_same_v<T, float>) {
-      range = kHaveAvx2 ? block_maxima_avx2(tile, len, maxima) : block_maxima<T, A>(tile, len, maxima);
+      range = simd_level() >= Simd::kAvx2 ? block_maxima_avx2(tile, len, maxima) : block_maxima<T, A>(tile, len, maxima);
     } else {
       range = block_maxima<T, A>(tile, len, maxima);
     }
@@ -337,6 +325,8 @@ bool scan(const T* x, int64_t n, int64_t first, int64_t k, Candidate<A>* heap, S
     return blocks > 0 ? block_scan<T, A>(x, n, first, k, blocks, heap, scratch) : topk_scan<T, A>(x, n, first, k, heap);
   }
 }
+
+}  // namespace
 
 std::tuple<at::Tensor, at::Tensor> topk_forward(const at::Tensor& x_in, int64_t k, bool relu) {
   TORCH_CHECK_VALUE(x_in.dim() == 2, "aefast: x must be 2-D, got ", x_in.dim(), "-D");
@@ -397,6 +387,8 @@ std::tuple<at::Tensor, at::Tensor> topk_forward(const at::Tensor& x_in, int64_t 
   });
   return {values, indices};
 }
+
+namespace {
 
 // One write of each output row (zeros, then its k values), in huge pages (common.h):
 // torch's zeros + scatter_ writes the row twice and faults it in 4 KB at a time.
