@@ -165,3 +165,21 @@ def test_bench_figure_has_a_labelled_panel_per_mode(tmp_path, monkeypatch):
     assert legend == ["aefast[cpp]", "torch"]
     assert "cpu-x" in fig._suptitle.get_text()
     assert (tmp_path / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bench_verdict_names_each_ops_floor_and_the_ops_below_half_of_it():
+    from aefast.bench.run import verdicts
+
+    def row(op, contender, share, **more):
+        return {"op": op, "contender": contender, "size": "medium", "dtype": "float32", "mode": "forward",
+                "copy_share": share, **more}
+
+    rows = [row("slow", "aefast[cpp]", 0.9), row("slow", "aefast[cpp]", 0.3) | {"size": "large"},
+            row("slow", "eager", 0.01), row("fast", "aefast[cpp]", 0.7),
+            row("matmul", "aefast[cpp]", 0.05, matmul_share=0.92)]
+    lines = verdicts(rows)
+    assert lines[1] == "- slow: floor copy bandwidth; worst 30% (aefast[cpp], large float32 forward): BELOW 50%"
+    assert lines[2].startswith("- fast: floor copy bandwidth; worst 70%") and lines[2].endswith(": ok")
+    assert lines[3].startswith("- matmul: floor matmul rate; worst 92%")
+    assert lines[-1] == "Below 50% of their floor: slow."
+    assert verdicts([row("fast", "aefast[cpp]", 0.7)])[-1] == "Every op measured is at 50% of its floor or more."

@@ -59,6 +59,10 @@ class Case:
     def bytes_moved(self, inputs: dict, backward: bool) -> int:
         return int(self.bench.bytes_moved(inputs, backward))
 
+    def flops(self, inputs: dict, backward: bool) -> int | None:
+        """The operations of the matmul the op contains, or None for a memory-bound op."""
+        return None if self.bench.flops is None else int(self.bench.flops(inputs, backward))
+
     def inputs(self, size: str, dtype: torch.dtype, device: torch.device) -> dict:
         rows, cols = SIZES[device.type][size]
         torch.manual_seed(0)

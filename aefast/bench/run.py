@@ -110,6 +110,7 @@ def measure(args, progress=None) -> tuple[list[dict], dict]:
                         continue
                     ms = {n: harness.median_ms(t) for n, t in harness.alternate(contenders, device, args.rounds).items()}
                     gbytes = case.bytes_moved(inputs, backward) / 1e9
+                    flops = case.flops(inputs, backward)
                     for name, value in ms.items():
                         gbps = gbytes / (value * 1e-3)
                         rows.append({
@@ -118,6 +119,8 @@ def measure(args, progress=None) -> tuple[list[dict], dict]:
                             "vs_eager": round(ms["eager"] / value, 3),
                             "vs_compiled": round(ms["compiled"] / value, 3) if "compiled" in ms else None,
                         })
+                        if flops is not None:  # the share of the matmul rate instead
+                            rows[-1]["matmul_share"] = round(flops / (value * 1e-3) / (env["matmul_fp32_TFLOPs"] * 1e12), 3)
                     print(f"  {op} {size} {dtype_name} {mode}: " + ", ".join(f"{n} {v:.2f} ms" for n, v in ms.items()),
                           flush=True)
         if progress is not None:
@@ -133,7 +136,7 @@ def markdown(rows: list[dict], env: dict) -> str:
         "plain-PyTorch reference (aefast/reference.py); compiled, the same under torch.compile; torch: ..., "
         "the call a user would write with PyTorch alone.",
         "",
-        "| op | size | case | dtype | mode | contender | median ms | GB/s | share of copy | vs eager | vs compiled |",
+        "| op | size | case | dtype | mode | contender | median ms | GB/s | share of floor (copy; matmul where named) | vs eager | vs compiled |",
         "|---|---|---|---|---|---|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
@@ -142,8 +145,34 @@ def markdown(rows: list[dict], env: dict) -> str:
             lines.append(f"{head} error: {r['error']} | | | | |")
             continue
         compiled = "" if r["vs_compiled"] is None else f"{r['vs_compiled']:.2f}x"
-        lines.append(f"{head} {r['median_ms']:.2f} | {r['GBps']:.1f} | {r['copy_share']:.0%} | {r['vs_eager']:.2f}x | {compiled} |")
-    return "\n".join(lines)
+        share = f"{r['copy_share']:.0%}" if "matmul_share" not in r else f"{r['matmul_share']:.0%} of matmul"
+        lines.append(f"{head} {r['median_ms']:.2f} | {r['GBps']:.1f} | {share} | {r['vs_eager']:.2f}x | {compiled} |")
+    return "\n".join(lines + ["", *verdicts(rows)])
+
+
+FLOOR_SHARE = 0.5  # an op below half its floor is called out
+
+
+def verdicts(rows: list[dict], over: str = "this run's rows") -> list[str]:
+    """One line per op: its floor (the copy bandwidth, or the matmul rate for the ops
+    built around a matmul), aefast's worst share of it over the sizes, dtypes and modes
+    measured, and whether that is below half."""
+    lines, below = [], []
+    for op in dict.fromkeys(r["op"] for r in rows):
+        mine = [r for r in rows if r["op"] == op and r["contender"].startswith("aefast[") and "error" not in r]
+        if not mine:
+            continue
+        matmul = "matmul_share" in mine[0]
+        worst = min(mine, key=lambda r: r["matmul_share" if matmul else "copy_share"])
+        share = worst["matmul_share" if matmul else "copy_share"]
+        floor = "matmul rate" if matmul else "copy bandwidth"
+        verdict = "BELOW 50%" if share < FLOOR_SHARE else "ok"
+        lines.append(f"- {op}: floor {floor}; worst {share:.0%} ({worst['contender']}, {worst['size']} {worst['dtype']} "
+                     f"{worst['mode']}): {verdict}")
+        if share < FLOOR_SHARE:
+            below.append(op)
+    summary = f"Below 50% of their floor: {', '.join(below)}." if below else "Every op measured is at 50% of its floor or more."
+    return [f"Verdict per op (aefast's worst share of its floor over {over}):", *lines, summary] if lines else []
 
 
 def plot(rows: list[dict], path, env: dict | None = None) -> None:

@@ -165,6 +165,14 @@ def dense_like(t: torch.Tensor) -> torch.Tensor:
     return torch.empty_like(t, memory_format=torch.contiguous_format)
 
 
+def linear_flops(inputs: dict, backward: bool) -> int:
+    """The matmul of F.linear(inputs["x"], inputs["weight"]): 2 B D H operations forward,
+    twice that again backward (grad input and grad weight)."""
+    x, weight = inputs["x"], inputs["weight"]
+    forward = 2 * x.shape[0] * x.shape[1] * weight.shape[0]
+    return forward * (3 if backward else 1)
+
+
 def nbytes(*tensors: torch.Tensor) -> int:
     """The bytes of the tensors' elements: the unit of a benchmark case's memory floor."""
     return sum(t.numel() * t.element_size() for t in tensors)
@@ -186,6 +194,10 @@ class Bench:
     # The call a user would write with PyTorch alone, (label, (**inputs) -> outputs), where
     # it differs from the reference (torch.topk, F.embedding_bag, torch.rand_like ...).
     library: tuple[str, Callable] | None = None
+    # For an op built around a matmul, (inputs, backward) -> the floating-point operations
+    # of that matmul as F.linear does it (forward, and backward for grad input and weight):
+    # its floor is then the measured matmul rate, not the copy bandwidth.
+    flops: Callable | None = None
 
 
 @dataclass

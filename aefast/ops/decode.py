@@ -12,7 +12,16 @@ import torch
 from torch import Tensor
 
 from aefast import reference
-from aefast.ops._declare import CPP, Bench, dense_like, kernel, kernels, nbytes, operator
+from aefast.ops._declare import (
+    CPP,
+    Bench,
+    dense_like,
+    kernel,
+    kernels,
+    linear_flops,
+    nbytes,
+    operator,
+)
 from aefast.ops.checks import autocast_inputs, check_linear_params
 from aefast.ops.topk import K, check_dense, check_k
 
@@ -305,7 +314,7 @@ def sparse_decode(ops, values: Tensor, indices: Tensor, weight: Tensor, bias: Te
     checks=(check_dense(), _encode_inputs),
     bench=Bench(make=_encoder_inputs, call=lambda op, x, weight, bias: op(x, weight, bias, K),
                 reference=lambda x, weight, bias: reference.topk_encode(x, weight, bias, K),
-                bytes_moved=_encode_bytes, differentiable=("x", "weight", "bias"), params=f"k={K}",
+                bytes_moved=_encode_bytes, differentiable=("x", "weight", "bias"), params=f"k={K}", flops=linear_flops,
                 library=("torch.topk(relu(F.linear))", lambda x, weight, bias: torch.topk(
                     torch.nn.functional.linear(x, weight, bias).relu(), K))),
 )
@@ -335,7 +344,8 @@ def _encoder_inputs_with_dead(rows, cols, dtype, device):
     bench=Bench(make=_encoder_inputs_with_dead,
                 call=lambda op, x, weight, bias, dead: op(x, weight, bias, K, dead, 4 * K),
                 reference=lambda x, weight, bias, dead: reference.topk_encode_aux(x, weight, bias, K, dead, 4 * K),
-                bytes_moved=_encode_bytes, differentiable=("x", "weight", "bias"), params=f"k={K}, k_aux={4 * K}"),
+                bytes_moved=_encode_bytes, differentiable=("x", "weight", "bias"), params=f"k={K}, k_aux={4 * K}",
+                flops=linear_flops),
 )
 def topk_encode_aux(ops, x: Tensor, weight: Tensor, bias: Tensor | None, k: int, dead: Tensor,
                     k_aux: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
