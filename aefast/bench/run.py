@@ -167,7 +167,7 @@ def verdicts(rows: list[dict], over: str = "this run's rows") -> list[str]:
         share = worst["matmul_share" if matmul else "copy_share"]
         floor = "matmul rate" if matmul else "copy bandwidth"
         verdict = "BELOW 50%" if share < FLOOR_SHARE else "ok"
-        lines.append(f"- {op}: floor {floor}; worst {share:.0%} ({worst['contender']}, {worst['size']} {worst['dtype']} "
+        lines.append(f"- {op}: floor {floor}; worst {share:.0%} ({worst['contender']}, {worst['size']} {worst.get('dtype', 'float32')} "
                      f"{worst['mode']}): {verdict}")
         if share < FLOOR_SHARE:
             below.append(op)
