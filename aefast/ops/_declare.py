@@ -209,6 +209,9 @@ class Operator:
     gpu_preference: tuple[str, ...] | None
     bench: Bench | None
     backends: tuple[str, ...] = ()  # with every kernel the op uses; `reference` always
+    # Kernels the body takes instead of one of `uses` on the backends that have them
+    # (ops.get(name, fallback)); they do not decide which backends can run the op.
+    prefers: tuple[str, ...] = ()
 
     @property
     def kernel_backends(self) -> tuple[str, ...]:
@@ -220,20 +223,21 @@ OPERATORS: dict[str, Operator] = {}
 
 def operator(*, uses: Sequence[str], checks: Sequence[Callable[[dict], None]] = (),
              device: str | None = None, gpu_preference: Sequence[str] | None = None,
-             bench: Bench | None = None):
+             bench: Bench | None = None, prefers: Sequence[str] = ()):
     """Declare the public op whose body follows (see the module doc). `device` names
-    the argument whose device picks the backend (default: the first)."""
+    the argument whose device picks the backend (default: the first); `prefers`, the
+    kernels it takes where a backend has them, else one of `uses`."""
 
     def declare(body: Callable) -> Callable:
         params = list(inspect.signature(body).parameters.values())[1:]  # after `ops`
         bind = _binder(body.__name__, params)
         where = device or params[0].name
-        unknown = [u for u in uses if u not in KERNELS]
+        unknown = [u for u in (*uses, *prefers) if u not in KERNELS]
         if unknown:
             raise ValueError(f"{body.__name__} uses undeclared kernels {unknown}")
         op = Operator(body.__name__, body.__module__.rsplit(".", 1)[-1], body, tuple(uses),
                       tuple(gpu_preference) if gpu_preference else None, bench,
-                      tuple(b for b in BACKENDS if all(b in KERNELS[u].ops for u in uses)))
+                      tuple(b for b in BACKENDS if all(b in KERNELS[u].ops for u in uses)), tuple(prefers))
 
         @functools.wraps(body)
         def public(*args, **kwargs):

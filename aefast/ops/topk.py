@@ -236,7 +236,7 @@ def topk_mask(ops, x: Tensor, k: int, *, relu: bool = True) -> Tensor:
     return scatter_rows(ops, values, indices, x.shape[1])
 
 
-@operator(uses=("topk_forward",), checks=(check_dense(), _k_per_row_on_average),
+@operator(uses=("topk_forward",), prefers=("topk_index_order",), checks=(check_dense(), _k_per_row_on_average),
           bench=_bench(lambda op, x: op(x, K), lambda x: reference.batch_topk(x, K),
                        ("torch.topk(x.flatten()) + scatter", lambda x: _torch_batch_topk(x, K)), f"k={K} per row"))
 def batch_topk(ops, x: Tensor, k: int, *, relu: bool = True, group=None) -> Tensor:
@@ -258,7 +258,7 @@ def batch_topk(ops, x: Tensor, k: int, *, relu: bool = True, group=None) -> Tens
     return scatter_rows(ops, values, indices, flat.shape[1]).view(x.shape)
 
 
-@operator(uses=("topk_forward",), checks=(check_dense(), _rate("rate")),
+@operator(uses=("topk_forward",), prefers=("topk_index_order",), checks=(check_dense(), _rate("rate")),
           bench=_bench(lambda op, x: op(x, 0.05), lambda x: reference.lifetime_topk(x, 0.05),
                        ("torch.topk(dim=0) + scatter", lambda x: _torch_lifetime_topk(x, 0.05)), "rate=0.05"))
 def lifetime_topk(ops, x: Tensor, rate: float, *, group=None) -> Tensor:

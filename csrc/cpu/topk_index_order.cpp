@@ -82,9 +82,11 @@ void keep_best_in_index_order(std::vector<Candidate<A>>& found, int64_t k, std::
   int64_t above = 0;
   for (const auto& c : found) above += c.value > kth;
   int64_t ties = k - above;
-  found.erase(std::remove_if(found.begin(), found.end(),
-                             [&](const Candidate<A>& c) { return !(c.value > kth || (c.value == kth && ties-- > 0)); }),
-              found.end());
+  size_t kept = 0;
+  for (const auto& c : found) {  // in index order: the first ties at kth win
+    if (c.value > kth || (c.value == kth && ties-- > 0)) found[kept++] = c;
+  }
+  found.resize(kept);
 }
 
 template <typename T, typename A>
@@ -397,6 +399,16 @@ AEFAST_INLINE bool take_masked(const float* x, int64_t j, uint32_t m, int64_t fi
   return true;
 }
 
+// After a vector loop stopped at j: the last n % 16 elements (unless it met a NaN or
+// overflowed), then the overflow flag.
+inline void filter_rest(const float* x, int64_t n, int64_t j, int64_t first, float bar, size_t cap, ChunkFound<float>& out) {
+  ChunkFound<float> rest;
+  if (j < n && !out.nan && out.greater.size() <= cap) filter_above<float, float>(x + j, n - j, first + j, bar, cap, rest);
+  out.greater.insert(out.greater.end(), rest.greater.begin(), rest.greater.end());
+  out.nan |= rest.nan;
+  out.overflow = !out.nan && out.greater.size() > cap;
+}
+
 __attribute__((target("avx512f,avx512bw"))) void filter_above_avx512(const float* x, int64_t n, int64_t first, float bar,
                                                                      size_t cap, ChunkFound<float>& out) {
   const __m512 b = _mm512_set1_ps(bar);
@@ -407,11 +419,7 @@ __attribute__((target("avx512f,avx512bw"))) void filter_above_avx512(const float
     out.nan = !take_masked(x, j, m, first, out);
     if (out.nan || out.greater.size() > cap) break;
   }
-  ChunkFound<float> rest;
-  if (j < n && !out.nan && out.greater.size() <= cap) filter_above<float, float>(x + j, n - j, first + j, bar, cap, rest);
-  out.greater.insert(out.greater.end(), rest.greater.begin(), rest.greater.end());
-  out.nan |= rest.nan;
-  out.overflow = !out.nan && out.greater.size() > cap;
+  filter_rest(x, n, j, first, bar, cap, out);
 }
 
 __attribute__((target("avx2"))) void filter_above_avx2(const float* x, int64_t n, int64_t first, float bar, size_t cap,
@@ -425,11 +433,7 @@ __attribute__((target("avx2"))) void filter_above_avx2(const float* x, int64_t n
     out.nan = !take_masked(x, j, m, first, out);
     if (out.nan || out.greater.size() > cap) break;
   }
-  ChunkFound<float> rest;
-  if (j < n && !out.nan && out.greater.size() <= cap) filter_above<float, float>(x + j, n - j, first + j, bar, cap, rest);
-  out.greater.insert(out.greater.end(), rest.greater.begin(), rest.greater.end());
-  out.nan |= rest.nan;
-  out.overflow = !out.nan && out.greater.size() > cap;
+  filter_rest(x, n, j, first, bar, cap, out);
 }
 #endif
 
