@@ -9,6 +9,10 @@ select that splits long rows over many blocks), triton_kernels/topk.py. The spar
 decoder and the fused top-k encoder that use it are the decode family
 (aefast/ops/decode.py).
 
+batch_topk and lifetime_topk take `topk_index_order` where the backend has it (CPU:
+csrc/cpu/topk_index_order.cpp): the same winners in index order, found without the
+value order their dense outputs never show.
+
 Dense outputs and the selection's gradient come from `scatter_rows`: on CPU one C++
 pass per row, elsewhere PyTorch's in-place scatter into fresh zeros.
 """
