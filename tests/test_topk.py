@@ -353,6 +353,16 @@ def test_index_order_reports_nan_late_in_a_long_row_and_in_any_tile():
                 op(x, 300 if x.shape[0] == 1 else 20, False)
 
 
+def test_index_order_bad_arguments_name_what_is_wrong():
+    op = kernels("cpp").topk_index_order
+    with pytest.raises(ValueError, match="x must be 2-D, got 1-D"):
+        op(torch.randn(10), 2, False)
+    for x in (torch.randn(3, 1000), torch.randn(1000, 3).t(), torch.randn(1, 1 << 16)):
+        for k in (0, x.shape[1] + 1):
+            with pytest.raises(ValueError, match=rf"k must be in \[1, {x.shape[1]}\], got {k}"):
+                op(x, k, False)
+
+
 def test_index_order_gradcheck_and_opcheck():
     op = kernels("cpp").topk_index_order
     x = leaf((torch.randperm(4000).double().view(40, 100) + 0.5) / 7 - 200)

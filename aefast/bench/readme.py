@@ -13,7 +13,7 @@ import json
 import pathlib
 import re
 
-from aefast.bench.run import verdicts
+from aefast.bench.run import floor_share, verdicts
 
 SIZE = {"cpu": "medium", "cuda": "large"}
 
@@ -59,9 +59,8 @@ def table(record: dict, kind: str) -> str:
         torch_row = library.get((r["op"], r["mode"], r.get("dtype", "float32")))
         versus = (f"{torch_row['median_ms'] / r['median_ms']:.2f}x (`{torch_row['contender'][len('torch: '):]}`)"
                   if torch_row else "")
-        share = f"{r['copy_share']:.0%}" if "matmul_share" not in r else f"{r['matmul_share']:.0%} of matmul"
         lines.append(f"| {r['op']} | {r.get('case', '')} | {r['mode']} | {r['contender'][len('aefast['):-1]} | "
-                     f"{r['median_ms']:.2f} | {share} | {r['vs_eager']:.2f}x | {compiled} | {versus} |")
+                     f"{r['median_ms']:.2f} | {floor_share(r)} | {r['vs_eager']:.2f}x | {compiled} | {versus} |")
     return "\n".join(lines + ["", *verdicts(rows, over="the rows above")])
 
 

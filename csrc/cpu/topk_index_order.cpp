@@ -380,7 +380,7 @@ AEFAST_INLINE void filter_above(const T* x, int64_t n, int64_t first, A bar, siz
     }
     if (out.greater.size() > cap || out.nan) break;
   }
-  for (; j < n && !out.nan; ++j) {
+  for (; j < n && !out.nan && out.greater.size() <= cap; ++j) {  // not on past an overflow
     const A v = static_cast<A>(x[j]);
     if (v > bar) out.greater.push_back({v, first + j});
     out.nan |= v != v;
