@@ -1,5 +1,6 @@
 """The top-k family (topk_sparse, topk_mask, batch_topk, lifetime_topk, spatial_wta,
-scatter_rows) against aefast/reference.py, on every backend with kernels."""
+scatter_rows, and the CPU's topk_index_order, column_topk and keep_rows) against
+aefast/reference.py, on every backend with kernels."""
 
 import pytest
 import torch
@@ -322,10 +323,10 @@ def index_order_inputs(shape, kind, dtype, *, transposed):
     return x.t() if transposed else x
 
 
-# Long rows take the sampled bar (n >= 65536, 256 <= k <= n / 8); transposed inputs the
-# lockstep tiles (37 rows: two tiles of 16 and one of 5); anything else topk_forward.
+# Long rows take the sampled bar (n >= 65536, 256 <= k <= n / 8); anything else
+# (a transposed input too) topk_forward.
 INDEX_ORDER_CASES = [((1, 1 << 20), 5000, False), ((2, 70001), 300, False), ((1, 1 << 17), 16384, False),
-                     ((37, 1000), 52, True), ((20, 300), 300, True), ((17, 5), 1, True), ((3, 1000), 40, False)]
+                     ((37, 1000), 52, True), ((3, 1000), 40, False)]
 
 
 @pytest.mark.parametrize("kind", ["normal", "ties", "zeros", "sorted"])
@@ -341,16 +342,13 @@ def test_index_order_matches_reference(shape, k, transposed, kind, poisoned):
             assert torch.equal(values, want_values) and torch.equal(values.signbit(), want_values.signbit())
 
 
-def test_index_order_reports_nan_late_in_a_long_row_and_in_any_tile():
+def test_index_order_reports_nan_late_in_a_long_row():
     op = kernels("cpp").topk_index_order
     for dtype in DTYPES:
         long_row = torch.randn(1, 1 << 20).to(dtype)
         long_row[0, -3] = float("nan")  # past every sample position's stratum start
-        columns = torch.randn(1000, 37).to(dtype)
-        columns[999, 36] = float("nan")  # the last, partial tile
-        for x in (long_row, columns.t()):
-            with pytest.raises(ValueError, match="x contains NaN"):
-                op(x, 300 if x.shape[0] == 1 else 20, False)
+        with pytest.raises(ValueError, match="x contains NaN"):
+            op(long_row, 300, False)
 
 
 def test_index_order_bad_arguments_name_what_is_wrong():
@@ -373,6 +371,77 @@ def test_index_order_gradcheck_and_opcheck():
     torch.library.opcheck(op, (torch.randn(1, 1 << 16, requires_grad=True), 512, True))
 
 
+# ------------------------------------------- column_topk, keep_rows: lifetime_topk on CPU
+
+# (B, H, k): partial panels of 16-column tiles (37: 16 + 16 + 5), full panels of 64
+# and a partial one (130), one row per winner (k = B), one winner per column.
+COLUMN_CASES = [(1000, 37, 52), (700, 130, 40), (300, 20, 300), (5, 17, 1)]
+
+
+def column_inputs(batch, units, kind, dtype):
+    """(B, H) contiguous, of index_order_inputs' kinds (sorted: each column increasing)."""
+    return index_order_inputs((units, batch), kind, dtype, transposed=True).t()
+
+
+@pytest.mark.parametrize("kind", ["normal", "ties", "zeros", "sorted"])
+@pytest.mark.parametrize(("batch", "units", "k"), COLUMN_CASES, ids=str)
+def test_column_topk_matches_reference(batch, units, k, kind, poisoned):
+    op = kernels("cpp").column_topk
+    for dtype in DTYPES:
+        x = column_inputs(batch, units, kind, dtype)
+        out, rows = op(x, k)
+        want_out, want_rows = KERNELS["column_topk"].reference(x, k)
+        assert out.is_contiguous() and torch.equal(rows, want_rows), dtype
+        assert torch.equal(out, want_out) and torch.equal(out.signbit(), want_out.signbit()), dtype
+    strided = torch.randn(units, 2 * batch)[:, ::2].t()  # any layout in, row-major out
+    assert torch.equal(op(strided, k)[0], KERNELS["column_topk"].reference(strided.contiguous(), k)[0])
+
+
+@pytest.mark.parametrize(("batch", "units", "k"), COLUMN_CASES, ids=str)
+def test_keep_rows_matches_reference(batch, units, k, poisoned):
+    for dtype in DTYPES:
+        _, rows = kernels("cpp").column_topk(torch.randn(batch, units).to(dtype), k)
+        grad = torch.randn(batch, units).to(dtype)
+        got = kernels("cpp").keep_rows(grad, rows)
+        assert got.is_contiguous() and torch.equal(got, KERNELS["keep_rows"].reference(grad, rows)), dtype
+
+
+def test_column_topk_reports_nan_in_any_tile():
+    for dtype in DTYPES:
+        for units in (37, 130):  # the last, partial tile; a full panel
+            x = torch.randn(1000, units).to(dtype)
+            x[999, units - 1 if units == 37 else 70] = float("nan")
+            with pytest.raises(ValueError, match="x contains NaN"):
+                kernels("cpp").column_topk(x, 20)
+
+
+def test_column_topk_and_keep_rows_bad_arguments_name_what_is_wrong():
+    column_topk, keep_rows = kernels("cpp").column_topk, kernels("cpp").keep_rows
+    with pytest.raises(ValueError, match="x must be 2-D, got 1-D"):
+        column_topk(torch.randn(10), 2)
+    for k in (0, 11):
+        with pytest.raises(ValueError, match=rf"k must be in \[1, 10\], got {k}"):
+            column_topk(torch.randn(10, 3), k)
+    grad = torch.randn(10, 3)
+    with pytest.raises(ValueError, match="rows must be \\(H, k\\)"):
+        keep_rows(grad, torch.zeros(4, 2, dtype=torch.long))
+    with pytest.raises(ValueError, match="rows must be int64"):
+        keep_rows(grad, torch.zeros(3, 2, dtype=torch.int32))
+    for bad in (-1, 10):
+        with pytest.raises(IndexError, match=r"rows must be in \[0, 10\)"):
+            keep_rows(grad, torch.full((3, 2), bad, dtype=torch.long))
+
+
+def test_column_topk_gradcheck_and_opcheck():
+    column_topk, keep_rows = kernels("cpp").column_topk, kernels("cpp").keep_rows
+    x = leaf((torch.randperm(4000).double().view(100, 40) + 0.5) / 7 - 200)
+    assert torch.autograd.gradcheck(lambda t: column_topk(t, 9)[0], (x,))
+    _, rows = column_topk(x.detach(), 9)
+    assert torch.autograd.gradgradcheck(lambda g: keep_rows(g, rows), (leaf(torch.randn(100, 40).double()),))
+    torch.library.opcheck(column_topk, (torch.randn(50, 70, requires_grad=True), 6))
+    torch.library.opcheck(keep_rows, (torch.randn(50, 70, requires_grad=True), column_topk(torch.randn(50, 70), 6)[1]))
+
+
 @pytest.mark.parametrize("level", ["avx2", "none"])
 def test_every_simd_path_gives_the_same_selection(level):
     """The hand-written AVX-512 paths run wherever the CPU has them; AEFAST_SIMD forces
@@ -383,8 +452,9 @@ def test_every_simd_path_gives_the_same_selection(level):
 
     env = dict(os.environ, AEFAST_SIMD=level, OMP_NUM_THREADS="2")
     noise = os.path.join(os.path.dirname(__file__), "test_noise.py")
-    tests = ("index_order_matches or index_order_reports or long_row or infinities or batch_lifetime"
-             " or corrupt_matches or reparameterize_matches")
+    tests = ("index_order_matches or index_order_reports or column_topk_matches or column_topk_reports"
+             " or keep_rows_matches or long_row or infinities or batch_lifetime or corrupt_matches"
+             " or reparameterize_matches")
     run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", __file__, noise,
                           "-k", tests], env=env, capture_output=True, text=True, timeout=900)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]

@@ -9,9 +9,11 @@ select that splits long rows over many blocks), triton_kernels/topk.py. The spar
 decoder and the fused top-k encoder that use it are the decode family
 (aefast/ops/decode.py).
 
-batch_topk and lifetime_topk take `topk_index_order` where the backend has it (CPU:
-csrc/cpu/topk_index_order.cpp): the same winners in index order, found without the
-value order their dense outputs never show.
+Where the backend has them (CPU), batch_topk takes `topk_index_order`
+(csrc/cpu/topk_index_order.cpp: the same winners in index order, found without the
+value order its dense output never shows) and lifetime_topk `column_topk`
+(csrc/cpu/topk_columns.cpp: per column, in x's row-major layout, with `keep_rows` for
+its gradient).
 
 Dense outputs and the selection's gradient come from `scatter_rows`: on CPU one C++
 pass per row, elsewhere PyTorch's in-place scatter into fresh zeros.
@@ -19,7 +21,6 @@ pass per row, elsewhere PyTorch's in-place scatter into fresh zeros.
 
 from __future__ import annotations
 
-import functools
 import numbers
 
 import torch
@@ -116,14 +117,67 @@ def topk_index_order(ops, x: Tensor, k: int, relu: bool) -> tuple[Tensor, Tensor
 
 
 # Per row the k largest, ties to the lower index, as topk_forward, but ordered by index:
-# what batch_topk and lifetime_topk scatter, without keeping a value order nobody reads.
-# A CPU kernel only (csrc/cpu/topk_index_order.cpp; a transposed x read in place).
+# what batch_topk scatters, without keeping a value order nobody reads. A CPU kernel
+# only (csrc/cpu/topk_index_order.cpp).
 kernel(
     "topk_index_order(Tensor x, int k, bool relu) -> (Tensor values, Tensor indices)",
     fake=lambda x, k, relu: (x.new_empty((x.shape[0], k)), x.new_empty((x.shape[0], k), dtype=torch.long)),
     reference=_index_order_reference,
     native=CPP, native_devices=("cpu",),
     setup=_topk_setup, backward=_topk_backward,
+)
+
+
+def _column_topk_reference(x: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    values, rows = _index_order_reference(x.t(), k, False)
+    out = x.new_zeros(x.shape)
+    out.t().scatter_(1, rows, values)
+    return out, rows
+
+
+def _keep_rows_reference(grad: Tensor, rows: Tensor) -> Tensor:
+    out = grad.new_zeros(grad.shape)
+    out.t().scatter_(1, rows, grad.t().gather(1, rows))
+    return out
+
+
+def _keep_rows_setup(ctx, inputs, output):
+    ctx.save_for_backward(inputs[1])
+
+
+def _keep_rows_backward(ops, ctx, grad):  # keeping entries is its own adjoint
+    (rows,) = ctx.saved_tensors
+    return ops.keep_rows(grad, rows), None
+
+
+def _column_topk_setup(ctx, inputs, output):
+    ctx.save_for_backward(output[1])
+    ctx.mark_non_differentiable(output[1])
+
+
+def _column_topk_backward(ops, ctx, grad, _grad_rows):
+    (rows,) = ctx.saved_tensors
+    return ops.keep_rows(grad, rows), None
+
+
+# lifetime_topk's selection on a row-major x (B, H): per column the k largest (ties to
+# the lower row) kept, the rest zeroed, in x's layout; rows (H, k) the kept rows of
+# each column in increasing order. keep_rows(grad, rows) keeps the same entries of
+# grad: the gradient. CPU kernels only (csrc/cpu/topk_columns.cpp): elsewhere
+# lifetime_topk selects over x.t() with topk_forward.
+kernel(
+    "keep_rows(Tensor grad, Tensor rows) -> Tensor",
+    fake=lambda grad, rows: grad.new_empty(grad.shape),
+    reference=_keep_rows_reference,
+    native=CPP, native_devices=("cpu",),
+    setup=_keep_rows_setup, backward=_keep_rows_backward,
+)
+kernel(
+    "column_topk(Tensor x, int k) -> (Tensor out, Tensor rows)",
+    fake=lambda x, k: (x.new_empty(x.shape), x.new_empty((x.shape[1], k), dtype=torch.long)),
+    reference=_column_topk_reference,
+    native=CPP, native_devices=("cpu",),
+    setup=_column_topk_setup, backward=_column_topk_backward,
 )
 
 
@@ -262,7 +316,7 @@ def batch_topk(ops, x: Tensor, k: int, *, relu: bool = True, group=None) -> Tens
     return scatter_rows(ops, values, indices, flat.shape[1]).view(x.shape)
 
 
-@operator(uses=("topk_forward",), prefers=("topk_index_order",), checks=(check_dense(), _rate("rate")),
+@operator(uses=("topk_forward",), prefers=("column_topk",), checks=(check_dense(), _rate("rate")),
           bench=_bench(lambda op, x: op(x, 0.05), lambda x: reference.lifetime_topk(x, 0.05),
                        ("torch.topk(dim=0) + scatter", lambda x: _torch_lifetime_topk(x, 0.05)), "rate=0.05"))
 def lifetime_topk(ops, x: Tensor, rate: float, *, group=None) -> Tensor:
@@ -274,10 +328,11 @@ def lifetime_topk(ops, x: Tensor, rate: float, *, group=None) -> Tensor:
     rows, exactly as one process would on the concatenated batch."""
     batch = x.shape[0] if group is None else global_count(x.shape[0], x.device, group)
     m = reference.lifetime_count(rate, batch)
-    # global_topk_keep reads the candidates in value order
-    select = ops.topk_forward if group is not None else functools.partial(topk_index_order, ops)
-    values, indices = select(x.t(), min(m, x.shape[0]), False)
-    if group is not None:
+    column_topk = ops.get("column_topk")
+    if group is None and column_topk is not None:  # x's own layout, no transposed copies
+        return column_topk(x, min(m, x.shape[0]))[0]
+    values, indices = ops.topk_forward(x.t(), min(m, x.shape[0]), False)
+    if group is not None:  # global_topk_keep reads the candidates in value order
         values = torch.where(global_topk_keep(values, m, group), values, 0.0)
     return scatter_rows(ops, values, indices, x.shape[0]).t()
 

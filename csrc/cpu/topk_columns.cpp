@@ -1,0 +1,467 @@
+// CPU lifetime top-k: per column of a row-major x (B, H) the k largest (ties to the
+// lower row), and the matrix that keeps them and zeros the rest, written row-major
+// (column_topk); its gradient keeps the same entries of grad (keep_rows). Reading
+// and writing x's layout in place: a column-wise selection on x.t() returns an (H, B)
+// result whose transposed copies (and the backward's) cost more than the selection.
+//
+// x goes by in tiles of 16 columns, 16 contiguous elements of each row, kept in that
+// layout as integer keys in the values' order: one vector lane per column. The 16
+// bars are bisected on the key in lockstep (one vector count over the tile per step)
+// until each keeps k to k + 4 elements; the exact selection is among those. Each tile
+// then writes its 16 columns of the output: zeros, and its winners.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cstring>
+#include <limits>
+#include <type_traits>
+#include <vector>
+
+#include "common.h"
+#include "topk_candidates.h"
+
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
+
+namespace aefast {
+namespace cpu {
+namespace {
+
+// Integer keys in the values' order: -0.0 takes +0.0's key (the two tie); not for NaN.
+inline int32_t order_key(float v) {
+  v += 0.0f;  // -0.0 + 0.0 is +0.0
+  int32_t i;
+  std::memcpy(&i, &v, sizeof i);
+  return i ^ ((i >> 31) & 0x7FFFFFFF);
+}
+
+inline int64_t order_key(double v) {
+  v += 0.0;
+  int64_t i;
+  std::memcpy(&i, &v, sizeof i);
+  return i ^ ((i >> 63) & 0x7FFFFFFFFFFFFFFF);
+}
+
+template <typename A>
+using KeyOf = std::conditional_t<std::is_same_v<A, double>, int64_t, int32_t>;
+
+
+constexpr int64_t kLanes = 16;
+constexpr int64_t kPrefetchRows = 24;  // how far ahead the copies ask for rows
+constexpr int64_t kPanel = 4;          // tiles copied side by side: 256 bytes of float32 per row
+
+// A tile's keys in its row-major layout: column c0 + l of row j at [j * kLanes + l].
+template <typename Key>
+struct TileScratch {
+  std::vector<Key> keys;  // a panel's tiles, one after the other
+  std::vector<int32_t> rows;  // per lane, the rows of its candidates
+  std::vector<Candidate<Key>> found;
+  std::vector<Key> scratch;
+};
+
+// counts[l] = how many of the tile's keys in lane l are >= bars[l].
+template <typename Key>
+AEFAST_INLINE void count_lanes(const Key* keys, int64_t n, const Key* bars, int32_t* counts) {
+  int32_t c[kLanes] = {};
+  for (int64_t j = 0; j < n; ++j)
+    for (int64_t l = 0; l < kLanes; ++l) c[l] += keys[j * kLanes + l] >= bars[l];
+  std::copy(c, c + kLanes, counts);
+}
+
+// Per lane l, the positions j whose key is >= bars[l], into rows[l * n ...]; their number into counts.
+template <typename Key>
+AEFAST_INLINE void collect_lanes(const Key* keys, int64_t n, const Key* bars, int32_t* rows, int32_t* counts) {
+  int32_t c[kLanes] = {};
+  for (int64_t j = 0; j < n; ++j)
+    for (int64_t l = 0; l < kLanes; ++l)
+      if (keys[j * kLanes + l] >= bars[l]) rows[l * n + c[l]++] = static_cast<int32_t>(j);
+  std::copy(c, c + kLanes, counts);
+}
+
+#if defined(__x86_64__) && defined(__GNUC__)
+__attribute__((target("avx512f,avx512bw"))) void count_lanes_avx512(const int32_t* keys, int64_t n, const int32_t* bars,
+                                                                    int32_t* counts) {
+  const __m512i bar = _mm512_loadu_si512(bars), one = _mm512_set1_epi32(1);
+  __m512i c = _mm512_setzero_si512();
+  for (int64_t j = 0; j < n; ++j)
+    c = _mm512_mask_add_epi32(c, _mm512_cmpge_epi32_mask(_mm512_loadu_si512(keys + j * kLanes), bar), c, one);
+  _mm512_storeu_si512(counts, c);
+}
+
+__attribute__((target("avx2"))) void count_lanes_avx2(const int32_t* keys, int64_t n, const int32_t* bars,
+                                                      int32_t* counts) {
+  // a >= b as !(b > a): a compare gives -1 where true, so subtracting it counts.
+  const __m256i bar0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(bars));
+  const __m256i bar1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(bars + 8));
+  __m256i below0 = _mm256_setzero_si256(), below1 = _mm256_setzero_si256();
+  for (int64_t j = 0; j < n; ++j) {
+    const __m256i* row = reinterpret_cast<const __m256i*>(keys + j * kLanes);
+    below0 = _mm256_sub_epi32(below0, _mm256_cmpgt_epi32(bar0, _mm256_loadu_si256(row)));
+    below1 = _mm256_sub_epi32(below1, _mm256_cmpgt_epi32(bar1, _mm256_loadu_si256(row + 1)));
+  }
+  alignas(32) int32_t below[kLanes];
+  _mm256_store_si256(reinterpret_cast<__m256i*>(below), below0);
+  _mm256_store_si256(reinterpret_cast<__m256i*>(below + 8), below1);
+  for (int64_t l = 0; l < kLanes; ++l) counts[l] = static_cast<int32_t>(n) - below[l];
+}
+
+// The lanes at or above their bars as a bit mask, then only those lanes visited.
+__attribute__((target("avx512f,avx512bw"))) void collect_lanes_avx512(const int32_t* keys, int64_t n, const int32_t* bars,
+                                                                      int32_t* rows, int32_t* counts) {
+  const __m512i bar = _mm512_loadu_si512(bars);
+  int32_t c[kLanes] = {};
+  for (int64_t j = 0; j < n; ++j) {
+    for (uint32_t m = _mm512_cmpge_epi32_mask(_mm512_loadu_si512(keys + j * kLanes), bar); m != 0; m &= m - 1) {
+      const int l = __builtin_ctz(m);
+      rows[l * n + c[l]++] = static_cast<int32_t>(j);
+    }
+  }
+  std::copy(c, c + kLanes, counts);
+}
+
+__attribute__((target("avx2"))) void collect_lanes_avx2(const int32_t* keys, int64_t n, const int32_t* bars,
+                                                        int32_t* rows, int32_t* counts) {
+  const __m256i bar0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(bars));
+  const __m256i bar1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(bars + 8));
+  int32_t c[kLanes] = {};
+  for (int64_t j = 0; j < n; ++j) {
+    const __m256i* row = reinterpret_cast<const __m256i*>(keys + j * kLanes);
+    const uint32_t below = static_cast<uint32_t>(_mm256_movemask_ps(_mm256_castsi256_ps(_mm256_cmpgt_epi32(bar0, _mm256_loadu_si256(row))))) |
+                           static_cast<uint32_t>(_mm256_movemask_ps(_mm256_castsi256_ps(_mm256_cmpgt_epi32(bar1, _mm256_loadu_si256(row + 1))))) << 8;
+    for (uint32_t m = ~below & 0xFFFFu; m != 0; m &= m - 1) {
+      const int l = __builtin_ctz(m);
+      rows[l * n + c[l]++] = static_cast<int32_t>(j);
+    }
+  }
+  std::copy(c, c + kLanes, counts);
+}
+
+// kTiles full tiles of float32 side by side: the keys of X's rows j, columns
+// [16 p, 16 p + 16) into keys + p * 16 n; each lane's smallest and largest key into
+// low and high + 16 p. Returns false on a NaN. The rows are R apart, a page or more:
+// several tiles per row read make the most of each page and each row is prefetched
+// a few rows ahead, which no hardware prefetcher does across pages.
+template <int kTiles>
+__attribute__((target("avx512f,avx512bw"))) bool copy_tiles_avx512(const float* X, int64_t R, int64_t n, int32_t* keys,
+                                                                   int32_t* low, int32_t* high) {
+  __m512i lo[kTiles], hi[kTiles];
+  for (int p = 0; p < kTiles; ++p) {
+    lo[p] = _mm512_set1_epi32(std::numeric_limits<int32_t>::max());
+    hi[p] = _mm512_set1_epi32(std::numeric_limits<int32_t>::min());
+  }
+  const __m512i magnitude = _mm512_set1_epi32(0x7FFFFFFF);
+  __mmask16 nan = 0;
+  for (int64_t j = 0; j < n; ++j) {
+    for (int p = 0; p < kTiles; p += 2) __builtin_prefetch(X + std::min(j + kPrefetchRows, n - 1) * R + kLanes * p);
+    for (int p = 0; p < kTiles; ++p) {
+      const __m512 v = _mm512_loadu_ps(X + j * R + kLanes * p);
+      nan |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+      const __m512i i = _mm512_castps_si512(_mm512_add_ps(v, _mm512_setzero_ps()));  // -0.0 -> +0.0
+      const __m512i key = _mm512_xor_si512(i, _mm512_and_si512(_mm512_srai_epi32(i, 31), magnitude));
+      _mm512_storeu_si512(keys + (p * n + j) * kLanes, key);
+      lo[p] = _mm512_min_epi32(lo[p], key);
+      hi[p] = _mm512_max_epi32(hi[p], key);
+    }
+  }
+  for (int p = 0; p < kTiles; ++p) {
+    _mm512_storeu_si512(low + kLanes * p, lo[p]);
+    _mm512_storeu_si512(high + kLanes * p, hi[p]);
+  }
+  return nan == 0;
+}
+
+template <int kTiles>
+__attribute__((target("avx2"))) bool copy_tiles_avx2(const float* X, int64_t R, int64_t n, int32_t* keys, int32_t* low,
+                                                     int32_t* high) {
+  const __m256i magnitude = _mm256_set1_epi32(0x7FFFFFFF);
+  __m256i lo[2 * kTiles], hi[2 * kTiles];
+  __m256 unordered = _mm256_setzero_ps();
+  for (int h = 0; h < 2 * kTiles; ++h) {
+    lo[h] = _mm256_set1_epi32(std::numeric_limits<int32_t>::max());
+    hi[h] = _mm256_set1_epi32(std::numeric_limits<int32_t>::min());
+  }
+  for (int64_t j = 0; j < n; ++j) {
+    for (int p = 0; p < kTiles; p += 2) __builtin_prefetch(X + std::min(j + kPrefetchRows, n - 1) * R + kLanes * p);
+    for (int h = 0; h < 2 * kTiles; ++h) {  // half h / 2 of tile h / 2
+      const __m256 v = _mm256_loadu_ps(X + j * R + 8 * h);
+      unordered = _mm256_or_ps(unordered, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+      const __m256i i = _mm256_castps_si256(_mm256_add_ps(v, _mm256_setzero_ps()));
+      const __m256i key = _mm256_xor_si256(i, _mm256_and_si256(_mm256_srai_epi32(i, 31), magnitude));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(keys + ((h / 2) * n + j) * kLanes + 8 * (h % 2)), key);
+      lo[h] = _mm256_min_epi32(lo[h], key);
+      hi[h] = _mm256_max_epi32(hi[h], key);
+    }
+  }
+  for (int h = 0; h < 2 * kTiles; ++h) {
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(low + 8 * h), lo[h]);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(high + 8 * h), hi[h]);
+  }
+  return _mm256_movemask_ps(unordered) == 0;
+}
+#endif
+
+// The keys of one tile (lanes past the last column: copies of the last), each lane's
+// smallest and largest key. Returns false on a NaN.
+template <typename T, typename A>
+bool copy_tile(const T* X, int64_t R, int64_t n, int64_t lanes, KeyOf<A>* keys, KeyOf<A>* low, KeyOf<A>* high) {
+#if defined(__x86_64__) && defined(__GNUC__)
+  if constexpr (std::is_same_v<T, float>) {
+    if (lanes == kLanes && simd_level() == Simd::kAvx512) return copy_tiles_avx512<1>(X, R, n, keys, low, high);
+    if (lanes == kLanes && simd_level() == Simd::kAvx2) return copy_tiles_avx2<1>(X, R, n, keys, low, high);
+  }
+#endif
+  std::fill(low, low + kLanes, std::numeric_limits<KeyOf<A>>::max());
+  std::fill(high, high + kLanes, std::numeric_limits<KeyOf<A>>::min());
+  int bad = 0;
+  for (int64_t j = 0; j < n; ++j) {
+    for (int64_t l = 0; l < kLanes; ++l) {
+      const A v = static_cast<A>(X[j * R + (l < lanes ? l : lanes - 1)]);
+      bad |= v != v;
+      const KeyOf<A> key = order_key(v);
+      keys[j * kLanes + l] = key;
+      low[l] = std::min(low[l], key);
+      high[l] = std::max(high[l], key);
+    }
+  }
+  return bad == 0;
+}
+
+// The keys of a panel of `columns` <= 16 kPanel columns: tile p's at keys + p * 16 n,
+// its lanes' smallest and largest at low and high + 16 p. Returns false on a NaN.
+template <typename T, typename A>
+bool copy_panel(const T* X, int64_t R, int64_t n, int64_t columns, KeyOf<A>* keys, KeyOf<A>* low, KeyOf<A>* high) {
+#if defined(__x86_64__) && defined(__GNUC__)
+  if constexpr (std::is_same_v<T, float>) {
+    if (columns == kPanel * kLanes && simd_level() == Simd::kAvx512)
+      return copy_tiles_avx512<kPanel>(X, R, n, keys, low, high);
+    if (columns == kPanel * kLanes && simd_level() == Simd::kAvx2)
+      return copy_tiles_avx2<kPanel>(X, R, n, keys, low, high);
+  }
+#endif
+  bool ok = true;
+  for (int64_t p = 0; p * kLanes < columns; ++p)
+    ok &= copy_tile<T, A>(X + p * kLanes, R, n, std::min(kLanes, columns - p * kLanes), keys + p * kLanes * n,
+                          low + p * kLanes, high + p * kLanes);
+  return ok;
+}
+
+template <typename Key>
+void count_tile(const Key* keys, int64_t n, const Key* bars, int32_t* counts) {
+#if defined(__x86_64__) && defined(__GNUC__)
+  if constexpr (std::is_same_v<Key, int32_t>) {
+    if (simd_level() == Simd::kAvx512) return count_lanes_avx512(keys, n, bars, counts);
+    if (simd_level() == Simd::kAvx2) return count_lanes_avx2(keys, n, bars, counts);
+  }
+#endif
+  count_lanes(keys, n, bars, counts);
+}
+
+template <typename Key>
+void collect_tile(const Key* keys, int64_t n, const Key* bars, int32_t* rows, int32_t* counts) {
+#if defined(__x86_64__) && defined(__GNUC__)
+  if constexpr (std::is_same_v<Key, int32_t>) {
+    if (simd_level() == Simd::kAvx512) return collect_lanes_avx512(keys, n, bars, rows, counts);
+    if (simd_level() == Simd::kAvx2) return collect_lanes_avx2(keys, n, bars, rows, counts);
+  }
+#endif
+  collect_lanes(keys, n, bars, rows, counts);
+}
+
+// One tile of keys (B, 16 lanes; lanes of them real columns), each lane's smallest
+// key in bar and largest in top: the rows of lane l's k winners, in increasing order,
+// into rows_out[l * k, l * k + k).
+template <typename Key>
+void select_in_tile(const Key* keys, int64_t B, int64_t lanes, int64_t k, Key* bar, Key* top, TileScratch<Key>& s,
+                    int64_t* rows_out) {
+  using UKey = std::make_unsigned_t<Key>;
+  // Per lane, invariant count(>= bar) >= k > count(>= top), narrowed in lockstep until
+  // the count is near k (or bar and top are adjacent keys).
+  const int64_t enough = k + 4;  // a few steps more, and no nth_element
+  int32_t counts[kLanes];
+  bool done[kLanes];
+  count_tile(keys, B, top, counts);
+  for (int64_t l = 0; l < kLanes; ++l) {
+    done[l] = counts[l] >= k;
+    if (done[l]) bar[l] = top[l];
+  }
+  for (;;) {
+    Key mid[kLanes];
+    bool all_done = true;
+    for (int64_t l = 0; l < kLanes; ++l) {
+      const UKey gap = static_cast<UKey>(top[l]) - static_cast<UKey>(bar[l]);
+      done[l] = done[l] || gap <= 1;
+      all_done = all_done && done[l];
+      mid[l] = done[l] ? bar[l] : static_cast<Key>(static_cast<UKey>(bar[l]) + gap / 2);
+    }
+    if (all_done) break;
+    count_tile(keys, B, mid, counts);
+    for (int64_t l = 0; l < kLanes; ++l) {
+      if (done[l]) continue;
+      if (counts[l] < k) {
+        top[l] = mid[l];
+      } else {
+        bar[l] = mid[l];
+        done[l] = counts[l] <= enough;
+      }
+    }
+  }
+  s.rows.resize(static_cast<size_t>(kLanes * B));
+  collect_tile(keys, B, bar, s.rows.data(), counts);
+  for (int64_t l = 0; l < lanes; ++l) {  // the exact k among the candidates, by key (the values' order)
+    s.found.clear();
+    const int32_t* rows = s.rows.data() + l * B;
+    for (int32_t i = 0; i < counts[l]; ++i) s.found.push_back({keys[rows[i] * kLanes + l], rows[i]});
+    keep_best_in_index_order(s.found, k, s.scratch);
+    for (int64_t i = 0; i < k; ++i) rows_out[l * k + i] = s.found[i].index;
+  }
+}
+
+// ------------------------------------------------------------ the kernels
+
+// Which entries of a (B, H) matrix are kept, one bit each: row b's bits in words
+// [b * W, b * W + W), W = ceil(H / 64), column h at bit h % 64 of word h / 64.
+struct KeptBits {
+  int64_t B, H, W;
+  std::vector<uint64_t> words;
+  KeptBits(int64_t b, int64_t h) : B(b), H(h), W((h + 63) / 64), words(static_cast<size_t>(b * ((h + 63) / 64)), 0) {}
+};
+
+// The bits of rows (H, k); groups of 64 columns in parallel (each owns its words).
+// Returns false if a row is outside [0, B).
+bool mark_rows(const int64_t* rows, int64_t k, KeptBits& kept) {
+  std::atomic<bool> in_range{true};
+  at::parallel_for(0, kept.W, 1, [&](int64_t w0, int64_t w1) {
+    for (int64_t h = w0 * 64; h < std::min(kept.H, w1 * 64); ++h) {
+      for (int64_t i = 0; i < k; ++i) {
+        const int64_t r = rows[h * k + i];
+        if (r < 0 || r >= kept.B) {
+          in_range = false;
+          continue;
+        }
+        kept.words[r * kept.W + h / 64] |= uint64_t(1) << (h % 64);
+      }
+    }
+  });
+  return in_range.load();
+}
+
+template <typename T>
+AEFAST_INLINE void copy_kept_portable(const T* src, uint64_t bits, int64_t n, T* out) {
+  for (int64_t c = 0; c < n; ++c) out[c] = ((bits >> c) & 1) ? src[c] : T(0);
+}
+
+#if defined(__x86_64__) && defined(__GNUC__)
+__attribute__((target("avx512f"))) void copy_kept_avx512(const float* src, uint64_t bits, float* out) {
+  for (int c = 0; c < 64; c += 16)
+    _mm512_storeu_ps(out + c, _mm512_maskz_loadu_ps(static_cast<__mmask16>(bits >> c), src + c));
+}
+
+__attribute__((target("avx2"))) void copy_kept_avx2(const float* src, uint64_t bits, float* out) {
+  const __m256i lane_bit = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
+  for (int c = 0; c < 64; c += 8) {
+    const __m256i byte = _mm256_set1_epi32(static_cast<int>((bits >> c) & 0xFF));
+    const __m256i keep = _mm256_cmpeq_epi32(_mm256_and_si256(byte, lane_bit), lane_bit);
+    _mm256_storeu_ps(out + c, _mm256_and_ps(_mm256_loadu_ps(src + c), _mm256_castsi256_ps(keep)));
+  }
+}
+#endif
+
+// out = src where kept, else 0 (+0.0); row by row, in the matrices' own order.
+template <typename T>
+void copy_kept(const T* src, const KeptBits& kept, T* out) {
+  const Simd simd = simd_level();
+  at::parallel_for(0, kept.B, std::max<int64_t>(1, (int64_t(1) << 15) / std::max<int64_t>(kept.H, 1)),
+                   [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      const uint64_t* bits = kept.words.data() + b * kept.W;
+      const T* s = src + b * kept.H;
+      T* o = out + b * kept.H;
+      for (int64_t w = 0; w < kept.W; ++w) {
+        const int64_t n = std::min<int64_t>(64, kept.H - 64 * w);
+#if defined(__x86_64__) && defined(__GNUC__)
+        if constexpr (std::is_same_v<T, float>) {
+          if (n == 64 && simd == Simd::kAvx512) {
+            copy_kept_avx512(s + 64 * w, bits[w], o + 64 * w);
+            continue;
+          }
+          if (n == 64 && simd == Simd::kAvx2) {
+            copy_kept_avx2(s + 64 * w, bits[w], o + 64 * w);
+            continue;
+          }
+        }
+#endif
+        copy_kept_portable(s + 64 * w, bits[w], n, o + 64 * w);
+      }
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor> column_topk(const at::Tensor& x_in, int64_t k) {
+  TORCH_CHECK_VALUE(x_in.dim() == 2, "aefast: x must be 2-D, got ", x_in.dim(), "-D");
+  const int64_t B = x_in.size(0), H = x_in.size(1);
+  TORCH_CHECK_VALUE(k >= 1 && k <= B, "aefast: k must be in [1, ", B, "], got ", k);
+  TORCH_CHECK_VALUE(B < (int64_t(1) << 31), "aefast: x must have fewer than 2^31 rows");
+  const at::Tensor x = x_in.contiguous();
+  at::Tensor out = empty_output({B, H}, x.options());
+  at::Tensor rows = at::empty({H, k}, x.options().dtype(at::kLong));
+  std::atomic<bool> nan{false};
+  KeptBits kept(B, H);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "column_topk", [&] {
+    using A = acc_t<scalar_t>;
+    const scalar_t* xp = x.const_data_ptr<scalar_t>();
+    int64_t* rp = rows.data_ptr<int64_t>();
+    constexpr int64_t width = kPanel * kLanes;
+    at::parallel_for(0, (H + width - 1) / width, 1, [&](int64_t p0, int64_t p1) {
+      using Key = KeyOf<A>;
+      TileScratch<Key> scratch;
+      scratch.keys.resize(static_cast<size_t>(width * B));
+      Key low[width], high[width];
+      for (int64_t p = p0; p < p1 && !nan.load(std::memory_order_relaxed); ++p) {
+        const int64_t c0 = p * width, columns = std::min(width, H - c0);
+        if (!copy_panel<scalar_t, A>(xp + c0, H, B, columns, scratch.keys.data(), low, high)) {
+          nan = true;
+          break;
+        }
+        for (int64_t t = 0; t * kLanes < columns; ++t)
+          select_in_tile(scratch.keys.data() + t * kLanes * B, B, std::min(kLanes, columns - t * kLanes), k,
+                         low + t * kLanes, high + t * kLanes, scratch, rp + (c0 + t * kLanes) * k);
+      }
+    });
+    if (nan.load()) return;
+    mark_rows(rp, k, kept);  // rows of the selection: in range
+    copy_kept(xp, kept, out.data_ptr<scalar_t>());
+  });
+  TORCH_CHECK_VALUE(!nan.load(), "aefast: x contains NaN; top-k of NaN is undefined");
+  return {out, rows};
+}
+
+at::Tensor keep_rows(const at::Tensor& grad_in, const at::Tensor& rows_in) {
+  TORCH_CHECK_VALUE(grad_in.dim() == 2, "aefast: grad must be 2-D, got ", grad_in.dim(), "-D");
+  const int64_t B = grad_in.size(0), H = grad_in.size(1);
+  TORCH_CHECK_VALUE(rows_in.dim() == 2 && rows_in.size(0) == H,
+                    "aefast: rows must be (H, k) for grad (B, H) = ", grad_in.sizes(), ", got ", rows_in.sizes());
+  TORCH_CHECK_VALUE(rows_in.scalar_type() == at::kLong, "aefast: rows must be int64");
+  const at::Tensor grad = grad_in.contiguous(), rows = rows_in.contiguous();
+  KeptBits kept(B, H);
+  TORCH_CHECK_INDEX(mark_rows(rows.const_data_ptr<int64_t>(), rows.size(1), kept), "aefast: rows must be in [0, ", B, ")");
+  at::Tensor out = empty_output({B, H}, grad.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), "keep_rows", [&] {
+    copy_kept(grad.const_data_ptr<scalar_t>(), kept, out.data_ptr<scalar_t>());
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(aefast, CPU, m) {
+  m.impl("column_topk", &column_topk);
+  m.impl("keep_rows", &keep_rows);
+}
+
+}  // namespace cpu
+}  // namespace aefast
