@@ -16,6 +16,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cmath>
 #include <cstring>
 #include <limits>
 #include <type_traits>
@@ -54,14 +55,24 @@ using KeyOf = std::conditional_t<std::is_same_v<A, double>, int64_t, int32_t>;
 constexpr int64_t kLanes = 16;
 constexpr int64_t kPrefetchRows = 24;  // how far ahead the copies ask for rows
 constexpr int64_t kPanel = 4;          // tiles copied side by side: 256 bytes of float32 per row
+static_assert(kPanel * kLanes == 64, "a panel is one group of 64 columns of KeptBits");
 
 // A tile's keys in its row-major layout: column c0 + l of row j at [j * kLanes + l].
 template <typename Key>
 struct TileScratch {
   std::vector<Key> keys;  // a panel's tiles, one after the other
   std::vector<int32_t> rows;  // per lane, the rows of its candidates
+  std::vector<uint32_t> entries;  // (row << 4 | lane) of the candidates, in row order
   std::vector<Candidate<Key>> found;
   std::vector<Key> scratch;
+};
+
+// Per lane of a tile: the smallest and largest key, the sum and the sum of squares of
+// the values (a first guess at where the k-th largest lies).
+template <typename Key, typename A>
+struct LaneStats {
+  Key low[kLanes], high[kLanes];
+  A sum[kLanes], squares[kLanes];
 };
 
 // counts[l] = how many of the tile's keys in lane l are >= bars[l].
@@ -110,16 +121,25 @@ __attribute__((target("avx2"))) void count_lanes_avx2(const int32_t* keys, int64
   for (int64_t l = 0; l < kLanes; ++l) counts[l] = static_cast<int32_t>(n) - below[l];
 }
 
-// The lanes at or above their bars as a bit mask, then only those lanes visited.
+// Each row's hits, (row << 4 | lane) for the lanes at or above their bars, compressed
+// into one list in row order (no branch per hit, which mispredicts); then dealt out
+// to the lanes in that order. entries: room for 16 n + 16.
 __attribute__((target("avx512f,avx512bw"))) void collect_lanes_avx512(const int32_t* keys, int64_t n, const int32_t* bars,
-                                                                      int32_t* rows, int32_t* counts) {
+                                                                      int32_t* rows, int32_t* counts,
+                                                                      uint32_t* entries) {
   const __m512i bar = _mm512_loadu_si512(bars);
-  int32_t c[kLanes] = {};
+  const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  int64_t size = 0;
   for (int64_t j = 0; j < n; ++j) {
-    for (uint32_t m = _mm512_cmpge_epi32_mask(_mm512_loadu_si512(keys + j * kLanes), bar); m != 0; m &= m - 1) {
-      const int l = __builtin_ctz(m);
-      rows[l * n + c[l]++] = static_cast<int32_t>(j);
-    }
+    const __mmask16 hit = _mm512_cmpge_epi32_mask(_mm512_loadu_si512(keys + j * kLanes), bar);
+    const __m512i entry = _mm512_or_si512(_mm512_set1_epi32(static_cast<int32_t>(j << 4)), lane);
+    _mm512_storeu_si512(entries + size, _mm512_maskz_compress_epi32(hit, entry));
+    size += __builtin_popcount(hit);
+  }
+  int32_t c[kLanes] = {};
+  for (int64_t e = 0; e < size; ++e) {
+    const uint32_t l = entries[e] & 15u;
+    rows[l * n + c[l]++] = static_cast<int32_t>(entries[e] >> 4);
   }
   std::copy(c, c + kLanes, counts);
 }
@@ -142,22 +162,24 @@ __attribute__((target("avx2"))) void collect_lanes_avx2(const int32_t* keys, int
 }
 
 // kTiles full tiles of float32 side by side: the keys of X's rows j, columns
-// [16 p, 16 p + 16) into keys + p * 16 n; each lane's smallest and largest key into
-// low and high + 16 p. Returns false on a NaN. The rows are R apart, a page or more:
-// several tiles per row read make the most of each page and each row is prefetched
-// a few rows ahead, which no hardware prefetcher does across pages.
+// [16 p, 16 p + 16) into keys + p * 16 n, the tile's lane statistics into stats[p].
+// Returns false on a NaN. The rows are R apart, a page or more: several tiles per
+// row read make the most of each page and each row is prefetched a few rows ahead,
+// which no hardware prefetcher does across pages.
 template <int kTiles>
 __attribute__((target("avx512f,avx512bw"))) bool copy_tiles_avx512(const float* X, int64_t R, int64_t n, int32_t* keys,
-                                                                   int32_t* low, int32_t* high) {
+                                                                   LaneStats<int32_t, float>* stats) {
   __m512i lo[kTiles], hi[kTiles];
+  __m512 sum[kTiles], squares[kTiles];
   for (int p = 0; p < kTiles; ++p) {
     lo[p] = _mm512_set1_epi32(std::numeric_limits<int32_t>::max());
     hi[p] = _mm512_set1_epi32(std::numeric_limits<int32_t>::min());
+    sum[p] = squares[p] = _mm512_setzero_ps();
   }
   const __m512i magnitude = _mm512_set1_epi32(0x7FFFFFFF);
   __mmask16 nan = 0;
   for (int64_t j = 0; j < n; ++j) {
-    for (int p = 0; p < kTiles; p += 2) __builtin_prefetch(X + std::min(j + kPrefetchRows, n - 1) * R + kLanes * p);
+    for (int p = 0; p < kTiles; ++p) __builtin_prefetch(X + std::min(j + kPrefetchRows, n - 1) * R + kLanes * p);
     for (int p = 0; p < kTiles; ++p) {
       const __m512 v = _mm512_loadu_ps(X + j * R + kLanes * p);
       nan |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
@@ -166,28 +188,34 @@ __attribute__((target("avx512f,avx512bw"))) bool copy_tiles_avx512(const float* 
       _mm512_storeu_si512(keys + (p * n + j) * kLanes, key);
       lo[p] = _mm512_min_epi32(lo[p], key);
       hi[p] = _mm512_max_epi32(hi[p], key);
+      sum[p] = _mm512_add_ps(sum[p], v);
+      squares[p] = _mm512_add_ps(squares[p], _mm512_mul_ps(v, v));
     }
   }
   for (int p = 0; p < kTiles; ++p) {
-    _mm512_storeu_si512(low + kLanes * p, lo[p]);
-    _mm512_storeu_si512(high + kLanes * p, hi[p]);
+    _mm512_storeu_si512(stats[p].low, lo[p]);
+    _mm512_storeu_si512(stats[p].high, hi[p]);
+    _mm512_storeu_ps(stats[p].sum, sum[p]);
+    _mm512_storeu_ps(stats[p].squares, squares[p]);
   }
   return nan == 0;
 }
 
 template <int kTiles>
-__attribute__((target("avx2"))) bool copy_tiles_avx2(const float* X, int64_t R, int64_t n, int32_t* keys, int32_t* low,
-                                                     int32_t* high) {
+__attribute__((target("avx2"))) bool copy_tiles_avx2(const float* X, int64_t R, int64_t n, int32_t* keys,
+                                                     LaneStats<int32_t, float>* stats) {
   const __m256i magnitude = _mm256_set1_epi32(0x7FFFFFFF);
   __m256i lo[2 * kTiles], hi[2 * kTiles];
+  __m256 sum[2 * kTiles], squares[2 * kTiles];
   __m256 unordered = _mm256_setzero_ps();
   for (int h = 0; h < 2 * kTiles; ++h) {
     lo[h] = _mm256_set1_epi32(std::numeric_limits<int32_t>::max());
     hi[h] = _mm256_set1_epi32(std::numeric_limits<int32_t>::min());
+    sum[h] = squares[h] = _mm256_setzero_ps();
   }
   for (int64_t j = 0; j < n; ++j) {
-    for (int p = 0; p < kTiles; p += 2) __builtin_prefetch(X + std::min(j + kPrefetchRows, n - 1) * R + kLanes * p);
-    for (int h = 0; h < 2 * kTiles; ++h) {  // half h / 2 of tile h / 2
+    for (int p = 0; p < kTiles; ++p) __builtin_prefetch(X + std::min(j + kPrefetchRows, n - 1) * R + kLanes * p);
+    for (int h = 0; h < 2 * kTiles; ++h) {  // half h % 2 of tile h / 2
       const __m256 v = _mm256_loadu_ps(X + j * R + 8 * h);
       unordered = _mm256_or_ps(unordered, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
       const __m256i i = _mm256_castps_si256(_mm256_add_ps(v, _mm256_setzero_ps()));
@@ -195,28 +223,36 @@ __attribute__((target("avx2"))) bool copy_tiles_avx2(const float* X, int64_t R, 
       _mm256_storeu_si256(reinterpret_cast<__m256i*>(keys + ((h / 2) * n + j) * kLanes + 8 * (h % 2)), key);
       lo[h] = _mm256_min_epi32(lo[h], key);
       hi[h] = _mm256_max_epi32(hi[h], key);
+      sum[h] = _mm256_add_ps(sum[h], v);
+      squares[h] = _mm256_add_ps(squares[h], _mm256_mul_ps(v, v));
     }
   }
   for (int h = 0; h < 2 * kTiles; ++h) {
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(low + 8 * h), lo[h]);
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(high + 8 * h), hi[h]);
+    LaneStats<int32_t, float>& st = stats[h / 2];
+    const int half = 8 * (h % 2);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(st.low + half), lo[h]);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(st.high + half), hi[h]);
+    _mm256_storeu_ps(st.sum + half, sum[h]);
+    _mm256_storeu_ps(st.squares + half, squares[h]);
   }
   return _mm256_movemask_ps(unordered) == 0;
 }
 #endif
 
-// The keys of one tile (lanes past the last column: copies of the last), each lane's
-// smallest and largest key. Returns false on a NaN.
+// The keys of one tile (lanes past the last column: copies of the last) and its lane
+// statistics. Returns false on a NaN.
 template <typename T, typename A>
-bool copy_tile(const T* X, int64_t R, int64_t n, int64_t lanes, KeyOf<A>* keys, KeyOf<A>* low, KeyOf<A>* high) {
+bool copy_tile(const T* X, int64_t R, int64_t n, int64_t lanes, KeyOf<A>* keys, LaneStats<KeyOf<A>, A>& stats) {
 #if defined(__x86_64__) && defined(__GNUC__)
   if constexpr (std::is_same_v<T, float>) {
-    if (lanes == kLanes && simd_level() == Simd::kAvx512) return copy_tiles_avx512<1>(X, R, n, keys, low, high);
-    if (lanes == kLanes && simd_level() == Simd::kAvx2) return copy_tiles_avx2<1>(X, R, n, keys, low, high);
+    if (lanes == kLanes && simd_level() == Simd::kAvx512) return copy_tiles_avx512<1>(X, R, n, keys, &stats);
+    if (lanes == kLanes && simd_level() == Simd::kAvx2) return copy_tiles_avx2<1>(X, R, n, keys, &stats);
   }
 #endif
-  std::fill(low, low + kLanes, std::numeric_limits<KeyOf<A>>::max());
-  std::fill(high, high + kLanes, std::numeric_limits<KeyOf<A>>::min());
+  std::fill(stats.low, stats.low + kLanes, std::numeric_limits<KeyOf<A>>::max());
+  std::fill(stats.high, stats.high + kLanes, std::numeric_limits<KeyOf<A>>::min());
+  std::fill(stats.sum, stats.sum + kLanes, A(0));
+  std::fill(stats.squares, stats.squares + kLanes, A(0));
   int bad = 0;
   for (int64_t j = 0; j < n; ++j) {
     for (int64_t l = 0; l < kLanes; ++l) {
@@ -224,29 +260,28 @@ bool copy_tile(const T* X, int64_t R, int64_t n, int64_t lanes, KeyOf<A>* keys, 
       bad |= v != v;
       const KeyOf<A> key = order_key(v);
       keys[j * kLanes + l] = key;
-      low[l] = std::min(low[l], key);
-      high[l] = std::max(high[l], key);
+      stats.low[l] = std::min(stats.low[l], key);
+      stats.high[l] = std::max(stats.high[l], key);
+      stats.sum[l] += v;
+      stats.squares[l] += v * v;
     }
   }
   return bad == 0;
 }
 
 // The keys of a panel of `columns` <= 16 kPanel columns: tile p's at keys + p * 16 n,
-// its lanes' smallest and largest at low and high + 16 p. Returns false on a NaN.
+// its lane statistics in stats[p]. Returns false on a NaN.
 template <typename T, typename A>
-bool copy_panel(const T* X, int64_t R, int64_t n, int64_t columns, KeyOf<A>* keys, KeyOf<A>* low, KeyOf<A>* high) {
+bool copy_panel(const T* X, int64_t R, int64_t n, int64_t columns, KeyOf<A>* keys, LaneStats<KeyOf<A>, A>* stats) {
 #if defined(__x86_64__) && defined(__GNUC__)
   if constexpr (std::is_same_v<T, float>) {
-    if (columns == kPanel * kLanes && simd_level() == Simd::kAvx512)
-      return copy_tiles_avx512<kPanel>(X, R, n, keys, low, high);
-    if (columns == kPanel * kLanes && simd_level() == Simd::kAvx2)
-      return copy_tiles_avx2<kPanel>(X, R, n, keys, low, high);
+    if (columns == kPanel * kLanes && simd_level() == Simd::kAvx512) return copy_tiles_avx512<kPanel>(X, R, n, keys, stats);
+    if (columns == kPanel * kLanes && simd_level() == Simd::kAvx2) return copy_tiles_avx2<kPanel>(X, R, n, keys, stats);
   }
 #endif
   bool ok = true;
   for (int64_t p = 0; p * kLanes < columns; ++p)
-    ok &= copy_tile<T, A>(X + p * kLanes, R, n, std::min(kLanes, columns - p * kLanes), keys + p * kLanes * n,
-                          low + p * kLanes, high + p * kLanes);
+    ok &= copy_tile<T, A>(X + p * kLanes, R, n, std::min(kLanes, columns - p * kLanes), keys + p * kLanes * n, stats[p]);
   return ok;
 }
 
@@ -262,33 +297,73 @@ void count_tile(const Key* keys, int64_t n, const Key* bars, int32_t* counts) {
 }
 
 template <typename Key>
-void collect_tile(const Key* keys, int64_t n, const Key* bars, int32_t* rows, int32_t* counts) {
+void collect_tile(const Key* keys, int64_t n, const Key* bars, int32_t* rows, int32_t* counts,
+                  std::vector<uint32_t>& entries) {
 #if defined(__x86_64__) && defined(__GNUC__)
   if constexpr (std::is_same_v<Key, int32_t>) {
-    if (simd_level() == Simd::kAvx512) return collect_lanes_avx512(keys, n, bars, rows, counts);
+    if (simd_level() == Simd::kAvx512) {
+      entries.resize(static_cast<size_t>(kLanes * (n + 1)));
+      return collect_lanes_avx512(keys, n, bars, rows, counts, entries.data());
+    }
     if (simd_level() == Simd::kAvx2) return collect_lanes_avx2(keys, n, bars, rows, counts);
   }
 #endif
   collect_lanes(keys, n, bars, rows, counts);
 }
 
-// One tile of keys (B, 16 lanes; lanes of them real columns), each lane's smallest
-// key in bar and largest in top: the rows of lane l's k winners, in increasing order,
-// into rows_out[l * k, l * k + k).
-template <typename Key>
-void select_in_tile(const Key* keys, int64_t B, int64_t lanes, int64_t k, Key* bar, Key* top, TileScratch<Key>& s,
-                    int64_t* rows_out) {
+// Where a normal distribution's top `share` begins, in standard deviations (clamped to
+// +-8): the first guess of each column's bar.
+double normal_quantile_above(double share) {
+  double low = -8.0, high = 8.0;
+  for (int i = 0; i < 60; ++i) {
+    const double mid = 0.5 * (low + high);
+    (0.5 * std::erfc(mid / std::sqrt(2.0)) > share ? low : high) = mid;
+  }
+  return 0.5 * (low + high);
+}
+
+// One tile of keys (B, 16 lanes; lanes of them real columns) and its lane statistics:
+// the rows of lane l's k winners, in increasing order, into rows_out[l * k, l * k + k).
+// z: normal_quantile_above(k / B).
+template <typename Key, typename A>
+void select_in_tile(const Key* keys, int64_t B, int64_t lanes, int64_t k, const LaneStats<Key, A>& stats, double z,
+                    TileScratch<Key>& s, int64_t* rows_out) {
   using UKey = std::make_unsigned_t<Key>;
   // Per lane, invariant count(>= bar) >= k > count(>= top), narrowed in lockstep until
-  // the count is near k (or bar and top are adjacent keys).
+  // the count is near k (or bar and top are adjacent keys). No NaN, so high + 1 is a key.
   const int64_t enough = k + 4;  // a few steps more, and no nth_element
-  int32_t counts[kLanes];
+  Key bar[kLanes], top[kLanes];
+  int32_t counts[kLanes], at_bar[kLanes];
   bool done[kLanes];
-  count_tile(keys, B, top, counts);
+  // First, two guesses a quarter of a standard deviation either side of where the k-th
+  // would be for normal data: one pass each, then for most columns a bracket of a few
+  // dozen elements instead of the whole range. Data far from normal only spends them.
+  constexpr double kWidth = 0.25;
+  Key guess[2][kLanes];
   for (int64_t l = 0; l < kLanes; ++l) {
-    done[l] = counts[l] >= k;
-    if (done[l]) bar[l] = top[l];
+    bar[l] = stats.low[l];
+    top[l] = static_cast<Key>(stats.high[l] + 1);
+    at_bar[l] = static_cast<int32_t>(B);
+    const double mean = static_cast<double>(stats.sum[l]) / B;
+    const double sd = std::sqrt(std::max(0.0, static_cast<double>(stats.squares[l]) / B - mean * mean));
+    for (int g = 0; g < 2; ++g) {
+      const A value = static_cast<A>(mean + (z + (g == 0 ? -kWidth : kWidth)) * sd);
+      const Key key = std::isfinite(value) ? order_key(value) : bar[l];
+      guess[g][l] = key > bar[l] && key < top[l] ? key : bar[l];  // bar: no news
+    }
   }
+  for (int g = 0; g < 2; ++g) {
+    count_tile(keys, B, guess[g], counts);
+    for (int64_t l = 0; l < kLanes; ++l) {
+      if (counts[l] >= k && guess[g][l] > bar[l]) {
+        bar[l] = guess[g][l];
+        at_bar[l] = counts[l];
+      } else if (counts[l] < k && guess[g][l] < top[l]) {
+        top[l] = guess[g][l];
+      }
+    }
+  }
+  for (int64_t l = 0; l < kLanes; ++l) done[l] = at_bar[l] <= enough;
   for (;;) {
     Key mid[kLanes];
     bool all_done = true;
@@ -311,7 +386,7 @@ void select_in_tile(const Key* keys, int64_t B, int64_t lanes, int64_t k, Key* b
     }
   }
   s.rows.resize(static_cast<size_t>(kLanes * B));
-  collect_tile(keys, B, bar, s.rows.data(), counts);
+  collect_tile(keys, B, bar, s.rows.data(), counts, s.entries);
   for (int64_t l = 0; l < lanes; ++l) {  // the exact k among the candidates, by key (the values' order)
     s.found.clear();
     const int32_t* rows = s.rows.data() + l * B;
@@ -323,29 +398,39 @@ void select_in_tile(const Key* keys, int64_t B, int64_t lanes, int64_t k, Key* b
 
 // ------------------------------------------------------------ the kernels
 
-// Which entries of a (B, H) matrix are kept, one bit each: row b's bits in words
-// [b * W, b * W + W), W = ceil(H / 64), column h at bit h % 64 of word h / 64.
+// Which entries of a (B, H) matrix are kept, one bit each: column h of row b at bit
+// h % 64 of word (h / 64) * B + b. A group of 64 columns is one run of B words, which
+// stays in cache while the group's winners are marked.
 struct KeptBits {
-  int64_t B, H, W;
+  int64_t B, H, W;  // W = ceil(H / 64) groups
   std::vector<uint64_t> words;
   KeptBits(int64_t b, int64_t h) : B(b), H(h), W((h + 63) / 64), words(static_cast<size_t>(b * ((h + 63) / 64)), 0) {}
+  uint64_t* group(int64_t w) { return words.data() + w * B; }
 };
 
-// The bits of rows (H, k); groups of 64 columns in parallel (each owns its words).
-// Returns false if a row is outside [0, B).
+// Marks the winners of columns [64 w, 64 w + 64): rows (H, k), k per column. Returns
+// false if a row is outside [0, B).
+bool mark_group(const int64_t* rows, int64_t k, int64_t w, KeptBits& kept) {
+  uint64_t* words = kept.group(w);
+  bool in_range = true;
+  for (int64_t h = w * 64; h < std::min(kept.H, w * 64 + 64); ++h) {
+    for (int64_t i = 0; i < k; ++i) {
+      const int64_t r = rows[h * k + i];
+      if (r < 0 || r >= kept.B) {
+        in_range = false;
+        continue;
+      }
+      words[r] |= uint64_t(1) << (h % 64);
+    }
+  }
+  return in_range;
+}
+
 bool mark_rows(const int64_t* rows, int64_t k, KeptBits& kept) {
   std::atomic<bool> in_range{true};
   at::parallel_for(0, kept.W, 1, [&](int64_t w0, int64_t w1) {
-    for (int64_t h = w0 * 64; h < std::min(kept.H, w1 * 64); ++h) {
-      for (int64_t i = 0; i < k; ++i) {
-        const int64_t r = rows[h * k + i];
-        if (r < 0 || r >= kept.B) {
-          in_range = false;
-          continue;
-        }
-        kept.words[r * kept.W + h / 64] |= uint64_t(1) << (h % 64);
-      }
-    }
+    for (int64_t w = w0; w < w1; ++w)
+      if (!mark_group(rows, k, w, kept)) in_range = false;
   });
   return in_range.load();
 }
@@ -356,56 +441,76 @@ AEFAST_INLINE void copy_kept_portable(const T* src, uint64_t bits, int64_t n, T*
 }
 
 #if defined(__x86_64__) && defined(__GNUC__)
+// 64 columns; kStream: out is 64-byte aligned, written around the caches (no read
+// for ownership of lines that are written whole).
+template <bool kStream>
 __attribute__((target("avx512f"))) void copy_kept_avx512(const float* src, uint64_t bits, float* out) {
-  for (int c = 0; c < 64; c += 16)
-    _mm512_storeu_ps(out + c, _mm512_maskz_loadu_ps(static_cast<__mmask16>(bits >> c), src + c));
+  for (int c = 0; c < 64; c += 16) {
+    const __m512 v = _mm512_maskz_loadu_ps(static_cast<__mmask16>(bits >> c), src + c);
+    if (kStream) _mm512_stream_ps(out + c, v);
+    else _mm512_storeu_ps(out + c, v);
+  }
 }
 
+template <bool kStream>
 __attribute__((target("avx2"))) void copy_kept_avx2(const float* src, uint64_t bits, float* out) {
   const __m256i lane_bit = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
   for (int c = 0; c < 64; c += 8) {
     const __m256i byte = _mm256_set1_epi32(static_cast<int>((bits >> c) & 0xFF));
     const __m256i keep = _mm256_cmpeq_epi32(_mm256_and_si256(byte, lane_bit), lane_bit);
-    _mm256_storeu_ps(out + c, _mm256_and_ps(_mm256_loadu_ps(src + c), _mm256_castsi256_ps(keep)));
+    const __m256 v = _mm256_and_ps(_mm256_loadu_ps(src + c), _mm256_castsi256_ps(keep));
+    if (kStream) _mm256_stream_ps(out + c, v);
+    else _mm256_storeu_ps(out + c, v);
   }
 }
 #endif
 
-// out = src where kept, else 0 (+0.0); row by row, in the matrices' own order.
+// Rows [b0, b1) x groups [w0, w1) of out = src where kept, else 0 (+0.0). stream:
+// out's float32 rows start on 64-byte lines (stream_rows), written around the caches
+// (no read for ownership of lines written whole); the caller fences.
 template <typename T>
-void copy_kept(const T* src, const KeptBits& kept, T* out) {
+void copy_kept_block(const T* src, const KeptBits& kept, T* out, int64_t b0, int64_t b1, int64_t w0, int64_t w1,
+                     bool stream) {
   const Simd simd = simd_level();
-  at::parallel_for(0, kept.B, std::max<int64_t>(1, (int64_t(1) << 15) / std::max<int64_t>(kept.H, 1)),
-                   [&](int64_t b0, int64_t b1) {
-    for (int64_t b = b0; b < b1; ++b) {
-      const uint64_t* bits = kept.words.data() + b * kept.W;
-      const T* s = src + b * kept.H;
-      T* o = out + b * kept.H;
-      for (int64_t w = 0; w < kept.W; ++w) {
-        const int64_t n = std::min<int64_t>(64, kept.H - 64 * w);
+  for (int64_t b = b0; b < b1; ++b) {
+    const T* s = src + b * kept.H;
+    T* o = out + b * kept.H;
+    for (int64_t w = w0; w < w1; ++w) {
+      const uint64_t bits = kept.words[w * kept.B + b];
+      const int64_t n = std::min<int64_t>(64, kept.H - 64 * w);
 #if defined(__x86_64__) && defined(__GNUC__)
-        if constexpr (std::is_same_v<T, float>) {
-          if (n == 64 && simd == Simd::kAvx512) {
-            copy_kept_avx512(s + 64 * w, bits[w], o + 64 * w);
-            continue;
-          }
-          if (n == 64 && simd == Simd::kAvx2) {
-            copy_kept_avx2(s + 64 * w, bits[w], o + 64 * w);
-            continue;
-          }
+      if constexpr (std::is_same_v<T, float>) {
+        if (n == 64 && simd == Simd::kAvx512) {
+          stream ? copy_kept_avx512<true>(s + 64 * w, bits, o + 64 * w) : copy_kept_avx512<false>(s + 64 * w, bits, o + 64 * w);
+          continue;
         }
-#endif
-        copy_kept_portable(s + 64 * w, bits[w], n, o + 64 * w);
+        if (n == 64 && simd == Simd::kAvx2) {
+          stream ? copy_kept_avx2<true>(s + 64 * w, bits, o + 64 * w) : copy_kept_avx2<false>(s + 64 * w, bits, o + 64 * w);
+          continue;
+        }
       }
+#endif
+      copy_kept_portable(s + 64 * w, bits, n, o + 64 * w);
     }
-  });
+  }
+}
+
+template <typename T>
+bool stream_rows(const T* out, int64_t H) {
+  return std::is_same_v<T, float> && reinterpret_cast<uintptr_t>(out) % 64 == 0 && H % 16 == 0;
+}
+
+inline void fence_streams() {
+#if defined(__x86_64__)
+  _mm_sfence();  // streamed stores ordered before anything after
+#endif
 }
 
 std::tuple<at::Tensor, at::Tensor> column_topk(const at::Tensor& x_in, int64_t k) {
   TORCH_CHECK_VALUE(x_in.dim() == 2, "aefast: x must be 2-D, got ", x_in.dim(), "-D");
   const int64_t B = x_in.size(0), H = x_in.size(1);
   TORCH_CHECK_VALUE(k >= 1 && k <= B, "aefast: k must be in [1, ", B, "], got ", k);
-  TORCH_CHECK_VALUE(B < (int64_t(1) << 31), "aefast: x must have fewer than 2^31 rows");
+  TORCH_CHECK_VALUE(B < (int64_t(1) << 27), "aefast: x must have fewer than 2^27 rows, got ", B);
   const at::Tensor x = x_in.contiguous();
   at::Tensor out = empty_output({B, H}, x.options());
   at::Tensor rows = at::empty({H, k}, x.options().dtype(at::kLong));
@@ -415,26 +520,30 @@ std::tuple<at::Tensor, at::Tensor> column_topk(const at::Tensor& x_in, int64_t k
     using A = acc_t<scalar_t>;
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
     int64_t* rp = rows.data_ptr<int64_t>();
+    scalar_t* op = out.data_ptr<scalar_t>();
+    const bool stream = stream_rows(op, H);
     constexpr int64_t width = kPanel * kLanes;
+    const double z = normal_quantile_above(static_cast<double>(k) / B);
     at::parallel_for(0, (H + width - 1) / width, 1, [&](int64_t p0, int64_t p1) {
       using Key = KeyOf<A>;
       TileScratch<Key> scratch;
       scratch.keys.resize(static_cast<size_t>(width * B));
-      Key low[width], high[width];
+      LaneStats<Key, A> stats[kPanel];
       for (int64_t p = p0; p < p1 && !nan.load(std::memory_order_relaxed); ++p) {
         const int64_t c0 = p * width, columns = std::min(width, H - c0);
-        if (!copy_panel<scalar_t, A>(xp + c0, H, B, columns, scratch.keys.data(), low, high)) {
+        if (!copy_panel<scalar_t, A>(xp + c0, H, B, columns, scratch.keys.data(), stats)) {
           nan = true;
           break;
         }
         for (int64_t t = 0; t * kLanes < columns; ++t)
-          select_in_tile(scratch.keys.data() + t * kLanes * B, B, std::min(kLanes, columns - t * kLanes), k,
-                         low + t * kLanes, high + t * kLanes, scratch, rp + (c0 + t * kLanes) * k);
+          select_in_tile(scratch.keys.data() + t * kLanes * B, B, std::min(kLanes, columns - t * kLanes), k, stats[t],
+                         z, scratch, rp + (c0 + t * kLanes) * k);
+        mark_group(rp, k, p, kept);  // a panel is one group of 64 columns
+        // Its columns of out while x's are still in cache.
+        copy_kept_block(xp, kept, op, 0, B, p, p + 1, stream);
       }
+      fence_streams();
     });
-    if (nan.load()) return;
-    mark_rows(rp, k, kept);  // rows of the selection: in range
-    copy_kept(xp, kept, out.data_ptr<scalar_t>());
   });
   TORCH_CHECK_VALUE(!nan.load(), "aefast: x contains NaN; top-k of NaN is undefined");
   return {out, rows};
@@ -451,7 +560,13 @@ at::Tensor keep_rows(const at::Tensor& grad_in, const at::Tensor& rows_in) {
   TORCH_CHECK_INDEX(mark_rows(rows.const_data_ptr<int64_t>(), rows.size(1), kept), "aefast: rows must be in [0, ", B, ")");
   at::Tensor out = empty_output({B, H}, grad.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), "keep_rows", [&] {
-    copy_kept(grad.const_data_ptr<scalar_t>(), kept, out.data_ptr<scalar_t>());
+    const scalar_t* gp = grad.const_data_ptr<scalar_t>();
+    scalar_t* op = out.data_ptr<scalar_t>();
+    const bool stream = stream_rows(op, H);
+    at::parallel_for(0, B, std::max<int64_t>(1, (int64_t(1) << 15) / std::max<int64_t>(H, 1)), [&](int64_t b0, int64_t b1) {
+      copy_kept_block(gp, kept, op, b0, b1, 0, kept.W, stream);
+      fence_streams();
+    });
   });
   return out;
 }
