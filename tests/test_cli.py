@@ -48,9 +48,24 @@ def test_bench_prints_the_table_and_writes_json_markdown_png(capsys, tmp_path, o
     for r in rows:
         assert r["median_ms"] > 0 and r["bytes"] > 0
         assert abs(r["GBps"] - r["bytes"] / (r["median_ms"] * 1e6)) < 0.01
+        # The floor, timed in the same alternation: the op's bytes at the rate of a fresh copy.
+        assert r["floor_ms"] > 0 and abs(r["copy_share"] - r["floor_ms"] / r["median_ms"]) < 2e-3
+        assert abs(r["floor_ms"] - r["bytes"] / (r["copy_GBps"] * 1e6)) < 1e-3 * r["floor_ms"] + 1e-4
         assert (r["vs_eager"] == 1.0) == (r["contender"] == "eager")
     assert (tmp_path / "bench.md").read_text().startswith("Measured on")
     assert (tmp_path / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bench_floor_of_a_matmul_op_is_f_linear_on_its_inputs(capsys, tmp_path, one_thread):
+    import json
+
+    assert main(["bench", "--op", "noisy_linear", "--backend", "cpp", "--size", "small", "--rounds", "1", "--no-compile", "--no-library",
+                 "--out", str(tmp_path)]) == 0
+    rows = json.loads((tmp_path / "bench.json").read_text())["results"]
+    assert {r["mode"] for r in rows} == {"forward", "forward+backward"}
+    for r in rows:
+        assert "copy_share" not in r and abs(r["matmul_share"] - r["floor_ms"] / r["median_ms"]) < 2e-3
+    assert "of F.linear" in capsys.readouterr().out
 
 
 def test_bench_records_a_failing_contender_and_goes_on(capsys, tmp_path, one_thread, monkeypatch):
@@ -178,8 +193,8 @@ def test_bench_verdict_names_each_ops_floor_and_the_ops_below_half_of_it():
             row("slow", "eager", 0.01), row("fast", "aefast[cpp]", 0.7),
             row("matmul", "aefast[cpp]", 0.05, matmul_share=0.92)]
     lines = verdicts(rows)
-    assert lines[1] == "- slow: floor copy bandwidth; worst 30% (aefast[cpp], large float32 forward): BELOW 50%"
-    assert lines[2].startswith("- fast: floor copy bandwidth; worst 70%") and lines[2].endswith(": ok")
-    assert lines[3].startswith("- matmul: floor matmul rate; worst 92%")
+    assert lines[1] == "- slow: floor copy; worst 30% (aefast[cpp], large float32 forward): BELOW 50%"
+    assert lines[2].startswith("- fast: floor copy; worst 70%") and lines[2].endswith(": ok")
+    assert lines[3].startswith("- matmul: floor F.linear; worst 92%")
     assert lines[-1] == "Below 50% of their floor: slow."
     assert verdicts([row("fast", "aefast[cpp]", 0.7)])[-1] == "Every op measured is at 50% of its floor or more."

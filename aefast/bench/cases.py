@@ -59,6 +59,11 @@ class Case:
     def bytes_moved(self, inputs: dict, backward: bool) -> int:
         return int(self.bench.bytes_moved(inputs, backward))
 
+    @property
+    def matmul_bound(self) -> bool:
+        """An op built around a matmul: its floor is F.linear on the same inputs."""
+        return self.bench.flops is not None
+
     def flops(self, inputs: dict, backward: bool) -> int | None:
         """The operations of the matmul the op contains, or None for a memory-bound op."""
         return None if self.bench.flops is None else int(self.bench.flops(inputs, backward))

@@ -48,7 +48,7 @@ def table(record: dict, kind: str) -> str:
         f"({rows[0]['shape'] if rows else '?'}), float32; copy bandwidth {env['copy_GBps']} GB/s "
         f"(`{record['path'].parent.as_posix()}/bench.md` has every row):",
         "",
-        "| op | case | mode | backend | median ms | share of floor (copy; matmul where named) | vs eager | vs compiled | vs PyTorch call |",
+        "| op | case | mode | backend | median ms | share of floor (copy; F.linear where named) | vs eager | vs compiled | vs PyTorch call |",
         "|---|---|---|---|---:|---:|---:|---:|---|",
     ]
     # The call a user would write with PyTorch alone, timed in the same run (newer runs).
