@@ -71,6 +71,10 @@ def _linear(x, weight, bias=None, **_):
     return torch.nn.functional.linear(x, weight, bias)
 
 
+def _largest(inputs: dict) -> torch.Tensor:
+    return max((t for t in inputs.values() if isinstance(t, torch.Tensor)), key=lambda t: t.numel() * t.element_size())
+
+
 def _floor_contender(case, inputs: dict, backward: bool):
     """What bounds the op, on the same inputs, in the same alternation (so it meets the
     same caches and the same fresh memory): F.linear for an op built around a matmul
@@ -78,18 +82,18 @@ def _floor_contender(case, inputs: dict, backward: bool):
     input, allocated as the CPU kernels allocate their outputs."""
     if case.matmul_bound:
         return lambda: run(case, _linear, inputs, backward)
-    largest = max((t for t in inputs.values() if isinstance(t, torch.Tensor)), key=lambda t: t.numel() * t.element_size())
+    largest = _largest(inputs)
     return lambda: harness.fresh_clone(largest)
 
 
-def _floor_share(case, inputs: dict, backward: bool, floor_ms: float, gbytes: float) -> dict:
-    """{"ms": {share key: the floor's time for this op's work}, "extra": more fields}:
-    the matmul's own time, or the op's bytes at the copy's rate."""
+def _floor_fields(case, inputs: dict, measured_ms: float, gbytes: float) -> tuple[str, float, dict]:
+    """(the share's key, the floor's time for this op's work, more fields): the matmul's
+    own time, or the op's bytes at the rate of the copy."""
     if case.matmul_bound:
-        return {"ms": {"matmul_share": floor_ms}, "extra": {}}
-    largest = max((t for t in inputs.values() if isinstance(t, torch.Tensor)), key=lambda t: t.numel() * t.element_size())
-    copy_gbps = 2 * largest.numel() * largest.element_size() / 1e9 / (floor_ms * 1e-3)  # read + write
-    return {"ms": {"copy_share": gbytes / copy_gbps * 1e3}, "extra": {"copy_GBps": round(copy_gbps, 2)}}
+        return "matmul_share", measured_ms, {}
+    largest = _largest(inputs)
+    copy_gbps = 2 * largest.numel() * largest.element_size() / 1e9 / (measured_ms * 1e-3)  # read + write
+    return "copy_share", gbytes / copy_gbps * 1e3, {"copy_GBps": round(copy_gbps, 2)}
 
 
 def _failing(contenders: dict) -> dict[str, str]:
@@ -143,13 +147,12 @@ def measure(args, progress=None) -> tuple[list[dict], dict]:
                         continue
                     ms = {n: harness.median_ms(t) for n, t in harness.alternate(contenders, device, args.rounds).items()}
                     gbytes = case.bytes_moved(inputs, backward) / 1e9
-                    floor = _floor_share(case, inputs, backward, ms.pop(FLOOR), gbytes)
+                    share_key, floor_ms, extra = _floor_fields(case, inputs, ms.pop(FLOOR), gbytes)
                     for name, value in ms.items():
                         rows.append({
                             **base, "contender": name, "median_ms": round(value, 5),
                             "GBps": round(gbytes / (value * 1e-3), 2), "bytes": int(gbytes * 1e9),
-                            **{key: round(v / value, 3) for key, v in floor["ms"].items()},
-                            "floor_ms": round(next(iter(floor["ms"].values())), 5), **floor["extra"],
+                            share_key: round(floor_ms / value, 3), "floor_ms": round(floor_ms, 5), **extra,
                             "vs_eager": round(ms["eager"] / value, 3),
                             "vs_compiled": round(ms["compiled"] / value, 3) if "compiled" in ms else None,
                         })

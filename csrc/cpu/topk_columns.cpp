@@ -4,11 +4,16 @@
 // and writing x's layout in place: a column-wise selection on x.t() returns an (H, B)
 // result whose transposed copies (and the backward's) cost more than the selection.
 //
-// x goes by in tiles of 16 columns, 16 contiguous elements of each row, kept in that
-// layout as integer keys in the values' order: one vector lane per column. The 16
-// bars are bisected on the key in lockstep (one vector count over the tile per step)
-// until each keeps k to k + 4 elements; the exact selection is among those. Each tile
-// then writes its 16 columns of the output: zeros, and its winners.
+// x goes by in panels of 64 columns, four tiles of 16: 256 contiguous bytes of each
+// float32 row read per step (the rows are pages apart: prefetched a few rows ahead),
+// kept per tile as integer keys in the values' order, one vector lane per column,
+// with each lane's min, max, sum and sum of squares. Per tile, 16 bars in lockstep:
+// first two counts a quarter of a deviation either side of where the k-th would be
+// for normal data (a bracket of a few dozen elements, most of the time), then
+// bisection on the key, one vector count over the tile per step, until each lane
+// keeps k to k + 4; the candidates collected (AVX-512: by compress, no branch per
+// hit), the exact k among them. A bit per kept entry, grouped by 64 columns, then the
+// panel's columns of the output written from x while they are in cache, streamed.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -51,13 +56,13 @@ inline int64_t order_key(double v) {
 template <typename A>
 using KeyOf = std::conditional_t<std::is_same_v<A, double>, int64_t, int32_t>;
 
-
 constexpr int64_t kLanes = 16;
 constexpr int64_t kPrefetchRows = 24;  // how far ahead the copies ask for rows
 constexpr int64_t kPanel = 4;          // tiles copied side by side: 256 bytes of float32 per row
 static_assert(kPanel * kLanes == 64, "a panel is one group of 64 columns of KeptBits");
 
-// A tile's keys in its row-major layout: column c0 + l of row j at [j * kLanes + l].
+// A thread's scratch. A tile's keys are in its row-major layout: lane l of row j at
+// [j * kLanes + l].
 template <typename Key>
 struct TileScratch {
   std::vector<Key> keys;  // a panel's tiles, one after the other

@@ -34,6 +34,16 @@ namespace aefast {
 namespace cpu {
 namespace {
 
+template <typename T, typename A>
+void write_winners(const std::vector<Candidate<A>>& winners, bool relu, T* values, int64_t* indices) {
+  for (size_t j = 0; j < winners.size(); ++j) {
+    A v = winners[j].value;
+    if (relu && v < A(0)) v = A(0);
+    values[j] = static_cast<T>(v);
+    indices[j] = winners[j].index;
+  }
+}
+
 // ------------------------------------------------------------ a long row
 
 enum class Outcome { kDone, kMisled, kNaN };
