@@ -10,8 +10,8 @@
 // with each lane's min, max, sum and sum of squares. Per tile, 16 bars in lockstep:
 // first two counts a quarter of a deviation either side of where the k-th would be
 // for normal data (a bracket of a few dozen elements, most of the time), then
-// bisection on the key, one vector count over the tile per step, until each lane
-// keeps k to k + 4; the candidates collected (AVX-512: by compress, no branch per
+// steps on the key, one vector count over the tile each (halving a wide bracket,
+// interpolating the counts in a narrow one), until each lane keeps k to k + 4; the candidates collected (AVX-512: by compress, no branch per
 // hit), the exact k among them. A bit per kept entry, grouped by 64 columns, then the
 // panel's columns of the output written from x while they are in cache, streamed.
 #include <ATen/ATen.h>
@@ -338,7 +338,7 @@ void select_in_tile(const Key* keys, int64_t B, int64_t lanes, int64_t k, const 
   // the count is near k (or bar and top are adjacent keys). No NaN, so high + 1 is a key.
   const int64_t enough = k + 4;  // a few steps more, and no nth_element
   Key bar[kLanes], top[kLanes];
-  int32_t counts[kLanes], at_bar[kLanes];
+  int32_t counts[kLanes], at_bar[kLanes], at_top[kLanes];
   bool done[kLanes];
   // First, two guesses a quarter of a standard deviation either side of where the k-th
   // would be for normal data: one pass each, then for most columns a bracket of a few
@@ -349,6 +349,7 @@ void select_in_tile(const Key* keys, int64_t B, int64_t lanes, int64_t k, const 
     bar[l] = stats.low[l];
     top[l] = static_cast<Key>(stats.high[l] + 1);
     at_bar[l] = static_cast<int32_t>(B);
+    at_top[l] = 0;
     const double mean = static_cast<double>(stats.sum[l]) / B;
     const double sd = std::sqrt(std::max(0.0, static_cast<double>(stats.squares[l]) / B - mean * mean));
     for (int g = 0; g < 2; ++g) {
@@ -365,6 +366,7 @@ void select_in_tile(const Key* keys, int64_t B, int64_t lanes, int64_t k, const 
         at_bar[l] = counts[l];
       } else if (counts[l] < k && guess[g][l] < top[l]) {
         top[l] = guess[g][l];
+        at_top[l] = counts[l];
       }
     }
   }
@@ -376,7 +378,16 @@ void select_in_tile(const Key* keys, int64_t B, int64_t lanes, int64_t k, const 
       const UKey gap = static_cast<UKey>(top[l]) - static_cast<UKey>(bar[l]);
       done[l] = done[l] || gap <= 1;
       all_done = all_done && done[l];
-      mid[l] = done[l] ? bar[l] : static_cast<Key>(static_cast<UKey>(bar[l]) + gap / 2);
+      // Within a bracket of a few k elements the counts are near linear in the key: aim
+      // at k + 2 between the two ends' counts (a quarter of the gap at least from each
+      // end); wider, halve it.
+      UKey step = gap / 2;
+      if (at_bar[l] - at_top[l] <= 4 * k) {
+        const double f = static_cast<double>(at_bar[l] - (k + 2)) / static_cast<double>(at_bar[l] - at_top[l]);
+        step = static_cast<UKey>(std::clamp(f, 0.25, 0.75) * static_cast<double>(gap));
+        step = std::clamp<UKey>(step, 1, gap - 1);
+      }
+      mid[l] = done[l] ? bar[l] : static_cast<Key>(static_cast<UKey>(bar[l]) + step);
     }
     if (all_done) break;
     count_tile(keys, B, mid, counts);
@@ -384,8 +395,10 @@ void select_in_tile(const Key* keys, int64_t B, int64_t lanes, int64_t k, const 
       if (done[l]) continue;
       if (counts[l] < k) {
         top[l] = mid[l];
+        at_top[l] = counts[l];
       } else {
         bar[l] = mid[l];
+        at_bar[l] = counts[l];
         done[l] = counts[l] <= enough;
       }
     }
