@@ -328,10 +328,11 @@ def lifetime_topk(ops, x: Tensor, rate: float, *, group=None) -> Tensor:
     rows, exactly as one process would on the concatenated batch."""
     batch = x.shape[0] if group is None else global_count(x.shape[0], x.device, group)
     m = reference.lifetime_count(rate, batch)
+    local = min(m, x.shape[0])  # the candidates this rank offers
     column_topk = ops.get("column_topk")
     if group is None and column_topk is not None:  # x's own layout, no transposed copies
-        return column_topk(x, min(m, x.shape[0]))[0]
-    values, indices = ops.topk_forward(x.t(), min(m, x.shape[0]), False)
+        return column_topk(x, local)[0]
+    values, indices = ops.topk_forward(x.t(), local, False)
     if group is not None:  # global_topk_keep reads the candidates in value order
         values = torch.where(global_topk_keep(values, m, group), values, 0.0)
     return scatter_rows(ops, values, indices, x.shape[0]).t()

@@ -339,7 +339,16 @@ void select_in_tile(const Key* keys, int64_t B, int64_t lanes, int64_t k, const 
   const int64_t enough = k + 4;  // a few steps more, and no nth_element
   Key bar[kLanes], top[kLanes];
   int32_t counts[kLanes], at_bar[kLanes], at_top[kLanes];
-  bool done[kLanes];
+  // A key inside (bar, top) whose count came back: the end of the bracket it replaces.
+  auto narrow = [&](int64_t l, Key key, int32_t count) {
+    if (count >= k && key > bar[l]) {
+      bar[l] = key;
+      at_bar[l] = count;
+    } else if (count < k && key < top[l]) {
+      top[l] = key;
+      at_top[l] = count;
+    }
+  };
   // First, two guesses a quarter of a standard deviation either side of where the k-th
   // would be for normal data: one pass each, then for most columns a bracket of a few
   // dozen elements instead of the whole range. Data far from normal only spends them.
@@ -360,48 +369,29 @@ void select_in_tile(const Key* keys, int64_t B, int64_t lanes, int64_t k, const 
   }
   for (int g = 0; g < 2; ++g) {
     count_tile(keys, B, guess[g], counts);
-    for (int64_t l = 0; l < kLanes; ++l) {
-      if (counts[l] >= k && guess[g][l] > bar[l]) {
-        bar[l] = guess[g][l];
-        at_bar[l] = counts[l];
-      } else if (counts[l] < k && guess[g][l] < top[l]) {
-        top[l] = guess[g][l];
-        at_top[l] = counts[l];
-      }
-    }
+    for (int64_t l = 0; l < kLanes; ++l) narrow(l, guess[g][l], counts[l]);
   }
-  for (int64_t l = 0; l < kLanes; ++l) done[l] = at_bar[l] <= enough;
   for (;;) {
     Key mid[kLanes];
     bool all_done = true;
     for (int64_t l = 0; l < kLanes; ++l) {
       const UKey gap = static_cast<UKey>(top[l]) - static_cast<UKey>(bar[l]);
-      done[l] = done[l] || gap <= 1;
-      all_done = all_done && done[l];
+      const bool done = at_bar[l] <= enough || gap <= 1;
+      all_done = all_done && done;
       // Within a bracket of a few k elements the counts are near linear in the key: aim
       // at k + 2 between the two ends' counts (a quarter of the gap at least from each
       // end); wider, halve it.
       UKey step = gap / 2;
-      if (at_bar[l] - at_top[l] <= 4 * k) {
+      if (!done && at_bar[l] - at_top[l] <= 4 * k) {
         const double f = static_cast<double>(at_bar[l] - (k + 2)) / static_cast<double>(at_bar[l] - at_top[l]);
         step = static_cast<UKey>(std::clamp(f, 0.25, 0.75) * static_cast<double>(gap));
         step = std::clamp<UKey>(step, 1, gap - 1);
       }
-      mid[l] = done[l] ? bar[l] : static_cast<Key>(static_cast<UKey>(bar[l]) + step);
+      mid[l] = done ? bar[l] : static_cast<Key>(static_cast<UKey>(bar[l]) + step);  // bar: no change
     }
     if (all_done) break;
     count_tile(keys, B, mid, counts);
-    for (int64_t l = 0; l < kLanes; ++l) {
-      if (done[l]) continue;
-      if (counts[l] < k) {
-        top[l] = mid[l];
-        at_top[l] = counts[l];
-      } else {
-        bar[l] = mid[l];
-        at_bar[l] = counts[l];
-        done[l] = counts[l] <= enough;
-      }
-    }
+    for (int64_t l = 0; l < kLanes; ++l) narrow(l, mid[l], counts[l]);
   }
   s.rows.resize(static_cast<size_t>(kLanes * B));
   collect_tile(keys, B, bar, s.rows.data(), counts, s.entries);
