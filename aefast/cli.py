@@ -177,6 +177,7 @@ examples:
   aefast train topk-sae --data synthetic --k 3
   aefast train topk-sae --data acts/ --n-latents 16384 --k 32 --batch-size 4096 --epochs 1
   aefast train vae --out runs/vae --epochs 10 && aefast train vae --out runs/vae --epochs 20 --resume
+  torchrun --nproc_per_node 2 -m aefast train sparse   (data-parallel: --batch-size is the global batch)
 """
 
 

@@ -25,6 +25,7 @@ class AdversarialAutoencoder(MLPAutoencoder):
     encoder, as the generator, learns to make its codes pass for prior samples."""
 
     accumulates_gradients = False
+    data_parallel = False  # three optimizer steps per batch, each its own DDP reduction: not wired
 
     def __init__(self, n_in: int, hidden: int = 128, latent: int = 8, discriminator_hidden: int = 64,
                  prior_std: float = 1.0):

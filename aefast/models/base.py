@@ -32,6 +32,12 @@ class AutoencoderModel(nn.Module):
     side_channel: str | None = None
     # One optimizer step per batch, so that --grad-accum can add several batches' gradients.
     accumulates_gradients = True
+    # A torch.distributed process group whose global batch the model's batch statistics
+    # run over (`distribute`); None: the local batch.
+    group = None
+    # Trains data-parallel exactly (aefast.train.distributed): its batch statistics take
+    # the global batch, and its step is one loss, one optimizer.
+    data_parallel = True
 
     def loss(self, x: Tensor) -> dict[str, Tensor]:
         raise NotImplementedError
@@ -65,19 +71,30 @@ class AutoencoderModel(nn.Module):
         """Called before each epoch (0-based); returns a phase name to display, if any."""
         return None
 
-    def train_step(self, batches: Tensor | Sequence[Tensor],
-                   optimizers: dict[str, torch.optim.Optimizer]) -> dict[str, Tensor]:
+    def distribute(self, group) -> None:
+        """Take batch statistics over the global batch of `group` (None: the local
+        batch), in this model and every layer of it that has a `group`."""
+        for module in self.modules():
+            if hasattr(module, "group"):
+                module.group = group
+
+    def train_step(self, batches: Tensor | Sequence[Tensor], optimizers: dict[str, torch.optim.Optimizer],
+                   *, loss=None, mean_rows: float | None = None) -> dict[str, Tensor]:
         """One optimisation step on a batch, or on several (gradient accumulation: the
         gradient of their losses' mean, weighted by rows); returns the loss terms,
-        weighted the same way."""
+        weighted the same way. `loss`: the function to call instead of self.loss (the
+        data-parallel wrapper); `mean_rows`: the rows the losses are averaged over
+        (default: the rows given; data-parallel: the step's global rows / world size,
+        which DDP's average over the processes completes to the global mean)."""
         (optimizer,) = optimizers.values()
         batches = [batches] if isinstance(batches, Tensor) else list(batches)
-        rows = sum(len(x) for x in batches)
+        rows = mean_rows or sum(len(x) for x in batches)
+        loss = loss or self.loss
         optimizer.zero_grad(set_to_none=True)
         totals: dict[str, Tensor] = {}
         for x in batches:
             with self.autocast():
-                terms = self.loss(x)
+                terms = loss(x)
             weight = len(x) / rows  # 1.0 for a single batch: the very bits of an unweighted step
             (terms["loss"] * weight).backward()
             for name, value in terms.items():

@@ -37,7 +37,7 @@ class SparseAutoencoder(OneLayerSigmoidAutoencoder):
 
     def loss(self, x: Tensor) -> dict[str, Tensor]:
         if self.sparsity is None:
-            h, sparsity = sigmoid_kl_sparsity(self.encoder(x), self.rho, self.beta)
+            h, sparsity = sigmoid_kl_sparsity(self.encoder(x), self.rho, self.beta, group=self.group)
         else:
             h = self.encode(x)
             sparsity = self.sparsity(h)

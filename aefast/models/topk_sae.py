@@ -10,6 +10,7 @@ from torch.nn import functional as F
 
 import aefast as ae
 from aefast.models.base import AutoencoderModel, detached, squared_error
+from aefast.ops._distributed import reduce_over_ranks_
 from aefast.ops.topk import check_k
 
 
@@ -80,7 +81,10 @@ class TopKSAE(AutoencoderModel):
         if self.training:
             with torch.no_grad():  # integer adds: deterministic wherever indices repeat
                 fired = torch.zeros_like(self.steps_since_fired).scatter_add_(
-                    0, indices.flatten(), (values > 0).flatten().long()) > 0
+                    0, indices.flatten(), (values > 0).flatten().long())
+                if self.group is not None:  # fired anywhere in the global batch
+                    reduce_over_ranks_(fired, "max", self.group)
+                fired = fired > 0
                 self.steps_since_fired.add_(1).masked_fill_(fired, 0)
         if self.k_aux:
             residual = (x - x_hat).detach()

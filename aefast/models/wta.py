@@ -22,6 +22,7 @@ from torch.nn import functional as F
 
 import aefast as ae
 from aefast.models.base import AutoencoderModel, decoder_layer, detached, squared_error
+from aefast.ops._distributed import global_count, reduce_over_ranks_
 from aefast.ops.checks import check_rate
 from aefast.reference import lifetime_count
 
@@ -60,7 +61,12 @@ class _WTABase(AutoencoderModel):
         kept = kept.float()
         positive = kept > 0
         smallest = torch.where(positive, kept, math.inf).amin(0)
-        enough = positive.sum(0) >= lifetime_count(self.rate, kept.shape[0])
+        count, batch_rows = positive.sum(0), kept.shape[0]
+        if self.group is not None:  # over the global batch
+            reduce_over_ranks_(smallest, "min", self.group)
+            reduce_over_ranks_(count, "sum", self.group)
+            batch_rows = global_count(batch_rows, kept.device, self.group)
+        enough = count >= lifetime_count(self.rate, batch_rows)
         batch = torch.where(enough, smallest, 0.0)
         running = torch.lerp(self.winner_threshold, batch, self.threshold_momentum)
         self.winner_threshold.copy_(torch.where(self.thresholds_tracked == 0, batch, running))
@@ -92,7 +98,7 @@ class WTAAutoencoder(_WTABase):
         return self.features(x)
 
     def _winners(self, features: Tensor) -> Tensor:
-        return ae.lifetime_topk(features, self.rate)
+        return ae.lifetime_topk(features, self.rate, group=self.group)
 
     def _unit_values(self, code: Tensor) -> Tensor:
         return code
@@ -109,6 +115,8 @@ class ConvWTAAutoencoder(_WTABase):
     one linear transposed convolution back to the image (the paper's deconvolution).
     `encode`: the feature maps max-pooled `pool` x `pool`, as the paper pools them for
     its classifier."""
+
+    data_parallel = False  # spatial_wta's lifetime selection has no group= yet: it would be per process
 
     def __init__(self, image_shape: Sequence[int], channels: Sequence[int] = (32, 32), kernel_size: int = 5,
                  decoder_kernel_size: int = 7, rate: float = 0.2, pool: int = 2):

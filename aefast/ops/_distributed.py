@@ -35,6 +35,18 @@ def global_count(n: int, device: torch.device, group) -> int:
     return int(total.item())
 
 
+def reduce_over_ranks_(t: Tensor, op: str, group) -> Tensor:
+    """In place: `t` reduced ("sum", "min" or "max") over the ranks of `group`, for
+    bookkeeping outside autograd (dead-latent counters, running thresholds)."""
+    import torch.distributed as dist
+
+    if not dist.is_available() or not dist.is_initialized():
+        raise ValueError("group was given but torch.distributed is not initialized")
+    dist.all_reduce(t, op={"sum": dist.ReduceOp.SUM, "min": dist.ReduceOp.MIN, "max": dist.ReduceOp.MAX}[op],
+                    group=group)
+    return t
+
+
 def global_topk_keep(values: Tensor, k: int, group) -> Tensor:
     """Which local candidates win a top-k taken over all ranks.
 

@@ -32,6 +32,7 @@ TRAINING: dict[str, Any] = {
     "conv": False,
     "buffer_mib": 256,
     "checkpoint_minutes": 10.0,
+    "timeout": 300.0,
 }
 
 TRAINING_HELP = {
@@ -54,6 +55,8 @@ TRAINING_HELP = {
                   "thread; it also bounds the validation rows)",
     "checkpoint_minutes": "also write a checkpoint mid-epoch after this many minutes (besides each epoch's end, "
                           "and Ctrl-C or SIGTERM, which stop after the current step)",
+    "timeout": "under torchrun: seconds a collective may wait for the other processes before every process "
+               "ends with an error naming its rank and step (a process that died ends the others at once)",
 }
 
 PARAM_HELP = {
@@ -108,6 +111,7 @@ RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "grad_accum": _at_least(1),
     "buffer_mib": _at_least(1),
     "checkpoint_minutes": _NONNEGATIVE,
+    "timeout": _POSITIVE,
     "lr": _POSITIVE,
     "seed": ((lambda v: 0 <= v < 2**63), "in [0, 2**63)"),
     "val_fraction": _OPEN_UNIT,

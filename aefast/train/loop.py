@@ -8,10 +8,15 @@ the run draws from (torch's CPU and CUDA generators, which the noise ops and the
 initialisation use, and the shuffling generator, as it was when the epoch began).
 Checkpoints are written after each epoch's validation, every --checkpoint-minutes
 mid-epoch, and when Ctrl-C or SIGTERM stops the run; a resumed run sees the generators
-exactly as the uninterrupted run did at that point."""
+exactly as the uninterrupted run did at that point.
+
+Under torchrun the same loop trains data-parallel (aefast.train.distributed): each
+process trains on its share of every global batch, rank 0 writes the files, and a
+checkpoint of any world size resumes on any other."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -24,11 +29,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed
 
 from aefast.batches import StreamedBatches, open_training_data
 from aefast.data import load_dataset
 from aefast.models import AutoencoderModel
 from aefast.train import config as configuration
+from aefast.train.distributed import Cluster, launched_by_torchrun
 from aefast.train.evaluate import evaluate, infer
 
 CHECKPOINT = "checkpoint.pt"
@@ -55,13 +62,30 @@ def train(config: dict[str, Any], out_dir: Path, checkpoint: dict[str, Any] | No
           progress: bool | None = None) -> dict[str, Any]:
     """Train (or, given `checkpoint`, continue) the run described by `config`, writing
     into out_dir; returns the final evaluation. `progress`: show progress bars (None: only
-    when stderr is a terminal)."""
-    device = _device(config["device"])
+    when stderr is a terminal). Under torchrun: one process of a data-parallel run
+    (rank 0 writes the files and returns the evaluation, the others return {})."""
+    cluster = Cluster.from_environment(config["device"], config["timeout"]) if launched_by_torchrun() else None
+    try:
+        return _train(config, out_dir, checkpoint, progress, cluster)
+    finally:
+        if cluster is not None:
+            cluster.close()
+
+
+def _train(config: dict[str, Any], out_dir: Path, checkpoint: dict[str, Any] | None, progress: bool | None,
+           cluster: Cluster | None) -> dict[str, Any]:
+    leader = cluster is None or cluster.leader
+    device = cluster.device if cluster else _device(config["device"])
     data, batches = open_training_data(config["data"], config["val_fraction"], config["seed"],
                                        config["batch_size"], config["buffer_mib"], device)
     torch.manual_seed(config["seed"])
     model = configuration.build_model(config, data.image_shape).to(device)
     check_data_range(model, data)
+    if cluster is not None:
+        if not model.data_parallel:
+            raise ValueError(f"{config['model']}{' --conv' if config['conv'] else ''} trains on one process only "
+                             f"({type(model).__name__}.data_parallel is False); start it without torchrun")
+        cluster.check_batches(batches.rows, config["batch_size"])
     if config["grad_accum"] > 1 and not model.accumulates_gradients:
         raise ValueError(f"--grad-accum: {config['model']} takes several optimizer steps per batch "
                          f"({type(model).__name__}.train_step); it trains with --grad-accum 1 only")
@@ -81,10 +105,15 @@ def train(config: dict[str, Any], out_dir: Path, checkpoint: dict[str, Any] | No
         history = checkpoint["history"]
         _set_rng_states(checkpoint["rng"], shuffle)
         position = _EpochPosition.restore(checkpoint.get("position"), config["batch_size"])
+    if cluster is not None:
+        _seed_rank(cluster, config["seed"], checkpoint, position)
+        if not cluster.leader:  # the epoch's sums so far are counted once, by rank 0
+            position.sums = {}
 
-    out_dir.mkdir(parents=True, exist_ok=True)
-    configuration.write_toml(config, out_dir / CONFIG)
-    (out_dir / METRICS).write_text("".join(json.dumps(record) + "\n" for record in history))
+    if leader:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        configuration.write_toml(config, out_dir / CONFIG)
+        (out_dir / METRICS).write_text("".join(json.dumps(record) + "\n" for record in history))
     if config["compile"]:
         # The trainer calls loss(), not forward(); compiling the bound method leaves the
         # module (and so its state_dict and checkpoints) untouched.
@@ -92,40 +121,48 @@ def train(config: dict[str, Any], out_dir: Path, checkpoint: dict[str, Any] | No
 
     val_x = data.val.to(device)
     n_params = sum(p.numel() for p in model.parameters())
+    say = _say if leader else (lambda line: None)
     if history or position.rows:
         mid = f", {position.rows} rows into epoch {len(history) + 1}" if position.rows else ""
-        _say(f"resuming {out_dir} after epoch {len(history)} of {config['epochs']}{mid}")
+        say(f"resuming {out_dir} after epoch {len(history)} of {config['epochs']}{mid}")
     streamed = (f" (streamed from disk, {min(batches.window_rows, batches.rows)} rows in memory at a time)"
                 if isinstance(batches, StreamedBatches) else "")
-    _say(f"{config['model']}{' --conv' if config['conv'] else ''} on {data.name}: {batches.rows} train{streamed} / "
+    processes = f"; {cluster.world} processes, data-parallel" if cluster else ""
+    say(f"{config['model']}{' --conv' if config['conv'] else ''} on {data.name}: {batches.rows} train{streamed} / "
         f"{len(val_x)} validation rows of {'x'.join(map(str, data.image_shape))}, {n_params:,} parameters, "
-        f"{_backend(device)} on {device}; writing {out_dir}")
-    run = _Run(out_dir, config, model, optimizers, shuffle, history, data.image_shape)
-    table = _EpochTable()
+        f"{_backend(device)} on {device}{processes}; writing {out_dir}")
+    run = _Run(out_dir, config, model, optimizers, shuffle, history, data.image_shape, cluster)
+    table = _EpochTable(say)
     for record in history:
         table.row(record)
-    with _StopRequests() as stop:
+    with _StopRequests() as stop, _collective_failures(run):
         for epoch in range(len(history), config["epochs"]):
             phase = model.begin_epoch(epoch)
             run.epoch_start_shuffle = shuffle.get_state()
             train_terms, seconds = _train_epoch(run, batches, position, stop,
                                                 f"epoch {epoch + 1}/{config['epochs']}" + (f" ({phase})" if phase else ""),
-                                                progress)
+                                                progress if leader else False)
             val_terms = _validate(model, val_x, config["batch_size"])
             _check_finite(train_terms, val_terms, epoch, out_dir)
+            peak = _peak_memory_mib(device)
             record = {"epoch": epoch + 1, "train": train_terms, "val": val_terms,
                       "seconds": round(seconds, 4), "samples_per_s": round(batches.rows / seconds, 1),
-                      "peak_memory_mib": round(_peak_memory_mib(device), 1)}
+                      "peak_memory_mib": round(cluster.max(peak) if cluster else peak, 1)}
             if phase:
                 record["phase"] = phase
             history.append(record)
             position = _EpochPosition()
             run.save(position)
-            with open(out_dir / METRICS, "a") as f:
-                f.write(json.dumps(record) + "\n")
+            if leader:
+                with open(out_dir / METRICS, "a") as f:
+                    f.write(json.dumps(record) + "\n")
             table.row(record)
-            stop.check()
+            if cluster.agree(stop.requested)[0] if cluster else stop.requested:
+                raise KeyboardInterrupt
 
+    if not leader:
+        return {}
+    model.distribute(None)
     from aefast.train.figures import write_figures
 
     val_recon, val_codes = infer(model, val_x, config["batch_size"])
@@ -170,15 +207,26 @@ class _Run:
     shuffle: torch.Generator
     history: list[dict[str, Any]]
     image_shape: tuple[int, int, int]
+    cluster: Cluster | None = None
     epoch_start_shuffle: torch.Tensor | None = None
+    where: str = "before the first step"  # for the error that ends a rank when a collective fails
     saved_at: float = field(default_factory=time.monotonic)
 
     def save(self, position: _EpochPosition) -> None:
+        """Every rank calls it at the same point; rank 0 writes."""
         # Mid-epoch, the shuffling generator is saved as it was when the epoch began:
         # the resumed epoch draws the same order again and skips the rows done.
         shuffle = self.epoch_start_shuffle if position.rows else self.shuffle.get_state()
-        _save_checkpoint(self.out_dir, self.model, self.optimizers, shuffle, self.history, self.config,
-                         self.image_shape, position)
+        rank_rngs = None
+        if self.cluster is not None:
+            rank_rngs = self.cluster.gather(torch.get_rng_state())
+            if position.rows:  # the epoch's sums so far, over every rank
+                sums = self.cluster.sum({name: float(value) for name, value in position.sums.items()})
+                position = _EpochPosition(position.rows, {n: torch.tensor(v) for n, v in sums.items()},
+                                          position.seconds)
+        if self.cluster is None or self.cluster.leader:
+            _save_checkpoint(self.out_dir, self.model, self.optimizers, shuffle, self.history, self.config,
+                             self.image_shape, rank_rngs, position)
         self.saved_at = time.monotonic()
 
 
@@ -187,33 +235,61 @@ def _train_epoch(run: _Run, batches, position: _EpochPosition, stop: _StopReques
     """Train one epoch from `position` on; (the mean loss terms over its rows, seconds)."""
     from tqdm import tqdm
 
-    model, config = run.model, run.config
+    model, config, cluster = run.model, run.config, run.cluster
     model.train()
     device = next(model.parameters()).device
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     batch_size, accumulate = config["batch_size"], config["grad_accum"]
     every = config["checkpoint_minutes"] * 60
-    sums = dict(position.sums)
-    done, seconds, start = position.rows, position.seconds, time.perf_counter()
+    sums = dict(position.sums)  # of this process's rows
+    done, seconds, start = position.rows, position.seconds, time.perf_counter()  # done: global rows
     source = batches.epoch(run.shuffle, skip=done // batch_size)
+    step_options: dict[str, Any] = {}
+    if cluster is not None:
+        model.distribute(cluster.group)
+        step_options["loss"] = cluster.wrap(model, model.loss)
     with tqdm(total=batches.rows, initial=done, desc=description, unit="row", unit_scale=True, leave=False,
               file=sys.stderr, disable=None if progress is None else not progress, dynamic_ncols=True) as bar:
         for step, group in enumerate(_groups(source, accumulate)):
-            group = [batch.to(device, non_blocking=True).float() for batch in group]
-            terms = model.train_step(group, run.optimizers)
             rows = sum(len(batch) for batch in group)
-            for name, value in terms.items():
-                sums[name] = sums.get(name, 0.0) + value.detach().float() * rows
+            if cluster is not None:
+                group = [cluster.share(batch) for batch in group]
+                step_options["mean_rows"] = rows / cluster.world
+            group = [batch.to(device, non_blocking=True).float() for batch in group]
+            run.where = f"{description}, step {step + 1}"
+            terms = model.train_step(group, run.optimizers, **step_options)
+            for name, value in terms.items():  # weighted by the rows they are the mean of
+                sums[name] = sums.get(name, 0.0) + value.detach().float() * step_options.get("mean_rows", rows)
             done += rows
+            due = done < batches.rows and time.monotonic() - run.saved_at >= every
+            stop_now, save_now = cluster.agree(stop.requested, due and cluster.leader) if cluster else (stop.requested, due)
             bar.update(rows)
             if step % 10 == 0 and not bar.disable:  # reading the sums waits for the GPU: not every step
-                bar.set_postfix({**{name: f"{float(v) / done:.4g}" for name, v in sums.items()},
+                shown = done if cluster is None else done / cluster.world  # rank 0's rows, about
+                bar.set_postfix({**{name: f"{float(v) / shown:.4g}" for name, v in sums.items()},
                                  "peak": f"{_peak_memory_mib(device):.0f}MiB"}, refresh=False)
-            if done < batches.rows and (stop.requested or time.monotonic() - run.saved_at >= every):
+            if done < batches.rows and (stop_now or save_now):
                 run.save(_EpochPosition(done, sums, seconds + time.perf_counter() - start))
-                stop.check()
+                if stop_now:
+                    raise KeyboardInterrupt
+    run.where = f"{description}, after its last step"
+    if cluster is not None:
+        model.distribute(None)
+        sums = cluster.sum({name: float(value) for name, value in sums.items()})
     return {name: float(value) / batches.rows for name, value in sums.items()}, seconds + time.perf_counter() - start
+
+
+@contextlib.contextmanager
+def _collective_failures(run: _Run):
+    """Data-parallel: a collective that failed (a peer died, or stalled past --timeout)
+    ends this rank with an error that says which rank it is and where it was."""
+    try:
+        yield
+    except RuntimeError as exc:  # gloo's failures are plain RuntimeErrors, NCCL's DistErrors
+        if run.cluster is None:
+            raise
+        raise run.cluster.failure(exc, run.where) from None
 
 
 def _groups(batches, size: int):
@@ -281,14 +357,15 @@ def _validate(model: AutoencoderModel, x: torch.Tensor, batch_size: int) -> dict
 
 
 def _save_checkpoint(out_dir: Path, model, optimizers, shuffle: torch.Tensor, history, config, image_shape,
-                     position: _EpochPosition) -> None:
+                     rank_rngs: list[torch.Tensor] | None, position: _EpochPosition) -> None:
     state = {
         "epoch": len(history),
         "image_shape": list(image_shape),
         "model": model.state_dict(),
         "optimizers": {name: optimizer.state_dict() for name, optimizer in optimizers.items()},
         "rng": {"torch": torch.get_rng_state(), "shuffle": shuffle,
-                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
+                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+                "ranks": rank_rngs or []},  # data-parallel: each process's torch generator, in rank order
         "history": history,
         "position": {"rows": position.rows, "sums": position.sums, "seconds": position.seconds}
                     if position.rows else None,
@@ -335,6 +412,20 @@ def load_run(run_dir: str | Path) -> tuple[AutoencoderModel, dict[str, Any]]:
     model = configuration.build_model(config, tuple(image_shape))
     model.load_state_dict(checkpoint["model"])
     return model.eval(), config
+
+
+def _seed_rank(cluster: Cluster, seed: int, checkpoint: dict[str, Any] | None, position: _EpochPosition) -> None:
+    """Each process its own noise (rank 0 keeps the generator a one-process run has):
+    the state it had when the checkpoint was written when the world size is the same,
+    else one derived from the seed, the rank and the run's position."""
+    if cluster.rank == 0:
+        return
+    saved = (checkpoint or {}).get("rng", {}).get("ranks") or []
+    if len(saved) == cluster.world:
+        torch.set_rng_state(saved[cluster.rank])
+        return
+    epochs = len(checkpoint["history"]) if checkpoint else 0
+    torch.manual_seed(hash((seed, cluster.rank, epochs, position.rows)) % 2**63)
 
 
 def _set_rng_states(states: dict[str, Any], shuffle: torch.Generator) -> None:
@@ -390,14 +481,17 @@ class _EpochTable:
 
     columns: list[tuple[str, str]] | None = None
 
+    def __init__(self, say=None):
+        self.say = say or _say
+
     def row(self, record: dict[str, Any]) -> None:
         if self.columns is None:
             val = ["loss"] + (["reconstruction"] if "reconstruction" in record["val"] else [])
             self.columns = [("train", k) for k in record["train"]] + [("val", k) for k in val]
             self.names = [k if part == "train" else f"val {k}" for part, k in self.columns]
             self.widths = [max(11, len(name)) for name in self.names]
-            _say(f"{'epoch':>5}" + "".join(f" {name:>{w}}" for name, w in zip(self.names, self.widths)))
+            self.say(f"{'epoch':>5}" + "".join(f" {name:>{w}}" for name, w in zip(self.names, self.widths)))
         # A space before every cell and 5 significant digits (at most 11 characters, e.g.
         # -1.2346e+06): the columns stay apart for any magnitude.
         cells = "".join(f" {record[part][k]:>{w}.5g}" for (part, k), w in zip(self.columns, self.widths))
-        _say(f"{record['epoch']:5d}{cells}" + (f"  {record['phase']}" if "phase" in record else ""))
+        self.say(f"{record['epoch']:5d}{cells}" + (f"  {record['phase']}" if "phase" in record else ""))
