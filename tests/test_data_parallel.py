@@ -8,66 +8,35 @@ environment variables set by hand where the test must kill one rank."""
 from __future__ import annotations
 
 import json
-import os
 import signal
-import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
 
+from launch import (
+    DIGITS,
+    MODEL_ARGS,
+    assert_same_weights,
+    one_process,
+    one_rank_run,
+    start_ranks,
+    torchrun,
+)
+
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
-# digits: 1438 training rows; a global batch of 61 splits 30/31 and the last batch
-# (35 rows) 17/18: unequal shares, every one of them
-COMMON = ["--data", "digits", "--batch-size", "61", "--no-amp", "--device", "cpu"]
-MODELS = {
-    "sparse": ["--hidden", "48"],
-    "wta": ["--hidden", "64", "--rate", "0.1"],
-    "topk-sae": ["--n-latents", "48", "--k", "4", "--k-aux", "8", "--dead-steps", "3"],
-}
-
-
-def _environment() -> dict[str, str]:
-    # One thread per process: two processes on a 2-core machine.
-    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-
-
-def _one_process(args: list[str]) -> None:
-    subprocess.run([sys.executable, "-m", "aefast", "train", *args], check=True, env=_environment(),
-                   capture_output=True, timeout=240)
-
-
-def _torchrun(nproc: int, args: list[str]) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                           f"--nproc_per_node={nproc}", "-m", "aefast", "train", *args],
-                          env=_environment(), capture_output=True, text=True, timeout=240)
-
-
-def _weights(run: Path) -> dict[str, torch.Tensor]:
-    return torch.load(run / "checkpoint.pt", weights_only=True)["model"]
-
-
-def _assert_same_weights(got: Path, want: Path) -> None:
-    a, b = _weights(got), _weights(want)
-    assert a.keys() == b.keys()
-    for name in a:
-        # float32 sums in another order over a few dozen Adam steps
-        torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=2e-5, msg=name)
-
-
-@pytest.mark.parametrize("model", MODELS)
+@pytest.mark.parametrize("model", MODEL_ARGS)
 def test_two_processes_train_as_one_process_on_the_concatenated_batch(tmp_path, model):
-    args = [model, *COMMON, *MODELS[model], "--epochs", "2"]
-    two = _torchrun(2, [*args, "--out", str(tmp_path / "two")])
+    args = [model, *DIGITS, *MODEL_ARGS[model], "--epochs", "2"]
+    two = torchrun(2, [*args, "--out", str(tmp_path / "two")])
     assert two.returncode == 0, two.stderr
     assert "2 processes, data-parallel" in two.stdout
     assert two.stdout.count("evaluation:") == 1  # rank 0 alone evaluates and prints
-    _one_process([*args, "--out", str(tmp_path / "one")])
-    _assert_same_weights(tmp_path / "two", tmp_path / "one")
+    one_process([*args, "--out", str(tmp_path / "one")])
+    assert_same_weights(tmp_path / "two", tmp_path / "one")
     got, want = ([json.loads(line) for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
                  for run in ("two", "one"))
     assert len(got) == len(want) == 2
@@ -80,38 +49,19 @@ def test_two_processes_train_as_one_process_on_the_concatenated_batch(tmp_path, 
 
 @pytest.mark.parametrize("first, second", [(2, 1), (1, 2)])
 def test_a_checkpoint_resumes_on_another_world_size(tmp_path, first, second):
-    args = ["topk-sae", *COMMON, *MODELS["topk-sae"]]
+    args = ["topk-sae", *DIGITS, *MODEL_ARGS["topk-sae"]]
 
     def train(nproc: int, out: str, *more: str) -> None:
         if nproc == 1:
-            _one_process([*args, "--out", str(tmp_path / out), *more])
+            one_process([*args, "--out", str(tmp_path / out), *more])
         else:
-            result = _torchrun(nproc, [*args, "--out", str(tmp_path / out), *more])
+            result = torchrun(nproc, [*args, "--out", str(tmp_path / out), *more])
             assert result.returncode == 0, result.stderr
 
     train(first, "resumed", "--epochs", "1")
     train(second, "resumed", "--epochs", "2", "--resume")
     train(1, "uninterrupted", "--epochs", "2")
-    _assert_same_weights(tmp_path / "resumed", tmp_path / "uninterrupted")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _start_ranks(tmp_path: Path, world: int, args: list[str]) -> list[subprocess.Popen]:
-    """The processes torchrun would start, by hand: the test needs their pids."""
-    port = _free_port()
-    ranks = []
-    for rank in range(world):
-        env = {**_environment(), "RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank),
-               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
-        with open(tmp_path / f"rank{rank}.err", "w") as stderr:  # the child holds its own copy
-            ranks.append(subprocess.Popen([sys.executable, "-m", "aefast", "train", *args], env=env, text=True,
-                                          stdout=subprocess.DEVNULL, stderr=stderr))
-    return ranks
+    assert_same_weights(tmp_path / "resumed", tmp_path / "uninterrupted")
 
 
 def _wait_for_epochs(metrics: Path, epochs: int, ranks: list[subprocess.Popen]) -> None:
@@ -127,7 +77,7 @@ def _wait_for_epochs(metrics: Path, epochs: int, ranks: list[subprocess.Popen]) 
 @pytest.mark.parametrize("fault", ["killed", "stalled"])
 def test_a_rank_that_dies_or_stalls_ends_the_others_within_the_timeout(tmp_path, fault):
     timeout = 10
-    ranks = _start_ranks(tmp_path, 2, ["topk-sae", *COMMON, *MODELS["topk-sae"], "--epochs", "10000",
+    ranks = start_ranks(tmp_path, 2, ["topk-sae", *DIGITS, *MODEL_ARGS["topk-sae"], "--epochs", "10000",
                                        "--timeout", str(timeout), "--out", str(tmp_path / "run")])
     try:
         _wait_for_epochs(tmp_path / "run" / "metrics.jsonl", 2, ranks)
@@ -148,14 +98,8 @@ def test_a_rank_that_dies_or_stalls_ends_the_others_within_the_timeout(tmp_path,
     assert torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)["epoch"] >= 2
 
 
-def _one_rank_run(tmp_path: Path, args: list[str]) -> tuple[int, str]:
-    (rank,) = _start_ranks(tmp_path, 1, args)
-    rank.wait(timeout=120)
-    return rank.returncode, (tmp_path / "rank0.err").read_text()
-
-
 def test_a_model_that_trains_on_one_process_only_says_so(tmp_path):
-    code, error = _one_rank_run(tmp_path, ["aae", *COMMON, "--epochs", "1", "--out", str(tmp_path / "run")])
+    code, error = one_rank_run(tmp_path, ["aae", *DIGITS, "--epochs", "1", "--out", str(tmp_path / "run")])
     assert code == 2
     assert "aae trains on one process only" in error and "start it without torchrun" in error
 

@@ -13,6 +13,21 @@ from aefast.models.base import AutoencoderModel, detached, squared_error
 from aefast.ops._distributed import reduce_over_ranks_
 from aefast.ops.topk import check_k
 
+INIT_BLOCK = 4096  # decoder rows drawn per generator: a shard draws only its own blocks
+
+
+def initial_decoder_rows(n_latents: int, n_in: int, rows: range, seed: int) -> Tensor:
+    """Rows `rows` of the initial (n_latents, n_in) decoder: Gaussian rows scaled to
+    unit length, block b of INIT_BLOCK rows drawn from a generator seeded seed + b, so
+    that a shard of the latents is initialised as the same rows of the whole model
+    without drawing (or holding) the rest."""
+    parts = []
+    for block in range(rows.start // INIT_BLOCK, -(-rows.stop // INIT_BLOCK)):
+        low, high = block * INIT_BLOCK, min((block + 1) * INIT_BLOCK, n_latents)
+        drawn = torch.randn(high - low, n_in, generator=torch.Generator().manual_seed(seed + block))
+        parts.append(drawn[max(rows.start, low) - low:min(rows.stop, high) - low])
+    return F.normalize(torch.cat(parts) if parts else torch.empty(0, n_in), dim=1)
+
 
 class TopKSAE(AutoencoderModel):
     """z = TopK(ReLU(W_enc (x - b_pre) + b_enc)) with k of `n_latents` active;
@@ -33,16 +48,20 @@ class TopKSAE(AutoencoderModel):
     unit_interval_data = False  # a linear decoder: any real-valued activations
 
     def __init__(self, n_in: int, n_latents: int = 256, k: int = 8, k_aux: int = 32,
-                 aux_coef: float = 1 / 32, dead_steps: int = 100):
+                 aux_coef: float = 1 / 32, dead_steps: int = 100, *, latents: range | None = None):
+        """`latents`: hold only these of the n_latents (a latent-parallel shard,
+        aefast.models.topk_sae_sharded), initialised as the same rows of the whole model."""
         super().__init__()
-        decoder = F.normalize(torch.randn(n_latents, n_in), dim=1)
+        latents = latents if latents is not None else range(n_latents)
+        decoder = initial_decoder_rows(n_latents, n_in, latents, int(torch.randint(2**62, ())))
         self.decoder_weight = nn.Parameter(decoder)                # (L, D), rows unit-norm
         self.encoder_weight = nn.Parameter(decoder.clone())        # tied at initialisation
-        self.encoder_bias = nn.Parameter(torch.zeros(n_latents))
+        self.encoder_bias = nn.Parameter(torch.zeros(len(latents)))
         self.pre_bias = nn.Parameter(torch.zeros(n_in))
-        self.register_buffer("steps_since_fired", torch.zeros(n_latents, dtype=torch.long))
-        self.k = check_k(k, n_latents, "the number of latents")  # fail before training starts
-        self.k_aux = check_k(k_aux, n_latents, "the number of latents", name="k_aux") if k_aux else 0  # 0: no AuxK
+        self.register_buffer("steps_since_fired", torch.zeros(len(latents), dtype=torch.long))
+        held = "the number of latents" if len(latents) == n_latents else "the latents each process holds"
+        self.k = check_k(k, len(latents), held)  # fail before training starts
+        self.k_aux = check_k(k_aux, len(latents), held, name="k_aux") if k_aux else 0  # 0: no AuxK
         self.aux_coef, self.dead_steps = aux_coef, dead_steps
 
     def _encoder_args(self, x: Tensor) -> tuple:

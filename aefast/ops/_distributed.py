@@ -78,3 +78,50 @@ def global_topk_keep(values: Tensor, k: int, group) -> Tensor:
     keep = torch.zeros((rows, k + 1), dtype=torch.bool, device=values.device)
     keep.scatter_(1, torch.where(mine, winners % k, k), mine)
     return keep[:, :c]
+
+
+class _SumOverRanks(torch.autograd.Function):
+    """Forward: the sum of `t` over the ranks. Backward: the gradient as it is, since
+    every rank computes the same loss from the sum (Megatron's reduce-from-region)."""
+
+    @staticmethod
+    def forward(ctx, t: Tensor, group) -> Tensor:
+        import torch.distributed as dist
+
+        total = t.clone()
+        dist.all_reduce(total, group=group)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        return grad, None
+
+
+class _SharedByRanks(torch.autograd.Function):
+    """Forward: `t` as it is, the same on every rank. Backward: the sum of the ranks'
+    gradients, each of which comes from its own part of the model (copy-to-region)."""
+
+    @staticmethod
+    def forward(ctx, t: Tensor, group) -> Tensor:
+        ctx.group = group
+        return t.view_as(t)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        import torch.distributed as dist
+
+        total = grad.contiguous().clone()
+        dist.all_reduce(total, group=ctx.group)
+        return total, None
+
+
+def sum_over_ranks(t: Tensor, group) -> Tensor:
+    """The sum over the ranks of each rank's partial `t`, as one tensor every rank
+    holds; its gradient reaches each partial unchanged."""
+    return _SumOverRanks.apply(t, group)
+
+
+def shared_by_ranks(t: Tensor, group) -> Tensor:
+    """`t`, the same on every rank, entering each rank's part of a model: its gradient
+    is the sum of what every part sends back."""
+    return _SharedByRanks.apply(t, group)

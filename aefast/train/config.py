@@ -33,6 +33,7 @@ TRAINING: dict[str, Any] = {
     "buffer_mib": 256,
     "checkpoint_minutes": 10.0,
     "timeout": 300.0,
+    "shard_latents": 0,
 }
 
 TRAINING_HELP = {
@@ -57,6 +58,9 @@ TRAINING_HELP = {
                           "and Ctrl-C or SIGTERM, which stop after the current step)",
     "timeout": "under torchrun: seconds a collective may wait for the other processes before every process "
                "ends with an error naming its rank and step (a process that died ends the others at once)",
+    "shard_latents": "topk-sae under torchrun: split the latents over N processes (latent-parallel: each holds "
+                     "1/N of the encoder and decoder and sees its replica's whole batch); the processes form "
+                     "world / N data-parallel replicas of N shards each; 0: data-parallel only",
 }
 
 PARAM_HELP = {
@@ -112,6 +116,7 @@ RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "buffer_mib": _at_least(1),
     "checkpoint_minutes": _NONNEGATIVE,
     "timeout": _POSITIVE,
+    "shard_latents": _at_least(0),
     "lr": _POSITIVE,
     "seed": ((lambda v: 0 <= v < 2**63), "in [0, 2**63)"),
     "val_fraction": _OPEN_UNIT,

@@ -44,8 +44,45 @@ class Cluster:
     local_rank: int
     device: torch.device
     timeout_s: float
-    group: Any = None    # the training collectives (NCCL on GPUs, gloo on CPUs)
-    control: Any = None  # gloo, on the CPU: the per-step agreement, checkpoint gathers
+    group: Any = None    # data-parallel collectives: the replicas of this rank's part of the model
+    control: Any = None  # gloo, on the CPU, every rank: the per-step agreement, checkpoint gathers
+    shards: int = 1      # latent-parallel: ranks per model replica (rank = replica * shards + shard)
+    latent_group: Any = None  # the ranks holding the other latents of this rank's replica
+    latent_control: Any = None  # the same ranks over gloo: checkpoints gathered in host memory
+
+    @property
+    def replica(self) -> int:
+        return self.rank // self.shards
+
+    @property
+    def replicas(self) -> int:
+        return self.world // self.shards
+
+    @property
+    def shard(self) -> int:
+        return self.rank % self.shards
+
+    def split_latents(self, shards: int) -> None:
+        """A 2-D grid: world / shards replicas of the model, each split by latent over
+        `shards` consecutive ranks (one node's GPUs, whose links are the fastest);
+        `group` becomes the ranks that hold the same latents (data-parallel over them),
+        `latent_group` the ranks of this rank's replica."""
+        import torch.distributed as dist
+
+        if self.world % shards:
+            raise ValueError(f"--shard-latents {shards} must divide the {self.world} processes")
+        self.shards = shards
+        cuda = self.device.type == "cuda"
+        for replica in range(self.replicas):  # every rank creates every group, in the same order
+            ranks = list(range(replica * shards, (replica + 1) * shards))
+            group = dist.new_group(ranks)
+            control = dist.new_group(ranks, backend="gloo") if cuda else group
+            if replica == self.replica:
+                self.latent_group, self.latent_control = group, control
+        for shard in range(shards):
+            group = dist.new_group(list(range(shard, self.world, shards)))
+            if shard == self.shard:
+                self.group = group
 
     @classmethod
     def from_environment(cls, device_name: str, timeout_s: float) -> Cluster:
@@ -79,21 +116,21 @@ class Cluster:
         return self.rank == 0
 
     def share(self, batch: torch.Tensor) -> torch.Tensor:
-        """This rank's contiguous share of a global batch: the rows
-        [rank * n // world, (rank + 1) * n // world)."""
+        """This rank's replica's contiguous share of a global batch: the rows
+        [replica * n // replicas, (replica + 1) * n // replicas)."""
         n = len(batch)
-        return batch[self.rank * n // self.world:(self.rank + 1) * n // self.world]
+        return batch[self.replica * n // self.replicas:(self.replica + 1) * n // self.replicas]
 
     def check_batches(self, rows: int, batch_size: int) -> None:
         """Every rank needs at least one row of every batch (an empty share has no mean
         to take); say which sizes do that instead of failing mid-epoch."""
-        last = rows % batch_size
-        if batch_size < self.world or 0 < last < self.world:
+        last, n = rows % batch_size, self.replicas
+        if batch_size < n or 0 < last < n:
             raise ValueError(
-                f"--batch-size {batch_size} (the global batch) over {self.world} processes: every process needs "
-                f"at least one row of each batch, but {'each batch' if batch_size < self.world else 'the last batch'}"
-                f" of the {rows} training rows has {batch_size if batch_size < self.world else last}; choose a "
-                f"batch size of at least {self.world} whose remainder on {rows} rows is 0 or at least {self.world}")
+                f"--batch-size {batch_size} (the global batch) over {n} data-parallel processes: every one needs "
+                f"at least one row of each batch, but {'each batch' if batch_size < n else 'the last batch'}"
+                f" of the {rows} training rows has {batch_size if batch_size < n else last}; choose a "
+                f"batch size of at least {n} whose remainder on {rows} rows is 0 or at least {n}")
 
     def agree(self, *flags: bool) -> list[bool]:
         """Each flag true on any rank, as every rank sees it (one small gloo all-reduce)."""

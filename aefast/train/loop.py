@@ -34,6 +34,7 @@ import torch.distributed
 from aefast.batches import StreamedBatches, open_training_data
 from aefast.data import load_dataset
 from aefast.models import AutoencoderModel
+from aefast.models.topk_sae_sharded import LatentShardedTopKSAE
 from aefast.train import config as configuration
 from aefast.train.distributed import Cluster, launched_by_torchrun
 from aefast.train.evaluate import evaluate, infer
@@ -65,6 +66,8 @@ def train(config: dict[str, Any], out_dir: Path, checkpoint: dict[str, Any] | No
     when stderr is a terminal). Under torchrun: one process of a data-parallel run
     (rank 0 writes the files and returns the evaluation, the others return {})."""
     cluster = Cluster.from_environment(config["device"], config["timeout"]) if launched_by_torchrun() else None
+    if cluster is not None and config["shard_latents"]:
+        cluster.split_latents(config["shard_latents"])
     try:
         return _train(config, out_dir, checkpoint, progress, cluster)
     finally:
@@ -79,10 +82,10 @@ def _train(config: dict[str, Any], out_dir: Path, checkpoint: dict[str, Any] | N
     data, batches = open_training_data(config["data"], config["val_fraction"], config["seed"],
                                        config["batch_size"], config["buffer_mib"], device)
     torch.manual_seed(config["seed"])
-    model = configuration.build_model(config, data.image_shape).to(device)
+    model = _build_model(config, data.image_shape, cluster).to(device)
     check_data_range(model, data)
-    if cluster is not None:
-        if not model.data_parallel:
+    if cluster is not None and cluster.replicas > 1:
+        if not model.data_parallel and not config["shard_latents"]:
             raise ValueError(f"{config['model']}{' --conv' if config['conv'] else ''} trains on one process only "
                              f"({type(model).__name__}.data_parallel is False); start it without torchrun")
         cluster.check_batches(batches.rows, config["batch_size"])
@@ -99,15 +102,18 @@ def _train(config: dict[str, Any], out_dir: Path, checkpoint: dict[str, Any] | N
     history: list[dict[str, Any]] = []
     position = _EpochPosition()
     if checkpoint is not None:
-        model.load_state_dict(checkpoint["model"])
-        for name, optimizer in optimizers.items():
-            optimizer.load_state_dict(checkpoint["optimizers"][name])
+        if isinstance(model, LatentShardedTopKSAE):  # this rank's part of the whole model
+            model.load_whole_state(checkpoint["model"], checkpoint["optimizers"]["model"], optimizers["model"])
+        else:
+            model.load_state_dict(checkpoint["model"])
+            for name, optimizer in optimizers.items():
+                optimizer.load_state_dict(checkpoint["optimizers"][name])
         history = checkpoint["history"]
         _set_rng_states(checkpoint["rng"], shuffle)
         position = _EpochPosition.restore(checkpoint.get("position"), config["batch_size"])
     if cluster is not None:
         _seed_rank(cluster, config["seed"], checkpoint, position)
-        if not cluster.leader:  # the epoch's sums so far are counted once, by rank 0
+        if cluster.replica:  # the epoch's sums so far are counted once, by the first replica
             position.sums = {}
 
     if leader:
@@ -127,7 +133,11 @@ def _train(config: dict[str, Any], out_dir: Path, checkpoint: dict[str, Any] | N
         say(f"resuming {out_dir} after epoch {len(history)} of {config['epochs']}{mid}")
     streamed = (f" (streamed from disk, {min(batches.window_rows, batches.rows)} rows in memory at a time)"
                 if isinstance(batches, StreamedBatches) else "")
-    processes = f"; {cluster.world} processes, data-parallel" if cluster else ""
+    processes = ""
+    if cluster:
+        processes = f"; {cluster.world} processes, " + (f"{cluster.replicas} data-parallel replicas of {cluster.shards} "
+                                                        f"latent shards (these parameters on each)"
+                                                        if config["shard_latents"] else "data-parallel")
     say(f"{config['model']}{' --conv' if config['conv'] else ''} on {data.name}: {batches.rows} train{streamed} / "
         f"{len(val_x)} validation rows of {'x'.join(map(str, data.image_shape))}, {n_params:,} parameters, "
         f"{_backend(device)} on {device}{processes}; writing {out_dir}")
@@ -160,6 +170,12 @@ def _train(config: dict[str, Any], out_dir: Path, checkpoint: dict[str, Any] | N
             if cluster.agree(stop.requested)[0] if cluster else stop.requested:
                 raise KeyboardInterrupt
 
+    if isinstance(model, LatentShardedTopKSAE):  # rank 0 evaluates the whole model
+        whole = model.gather_state(optimizers["model"], cluster.latent_control)
+        if leader:
+            model = configuration.build_model(config, data.image_shape).to(device)
+            model.load_state_dict(whole[0])
+            model.eval()
     if not leader:
         return {}
     model.distribute(None)
@@ -217,15 +233,22 @@ class _Run:
         # Mid-epoch, the shuffling generator is saved as it was when the epoch began:
         # the resumed epoch draws the same order again and skips the rows done.
         shuffle = self.epoch_start_shuffle if position.rows else self.shuffle.get_state()
-        rank_rngs = None
+        rank_rngs, model_state, optimizer_states = None, None, None
+        if isinstance(self.model, LatentShardedTopKSAE):  # the whole model, on rank 0
+            model_state, optimizer_state = (self.model.gather_state(self.optimizers["model"], self.cluster.latent_control)
+                                            or (None, None))
+            optimizer_states = {"model": optimizer_state}
         if self.cluster is not None:
             rank_rngs = self.cluster.gather(torch.get_rng_state())
-            if position.rows:  # the epoch's sums so far, over every rank
-                sums = self.cluster.sum({name: float(value) for name, value in position.sums.items()})
+            if position.rows:  # the epoch's sums so far, over every replica
+                sums = _replicas_sum(self.cluster, position.sums)
                 position = _EpochPosition(position.rows, {n: torch.tensor(v) for n, v in sums.items()},
                                           position.seconds)
         if self.cluster is None or self.cluster.leader:
-            _save_checkpoint(self.out_dir, self.model, self.optimizers, shuffle, self.history, self.config,
+            if model_state is None:
+                model_state = self.model.state_dict()
+                optimizer_states = {name: optimizer.state_dict() for name, optimizer in self.optimizers.items()}
+            _save_checkpoint(self.out_dir, model_state, optimizer_states, shuffle, self.history, self.config,
                              self.image_shape, rank_rngs, position)
         self.saved_at = time.monotonic()
 
@@ -238,24 +261,24 @@ def _train_epoch(run: _Run, batches, position: _EpochPosition, stop: _StopReques
     model, config, cluster = run.model, run.config, run.cluster
     model.train()
     device = next(model.parameters()).device
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
+    _reset_peak_memory(device)
     batch_size, accumulate = config["batch_size"], config["grad_accum"]
     every = config["checkpoint_minutes"] * 60
     sums = dict(position.sums)  # of this process's rows
     done, seconds, start = position.rows, position.seconds, time.perf_counter()  # done: global rows
     source = batches.epoch(run.shuffle, skip=done // batch_size)
     step_options: dict[str, Any] = {}
-    if cluster is not None:
+    shares = cluster is not None and cluster.replicas > 1  # data-parallel: each replica its share of the batch
+    if shares:
         model.distribute(cluster.group)
         step_options["loss"] = cluster.wrap(model, model.loss)
     with tqdm(total=batches.rows, initial=done, desc=description, unit="row", unit_scale=True, leave=False,
               file=sys.stderr, disable=None if progress is None else not progress, dynamic_ncols=True) as bar:
         for step, group in enumerate(_groups(source, accumulate)):
             rows = sum(len(batch) for batch in group)
-            if cluster is not None:
+            if shares:
                 group = [cluster.share(batch) for batch in group]
-                step_options["mean_rows"] = rows / cluster.world
+                step_options["mean_rows"] = rows / cluster.replicas
             group = [batch.to(device, non_blocking=True).float() for batch in group]
             run.where = f"{description}, step {step + 1}"
             terms = model.train_step(group, run.optimizers, **step_options)
@@ -266,7 +289,7 @@ def _train_epoch(run: _Run, batches, position: _EpochPosition, stop: _StopReques
             stop_now, save_now = cluster.agree(stop.requested, due and cluster.leader) if cluster else (stop.requested, due)
             bar.update(rows)
             if step % 10 == 0 and not bar.disable:  # reading the sums waits for the GPU: not every step
-                shown = done if cluster is None else done / cluster.world  # rank 0's rows, about
+                shown = done / cluster.replicas if shares else done  # rank 0's rows, about
                 bar.set_postfix({**{name: f"{float(v) / shown:.4g}" for name, v in sums.items()},
                                  "peak": f"{_peak_memory_mib(device):.0f}MiB"}, refresh=False)
             if done < batches.rows and (stop_now or save_now):
@@ -274,9 +297,9 @@ def _train_epoch(run: _Run, batches, position: _EpochPosition, stop: _StopReques
                 if stop_now:
                     raise KeyboardInterrupt
     run.where = f"{description}, after its last step"
-    if cluster is not None:
+    if shares:
         model.distribute(None)
-        sums = cluster.sum({name: float(value) for name, value in sums.items()})
+        sums = _replicas_sum(cluster, sums)
     return {name: float(value) / batches.rows for name, value in sums.items()}, seconds + time.perf_counter() - start
 
 
@@ -333,11 +356,21 @@ class _StopRequests:
             signal.signal(signum, handler)
 
 
+def _reset_peak_memory(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    with contextlib.suppress(OSError):  # Linux: the peak resident set (VmHWM) := the resident set now
+        Path("/proc/self/clear_refs").write_text("5")
+
+
 def _peak_memory_mib(device: torch.device) -> float:
-    """The GPU's peak allocated memory since the epoch began; on the CPU, the process's
-    peak resident memory."""
+    """The peak memory since the epoch began: the GPU's allocated, or on the CPU the
+    process's resident set (Linux; elsewhere its peak over the whole run)."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
+    with contextlib.suppress(OSError, StopIteration), open("/proc/self/status") as f:
+        return int(next(line for line in f if line.startswith("VmHWM:")).split()[1]) / 1024  # kB
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
@@ -356,13 +389,13 @@ def _validate(model: AutoencoderModel, x: torch.Tensor, batch_size: int) -> dict
     return {name: value / len(x) for name, value in sums.items()}
 
 
-def _save_checkpoint(out_dir: Path, model, optimizers, shuffle: torch.Tensor, history, config, image_shape,
-                     rank_rngs: list[torch.Tensor] | None, position: _EpochPosition) -> None:
+def _save_checkpoint(out_dir: Path, model_state: dict, optimizer_states: dict, shuffle: torch.Tensor, history, config,
+                     image_shape, rank_rngs: list[torch.Tensor] | None, position: _EpochPosition) -> None:
     state = {
         "epoch": len(history),
         "image_shape": list(image_shape),
-        "model": model.state_dict(),
-        "optimizers": {name: optimizer.state_dict() for name, optimizer in optimizers.items()},
+        "model": model_state,
+        "optimizers": optimizer_states,
         "rng": {"torch": torch.get_rng_state(), "shuffle": shuffle,
                 "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
                 "ranks": rank_rngs or []},  # data-parallel: each process's torch generator, in rank order
@@ -412,6 +445,28 @@ def load_run(run_dir: str | Path) -> tuple[AutoencoderModel, dict[str, Any]]:
     model = configuration.build_model(config, tuple(image_shape))
     model.load_state_dict(checkpoint["model"])
     return model.eval(), config
+
+
+def _replicas_sum(cluster: Cluster, sums: dict[str, Any]) -> dict[str, float]:
+    """Loss sums over the data-parallel replicas (the shards of one replica hold the
+    same: summed over every rank and divided by their number, in one collective)."""
+    return {name: value / cluster.shards for name, value in
+            cluster.sum({name: float(value) for name, value in sums.items()}).items()}
+
+
+def _build_model(config: dict[str, Any], image_shape, cluster: Cluster | None) -> AutoencoderModel:
+    """The run's model; with --shard-latents, this rank's part of it."""
+    if not config["shard_latents"]:
+        return configuration.build_model(config, image_shape)
+    if config["model"] != "topk-sae":
+        raise ValueError(f"--shard-latents splits a top-k SAE's latents over the processes; not {config['model']}")
+    if cluster is None:
+        raise ValueError(f"--shard-latents {config['shard_latents']} splits the latents over processes: start the "
+                         f"run with torchrun (torchrun --nproc_per_node N -m aefast train topk-sae --shard-latents N "
+                         f"...), or give --shard-latents 0 to train on one process")
+    params = {key: config[key] for key in configuration.MODELS["topk-sae"].params}
+    return LatentShardedTopKSAE(math.prod(image_shape), **params, rank=cluster.shard, world=cluster.shards,
+                                latent_group=cluster.latent_group)
 
 
 def _seed_rank(cluster: Cluster, seed: int, checkpoint: dict[str, Any] | None, position: _EpochPosition) -> None:
