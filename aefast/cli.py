@@ -1,4 +1,4 @@
-"""The `aefast` command (also `python -m aefast`): info, train, study, bench."""
+"""The `aefast` command (also `python -m aefast`): info, train, activations, study, bench."""
 
 from __future__ import annotations
 
@@ -97,6 +97,28 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=TRAIN_EPILOG)
     add_train_arguments(train)
     train.set_defaults(fn=cmd_train)
+    activations = sub.add_parser(
+        "activations", help="a language model's activations at one layer, as .npy shards for aefast train --data",
+        description=activations_module().__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    activations.add_argument("--model", required=True, metavar="PATH_OR_NAME",
+                             help="a Hugging Face causal LM: a local folder, or a Hub name (downloaded)")
+    activations.add_argument("--layer", type=int, required=True, metavar="N", help="decoder layer, from 0")
+    activations.add_argument("--site", choices=activations_module().SITES, default="resid",
+                             help="resid: the layer's output (residual stream); mlp_in, mlp_out: its MLP's "
+                                  "input and output (default resid)")
+    source = activations.add_mutually_exclusive_group(required=True)
+    source.add_argument("--text", metavar="FILE", help="a UTF-8 text file; blank lines separate documents")
+    source.add_argument("--dataset", metavar="NAME",
+                        help="a Hugging Face dataset with a text column (streamed; needs the datasets package)")
+    activations.add_argument("--tokens", type=int, required=True, metavar="N", help="activations (tokens) to write")
+    activations.add_argument("--out", required=True, metavar="DIR", help="output folder (new or empty)")
+    activations.add_argument("--context", type=int, default=128, metavar="N",
+                             help="tokens per sequence, BOS included (default 128)")
+    activations.add_argument("--batch-size", type=int, default=16, metavar="N", help="sequences per forward (default 16)")
+    activations.add_argument("--shard-tokens", type=int, default=2**18, metavar="N",
+                             help="rows per .npy shard (default 262144)")
+    activations.add_argument("--device", default="auto", help="auto (cuda when available), cpu or cuda")
+    activations.set_defaults(fn=cmd_activations)
     study = sub.add_parser(
         "study", help="studies that answer a question with aefast's models: pretraining",
         description=study_module().__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -130,6 +152,26 @@ def _fractions(text: str) -> tuple[float, ...]:
         return tuple(float(part) for part in text.split(",") if part.strip())
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+
+
+def activations_module():
+    from aefast import activations
+
+    return activations
+
+
+def cmd_activations(args) -> int:
+    from pathlib import Path
+
+    from aefast.train.loop import _device
+
+    manifest = activations_module().write_activations(
+        args.model, args.layer, args.site, Path(args.out), args.tokens, text=args.text, dataset=args.dataset,
+        context=args.context, batch_size=args.batch_size, shard_tokens=args.shard_tokens, device=_device(args.device))
+    print(f"wrote {manifest['tokens']:,} activations of {args.site} at layer {args.layer} (d_model "
+          f"{manifest['d_model']}, mean norm {manifest['mean_norm']:.4g}) in {len(manifest['shards'])} shards to "
+          f"{args.out}/; train on them: aefast train topk-sae --data {args.out}")
+    return 0
 
 
 def study_module():

@@ -31,6 +31,7 @@ from typing import Any
 import torch
 import torch.distributed
 
+from aefast.activations import read_manifest, spliced_loss
 from aefast.batches import StreamedBatches, open_training_data
 from aefast.data import load_dataset
 from aefast.models import AutoencoderModel
@@ -183,6 +184,9 @@ def _train(config: dict[str, Any], out_dir: Path, checkpoint: dict[str, Any] | N
 
     val_recon, val_codes = infer(model, val_x, config["batch_size"])
     result = evaluate(model, data, config["batch_size"], val_recon, val_codes)
+    manifest = read_manifest(config["data"]) if Path(config["data"]).is_dir() else None
+    if manifest is not None:  # activations of a language model: its loss with the model spliced in
+        result.update(spliced_loss(manifest, model, device=device))
     (out_dir / EVALUATION).write_text(json.dumps(result, indent=2) + "\n")
     figures = write_figures(out_dir, model, data, val_recon, val_codes)
     _say(_summary(result))
@@ -519,6 +523,10 @@ def _summary(result: dict[str, Any]) -> str:
     if "pca_largest_angle" in result:
         parts.append(f"largest principal angle to PCA's subspace {result['pca_largest_angle']:.2f} degrees "
                      f"(PCA's validation MSE {result['pca_val_mse']:.5f})")
+    if "loss_recovered" in result:
+        parts.append(f"next-token loss {result['lm_loss_clean']:.4f} clean, {result['lm_loss_spliced']:.4f} with the "
+                     f"reconstruction spliced in, {result['lm_loss_ablated']:.4f} zero-ablated: "
+                     f"{result['loss_recovered']:.1%} of the loss recovered")
     if "side_channel" in result:
         parts.append(f"the decoder also reads the {result['side_channel']}, besides the {result['code_size']} code values")
     return "evaluation: " + "; ".join(parts)

@@ -1,0 +1,277 @@
+"""Activations of a Hugging Face causal language model, for SAE training, and the
+language-model loss with an SAE spliced in.
+
+`aefast activations` runs the model over a text, takes one site of one layer, and
+writes float16 `.npy` shards plus `manifest.json`; `aefast train --data DIR` streams the
+shards, and when the folder has a manifest the evaluation adds the next-token loss of
+the model clean, with the SAE's reconstruction spliced in at that site, and with the
+site zeroed (`spliced_loss`).
+
+The token stream (the recipe of SAELens and sparsify): the text's documents (blocks
+separated by blank lines) tokenized without special tokens, joined by the end-of-text
+token, cut into sequences of context - 1 tokens, each preceded by BOS. The BOS
+position, whose activations are outliers many times the others' norm, is left out of
+the shards, and left alone when splicing.
+
+Sites of decoder layer N: `resid` the residual stream after the layer (its output),
+`mlp_in` the MLP's input (after the layer's norm), `mlp_out` the MLP's output."""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import json
+import math
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+SITES = ("resid", "mlp_in", "mlp_out")
+MANIFEST = "manifest.json"
+FORMAT = "aefast-activations/1"
+# Where the decoder layers live in the architectures transformers ships (Llama, Mistral,
+# Qwen, Gemma: model.layers; GPT-2: transformer.h; Pythia: gpt_neox.layers; OPT).
+LAYER_PATHS = ("model.layers", "transformer.h", "gpt_neox.layers", "model.decoder.layers")
+
+
+def load_language_model(name: str, device: torch.device):
+    """(model, tokenizer) from a local folder or a Hub name, in eval mode; bfloat16 on a
+    GPU, float32 on the CPU."""
+    try:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+    except ImportError:
+        raise ValueError("aefast activations needs Hugging Face transformers: pip install 'aefast[hf]'") from None
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name)
+        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype)
+    except OSError as exc:
+        raise ValueError(f"--model {name}: {' '.join(str(exc).split())}") from None
+    return model.to(device).eval(), tokenizer
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    for path in LAYER_PATHS:
+        module: Any = model
+        for part in path.split("."):
+            module = getattr(module, part, None)
+        if isinstance(module, nn.ModuleList):
+            return module
+    raise ValueError(f"cannot find the decoder layers of {type(model).__name__} (looked for {', '.join(LAYER_PATHS)})")
+
+
+def site_module(model: nn.Module, layer: int, site: str) -> nn.Module:
+    if site not in SITES:
+        raise ValueError(f"--site must be one of {', '.join(SITES)}, got {site!r}")
+    layers = decoder_layers(model)
+    if not 0 <= layer < len(layers):
+        raise ValueError(f"--layer must be in [0, {len(layers) - 1}] for this model, got {layer}")
+    block = layers[layer]
+    if site == "resid":
+        return block
+    if not isinstance(getattr(block, "mlp", None), nn.Module):
+        raise ValueError(f"--site {site}: layer {layer} ({type(block).__name__}) has no .mlp")
+    return block.mlp
+
+
+def _first(value):
+    return value[0] if isinstance(value, tuple) else value
+
+
+def _with_first(value, first):
+    return (first, *value[1:]) if isinstance(value, tuple) else first
+
+
+@contextlib.contextmanager
+def at_site(model: nn.Module, layer: int, site: str, edit=None) -> Iterator[list[Tensor]]:
+    """While open, each forward pass appends the site's activations (B, T, D) to the
+    yielded list; `edit(activations) -> activations` (if given) replaces them."""
+    seen: list[Tensor] = []
+    module = site_module(model, layer, site)
+
+    def read(value):
+        seen.append(_first(value).detach())
+        return _with_first(value, edit(_first(value))) if edit is not None else None
+
+    if site == "mlp_in":
+        handle = module.register_forward_pre_hook(lambda mod, args: read(args))
+    else:
+        handle = module.register_forward_hook(lambda mod, args, output: read(output))
+    try:
+        yield seen
+    finally:
+        handle.remove()
+
+
+def read_documents(text: str | None, dataset: str | None) -> Iterator[str]:
+    """Documents of a text file (separated by blank lines) or of a Hugging Face dataset's
+    train split (its `text` column, streamed)."""
+    if text is not None:
+        with open(text, encoding="utf-8") as f:
+            document: list[str] = []
+            for line in f:
+                if line.strip():
+                    document.append(line)
+                elif document:
+                    yield "".join(document)
+                    document = []
+            if document:
+                yield "".join(document)
+        return
+    try:
+        import datasets
+    except ImportError:
+        raise ValueError("--dataset needs the Hugging Face datasets package (pip install datasets), "
+                         "or give --text FILE") from None
+    for row in datasets.load_dataset(dataset, split="train", streaming=True):
+        yield row["text"]
+
+
+def token_sequences(tokenizer, documents: Iterator[str], context: int) -> Iterator[list[int]]:
+    """Sequences of `context` token ids: BOS, then the next context - 1 tokens of the
+    documents joined by the end-of-text token."""
+    bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    separator = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else bos
+    if bos is None:
+        raise ValueError("the tokenizer has neither a BOS nor an end-of-text token to begin sequences with")
+    if context < 2:
+        raise ValueError(f"--context must be >= 2 (BOS and one token), got {context}")
+    pending: list[int] = []
+    for document in documents:
+        pending += tokenizer(document, add_special_tokens=False)["input_ids"] + [separator]
+        while len(pending) >= context - 1:
+            yield [bos] + pending[:context - 1]
+            pending = pending[context - 1:]
+
+
+def _batches(sequences: Iterator[list[int]], size: int) -> Iterator[Tensor]:
+    batch = []
+    for sequence in sequences:
+        batch.append(sequence)
+        if len(batch) == size:
+            yield torch.tensor(batch)
+            batch = []
+    if batch:
+        yield torch.tensor(batch)
+
+
+@torch.no_grad()
+def write_activations(model_name: str, layer: int, site: str, out: Path, tokens: int, text: str | None = None,
+                      dataset: str | None = None, context: int = 128, batch_size: int = 16,
+                      shard_tokens: int = 2**18, device: torch.device | None = None, progress: bool | None = None
+                      ) -> dict[str, Any]:
+    """Run `model_name` over the text until `tokens` activations (BOS positions left
+    out) of `site` at `layer` are written to `out` as float16 shards of `shard_tokens`
+    rows; the manifest, written last, describes them. Returns the manifest."""
+    from tqdm import tqdm
+
+    if (text is None) == (dataset is None):
+        raise ValueError("give one of --text FILE or --dataset NAME")
+    for name, value, low in (("--tokens", tokens, 1), ("--batch-size", batch_size, 1),
+                             ("--shard-tokens", shard_tokens, 1)):
+        if value < low:
+            raise ValueError(f"{name} must be >= {low}, got {value}")
+    device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model, tokenizer = load_language_model(model_name, device)
+    site_module(model, layer, site)  # a bad --layer or --site fails before anything is written
+    out.mkdir(parents=True, exist_ok=True)
+    if (out / MANIFEST).exists() or any(out.glob("*.npy")):
+        raise ValueError(f"--out {out} already holds activations: choose an empty folder")
+    shards, pending, pending_rows, written, sequences = [], [], 0, 0, 0
+    norm_sum = 0.0
+
+    def flush(rows: int) -> None:
+        nonlocal pending, pending_rows, written
+        block = np.concatenate(pending)
+        name = f"shard{len(shards):05d}.npy"
+        np.save(out / name, block[:rows])
+        shards.append(name)
+        written += rows
+        pending, pending_rows = [block[rows:]], len(block) - rows
+
+    with at_site(model, layer, site) as seen, \
+            tqdm(total=tokens, unit="tok", unit_scale=True, disable=None if progress is None else not progress) as bar:
+        for ids in _batches(token_sequences(tokenizer, read_documents(text, dataset), context), batch_size):
+            model(input_ids=ids.to(device))
+            acts = seen.pop()[:, 1:].flatten(0, 1)  # BOS left out
+            acts = acts[:tokens - written - pending_rows]
+            sequences += len(ids)
+            norm_sum += float(acts.float().norm(dim=1).sum())
+            pending.append(acts.to(torch.float16).cpu().numpy())
+            pending_rows += len(acts)
+            bar.update(len(acts))
+            while pending_rows >= shard_tokens:
+                flush(shard_tokens)
+            if written + pending_rows >= tokens:
+                break
+        if pending_rows:
+            flush(pending_rows)
+    if written == 0:
+        raise ValueError("the text gave no complete sequence of --context tokens: give more text or a smaller --context")
+    manifest = {"format": FORMAT, "model": model_name, "layer": layer, "site": site, "context": context,
+                "tokens": written, "sequences": sequences, "d_model": int(np.load(out / shards[0], mmap_mode="r").shape[1]),
+                "dtype": "float16", "mean_norm": norm_sum / written, "text": str(Path(text).resolve()) if text else None,
+                "dataset": dataset, "shards": shards}
+    (out / (MANIFEST + ".tmp")).write_text(json.dumps(manifest, indent=2) + "\n")
+    (out / (MANIFEST + ".tmp")).replace(out / MANIFEST)
+    return manifest
+
+
+def read_manifest(folder: str | Path) -> dict[str, Any] | None:
+    """The manifest of an `aefast activations` folder, or None for other data."""
+    path = Path(folder) / MANIFEST
+    if not path.is_file():
+        return None
+    manifest = json.loads(path.read_text())
+    if manifest.get("format") != FORMAT:
+        raise ValueError(f"{path}: not an aefast activations manifest ({manifest.get('format')!r})")
+    return manifest
+
+
+@torch.no_grad()
+def spliced_loss(manifest: dict[str, Any], sae: nn.Module, sequences: int = 32, batch_size: int = 8,
+                 device: torch.device | None = None) -> dict[str, Any]:
+    """Next-token loss (mean cross-entropy, nats) of the manifest's model on `sequences`
+    sequences of its text that follow the ones the activations came from (held out;
+    the first ones when the text has no more), three ways: clean, with the site's
+    activations replaced by `sae.reconstruct` of them, and with them zeroed (BOS
+    position untouched in both). loss_recovered = (ablated - spliced) / (ablated - clean)."""
+    device = device or next(sae.parameters()).device
+    model, tokenizer = load_language_model(manifest["model"], device)
+    if manifest.get("text") is None and manifest.get("dataset") is None:
+        raise ValueError("the manifest names no text to evaluate on")
+    stream = token_sequences(tokenizer, read_documents(manifest.get("text"), manifest.get("dataset")),
+                             manifest["context"])
+    all_sequences = list(itertools.islice(stream, manifest["sequences"] + sequences))
+    held_out = len(all_sequences) > manifest["sequences"]
+    chosen = all_sequences[manifest["sequences"]:] if held_out else all_sequences[:sequences]
+    sae_dtype = next(sae.parameters()).dtype
+
+    def splice(acts: Tensor) -> Tensor:
+        flat = acts[:, 1:].flatten(0, 1).to(sae_dtype)
+        rebuilt = torch.cat([sae.reconstruct(flat[i:i + 4096]) for i in range(0, len(flat), 4096)])
+        return torch.cat([acts[:, :1], rebuilt.to(acts.dtype).view_as(acts[:, 1:])], dim=1)
+
+    def zero(acts: Tensor) -> Tensor:
+        return torch.cat([acts[:, :1], torch.zeros_like(acts[:, 1:])], dim=1)
+
+    losses = {}
+    sae.eval()
+    for name, edit in (("clean", None), ("spliced", splice), ("ablated", zero)):
+        total, count = 0.0, 0
+        for ids in _batches(iter(chosen), batch_size):
+            ids = ids.to(device)
+            with at_site(model, manifest["layer"], manifest["site"], edit):
+                logits = model(input_ids=ids).logits.float()
+            loss = nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten(), reduction="sum")
+            total, count = total + float(loss), count + ids[:, 1:].numel()
+        losses[name] = total / count
+    gap = losses["ablated"] - losses["clean"]
+    return {"lm_loss_clean": losses["clean"], "lm_loss_spliced": losses["spliced"],
+            "lm_loss_ablated": losses["ablated"],
+            "loss_recovered": (losses["ablated"] - losses["spliced"]) / gap if gap else math.nan,
+            "lm_eval_sequences": len(chosen), "lm_eval_held_out": held_out}
