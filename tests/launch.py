@@ -18,6 +18,7 @@ MODEL_ARGS = {
     "sparse": ["--hidden", "48"],
     "wta": ["--hidden", "64", "--rate", "0.1"],
     "topk-sae": ["--n-latents", "48", "--k", "4", "--k-aux", "8", "--dead-steps", "3"],
+    "batchtopk-sae": ["--n-latents", "48", "--k", "4", "--k-aux", "8", "--dead-steps", "3"],
 }
 
 

@@ -5,6 +5,7 @@ trainer uses). The trainer, not the model, owns the loop."""
 from aefast.models.adversarial import AdversarialAutoencoder
 from aefast.models.autoencoder import Autoencoder
 from aefast.models.base import AutoencoderModel
+from aefast.models.batchtopk_sae import BatchTopKSAE, MatryoshkaSAE
 from aefast.models.contractive import ContractiveAutoencoder
 from aefast.models.conv import ConvAutoencoder
 from aefast.models.denoising import DenoisingAutoencoder
@@ -20,12 +21,14 @@ __all__ = [
     "AdversarialAutoencoder",
     "Autoencoder",
     "AutoencoderModel",
+    "BatchTopKSAE",
     "ContractiveAutoencoder",
     "ConvAutoencoder",
     "ConvWTAAutoencoder",
     "DenoisingAutoencoder",
     "GSN",
     "LinearAutoencoder",
+    "MatryoshkaSAE",
     "SparseAutoencoder",
     "StackedAutoencoder",
     "TopKSAE",

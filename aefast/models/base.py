@@ -208,8 +208,10 @@ def adam(parameters: Iterable[nn.Parameter], lr: float) -> torch.optim.Adam:
 
 
 def squared_error(x_hat: Tensor, x: Tensor) -> Tensor:
-    """1/2 ||x_hat - x||^2 summed over features, averaged over the batch (UFLDL's J)."""
-    return 0.5 * (x_hat.float() - x.float()).pow(2).flatten(1).sum(1).mean()
+    """1/2 ||x_hat - x||^2 summed over features, averaged over the batch (UFLDL's J);
+    in float32 at least (bfloat16 activations under autocast), float64 kept."""
+    dtype = torch.promote_types(x_hat.dtype, torch.float32)
+    return 0.5 * (x_hat.to(dtype) - x.to(dtype)).pow(2).flatten(1).sum(1).mean()
 
 
 def bernoulli_nll(logits: Tensor, x: Tensor) -> Tensor:

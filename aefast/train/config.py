@@ -91,6 +91,7 @@ PARAM_HELP = {
     "tied": "tied weights: each decoder layer uses its encoder layer's weight transposed",
     "switches": "unpool at the encoder's max-pool positions (Masci's switches: the decoder reads them besides "
                 "the code); --no-switches repeats each pooled value, so the code alone reconstructs",
+    "prefixes": "Matryoshka: the nested dictionary sizes, comma-separated, increasing to --n-latents",
     "pool": "max-pooling of the feature maps the codes are read from after training (the paper's classifier input)",
 }
 
@@ -146,6 +147,7 @@ RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "aux_coef": _NONNEGATIVE,
     "dead_steps": _at_least(1),
     "pool": _at_least(1),
+    "prefixes": _at_least(1),
 }
 
 
@@ -216,6 +218,13 @@ MODELS: dict[str, ModelSpec] = {
     "topk-sae": ModelSpec("top-k sparse autoencoder: k active latents, AuxK, unit-norm decoder",
                           _flat(models.TopKSAE),
                           {"n_latents": 256, "k": 8, "k_aux": 32, "aux_coef": 1 / 32, "dead_steps": 100}),
+    "batchtopk-sae": ModelSpec("BatchTopK sparse autoencoder: the k * B largest activations of the batch, "
+                               "a threshold at inference", _flat(models.BatchTopKSAE),
+                               {"n_latents": 256, "k": 8, "k_aux": 32, "aux_coef": 1 / 32, "dead_steps": 100}),
+    "matryoshka-sae": ModelSpec("Matryoshka BatchTopK SAE: nested dictionaries, each reconstructing on its own",
+                                _flat(models.MatryoshkaSAE),
+                                {"n_latents": 256, "k": 8, "k_aux": 32, "aux_coef": 1 / 32, "dead_steps": 100,
+                                 "prefixes": [32, 64, 128, 256]}),
 }
 
 CONV_SUFFIX = "-conv"

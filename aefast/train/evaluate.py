@@ -73,9 +73,33 @@ def evaluate(model: AutoencoderModel, data: Dataset, batch_size: int,
         pca_recon = (data.val.double() - mean) @ components @ components.T + mean
         result["pca_val_mse"] = float((pca_recon - data.val.double()).pow(2).mean())
     result["code_size"] = val_codes.shape[1]
+    if model.sparse_code and exact_zeros(val_codes):
+        result.update(dictionary_metrics(data.val, val_recon, val_codes))
     if model.side_channel:
         result["side_channel"] = model.side_channel
     return result
+
+
+DENSE_FREQUENCY = 0.1  # a latent active on more than this fraction of rows counts as dense
+
+
+def exact_zeros(codes: Tensor) -> bool:
+    """Codes whose inactive units are exactly 0 (top-k, WTA), not merely small (sigmoid)."""
+    return bool((codes == 0).float().mean() > 0.5)
+
+
+def dictionary_metrics(x: Tensor, x_hat: Tensor, codes: Tensor) -> dict[str, Any]:
+    """What SAE papers report: the fraction of variance unexplained, L0 (active latents
+    per row), and over the rows whose codes were kept (`density_window_rows`), the
+    fraction of latents dead (never active there) and dense (active on more than
+    DENSE_FREQUENCY of them)."""
+    x, x_hat = x.double(), x_hat.double()
+    frequency = (codes != 0).double().mean(0)
+    return {"fvu": float((x - x_hat).pow(2).sum() / (x - x.mean(0)).pow(2).sum()),
+            "l0": float((codes != 0).double().sum(1).mean()),
+            "dead_fraction": float((frequency == 0).double().mean()),
+            "dense_fraction": float((frequency > DENSE_FREQUENCY).double().mean()),
+            "density_window_rows": len(codes)}
 
 
 def principal_components(x: Tensor, k: int) -> tuple[Tensor, Tensor]:

@@ -12,6 +12,7 @@ from torch import Tensor
 
 from aefast.data import Dataset
 from aefast.models import AutoencoderModel
+from aefast.train.evaluate import DENSE_FREQUENCY, exact_zeros
 
 N_RECONSTRUCTIONS = 12
 N_TILES = 64
@@ -37,7 +38,28 @@ def write_figures(out_dir: Path, model: AutoencoderModel, data: Dataset, val_rec
         paths.append(_tiles(out_dir / "samples.png", samples, shape, "samples"))
     if model.sparse_code:
         paths.append(_sparsity(out_dir / "sparsity.png", val_codes, getattr(model, "rho", None)))
+        if exact_zeros(val_codes):
+            paths.append(_density(out_dir / "density.png", val_codes))
     return paths
+
+
+def _density(path: Path, codes: Tensor) -> Path:
+    """The histogram SAE papers show: log10 of each latent's firing frequency over the
+    validation rows, dead latents counted apart."""
+    import matplotlib.pyplot as plt
+
+    frequency = (codes != 0).double().mean(0)
+    alive = frequency[frequency > 0]
+    fig, ax = plt.subplots(figsize=(5, 3))
+    ax.hist(alive.log10().numpy(), bins=40, color="tab:green")
+    ax.axvline(math.log10(DENSE_FREQUENCY), color="black", linestyle="--", label=f"dense above {DENSE_FREQUENCY}")
+    ax.set_xlabel("log10 firing frequency")
+    ax.set_ylabel("latents")
+    ax.set_title(f"latent density over {len(codes)} validation rows; {int((frequency == 0).sum())} of "
+                 f"{len(frequency)} never fired", fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return _save(fig, path)
 
 
 def tile_grid(images: Tensor, shape: tuple[int, int, int], columns: int, per_tile_scale: bool = False) -> Tensor:
@@ -101,14 +123,14 @@ def _sparsity(path: Path, codes: Tensor, rho: float | None) -> Path:
     examples it is active for (sigmoid codes: its mean activation, what rho targets)."""
     import matplotlib.pyplot as plt
 
-    exact_zeros = bool((codes == 0).float().mean() > 0.5)
-    per_unit = (codes != 0).float().mean(0) if exact_zeros else codes.mean(0)
+    zeros = exact_zeros(codes)
+    per_unit = (codes != 0).float().mean(0) if zeros else codes.mean(0)
     fig, (left, right) = plt.subplots(1, 2, figsize=(8, 3))
     left.hist(codes.flatten().numpy(), bins=50, log=True, color="tab:blue")
     left.set_title(f"code values ({100 * float((codes == 0).float().mean()):.0f}% exactly 0)", fontsize=9)
     left.set_xlabel("activation")
     right.hist(per_unit.numpy(), bins=30, color="tab:orange")
-    right.set_xlabel("fraction of examples active" if exact_zeros else "mean activation")
+    right.set_xlabel("fraction of examples active" if zeros else "mean activation")
     right.set_title("per unit", fontsize=9)
     if rho is not None:
         right.axvline(rho, color="black", linestyle="--", label=f"rho = {rho}")

@@ -523,6 +523,9 @@ def _summary(result: dict[str, Any]) -> str:
     if "pca_largest_angle" in result:
         parts.append(f"largest principal angle to PCA's subspace {result['pca_largest_angle']:.2f} degrees "
                      f"(PCA's validation MSE {result['pca_val_mse']:.5f})")
+    if "fvu" in result:
+        parts.append(f"FVU {result['fvu']:.4f}, L0 {result['l0']:.1f}, {result['dead_fraction']:.1%} of the latents "
+                     f"dead and {result['dense_fraction']:.1%} dense over {result['density_window_rows']} rows")
     if "loss_recovered" in result:
         parts.append(f"next-token loss {result['lm_loss_clean']:.4f} clean, {result['lm_loss_spliced']:.4f} with the "
                      f"reconstruction spliced in, {result['lm_loss_ablated']:.4f} zero-ablated: "

@@ -1,0 +1,108 @@
+"""BatchTopK and Matryoshka SAEs against plain-PyTorch references of their losses and
+gradients, their inference threshold, compile, and the SAE metrics of the evaluation."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from aefast import reference
+from aefast.models import BatchTopKSAE, MatryoshkaSAE
+from aefast.train.evaluate import dictionary_metrics
+
+D, L, K, K_AUX = 10, 24, 3, 5
+
+
+def _model(cls, **kw):
+    torch.manual_seed(0)
+    model = cls(D, L, K, K_AUX, dead_steps=2, **kw).double()
+    with torch.no_grad():  # away from the tied, zero-bias start, so every term matters
+        model.encoder_bias.normal_(0, 0.3)
+        model.pre_bias.normal_(0, 0.3)
+    model.steps_since_fired[::4] = 5  # every fourth latent dead
+    return model
+
+
+def _reference_loss(model, x, prefixes):
+    """The loss written out in plain PyTorch (aefast.reference for the selections)."""
+    pre = (x - model.pre_bias) @ model.encoder_weight.T + model.encoder_bias
+    z = reference.batch_topk(pre, K)
+    losses = []
+    for stop in prefixes:
+        x_hat = model.pre_bias + z[:, :stop] @ model.decoder_weight[:stop]
+        losses.append(0.5 * (x_hat - x).pow(2).sum(1).mean())
+    dead = model.steps_since_fired >= 2
+    values, indices = reference.topk_sparse(pre.masked_fill(~dead, float("-inf")), K_AUX, relu=True)
+    aux_hat = torch.zeros(len(x), L, dtype=x.dtype).scatter(1, indices, values) @ model.decoder_weight
+    aux = 0.5 * (aux_hat - (x - x_hat).detach()).pow(2).sum(1).mean()
+    return torch.stack(losses).mean() + model.aux_coef * aux
+
+
+@pytest.mark.parametrize("cls, prefixes", [(BatchTopKSAE, [L]), (MatryoshkaSAE, [4, 10, L])])
+def test_loss_and_gradients_match_the_reference(cls, prefixes):
+    kw = {"prefixes": prefixes} if cls is MatryoshkaSAE else {}
+    model = _model(cls, **kw)
+    x = torch.randn(13, D, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    want = _reference_loss(model, x, prefixes)
+    want_grads = torch.autograd.grad(want, list(model.parameters()))
+    got = model.loss(x)
+    assert float(got["auxk"]) > 0  # dead latents: the AuxK term is in play
+    got_grads = torch.autograd.grad(got["loss"], list(model.parameters()))
+    torch.testing.assert_close(got["loss"], want)
+    for (name, _), g, w in zip(model.named_parameters(), got_grads, want_grads):
+        torch.testing.assert_close(g, w, msg=name)
+    assert float(got["l0"]) == pytest.approx(K)  # k * B winners over B rows (no ties at this size)
+
+
+def test_the_inference_threshold_is_the_mean_of_the_batches_smallest_kept_activation():
+    model = _model(BatchTopKSAE)
+    smallest = []
+    for seed in range(3):
+        x = torch.randn(16, D, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
+        model.loss(x)
+        pre = (x - model.pre_bias) @ model.encoder_weight.T + model.encoder_bias
+        kept = reference.batch_topk(pre.detach(), K)
+        smallest.append(kept[kept > 0].min())
+    torch.testing.assert_close(model.threshold, torch.stack(smallest).mean())
+    model.eval()  # then the code depends on the row alone
+    x = torch.randn(5, D, dtype=torch.float64)
+    pre = (x - model.pre_bias) @ model.encoder_weight.T + model.encoder_bias
+    with torch.no_grad():
+        torch.testing.assert_close(model.encode(x), torch.where(pre > model.threshold, pre, 0.0))
+        torch.testing.assert_close(model.encode(x[:1]), model.encode(x)[:1])
+
+
+def test_bad_prefixes_are_refused():
+    for prefixes in ([4, 10], [10, 4, L], [0, L], []):
+        with pytest.raises(ValueError, match="prefixes must increase from >= 1 to n_latents"):
+            MatryoshkaSAE(D, L, K, K_AUX, prefixes=prefixes)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("cls", [BatchTopKSAE, MatryoshkaSAE])
+def test_the_loss_compiles_without_graph_breaks(cls):
+    kw = {"prefixes": [8, L]} if cls is MatryoshkaSAE else {}
+    model = _model(cls, **kw).float()
+    x = torch.randn(12, D)
+    before = {name: t.clone() for name, t in model.state_dict().items()}
+    eager = model.loss(x)["loss"]
+    after = {name: t.clone() for name, t in model.state_dict().items()}
+    model.load_state_dict(before)  # the buffers (dead counters, threshold) as they were
+    compiled = torch.compile(model.loss, fullgraph=True)(x)["loss"]
+    torch.testing.assert_close(compiled, eager)
+    for name, t in model.state_dict().items():  # and updated the same way
+        torch.testing.assert_close(t, after[name], msg=name)
+
+
+def test_dictionary_metrics():
+    x = torch.randn(50, 6, dtype=torch.float64)
+    codes = torch.zeros(50, 8)
+    codes[:, 0] = 1.0        # fires always: dense
+    codes[:3, 1] = 2.0       # fires on 3 of 50
+    # latents 2..7 never fire: dead
+    result = dictionary_metrics(x, x * 0.5 + x.mean(0) * 0.5, codes)
+    assert result["fvu"] == pytest.approx(0.25)
+    assert result["l0"] == pytest.approx(1 + 3 / 50)
+    assert result["dead_fraction"] == pytest.approx(6 / 8)
+    assert result["dense_fraction"] == pytest.approx(1 / 8)
+    assert result["density_window_rows"] == 50
