@@ -74,11 +74,12 @@ def _wait_for_epochs(metrics: Path, epochs: int, ranks: list[subprocess.Popen]) 
     raise AssertionError("training did not get going")
 
 
-@pytest.mark.parametrize("fault", ["killed", "stalled"])
-def test_a_rank_that_dies_or_stalls_ends_the_others_within_the_timeout(tmp_path, fault):
+@pytest.mark.parametrize("fault, mode", [("killed", []), ("stalled", []), ("stalled", ["--shard-latents", "2"])],
+                         ids=["killed", "stalled", "stalled-latent-parallel"])
+def test_a_rank_that_dies_or_stalls_ends_the_others_within_the_timeout(tmp_path, fault, mode):
     timeout = 10
     ranks = start_ranks(tmp_path, 2, ["topk-sae", *DIGITS, *MODEL_ARGS["topk-sae"], "--epochs", "10000",
-                                       "--timeout", str(timeout), "--out", str(tmp_path / "run")])
+                                      "--timeout", str(timeout), *mode, "--out", str(tmp_path / "run")])
     try:
         _wait_for_epochs(tmp_path / "run" / "metrics.jsonl", 2, ranks)
         ranks[1].send_signal(signal.SIGKILL if fault == "killed" else signal.SIGSTOP)
@@ -109,7 +110,7 @@ def test_batches_too_small_to_give_every_rank_a_row_are_refused_before_training(
 
     cluster = Cluster(rank=0, world=4, local_rank=0, device=torch.device("cpu"), timeout_s=60)
     cluster.check_batches(rows=1438, batch_size=61)  # last batch: 35 rows
-    with pytest.raises(ValueError, match="--batch-size 3 .* over 4 processes: .*each batch"):
+    with pytest.raises(ValueError, match="--batch-size 3 .* over 4 data-parallel processes: .*each batch"):
         cluster.check_batches(rows=1438, batch_size=3)
     with pytest.raises(ValueError, match="--batch-size 718 .* the last batch of the 1438 training rows has 2"):
         cluster.check_batches(rows=1438, batch_size=718)

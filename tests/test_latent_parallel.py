@@ -69,7 +69,7 @@ def _forward_and_gradients(rank: int, world: int, init_file: str, out_dir: str) 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("world", [2, 4])
-def test_forward_and_gradients_equalone_process(tmp_path, world):
+def test_forward_and_gradients_equal_one_process(tmp_path, world):
     mp.spawn(_forward_and_gradients, args=(world, str(tmp_path / "init"), str(tmp_path)), nprocs=world, join=True)
     whole, _ = _models(world)
     whole.steps_since_fired.zero_()
@@ -96,7 +96,7 @@ ARGS = ["topk-sae", *DIGITS, *MODEL_ARGS["topk-sae"]]
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("nproc, shards", [(2, 2), (4, 2)])  # latent-parallel; a 2 x 2 grid with data parallelism
-def test_latent_parallel_training_equalsone_process(tmp_path, nproc, shards):
+def test_latent_parallel_training_equals_one_process(tmp_path, nproc, shards):
     run = torchrun(nproc, [*ARGS, "--epochs", "2", "--shard-latents", str(shards), "--out", str(tmp_path / "split")])
     assert run.returncode == 0, run.stderr
     assert f"{nproc // shards} data-parallel replicas of {shards} latent shards" in run.stdout

@@ -40,7 +40,8 @@ def _assert_valid_png(path):
 
 @pytest.mark.parametrize("model, data, figures, evaluation", [
     ("vae", "digits", {"reconstructions", "filters", "samples"}, {"probe_accuracy", "raw_probe_accuracy"}),
-    ("topk-sae", "synthetic", {"reconstructions", "filters", "sparsity"}, {"probe_accuracy", "feature_recovery"}),
+    ("topk-sae", "synthetic", {"reconstructions", "filters", "sparsity", "density"},
+     {"probe_accuracy", "feature_recovery", "fvu", "l0", "dead_fraction", "dense_fraction"}),
     ("linear", "digits", {"reconstructions", "filters"}, {"pca_largest_angle", "pca_val_mse"}),
 ])
 def test_output_folder_and_figures(tmp_path, capsys, model, data, figures, evaluation):

@@ -98,13 +98,7 @@ class TopKSAE(AutoencoderModel):
         x_hat = self._decode(values, indices)
         reconstruction = squared_error(x_hat, x)
         if self.training:
-            with torch.no_grad():  # integer adds: deterministic wherever indices repeat
-                fired = torch.zeros_like(self.steps_since_fired).scatter_add_(
-                    0, indices.flatten(), (values > 0).flatten().long())
-                if self.group is not None:  # fired anywhere in the global batch
-                    reduce_over_ranks_(fired, "max", self.group)
-                fired = fired > 0
-                self.steps_since_fired.add_(1).masked_fill_(fired, 0)
+            self._count_steps_since_fired(values, indices)
         if self.k_aux:
             residual = (x - x_hat).detach()
             aux_hat = self._decode(aux_values, aux_indices, bias=False)
@@ -113,6 +107,16 @@ class TopKSAE(AutoencoderModel):
             aux = reconstruction.new_zeros(())
         return {"loss": reconstruction + self.aux_coef * aux,
                 **detached(reconstruction=reconstruction, auxk=aux, dead=dead.float().mean())}
+
+    @torch.no_grad()
+    def _count_steps_since_fired(self, values: Tensor, indices: Tensor) -> None:
+        """Each latent's steps since it last fired (was a winner with a positive value),
+        on the device; with data parallelism, firing anywhere in the global batch counts."""
+        fired = torch.zeros_like(self.steps_since_fired).scatter_add_(  # integer adds: deterministic
+            0, indices.flatten(), (values > 0).flatten().long())
+        if self.group is not None:
+            reduce_over_ranks_(fired, "max", self.group)
+        self.steps_since_fired.add_(1).masked_fill_(fired > 0, 0)
 
     @torch.no_grad()
     def after_step(self) -> None:

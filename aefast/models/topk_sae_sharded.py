@@ -42,8 +42,6 @@ class LatentShardedTopKSAE(TopKSAE):
     shard_rows(n_latents, rank, world). `group`: the process group of the `world` ranks
     (None until the trainer sets it, for building and counting on one process)."""
 
-    data_parallel = False  # the whole batch on every rank
-
     def __init__(self, n_in: int, n_latents: int = 256, k: int = 8, k_aux: int = 32, aux_coef: float = 1 / 32,
                  dead_steps: int = 100, *, rank: int, world: int, latent_group=None):
         super().__init__(n_in, n_latents, k, k_aux, aux_coef, dead_steps,
@@ -59,7 +57,8 @@ class LatentShardedTopKSAE(TopKSAE):
 
     def _decode_sum(self, values: Tensor, indices: Tensor, bias: bool = True) -> Tensor:
         partial = ae.sparse_decode(values, indices, self.decoder_weight.to(values.dtype), None)
-        total = sum_over_ranks(partial, self.latent_group)
+        # summed in float32 at least: one rounding of the sum, as one process has, not N
+        total = sum_over_ranks(partial.to(torch.promote_types(partial.dtype, torch.float32)), self.latent_group)
         return total + self.pre_bias.to(total.dtype) if bias else total
 
     def loss(self, x: Tensor) -> dict[str, Tensor]:
@@ -75,14 +74,8 @@ class LatentShardedTopKSAE(TopKSAE):
         x_hat = self._decode_sum(values, indices)
         reconstruction = squared_error(x_hat, x)
         counts = torch.stack([dead.sum()]).float()
-        if self.training:
-            with torch.no_grad():  # each latent lives on one rank: its own count
-                fired = torch.zeros_like(self.steps_since_fired).scatter_add_(
-                    0, indices.flatten(), (values > 0).flatten().long())
-                if self.group is not None:  # data-parallel replicas: fired in any of their batches
-                    reduce_over_ranks_(fired, "max", self.group)
-                fired = fired > 0
-                self.steps_since_fired.add_(1).masked_fill_(fired, 0)
+        if self.training:  # each latent lives on one rank of a replica: its own count
+            self._count_steps_since_fired(values, indices)
         reduce_over_ranks_(counts, "sum", group)  # the dead latents of the whole model
         if self.k_aux:
             # A rank with fewer than k_aux dead latents fills its slots with live ones
@@ -98,6 +91,11 @@ class LatentShardedTopKSAE(TopKSAE):
             aux = reconstruction.new_zeros(())
         return {"loss": reconstruction + self.aux_coef * aux,
                 **detached(reconstruction=reconstruction, auxk=aux, dead=counts[0] / self.n_latents)}
+
+    def winners(self, x: Tensor):
+        raise NotImplementedError("a shard holds part of the latents: gather_state, then a TopKSAE, gives the model")
+
+    encode = reconstruct = winners
 
     # ------------------------------------------------ whole-model state (checkpoints)
 

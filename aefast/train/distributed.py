@@ -49,6 +49,8 @@ class Cluster:
     shards: int = 1      # latent-parallel: ranks per model replica (rank = replica * shards + shard)
     latent_group: Any = None  # the ranks holding the other latents of this rank's replica
     latent_control: Any = None  # the same ranks over gloo: checkpoints gathered in host memory
+    where: str = "before the first step"  # for the error that ends a rank
+    failed: bool = False
 
     @property
     def replica(self) -> int:
@@ -73,14 +75,16 @@ class Cluster:
             raise ValueError(f"--shard-latents {shards} must divide the {self.world} processes")
         self.shards = shards
         cuda = self.device.type == "cuda"
+        timeout = datetime.timedelta(seconds=self.timeout_s)
+        training = timeout + datetime.timedelta(minutes=1) if cuda else timeout  # as in from_environment
         for replica in range(self.replicas):  # every rank creates every group, in the same order
             ranks = list(range(replica * shards, (replica + 1) * shards))
-            group = dist.new_group(ranks)
-            control = dist.new_group(ranks, backend="gloo") if cuda else group
+            group = dist.new_group(ranks, timeout=training)
+            control = dist.new_group(ranks, backend="gloo", timeout=timeout) if cuda else group
             if replica == self.replica:
                 self.latent_group, self.latent_control = group, control
         for shard in range(shards):
-            group = dist.new_group(list(range(shard, self.world, shards)))
+            group = dist.new_group(list(range(shard, self.world, shards)), timeout=training)
             if shard == self.shard:
                 self.group = group
 
@@ -105,7 +109,10 @@ class Cluster:
                                  f"{torch.cuda.device_count()} GPUs: give --nproc_per_node at most that")
             torch.cuda.set_device(local_rank)
         timeout = datetime.timedelta(seconds=timeout_s)
-        dist.init_process_group("nccl" if cuda else "gloo", timeout=timeout)
+        # NCCL's own watchdog aborts the process at its timeout: given a minute more, the
+        # gloo agreement after each step fails first, with the error naming rank and step.
+        dist.init_process_group("nccl" if cuda else "gloo",
+                                timeout=timeout + datetime.timedelta(minutes=1) if cuda else timeout)
         control = dist.new_group(backend="gloo", timeout=timeout) if cuda else dist.group.WORLD
         device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
         return cls(rank, world, local_rank, device, timeout_s, dist.group.WORLD, control)
@@ -156,14 +163,15 @@ class Cluster:
         return float(total)
 
     def sum(self, values: dict[str, float]) -> dict[str, float]:
-        """Per key, the sum over the ranks (every rank holds the same keys)."""
+        """Per key, the sum over the ranks (every rank holds the same keys, in any order)."""
         import torch.distributed as dist
 
-        total = torch.tensor([values[name] for name in values], dtype=torch.float64)
+        names = sorted(values)
+        total = torch.tensor([values[name] for name in names], dtype=torch.float64)
         dist.all_reduce(total, group=self.control)
-        return dict(zip(values, total.tolist()))
+        return dict(zip(names, total.tolist()))
 
-    def failure(self, exc: BaseException, where: str) -> RuntimeError:
+    def failure(self, exc: BaseException) -> RuntimeError:
         """The error a rank ends with: which rank, where in the run, and, when a
         collective failed (a peer died, or stalled past --timeout), that it did."""
         text = " ".join(str(exc).split())
@@ -171,7 +179,8 @@ class Cluster:
             word in text for word in ("gloo", "NCCL", "Connection", "Timed out", "timed out"))
         why = (f"a collective failed: another process died or stalled for more than --timeout {self.timeout_s:g} s "
                if collective else "")
-        return RuntimeError(f"rank {self.rank} of {self.world}, {where}: {why}({type(exc).__name__}: {text[:400]})")
+        return RuntimeError(f"rank {self.rank} of {self.world}, {self.where}: {why}({type(exc).__name__}: "
+                            f"{text[:400]})")
 
     def wrap(self, model: nn.Module, loss) -> nn.Module:
         """DistributedDataParallel around `loss` (the model's loss function, maybe
@@ -192,9 +201,12 @@ class Cluster:
                                        gradient_as_bucket_view=True, **{keyword: False})
 
     def close(self) -> None:
+        """A clean exit: the process groups torn down; after a failure they are left to
+        the process's exit (NCCL's teardown waits on the collective a dead peer left
+        unfinished)."""
         import torch.distributed as dist
 
-        if dist.is_initialized():
+        if dist.is_initialized() and not self.failed:
             dist.destroy_process_group()
 
 

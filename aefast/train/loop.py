@@ -29,7 +29,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed
 
 from aefast.activations import read_manifest, spliced_loss
 from aefast.batches import StreamedBatches, open_training_data
@@ -55,7 +54,8 @@ def load_checkpoint(out_dir: Path) -> dict[str, Any]:
     if not path.is_file():
         raise ValueError(f"--resume: {out_dir} holds no {CHECKPOINT} to resume from")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        # Memory-mapped: a large SAE's tensors are read as they are loaded into the model.
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as exc:  # a truncated or foreign file: pickle, zip and torch errors alike
         raise ValueError(f"cannot read checkpoint {path}: {exc}") from None
 
@@ -67,10 +67,15 @@ def train(config: dict[str, Any], out_dir: Path, checkpoint: dict[str, Any] | No
     when stderr is a terminal). Under torchrun: one process of a data-parallel run
     (rank 0 writes the files and returns the evaluation, the others return {})."""
     cluster = Cluster.from_environment(config["device"], config["timeout"]) if launched_by_torchrun() else None
-    if cluster is not None and config["shard_latents"]:
-        cluster.split_latents(config["shard_latents"])
     try:
+        if cluster is not None and config["shard_latents"]:
+            cluster.split_latents(config["shard_latents"])
         return _train(config, out_dir, checkpoint, progress, cluster)
+    except RuntimeError as exc:  # gloo's failures are plain RuntimeErrors, NCCL's DistErrors
+        if cluster is None:
+            raise
+        cluster.failed = True
+        raise cluster.failure(exc) from None
     finally:
         if cluster is not None:
             cluster.close()
@@ -85,8 +90,8 @@ def _train(config: dict[str, Any], out_dir: Path, checkpoint: dict[str, Any] | N
     torch.manual_seed(config["seed"])
     model = _build_model(config, data.image_shape, cluster).to(device)
     check_data_range(model, data)
-    if cluster is not None and cluster.replicas > 1:
-        if not model.data_parallel and not config["shard_latents"]:
+    if cluster is not None and not config["shard_latents"]:
+        if not model.data_parallel:
             raise ValueError(f"{config['model']}{' --conv' if config['conv'] else ''} trains on one process only "
                              f"({type(model).__name__}.data_parallel is False); start it without torchrun")
         cluster.check_batches(batches.rows, config["batch_size"])
@@ -146,7 +151,7 @@ def _train(config: dict[str, Any], out_dir: Path, checkpoint: dict[str, Any] | N
     table = _EpochTable(say)
     for record in history:
         table.row(record)
-    with _StopRequests() as stop, _collective_failures(run):
+    with _StopRequests() as stop:
         for epoch in range(len(history), config["epochs"]):
             phase = model.begin_epoch(epoch)
             run.epoch_start_shuffle = shuffle.get_state()
@@ -172,7 +177,7 @@ def _train(config: dict[str, Any], out_dir: Path, checkpoint: dict[str, Any] | N
                 raise KeyboardInterrupt
 
     if isinstance(model, LatentShardedTopKSAE):  # rank 0 evaluates the whole model
-        whole = model.gather_state(optimizers["model"], cluster.latent_control)
+        whole = model.gather_state(optimizers["model"], cluster.latent_control) if cluster.replica == 0 else None
         if leader:
             model = configuration.build_model(config, data.image_shape).to(device)
             model.load_state_dict(whole[0])
@@ -229,7 +234,6 @@ class _Run:
     image_shape: tuple[int, int, int]
     cluster: Cluster | None = None
     epoch_start_shuffle: torch.Tensor | None = None
-    where: str = "before the first step"  # for the error that ends a rank when a collective fails
     saved_at: float = field(default_factory=time.monotonic)
 
     def save(self, position: _EpochPosition) -> None:
@@ -238,12 +242,12 @@ class _Run:
         # the resumed epoch draws the same order again and skips the rows done.
         shuffle = self.epoch_start_shuffle if position.rows else self.shuffle.get_state()
         rank_rngs, model_state, optimizer_states = None, None, None
-        if isinstance(self.model, LatentShardedTopKSAE):  # the whole model, on rank 0
+        if isinstance(self.model, LatentShardedTopKSAE) and self.cluster.replica == 0:  # whole, on rank 0
             model_state, optimizer_state = (self.model.gather_state(self.optimizers["model"], self.cluster.latent_control)
                                             or (None, None))
             optimizer_states = {"model": optimizer_state}
         if self.cluster is not None:
-            rank_rngs = self.cluster.gather(torch.get_rng_state())
+            rank_rngs = self.cluster.gather(_generator_states(self.cluster.device))
             if position.rows:  # the epoch's sums so far, over every replica
                 sums = _replicas_sum(self.cluster, position.sums)
                 position = _EpochPosition(position.rows, {n: torch.tensor(v) for n, v in sums.items()},
@@ -284,7 +288,8 @@ def _train_epoch(run: _Run, batches, position: _EpochPosition, stop: _StopReques
                 group = [cluster.share(batch) for batch in group]
                 step_options["mean_rows"] = rows / cluster.replicas
             group = [batch.to(device, non_blocking=True).float() for batch in group]
-            run.where = f"{description}, step {step + 1}"
+            if cluster is not None:
+                cluster.where = f"{description}, step {step + 1}"
             terms = model.train_step(group, run.optimizers, **step_options)
             for name, value in terms.items():  # weighted by the rows they are the mean of
                 sums[name] = sums.get(name, 0.0) + value.detach().float() * step_options.get("mean_rows", rows)
@@ -300,23 +305,12 @@ def _train_epoch(run: _Run, batches, position: _EpochPosition, stop: _StopReques
                 run.save(_EpochPosition(done, sums, seconds + time.perf_counter() - start))
                 if stop_now:
                     raise KeyboardInterrupt
-    run.where = f"{description}, after its last step"
+    if cluster is not None:
+        cluster.where = f"{description}, after its last step"
     if shares:
         model.distribute(None)
         sums = _replicas_sum(cluster, sums)
     return {name: float(value) / batches.rows for name, value in sums.items()}, seconds + time.perf_counter() - start
-
-
-@contextlib.contextmanager
-def _collective_failures(run: _Run):
-    """Data-parallel: a collective that failed (a peer died, or stalled past --timeout)
-    ends this rank with an error that says which rank it is and where it was."""
-    try:
-        yield
-    except RuntimeError as exc:  # gloo's failures are plain RuntimeErrors, NCCL's DistErrors
-        if run.cluster is None:
-            raise
-        raise run.cluster.failure(exc, run.where) from None
 
 
 def _groups(batches, size: int):
@@ -394,7 +388,7 @@ def _validate(model: AutoencoderModel, x: torch.Tensor, batch_size: int) -> dict
 
 
 def _save_checkpoint(out_dir: Path, model_state: dict, optimizer_states: dict, shuffle: torch.Tensor, history, config,
-                     image_shape, rank_rngs: list[torch.Tensor] | None, position: _EpochPosition) -> None:
+                     image_shape, rank_rngs: list[dict] | None, position: _EpochPosition) -> None:
     state = {
         "epoch": len(history),
         "image_shape": list(image_shape),
@@ -477,14 +471,22 @@ def _seed_rank(cluster: Cluster, seed: int, checkpoint: dict[str, Any] | None, p
     """Each process its own noise (rank 0 keeps the generator a one-process run has):
     the state it had when the checkpoint was written when the world size is the same,
     else one derived from the seed, the rank and the run's position."""
-    if cluster.rank == 0:
+    if cluster.rank == 0:  # restored from the checkpoint's own generators, as one process is
         return
     saved = (checkpoint or {}).get("rng", {}).get("ranks") or []
     if len(saved) == cluster.world:
-        torch.set_rng_state(saved[cluster.rank])
+        torch.set_rng_state(saved[cluster.rank]["cpu"])
+        if saved[cluster.rank]["cuda"] is not None and cluster.device.type == "cuda":
+            torch.cuda.set_rng_state(saved[cluster.rank]["cuda"], cluster.device)
         return
     epochs = len(checkpoint["history"]) if checkpoint else 0
-    torch.manual_seed(hash((seed, cluster.rank, epochs, position.rows)) % 2**63)
+    torch.manual_seed(hash((seed, cluster.rank, epochs, position.rows)) % 2**63)  # seeds CUDA's too
+
+
+def _generator_states(device: torch.device) -> dict[str, torch.Tensor | None]:
+    """This process's torch generators: the CPU's and its GPU's (the noise ops draw there)."""
+    return {"cpu": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
 
 
 def _set_rng_states(states: dict[str, Any], shuffle: torch.Generator) -> None:
