@@ -7,6 +7,7 @@
 from aefast import backends, nn
 from aefast.backends import available_backends, backend, current_backend
 from aefast.ops.decode import sparse_decode, topk_encode, topk_encode_aux
+from aefast.ops.jumprelu import jumprelu
 from aefast.ops.kl import contractive_penalty, kl_sparsity, sigmoid_kl_sparsity
 from aefast.ops.noise import corrupt, noisy_linear, reparameterize
 from aefast.ops.topk import batch_topk, lifetime_topk, spatial_wta, topk_mask, topk_sparse
@@ -30,6 +31,7 @@ __all__ = [
     "contractive_penalty",
     "corrupt",
     "current_backend",
+    "jumprelu",
     "kl_sparsity",
     "lifetime_topk",
     "load_run",

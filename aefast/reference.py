@@ -133,6 +133,41 @@ def topk_encode_aux(x: Tensor, weight: Tensor, bias: Tensor | None, k: int, dead
     return values, indices, aux_values.clamp_min(0.0), aux_indices
 
 
+# ------------------------------------------------------------ JumpReLU
+
+
+def jumprelu(z: Tensor, threshold: Tensor, bandwidth: float) -> tuple[Tensor, Tensor]:
+    """JumpReLU (Rajamanoharan et al. 2024): (z where z > threshold else 0, per row the
+    count of z > threshold: the L0 norm), threshold (L,) per column of z (B, L).
+
+    Gradients, the paper's straight-through estimators with a rectangle kernel
+    K(u) = 1 for |u| < 1/2 of width `bandwidth` (eps): d out / d z = H(z - threshold);
+    d out / d threshold = -(threshold / eps) K((z - threshold) / eps); d l0 / d threshold
+    = -(1 / eps) K((z - threshold) / eps); none to z through l0. The kernel's test and the
+    threshold's gradient sum are taken in float32 (float64 for float64 input)."""
+    return _JumpReLU.apply(z, threshold, bandwidth)
+
+
+class _JumpReLU(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, z, threshold, bandwidth):
+        active = z > threshold
+        ctx.save_for_backward(z, threshold)
+        ctx.bandwidth = bandwidth
+        return torch.where(active, z, 0.0), active.sum(1).to(stat_dtype(z.dtype))
+
+    @staticmethod
+    def backward(ctx, grad_out, grad_l0):
+        z, threshold = ctx.saved_tensors
+        acc = stat_dtype(z.dtype)
+        gap = z.to(acc) - threshold.to(acc)
+        near = (gap.abs() < ctx.bandwidth / 2).to(acc) / ctx.bandwidth
+        grad_z = torch.where(z > threshold, grad_out, 0.0)
+        pull = threshold.to(acc) * grad_out.to(acc) + grad_l0.to(acc)[:, None]
+        grad_threshold = -(near * pull).sum(0)
+        return grad_z, grad_threshold.to(threshold.dtype), None
+
+
 # ------------------------------------------------------------ noise injection
 # Philox4x32-10 keyed by (seed, element index): element i takes word i mod 4 of the
 # block of counter i div 4, mapped to floats as Triton's tl.rand maps a word; normals

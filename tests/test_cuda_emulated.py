@@ -41,6 +41,8 @@ BIG_SEED = 0x7EDC_BA98_7654_3210
 
 P, I64, F64, F32, INT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_double, ctypes.c_float, ctypes.c_int
 LAUNCHERS = {  # tests/cuda_emu/api.cpp
+    "jumprelu_forward": [P, P, P, P, INT, I64, I64],
+    "jumprelu_backward": [P, P, P, P, P, P, P, INT, I64, I64, F64, I64],
     "kl_sparsity_forward": [P, INT, I64, I64, F64, F64, F64, I64, P, P, P],
     "kl_sparsity_backward": [P, P, P, INT, I64, I64, F64, F64, F64],
     "sigmoid_kl_sparsity_forward": [P, P, INT, I64, I64, F64, F64, F64, I64, P, P, P],
@@ -54,7 +56,7 @@ LAUNCHERS = {  # tests/cuda_emu/api.cpp
     "sparse_decode_backward": [P, P, P, P, P, P, P, P, INT, I64, I64, I64, I64],
     "topk_select": [P, INT, I64, I64, I64, I64, INT, P, P, P, P],
 }
-QUERIES = {"column_splits": [I64, I64, INT], "reparameterize_blocks": [I64], "topk_row_chunks": [I64, I64, INT],
+QUERIES = {"column_splits": [I64, I64, INT], "jumprelu_splits": [I64, I64, INT], "reparameterize_blocks": [I64], "topk_row_chunks": [I64, I64, INT],
            "topk_workspace_bytes": [I64, I64], "topk_packs_keys": [INT, I64]}
 
 
@@ -259,6 +261,41 @@ def test_sigmoid_kl_sparsity(emu, shape, dtype):
             assert_close(rho_hat, h.double().mean(0), stat)  # the mean of the h returned
             assert_close(penalty, want, dtype, scale=H)
             assert_close(grad, want_grad, dtype, scale=10)
+
+        under_policies(emu, run, check)
+
+
+JUMPRELU_BANDWIDTH = 0.25
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", [(1, 1), (5, 300), (37, 45), (300, 33), (130, 257)], ids=str)
+def test_jumprelu(emu, shape, dtype):
+    """Forward and backward against aefast.reference.jumprelu: the output, the counts and
+    z's gradient exactly; the threshold's gradient to rounding, the same bits under
+    every schedule."""
+    B, L = shape
+    stat = reference.stat_dtype(dtype)
+    threshold = (torch.rand(L, dtype=torch.float64) + 0.2).to(dtype)
+    z = (threshold.double() + torch.randn(B, L, dtype=torch.float64) * 0.5).to(dtype)
+    z[0, 0] = threshold[0]  # at its threshold: off
+    g, g_l0 = randn(B, L, dtype=dtype), randn(B, dtype=stat)
+    z_ref, t_ref = z.clone().requires_grad_(True), threshold.clone().requires_grad_(True)
+    want, want_l0 = reference.jumprelu(z_ref, t_ref, JUMPRELU_BANDWIDTH)
+    want_z, want_t = torch.autograd.grad((want, want_l0), (z_ref, t_ref), (g, g_l0))
+    for splits in sorted({emu.query("jumprelu_splits", B, L, SMS), 2, 7}):
+        def run():
+            out, l0 = poisoned((B, L), dtype), poisoned((B,), stat)
+            emu("jumprelu_forward", z, threshold, out, l0, dtype, B, L)
+            grad_z, partial, grad_t = poisoned((B, L), dtype), poisoned((splits, L), stat), poisoned((L,), dtype)
+            emu("jumprelu_backward", g, g_l0, z, threshold, grad_z, partial, grad_t, dtype, B, L,
+                JUMPRELU_BANDWIDTH, splits)
+            return out, l0, grad_z, grad_t
+
+        def check(out, l0, grad_z, grad_t):
+            assert torch.equal(out, want.detach()) and torch.equal(l0, want_l0.detach())
+            assert torch.equal(grad_z, want_z)
+            assert_close(grad_t, want_t, dtype, scale=B / JUMPRELU_BANDWIDTH)
 
         under_policies(emu, run, check)
 

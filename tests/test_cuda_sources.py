@@ -69,7 +69,7 @@ BINDINGS = sorted((ROOT / "csrc" / "cuda").glob("*_bindings.cpp"))
 
 
 def test_every_family_has_its_cuda_bindings():
-    assert [b.name for b in BINDINGS] == [f"{f}_bindings.cpp" for f in ("decode", "kl", "noise", "topk")]
+    assert [b.name for b in BINDINGS] == [f"{f}_bindings.cpp" for f in ("decode", "jumprelu", "kl", "noise", "topk")]
 
 
 @pytest.mark.skipif(CXX is None or _cuda_runtime_include() is None, reason="no C++ compiler or CUDA headers")

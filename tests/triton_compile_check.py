@@ -281,7 +281,19 @@ def decode_launches():
             decode.sparse_decode_backward(meta(B, D, dtype=dtype), values, indices, weight)
 
 
-FAMILIES = {"decode": decode_launches, "kl": kl_launches, "noise": noise_launches, "topk": topk_launches}
+def jumprelu_launches():
+    from aefast.triton_kernels import jumprelu
+
+    for dtype in FLOATS:
+        # a small case and a JumpReLU SAE's pre-activations at B = 4096, L = 1M
+        for B, L in ((37, 65), (4096, 1 << 20)):
+            z, threshold = meta(B, L, dtype=dtype), meta(L, dtype=dtype)
+            jumprelu.jumprelu_forward(z, threshold, 0.001)
+            jumprelu.jumprelu_backward(z, meta(B), z, threshold, 0.001)
+
+
+FAMILIES = {"decode": decode_launches, "jumprelu": jumprelu_launches, "kl": kl_launches, "noise": noise_launches,
+            "topk": topk_launches}
 
 
 def all_kernels() -> list[str]:

@@ -2,8 +2,11 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
 
+#include <algorithm>
 #include <cstdint>
+#include <vector>
 
 #include "aefast/hd.h"
 
@@ -77,6 +80,32 @@ inline Simd simd_level() {
 
 // The dtype of the per-unit statistics a forward returns: acc_t of the data.
 inline at::ScalarType stat_dtype(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
+
+// Column sums over fixed chunks of rows, the chunks then added in order in double:
+// the result does not depend on the number of threads.
+template <typename A, typename ChunkFn>
+std::vector<double> column_sums(int64_t B, int64_t H, const ChunkFn& add_chunk) {
+  const int64_t chunk = std::max<int64_t>(64, (B + 63) / 64);
+  const int64_t n_chunks = (B + chunk - 1) / chunk;
+  std::vector<A> partial(static_cast<size_t>(n_chunks * H), A(0));
+  at::parallel_for(0, n_chunks, 1, [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c) {
+      const int64_t r0 = c * chunk;
+      add_chunk(r0, std::min(B, r0 + chunk) - r0, partial.data() + c * H);
+    }
+  });
+  std::vector<double> sums(static_cast<size_t>(H), 0.0);
+  for (int64_t c = 0; c < n_chunks; ++c)
+    for (int64_t j = 0; j < H; ++j) sums[j] += static_cast<double>(partial[c * H + j]);
+  return sums;
+}
+
+// Rows [0, B) split among threads; fn(first_row, n_rows).
+template <typename Fn>
+void for_rows(int64_t B, int64_t H, const Fn& fn) {
+  const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(H, 1));
+  at::parallel_for(0, B, grain, [&](int64_t r0, int64_t r1) { fn(r0, r1 - r0); });
+}
 
 }  // namespace cpu
 }  // namespace aefast

@@ -1,5 +1,6 @@
 // extern "C" wrappers of the launchers of csrc/cuda/*.h, for ctypes. A launcher
 // returns its cudaError_t, or -1 when the emulator found a misuse (emu_error()).
+#include "jumprelu.h"
 #include "kl.h"
 #include "noise.h"
 #include "decode.h"
@@ -18,6 +19,7 @@ extern "C" {
 
 // ---- sizes and layouts the bindings ask for
 int64_t emu_column_splits(int64_t B, int64_t H, int sms) { return column_splits(B, H, sms); }
+int64_t emu_jumprelu_splits(int64_t B, int64_t L, int sms) { return jumprelu_splits(B, L, sms); }
 int64_t emu_reparameterize_blocks(int64_t n) { return reparameterize_blocks(n); }
 int64_t emu_topk_row_chunks(int64_t B, int64_t H, int sms) { return topk_row_chunks(B, H, sms); }
 int64_t emu_topk_workspace_bytes(int64_t B, int64_t chunks) { return topk_workspace_bytes(B, chunks); }
@@ -30,6 +32,17 @@ void emu_to_half(const float* in, int64_t n, int bf16, uint16_t* out) {
 }
 
 // ---- launchers
+int emu_jumprelu_forward(const void* z, const void* threshold, void* out, void* l0, int dtype, int64_t B, int64_t L) {
+  return status(jumprelu_forward(z, threshold, out, l0, dt(dtype), B, L, nullptr));
+}
+
+int emu_jumprelu_backward(const void* grad_out, const void* grad_l0, const void* z, const void* threshold,
+                          void* grad_z, void* partial, void* grad_threshold, int dtype, int64_t B, int64_t L,
+                          double bandwidth, int64_t splits) {
+  return status(jumprelu_backward(grad_out, grad_l0, z, threshold, grad_z, partial, grad_threshold, dt(dtype), B, L,
+                                  bandwidth, splits, nullptr));
+}
+
 int emu_kl_sparsity_forward(const void* a, int dtype, int64_t B, int64_t H, double rho, double beta,
                             double eps, int64_t splits, void* partial, void* rho_hat, void* penalty) {
   return status(kl_sparsity_forward(a, dt(dtype), B, H, rho, beta, eps, splits, partial, rho_hat, penalty, nullptr));

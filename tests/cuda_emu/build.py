@@ -21,7 +21,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent.parent
 CUDA = ROOT / "csrc" / "cuda"
-FAMILIES = ("decode", "kl", "noise", "topk")
+FAMILIES = ("decode", "jumprelu", "kl", "noise", "topk")
 CACHE = ROOT / "build" / "cuda_emu"
 CXX = shutil.which("g++")
 OBJCOPY = shutil.which("objcopy")  # binutils, which g++ needs anyway
