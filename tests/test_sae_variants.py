@@ -106,3 +106,37 @@ def test_dictionary_metrics():
     assert result["dead_fraction"] == pytest.approx(6 / 8)
     assert result["dense_fraction"] == pytest.approx(1 / 8)
     assert result["density_window_rows"] == 50
+
+
+def test_jumprelu_sae_loss_and_gradients_match_the_reference():
+    from aefast.models import JumpReLUSAE
+
+    torch.manual_seed(0)
+    model = JumpReLUSAE(D, L, l0_coef=0.3, bandwidth=0.5, threshold=0.2).double()
+    with torch.no_grad():
+        model.encoder_bias.normal_(0, 0.3)
+        model.pre_bias.normal_(0, 0.3)
+    x = torch.randn(13, D, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    pre = (x - model.pre_bias) @ model.encoder_weight.T + model.encoder_bias
+    code, l0 = reference.jumprelu(pre, model.log_threshold.exp(), 0.5)
+    want = 0.5 * (code @ model.decoder_weight + model.pre_bias - x).pow(2).sum(1).mean() + 0.3 * l0.mean()
+    want_grads = torch.autograd.grad(want, list(model.parameters()))
+    got = model.loss(x)
+    got_grads = torch.autograd.grad(got["loss"], list(model.parameters()))
+    torch.testing.assert_close(got["loss"], want)
+    for (name, _), g, w in zip(model.named_parameters(), got_grads, want_grads):
+        torch.testing.assert_close(g, w, msg=name)
+    assert got_grads[-1].abs().sum() > 0  # the thresholds learn (through the straight-through rule)
+    assert 0 < float(got["l0"]) < L
+
+
+@pytest.mark.slow
+def test_jumprelu_sae_loss_compiles_without_graph_breaks():
+    from aefast.models import JumpReLUSAE
+
+    torch.manual_seed(0)
+    model = JumpReLUSAE(D, L)
+    x = torch.randn(12, D)
+    eager = model.loss(x)["loss"]
+    compiled = torch.compile(model.loss, fullgraph=True)(x)["loss"]
+    torch.testing.assert_close(compiled, eager)

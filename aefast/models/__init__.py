@@ -10,6 +10,7 @@ from aefast.models.contractive import ContractiveAutoencoder
 from aefast.models.conv import ConvAutoencoder
 from aefast.models.denoising import DenoisingAutoencoder
 from aefast.models.gsn import GSN
+from aefast.models.jumprelu_sae import JumpReLUSAE
 from aefast.models.linear import LinearAutoencoder
 from aefast.models.sparse import SparseAutoencoder
 from aefast.models.stacked import StackedAutoencoder
@@ -27,6 +28,7 @@ __all__ = [
     "ConvWTAAutoencoder",
     "DenoisingAutoencoder",
     "GSN",
+    "JumpReLUSAE",
     "LinearAutoencoder",
     "MatryoshkaSAE",
     "SparseAutoencoder",

@@ -92,6 +92,9 @@ PARAM_HELP = {
     "switches": "unpool at the encoder's max-pool positions (Masci's switches: the decoder reads them besides "
                 "the code); --no-switches repeats each pooled value, so the code alone reconstructs",
     "prefixes": "Matryoshka: the nested dictionary sizes, comma-separated, increasing to --n-latents",
+    "l0_coef": "weight of the L0 penalty (active latents per row)",
+    "bandwidth": "width of the rectangle kernel of JumpReLU's straight-through gradients",
+    "threshold": "initial JumpReLU threshold of every latent",
     "pool": "max-pooling of the feature maps the codes are read from after training (the paper's classifier input)",
 }
 
@@ -148,6 +151,9 @@ RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "dead_steps": _at_least(1),
     "pool": _at_least(1),
     "prefixes": _at_least(1),
+    "l0_coef": _NONNEGATIVE,
+    "bandwidth": _POSITIVE,
+    "threshold": _POSITIVE,
 }
 
 
@@ -225,6 +231,9 @@ MODELS: dict[str, ModelSpec] = {
                                 _flat(models.MatryoshkaSAE),
                                 {"n_latents": 256, "k": 8, "k_aux": 32, "aux_coef": 1 / 32, "dead_steps": 100,
                                  "prefixes": [32, 64, 128, 256]}),
+    "jumprelu-sae": ModelSpec("JumpReLU SAE: a learned threshold per latent, an L0 penalty, straight-through "
+                              "gradients", _flat(models.JumpReLUSAE),
+                              {"n_latents": 256, "l0_coef": 0.01, "bandwidth": 0.05, "threshold": 0.1}),
 }
 
 CONV_SUFFIX = "-conv"
