@@ -159,14 +159,56 @@ def _batches(sequences: Iterator[list[int]], size: int) -> Iterator[Tensor]:
         yield torch.tensor(batch)
 
 
+class _ShardWriter:
+    """Rows of one site's activations, written as float16 shards of `shard_tokens` rows
+    into `out`; the manifest last, atomically."""
+
+    def __init__(self, out: Path, shard_tokens: int):
+        out.mkdir(parents=True, exist_ok=True)
+        if (out / MANIFEST).exists() or any(out.glob("*.npy")):
+            raise ValueError(f"{out} already holds activations: choose an empty --out folder")
+        self.out, self.shard_tokens = out, shard_tokens
+        self.shards: list[str] = []
+        self.pending: list[np.ndarray] = []
+        self.pending_rows = self.written = 0
+        self.norm_sum = 0.0
+
+    def add(self, acts: Tensor) -> None:
+        self.norm_sum += float(acts.float().norm(dim=1).sum())
+        self.pending.append(acts.to(torch.float16).cpu().numpy())
+        self.pending_rows += len(acts)
+        while self.pending_rows >= self.shard_tokens:
+            self._flush(self.shard_tokens)
+
+    def _flush(self, rows: int) -> None:
+        block = np.concatenate(self.pending)
+        name = f"shard{len(self.shards):05d}.npy"
+        np.save(self.out / name, block[:rows])
+        self.shards.append(name)
+        self.written += rows
+        self.pending, self.pending_rows = [block[rows:]], len(block) - rows
+
+    def finish(self, about: dict[str, Any]) -> dict[str, Any]:
+        if self.pending_rows:
+            self._flush(self.pending_rows)
+        manifest = {"format": FORMAT, **about, "tokens": self.written,
+                    "d_model": int(np.load(self.out / self.shards[0], mmap_mode="r").shape[1]), "dtype": "float16",
+                    "mean_norm": self.norm_sum / self.written, "shards": self.shards}
+        (self.out / (MANIFEST + ".tmp")).write_text(json.dumps(manifest, indent=2) + "\n")
+        (self.out / (MANIFEST + ".tmp")).replace(self.out / MANIFEST)
+        return manifest
+
+
 @torch.no_grad()
 def write_activations(model_name: str, layer: int, site: str, out: Path, tokens: int, text: str | None = None,
                       dataset: str | None = None, context: int = 128, batch_size: int = 16,
-                      shard_tokens: int = 2**18, device: torch.device | None = None, progress: bool | None = None
-                      ) -> dict[str, Any]:
+                      shard_tokens: int = 2**18, device: torch.device | None = None, progress: bool | None = None,
+                      target_site: str | None = None, target_layer: int | None = None) -> dict[str, Any]:
     """Run `model_name` over the text until `tokens` activations (BOS positions left
     out) of `site` at `layer` are written to `out` as float16 shards of `shard_tokens`
-    rows; the manifest, written last, describes them. Returns the manifest."""
+    rows; the manifest, written last, describes them. Returns the manifest. With
+    `target_site` (at `target_layer`, default `layer`), the same rows of that site go to
+    out/target in the same pass: a transcoder's targets (aefast train --target)."""
     from tqdm import tqdm
 
     if (text is None) == (dataset is None):
@@ -177,48 +219,32 @@ def write_activations(model_name: str, layer: int, site: str, out: Path, tokens:
             raise ValueError(f"{name} must be >= {low}, got {value}")
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model, tokenizer = load_language_model(model_name, device)
-    site_module(model, layer, site)  # a bad --layer or --site fails before anything is written
-    out.mkdir(parents=True, exist_ok=True)
-    if (out / MANIFEST).exists() or any(out.glob("*.npy")):
-        raise ValueError(f"--out {out} already holds activations: choose an empty folder")
-    shards, pending, pending_rows, written, sequences = [], [], 0, 0, 0
-    norm_sum = 0.0
-
-    def flush(rows: int) -> None:
-        nonlocal pending, pending_rows, written
-        block = np.concatenate(pending)
-        name = f"shard{len(shards):05d}.npy"
-        np.save(out / name, block[:rows])
-        shards.append(name)
-        written += rows
-        pending, pending_rows = [block[rows:]], len(block) - rows
-
-    with at_site(model, layer, site) as seen, \
+    sites = [(layer, site, out)]
+    if target_site is not None:
+        sites.append((layer if target_layer is None else target_layer, target_site, out / "target"))
+    for at_layer, at, _ in sites:  # a bad --layer or --site fails before anything is written
+        site_module(model, at_layer, at)
+    writers = [_ShardWriter(folder, shard_tokens) for _, _, folder in sites]
+    sequences = 0
+    with contextlib.ExitStack() as hooks, \
             tqdm(total=tokens, unit="tok", unit_scale=True, disable=None if progress is None else not progress) as bar:
+        seen = [hooks.enter_context(at_site(model, at_layer, at)) for at_layer, at, _ in sites]
         for ids in _batches(token_sequences(tokenizer, read_documents(text, dataset), context), batch_size):
             model(input_ids=ids.to(device))
-            acts = seen.pop()[:, 1:].flatten(0, 1)  # BOS left out
-            acts = acts[:tokens - written - pending_rows]
             sequences += len(ids)
-            norm_sum += float(acts.float().norm(dim=1).sum())
-            pending.append(acts.to(torch.float16).cpu().numpy())
-            pending_rows += len(acts)
-            bar.update(len(acts))
-            while pending_rows >= shard_tokens:
-                flush(shard_tokens)
-            if written + pending_rows >= tokens:
+            take = tokens - writers[0].written - writers[0].pending_rows
+            for writer, acts in zip(writers, seen):
+                writer.add(acts.pop()[:, 1:].flatten(0, 1)[:take])  # BOS left out
+            bar.update(min(take, len(ids) * (context - 1)))
+            if take <= len(ids) * (context - 1):
                 break
-        if pending_rows:
-            flush(pending_rows)
-    if written == 0:
+    if writers[0].written + writers[0].pending_rows == 0:
         raise ValueError("the text gave no complete sequence of --context tokens: give more text or a smaller --context")
-    manifest = {"format": FORMAT, "model": model_name, "layer": layer, "site": site, "context": context,
-                "tokens": written, "sequences": sequences, "d_model": int(np.load(out / shards[0], mmap_mode="r").shape[1]),
-                "dtype": "float16", "mean_norm": norm_sum / written, "text": str(Path(text).resolve()) if text else None,
-                "dataset": dataset, "shards": shards}
-    (out / (MANIFEST + ".tmp")).write_text(json.dumps(manifest, indent=2) + "\n")
-    (out / (MANIFEST + ".tmp")).replace(out / MANIFEST)
-    return manifest
+    about = {"model": model_name, "context": context, "sequences": sequences,
+             "text": str(Path(text).resolve()) if text else None, "dataset": dataset}
+    manifests = [writer.finish({**about, "layer": at_layer, "site": at})
+                 for writer, (at_layer, at, _) in zip(writers, sites)]
+    return manifests[0]
 
 
 def read_manifest(folder: str | Path) -> dict[str, Any] | None:
@@ -234,13 +260,19 @@ def read_manifest(folder: str | Path) -> dict[str, Any] | None:
 
 @torch.no_grad()
 def spliced_loss(manifest: dict[str, Any], sae: nn.Module, sequences: int = 32, batch_size: int = 8,
-                 device: torch.device | None = None) -> dict[str, Any]:
+                 device: torch.device | None = None, target_manifest: dict[str, Any] | None = None
+                 ) -> dict[str, Any]:
     """Next-token loss (mean cross-entropy, nats) of the manifest's model on `sequences`
     sequences of its text that follow the ones the activations came from (held out;
     the first ones when the text has no more), three ways: clean, with the site's
     activations replaced by `sae.reconstruct` of them, and with them zeroed (BOS
-    position untouched in both). loss_recovered = (ablated - spliced) / (ablated - clean)."""
+    position untouched in both). loss_recovered = (ablated - spliced) / (ablated - clean).
+    A transcoder (`target_manifest`: its targets' site): the target site's activations
+    are replaced by the transcoder's prediction from the input site's, in the same pass."""
     device = device or next(sae.parameters()).device
+    if target_manifest is not None and any(target_manifest.get(key) != manifest.get(key)
+                                           for key in ("model", "context", "text", "dataset")):
+        raise ValueError("--target's activations come from another model or text than --data's")
     model, tokenizer = load_language_model(manifest["model"], device)
     if manifest.get("text") is None and manifest.get("dataset") is None:
         raise ValueError("the manifest names no text to evaluate on")
@@ -250,9 +282,12 @@ def spliced_loss(manifest: dict[str, Any], sae: nn.Module, sequences: int = 32, 
     held_out = len(all_sequences) > manifest["sequences"]
     chosen = all_sequences[manifest["sequences"]:] if held_out else all_sequences[:sequences]
     sae_dtype = next(sae.parameters()).dtype
+    replaced = target_manifest or manifest  # the site whose activations the model's output replaces
+    inputs: list[Tensor] = []  # a transcoder's input site, seen earlier in the same pass
 
     def splice(acts: Tensor) -> Tensor:
-        flat = acts[:, 1:].flatten(0, 1).to(sae_dtype)
+        source = inputs.pop() if target_manifest is not None else acts
+        flat = source[:, 1:].flatten(0, 1).to(sae_dtype)
         rebuilt = torch.cat([sae.reconstruct(flat[i:i + 4096]) for i in range(0, len(flat), 4096)])
         return torch.cat([acts[:, :1], rebuilt.to(acts.dtype).view_as(acts[:, 1:])], dim=1)
 
@@ -265,7 +300,10 @@ def spliced_loss(manifest: dict[str, Any], sae: nn.Module, sequences: int = 32, 
         total, count = 0.0, 0
         for ids in _batches(iter(chosen), batch_size):
             ids = ids.to(device)
-            with at_site(model, manifest["layer"], manifest["site"], edit):
+            with contextlib.ExitStack() as hooks:
+                if target_manifest is not None and edit is splice:
+                    inputs = hooks.enter_context(at_site(model, manifest["layer"], manifest["site"]))
+                hooks.enter_context(at_site(model, replaced["layer"], replaced["site"], edit))
                 logits = model(input_ids=ids).logits.float()
             loss = nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten(), reduction="sum")
             total, count = total + float(loss), count + ids[:, 1:].numel()

@@ -133,25 +133,32 @@ class StreamedBatches:
 
 
 def open_training_data(source: str, val_fraction: float, seed: int, batch_size: int, buffer_mib: int,
-                       device: torch.device) -> tuple[Dataset, InMemoryBatches | StreamedBatches]:
+                       device: torch.device, target: str | None = None
+                       ) -> tuple[Dataset, InMemoryBatches | StreamedBatches]:
     """The run's data: a Dataset (validation rows, and the training rows, or for a
     streamed array a sample of them, for the evaluation) and the source of its training
     batches. `.npy` files and folders of `.npy` shards are streamed from disk, holding
     about 1.5 x `buffer_mib` of data in memory whatever their size: the last rows (a
     `val_fraction` of them, at most a quarter of the buffer as float32) are the
     validation set, the rest train; the first training rows (as many) are the sample.
-    Everything else is loaded (aefast.data.load_dataset)."""
+    Everything else is loaded (aefast.data.load_dataset). With `target` (a second
+    streamed array of the same rows: a transcoder's targets) each batch row is the
+    input's row then the target's, and the Dataset holds the targets apart."""
     from pathlib import Path
 
-    from aefast.data import load_dataset
+    from aefast.data import PairedArrays, load_dataset
 
     path = Path(source)
-    if not (path.suffix.lower() == ".npy" or path.is_dir()) or source in ("digits", "synthetic"):
+    streamed = path.suffix.lower() == ".npy" or path.is_dir()
+    if target and (not streamed or not (Path(target).suffix.lower() == ".npy" or Path(target).is_dir())):
+        raise ValueError("--target (a transcoder's targets) needs --data and --target both a .npy file or a folder "
+                         "of .npy shards, of the same rows")
+    if not streamed or source in ("digits", "synthetic"):
         data = load_dataset(source, val_fraction, seed)
         return data, InMemoryBatches(data.train.to(device), batch_size)
     if not 0.0 < val_fraction < 1.0:
         raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
-    array = ArrayFile(path)
+    array = PairedArrays(ArrayFile(path), ArrayFile(target)) if target else ArrayFile(path)
     window_rows = max(CHUNKS_PER_WINDOW, buffer_mib * 2**20 // max(1, array.row_bytes))
     # The validation rows and the training sample (for the data checks and the
     # evaluation) stay in memory as float32: each at most a quarter of the buffer.
@@ -162,5 +169,9 @@ def open_training_data(source: str, val_fraction: float, seed: int, batch_size: 
         raise ValueError(f"{source}: {array.rows} rows are too few to split off a validation set")
     sample = check_values(array.read(0, min(n_train, held_rows)), source)
     val = check_values(array.read(n_train, array.rows), source)
-    data = Dataset(array.name, sample, val, array.image_shape)
+    if target:
+        data = Dataset(array.name, sample[:, :array.split], val[:, :array.split], array.image_shape,
+                       train_target=sample[:, array.split:], val_target=val[:, array.split:])
+    else:
+        data = Dataset(array.name, sample, val, array.image_shape)
     return data, StreamedBatches(array, n_train, batch_size, window_rows, device)

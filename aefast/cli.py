@@ -117,6 +117,10 @@ def build_parser() -> argparse.ArgumentParser:
     activations.add_argument("--batch-size", type=int, default=16, metavar="N", help="sequences per forward (default 16)")
     activations.add_argument("--shard-tokens", type=int, default=2**18, metavar="N",
                              help="rows per .npy shard (default 262144)")
+    activations.add_argument("--target-site", choices=activations_module().SITES,
+                             help="also write this site's activations of the same tokens to OUT/target: a "
+                                  "transcoder's targets (aefast train ... --data OUT --target OUT/target)")
+    activations.add_argument("--target-layer", type=int, metavar="N", help="the target site's layer (default --layer)")
     activations.add_argument("--device", default="auto", help="auto (cuda when available), cpu or cuda")
     activations.set_defaults(fn=cmd_activations)
     study = sub.add_parser(
@@ -167,10 +171,13 @@ def cmd_activations(args) -> int:
 
     manifest = activations_module().write_activations(
         args.model, args.layer, args.site, Path(args.out), args.tokens, text=args.text, dataset=args.dataset,
-        context=args.context, batch_size=args.batch_size, shard_tokens=args.shard_tokens, device=_device(args.device))
+        context=args.context, batch_size=args.batch_size, shard_tokens=args.shard_tokens, device=_device(args.device),
+        target_site=args.target_site, target_layer=args.target_layer)
+    target = f" --target {args.out}/target" if args.target_site else ""
     print(f"wrote {manifest['tokens']:,} activations of {args.site} at layer {args.layer} (d_model "
           f"{manifest['d_model']}, mean norm {manifest['mean_norm']:.4g}) in {len(manifest['shards'])} shards to "
-          f"{args.out}/; train on them: aefast train topk-sae --data {args.out}")
+          f"{args.out}/{' (and the target site to ' + args.out + '/target/)' if target else ''}; train on them: "
+          f"aefast train topk-sae --data {args.out}{target}")
     return 0
 
 

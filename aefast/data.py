@@ -23,6 +23,9 @@ class Dataset:
     train_labels: Tensor | None = None  # (N_train,) int64, for the linear probe
     val_labels: Tensor | None = None
     features: Tensor | None = None      # (K, D) ground-truth features (synthetic data)
+    # A transcoder's targets (--target): what the model predicts from each row of train/val.
+    train_target: Tensor | None = None  # (N_train, D_out) float32
+    val_target: Tensor | None = None
 
 
 def load_dataset(source: str = "digits", val_fraction: float = 0.2, seed: int = 0) -> Dataset:
@@ -176,6 +179,32 @@ class ArrayFile:
         import numpy as np
 
         return torch.bfloat16 if self.bfloat16 else torch.from_numpy(np.empty(0, self.numpy_dtype)).dtype
+
+
+class PairedArrays:
+    """Two arrays of the same rows read side by side, as one array whose row is the
+    first's row then the second's: a transcoder's inputs and targets (`split` columns
+    of input). The interface of ArrayFile that StreamedBatches reads."""
+
+    def __init__(self, inputs: ArrayFile, targets: ArrayFile):
+        if inputs.rows != targets.rows:
+            raise ValueError(f"--target: {targets.name} has {targets.rows} rows, but {inputs.name} has "
+                             f"{inputs.rows}: a target row for every input row")
+        if inputs.torch_dtype != targets.torch_dtype:
+            raise ValueError(f"--target: {targets.name} holds {targets.torch_dtype}, {inputs.name} "
+                             f"{inputs.torch_dtype}: save both in one dtype")
+        self.inputs, self.targets = inputs, targets
+        self.name = f"{inputs.name} -> {targets.name}"
+        self.rows, self.split = inputs.rows, inputs.dim
+        self.dim, self.row_bytes = inputs.dim + targets.dim, inputs.row_bytes + targets.row_bytes
+        self.image_shape = inputs.image_shape
+        self.torch_dtype = inputs.torch_dtype
+
+    def read(self, start: int, stop: int, out: Tensor | None = None) -> Tensor:
+        out = out if out is not None else torch.empty((stop - start, self.dim), dtype=self.torch_dtype)
+        out[:, :self.split] = self.inputs.read(start, stop)
+        out[:, self.split:] = self.targets.read(start, stop)
+        return out
 
 
 def _npy_header(file: Path) -> tuple[tuple[int, ...], object, int]:

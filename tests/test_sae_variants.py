@@ -140,3 +140,44 @@ def test_jumprelu_sae_loss_compiles_without_graph_breaks():
     eager = model.loss(x)["loss"]
     compiled = torch.compile(model.loss, fullgraph=True)(x)["loss"]
     torch.testing.assert_close(compiled, eager)
+
+
+def test_a_transcoder_predicts_the_target_from_the_input():
+    from aefast.models import TopKSAE
+
+    torch.manual_seed(0)
+    n_out = 7
+    model = TopKSAE(D, L, K, 0, n_out=n_out).double()
+    with torch.no_grad():
+        model.encoder_bias.normal_(0, 0.3)
+        model.pre_bias.normal_(0, 0.3)
+    assert model.encoder_weight.shape == (L, D) and model.decoder_weight.shape == (L, n_out)
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(13, D, dtype=torch.float64, generator=g), torch.randn(13, n_out, dtype=torch.float64, generator=g)
+    values, indices = reference.topk_encode(x, model.encoder_weight, model.encoder_bias, K)  # x as it is
+    code = torch.zeros(13, L, dtype=torch.float64).scatter(1, indices, values)
+    want = 0.5 * (code @ model.decoder_weight + model.pre_bias - y).pow(2).sum(1).mean()
+    want_grads = torch.autograd.grad(want, list(model.parameters()))
+    got = model.loss(torch.cat([x, y], dim=1))
+    torch.testing.assert_close(got["loss"], want)
+    for (name, _), gg, w in zip(model.named_parameters(), torch.autograd.grad(got["loss"], list(model.parameters())),
+                                want_grads):
+        torch.testing.assert_close(gg, w, msg=name)
+    with torch.no_grad():  # inputs alone or whole rows: the same prediction
+        torch.testing.assert_close(model.reconstruct(x), model.reconstruct(torch.cat([x, y], dim=1)))
+
+
+def test_paired_arrays_read_side_by_side(tmp_path):
+    import numpy as np
+
+    from aefast.data import ArrayFile, PairedArrays
+
+    a, b = np.random.rand(50, 6).astype(np.float16), np.random.rand(50, 3).astype(np.float16)
+    np.save(tmp_path / "a.npy", a)
+    np.save(tmp_path / "b.npy", b)
+    np.save(tmp_path / "short.npy", b[:40])
+    pair = PairedArrays(ArrayFile(tmp_path / "a.npy"), ArrayFile(tmp_path / "b.npy"))
+    assert (pair.rows, pair.dim, pair.split, pair.row_bytes) == (50, 9, 6, 18)
+    np.testing.assert_array_equal(pair.read(7, 31).numpy(), np.concatenate([a, b], axis=1)[7:31])
+    with pytest.raises(ValueError, match="--target: short.npy has 40 rows, but a.npy has 50"):
+        PairedArrays(ArrayFile(tmp_path / "a.npy"), ArrayFile(tmp_path / "short.npy"))

@@ -30,13 +30,13 @@ class BatchTopKSAE(TopKSAE):
     threshold_momentum = 0.001
 
     def __init__(self, n_in: int, n_latents: int = 256, k: int = 8, k_aux: int = 32, aux_coef: float = 1 / 32,
-                 dead_steps: int = 100):
-        super().__init__(n_in, n_latents, k, k_aux, aux_coef, dead_steps)
+                 dead_steps: int = 100, *, n_out: int | None = None):
+        super().__init__(n_in, n_latents, k, k_aux, aux_coef, dead_steps, n_out=n_out)
         self.register_buffer("threshold", torch.zeros(()))
         self.register_buffer("threshold_tracked", torch.zeros((), dtype=torch.long))
 
     def preactivations(self, x: Tensor) -> Tensor:
-        return F.linear(x - self.pre_bias, self.encoder_weight.to(x.dtype), self.encoder_bias.to(x.dtype))
+        return F.linear(self.encoder_input(x), self.encoder_weight.to(x.dtype), self.encoder_bias.to(x.dtype))
 
     def code(self, pre: Tensor) -> Tensor:
         """The (B, L) code of pre-activations: the batch's k * B largest in training,
@@ -70,16 +70,17 @@ class BatchTopKSAE(TopKSAE):
     def reconstruct(self, x: Tensor) -> Tensor:
         return self._dense_decode(self.encode(x))
 
-    def reconstruction_loss(self, z: Tensor, x: Tensor) -> tuple[Tensor, Tensor]:
-        """(the loss, x_hat) of the code z: 1/2 ||x_hat - x||^2, batch mean."""
+    def reconstruction_loss(self, z: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
+        """(the loss, x_hat) of the code z: 1/2 ||x_hat - target||^2, batch mean."""
         x_hat = self._dense_decode(z)
-        return squared_error(x_hat, x), x_hat
+        return squared_error(x_hat, target), x_hat
 
-    def loss(self, x: Tensor) -> dict[str, Tensor]:
+    def loss(self, batch: Tensor) -> dict[str, Tensor]:
+        x, target = self.split(batch)
         dead = self.dead_latents()  # as of the last step
         pre = self.preactivations(x)
         z = self.code(pre)
-        reconstruction, x_hat = self.reconstruction_loss(z, x)
+        reconstruction, x_hat = self.reconstruction_loss(z, target)
         if self.training:
             with torch.no_grad():
                 fired = (z > 0).any(0).long()
@@ -89,7 +90,7 @@ class BatchTopKSAE(TopKSAE):
         if self.k_aux:
             values, indices = ae.topk_sparse(pre.masked_fill(~dead, float("-inf")), self.k_aux)
             aux_hat = ae.sparse_decode(values, indices, self.decoder_weight.to(values.dtype), None)
-            aux = squared_error(aux_hat, (x - x_hat).detach()) * dead.any()
+            aux = squared_error(aux_hat, (target - x_hat).detach()) * dead.any()
         else:
             aux = reconstruction.new_zeros(())
         return {"loss": reconstruction + self.aux_coef * aux,
@@ -106,8 +107,8 @@ class MatryoshkaSAE(BatchTopKSAE):
     running sums of the groups' parts (b_pre + group 1, + group 2, ...)."""
 
     def __init__(self, n_in: int, n_latents: int = 256, k: int = 8, k_aux: int = 32, aux_coef: float = 1 / 32,
-                 dead_steps: int = 100, prefixes: Sequence[int] = (32, 64, 128, 256)):
-        super().__init__(n_in, n_latents, k, k_aux, aux_coef, dead_steps)
+                 dead_steps: int = 100, prefixes: Sequence[int] = (32, 64, 128, 256), *, n_out: int | None = None):
+        super().__init__(n_in, n_latents, k, k_aux, aux_coef, dead_steps, n_out=n_out)
         prefixes = list(prefixes)
         if not prefixes or prefixes[-1] != n_latents or any(a >= b for a, b in zip(prefixes, prefixes[1:])) \
                 or prefixes[0] < 1:
@@ -115,12 +116,12 @@ class MatryoshkaSAE(BatchTopKSAE):
                              f"{','.join(map(str, prefixes))}")
         self.prefixes = prefixes
 
-    def reconstruction_loss(self, z: Tensor, x: Tensor) -> tuple[Tensor, Tensor]:
+    def reconstruction_loss(self, z: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
         weight = self.decoder_weight.to(z.dtype)
-        x_hat = self.pre_bias.to(z.dtype).expand_as(x)
+        x_hat = self.pre_bias.to(z.dtype).expand_as(target)
         losses, start = [], 0
         for stop in self.prefixes:
             x_hat = x_hat + z[:, start:stop] @ weight[start:stop]
-            losses.append(squared_error(x_hat, x))
+            losses.append(squared_error(x_hat, target))
             start = stop
         return torch.stack(losses).mean(), x_hat

@@ -42,30 +42,51 @@ class TopKSAE(AutoencoderModel):
     selection), decoded alone, are trained to predict the residual x - x_hat, weighted
     by `aux_coef`. That gives dead latents a gradient again. The bookkeeping stays on
     the device (no host sync, no branch on a tensor's value), so the loss compiles
-    with torch.compile(fullgraph=True)."""
+    with torch.compile(fullgraph=True).
+
+    Transcoder (`n_out`, Dunefsky et al. 2024): the model reads x (the first n_in
+    columns of each row) and predicts the target (the next n_out columns, another site
+    of the network) instead of x: W_dec is (L, n_out), b_pre is the output's bias and is
+    not subtracted from the input. encode/winners/reconstruct read the first n_in
+    columns of what they are given, so they take inputs alone or whole rows."""
 
     sparse_code = True
     unit_interval_data = False  # a linear decoder: any real-valued activations
 
     def __init__(self, n_in: int, n_latents: int = 256, k: int = 8, k_aux: int = 32,
-                 aux_coef: float = 1 / 32, dead_steps: int = 100, *, latents: range | None = None):
+                 aux_coef: float = 1 / 32, dead_steps: int = 100, *, n_out: int | None = None,
+                 latents: range | None = None):
         """`latents`: hold only these of the n_latents (a latent-parallel shard,
         aefast.models.topk_sae_sharded), initialised as the same rows of the whole model."""
         super().__init__()
         latents = latents if latents is not None else range(n_latents)
-        decoder = initial_decoder_rows(n_latents, n_in, latents, int(torch.randint(2**62, ())))
-        self.decoder_weight = nn.Parameter(decoder)                # (L, D), rows unit-norm
-        self.encoder_weight = nn.Parameter(decoder.clone())        # tied at initialisation
+        self.n_in, self.transcoder = n_in, n_out is not None
+        decoder = initial_decoder_rows(n_latents, n_out or n_in, latents, int(torch.randint(2**62, ())))
+        # tied at initialisation; a transcoder's input and output differ: its own rows
+        encoder = initial_decoder_rows(n_latents, n_in, latents, int(torch.randint(2**62, ()))) \
+            if self.transcoder else decoder.clone()
+        self.decoder_weight = nn.Parameter(decoder)                # (L, D_out), rows unit-norm
+        self.encoder_weight = nn.Parameter(encoder)                # (L, D_in)
         self.encoder_bias = nn.Parameter(torch.zeros(len(latents)))
-        self.pre_bias = nn.Parameter(torch.zeros(n_in))
+        self.pre_bias = nn.Parameter(torch.zeros(n_out or n_in))
         self.register_buffer("steps_since_fired", torch.zeros(len(latents), dtype=torch.long))
         held = "the number of latents" if len(latents) == n_latents else "the latents each process holds"
         self.k = check_k(k, len(latents), held)  # fail before training starts
         self.k_aux = check_k(k_aux, len(latents), held, name="k_aux") if k_aux else 0  # 0: no AuxK
         self.aux_coef, self.dead_steps = aux_coef, dead_steps
 
+    def split(self, batch: Tensor) -> tuple[Tensor, Tensor]:
+        """(input, what to reconstruct) of a batch: (x, x), or a transcoder's (x, target)."""
+        if self.transcoder:
+            return batch[:, :self.n_in], batch[:, self.n_in:]
+        return batch, batch
+
+    def encoder_input(self, x: Tensor) -> Tensor:
+        x = x[:, :self.n_in]
+        return x if self.transcoder else x - self.pre_bias.to(x.dtype)
+
     def _encoder_args(self, x: Tensor) -> tuple:
-        return (x - self.pre_bias, self.encoder_weight, self.encoder_bias, self.k)
+        return (self.encoder_input(x), self.encoder_weight, self.encoder_bias, self.k)
 
     def winners(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """(values, indices), each (B, k): the active latents of each row."""
@@ -89,18 +110,19 @@ class TopKSAE(AutoencoderModel):
     def dead_latents(self) -> Tensor:
         return self.steps_since_fired >= self.dead_steps
 
-    def loss(self, x: Tensor) -> dict[str, Tensor]:
+    def loss(self, batch: Tensor) -> dict[str, Tensor]:
+        x, target = self.split(batch)
         dead = self.dead_latents()  # as of the last step, like the peers
         if self.k_aux:
             values, indices, aux_values, aux_indices = ae.topk_encode_aux(*self._encoder_args(x), dead, self.k_aux)
         else:
             values, indices = self.winners(x)
         x_hat = self._decode(values, indices)
-        reconstruction = squared_error(x_hat, x)
+        reconstruction = squared_error(x_hat, target)
         if self.training:
             self._count_steps_since_fired(values, indices)
         if self.k_aux:
-            residual = (x - x_hat).detach()
+            residual = (target - x_hat).detach()
             aux_hat = self._decode(aux_values, aux_indices, bias=False)
             aux = squared_error(aux_hat, residual) * dead.any()  # nothing to revive: no AuxK term
         else:

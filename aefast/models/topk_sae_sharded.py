@@ -45,7 +45,7 @@ class LatentShardedTopKSAE(TopKSAE):
     def __init__(self, n_in: int, n_latents: int = 256, k: int = 8, k_aux: int = 32, aux_coef: float = 1 / 32,
                  dead_steps: int = 100, *, rank: int, world: int, latent_group=None):
         super().__init__(n_in, n_latents, k, k_aux, aux_coef, dead_steps,
-                         latents=shard_rows(n_latents, rank, world))
+                         latents=shard_rows(n_latents, rank, world))  # not a transcoder (encoder_input: x - b_pre)
         self.n_latents, self.rank, self.world, self.latent_group = n_latents, rank, world, latent_group
         self.offset = rank * (n_latents // world)
 

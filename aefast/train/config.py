@@ -34,6 +34,7 @@ TRAINING: dict[str, Any] = {
     "checkpoint_minutes": 10.0,
     "timeout": 300.0,
     "shard_latents": 0,
+    "target": "",
 }
 
 TRAINING_HELP = {
@@ -58,6 +59,8 @@ TRAINING_HELP = {
                           "and Ctrl-C or SIGTERM, which stop after the current step)",
     "timeout": "under torchrun: seconds a collective may wait for the other processes before every process "
                "ends with an error naming its rank and step (a process that died ends the others at once)",
+    "target": "a transcoder: a second streamed array (.npy or folder of shards) of the same rows as --data, "
+              "which the model predicts from --data (topk-sae, batchtopk-sae, matryoshka-sae); empty: none",
     "shard_latents": "topk-sae under torchrun: split the latents over N processes (latent-parallel: each holds "
                      "1/N of the encoder and decoder and sees its replica's whole batch); the processes form "
                      "world / N data-parallel replicas of N shards each; 0: data-parallel only",
@@ -280,9 +283,19 @@ def resolve(model: str, overrides: dict[str, Any], config_file: str | None = Non
     return config
 
 
-def build_model(config: dict[str, Any], image_shape: tuple[int, int, int]) -> models.AutoencoderModel:
+TRANSCODERS = ("topk-sae", "batchtopk-sae", "matryoshka-sae")  # the models that take n_out (--target)
+
+
+def build_model(config: dict[str, Any], image_shape: tuple[int, int, int],
+                n_out: int | None = None) -> models.AutoencoderModel:
+    """The configured model; `n_out`: a transcoder predicting n_out values (--target)."""
     spec = MODELS[spec_name(config["model"], config["conv"])]
-    return spec.build(tuple(image_shape), **{key: config[key] for key in spec.params})
+    params = {key: config[key] for key in spec.params}
+    if n_out is not None:
+        if config["model"] not in TRANSCODERS:
+            raise ValueError(f"--target trains a transcoder: {', '.join(TRANSCODERS)}, not {config['model']}")
+        params["n_out"] = n_out
+    return spec.build(tuple(image_shape), **params)
 
 
 # ---------------------------------------------------------------- TOML

@@ -55,7 +55,8 @@ def feature_recovery(features: Tensor, filters: Tensor) -> float:
 
 def evaluate(model: AutoencoderModel, data: Dataset, batch_size: int,
              val_recon: Tensor, val_codes: Tensor) -> dict[str, Any]:
-    result: dict[str, Any] = {"val_mse": float((val_recon - data.val).pow(2).mean())}
+    target = data.val if data.val_target is None else data.val_target  # what the model reconstructs
+    result: dict[str, Any] = {"val_mse": float((val_recon - target).pow(2).mean())}
     if data.train_labels is not None and len(data.train_labels.unique()) > 1:
         _, train_codes = infer(model, data.train.to(_device(model)), batch_size)
         n_train, n_val = len(train_codes), len(val_codes)  # the rows whose codes were kept
@@ -74,7 +75,7 @@ def evaluate(model: AutoencoderModel, data: Dataset, batch_size: int,
         result["pca_val_mse"] = float((pca_recon - data.val.double()).pow(2).mean())
     result["code_size"] = val_codes.shape[1]
     if model.sparse_code and exact_zeros(val_codes):
-        result.update(dictionary_metrics(data.val, val_recon, val_codes))
+        result.update(dictionary_metrics(target, val_recon, val_codes))
     if model.side_channel:
         result["side_channel"] = model.side_channel
     return result

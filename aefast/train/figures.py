@@ -24,8 +24,11 @@ def write_figures(out_dir: Path, model: AutoencoderModel, data: Dataset, val_rec
 
     matplotlib.use("Agg")
     shape = data.image_shape
-    paths = [_reconstructions(out_dir / "reconstructions.png", data.val[:N_RECONSTRUCTIONS],
-                              val_recon[:N_RECONSTRUCTIONS], shape)]
+    target, target_shape = data.val, shape
+    if data.val_target is not None:  # a transcoder: its targets and predictions
+        target, target_shape = data.val_target, (1, 1, data.val_target.shape[1])
+    paths = [_reconstructions(out_dir / "reconstructions.png", target[:N_RECONSTRUCTIONS],
+                              val_recon[:N_RECONSTRUCTIONS], target_shape)]
     filters = model.filters()
     if filters is not None:
         paths.append(_tiles(out_dir / "filters.png", filters.detach().float().cpu()[:N_TILES], shape,

@@ -86,9 +86,9 @@ def _train(config: dict[str, Any], out_dir: Path, checkpoint: dict[str, Any] | N
     leader = cluster is None or cluster.leader
     device = cluster.device if cluster else _device(config["device"])
     data, batches = open_training_data(config["data"], config["val_fraction"], config["seed"],
-                                       config["batch_size"], config["buffer_mib"], device)
+                                       config["batch_size"], config["buffer_mib"], device, config["target"] or None)
     torch.manual_seed(config["seed"])
-    model = _build_model(config, data.image_shape, cluster).to(device)
+    model = _build_model(config, data.image_shape, cluster, _target_dim(data)).to(device)
     check_data_range(model, data)
     if cluster is not None and not config["shard_latents"]:
         if not model.data_parallel:
@@ -102,7 +102,7 @@ def _train(config: dict[str, Any], out_dir: Path, checkpoint: dict[str, Any] | N
         model.autocast_dtype = torch.bfloat16
     model.eval()
     with torch.no_grad(), model.autocast():  # a bad hyper-parameter fails here, before anything is written
-        model.loss(data.train[:config["batch_size"]].to(device))
+        model.loss(_rows(data.train, data.train_target)[:config["batch_size"]].to(device))
     optimizers = model.configure_optimizers(config["lr"])
     shuffle = torch.Generator().manual_seed(config["seed"])
     history: list[dict[str, Any]] = []
@@ -131,7 +131,7 @@ def _train(config: dict[str, Any], out_dir: Path, checkpoint: dict[str, Any] | N
         # module (and so its state_dict and checkpoints) untouched.
         model.loss = torch.compile(model.loss)
 
-    val_x = data.val.to(device)
+    val_x = _rows(data.val, data.val_target).to(device)  # a transcoder's rows: input, then target
     n_params = sum(p.numel() for p in model.parameters())
     say = _say if leader else (lambda line: None)
     if history or position.rows:
@@ -179,7 +179,7 @@ def _train(config: dict[str, Any], out_dir: Path, checkpoint: dict[str, Any] | N
     if isinstance(model, LatentShardedTopKSAE):  # rank 0 evaluates the whole model
         whole = model.gather_state(optimizers["model"], cluster.latent_control) if cluster.replica == 0 else None
         if leader:
-            model = configuration.build_model(config, data.image_shape).to(device)
+            model = configuration.build_model(config, data.image_shape, _target_dim(data)).to(device)
             model.load_state_dict(whole[0])
             model.eval()
     if not leader:
@@ -191,7 +191,8 @@ def _train(config: dict[str, Any], out_dir: Path, checkpoint: dict[str, Any] | N
     result = evaluate(model, data, config["batch_size"], val_recon, val_codes)
     manifest = read_manifest(config["data"]) if Path(config["data"]).is_dir() else None
     if manifest is not None:  # activations of a language model: its loss with the model spliced in
-        result.update(spliced_loss(manifest, model, device=device))
+        target = read_manifest(config["target"]) if config["target"] else None
+        result.update(spliced_loss(manifest, model, device=device, target_manifest=target))
     (out_dir / EVALUATION).write_text(json.dumps(result, indent=2) + "\n")
     figures = write_figures(out_dir, model, data, val_recon, val_codes)
     _say(_summary(result))
@@ -440,7 +441,8 @@ def load_run(run_dir: str | Path) -> tuple[AutoencoderModel, dict[str, Any]]:
     image_shape = checkpoint.get("image_shape")
     if image_shape is None:  # a run written before the shape was saved: ask its data
         image_shape = load_dataset(config["data"], config["val_fraction"], config["seed"]).image_shape
-    model = configuration.build_model(config, tuple(image_shape))
+    n_out = checkpoint["model"]["decoder_weight"].shape[1] if config.get("target") else None
+    model = configuration.build_model(config, tuple(image_shape), n_out)
     model.load_state_dict(checkpoint["model"])
     return model.eval(), config
 
@@ -452,10 +454,21 @@ def _replicas_sum(cluster: Cluster, sums: dict[str, Any]) -> dict[str, float]:
             cluster.sum({name: float(value) for name, value in sums.items()}).items()}
 
 
-def _build_model(config: dict[str, Any], image_shape, cluster: Cluster | None) -> AutoencoderModel:
+def _rows(x: torch.Tensor, target: torch.Tensor | None) -> torch.Tensor:
+    """The rows a model's loss reads: x, or a transcoder's x then its target."""
+    return x if target is None else torch.cat([x, target], dim=1)
+
+
+def _target_dim(data) -> int | None:
+    return None if data.val_target is None else data.val_target.shape[1]
+
+
+def _build_model(config: dict[str, Any], image_shape, cluster: Cluster | None, n_out: int | None) -> AutoencoderModel:
     """The run's model; with --shard-latents, this rank's part of it."""
     if not config["shard_latents"]:
-        return configuration.build_model(config, image_shape)
+        return configuration.build_model(config, image_shape, n_out)
+    if n_out is not None:
+        raise ValueError("--shard-latents does not train transcoders (--target) yet")
     if config["model"] != "topk-sae":
         raise ValueError(f"--shard-latents splits a top-k SAE's latents over the processes; not {config['model']}")
     if cluster is None:

@@ -39,6 +39,38 @@ inline dim3 grid_of(int64_t x, int64_t y = 1, int64_t z = 1) {
   return fits ? dim3(static_cast<unsigned>(x), static_cast<unsigned>(y), static_cast<unsigned>(z)) : dim3(0, 0, 0);
 }
 
+// Column sums over a (B, H) matrix in two deterministic stages (kl, jumprelu): blocks of
+// kWarp columns x kLanes rows write one partial sum per column and split of the rows,
+// then the splits are added in order.
+constexpr int kColumnWarp = 32;
+
+inline int64_t rows_per_split(int64_t B, int64_t splits) { return ceil_div(B, splits); }
+
+// How many splits: about 8 blocks per multiprocessor in all, at least 64 rows a split,
+// within the grid's y limit; a pure function of the sizes (planning is tested without a GPU).
+inline int64_t column_sum_splits(int64_t B, int64_t H, int sms) {
+  const int64_t col_blocks = ceil_div(H, kColumnWarp);
+  const int64_t want = ceil_div(8LL * (sms > 1 ? sms : 1), col_blocks);
+  const int64_t most = B > 64 ? ceil_div(B, 64) : 1;
+  int64_t splits = want < most ? want : most;
+  splits = splits < 65535 ? splits : 65535;
+  return ceil_div(B, rows_per_split(B, splits > 1 ? splits : 1));
+}
+
+// A block's per-thread values summed over threadIdx.y (its kLanes rows of threads):
+// the total of each column, for the threads of row 0 (0 elsewhere).
+template <int kLanes, typename A>
+__device__ A sum_over_lanes(A value) {
+  __shared__ A lanes[kLanes][kColumnWarp + 1];
+  lanes[threadIdx.y][threadIdx.x] = value;
+  __syncthreads();
+  A total = 0;
+  if (threadIdx.y == 0) {
+    for (int k = 0; k < kLanes; ++k) total += lanes[k][threadIdx.x];
+  }
+  return total;
+}
+
 // Calls fn(T{}) with T the element type of `dtype`; returns the launch status.
 template <typename Fn>
 cudaError_t dispatch(DType dtype, Fn&& fn) {

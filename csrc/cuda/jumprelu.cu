@@ -6,7 +6,6 @@
 // partial sums of the threshold's, K (threshold * grad_out + grad_l0) with K = 1 where
 // |z - threshold| < bandwidth / 2; one thread per column then adds the splits in
 // order and scales by -1 / bandwidth: the same bits on every run.
-#include <algorithm>
 
 #include "common.cuh"
 #include "jumprelu.h"
@@ -15,7 +14,7 @@ namespace aefast {
 namespace cuda {
 namespace {
 
-constexpr int kWarp = 32;
+constexpr int kWarp = kColumnWarp;
 constexpr int kRowThreads = 256;  // forward: threads of a row's block
 constexpr int kRowLanes = 8;      // backward: blocks of kWarp columns x kRowLanes rows
 constexpr int kFinishThreads = 256;
@@ -49,7 +48,6 @@ __global__ void jumprelu_grad_kernel(const T* __restrict__ grad_out, const acc_t
                                      T* __restrict__ grad_z, acc_t<T>* __restrict__ partial, int64_t B, int64_t L,
                                      int64_t rows_per_split, acc_t<T> half_width) {
   using A = acc_t<T>;
-  __shared__ A lanes[kRowLanes][kWarp + 1];
   const int64_t col = static_cast<int64_t>(blockIdx.x) * kWarp + threadIdx.x;
   const int64_t first = static_cast<int64_t>(blockIdx.y) * rows_per_split;
   const int64_t last = min(B, first + rows_per_split);
@@ -64,13 +62,8 @@ __global__ void jumprelu_grad_kernel(const T* __restrict__ grad_out, const acc_t
       if (gap < half_width && gap > -half_width) acc += t * to_acc(grad_out[at]) + grad_l0[r];
     }
   }
-  lanes[threadIdx.y][threadIdx.x] = acc;
-  __syncthreads();
-  if (threadIdx.y == 0 && col < L) {
-    A s = 0;
-    for (int k = 0; k < kRowLanes; ++k) s += lanes[k][threadIdx.x];
-    partial[static_cast<int64_t>(blockIdx.y) * L + col] = s;
-  }
+  const A total = sum_over_lanes<kRowLanes>(acc);
+  if (threadIdx.y == 0 && col < L) partial[static_cast<int64_t>(blockIdx.y) * L + col] = total;
 }
 
 template <typename T>
@@ -83,17 +76,9 @@ __global__ void threshold_grad_kernel(const acc_t<T>* __restrict__ partial, T* _
   grad_threshold[col] = from_acc<T>(static_cast<acc_t<T>>(s * scale));
 }
 
-int64_t rows_per_split(int64_t B, int64_t splits) { return ceil_div(B, splits); }
-
 }  // namespace
 
-int64_t jumprelu_splits(int64_t B, int64_t L, int sms) {
-  const int64_t col_blocks = ceil_div(L, kWarp);
-  const int64_t want = ceil_div(8LL * std::max(sms, 1), col_blocks);  // ~8 blocks per SM in all
-  const int64_t most = std::max<int64_t>(1, ceil_div(B, 64));          // at least 64 rows a split
-  const int64_t splits = std::min<int64_t>(std::min(want, most), 65535);
-  return ceil_div(B, rows_per_split(B, std::max<int64_t>(splits, 1)));
-}
+int64_t jumprelu_splits(int64_t B, int64_t L, int sms) { return column_sum_splits(B, L, sms); }
 
 cudaError_t jumprelu_forward(const void* z, const void* threshold, void* out, void* l0, DType dtype, int64_t B,
                              int64_t L, cudaStream_t stream) {

@@ -14,7 +14,7 @@ namespace {
 
 namespace m = aefast::math;
 
-constexpr int kWarp = 32;
+constexpr int kWarp = kColumnWarp;
 constexpr int kRowLanes = 8;       // column-sum blocks are kWarp columns x kRowLanes rows
 constexpr int kFinishThreads = 256;
 constexpr int kColumnThreads = 256;  // elementwise kernels: one thread per column, rows looped
@@ -27,7 +27,6 @@ __global__ void column_partial_sums_kernel(const T* __restrict__ x, T* __restric
                                            acc_t<T>* __restrict__ partial, int64_t B, int64_t H,
                                            int64_t rows_per_split) {
   using A = acc_t<T>;
-  __shared__ A lanes[kRowLanes][kWarp + 1];
   const int64_t col = static_cast<int64_t>(blockIdx.x) * kWarp + threadIdx.x;
   const int64_t first = static_cast<int64_t>(blockIdx.y) * rows_per_split;
   const int64_t last = min(B, first + rows_per_split);
@@ -46,13 +45,8 @@ __global__ void column_partial_sums_kernel(const T* __restrict__ x, T* __restric
       acc += v;
     }
   }
-  lanes[threadIdx.y][threadIdx.x] = acc;
-  __syncthreads();
-  if (threadIdx.y == 0 && col < H) {
-    A s = 0;
-    for (int k = 0; k < kRowLanes; ++k) s += lanes[k][threadIdx.x];
-    partial[static_cast<int64_t>(blockIdx.y) * H + col] = s;
-  }
+  const A total = sum_over_lanes<kRowLanes>(acc);
+  if (threadIdx.y == 0 && col < H) partial[static_cast<int64_t>(blockIdx.y) * H + col] = total;
 }
 
 template <typename A>
@@ -184,17 +178,9 @@ dim3 column_grid(int64_t rows, int64_t cols) {
   return grid_of(ceil_div(cols, kColumnThreads), std::min<int64_t>(std::max<int64_t>(rows, 1), 4096));
 }
 
-int64_t rows_per_split(int64_t B, int64_t splits) { return ceil_div(B, splits); }
-
 }  // namespace
 
-int64_t column_splits(int64_t B, int64_t H, int sms) {
-  const int64_t col_blocks = ceil_div(H, kWarp);
-  const int64_t want = ceil_div(8LL * std::max(sms, 1), col_blocks);  // ~8 blocks per SM in all
-  const int64_t most = std::max<int64_t>(1, ceil_div(B, 64));  // at least 64 rows a split
-  const int64_t splits = std::min<int64_t>(std::min(want, most), 65535);
-  return ceil_div(B, rows_per_split(B, std::max<int64_t>(splits, 1)));
-}
+int64_t column_splits(int64_t B, int64_t H, int sms) { return column_sum_splits(B, H, sms); }
 
 cudaError_t kl_sparsity_forward(const void* a, DType dtype, int64_t B, int64_t H, double rho,
                                 double beta, double eps, int64_t splits, void* partial, void* rho_hat,
