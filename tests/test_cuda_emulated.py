@@ -591,8 +591,8 @@ BARRIERS = {
     "topk: the barrier that frees warp_sums in block_exclusive_sum": (
         "topk", "  __syncthreads();  // warp_sums is free again when this returns\n",
         lambda emu, policies: check_topk(emu, (2, 1000), 32, "ties", torch.float32, True, 1, policies)),
-    "kl: the barrier before column_partial_sums_kernel sums the lanes": (
-        "kl", "  lanes[threadIdx.y][threadIdx.x] = acc;\n  __syncthreads();\n",
+    "kl: the barrier before block_sum adds the warps' sums (the penalty)": (
+        "kl", "  if (threadIdx.x % kWarp == 0) warp_sums[threadIdx.x / kWarp] = v;\n  __syncthreads();\n",
         lambda emu, policies: check_kl_sparsity(emu, (130, 70), torch.float32, 3, policies)),
 }
 
