@@ -307,7 +307,7 @@ def _train_epoch(run: _Run, batches, position: _EpochPosition, stop: _StopReques
                 if stop_now:
                     raise KeyboardInterrupt
     if cluster is not None:
-        cluster.where = f"{description}, after its last step"
+        cluster.where = f"{description}, after its last step (validation, checkpoint)"
     if shares:
         model.distribute(None)
         sums = _replicas_sum(cluster, sums)
