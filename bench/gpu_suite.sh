@@ -79,14 +79,16 @@ RANKING="$PY -m aefast.bench.ranking $OUT/bench.json $OUT/gpu_ranking.json"
 # these machines have no network, so usually aefast alone) and topk_encode against
 # F.linear + torch.topk.
 SAE="$PY bench/sae_peer.py --device cuda --dtype bfloat16 --rows 4096 --width 2048 --latents 65536 --k 32 --steps 10 --repeats 1 --out $OUT/sae_peer.md"
-SANITIZE="PYTORCH_NO_CUDA_MEMORY_CACHING=1 ${SANITIZER:-compute-sanitizer} --tool memcheck --error-exitcode 1 $PYTEST tests/test_kl.py tests/test_noise.py tests/test_topk.py tests/test_decode.py -k 'cuda and opcheck'"
+# Every family's CUDA kernels, each op checked once (opcheck): the smoke tests and the sanitizer's run.
+OPCHECKS="tests/test_kl.py tests/test_noise.py tests/test_topk.py tests/test_decode.py tests/test_jumprelu.py -k 'cuda and opcheck'"
+SANITIZE="PYTORCH_NO_CUDA_MEMORY_CACHING=1 ${SANITIZER:-compute-sanitizer} --tool memcheck --error-exitcode 1 $PYTEST $OPCHECKS"
 
 # name|seconds|command: each step under its own limit; the limits add up to the budget.
 if [ "$SMOKE" = 1 ]; then
   STEPS=(
     "device|10|$DEVICE"
     "build|100|$BUILD"
-    "tests|25|$PYTEST tests/test_kl.py tests/test_noise.py tests/test_topk.py tests/test_decode.py -k 'cuda and opcheck'"
+    "tests|25|$PYTEST $OPCHECKS"
     "bench|15|$BENCH --size small --mode forward+backward --no-compile --rounds 1"
   )
   BUDGET=150
