@@ -100,6 +100,28 @@ def test_a_rank_that_dies_or_stalls_ends_the_others_within_the_timeout(tmp_path,
     assert torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)["epoch"] >= 2
 
 
+def test_a_stop_on_one_rank_stops_every_rank_at_the_same_step_and_resumes_on_one_process(tmp_path):
+    """SIGTERM to rank 1 alone: the per-step agreement stops both ranks after the same
+    step, with one checkpoint (mid-epoch when it lands there); one process resumes it
+    and ends where an uninterrupted one-process run ends."""
+    args = ["topk-sae", *DIGITS, *MODEL_ARGS["topk-sae"], "--epochs", "4"]
+    ranks = start_ranks(tmp_path, 2, [*args, "--out", str(tmp_path / "stopped")])
+    try:
+        _wait_for_epochs(tmp_path / "stopped" / "metrics.jsonl", 1, ranks)
+        ranks[1].send_signal(signal.SIGTERM)
+        codes = [rank.wait(timeout=60) for rank in ranks]
+    finally:
+        for rank in ranks:
+            rank.kill()
+            rank.wait()
+    assert codes == [130, 130], (tmp_path / "rank0.err").read_text()
+    saved = torch.load(tmp_path / "stopped" / "checkpoint.pt", weights_only=True)
+    assert 1 <= saved["epoch"] < 4
+    one_process([*args, "--resume", "--out", str(tmp_path / "stopped")])
+    one_process([*args, "--out", str(tmp_path / "uninterrupted")])
+    assert_same_weights(tmp_path / "stopped", tmp_path / "uninterrupted")
+
+
 def test_a_model_that_trains_on_one_process_only_says_so(tmp_path):
     code, error = one_rank_run(tmp_path, ["aae", *DIGITS, "--epochs", "1", "--out", str(tmp_path / "run")])
     assert code == 2

@@ -14,13 +14,14 @@ def global_column_mean(a: Tensor, group) -> Tensor:
     gradient over the ranks (as SyncBatchNorm does), so with DDP's averaging of
     gradients a step equals the single-process step on the whole batch."""
     import torch.distributed as dist
-    from torch.distributed.nn.functional import all_reduce
 
     if not dist.is_available() or not dist.is_initialized():
         raise ValueError("group was given but torch.distributed is not initialized")
     local = a.sum(0, dtype=stat_dtype(a.dtype))
     rows = torch.full((1,), float(a.shape[0]), dtype=local.dtype, device=a.device)
-    total = all_reduce(torch.cat([local, rows]), group=group)  # one collective
+    # One collective forward, one backward: the sum over ranks, whose gradient is the
+    # sum of every rank's (torch's deprecated distributed.nn all_reduce did the same).
+    total = shared_by_ranks(sum_over_ranks(torch.cat([local, rows]), group), group)
     return total[:-1] / total[-1]
 
 
