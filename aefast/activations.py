@@ -78,6 +78,12 @@ def site_module(model: nn.Module, layer: int, site: str) -> nn.Module:
     return block.mlp
 
 
+def _forward_order(layer: int, site: str) -> tuple[int, int]:
+    """Where a site's activations appear in a decoder's forward pass: a layer's MLP input,
+    its MLP output, then its output (the residual stream)."""
+    return layer, ("mlp_in", "mlp_out", "resid").index(site)
+
+
 def _first(value):
     return value[0] if isinstance(value, tuple) else value
 
@@ -175,7 +181,11 @@ class _ShardWriter:
 
     def add(self, acts: Tensor) -> None:
         self.norm_sum += float(acts.float().norm(dim=1).sum())
-        self.pending.append(acts.to(torch.float16).cpu().numpy())
+        half = acts.to(torch.float16)
+        if not torch.isfinite(half).all():
+            raise ValueError(f"{self.out}: activations beyond float16's range (largest magnitude "
+                             f"{float(acts.float().abs().max()):.4g}): this site cannot be stored as float16")
+        self.pending.append(half.cpu().numpy())
         self.pending_rows += len(acts)
         while self.pending_rows >= self.shard_tokens:
             self._flush(self.shard_tokens)
@@ -222,6 +232,9 @@ def write_activations(model_name: str, layer: int, site: str, out: Path, tokens:
     sites = [(layer, site, out)]
     if target_site is not None:
         sites.append((layer if target_layer is None else target_layer, target_site, out / "target"))
+        if _forward_order(*sites[1][:2]) <= _forward_order(layer, site):
+            raise ValueError(f"--target-site {target_site} at layer {sites[1][0]} must come after --site {site} at "
+                             f"layer {layer} in the forward pass: a transcoder predicts a later site from an earlier")
     for at_layer, at, _ in sites:  # a bad --layer or --site fails before anything is written
         site_module(model, at_layer, at)
     writers = [_ShardWriter(folder, shard_tokens) for _, _, folder in sites]
@@ -240,7 +253,8 @@ def write_activations(model_name: str, layer: int, site: str, out: Path, tokens:
                 break
     if writers[0].written + writers[0].pending_rows == 0:
         raise ValueError("the text gave no complete sequence of --context tokens: give more text or a smaller --context")
-    about = {"model": model_name, "context": context, "sequences": sequences,
+    local = Path(model_name)
+    about = {"model": str(local.resolve()) if local.exists() else model_name, "context": context, "sequences": sequences,
              "text": str(Path(text).resolve()) if text else None, "dataset": dataset}
     manifests = [writer.finish({**about, "layer": at_layer, "site": at})
                  for writer, (at_layer, at, _) in zip(writers, sites)]
@@ -278,14 +292,20 @@ def spliced_loss(manifest: dict[str, Any], sae: nn.Module, sequences: int = 32, 
         raise ValueError("the manifest names no text to evaluate on")
     stream = token_sequences(tokenizer, read_documents(manifest.get("text"), manifest.get("dataset")),
                              manifest["context"])
-    all_sequences = list(itertools.islice(stream, manifest["sequences"] + sequences))
-    held_out = len(all_sequences) > manifest["sequences"]
-    chosen = all_sequences[manifest["sequences"]:] if held_out else all_sequences[:sequences]
+    # the sequences after those the activations came from (skipped, not kept)
+    chosen = list(itertools.islice(stream, manifest["sequences"], manifest["sequences"] + sequences))
+    held_out = bool(chosen)
+    if not held_out:  # the text has no more: the first sequences
+        chosen = list(itertools.islice(token_sequences(tokenizer, read_documents(
+            manifest.get("text"), manifest.get("dataset")), manifest["context"]), sequences))
     sae_dtype = next(sae.parameters()).dtype
     replaced = target_manifest or manifest  # the site whose activations the model's output replaces
     inputs: list[Tensor] = []  # a transcoder's input site, seen earlier in the same pass
 
     def splice(acts: Tensor) -> Tensor:
+        if target_manifest is not None and not inputs:
+            raise ValueError(f"the transcoder's input site ({manifest['site']}, layer {manifest['layer']}) does not run "
+                             f"before its target ({replaced['site']}, layer {replaced['layer']}) in the forward pass")
         source = inputs.pop() if target_manifest is not None else acts
         flat = source[:, 1:].flatten(0, 1).to(sae_dtype)
         rebuilt = torch.cat([sae.reconstruct(flat[i:i + 4096]) for i in range(0, len(flat), 4096)])

@@ -131,6 +131,9 @@ def test_mlp_sites_of_a_llama_are_the_mlps_input_and_output(tiny_models, tmp_pat
 
 
 @pytest.mark.parametrize("options, message", [
+    ({"site": "resid", "target_site": "mlp_out"}, "--target-site mlp_out at layer 1 must come after --site resid"),
+    ({"site": "mlp_in", "target_site": "mlp_out", "target_layer": 0},
+     "--target-site mlp_out at layer 0 must come after --site mlp_in at layer 1"),
     ({"site": "attn"}, "--site must be one of resid, mlp_in, mlp_out"),
     ({"layer": 2}, r"--layer must be in \[0, 1\] for this model, got 2"),
     ({"tokens": 0}, "--tokens must be >= 1"),
@@ -153,15 +156,16 @@ class _Exact(torch.nn.Module):
         return x * self.scale
 
 
-def test_spliced_loss_of_a_perfect_and_of_a_null_reconstruction(tiny_models, tmp_path):
-    manifest = _write(tiny_models, tmp_path / "acts", tokens=300)
+@pytest.mark.parametrize("site", ["resid", "mlp_in"])  # a forward hook's output, a pre-hook's argument
+def test_spliced_loss_of_a_perfect_and_of_a_null_reconstruction(tiny_models, tmp_path, site):
+    manifest = _write(tiny_models, tmp_path / "acts", site=site, tokens=300)
     perfect = spliced_loss(manifest, _Exact(), sequences=6)
     assert perfect["lm_loss_spliced"] == pytest.approx(perfect["lm_loss_clean"], abs=1e-6)
     assert perfect["loss_recovered"] == pytest.approx(1.0, abs=1e-5)
     assert perfect["lm_eval_held_out"] and perfect["lm_eval_sequences"] == 6
     null = spliced_loss(manifest, _Exact(zero=True), sequences=6)
     assert null["lm_loss_spliced"] == pytest.approx(null["lm_loss_ablated"], abs=1e-6)
-    assert null["lm_loss_ablated"] > null["lm_loss_clean"] + 0.1  # the trained model needs its layer
+    assert null["lm_loss_ablated"] > null["lm_loss_clean"] + 0.01  # the trained model needs the site
 
 
 @pytest.mark.slow

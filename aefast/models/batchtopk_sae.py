@@ -64,6 +64,9 @@ class BatchTopKSAE(TopKSAE):
     def encode(self, x: Tensor) -> Tensor:
         return self.code(self.preactivations(x))
 
+    def winners(self, x: Tensor):
+        raise NotImplementedError("BatchTopK selects over the batch, not k per row: encode(x) gives the code")
+
     def _dense_decode(self, z: Tensor) -> Tensor:
         return F.linear(z, self.decoder_weight.t().to(z.dtype), self.pre_bias.to(z.dtype))
 
@@ -107,9 +110,10 @@ class MatryoshkaSAE(BatchTopKSAE):
     running sums of the groups' parts (b_pre + group 1, + group 2, ...)."""
 
     def __init__(self, n_in: int, n_latents: int = 256, k: int = 8, k_aux: int = 32, aux_coef: float = 1 / 32,
-                 dead_steps: int = 100, prefixes: Sequence[int] = (32, 64, 128, 256), *, n_out: int | None = None):
+                 dead_steps: int = 100, prefixes: Sequence[int] | None = None, *, n_out: int | None = None):
         super().__init__(n_in, n_latents, k, k_aux, aux_coef, dead_steps, n_out=n_out)
-        prefixes = list(prefixes)
+        # default: an eighth, a quarter, half and all of the dictionary
+        prefixes = list(prefixes) if prefixes is not None else sorted({max(1, n_latents // d) for d in (8, 4, 2, 1)})
         if not prefixes or prefixes[-1] != n_latents or any(a >= b for a, b in zip(prefixes, prefixes[1:])) \
                 or prefixes[0] < 1:
             raise ValueError(f"prefixes must increase from >= 1 to n_latents ({n_latents}), got "

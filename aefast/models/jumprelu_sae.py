@@ -22,7 +22,9 @@ class JumpReLUSAE(AutoencoderModel):
     means. The step has no gradient, so theta learns through the paper's straight-through
     estimators with a rectangle kernel of width `bandwidth`; aefast.jumprelu computes the
     code, the L0 count and those gradients in one pass each way. Decoder rows are kept
-    unit-norm (as in TopKSAE), so the L0 penalty cannot be dodged by scaling."""
+    unit-norm (as in TopKSAE): the codes' scale then means the same across latents.
+    `threshold` and `bandwidth` are in the units of the pre-activations: scale them with
+    the data (a manifest's mean_norm says how large language-model activations are)."""
 
     sparse_code = True
     unit_interval_data = False  # a linear decoder

@@ -94,14 +94,15 @@ PARAM_HELP = {
     "tied": "tied weights: each decoder layer uses its encoder layer's weight transposed",
     "switches": "unpool at the encoder's max-pool positions (Masci's switches: the decoder reads them besides "
                 "the code); --no-switches repeats each pooled value, so the code alone reconstructs",
-    "prefixes": "Matryoshka: the nested dictionary sizes, comma-separated, increasing to --n-latents",
+    "prefixes": "Matryoshka: the nested dictionary sizes, comma-separated, increasing to --n-latents "
+                "(default: an eighth, a quarter, half and all of it)",
     "l0_coef": "weight of the L0 penalty (active latents per row)",
     "bandwidth": "width of the rectangle kernel of JumpReLU's straight-through gradients",
     "threshold": "initial JumpReLU threshold of every latent",
     "pool": "max-pooling of the feature maps the codes are read from after training (the paper's classifier input)",
 }
 
-PARAM_TYPES: dict[str, type] = {"momentum": float}  # where the default (None) does not tell
+PARAM_TYPES: dict[str, type] = {"momentum": float, "prefixes": list}  # where the default (None) does not tell
 
 
 def _at_least(low: int) -> tuple[Callable[[Any], bool], str]:
@@ -233,7 +234,7 @@ MODELS: dict[str, ModelSpec] = {
     "matryoshka-sae": ModelSpec("Matryoshka BatchTopK SAE: nested dictionaries, each reconstructing on its own",
                                 _flat(models.MatryoshkaSAE),
                                 {"n_latents": 256, "k": 8, "k_aux": 32, "aux_coef": 1 / 32, "dead_steps": 100,
-                                 "prefixes": [32, 64, 128, 256]}),
+                                 "prefixes": None}),
     "jumprelu-sae": ModelSpec("JumpReLU SAE: a learned threshold per latent, an L0 penalty, straight-through "
                               "gradients", _flat(models.JumpReLUSAE),
                               {"n_latents": 256, "l0_coef": 0.01, "bandwidth": 0.05, "threshold": 0.1}),
@@ -420,7 +421,8 @@ def _add_option(group, key: str, default: Any, text: str) -> None:
     if isinstance(default, bool):
         group.add_argument(_flag(key), action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=text)
         return
-    kind = {list: _int_list}.get(type(default), PARAM_TYPES.get(key, type(default)))
+    kind = PARAM_TYPES.get(key, type(default))
+    kind = _int_list if kind is list else kind
     metavar = {int: "N", float: "X", _int_list: "N,N"}.get(kind, key.upper())
     group.add_argument(_flag(key), type=kind, default=argparse.SUPPRESS, metavar=metavar, help=text)
 

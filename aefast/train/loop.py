@@ -189,12 +189,10 @@ def _train(config: dict[str, Any], out_dir: Path, checkpoint: dict[str, Any] | N
 
     val_recon, val_codes = infer(model, val_x, config["batch_size"])
     result = evaluate(model, data, config["batch_size"], val_recon, val_codes)
-    manifest = read_manifest(config["data"]) if Path(config["data"]).is_dir() else None
-    if manifest is not None:  # activations of a language model: its loss with the model spliced in
-        target = read_manifest(config["target"]) if config["target"] else None
-        result.update(spliced_loss(manifest, model, device=device, target_manifest=target))
     (out_dir / EVALUATION).write_text(json.dumps(result, indent=2) + "\n")
     figures = write_figures(out_dir, model, data, val_recon, val_codes)
+    _language_model_evaluation(config, model, device, result)
+    (out_dir / EVALUATION).write_text(json.dumps(result, indent=2) + "\n")
     _say(_summary(result))
     _say(f"wrote {out_dir}/: {CONFIG}, {METRICS}, {CHECKPOINT}, {EVALUATION}, "
         + ", ".join(path.name for path in figures))
@@ -452,6 +450,22 @@ def _replicas_sum(cluster: Cluster, sums: dict[str, Any]) -> dict[str, float]:
     same: summed over every rank and divided by their number, in one collective)."""
     return {name: value / cluster.shards for name, value in
             cluster.sum({name: float(value) for name, value in sums.items()}).items()}
+
+
+def _language_model_evaluation(config: dict[str, Any], model: AutoencoderModel, device: torch.device,
+                               result: dict[str, Any]) -> None:
+    """For activations written by `aefast activations`: the language model's loss with
+    the model spliced in, added to `result`. The run's other results are written before
+    it; a failure here (no transformers, a model not at hand) is recorded, not fatal."""
+    manifest = read_manifest(config["data"]) if Path(config["data"]).is_dir() else None
+    target = read_manifest(config["target"]) if config["target"] and Path(config["target"]).is_dir() else None
+    if manifest is None or (config["target"] and target is None):  # a transcoder needs both sites' manifests
+        return
+    try:
+        result.update(spliced_loss(manifest, model, device=device, target_manifest=target))
+    except (ValueError, OSError, RuntimeError, ImportError) as exc:
+        result["lm_eval_error"] = " ".join(str(exc).split())
+        _say(f"the language-model evaluation failed: {result['lm_eval_error']}")
 
 
 def _rows(x: torch.Tensor, target: torch.Tensor | None) -> torch.Tensor:
