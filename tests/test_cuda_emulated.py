@@ -683,6 +683,9 @@ def test_launch_plans_at_users_sizes_stay_within_cuda_limits(planning):
                   ("kl_sparsity_backward", None, None, None, f32, B, H, rho, beta, EPS),
                   ("sigmoid_kl_sparsity_forward", None, None, f32, B, H, rho, beta, EPS, splits, None, None, None),
                   ("sigmoid_kl_sparsity_backward", None, None, None, None, None, f32, B, H, rho, beta, EPS)]
+        jumprelu_splits = emu.query("jumprelu_splits", B, H, H200_SMS)
+        cases += [("jumprelu_forward", None, None, None, None, f32, B, H),
+                  ("jumprelu_backward", None, None, None, None, None, None, None, f32, B, H, 0.001, jumprelu_splits)]
     B, H, D = 4096, 1 << 20, 8192  # a 1M x 8192 weight
     splits = emu.query("column_splits", B, H, H200_SMS)
     cases += [("contractive_penalty_forward", None, None, f32, B, H, D, splits, None, None, None, None),
