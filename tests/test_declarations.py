@@ -133,3 +133,25 @@ def test_a_backward_gets_the_kernels_of_the_device_it_runs_on():
     assert backward_kernels("native", torch.device("cuda", 1)) is kernels("cuda")
     assert backward_kernels("triton", torch.device("cuda")) is kernels("triton")
     assert kernels("cuda").get("scatter_rows") is None  # so the top-k backward scatters with torch there
+
+
+READ_IN_PART = {"sparse_decode": {"weight"}}  # only the rows its indices name
+
+
+@pytest.mark.parametrize("op", sorted(CASES))
+def test_a_benchmark_floor_counts_at_least_what_the_op_must_read_and_write(op):
+    """The copy floor is the bytes an op must move: every input it reads whole and
+    every output forward; backward, also the gradients of its outputs (read) and of
+    its differentiable inputs (written). An undercount would flatter the op. (A 0-dim
+    output, a penalty, is a register, not memory traffic.)"""
+    case = CASES[op]
+    inputs = case.inputs("small", torch.float32, torch.device("cpu"))
+    leaves = {k: (v.detach().requires_grad_(True) if k in case.differentiable else v) for k, v in inputs.items()}
+    out = case.aefast(**leaves)
+    outs = [o for o in (out if isinstance(out, tuple) else (out,)) if isinstance(o, torch.Tensor) and o.dim() > 0]
+    read = [t for k, t in inputs.items() if isinstance(t, torch.Tensor) and k not in READ_IN_PART.get(op, ())]
+    forward = sum(t.numel() * t.element_size() for t in [*read, *outs])
+    backward = forward + sum(o.numel() * o.element_size() for o in outs if o.requires_grad) + sum(
+        inputs[k].numel() * inputs[k].element_size() for k in case.differentiable)
+    assert case.bytes_moved(inputs, False) >= forward
+    assert case.bytes_moved(inputs, True) >= backward

@@ -279,10 +279,12 @@ def _encoder_inputs(rows, cols, dtype, device):
     }
 
 
-def _encode_bytes(inputs, backward):
-    x, weight = inputs["x"], inputs["weight"]
-    forward = nbytes(x, weight) + x.shape[0] * K * (x.element_size() + 8)
-    return forward + (nbytes(x, weight) * 2 if backward else 0)
+def _encode_bytes(inputs, backward):  # back: read the codes' gradients, x and weight again; write theirs
+    x, dense = inputs["x"], nbytes(inputs["x"], inputs["weight"], inputs["bias"])
+    slots = K + (4 * K if "dead" in inputs else 0)  # with AuxK's k_aux = 4 k
+    codes = x.shape[0] * slots * (x.element_size() + 8)
+    forward = dense + codes + (nbytes(inputs["dead"]) if "dead" in inputs else 0)
+    return forward + ((2 * dense + codes) if backward else 0)
 
 
 # ---------------------------------------------------------------- public API

@@ -275,10 +275,10 @@ def _linear_case_inputs(rows, cols, dtype, device):
     }
 
 
-def _linear_bytes(inputs, backward):
-    x, weight = inputs["x"], inputs["weight"]
+def _linear_bytes(inputs, backward):  # back: read out's gradient, x and weight again; write their gradients
+    x, weight, bias = inputs["x"], inputs["weight"], inputs["bias"]
     out = x.shape[0] * weight.shape[0] * x.element_size()
-    return nbytes(x, weight) + out + ((out + 2 * nbytes(x, weight)) if backward else 0)
+    return nbytes(x, weight, bias) + out + ((out + 2 * nbytes(x, weight, bias)) if backward else 0)
 
 
 # ---------------------------------------------------------------- public API
@@ -346,7 +346,8 @@ def noisy_linear(ops, x: Tensor, weight: Tensor, bias: Tensor | None, kind: str,
                                           "logvar": (0.1 * torch.randn(r, c, device=device)).to(dtype)},
         call=lambda op, mu, logvar: op(mu, logvar, seed=SEED),
         reference=lambda mu, logvar: reference.reparameterize(mu, logvar, _seed(mu.device)),
-        bytes_moved=lambda inputs, backward: int(nbytes(inputs["mu"]) * (4 if backward else 1.5)),
+        # read mu and logvar, write z; back: read z's gradient, mu and logvar, write their gradients
+        bytes_moved=lambda inputs, backward: nbytes(inputs["mu"]) * (8 if backward else 3),
         differentiable=("mu", "logvar"), compile_reference=False,
         library=("mu + torch.randn_like(mu) * exp(logvar / 2), KL formula", _torch_reparameterize),
     ),

@@ -229,13 +229,13 @@ def _normal(rows, cols, dtype, device):
     return {"x": torch.randn(rows, cols, device=device).to(dtype)}
 
 
-def _sparse_bytes(inputs, backward):
+def _sparse_bytes(inputs, backward):  # read x, write values and indices; back: read them, write x's gradient
     x = inputs["x"]
-    return nbytes(x) * (2 if backward else 1) + x.shape[0] * K * (x.element_size() + 8)
+    return (nbytes(x) + x.shape[0] * K * (x.element_size() + 8)) * (2 if backward else 1)
 
 
-def _dense_bytes(inputs, backward):  # read x, write the dense output (and its gradient)
-    return nbytes(inputs["x"]) * (3 if backward else 2)
+def _dense_bytes(inputs, backward):  # read x, write the output; back: read its gradient, write x's
+    return nbytes(inputs["x"]) * (4 if backward else 2)
 
 
 def _bench(call, reference_call, library, params, bytes_moved=_dense_bytes, make=_normal):
