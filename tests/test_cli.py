@@ -5,6 +5,8 @@ import re
 import subprocess
 import sys
 
+import torch
+
 from aefast.cli import main
 
 
@@ -198,3 +200,16 @@ def test_bench_verdict_names_each_ops_floor_and_the_ops_below_half_of_it():
     assert lines[3].startswith("- matmul: floor F.linear; worst 92%")
     assert lines[-1] == "Below 50% of their floor: slow."
     assert verdicts([row("fast", "aefast[cpp]", 0.7)])[-1] == "Every op measured is at 50% of its floor or more."
+
+
+def test_bench_contenders_alternate_in_a_fresh_order_each_round():
+    from aefast.bench import harness
+
+    calls = []
+    contenders = {name: (lambda name=name: calls.append(name)) for name in "abc"}
+    times = harness.alternate(contenders, torch.device("cpu"), rounds=30, warmup=1)
+    assert {n: len(t) for n, t in times.items()} == {"a": 30, "b": 30, "c": 30}
+    rounds = [calls[i:i + 3] for i in range(3, len(calls), 3)]  # after the warm-up
+    assert all(sorted(r) == list("abc") for r in rounds)
+    followers = {(r[i - 1], r[i]) for r in rounds for i in range(1, 3)}
+    assert len(followers) == 6  # each contender has run right after each other one

@@ -9,6 +9,7 @@ import functools
 import json
 import pathlib
 import platform
+import random
 import re
 import statistics
 import sys
@@ -51,14 +52,19 @@ def synchronize(device: torch.device) -> None:
 
 def alternate(contenders: dict[str, Callable[[], object]], device: torch.device,
               rounds: int = 15, warmup: int = 3) -> dict[str, list[float]]:
-    """Seconds per call of each contender, `rounds` samples each, interleaved."""
+    """Seconds per call of each contender, `rounds` samples each, interleaved. Each
+    round runs them in a fresh order (seeded), so that no contender always follows
+    the same one: what a call leaves in the caches and the allocator meets the next."""
     for _ in range(warmup):
         for fn in contenders.values():
             fn()
     synchronize(device)
     times: dict[str, list[float]] = {name: [] for name in contenders}
+    order, shuffle = list(contenders), random.Random(0).shuffle
     for _ in range(rounds):
-        for name, fn in contenders.items():
+        shuffle(order)
+        for name in order:
+            fn = contenders[name]
             synchronize(device)
             start = time.perf_counter()
             fn()

@@ -38,7 +38,7 @@ constexpr int64_t kBlockElements = kBlockCounters * nz::kDrawsPerCounter;
 // The four words of kBlockCounters consecutive counters, one array per word. The
 // block starts at a multiple of 64, so the counters' high words are all equal.
 struct BlockWords {
-  alignas(32) uint32_t w[4][kBlockCounters];
+  alignas(64) uint32_t w[4][kBlockCounters];
 };
 
 AEFAST_SIMD_CLONES void philox_block_portable(uint64_t seed, uint64_t first_counter, BlockWords& out) {
@@ -90,10 +90,47 @@ __attribute__((target("avx2"))) void philox_block_avx2(uint64_t seed, uint64_t f
   }
 }
 
+// The same with AVX-512: 16 counters per instruction, the odd lanes' products
+// merged by mask. About half the AVX2 version's time, the larger part of a draw.
+__attribute__((target("avx512f"))) inline void mul_hi_lo(__m512i constant, __m512i b, __m512i* hi, __m512i* lo) {
+  const __m512i even = _mm512_mul_epu32(constant, b);
+  const __m512i odd = _mm512_mul_epu32(constant, _mm512_srli_epi64(b, 32));
+  *lo = _mm512_mask_blend_epi32(0xAAAA, even, _mm512_slli_epi64(odd, 32));
+  *hi = _mm512_mask_blend_epi32(0xAAAA, _mm512_srli_epi64(even, 32), odd);
+}
+
+__attribute__((target("avx512f"))) void philox_block_avx512(uint64_t seed, uint64_t first_counter, BlockWords& out) {
+  const __m512i round_a = _mm512_set1_epi32(static_cast<int>(0xD2511F53u));
+  const __m512i round_b = _mm512_set1_epi32(static_cast<int>(0xCD9E8D57u));
+  const __m512i lanes = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  const __m512i high = _mm512_set1_epi32(static_cast<int>(first_counter >> 32));
+  for (int64_t c = 0; c < kBlockCounters; c += 16) {
+    __m512i c0 = _mm512_add_epi32(_mm512_set1_epi32(static_cast<int>(first_counter + c)), lanes);
+    __m512i c1 = high, c2 = _mm512_setzero_si512(), c3 = _mm512_setzero_si512();
+    uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
+    for (int round = 0; round < 10; ++round) {
+      __m512i hi_b, lo_b, hi_a, lo_a;
+      mul_hi_lo(round_b, c2, &hi_b, &lo_b);
+      mul_hi_lo(round_a, c0, &hi_a, &lo_a);
+      c0 = _mm512_xor_si512(_mm512_xor_si512(hi_b, c1), _mm512_set1_epi32(static_cast<int>(k0)));
+      c2 = _mm512_xor_si512(_mm512_xor_si512(hi_a, c3), _mm512_set1_epi32(static_cast<int>(k1)));
+      c1 = lo_b;
+      c3 = lo_a;
+      k0 += 0x9E3779B9u;
+      k1 += 0xBB67AE85u;
+    }
+    _mm512_store_si512(out.w[0] + c, c0);
+    _mm512_store_si512(out.w[1] + c, c1);
+    _mm512_store_si512(out.w[2] + c, c2);
+    _mm512_store_si512(out.w[3] + c, c3);
+  }
+}
+
 #endif
 
 void philox_block(uint64_t seed, uint64_t first_counter, BlockWords& out) {
 #if defined(__x86_64__) && defined(__GNUC__)
+  if (simd_level() >= Simd::kAvx512) return philox_block_avx512(seed, first_counter, out);
   if (simd_level() >= Simd::kAvx2) return philox_block_avx2(seed, first_counter, out);
 #endif
   philox_block_portable(seed, first_counter, out);
