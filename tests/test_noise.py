@@ -169,6 +169,60 @@ def test_noisy_linear_matches_reference(device, backend, kind, poisoned):
                 assert_close(got, expected, compared_as, scale=scale)
 
 
+@pytest.mark.parametrize("kind", KINDS)
+def test_corrupt_window_is_the_window_of_the_whole_corrupted_matrix(kind, poisoned):
+    """The CPU noisy_linear's building block: any window, odd offsets, strided rows."""
+    window = kernels("cpp").corrupt_window
+    seed = torch.tensor(BIG_SEED)
+    for dtype in DTYPES:
+        whole = torch.rand(23, 301, dtype=torch.float64).to(dtype)
+        want = reference.corrupt(whole, kind, LEVELS[kind], seed, -0.1, 2.3)
+        for rows, cols in [(slice(0, 23), slice(0, 301)), (slice(5, 6), slice(0, 301)), (slice(3, 20), slice(7, 263)),
+                           (slice(22, 23), slice(300, 301)), (slice(1, 9), slice(0, 1))]:
+            got = window(whole[rows, cols], rows.start, cols.start, 301, kind, LEVELS[kind], seed, -0.1, 2.3)
+            assert got.is_contiguous() and got.dtype == dtype
+            if kind == "gaussian":
+                assert_noise_close(got, want[rows, cols], dtype)
+            else:
+                assert torch.equal(got, want[rows, cols])
+    x = torch.rand(9, 13)
+    torch.library.opcheck(window, (x, 4, 20, 40, kind, LEVELS[kind], seed, 0.0, 1.0))
+    torch.library.opcheck(window, (x.t(), 0, 3, 12, kind, LEVELS[kind], seed, 0.0, 1.0))
+
+
+def test_corrupt_window_refuses_a_window_outside_its_rows():
+    window, seed = kernels("cpp").corrupt_window, torch.tensor(1)
+    with pytest.raises(ValueError, match="must lie in rows of row_length 10"):
+        window(torch.rand(3, 4), 0, 7, 10, "masking", 0.3, seed, 0.0, 1.0)
+    with pytest.raises(ValueError, match="must lie in rows"):
+        window(torch.rand(3, 4), -1, 0, 10, "masking", 0.3, seed, 0.0, 1.0)
+    with pytest.raises(ValueError, match="2-D window"):
+        window(torch.rand(3), 0, 0, 10, "masking", 0.3, seed, 0.0, 1.0)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_noisy_linear_on_cpu_in_many_windows_matches_reference(kind, monkeypatch, poisoned):
+    """Windows of a few rows forward and backward (and of a few columns for the
+    weight's gradient), their edges inside Philox's blocks of 256 elements."""
+    from aefast.ops import noise
+
+    monkeypatch.setattr(noise, "WINDOW_ELEMENTS", 1000)
+    for dtype in (torch.float32, torch.float64, torch.bfloat16):
+        for rows, cols, out_features, with_bias in [(37, 301, 11, True), (64, 512, 5, False), (5, 1003, 3, True)]:
+            x = leaf(torch.rand(rows, cols, dtype=torch.float64).to(dtype))
+            w = leaf(torch.randn(out_features, cols, dtype=torch.float64).to(dtype))
+            b = leaf(torch.randn(out_features, dtype=torch.float64).to(dtype)) if with_bias else None
+            with ae.backend("cpp"):
+                out = ae.noisy_linear(x, w, b, kind, LEVELS[kind], seed=BIG_SEED)
+            want = reference.noisy_linear(x, w, b, kind, LEVELS[kind], BIG_SEED)
+            g = torch.randn_like(out)
+            inputs = [t for t in (x, w, b) if t is not None]
+            compared_as = torch.float32 if dtype == torch.float64 and kind == "gaussian" else dtype
+            for got, expected in zip((out, *torch.autograd.grad(out, inputs, g)),
+                                     (want, *torch.autograd.grad(want, inputs, g))):
+                assert_close(got, expected, compared_as, scale=4 * cols)
+
+
 @pytest.mark.parametrize(("device", "backend"), op_backends("noisy_linear"))
 def test_noisy_linear_saves_no_corrupted_input(device, backend):
     x = leaf(torch.rand(64, 48, device=device))

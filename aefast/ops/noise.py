@@ -9,8 +9,10 @@ torch.compile traces it.
 
 Kernels: csrc/cpu/noise.cpp, csrc/cuda/noise.cu, triton_kernels/noise.py.
 noisy_linear is a Python composite for cpp and cuda (the C++ corrupt, then
-F.linear, with a backward that regenerates corrupt(x)); with Triton, one matmul
-kernel corrupts the tiles of x as it loads them.
+F.linear, with a backward that regenerates corrupt(x)); on CPU it corrupts x one
+window at a time just before the matmul of that window (corrupt_window), so the
+corrupted input never exists whole; with Triton, one matmul kernel corrupts the
+tiles of x as it loads them.
 """
 
 from __future__ import annotations
@@ -88,6 +90,25 @@ kernel(
 )
 
 
+def _corrupt_window_reference(x, row_offset, col_offset, row_length, kind, level, seed, low, high):
+    whole = x.new_zeros(row_offset + x.shape[0], row_length)
+    window = (slice(row_offset, None), slice(col_offset, col_offset + x.shape[1]))
+    whole[window] = x
+    return reference.corrupt(whole, kind, level, seed, low, high)[window]
+
+
+# corrupt(x) of a window x (R, C) of a row-major matrix with row_length columns, at
+# (row_offset, col_offset): each element draws by its index in the whole matrix.
+# CPU only; the CPU noisy_linear's building block (no autograd of its own).
+kernel(
+    "corrupt_window(Tensor x, int row_offset, int col_offset, int row_length, str kind, float level, Tensor seed, "
+    "float low, float high) -> Tensor",
+    fake=lambda x, row_offset, col_offset, row_length, kind, level, seed, low, high: dense_like(x),
+    reference=_corrupt_window_reference,
+    native=CPP, native_devices=("cpu",),
+)
+
+
 def _reparameterize_setup(ctx, inputs, output):
     ctx.save_for_backward(*inputs)  # mu, logvar, seed: eps is regenerated
 
@@ -116,17 +137,56 @@ kernel(
 )
 
 
+# On CPU the corrupted input is made one window of about this many elements at a
+# time (8 MiB of float32), each multiplied while it is still in cache: no fresh
+# tensor of x's size to fault in, no pass over it in memory. (Tests make it small.)
+WINDOW_ELEMENTS = 1 << 21
+
+
+def _row_windows(rows: int, cols: int):
+    step = max(1, WINDOW_ELEMENTS // cols)
+    return [(r, min(step, rows - r)) for r in range(0, rows, step)]
+
+
 def _noisy_linear_composite(x, weight, bias, kind, level, seed, low, high):
     # The corrupted input lives only until the matmul returns; it is not saved.
-    return F.linear(kernels("cpp").corrupt(x, kind, level, seed, low, high), weight, bias)
+    cpp = kernels("cpp")
+    if x.device.type != "cpu":
+        return F.linear(cpp.corrupt(x, kind, level, seed, low, high), weight, bias)
+    rows, cols = x.shape
+    out = x.new_empty(rows, weight.shape[0])
+    for r, n in _row_windows(rows, cols):
+        window = cpp.corrupt_window(x[r:r + n], r, 0, cols, kind, level, seed, low, high)
+        if bias is None:
+            torch.mm(window, weight.t(), out=out[r:r + n])
+        else:
+            torch.addmm(bias, window, weight.t(), out=out[r:r + n])
+    return out
 
 
 def _noisy_linear_grad_input_composite(grad_out, weight, kind, level, seed):
-    return _corrupt_grad(kernels("cpp").corrupt, grad_out.to(weight.dtype) @ weight, kind, level, seed)
+    cpp, grad_out = kernels("cpp"), grad_out.to(weight.dtype)
+    if grad_out.device.type != "cpu" or kind == "gaussian":
+        return _corrupt_grad(cpp.corrupt, grad_out @ weight, kind, level, seed)
+    rows, cols = grad_out.shape[0], weight.shape[1]
+    grad_x = grad_out.new_empty(rows, cols)
+    for r, n in _row_windows(rows, cols):  # the mask applied while the window is in cache
+        product = torch.mm(grad_out[r:r + n], weight, out=grad_x[r:r + n])
+        grad_x[r:r + n] = cpp.corrupt_window(product, r, 0, cols, kind, level, seed, 0.0, 0.0)
+    return grad_x
 
 
 def _noisy_linear_grad_weight_composite(grad_out, x, kind, level, seed, low, high):
-    return grad_out.to(x.dtype).t() @ kernels("cpp").corrupt(x, kind, level, seed, low, high)
+    cpp, grad_t = kernels("cpp"), grad_out.to(x.dtype).t()
+    if x.device.type != "cpu":
+        return grad_t @ cpp.corrupt(x, kind, level, seed, low, high)
+    rows, cols = x.shape
+    grad_weight = x.new_empty(grad_out.shape[1], cols)
+    step = max(1, WINDOW_ELEMENTS // rows)  # windows of whole columns: each output column written once
+    for c in range(0, cols, step):
+        window = cpp.corrupt_window(x[:, c:c + step], 0, c, cols, kind, level, seed, low, high)
+        torch.mm(grad_t, window, out=grad_weight[:, c:c + step])
+    return grad_weight
 
 
 def _noisy_linear_setup(ctx, inputs, output):

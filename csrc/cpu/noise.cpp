@@ -152,23 +152,34 @@ AEFAST_INLINE void words_to_draws(const BlockWords& words, float* draws) {
 AEFAST_SIMD_CLONES void uniforms_of(const BlockWords& words, float* draws) { words_to_draws<false>(words, draws); }
 AEFAST_SIMD_CLONES void normals_of(const BlockWords& words, float* draws) { words_to_draws<true>(words, draws); }
 
-// fn(block, first element, elements, draws) for every block of n elements, blocks
-// split among threads. Block b always holds elements [256 b, 256 b + 256): results
-// do not depend on the thread count.
+// fn(block, first element, elements, draws) for the part of each block that lies in
+// elements [begin, end), blocks b0..b1 (those overlapping the range) in turn. Block b
+// always holds elements [256 b, 256 b + 256): results do not depend on how the
+// work is split.
+template <typename Fn>
+AEFAST_INLINE void blocks_in(int64_t begin, int64_t end, int64_t b0, int64_t b1, uint64_t seed, bool normal,
+                             const Fn& fn) {
+  alignas(64) float draws[kBlockElements];
+  BlockWords words;
+  for (int64_t b = b0; b < b1; ++b) {
+    philox_block(seed, static_cast<uint64_t>(b * kBlockCounters), words);
+    normal ? normals_of(words, draws) : uniforms_of(words, draws);
+    const int64_t e0 = std::max(begin, b * kBlockElements), e1 = std::min(end, (b + 1) * kBlockElements);
+    fn(b, e0, e1 - e0, draws + (e0 - b * kBlockElements));
+  }
+}
+
+// Elements [begin, end), their blocks split among threads.
+template <typename Fn>
+void for_each_block(int64_t begin, int64_t end, uint64_t seed, bool normal, const Fn& fn) {
+  if (end <= begin) return;
+  at::parallel_for(begin / kBlockElements, (end - 1) / kBlockElements + 1, 64, [&](int64_t b0, int64_t b1) {
+    blocks_in(begin, end, b0, b1, seed, normal, fn);
+  });
+}
 template <typename Fn>
 void for_each_block(int64_t n, uint64_t seed, bool normal, const Fn& fn) {
-  const int64_t blocks = (n + kBlockElements - 1) / kBlockElements;
-  at::parallel_for(0, blocks, 64, [&](int64_t b0, int64_t b1) {
-    alignas(64) float draws[kBlockElements];
-    BlockWords words;
-    for (int64_t b = b0; b < b1; ++b) {
-      const uint64_t first_counter = static_cast<uint64_t>(b * kBlockCounters);
-      philox_block(seed, first_counter, words);
-      normal ? normals_of(words, draws) : uniforms_of(words, draws);
-      const int64_t e0 = b * kBlockElements;
-      fn(b, e0, std::min(kBlockElements, n - e0), draws);
-    }
-  });
+  for_each_block(0, n, seed, normal, fn);
 }
 
 // ---- per-span loops over elements and their draws ----
@@ -266,6 +277,53 @@ at::Tensor corrupt(const at::Tensor& x, c10::string_view kind, double level, con
   return out;
 }
 
+// corrupt of a window x (R, C) of a row-major matrix with row_length columns, at
+// (row_offset, col_offset): element (i, j) takes the draw of its index in the
+// whole matrix, (row_offset + i) * row_length + col_offset + j. The CPU noisy_linear
+// corrupts its input a cache-sized window at a time, just before the matmul of it.
+at::Tensor corrupt_window(const at::Tensor& x, int64_t row_offset, int64_t col_offset, int64_t row_length,
+                          c10::string_view kind, double level, const at::Tensor& seed, double low, double high) {
+  const int k = noise_args::parse_kind(kind);
+  noise_args::check_level(k, level);
+  TORCH_CHECK_VALUE(x.dim() == 2, "x must be a 2-D window, got ", x.dim(), "-D");
+  const int64_t R = x.size(0), C = x.size(1);
+  TORCH_CHECK_VALUE(row_offset >= 0 && col_offset >= 0 && col_offset + C <= row_length,
+                    "the window (", R, ", ", C, ") at (", row_offset, ", ", col_offset,
+                    ") must lie in rows of row_length ", row_length);
+  const uint64_t s = read_seed(seed, x);
+  const at::Tensor xs = x.stride(1) == 1 ? x : x.contiguous();
+  at::Tensor out = at::empty({R, C}, x.options());
+  if (out.numel() == 0) return out;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, xs.scalar_type(), "corrupt_window", [&] {
+    using A = acc_t<scalar_t>;
+    const A scale = static_cast<A>(noise_args::survivor_scale(k, level));
+    const scalar_t* src = xs.data_ptr<scalar_t>();
+    scalar_t* dst = out.data_ptr<scalar_t>();
+    const int64_t stride = xs.stride(0);
+    auto apply = [&](const scalar_t* from, scalar_t* to, int64_t ne, const float* draws) {
+      corrupt_span_any(k, from, to, ne, draws, static_cast<float>(level), scale, static_cast<A>(low),
+                       static_cast<A>(high));
+    };
+    const int64_t first = row_offset * row_length + col_offset;
+    if (C == row_length && stride == C) {  // whole rows: one range, split by blocks
+      for_each_block(first, first + R * C, s, k == nz::kGaussian, [&](int64_t, int64_t e0, int64_t ne, const float* d) {
+        apply(src + (e0 - first), dst + (e0 - first), ne, d);
+      });
+      return;
+    }
+    at::parallel_for(0, R, std::max<int64_t>(1, kBlockElements * 16 / C), [&](int64_t r0, int64_t r1) {
+      for (int64_t i = r0; i < r1; ++i) {
+        const int64_t begin = first + i * row_length, end = begin + C;
+        blocks_in(begin, end, begin / kBlockElements, (end - 1) / kBlockElements + 1, s, k == nz::kGaussian,
+                  [&](int64_t, int64_t e0, int64_t ne, const float* d) {
+                    apply(src + i * stride + (e0 - begin), dst + i * C + (e0 - begin), ne, d);
+                  });
+      }
+    });
+  });
+  return out;
+}
+
 std::tuple<at::Tensor, at::Tensor> reparameterize_forward(const at::Tensor& mu, const at::Tensor& logvar,
                                                           const at::Tensor& seed) {
   noise_args::check_gaussian_params(mu, logvar);
@@ -316,6 +374,7 @@ std::tuple<at::Tensor, at::Tensor> reparameterize_backward(const at::Tensor& gra
 
 TORCH_LIBRARY_IMPL(aefast, CPU, m) {
   m.impl("corrupt", &corrupt);
+  m.impl("corrupt_window", &corrupt_window);
   m.impl("reparameterize_forward", &reparameterize_forward);
   m.impl("reparameterize_backward", &reparameterize_backward);
 }
