@@ -213,3 +213,23 @@ def test_bench_contenders_alternate_in_a_fresh_order_each_round():
     assert all(sorted(r) == list("abc") for r in rounds)
     followers = {(r[i - 1], r[i]) for r in rounds for i in range(1, 3)}
     assert len(followers) == 6  # each contender has run right after each other one
+
+
+def test_bench_keeps_freed_memory_in_the_process_for_its_run():
+    from aefast.bench import harness
+
+    def resident_mib():
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("VmRSS")) / 1024
+
+    with harness.freed_memory_kept(torch.device("cpu")) as kept:
+        assert kept
+        before = resident_mib()
+        x = torch.ones((64 << 20) // 4)
+        del x  # stays in the heap for the next large tensor
+        freed = resident_mib()
+        assert freed - before > 48
+    assert resident_mib() < freed - 48  # handed back, the defaults restored
+    x = torch.ones((64 << 20) // 4)
+    del x
+    assert resident_mib() < freed - 48

@@ -111,8 +111,15 @@ def measure(args, progress=None) -> tuple[list[dict], dict]:
     """Times every case asked for; `progress(rows, env)` after each operator (the
     results so far are written then, so a run cut short keeps what it measured)."""
     device = torch.device(args.device)
+    with harness.freed_memory_kept(device) as kept:
+        return _measure(args, device, kept, progress)
+
+
+def _measure(args, device: torch.device, kept: bool, progress) -> tuple[list[dict], dict]:
     env = harness.environment(device)
     env["device_type"] = device.type
+    if kept:
+        env["freed_memory_kept"] = True
     env["copy_GBps"] = round(copy_bandwidth(device, args.rounds), 1)
     env["matmul_fp32_TFLOPs"] = round(matmul_tflops(device, args.rounds), 3)
     rows = []
@@ -164,9 +171,11 @@ def measure(args, progress=None) -> tuple[list[dict], dict]:
 
 
 def markdown(rows: list[dict], env: dict) -> str:
+    kept = ("freed memory kept by the process, so no contender times the system's page faults "
+            "(harness.freed_memory_kept); " if env.get("freed_memory_kept") else "")
     lines = [
         f"Measured on {env['device']} ({env['threads']} threads), torch {env['torch']}, {env['date']}; "
-        f"copy bandwidth {env['copy_GBps']} GB/s (the best clone of a fresh 64 MB tensor, in this run); "
+        f"copy bandwidth {env['copy_GBps']} GB/s (the best clone of a fresh 64 MB tensor, in this run); {kept}"
         f"float32 matmul {env['matmul_fp32_TFLOPs']} TFLOP/s. Each row's floor is timed with it, in the same "
         "alternation: a fresh copy of the case's largest input (its rate applied to the bytes the op must "
         "move), or for an op built around a matmul, F.linear on the same inputs. Contenders: aefast[backend]; eager, aefast's "
