@@ -90,13 +90,17 @@ __attribute__((target("avx2"))) void philox_block_avx2(uint64_t seed, uint64_t f
   }
 }
 
-// The same with AVX-512: 16 counters per instruction, the odd lanes' products
-// merged by mask. About half the AVX2 version's time, the larger part of a draw.
+// The same with AVX-512, 16 counters per instruction and fewer instructions per
+// round: each product's high and low words gathered by one masked shuffle (no
+// shift-and-blend), each round's two XORs by one ternary-logic instruction, the
+// round keys broadcast once per block. Philox is most of a draw's cost.
 __attribute__((target("avx512f"))) inline void mul_hi_lo(__m512i constant, __m512i b, __m512i* hi, __m512i* lo) {
-  const __m512i even = _mm512_mul_epu32(constant, b);
+  const __m512i even = _mm512_mul_epu32(constant, b);  // 64-bit products of the even lanes
   const __m512i odd = _mm512_mul_epu32(constant, _mm512_srli_epi64(b, 32));
-  *lo = _mm512_mask_blend_epi32(0xAAAA, even, _mm512_slli_epi64(odd, 32));
-  *hi = _mm512_mask_blend_epi32(0xAAAA, _mm512_srli_epi64(even, 32), odd);
+  // lo: even lanes keep even's low word, odd lanes take odd's (dword 2i, moved up);
+  // hi: odd lanes keep odd's high word, even lanes take even's (dword 2i + 1, moved down).
+  *lo = _mm512_mask_shuffle_epi32(even, 0xAAAA, odd, _MM_PERM_CCAA);
+  *hi = _mm512_mask_shuffle_epi32(odd, 0x5555, even, _MM_PERM_DDBB);
 }
 
 __attribute__((target("avx512f"))) void philox_block_avx512(uint64_t seed, uint64_t first_counter, BlockWords& out) {
@@ -104,20 +108,24 @@ __attribute__((target("avx512f"))) void philox_block_avx512(uint64_t seed, uint6
   const __m512i round_b = _mm512_set1_epi32(static_cast<int>(0xCD9E8D57u));
   const __m512i lanes = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
   const __m512i high = _mm512_set1_epi32(static_cast<int>(first_counter >> 32));
+  __m512i key0[10], key1[10];
+  uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
+  for (int round = 0; round < 10; ++round, k0 += 0x9E3779B9u, k1 += 0xBB67AE85u) {
+    key0[round] = _mm512_set1_epi32(static_cast<int>(k0));
+    key1[round] = _mm512_set1_epi32(static_cast<int>(k1));
+  }
+  constexpr int kXor3 = 0x96;  // a ^ b ^ c
   for (int64_t c = 0; c < kBlockCounters; c += 16) {
     __m512i c0 = _mm512_add_epi32(_mm512_set1_epi32(static_cast<int>(first_counter + c)), lanes);
     __m512i c1 = high, c2 = _mm512_setzero_si512(), c3 = _mm512_setzero_si512();
-    uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
     for (int round = 0; round < 10; ++round) {
       __m512i hi_b, lo_b, hi_a, lo_a;
       mul_hi_lo(round_b, c2, &hi_b, &lo_b);
       mul_hi_lo(round_a, c0, &hi_a, &lo_a);
-      c0 = _mm512_xor_si512(_mm512_xor_si512(hi_b, c1), _mm512_set1_epi32(static_cast<int>(k0)));
-      c2 = _mm512_xor_si512(_mm512_xor_si512(hi_a, c3), _mm512_set1_epi32(static_cast<int>(k1)));
+      c0 = _mm512_ternarylogic_epi32(hi_b, c1, key0[round], kXor3);
+      c2 = _mm512_ternarylogic_epi32(hi_a, c3, key1[round], kXor3);
       c1 = lo_b;
       c3 = lo_a;
-      k0 += 0x9E3779B9u;
-      k1 += 0xBB67AE85u;
     }
     _mm512_store_si512(out.w[0] + c, c0);
     _mm512_store_si512(out.w[1] + c, c1);
