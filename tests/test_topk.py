@@ -28,11 +28,13 @@ def rows(shape, dtype, device, *, ties=False):
     return x.to(device, dtype)
 
 
-# Rows of 1024 or more with 128k or more take the CPU's block selection: (2, 4100) and
-# (3, 30000) with k = 200 end in a short tile, (3, 2000) is one tile, (2, 70001) several.
+# Rows of 256 or more with 16 elements or more per winner take the CPU's block
+# selection, the rest its heap: (5, 512) with k = 32 is the first, (5, 496) the second;
+# (2, 4100) and (3, 30000) with k = 200 end in a short tile, (3, 2000) is one tile,
+# (2, 70001) several.
 CASES = [((1, 1), 1), ((1, 7), 3), ((3, 1000), 1), ((3, 1000), 32), ((3, 1000), 1000),
          ((4097, 33), 5), ((2, 70001), 64), ((2, 40000), 1), ((3, 30000), 200), ((2, 4100), 8),
-         ((3, 2000), 3)]
+         ((3, 2000), 3), ((5, 512), 32), ((5, 496), 32)]
 # Under Triton's interpreter every selection round is NumPy code: smaller rows there.
 INTERPRETED_CASES = [((1, 1), 1), ((1, 7), 3), ((3, 300), 1), ((3, 300), 7), ((3, 300), 300), ((5, 33), 5)]
 
@@ -109,6 +111,22 @@ def test_signed_zeros_tie_by_index_in_every_dtype(device, backend, poisoned):
                 assert torch.equal(values.cpu(), want_values)
                 if backend != "triton":
                     assert torch.equal(values.cpu().signbit(), want_values.signbit())
+
+
+@pytest.mark.parametrize(("device", "backend"), op_backends("topk_sparse", interpreted_too=False))
+def test_one_winner_per_block_of_sixteen(device, backend):
+    """Each block of 16 holds one large value, the rest far below: k winners need k
+    blocks, the bound the CPU's block selection rests on (at k = blocks + 1 the
+    smallest block maximum has fewer than k elements at or above it)."""
+    torch.manual_seed(0)
+    for width, k in [(496, 32), (512, 32), (512, 31), (4096, 256), (4112, 257)]:
+        x = torch.full((3, width), -1e6)
+        x[:, torch.arange(0, width, 16) + torch.randint(0, 16, (width // 16,))] = torch.randn(3, width // 16)
+        x = x.to(device)
+        with ae.backend(backend):
+            values, indices = ae.topk_sparse(x, k, relu=False)
+        want_values, want_indices = reference.topk_sparse(x.cpu(), k, relu=False)
+        assert torch.equal(indices.cpu(), want_indices) and torch.equal(values.cpu(), want_values)
 
 
 @pytest.mark.parametrize(("device", "backend"), op_backends("topk_sparse", interpreted_too=False))
@@ -454,7 +472,8 @@ def test_every_simd_path_gives_the_same_selection(level):
     noise = os.path.join(os.path.dirname(__file__), "test_noise.py")
     tests = ("index_order_matches or index_order_reports or column_topk_matches or column_topk_reports"
              " or keep_rows_matches or long_row or infinities or batch_lifetime or corrupt_matches"
-             " or reparameterize_matches")
+             " or reparameterize_matches or sparse_and_mask_match or one_winner_per_block or signed_zeros"
+             " or noisy_linear_on_cpu_in_many_windows or corrupt_window_is")
     run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", __file__, noise,
                           "-k", tests], env=env, capture_output=True, text=True, timeout=900)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
