@@ -136,14 +136,18 @@ def test_a_backward_gets_the_kernels_of_the_device_it_runs_on():
 
 
 READ_IN_PART = {"sparse_decode": {"weight"}}  # only the rows its indices name
+# Dense top-k outputs whose backward gathers the gradient where the winners lie only.
+GRADIENT_READ_IN_PART = {"topk_mask", "batch_topk", "lifetime_topk", "spatial_wta"}
 
 
 @pytest.mark.parametrize("op", sorted(CASES))
 def test_a_benchmark_floor_counts_at_least_what_the_op_must_read_and_write(op):
     """The copy floor is the bytes an op must move: every input it reads whole and
     every output forward; backward, also the gradients of its outputs (read) and of
-    its differentiable inputs (written). An undercount would flatter the op. (A 0-dim
-    output, a penalty, is a register, not memory traffic.)"""
+    its differentiable inputs (written). An undercount would flatter the op, and so
+    would an overcount (a dense top-k's backward reads its output's gradient where the
+    winners lie only: its own count says how much). A 0-dim output, a penalty, is a
+    register, not memory traffic."""
     case = CASES[op]
     inputs = case.inputs("small", torch.float32, torch.device("cpu"))
     leaves = {k: (v.detach().requires_grad_(True) if k in case.differentiable else v) for k, v in inputs.items()}
@@ -151,7 +155,8 @@ def test_a_benchmark_floor_counts_at_least_what_the_op_must_read_and_write(op):
     outs = [o for o in (out if isinstance(out, tuple) else (out,)) if isinstance(o, torch.Tensor) and o.dim() > 0]
     read = [t for k, t in inputs.items() if isinstance(t, torch.Tensor) and k not in READ_IN_PART.get(op, ())]
     forward = sum(t.numel() * t.element_size() for t in [*read, *outs])
-    backward = forward + sum(o.numel() * o.element_size() for o in outs if o.requires_grad) + sum(
+    gradients_read = [] if op in GRADIENT_READ_IN_PART else [o for o in outs if o.requires_grad]
+    backward = forward + sum(o.numel() * o.element_size() for o in gradients_read) + sum(
         inputs[k].numel() * inputs[k].element_size() for k in case.differentiable)
     assert case.bytes_moved(inputs, False) >= forward
     assert case.bytes_moved(inputs, True) >= backward

@@ -203,12 +203,15 @@ def test_corrupt_window_refuses_a_window_outside_its_rows():
 @pytest.mark.parametrize("kind", KINDS)
 def test_noisy_linear_on_cpu_in_many_windows_matches_reference(kind, monkeypatch, poisoned):
     """Windows of a few rows forward and backward (and of a few columns for the
-    weight's gradient), their edges inside Philox's blocks of 256 elements."""
+    weight's gradient, summed over row windows for tall x), their edges inside
+    Philox's blocks of 256 elements."""
     from aefast.ops import noise
 
     monkeypatch.setattr(noise, "WINDOW_ELEMENTS", 1000)
+    monkeypatch.setattr(noise, "MIN_WINDOW_COLUMNS", 64)  # tall x: windows of 64 columns and 15 rows, summed
     for dtype in (torch.float32, torch.float64, torch.bfloat16):
-        for rows, cols, out_features, with_bias in [(37, 301, 11, True), (64, 512, 5, False), (5, 1003, 3, True)]:
+        for rows, cols, out_features, with_bias in [(37, 301, 11, True), (64, 512, 5, False), (5, 1003, 3, True),
+                                                    (130, 200, 4, True)]:
             x = leaf(torch.rand(rows, cols, dtype=torch.float64).to(dtype))
             w = leaf(torch.randn(out_features, cols, dtype=torch.float64).to(dtype))
             b = leaf(torch.randn(out_features, dtype=torch.float64).to(dtype)) if with_bias else None

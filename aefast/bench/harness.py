@@ -47,7 +47,10 @@ def fresh_clone(x: torch.Tensor) -> torch.Tensor:
 
 
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters
-_GLIBC_THRESHOLD = 128 << 10  # both thresholds' defaults
+# After a mallopt glibc no longer adjusts its thresholds itself; restored to where
+# its own adjustment leads once large tensors have been freed (the largest
+# freed mapping up to 32 MiB, trim at twice that), not to the 128 KiB it starts at.
+_MMAP_AFTER, _TRIM_AFTER = 32 << 20, 64 << 20
 
 
 @contextlib.contextmanager
@@ -57,16 +60,18 @@ def freed_memory_kept(device: torch.device):
     from fresh mappings. On the project's VM (Firecracker, free page reporting of 8 MiB
     blocks) the system's fresh memory took 3-5 ms or 70-110 ms for 64 MB at random,
     whoever asked: a timing of page faults, not of the op. The op and its floor still
-    allocate alike. Yields whether it took effect; the defaults come back after."""
+    allocate alike; what the timings leave out is what a process pays to fault in
+    fresh outputs over 32 MiB. Yields whether it took effect (not on a glibc that
+    refuses a threshold over 32 MiB)."""
     libc = _libc() if device.type == "cpu" and sys.platform == "linux" else None
     kept = libc is not None and hasattr(libc, "mallopt") and (
         libc.mallopt(_M_MMAP_THRESHOLD, 1 << 30) == 1 and libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1) == 1)
     try:
         yield kept
     finally:
-        if kept:
-            libc.mallopt(_M_MMAP_THRESHOLD, _GLIBC_THRESHOLD)
-            libc.mallopt(_M_TRIM_THRESHOLD, _GLIBC_THRESHOLD)
+        if libc is not None and hasattr(libc, "mallopt"):
+            libc.mallopt(_M_MMAP_THRESHOLD, _MMAP_AFTER)
+            libc.mallopt(_M_TRIM_THRESHOLD, _TRIM_AFTER)
             libc.malloc_trim(0)
 
 
@@ -79,7 +84,9 @@ def alternate(contenders: dict[str, Callable[[], object]], device: torch.device,
               rounds: int = 15, warmup: int = 3) -> dict[str, list[float]]:
     """Seconds per call of each contender, `rounds` samples each, interleaved. Each
     round runs them in a fresh order (seeded), so that no contender always follows
-    the same one: what a call leaves in the caches and the allocator meets the next."""
+    the same one: what a call leaves in the caches and the allocator meets the next.
+    No contender runs twice in a row across rounds either (it would find its own
+    data in cache)."""
     for _ in range(warmup):
         for fn in contenders.values():
             fn()
@@ -87,7 +94,10 @@ def alternate(contenders: dict[str, Callable[[], object]], device: torch.device,
     times: dict[str, list[float]] = {name: [] for name in contenders}
     order, shuffle = list(contenders), random.Random(0).shuffle
     for _ in range(rounds):
+        last = order[-1]
         shuffle(order)
+        if len(order) > 1 and order[0] == last:
+            order.append(order.pop(0))
         for name in order:
             fn = contenders[name]
             synchronize(device)

@@ -141,6 +141,7 @@ kernel(
 # time (8 MiB of float32), each multiplied while it is still in cache: no fresh
 # tensor of x's size to fault in, no pass over it in memory. (Tests make it small.)
 WINDOW_ELEMENTS = 1 << 21
+MIN_WINDOW_COLUMNS = 512
 
 
 def _row_windows(rows: int, cols: int):
@@ -182,10 +183,19 @@ def _noisy_linear_grad_weight_composite(grad_out, x, kind, level, seed, low, hig
         return grad_t @ cpp.corrupt(x, kind, level, seed, low, high)
     rows, cols = x.shape
     grad_weight = x.new_empty(grad_out.shape[1], cols)
-    step = max(1, WINDOW_ELEMENTS // rows)  # windows of whole columns: each output column written once
+    # Windows of whole columns where they fit; for tall x, of MIN_WINDOW_COLUMNS columns
+    # and as many rows as fit, summed (narrower windows would draw whole Philox blocks
+    # of 256 for a few elements of each row, and make thin matmuls).
+    step = max(MIN_WINDOW_COLUMNS, WINDOW_ELEMENTS // rows)
+    row_step = max(1, WINDOW_ELEMENTS // step)
     for c in range(0, cols, step):
-        window = cpp.corrupt_window(x[:, c:c + step], 0, c, cols, kind, level, seed, low, high)
-        torch.mm(grad_t, window, out=grad_weight[:, c:c + step])
+        columns = grad_weight[:, c:c + step]
+        for r in range(0, rows, row_step):
+            window = cpp.corrupt_window(x[r:r + row_step, c:c + step], r, c, cols, kind, level, seed, low, high)
+            if r == 0:
+                torch.mm(grad_t[:, :row_step], window, out=columns)
+            else:
+                columns.addmm_(grad_t[:, r:r + row_step], window)
     return grad_weight
 
 

@@ -22,6 +22,7 @@ pass per row, elsewhere PyTorch's in-place scatter into fresh zeros.
 from __future__ import annotations
 
 import numbers
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -234,11 +235,18 @@ def _sparse_bytes(inputs, backward):  # read x, write values and indices; back: 
     return (nbytes(x) + x.shape[0] * K * (x.element_size() + 8)) * (2 if backward else 1)
 
 
-def _dense_bytes(inputs, backward):  # read x, write the output; back: read its gradient, write x's
-    return nbytes(inputs["x"]) * (4 if backward else 2)
+def _dense_bytes(winners: Callable[[Tensor], int]):
+    """Read x, write the output; back: write x's gradient, read the output's gradient
+    where the winners lie only (a cache line each at most): its backward gathers them."""
+    def count(inputs, backward):
+        x = inputs["x"]
+        read_back = min(nbytes(x), winners(x) * max(64, x.element_size()))
+        return nbytes(x) * (3 if backward else 2) + (read_back if backward else 0)
+
+    return count
 
 
-def _bench(call, reference_call, library, params, bytes_moved=_dense_bytes, make=_normal):
+def _bench(call, reference_call, library, params, bytes_moved, make=_normal):
     return Bench(make=make, call=call, reference=reference_call, bytes_moved=bytes_moved, differentiable=("x",),
                  params=params, library=library)
 
@@ -286,7 +294,8 @@ def topk_sparse(ops, x: Tensor, k: int, *, relu: bool = True) -> tuple[Tensor, T
 
 @operator(uses=("topk_forward",), checks=(check_dense(), _k_per_row),
           bench=_bench(lambda op, x: op(x, K), lambda x: reference.topk_mask(x, K),
-                       ("torch.topk + scatter", lambda x: _torch_topk_mask(x, K)), f"k={K}"))
+                       ("torch.topk + scatter", lambda x: _torch_topk_mask(x, K)), f"k={K}",
+                       _dense_bytes(lambda x: x.shape[0] * K)))
 def topk_mask(ops, x: Tensor, k: int, *, relu: bool = True) -> Tensor:
     """x (B, H) with all but the k largest values of each row set to 0; ReLU after
     selection when relu=True. The gradient flows to the winners only."""
@@ -296,7 +305,8 @@ def topk_mask(ops, x: Tensor, k: int, *, relu: bool = True) -> Tensor:
 
 @operator(uses=("topk_forward",), prefers=("topk_index_order",), checks=(check_dense(), _k_per_row_on_average),
           bench=_bench(lambda op, x: op(x, K), lambda x: reference.batch_topk(x, K),
-                       ("torch.topk(x.flatten()) + scatter", lambda x: _torch_batch_topk(x, K)), f"k={K} per row"))
+                       ("torch.topk(x.flatten()) + scatter", lambda x: _torch_batch_topk(x, K)), f"k={K} per row",
+                       _dense_bytes(lambda x: x.shape[0] * K)))
 def batch_topk(ops, x: Tensor, k: int, *, relu: bool = True, group=None) -> Tensor:
     """BatchTopK: keep the k * B largest values of the whole batch x (B, H), zero the
     rest (ReLU after selection). On average k per row, any number in a given row.
@@ -318,7 +328,8 @@ def batch_topk(ops, x: Tensor, k: int, *, relu: bool = True, group=None) -> Tens
 
 @operator(uses=("topk_forward",), prefers=("column_topk",), checks=(check_dense(), _rate("rate")),
           bench=_bench(lambda op, x: op(x, 0.05), lambda x: reference.lifetime_topk(x, 0.05),
-                       ("torch.topk(dim=0) + scatter", lambda x: _torch_lifetime_topk(x, 0.05)), "rate=0.05"))
+                       ("torch.topk(dim=0) + scatter", lambda x: _torch_lifetime_topk(x, 0.05)), "rate=0.05",
+                       _dense_bytes(lambda x: reference.lifetime_count(0.05, x.shape[0]) * x.shape[1])))
 def lifetime_topk(ops, x: Tensor, rate: float, *, group=None) -> Tensor:
     """Lifetime sparsity (winner-take-all autoencoder, Makhzani & Frey 2015): per unit
     (column of x (B, H)) keep the ceil(rate * B) largest activations across the batch,
@@ -340,7 +351,8 @@ def lifetime_topk(ops, x: Tensor, rate: float, *, group=None) -> Tensor:
 
 @operator(uses=("topk_forward",), checks=(check_dense(dims=4), _rate("lifetime_rate", optional=True)),
           bench=_bench(lambda op, x: op(x), reference.spatial_wta, ("amax + scatter", _torch_spatial_wta),
-                       "one winner per map", make=lambda r, c, dtype, device: {
+                       "one winner per map", _dense_bytes(lambda x: x.shape[0] * x.shape[1]),
+                       make=lambda r, c, dtype, device: {
                            "x": torch.randn(r // 4, 16, 8, c // 32, device=device).to(dtype)}))
 def spatial_wta(ops, x: Tensor, *, lifetime_rate: float | None = None) -> Tensor:
     """Spatial sparsity (convolutional winner-take-all autoencoder): for x (N, C, H, W)

@@ -100,16 +100,18 @@ AEFAST_SIMD_CLONES bool topk_scan_f32(const float* x, int64_t n, int64_t first, 
 // the maximum of each block of 16 elements (one cache line of float32): contiguous
 // reads at memory speed. Any t0 with at least k block maxima >= t0 bounds the
 // answer from below (k blocks each hold an element >= t0), so every winner lies in
-// a block whose maximum is >= t0; only those blocks (about k of them) are read
+// a block whose maximum is >= t0; only those blocks (k or a few more) are read
 // again, from cache, and their elements >= t0 collected. The row goes by in tiles of
-// 16 x G elements, G >= 8k blocks where the row allows (>= k always): t0 comes from the first tile's maxima, and
-// between tiles the candidates are cut back to the k best, whose worst value is
-// the bar for the later tiles. No heap and no scalar pass over the row.
+// 16 x G elements, G >= 8k blocks where the row allows (>= k always): t0 comes from
+// the first tile's maxima, and between tiles the candidates are cut back to the k
+// best, whose worst value is the bar for the later tiles. No heap and no scalar pass
+// over the row.
 constexpr int64_t kBlockLen = 16;
 
 // Blocks per tile for a row of n with k winners, or 0 for the plain scan.
 inline int64_t tile_blocks(int64_t n, int64_t k) {
-  // G >= 8k keeps the blocks read again a small share of each tile; G <= 16384 keeps
+  // G >= 8k keeps the blocks read again a small share of each tile (with fewer, up to
+  // all of a short row's blocks are read again, from L1); G <= 16384 keeps
   // a tile (1 MB of float32 at most) in L2; a row shorter than a tile is one tile
   // (the first tile must be whole: G blocks of 16). G >= k makes the bar exact (k
   // blocks reach it); with as few as k blocks the selection still ran 2-4x faster
@@ -279,22 +281,28 @@ AEFAST_INLINE void collect_qualifying_portable(const T* tile, int64_t len, const
 }
 
 #if defined(__x86_64__) && defined(__GNUC__)
-// float32 with AVX-512: one compare mask per block, then only its set bits (the
-// scalar loop's branch per element mispredicted on about one element in eight).
+// float32 with AVX-512: one compare mask per 16 blocks' maxima and one per block that
+// qualifies, then only their set bits (the scalar loop's branch per element and per
+// block mispredicted often).
+// A bit per element of p[0, 16) above the bar (or equal to it, when inclusive).
+__attribute__((target("avx512f"))) inline uint32_t qualifying_bits(const float* p, __m512 bars, bool inclusive) {
+  const __m512 v = _mm512_loadu_ps(p);
+  return inclusive ? _mm512_cmp_ps_mask(v, bars, _CMP_GE_OQ) : _mm512_cmp_ps_mask(v, bars, _CMP_GT_OQ);
+}
+
 __attribute__((target("avx512f"))) void collect_qualifying_avx512(const float* tile, int64_t len, const float* maxima,
                                                                   int64_t b0, int64_t b1, float bar, bool inclusive,
                                                                   int64_t base, std::vector<Candidate<float>>& found) {
   const __m512 bars = _mm512_set1_ps(bar);
-  const int64_t whole = std::min(b1, len / kBlockLen);
+  const int64_t whole = std::min(b1, len / kBlockLen);  // blocks of 16 elements
   int64_t b = b0;
-  for (; b < whole; ++b) {
-    if (!(maxima[b] > bar || (inclusive && maxima[b] == bar))) continue;
-    const float* block = tile + b * kBlockLen;
-    const __m512 v = _mm512_loadu_ps(block);
-    uint32_t m = inclusive ? _mm512_cmp_ps_mask(v, bars, _CMP_GE_OQ) : _mm512_cmp_ps_mask(v, bars, _CMP_GT_OQ);
-    for (; m != 0; m &= m - 1) {
-      const int t = __builtin_ctz(m);
-      found.push_back({block[t], base + b * kBlockLen + t});
+  for (; b + 16 <= whole; b += 16) {  // the maxima of 16 blocks at once, then only the blocks that qualify
+    for (uint32_t blocks = qualifying_bits(maxima + b, bars, inclusive); blocks != 0; blocks &= blocks - 1) {
+      const int64_t block = b + __builtin_ctz(blocks);
+      for (uint32_t m = qualifying_bits(tile + block * kBlockLen, bars, inclusive); m != 0; m &= m - 1) {
+        const int64_t j = block * kBlockLen + __builtin_ctz(m);
+        found.push_back({tile[j], base + j});
+      }
     }
   }
   if (b < b1) collect_qualifying_portable<float, float>(tile, len, maxima, b, b1, bar, inclusive, base, found);
