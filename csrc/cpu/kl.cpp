@@ -21,12 +21,25 @@ namespace m = aefast::math;
 
 // ---- per-row loops: generic templates, plus float32 copies with SIMD clones ----
 
+// Column sums take four rows per pass over acc: a quarter of acc's loads and
+// stores, which bound a one-row pass (it read at 20 GB/s where a row maximum read
+// at 36). The order of the adds is fixed: results do not depend on the threads.
+template <typename T, typename A, typename Term>
+AEFAST_INLINE void sum_rows_of(const T* x, int64_t rows, int64_t H, A* acc, const Term& term) {
+  int64_t i = 0;
+  for (; i + 4 <= rows; i += 4) {
+    const T *x0 = x + i * H, *x1 = x0 + H, *x2 = x1 + H, *x3 = x2 + H;
+    for (int64_t j = 0; j < H; ++j) acc[j] += (term(x0[j]) + term(x1[j])) + (term(x2[j]) + term(x3[j]));
+  }
+  for (; i < rows; ++i) {
+    const T* xi = x + i * H;
+    for (int64_t j = 0; j < H; ++j) acc[j] += term(xi[j]);
+  }
+}
+
 template <typename T, typename A>
 AEFAST_INLINE void sum_rows(const T* x, int64_t rows, int64_t H, A* acc) {
-  for (int64_t i = 0; i < rows; ++i) {
-    const T* xi = x + i * H;
-    for (int64_t j = 0; j < H; ++j) acc[j] += static_cast<A>(xi[j]);
-  }
+  sum_rows_of(x, rows, H, acc, [](T v) { return static_cast<A>(v); });
 }
 
 template <typename T, typename A>
@@ -44,10 +57,7 @@ AEFAST_INLINE void sigmoid_sum_rows(const T* z, T* h, int64_t rows, int64_t H, A
 
 template <typename T, typename A>
 AEFAST_INLINE void contractive_sum_rows(const T* h, int64_t rows, int64_t H, A* acc) {
-  for (int64_t i = 0; i < rows; ++i) {
-    const T* hi = h + i * H;
-    for (int64_t j = 0; j < H; ++j) acc[j] += m::contractive_term(static_cast<A>(hi[j]));
-  }
+  sum_rows_of(h, rows, H, acc, [](T v) { return m::contractive_term(static_cast<A>(v)); });
 }
 
 template <typename T, typename A>
