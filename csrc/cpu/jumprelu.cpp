@@ -21,13 +21,13 @@ AEFAST_INLINE void jumprelu_rows(const T* z, const T* threshold, T* out, A* l0, 
   for (int64_t i = 0; i < rows; ++i) {
     const T* zi = z + i * L;
     T* oi = out + i * L;
-    A count = 0;
+    int32_t count = 0;  // an integer sum vectorizes; a float one is a chain of dependent adds
     for (int64_t j = 0; j < L; ++j) {
       const bool on = static_cast<A>(zi[j]) > static_cast<A>(threshold[j]);
       oi[j] = on ? zi[j] : T(0);
-      count += on ? A(1) : A(0);
+      count += on;
     }
-    l0[i] = count;
+    l0[i] = static_cast<A>(count);
   }
 }
 
