@@ -268,9 +268,8 @@ inline A keep_best(std::vector<Candidate<A>>& found, int64_t k) {
 // `inclusive`), in index order, into `found` (indices offset by `base`); a block is
 // read only if its maximum qualifies.
 template <typename T, typename A>
-AEFAST_INLINE void collect_qualifying_portable(const T* tile, int64_t len, const A* maxima, int64_t b0, int64_t b1,
-                                               A bar, bool inclusive, int64_t base,
-                                               std::vector<Candidate<A>>& found) {
+AEFAST_INLINE void collect_blocks(const T* tile, int64_t len, const A* maxima, int64_t b0, int64_t b1, A bar,
+                                  bool inclusive, int64_t base, std::vector<Candidate<A>>& found) {
   for (int64_t b = b0; b < b1; ++b) {
     if (!(maxima[b] > bar || (inclusive && maxima[b] == bar))) continue;
     for (int64_t j = b * kBlockLen; j < std::min(len, (b + 1) * kBlockLen); ++j) {
@@ -280,16 +279,31 @@ AEFAST_INLINE void collect_qualifying_portable(const T* tile, int64_t len, const
   }
 }
 
+// The same, skipping runs of 16 blocks none of whose maxima reach the bar by one
+// vectorized test each (most runs hold no block to read again).
+template <typename T, typename A>
+AEFAST_INLINE void collect_qualifying_portable(const T* tile, int64_t len, const A* maxima, int64_t b0, int64_t b1,
+                                               A bar, bool inclusive, int64_t base,
+                                               std::vector<Candidate<A>>& found) {
+  int64_t b = b0;
+  for (; b + kBlock <= b1; b += kBlock) {
+    int any = 0;
+    for (int64_t t = b; t < b + kBlock; ++t) any |= maxima[t] >= bar;
+    if (any) collect_blocks(tile, len, maxima, b, b + kBlock, bar, inclusive, base, found);
+  }
+  collect_blocks(tile, len, maxima, b, b1, bar, inclusive, base, found);
+}
+
 #if defined(__x86_64__) && defined(__GNUC__)
-// float32 with AVX-512: one compare mask per 16 blocks' maxima and one per block that
-// qualifies, then only their set bits (the scalar loop's branch per element and per
-// block mispredicted often).
 // A bit per element of p[0, 16) above the bar (or equal to it, when inclusive).
 __attribute__((target("avx512f"))) inline uint32_t qualifying_bits(const float* p, __m512 bars, bool inclusive) {
   const __m512 v = _mm512_loadu_ps(p);
   return inclusive ? _mm512_cmp_ps_mask(v, bars, _CMP_GE_OQ) : _mm512_cmp_ps_mask(v, bars, _CMP_GT_OQ);
 }
 
+// float32 with AVX-512: one compare mask per 16 blocks' maxima and one per block that
+// qualifies, then only their set bits (the scalar loop's branch per element and per
+// block mispredicted often).
 __attribute__((target("avx512f"))) void collect_qualifying_avx512(const float* tile, int64_t len, const float* maxima,
                                                                   int64_t b0, int64_t b1, float bar, bool inclusive,
                                                                   int64_t base, std::vector<Candidate<float>>& found) {
@@ -305,7 +319,7 @@ __attribute__((target("avx512f"))) void collect_qualifying_avx512(const float* t
       }
     }
   }
-  if (b < b1) collect_qualifying_portable<float, float>(tile, len, maxima, b, b1, bar, inclusive, base, found);
+  collect_blocks<float, float>(tile, len, maxima, b, b1, bar, inclusive, base, found);
 }
 #endif
 
@@ -349,16 +363,7 @@ inline __attribute__((always_inline)) bool block_scan(const T* x, int64_t n, int
     // kept candidates, so an element equal to the bar loses its tie: strictly above.
     const bool first_tile = start == 0;
     if (first_tile) bar = maxima_bar(maxima, blocks, k, range.low, range.high);
-    auto collect = [&](int64_t b0, int64_t b1) {  // the qualifying elements of blocks [b0, b1)
-      collect_qualifying<T, A>(tile, len, maxima, b0, b1, bar, first_tile, first + start, found);
-    };
-    int64_t b0 = 0;
-    for (; b0 + kBlock <= tile_blocks; b0 += kBlock) {
-      int any = 0;  // vectorized: most runs of maxima hold no block to read again
-      for (int64_t b = b0; b < b0 + kBlock; ++b) any |= maxima[b] >= bar;
-      if (any) collect(b0, b0 + kBlock);
-    }
-    collect(b0, tile_blocks);
+    collect_qualifying<T, A>(tile, len, maxima, 0, tile_blocks, bar, first_tile, first + start, found);
     if (static_cast<int64_t>(found.size()) > k) bar = keep_best(found, k);
   }
   std::copy(found.begin(), found.end(), out);
