@@ -264,27 +264,6 @@ AEFAST_SIMD_CLONES double block_sum(const float* terms, int64_t n) { return bloc
 
 // ---- operators ----
 
-at::Tensor corrupt(const at::Tensor& x, c10::string_view kind, double level, const at::Tensor& seed,
-                   double low, double high) {
-  const int k = noise_args::parse_kind(kind);
-  noise_args::check_level(k, level);
-  const uint64_t s = read_seed(seed, x);
-  const at::Tensor xc = x.contiguous();
-  at::Tensor out = empty_output_like(xc);
-  const int64_t n = xc.numel();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, xc.scalar_type(), "corrupt", [&] {
-    using A = acc_t<scalar_t>;
-    const A scale = static_cast<A>(noise_args::survivor_scale(k, level));
-    const scalar_t* src = xc.data_ptr<scalar_t>();
-    scalar_t* dst = out.data_ptr<scalar_t>();
-    for_each_block(n, s, k == nz::kGaussian, [&](int64_t, int64_t e0, int64_t ne, const float* draws) {
-      corrupt_span_any(k, src + e0, dst + e0, ne, draws, static_cast<float>(level), scale, static_cast<A>(low),
-                       static_cast<A>(high));
-    });
-  });
-  return out;
-}
-
 // corrupt of a window x (R, C) of a row-major matrix with row_length columns, at
 // (row_offset, col_offset): element (i, j) takes the draw of its index in the
 // whole matrix, (row_offset + i) * row_length + col_offset + j. The CPU noisy_linear
@@ -300,7 +279,7 @@ at::Tensor corrupt_window(const at::Tensor& x, int64_t row_offset, int64_t col_o
                     ") must lie in rows of row_length ", row_length);
   const uint64_t s = read_seed(seed, x);
   const at::Tensor xs = x.stride(1) == 1 ? x : x.contiguous();
-  at::Tensor out = at::empty({R, C}, x.options());
+  at::Tensor out = empty_output({R, C}, x.options());
   if (out.numel() == 0) return out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, xs.scalar_type(), "corrupt_window", [&] {
     using A = acc_t<scalar_t>;
@@ -330,6 +309,13 @@ at::Tensor corrupt_window(const at::Tensor& x, int64_t row_offset, int64_t col_o
     });
   });
   return out;
+}
+
+// The whole of x (any shape) is one window: a row of x.numel() elements.
+at::Tensor corrupt(const at::Tensor& x, c10::string_view kind, double level, const at::Tensor& seed,
+                   double low, double high) {
+  const int64_t n = x.numel();
+  return corrupt_window(x.contiguous().view({1, n}), 0, 0, n, kind, level, seed, low, high).view(x.sizes());
 }
 
 std::tuple<at::Tensor, at::Tensor> reparameterize_forward(const at::Tensor& mu, const at::Tensor& logvar,
