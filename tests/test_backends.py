@@ -91,6 +91,7 @@ def test_stored_gpu_ranking_drives_auto(tmp_path, monkeypatch):
 
     monkeypatch.setattr(backends, "CUDA_BUILT", True)  # both GPU backends "available"
     cuda = torch.device("cuda")
+    monkeypatch.setattr(backends, "GPU_RANKING", {})  # none stored (the package ships one)
     assert backends.resolve(cuda, "corrupt") == "cuda"  # no ranking: GPU_PREFERENCE
     monkeypatch.setattr(backends, "GPU_RANKING", written["ranking"])
     assert backends.resolve(cuda, "corrupt") == "triton"

@@ -432,7 +432,8 @@ def latent_runs(indices, L):
 
 
 DECODE_CASES = [(37, 5, 50, 19, True), (37, 5, 50, 19, False), (1, 1, 1, 1, True), (3, 0, 4, 7, True),
-                (4, 3, 6, 300, False), (64, 4, 4, 33, False)]  # (B, K, L, D, bias); the last: long runs per latent
+                (4, 3, 6, 300, False), (64, 4, 4, 33, False), (33, 6, 40, 1, False)]
+# (B, K, L, D, bias): (64, 4, 4, 33) long runs per latent; D = 1 as in the encoder bias gradient
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

@@ -166,7 +166,11 @@ def _winners_backward(ops, ctx, x, weight, values, indices, grad_values):
     grad_weight = ops.sparse_decode_backward(x, grad_pre, indices, weight)[1] if need_weight else None
     grad_bias = None
     if ctx.has_bias and need_bias:
-        grad_bias = grad_pre.new_zeros(ctx.latents).index_add_(0, indices.flatten(), grad_pre.flatten())
+        # grad bias[l] = sum over (b, k) with idx = l of grad_pre[b, k]: the same weight
+        # gradient of a one-column input of ones, in the same fixed order (index_add_
+        # adds with atomics on a GPU: runs would differ in the last bits).
+        ones, no_weight = grad_pre.new_ones((grad_pre.shape[0], 1)), grad_pre.new_zeros((ctx.latents, 1))
+        grad_bias = ops.sparse_decode_backward(ones, grad_pre, indices, no_weight)[1].squeeze(1)
     return grad_x, grad_weight, grad_bias
 
 
