@@ -150,6 +150,21 @@ def test_levels_at_the_edges(device, backend):
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize(("device", "backend"), op_backends("noisy_linear"))
 def test_noisy_linear_matches_reference(device, backend, kind, poisoned):
+    _check_noisy_linear_against_reference(device, backend, kind)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize(("device", "backend"), [p for p in op_backends("noisy_linear") if p.values[1] == "triton"])
+def test_noisy_linear_with_triton_unfused_matches_reference(device, backend, kind, monkeypatch, poisoned):
+    """Triton's corrupt, then PyTorch's matmul: what the triton backend runs at full
+    float32 (or float64) precision on a GPU, here on every device and dtype."""
+    from aefast.ops import noise
+
+    monkeypatch.setattr(noise, "_fused_noisy_matmul", lambda t: False)
+    _check_noisy_linear_against_reference(device, backend, kind)
+
+
+def _check_noisy_linear_against_reference(device, backend, kind):
     for dtype in [d for d in dtypes_for(device, backend) if d != torch.float16]:
         for shape, out_features, with_bias in [((37, 70), 11, True), ((1, 1), 1, False), ((2, 3, 33), 65, True)]:
             x = leaf(torch.rand(shape, dtype=torch.float64).to(device, dtype))

@@ -239,7 +239,7 @@ def reparameterize_backward(grad_z, grad_kl, mu, logvar, seed):
     return grad_mu, grad_logvar
 
 
-def _precision(dtype: torch.dtype) -> str:
+def dot_precision(dtype: torch.dtype) -> str:
     if dtype == torch.float64:
         return "ieee64"
     # float32 follows PyTorch's own switch for F.linear (off by default: full precision).
@@ -268,7 +268,7 @@ def noisy_matmul(a, b, *, corrupt_at: int, x_width: int, kind: int, level: float
     N = b.shape[1]
     k, level, scale, low, high = _kind_params(kind, level, low, high)
     out = torch.empty((M, N), dtype=out_dtype or a.dtype, device=a.device)
-    precision = _precision(a.dtype)
+    precision = dot_precision(a.dtype)
     bm, bn, bk, warps = _matmul_tiles(a.device, a.dtype, precision)
     noisy_matmul_kernel[(triton.cdiv(M, bm), triton.cdiv(N, bn))](
         a, b, out, bias if bias is not None else out, seed, M, N, K,
