@@ -42,6 +42,60 @@ AEFAST_SIMD_CLONES float dot(const float* x, const float* y, int64_t n) { return
 template <typename T>
 acc_t<T> dot(const T* x, const T* y, int64_t n) { return dot_loop<T, acc_t<T>>(x, y, n); }
 
+// One output row of the forward: its k weight rows added a block of kDecodeColumns
+// columns at a time, the block's sums held in registers while all k rows pass, each
+// (row, block) asked for kDecodeAhead steps before its use. Each column's sum is still
+// bias, then rows 0..k-1 in order: the same bits as adding row after row. (1024 x 32
+// rows of 768 from a 48 MiB weight, 2 threads: whole rows one after another, the next
+// one prefetched, took 1.6x F.embedding_bag's time; blocks of 64 or 256 without the
+// prefetch 2x; blocks of 128 with it 1.0x.)
+constexpr int64_t kDecodeColumns = 128;
+constexpr int64_t kDecodeAhead = 8;  // rows of a block requested ahead of their use
+
+template <typename T, typename A>
+inline __attribute__((always_inline)) void decode_row_loop(const T* weight, const int64_t* rows,
+                                                           const T* values, int64_t K, int64_t D,
+                                                           const T* bias, T* out) {
+  int64_t d0 = 0;
+  for (; d0 + kDecodeColumns <= D; d0 += kDecodeColumns) {
+    A acc[kDecodeColumns];
+    for (int64_t d = 0; d < kDecodeColumns; ++d) acc[d] = bias ? static_cast<A>(bias[d0 + d]) : A(0);
+    for (int64_t j = 0; j < K; ++j) {
+      // The (row, block) pair kDecodeAhead steps later: this block of a later row, or a
+      // later block of an early one (a hint: the last, narrower block is not asked for).
+      const int64_t ahead = j + kDecodeAhead, later = d0 + (ahead / K) * kDecodeColumns;
+      if (later + kDecodeColumns <= D) {
+        const char* next = reinterpret_cast<const char*>(weight + rows[ahead % K] * D + later);
+        for (int64_t b = 0; b < kDecodeColumns * static_cast<int64_t>(sizeof(T)); b += 64) __builtin_prefetch(next + b);
+      }
+      const A a = static_cast<A>(values[j]);
+      const T* row = weight + rows[j] * D + d0;
+      for (int64_t d = 0; d < kDecodeColumns; ++d) acc[d] += a * static_cast<A>(row[d]);
+    }
+    for (int64_t d = 0; d < kDecodeColumns; ++d) out[d0 + d] = static_cast<T>(acc[d]);
+  }
+  const int64_t n = D - d0;  // the last, narrower block
+  if (n == 0) return;
+  A acc[kDecodeColumns];
+  for (int64_t d = 0; d < n; ++d) acc[d] = bias ? static_cast<A>(bias[d0 + d]) : A(0);
+  for (int64_t j = 0; j < K; ++j) {
+    const A a = static_cast<A>(values[j]);
+    const T* row = weight + rows[j] * D + d0;
+    for (int64_t d = 0; d < n; ++d) acc[d] += a * static_cast<A>(row[d]);
+  }
+  for (int64_t d = 0; d < n; ++d) out[d0 + d] = static_cast<T>(acc[d]);
+}
+
+AEFAST_SIMD_CLONES void decode_row(const float* weight, const int64_t* rows, const float* values, int64_t K,
+                                   int64_t D, const float* bias, float* out) {
+  decode_row_loop<float, float>(weight, rows, values, K, D, bias, out);
+}
+template <typename T>
+void decode_row(const T* weight, const int64_t* rows, const T* values, int64_t K, int64_t D, const T* bias,
+                T* out) {
+  decode_row_loop<T, acc_t<T>>(weight, rows, values, K, D, bias, out);
+}
+
 template <typename T>
 inline void prefetch_row(const T* row, int64_t n) {
   const char* p = reinterpret_cast<const char*>(row);
@@ -72,15 +126,7 @@ at::Tensor sparse_decode_forward(const at::Tensor& values_in, const at::Tensor& 
     if (bias.has_value() && bias->defined()) b = bias->to(values.scalar_type()).contiguous();
     const scalar_t* bp = b ? b->const_data_ptr<scalar_t>() : nullptr;
     at::parallel_for(0, B, 1, [&](int64_t r0, int64_t r1) {
-      std::vector<A> acc(static_cast<size_t>(D));
-      for (int64_t r = r0; r < r1; ++r) {
-        for (int64_t d = 0; d < D; ++d) acc[d] = bp ? static_cast<A>(bp[d]) : A(0);
-        for (int64_t j = 0; j < K; ++j) {
-          if (j + 1 < K) prefetch_row(wp + ip[r * K + j + 1] * D, D);  // random rows: hide the latency
-          axpy(static_cast<A>(vp[r * K + j]), wp + ip[r * K + j] * D, acc.data(), D);
-        }
-        for (int64_t d = 0; d < D; ++d) op[r * D + d] = static_cast<scalar_t>(acc[d]);
-      }
+      for (int64_t r = r0; r < r1; ++r) decode_row(wp, ip + r * K, vp + r * K, K, D, bp, op + r * D);
     });
   });
   return out;
