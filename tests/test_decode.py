@@ -216,9 +216,10 @@ def test_topk_encode_blocks_merge_to_the_whole_rows_selection(device, backend, m
     across them, ties (small integers) still to the lower latent index."""
     import aefast.ops.decode as decode
 
-    monkeypatch.setattr(decode, "ENCODER_BLOCK_ROWS", 3)
-    monkeypatch.setattr(decode, "ENCODER_BLOCK_ELEMENTS", 15)
-    assert decode._encoder_tile(10, 47) == (3, 5)
+    for prefix in ("", "GPU_"):
+        monkeypatch.setattr(decode, prefix + "ENCODER_BLOCK_ROWS", 3)
+        monkeypatch.setattr(decode, prefix + "ENCODER_BLOCK_ELEMENTS", 15)
+    assert decode._encoder_tile(10, 47) == decode._encoder_tile(10, 47, gpu=True) == (3, 5)
     x = leaf(integer_valued((10, 6), device, torch.float32))
     w = leaf(integer_valued((47, 6), device, torch.float32, -2, 3))
     b = leaf(integer_valued((47,), device, torch.float32, -2, 3))

@@ -263,9 +263,11 @@ def topk_launches():
                 topk.topk_forward(meta(B, H, dtype=dtype), k, True)
         topk.topk_forward(meta(4096, 8192, dtype=dtype).t(), 82, False)
         # topk_encode(_aux)'s blocks and merges at B = 4096, L = 65536, k = 32, k_aux = 1024:
-        # blocks of (1024, 8192) (aefast.ops.decode._encoder_tile), candidates of 8 blocks merged
-        for width, k in ((8192, 32), (256, 32), (8192, 1024)):
-            topk.topk_forward(meta(1024, width, dtype=dtype), k, False)
+        # blocks of (4096, 16384) on a GPU (aefast.ops.decode._encoder_tile), candidates of
+        # 4 blocks merged; and the CPU's blocks of (1024, 8192), 8 merged
+        for rows, width, k in ((4096, 16384, 32), (4096, 128, 32), (4096, 16384, 1024), (4096, 4096, 1024),
+                               (1024, 8192, 32), (1024, 256, 32), (1024, 8192, 1024)):
+            topk.topk_forward(meta(rows, width, dtype=dtype), k, False)
 
 
 def decode_launches():

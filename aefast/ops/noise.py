@@ -153,13 +153,13 @@ def _row_windows(rows: int, cols: int):
 
 def _noisy_linear_composite(x, weight, bias, kind, level, seed, low, high, backend="cpp"):
     # The corrupted input lives only until the matmul returns; it is not saved.
-    cpp = kernels(backend)
+    ops = kernels(backend)
     if x.device.type != "cpu" or backend != "cpp":
-        return F.linear(cpp.corrupt(x, kind, level, seed, low, high), weight, bias)
+        return F.linear(ops.corrupt(x, kind, level, seed, low, high), weight, bias)
     rows, cols = x.shape
     out = x.new_empty(rows, weight.shape[0])
     for r, n in _row_windows(rows, cols):
-        window = cpp.corrupt_window(x[r:r + n], r, 0, cols, kind, level, seed, low, high)
+        window = ops.corrupt_window(x[r:r + n], r, 0, cols, kind, level, seed, low, high)
         if bias is None:
             torch.mm(window, weight.t(), out=out[r:r + n])
         else:
@@ -168,21 +168,21 @@ def _noisy_linear_composite(x, weight, bias, kind, level, seed, low, high, backe
 
 
 def _noisy_linear_grad_input_composite(grad_out, weight, kind, level, seed, backend="cpp"):
-    cpp, grad_out = kernels(backend), grad_out.to(weight.dtype)
+    ops, grad_out = kernels(backend), grad_out.to(weight.dtype)
     if grad_out.device.type != "cpu" or backend != "cpp" or kind == "gaussian":
-        return _corrupt_grad(cpp.corrupt, grad_out @ weight, kind, level, seed)
+        return _corrupt_grad(ops.corrupt, grad_out @ weight, kind, level, seed)
     rows, cols = grad_out.shape[0], weight.shape[1]
     grad_x = grad_out.new_empty(rows, cols)
     for r, n in _row_windows(rows, cols):  # the mask applied while the window is in cache
         product = torch.mm(grad_out[r:r + n], weight, out=grad_x[r:r + n])
-        grad_x[r:r + n] = cpp.corrupt_window(product, r, 0, cols, kind, level, seed, 0.0, 0.0)
+        grad_x[r:r + n] = ops.corrupt_window(product, r, 0, cols, kind, level, seed, 0.0, 0.0)
     return grad_x
 
 
 def _noisy_linear_grad_weight_composite(grad_out, x, kind, level, seed, low, high, backend="cpp"):
-    cpp, grad_t = kernels(backend), grad_out.to(x.dtype).t()
+    ops, grad_t = kernels(backend), grad_out.to(x.dtype).t()
     if x.device.type != "cpu" or backend != "cpp":
-        return grad_t @ cpp.corrupt(x, kind, level, seed, low, high)
+        return grad_t @ ops.corrupt(x, kind, level, seed, low, high)
     rows, cols = x.shape
     grad_weight = x.new_empty(grad_out.shape[1], cols)
     # Windows of whole columns where they fit; for tall x, of MIN_WINDOW_COLUMNS columns
@@ -193,7 +193,7 @@ def _noisy_linear_grad_weight_composite(grad_out, x, kind, level, seed, low, hig
     for c in range(0, cols, step):
         columns = grad_weight[:, c:c + step]
         for r in range(0, rows, row_step):
-            window = cpp.corrupt_window(x[r:r + row_step, c:c + step], r, c, cols, kind, level, seed, low, high)
+            window = ops.corrupt_window(x[r:r + row_step, c:c + step], r, c, cols, kind, level, seed, low, high)
             if r == 0:
                 torch.mm(grad_t[:, :row_step], window, out=columns)
             else:
