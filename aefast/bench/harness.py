@@ -64,12 +64,12 @@ def freed_memory_kept(device: torch.device):
     fresh outputs over 32 MiB. Yields whether it took effect (not on a glibc that
     refuses a threshold over 32 MiB)."""
     libc = _libc() if device.type == "cpu" and sys.platform == "linux" else None
-    kept = libc is not None and hasattr(libc, "mallopt") and (
-        libc.mallopt(_M_MMAP_THRESHOLD, 1 << 30) == 1 and libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1) == 1)
+    glibc = libc is not None and hasattr(libc, "mallopt")
+    kept = glibc and libc.mallopt(_M_MMAP_THRESHOLD, 1 << 30) == 1 and libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1) == 1
     try:
         yield kept
     finally:
-        if libc is not None and hasattr(libc, "mallopt"):
+        if glibc:
             libc.mallopt(_M_MMAP_THRESHOLD, _MMAP_AFTER)
             libc.mallopt(_M_TRIM_THRESHOLD, _TRIM_AFTER)
             libc.malloc_trim(0)
