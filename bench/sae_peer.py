@@ -42,6 +42,12 @@ if not torch.cuda.is_available():
     os.environ.setdefault("SPARSIFY_DISABLE_TRITON", "1")  # the peer's Triton decoder needs a GPU
 
 
+def fvu(x, x_hat):
+    """Sparsify's loss: the fraction of variance unexplained, sum of squared errors over
+    the total variance of the batch."""
+    return (x - x_hat).pow(2).sum() / (x - x.mean(0)).pow(2).sum()
+
+
 def build(library: str, width: int, latents: int, k: int, seed: int = 0, device: str = "cpu"):
     """(model, step inputs -> (x_hat, loss)), both libraries from one set of weights."""
     generator = torch.Generator().manual_seed(seed)
@@ -57,7 +63,7 @@ def build(library: str, width: int, latents: int, k: int, seed: int = 0, device:
 
         def forward(x, exact=False):
             x_hat = model.reconstruct(x)
-            return x_hat, (x - x_hat).pow(2).sum() / (x - x.mean(0)).pow(2).sum()
+            return x_hat, fvu(x, x_hat)
     else:
         from sparsify import SparseCoder, SparseCoderConfig
 
@@ -68,7 +74,7 @@ def build(library: str, width: int, latents: int, k: int, seed: int = 0, device:
             if exact:  # its forward runs under bfloat16 autocast on a GPU: its float32 math, for the check
                 top_acts, top_indices, _ = model.encode(x)
                 x_hat = model.decode(top_acts, top_indices)
-                return x_hat, (x - x_hat).pow(2).sum() / (x - x.mean(0)).pow(2).sum()
+                return x_hat, fvu(x, x_hat)
             out = model(x)
             return out.sae_out, out.fvu
     model.to(device)
