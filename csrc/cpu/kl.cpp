@@ -89,6 +89,28 @@ AEFAST_INLINE void contractive_grad_rows(const T* h, const A* v, T* gh, int64_t 
   }
 }
 
+// sum_d w[d]^2 in double, in kLanes interleaved partial sums: one running sum was a
+// chain of dependent adds (4 cycles each) that took ~2 ms of contractive_penalty's
+// 2.9 ms forward (4096 rows of 784); the lanes vectorize, in a fixed order.
+template <typename T>
+AEFAST_INLINE double squared_norm(const T* w, int64_t D) {
+  constexpr int64_t kLanes = 32;
+  double lane[kLanes] = {};
+  int64_t d = 0;
+  for (; d + kLanes <= D; d += kLanes)
+    for (int64_t l = 0; l < kLanes; ++l) {
+      const double v = static_cast<double>(w[d + l]);
+      lane[l] += v * v;
+    }
+  for (; d < D; ++d) {
+    const double v = static_cast<double>(w[d]);
+    lane[0] += v * v;
+  }
+  for (int64_t width = kLanes / 2; width > 0; width /= 2)
+    for (int64_t l = 0; l < width; ++l) lane[l] += lane[l + width];
+  return lane[0];
+}
+
 // float32: the same loops, compiled per instruction set (common.h); the overloads
 // win over the templates for float32 pointers.
 AEFAST_SIMD_CLONES void sum_rows(const float* x, int64_t rows, int64_t H, float* acc) {
@@ -102,6 +124,7 @@ AEFAST_SIMD_CLONES void contractive_sum_rows(const float* h, int64_t rows, int64
                                                  float* acc) {
   contractive_sum_rows<float, float>(h, rows, H, acc);
 }
+AEFAST_SIMD_CLONES double squared_norm(const float* w, int64_t D) { return squared_norm<float>(w, D); }
 AEFAST_SIMD_CLONES void broadcast_rows(const float* c, float* out, int64_t rows, int64_t H) {
   broadcast_rows<float, float>(c, out, rows, H);
 }
@@ -250,14 +273,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> contractive_penalty_forward(const
     auto s2a = s2.accessor<acc_t<scalar_t>, 1>();
     auto w2a = w2.accessor<acc_t<scalar_t>, 1>();
     at::parallel_for(0, H, 64, [&](int64_t j0, int64_t j1) {
-      for (int64_t j = j0; j < j1; ++j) {
-        double n = 0.0;
-        for (int64_t d = 0; d < D; ++d) {
-          const double v = static_cast<double>(wp[j * D + d]);
-          n += v * v;
-        }
-        w2a[j] = static_cast<A>(n);
-      }
+      for (int64_t j = j0; j < j1; ++j) w2a[j] = static_cast<A>(squared_norm(wp + j * D, D));
     });
     for (int64_t j = 0; j < H; ++j) {
       s2a[j] = static_cast<A>(sums[j]);
