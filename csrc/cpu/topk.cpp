@@ -252,15 +252,58 @@ inline __attribute__((always_inline)) A maxima_bar(const A* maxima, int64_t bloc
 template <typename A>
 struct ScanScratch {
   std::vector<A> maxima;
-  std::vector<Candidate<A>> found;
+  std::vector<Candidate<A>> found, kept;
+  std::vector<A> values;
 };
 
-// Cuts `found` back to its k best; returns the worst of them.
+// The k best of c[0, n) (distinct indices) into out[0, k), in rank order (value
+// descending, then index ascending): each one's rank is the number of better ones.
+// The n^2 value compares vectorize; only equal values look at the index. (Choosing
+// and sorting 32 of ~48 candidates by nth_element and std::sort took ~1.5 us a row,
+// mostly mispredicted branches: a third of topk_sparse at 1024 x 4096.)
 template <typename A>
-inline A keep_best(std::vector<Candidate<A>>& found, int64_t k) {
-  std::nth_element(found.begin(), found.begin() + (k - 1), found.end(),
-                   [](const Candidate<A>& a, const Candidate<A>& b) { return better(a, b); });
-  found.resize(k);
+AEFAST_INLINE void rank_select_loop(const Candidate<A>* c, int64_t n, int64_t k, A* values, Candidate<A>* out) {
+  for (int64_t i = 0; i < n; ++i) values[i] = c[i].value;
+  for (int64_t i = 0; i < n; ++i) {
+    const A v = values[i];
+    int32_t above = 0, equal = 0;
+    for (int64_t j = 0; j < n; ++j) {
+      above += values[j] > v;
+      equal += values[j] == v;
+    }
+    if (equal > 1)  // ties: the lower index ranks first
+      for (int64_t j = 0; j < n; ++j) above += values[j] == v && c[j].index < c[i].index;
+    if (above < k) out[above] = c[i];
+  }
+}
+
+AEFAST_SIMD_CLONES void rank_select(const Candidate<float>* c, int64_t n, int64_t k, float* values,
+                                    Candidate<float>* out) {
+  rank_select_loop<float>(c, n, k, values, out);
+}
+template <typename A>
+void rank_select(const Candidate<A>* c, int64_t n, int64_t k, A* values, Candidate<A>* out) {
+  rank_select_loop<A>(c, n, k, values, out);
+}
+
+// Up to this many candidates the rank count's n^2 compares cost less than sorting.
+constexpr int64_t kRankSelectMax = 128;
+
+// Cuts `found` back to its k best (in rank order when ranked); returns the worst of them.
+template <typename A>
+inline A keep_best(std::vector<Candidate<A>>& found, int64_t k, std::vector<A>& values,
+                   std::vector<Candidate<A>>& kept) {
+  const int64_t n = static_cast<int64_t>(found.size());
+  if (n <= kRankSelectMax) {
+    values.resize(static_cast<size_t>(n));
+    kept.resize(static_cast<size_t>(k));
+    rank_select(found.data(), n, k, values.data(), kept.data());
+    found.swap(kept);
+  } else {
+    std::nth_element(found.begin(), found.begin() + (k - 1), found.end(),
+                     [](const Candidate<A>& a, const Candidate<A>& b) { return better(a, b); });
+    found.resize(k);
+  }
   return found[k - 1].value;
 }
 
@@ -364,7 +407,7 @@ inline __attribute__((always_inline)) bool block_scan(const T* x, int64_t n, int
     const bool first_tile = start == 0;
     if (first_tile) bar = maxima_bar(maxima, blocks, k, range.low, range.high);
     collect_qualifying<T, A>(tile, len, maxima, 0, tile_blocks, bar, first_tile, first + start, found);
-    if (static_cast<int64_t>(found.size()) > k) bar = keep_best(found, k);
+    if (static_cast<int64_t>(found.size()) > k) bar = keep_best(found, k, scratch.values, scratch.kept);
   }
   std::copy(found.begin(), found.end(), out);
   return true;
@@ -423,18 +466,27 @@ std::tuple<at::Tensor, at::Tensor> topk_forward(const at::Tensor& x_in, int64_t 
     TORCH_CHECK_VALUE(!has_nan.load(), "aefast: x contains NaN; top-k of NaN is undefined");
     at::parallel_for(0, B, 1, [&](int64_t r0, int64_t r1) {
       std::vector<Candidate<A>> merged;
+      std::vector<A> scratch(static_cast<size_t>(k));
+      // A lambda, not &better: the comparisons inline (sorting 32 took 3 us through a pointer).
+      const auto by_rank = [](const Candidate<A>& a, const Candidate<A>& b) { return better(a, b); };
       for (int64_t row = r0; row < r1; ++row) {
-        merged.clear();
-        for (int64_t c = 0; c < chunks; ++c) {
-          const Candidate<A>* p = cand.data() + (row * chunks + c) * k;
-          merged.insert(merged.end(), p, p + cand_count[row * chunks + c]);
-        }
-        // A lambda, not &better: the comparisons inline (sorting 32 took 3 us through a pointer).
-        const auto by_rank = [](const Candidate<A>& a, const Candidate<A>& b) { return better(a, b); };
-        if (chunks == 1) {
-          std::sort(merged.begin(), merged.end(), by_rank);
+        const Candidate<A>* found = cand.data() + row * k;
+        if (chunks == 1 && std::is_sorted(found, found + k, by_rank)) {  // block_scan's cut ranks them
+          merged.assign(found, found + k);
+        } else if (chunks == 1 && k <= kRankSelectMax) {
+          merged.resize(static_cast<size_t>(k));
+          rank_select(found, k, k, scratch.data(), merged.data());
         } else {
-          std::partial_sort(merged.begin(), merged.begin() + k, merged.end(), by_rank);
+          merged.clear();
+          for (int64_t c = 0; c < chunks; ++c) {
+            const Candidate<A>* p = cand.data() + (row * chunks + c) * k;
+            merged.insert(merged.end(), p, p + cand_count[row * chunks + c]);
+          }
+          if (chunks == 1) {
+            std::sort(merged.begin(), merged.end(), by_rank);
+          } else {
+            std::partial_sort(merged.begin(), merged.begin() + k, merged.end(), by_rank);
+          }
         }
         for (int64_t j = 0; j < k; ++j) {
           A v = merged[j].value;
