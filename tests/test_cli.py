@@ -200,6 +200,11 @@ def test_bench_verdict_names_each_ops_floor_and_the_ops_below_half_of_it():
     assert lines[3].startswith("- matmul: floor F.linear; worst 92%")
     assert lines[-1] == "Below 50% of their floor: slow."
     assert verdicts([row("fast", "aefast[cpp]", 0.7)])[-1] == "Every op measured is at 50% of its floor or more."
+    # The small size is a call's fixed cost: judged only when no larger size ran.
+    small = row("fast", "aefast[cpp]", 0.1) | {"size": "small"}
+    with_small = verdicts([row("fast", "aefast[cpp]", 0.7), small])
+    assert with_small[0].endswith("over this run's rows but the small size's):") and with_small[-1].startswith("Every op")
+    assert verdicts([small])[-1] == "Below 50% of their floor: fast."
 
 
 def test_bench_contenders_alternate_in_a_fresh_order_each_round():
