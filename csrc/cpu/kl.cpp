@@ -89,9 +89,9 @@ AEFAST_INLINE void contractive_grad_rows(const T* h, const A* v, T* gh, int64_t 
   }
 }
 
-// sum_d w[d]^2 in double, in kLanes interleaved partial sums: one running sum was a
-// chain of dependent adds (4 cycles each) that took ~2 ms of contractive_penalty's
-// 2.9 ms forward (4096 rows of 784); the lanes vectorize, in a fixed order.
+// sum_d w[d]^2 in double, in kLanes interleaved partial sums that vectorize (in a
+// fixed order): one running sum was a chain of dependent adds, half of
+// contractive_penalty's forward (2.0 -> 0.95 ms at h 1024 x 4096, weight 4096 x 784).
 template <typename T>
 AEFAST_INLINE double squared_norm(const T* w, int64_t D) {
   constexpr int64_t kLanes = 32;
