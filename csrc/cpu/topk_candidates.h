@@ -7,6 +7,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstring>
 #include <functional>
 #include <tuple>
 #include <vector>
@@ -19,6 +20,21 @@ struct Candidate {
   A value;
   int64_t index;
 };
+
+// Integer keys in the values' order: -0.0 takes +0.0's key (the two tie); not for NaN.
+inline int32_t order_key(float v) {
+  v += 0.0f;  // -0.0 + 0.0 is +0.0
+  int32_t i;
+  std::memcpy(&i, &v, sizeof i);
+  return i ^ ((i >> 31) & 0x7FFFFFFF);
+}
+
+inline int64_t order_key(double v) {
+  v += 0.0;
+  int64_t i;
+  std::memcpy(&i, &v, sizeof i);
+  return i ^ ((i >> 63) & 0x7FFFFFFFFFFFFFFF);
+}
 
 // a is better than b: larger value, then lower index.
 template <typename A>

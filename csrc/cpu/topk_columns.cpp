@@ -38,21 +38,6 @@ namespace aefast {
 namespace cpu {
 namespace {
 
-// Integer keys in the values' order: -0.0 takes +0.0's key (the two tie); not for NaN.
-inline int32_t order_key(float v) {
-  v += 0.0f;  // -0.0 + 0.0 is +0.0
-  int32_t i;
-  std::memcpy(&i, &v, sizeof i);
-  return i ^ ((i >> 31) & 0x7FFFFFFF);
-}
-
-inline int64_t order_key(double v) {
-  v += 0.0;
-  int64_t i;
-  std::memcpy(&i, &v, sizeof i);
-  return i ^ ((i >> 63) & 0x7FFFFFFFFFFFFFFF);
-}
-
 template <typename A>
 using KeyOf = std::conditional_t<std::is_same_v<A, double>, int64_t, int32_t>;
 

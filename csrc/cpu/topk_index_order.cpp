@@ -20,7 +20,6 @@
 #include <algorithm>
 #include <atomic>
 #include <cmath>
-#include <cstring>
 #include <limits>
 #include <type_traits>
 #include <vector>
@@ -149,13 +148,8 @@ void filter_chunk(const T* x, int64_t n, int64_t first, A bar, size_t cap, Chunk
   filter_above<T, A>(x, n, first, bar, cap, out);
 }
 
-// float32 values as unsigned keys in the same order (-0.0 as +0.0; not for NaN).
-inline uint32_t sortable_key(float v) {
-  v += 0.0f;  // -0.0 + 0.0 is +0.0
-  uint32_t u;
-  std::memcpy(&u, &v, sizeof u);
-  return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
-}
+// order_key as an unsigned key in the same order (the sign bit flipped), for the radix passes.
+inline uint32_t sortable_key(float v) { return static_cast<uint32_t>(order_key(v)) ^ 0x80000000u; }
 
 // The k best of the chunks' candidates (k <= their number), written in index order:
 // the k-th largest key by three radix passes (11, 11 and 10 bits; each chunk's
