@@ -16,6 +16,7 @@ A GPU tool: it needs a CUDA device.
 from __future__ import annotations
 
 import argparse
+import functools
 import statistics
 import sys
 from pathlib import Path
@@ -121,9 +122,12 @@ def parts(rows: int, width: int, latents: int, k: int, dtype: torch.dtype) -> li
         "select one block, torch.topk": lambda: block.topk(k, dim=1),
         "topk_encode, auto": lambda: ae.topk_encode(x, weight, bias, k),
         "F.linear + relu + torch.topk": lambda: F.linear(x, weight, bias).relu_().topk(k, dim=1),
-        "sparse_decode forward": lambda: ae.sparse_decode(values, indices, weight),
-        "sparse_decode_backward (grad values, grad weight)":
-            lambda: torch.ops.aefast.sparse_decode_backward(grad_out, values, indices, weight),
+        **{f"sparse_decode forward, {name}": functools.partial(kernels(backend).sparse_decode_forward,
+                                                                values, indices, weight, None)
+           for name, backend in (("cuda", "cpp"), ("triton", "triton"))},
+        **{f"sparse_decode_backward (grad values, grad weight), {name}": functools.partial(
+            kernels(backend).sparse_decode_backward, grad_out, values, indices, weight)
+           for name, backend in (("cuda", "cpp"), ("triton", "triton"))},
         "topk_encode forward+backward (x, weight, bias)": lambda: torch.autograd.grad(
             ae.topk_encode(*leaves, k)[0], leaves, grad),
         f"fused Adam step, one {latents}x{width} float32 weight": lambda: adam.step(),

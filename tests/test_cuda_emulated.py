@@ -432,8 +432,9 @@ def latent_runs(indices, L):
 
 
 DECODE_CASES = [(37, 5, 50, 19, True), (37, 5, 50, 19, False), (1, 1, 1, 1, True), (3, 0, 4, 7, True),
-                (4, 3, 6, 300, False), (64, 4, 4, 33, False), (33, 6, 40, 1, False)]
-# (B, K, L, D, bias): (64, 4, 4, 33) long runs per latent; D = 1 as in the encoder bias gradient
+                (4, 3, 6, 300, False), (64, 4, 4, 33, False), (33, 6, 40, 1, False), (3, 2, 5, 1100, False)]
+# (B, K, L, D, bias): (64, 4, 4, 33) long runs per latent; D = 1 as in the encoder bias
+# gradient; D = 1100: a weight-gradient row over two blocks of 1024 columns, a tail of 76
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

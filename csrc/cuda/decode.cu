@@ -16,6 +16,7 @@ namespace {
 
 constexpr int kThreads = 256;
 constexpr int kWarp = 32;
+constexpr int kColumns = 4;  // the gradient kernels' columns (or partial sums) per thread
 
 // An index out of [0, L) reads nothing: its outputs are NaN (no host check stalls a call).
 __device__ __forceinline__ bool in_range(int64_t latent, int64_t L) { return latent >= 0 && latent < L; }
@@ -55,8 +56,17 @@ __global__ void decode_values_grad_kernel(const T* __restrict__ grad_out, const 
   const int64_t latent = indices[e];
   const bool valid = in_range(latent, L);  // the same across the warp
   const T* w = weight + (valid ? latent : 0) * D;
+  // kColumns partial sums per lane: that many loads of each row in flight, not one.
+  A part[kColumns] = {};
+  int64_t d = lane;
+  for (; valid && d + (kColumns - 1) * kWarp < D; d += kColumns * kWarp) {
+#pragma unroll
+    for (int c = 0; c < kColumns; ++c) part[c] += to_acc(g[d + c * kWarp]) * to_acc(w[d + c * kWarp]);
+  }
+  for (int c = 0; valid && c < kColumns && d < D; d += kWarp, ++c) part[c] += to_acc(g[d]) * to_acc(w[d]);
   A acc = valid ? A(0) : nan_of<A>();
-  for (int64_t d = lane; valid && d < D; d += kWarp) acc += to_acc(g[d]) * to_acc(w[d]);
+#pragma unroll
+  for (int c = 0; c < kColumns; ++c) acc += part[c];
   for (int offset = kWarp / 2; offset > 0; offset /= 2) acc += __shfl_down_sync(0xffffffffu, acc, offset);
   if (lane == 0) grad_values[e] = from_acc<T>(acc);
 }
@@ -67,18 +77,29 @@ __global__ void decode_weight_grad_kernel(const T* __restrict__ grad_out, const 
                                           T* __restrict__ grad_weight, int64_t K, int64_t D) {
   using A = acc_t<T>;
   const int64_t latent = blockIdx.x;
-  const int64_t d = static_cast<int64_t>(blockIdx.y) * kThreads + threadIdx.x;
-  if (d >= D) return;
-  A acc = 0;
+  // kColumns columns per thread, kThreads apart: each pair's value and row offset are
+  // read once for all of them, and that many loads of its row are in flight.
+  const int64_t d0 = static_cast<int64_t>(blockIdx.y) * kThreads * kColumns + threadIdx.x;
+  A acc[kColumns] = {};
   for (int64_t i = starts[latent]; i < starts[latent + 1]; ++i) {
     const int64_t e = order[i];
-    acc += to_acc(values[e]) * to_acc(grad_out[(e / K) * D + d]);
+    const A v = to_acc(values[e]);
+    const T* g = grad_out + (e / K) * D;
+#pragma unroll
+    for (int c = 0; c < kColumns; ++c) {
+      const int64_t d = d0 + c * kThreads;
+      if (d < D) acc[c] += v * to_acc(g[d]);
+    }
   }
-  grad_weight[latent * D + d] = from_acc<T>(acc);
+#pragma unroll
+  for (int c = 0; c < kColumns; ++c) {
+    const int64_t d = d0 + c * kThreads;
+    if (d < D) grad_weight[latent * D + d] = from_acc<T>(acc[c]);
+  }
 }
 
-dim3 rows_by_columns(int64_t rows, int64_t D) {
-  return grid_of(rows, ceil_div(D, kThreads));
+dim3 rows_by_columns(int64_t rows, int64_t D, int64_t columns_per_thread = 1) {
+  return grid_of(rows, ceil_div(D, kThreads * columns_per_thread));
 }
 
 }  // namespace
@@ -109,7 +130,7 @@ cudaError_t sparse_decode_backward(const void* grad_out, const void* values, con
           K, L, D);
     }
     if (L > 0 && D > 0) {
-      decode_weight_grad_kernel<T><<<rows_by_columns(L, D), kThreads, 0, stream>>>(
+      decode_weight_grad_kernel<T><<<rows_by_columns(L, D, kColumns), kThreads, 0, stream>>>(
           static_cast<const T*>(grad_out), static_cast<const T*>(values), order, starts,
           static_cast<T*>(grad_weight), K, D);
     }
