@@ -162,40 +162,17 @@ __device__ __forceinline__ void for_each_key(const T* __restrict__ row, int64_t 
 
 // Adds to the shared `hist` the pass's digit of every key of row[begin, end) that
 // matches `prefix` above it. The first pass sees every element: it reports NaN.
-// Counts are added once per digit per warp (the lanes holding it found by
-// __match_any_sync): a block's keys crowd into a few bins (the first digit is the sign
-// and most of the exponent; after a ReLU half a row is zero), and shared-memory atomics
-// on one address from many lanes run one after another. The loop's trip count is the
-// same in every thread, so the whole warp meets at each collective.
 template <typename T>
 __device__ __forceinline__ void count_digits(const T* __restrict__ row, int64_t begin, int64_t end,
                                              typename KeyTraits<T>::Key prefix, int pass, unsigned* hist,
                                              int* nan_flag) {
   using Key = typename KeyTraits<T>::Key;
-  constexpr unsigned kNoDigit = kRadix;  // a lane whose key is out of the running
   const int shift = digit_shift<T>(pass);
   const Key high = high_bits<T>(pass);
-  const unsigned lane = threadIdx.x % kWarp;
   bool nan = false;
-  for (int64_t tile = begin; tile < end; tile += kUnroll * kThreads) {
-    T v[kUnroll];
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
-      const int64_t i = tile + u * kThreads + threadIdx.x;
-      v[u] = i < end ? row[i] : T{};
-    }
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
-      const bool valid = tile + u * kThreads + threadIdx.x < end;
-      const Key key = order_key(v[u], nan);
-      const unsigned digit = valid && (key & high) == prefix ? static_cast<unsigned>(key >> shift) & (kRadix - 1)
-                                                             : kNoDigit;
-      if (__ballot_sync(0xffffffffu, digit != kNoDigit) == 0) continue;  // the same in every lane
-      const unsigned peers = __match_any_sync(0xffffffffu, digit);
-      if (digit != kNoDigit && lane == static_cast<unsigned>(__ffs(peers) - 1))
-        atomicAdd(&hist[digit], static_cast<unsigned>(__popc(peers)));
-    }
-  }
+  for_each_key(row, begin, end, nan, [&](Key key) {
+    if ((key & high) == prefix) atomicAdd(&hist[static_cast<unsigned>(key >> shift) & (kRadix - 1)], 1u);
+  });
   if (pass == 0 && nan) *nan_flag = 1;
 }
 

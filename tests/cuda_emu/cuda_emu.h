@@ -56,7 +56,7 @@ constexpr int warpSize = 32;
 namespace emu {
 
 enum class Wait { kRunnable, kBarrier, kWarp, kExited };
-enum Op { kShfl, kShflUp, kShflDown, kShflXor, kBallot, kAny, kAll, kSyncwarp, kMatchAny };
+enum Op { kShfl, kShflUp, kShflDown, kShflXor, kBallot, kAny, kAll, kSyncwarp };
 
 struct Thread {
   uint3 idx;
@@ -147,12 +147,6 @@ inline int __any_sync(unsigned mask, int p, int line = __builtin_LINE()) {
 }
 inline int __all_sync(unsigned mask, int p, int line = __builtin_LINE()) {
   return ::emu::collective<int>(::emu::kAll, line, mask, p != 0, 0, warpSize);
-}
-// The lanes of `mask` whose `v` equals this lane's.
-template <typename T>
-unsigned __match_any_sync(unsigned mask, T v, int line = __builtin_LINE()) {
-  static_assert(sizeof(T) == 4 || sizeof(T) == 8, "__match_any_sync takes 32- or 64-bit values");
-  return static_cast<unsigned>(::emu::collective(::emu::kMatchAny, line, mask, v, 0, warpSize));
 }
 inline void __threadfence() {}
 

@@ -59,8 +59,7 @@ int g_ready_count = 0;
 
 const char* op_name(Op op) {
   static const char* names[] = {"__shfl_sync", "__shfl_up_sync", "__shfl_down_sync", "__shfl_xor_sync",
-                                "__ballot_sync", "__any_sync",    "__all_sync",       "__syncwarp",
-                                "__match_any_sync"};
+                                "__ballot_sync", "__any_sync",    "__all_sync",       "__syncwarp"};
   return names[op];
 }
 
@@ -129,11 +128,6 @@ void complete(int base, const Thread& t) {
       case kAny: u.out = votes != 0; break;
       case kAll: u.out = votes == mask; break;
       case kSyncwarp: break;
-      case kMatchAny:
-        u.out = 0;
-        for (int m = 0; m < 32; ++m)
-          if ((mask >> m & 1) && g_threads[base + m].in == u.in) u.out |= 1u << m;
-        break;
     }
     if (t.op <= kShflXor) {
       if (w < 1 || w > 32 || (w & (w - 1)) != 0)
