@@ -189,33 +189,44 @@ __device__ __forceinline__ void gather_winners(const T* __restrict__ row, int64_
   using Key = typename K::Key;
   const unsigned lane = threadIdx.x % kWarp;
   bool nan = false;
-  for (int64_t tile = begin; tile < end; tile += kThreads) {  // the same trip count in every thread
-    const int64_t i = tile + threadIdx.x;
-    const bool valid = i < end;
-    const Key key = valid ? order_key(row[i], nan) : Key(0);
-    const bool larger = valid && key > thr;
-    const bool tie = valid && key == thr;
-    bool take = larger || tie;
-    if (rank) {  // the same in every thread of the block
-      unsigned tile_ties;
-      const unsigned r = block_exclusive_sum<unsigned>(tie ? 1u : 0u, tile_ties);
-      take = larger || (tie && before + r < rem);
-      before += tile_ties;
+  // kUnroll tiles' loads in flight before the first is looked at (one load at a time kept
+  // each thread waiting on memory for most of the pass); the tiles still go in index order.
+  for (int64_t group = begin; group < end; group += kUnroll * kThreads) {  // the same trip count in every thread
+    T v[kUnroll];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int64_t i = group + u * kThreads + threadIdx.x;
+      v[u] = i < end ? row[i] : T{};
     }
-    const unsigned ballot = __ballot_sync(0xffffffffu, take);
-    if (ballot == 0) continue;
-    const int leader = __ffs(ballot) - 1;
-    Count base = 0;
-    if (lane == static_cast<unsigned>(leader)) base = atomicAdd(counter, static_cast<Count>(__popc(ballot)));
-    base = __shfl_sync(0xffffffffu, base, leader);
-    if (!take) continue;
-    const int64_t at = static_cast<int64_t>(base) + __popc(ballot & ((1u << lane) - 1u));
-    const Count descending = static_cast<Count>(~key & K::kAll);
-    if (packed) {
-      keys[at] = static_cast<int64_t>((descending << kIndexBits) | static_cast<Count>(i));
-    } else {
-      keys[at] = static_cast<int64_t>(descending ^ (Count(1) << 63));
-      indices[at] = i;
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int64_t i = group + u * kThreads + threadIdx.x;
+      const bool valid = i < end;
+      const Key key = valid ? order_key(v[u], nan) : Key(0);
+      const bool larger = valid && key > thr;
+      const bool tie = valid && key == thr;
+      bool take = larger || tie;
+      if (rank) {  // the same in every thread of the block
+        unsigned tile_ties;
+        const unsigned r = block_exclusive_sum<unsigned>(tie ? 1u : 0u, tile_ties);
+        take = larger || (tie && before + r < rem);
+        before += tile_ties;
+      }
+      const unsigned ballot = __ballot_sync(0xffffffffu, take);
+      if (ballot == 0) continue;
+      const int leader = __ffs(ballot) - 1;
+      Count base = 0;
+      if (lane == static_cast<unsigned>(leader)) base = atomicAdd(counter, static_cast<Count>(__popc(ballot)));
+      base = __shfl_sync(0xffffffffu, base, leader);
+      if (!take) continue;
+      const int64_t at = static_cast<int64_t>(base) + __popc(ballot & ((1u << lane) - 1u));
+      const Count descending = static_cast<Count>(~key & K::kAll);
+      if (packed) {
+        keys[at] = static_cast<int64_t>((descending << kIndexBits) | static_cast<Count>(i));
+      } else {
+        keys[at] = static_cast<int64_t>(descending ^ (Count(1) << 63));
+        indices[at] = i;
+      }
     }
   }
 }
