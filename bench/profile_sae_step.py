@@ -16,7 +16,6 @@ A GPU tool: it needs a CUDA device.
 from __future__ import annotations
 
 import argparse
-import functools
 import statistics
 import sys
 from pathlib import Path
@@ -92,7 +91,12 @@ def parts(rows: int, width: int, latents: int, k: int, dtype: torch.dtype) -> li
 
     import aefast as ae
     from aefast.ops._declare import kernels
-    from aefast.ops.decode import _encoder_tile
+    from aefast.ops.decode import _encoder_tile, _linear_relu
+
+    def kernel_call(backend: str, name: str, *args):
+        """A call of `backend`'s kernel `name`, looked up when it runs: a backend missing
+        here fails its own parts alone."""
+        return lambda: getattr(kernels(backend), name)(*args)
 
     generator = torch.Generator().manual_seed(3)
     x = torch.randn(rows, width, generator=generator).to("cuda", dtype)
@@ -101,7 +105,6 @@ def parts(rows: int, width: int, latents: int, k: int, dtype: torch.dtype) -> li
     bias = torch.zeros(latents, device="cuda", dtype=dtype)
     block_rows, block_latents = _encoder_tile(rows, latents, gpu=True)
     block = F.linear(x[:block_rows], weight[:block_latents]).relu_()
-    select = {backend: kernels(backend).topk_forward for backend in ("cpp", "triton")}
     values, indices = ae.topk_encode(x, weight, bias, k)
     grad = torch.randn_like(values)
     out = ae.sparse_decode(values, indices, weight)
@@ -115,18 +118,18 @@ def parts(rows: int, width: int, latents: int, k: int, dtype: torch.dtype) -> li
         f"F.linear {rows}x{width} -> {latents}": lambda: F.linear(x, weight, bias),
         f"F.linear one block {block_rows}x{width} -> {block_latents}":
             lambda: F.linear(x[:block_rows], weight[:block_latents]),
-        "relu_ of one block": lambda: block.relu_(),
-        "select one block, cuda": lambda: select["cpp"](block, k, False),
-        "select one block, cuda, relu=True": lambda: select["cpp"](block, k, True),
-        "select one block, triton": lambda: select["triton"](block, k, False),
+        "the encoder's block: matmul, bias and ReLU in its epilogue": lambda: _linear_relu(
+            x[:block_rows], weight[:block_latents], bias[:block_latents]),
+        "select one block, cuda": kernel_call("cpp", "topk_forward", block, k, False),
+        "select one block, cuda, relu=True": kernel_call("cpp", "topk_forward", block, k, True),
+        "select one block, triton": kernel_call("triton", "topk_forward", block, k, False),
         "select one block, torch.topk": lambda: block.topk(k, dim=1),
         "topk_encode, auto": lambda: ae.topk_encode(x, weight, bias, k),
         "F.linear + relu + torch.topk": lambda: F.linear(x, weight, bias).relu_().topk(k, dim=1),
-        **{f"sparse_decode forward, {name}": functools.partial(kernels(backend).sparse_decode_forward,
-                                                                values, indices, weight, None)
+        **{f"sparse_decode forward, {name}": kernel_call(backend, "sparse_decode_forward", values, indices, weight, None)
            for name, backend in (("cuda", "cpp"), ("triton", "triton"))},
-        **{f"sparse_decode_backward (grad values, grad weight), {name}": functools.partial(
-            kernels(backend).sparse_decode_backward, grad_out, values, indices, weight)
+        **{f"sparse_decode_backward (grad values, grad weight), {name}": kernel_call(
+            backend, "sparse_decode_backward", grad_out, values, indices, weight)
            for name, backend in (("cuda", "cpp"), ("triton", "triton"))},
         "topk_encode forward+backward (x, weight, bias)": lambda: torch.autograd.grad(
             ae.topk_encode(*leaves, k)[0], leaves, grad),
