@@ -552,7 +552,9 @@ def packings(dtype):
 # (shape, k, values); a block per row
 ROW_CASES = [((1, 1), 1, "distinct"), ((1, 7), 3, "special"), ((3, 300), 1, "ties"), ((3, 300), 7, "special"),
              ((3, 300), 300, "ties"), ((5, 33), 5, "distinct"), ((2, 1000), 32, "ties"), ((4, 517), 100, "special"),
-             ((4, 700), 50, "mixed")]
+             ((4, 700), 50, "mixed"), ((2, 8300), 40, "mixed"), ((3, 8195), 64, "ties")]
+# (2, 8300), (3, 8195): rows long enough for the counts' 16-byte loads (8192 16-bit values
+# a step), then a tail; 8195 misaligns every other row's start for 16- and 32-bit values.
 # (shape, k, values, chunks); few long rows, split into chunks (None: as the bindings choose)
 SPLIT_CASES = [((1, 5000), 1, "distinct", None), ((1, 5000), 64, "ties", 5), ((2, 9000), 200, "special", None),
                ((2, 16000), 1000, "ties", None), ((2, 1000), 10, "ties", 7), ((1, 12000), 12000, "special", 4),
