@@ -205,6 +205,28 @@ def test_corrupt_window_is_the_window_of_the_whole_corrupted_matrix(kind, poison
     torch.library.opcheck(window, (x.t(), 0, 3, 12, kind, LEVELS[kind], seed, 0.0, 1.0))
 
 
+def test_outputs_of_32_mib_and_more_are_streamed_to_the_same_results(poisoned):
+    """The CPU kernels write float32 outputs of 32 MiB and more around the caches
+    (noise.cpp, write_block): the same bits as windows below that size, written in place,
+    and every element written (the last block is not whole lines: written in place)."""
+    window, seed = kernels("cpp").corrupt_window, torch.tensor(BIG_SEED)
+    x = torch.rand(2049, 4097)  # 33.6 MB
+    with ae.backend("cpp"):
+        for kind in KINDS:
+            whole = ae.corrupt(x, kind, LEVELS[kind], seed=BIG_SEED, low=-0.1, high=2.3)
+            parts = [window(x[rows], rows.start, 0, 4097, kind, LEVELS[kind], seed, -0.1, 2.3)
+                     for rows in (slice(0, 1000), slice(1000, 2049))]
+            assert torch.equal(whole, torch.cat(parts)), kind
+        mu, logvar = leaf(torch.randn(2049, 4097)), leaf(torch.randn(2049, 4097) * 0.5)
+        z, kl = ae.reparameterize(mu, logvar, seed=BIG_SEED)
+    want_z, want_kl = reference.reparameterize(mu, logvar, BIG_SEED)
+    gz, gkl = torch.randn_like(z), torch.randn(())
+    grads = torch.autograd.grad((z, kl), (mu, logvar), (gz, gkl))
+    want_grads = torch.autograd.grad((want_z, want_kl), (mu, logvar), (gz, gkl))
+    for got, expected in zip((z, kl, *grads), (want_z, want_kl, *want_grads)):
+        assert_noise_close(got, expected, torch.float32)
+
+
 def test_corrupt_window_refuses_a_window_outside_its_rows():
     window, seed = kernels("cpp").corrupt_window, torch.tensor(1)
     with pytest.raises(ValueError, match="must lie in rows of row_length 10"):

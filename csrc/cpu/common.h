@@ -31,6 +31,10 @@
 #include <cstdlib>
 #include <cstring>
 
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
+
 namespace aefast {
 namespace cpu {
 
@@ -54,6 +58,13 @@ inline at::Tensor empty_output(at::IntArrayRef sizes, const at::TensorOptions& o
 }
 
 inline at::Tensor empty_output_like(const at::Tensor& t) { return empty_output(t.sizes(), t.options()); }
+
+// After a thread's streamed (non-temporal) stores: ordered before anything it does next.
+inline void fence_streams() {
+#if defined(__x86_64__)
+  _mm_sfence();
+#endif
+}
 
 // The hand-written vector paths (intrinsics, next to a portable loop): the widest the
 // CPU has, or narrower where the environment variable AEFAST_SIMD says so ("avx2",
