@@ -199,7 +199,7 @@ __attribute__((target("avx2"))) void stream_floats(const float* from, float* out
 #endif
 
 // Outputs from this size on are streamed (write_block). Measured here, corrupt and
-// reparameterize, the contenders alternating: a 64 MiB output streamed took 0.85x the
+// reparameterize, the contenders alternating: a 64 MiB output streamed took 0.65-0.85x the
 // time, a 16 MiB one 1.05-1.1x (it would have stayed in the 32 MiB L3 for its reader).
 constexpr int64_t kStreamedOutputBytes = int64_t(32) << 20;
 
