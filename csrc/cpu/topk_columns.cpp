@@ -22,7 +22,6 @@
 #include <algorithm>
 #include <atomic>
 #include <cmath>
-#include <cstring>
 #include <limits>
 #include <type_traits>
 #include <vector>
@@ -492,7 +491,6 @@ template <typename T>
 bool stream_rows(const T* out, int64_t H) {
   return std::is_same_v<T, float> && reinterpret_cast<uintptr_t>(out) % 64 == 0 && H % 16 == 0;
 }
-
 
 std::tuple<at::Tensor, at::Tensor> column_topk(const at::Tensor& x_in, int64_t k) {
   TORCH_CHECK_VALUE(x_in.dim() == 2, "aefast: x must be 2-D, got ", x_in.dim(), "-D");
