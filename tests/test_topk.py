@@ -159,6 +159,29 @@ def test_scatter_rows_writes_every_element_once(poisoned):
         op(values.detach(), indices[:, :2], 9)
 
 
+def test_scatter_rows_with_fewer_rows_than_threads(poisoned):
+    # Fewer rows than threads: the threads zero ranges of 64K elements, and write the
+    # values of a range right after its zeros where every row's indices ascend.
+    op = torch.ops.aefast.scatter_rows
+    threads = torch.get_num_threads()
+    torch.set_num_threads(3)
+    try:
+        for dtype in (torch.float32, torch.bfloat16):
+            for B, k, width in ((1, 5000, 300007), (2, 3000, 70001), (2, 1, 1)):
+                values = torch.randn(B, k).to(dtype)
+                picked = torch.stack([torch.randperm(width)[:k] for _ in range(B)])
+                for indices in (picked.sort(1).values, picked):  # ascending, then in no order
+                    want = torch.zeros(B, width, dtype=dtype).scatter_(1, indices, values)
+                    assert torch.equal(op(values, indices, width), want)
+        indices = torch.arange(0, 300000, 100).view(1, -1)
+        values = torch.randn(indices.shape)
+        for bad in (indices - 1, indices + 1000, indices.flip(1) + 1000):  # below, above, not ascending
+            with pytest.raises(IndexError, match=r"indices must be in \[0, 300000\)"):
+                op(values, bad, 300000)
+    finally:
+        torch.set_num_threads(threads)
+
+
 def assert_nan_reported(device, backend, topk_values):
     """NaN in x raises on CPU and with the reference; aefast's GPU kernels, which would
     stall the host to raise, return NaN values instead."""
