@@ -13,7 +13,7 @@
 // steps on the key, one vector count over the tile each (halving a wide bracket,
 // interpolating the counts in a narrow one), until each lane keeps k to k + 4; the candidates collected (AVX-512: by compress, no branch per
 // hit), the exact k among them. A bit per kept entry, grouped by 64 columns, then the
-// panel's columns of the output written from x while they are in cache, streamed.
+// output written row by row from x, streamed.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -492,6 +492,20 @@ bool stream_rows(const T* out, int64_t H) {
   return std::is_same_v<T, float> && reinterpret_cast<uintptr_t>(out) % 64 == 0 && H % 16 == 0;
 }
 
+// out = src where kept, else 0 (src and out contiguous (B, H)), whole rows per thread.
+void copy_kept(const at::Tensor& src, const KeptBits& kept, at::Tensor& out) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, src.scalar_type(), "copy_kept", [&] {
+    const scalar_t* sp = src.const_data_ptr<scalar_t>();
+    scalar_t* op = out.data_ptr<scalar_t>();
+    const bool stream = stream_rows(op, kept.H);
+    const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 15) / std::max<int64_t>(kept.H, 1));
+    at::parallel_for(0, kept.B, grain, [&](int64_t b0, int64_t b1) {
+      copy_kept_block(sp, kept, op, b0, b1, 0, kept.W, stream);
+      fence_streams();
+    });
+  });
+}
+
 std::tuple<at::Tensor, at::Tensor> column_topk(const at::Tensor& x_in, int64_t k) {
   TORCH_CHECK_VALUE(x_in.dim() == 2, "aefast: x must be 2-D, got ", x_in.dim(), "-D");
   const int64_t B = x_in.size(0), H = x_in.size(1);
@@ -506,8 +520,6 @@ std::tuple<at::Tensor, at::Tensor> column_topk(const at::Tensor& x_in, int64_t k
     using A = acc_t<scalar_t>;
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
     int64_t* rp = rows.data_ptr<int64_t>();
-    scalar_t* op = out.data_ptr<scalar_t>();
-    const bool stream = stream_rows(op, H);
     constexpr int64_t width = kPanel * kLanes;
     const double z = normal_quantile_above(static_cast<double>(k) / B);
     at::parallel_for(0, (H + width - 1) / width, 1, [&](int64_t p0, int64_t p1) {
@@ -524,14 +536,14 @@ std::tuple<at::Tensor, at::Tensor> column_topk(const at::Tensor& x_in, int64_t k
         for (int64_t t = 0; t * kLanes < columns; ++t)
           select_in_tile(scratch.keys.data() + t * kLanes * B, B, std::min(kLanes, columns - t * kLanes), k, stats[t],
                          z, scratch, rp + (c0 + t * kLanes) * k);
-        mark_group(rp, k, p, kept);  // a panel is one group of 64 columns
-        // Its columns of out while x's are still in cache.
-        copy_kept_block(xp, kept, op, 0, B, p, p + 1, stream);
       }
-      fence_streams();
     });
   });
   TORCH_CHECK_VALUE(!nan.load(), "aefast: x contains NaN; top-k of NaN is undefined");
+  // Then out row by row: whole rows streamed beat each panel's 256-byte pieces of them
+  // written while x's were in cache (4096 x 4096: 16 vs 18 ms on a Xeon).
+  TORCH_CHECK(mark_rows(rows.const_data_ptr<int64_t>(), k, kept), "aefast: column selection lost its rows");
+  copy_kept(x, kept, out);
   return {out, rows};
 }
 
@@ -545,15 +557,7 @@ at::Tensor keep_rows(const at::Tensor& grad_in, const at::Tensor& rows_in) {
   KeptBits kept(B, H);
   TORCH_CHECK_INDEX(mark_rows(rows.const_data_ptr<int64_t>(), rows.size(1), kept), "aefast: rows must be in [0, ", B, ")");
   at::Tensor out = empty_output({B, H}, grad.options());
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), "keep_rows", [&] {
-    const scalar_t* gp = grad.const_data_ptr<scalar_t>();
-    scalar_t* op = out.data_ptr<scalar_t>();
-    const bool stream = stream_rows(op, H);
-    at::parallel_for(0, B, std::max<int64_t>(1, (int64_t(1) << 15) / std::max<int64_t>(H, 1)), [&](int64_t b0, int64_t b1) {
-      copy_kept_block(gp, kept, op, b0, b1, 0, kept.W, stream);
-      fence_streams();
-    });
-  });
+  copy_kept(grad, kept, out);
   return out;
 }
 
