@@ -105,6 +105,7 @@ def parts(rows: int, width: int, latents: int, k: int, dtype: torch.dtype) -> li
     bias = torch.zeros(latents, device="cuda", dtype=dtype)
     block_rows, block_latents = _encoder_tile(rows, latents, gpu=True)
     block = F.linear(x[:block_rows], weight[:block_latents]).relu_()
+    block_out = torch.empty_like(block)
     values, indices = ae.topk_encode(x, weight, bias, k)
     grad = torch.randn_like(values)
     out = ae.sparse_decode(values, indices, weight)
@@ -119,7 +120,7 @@ def parts(rows: int, width: int, latents: int, k: int, dtype: torch.dtype) -> li
         f"F.linear one block {block_rows}x{width} -> {block_latents}":
             lambda: F.linear(x[:block_rows], weight[:block_latents]),
         "the encoder's block: matmul, bias and ReLU in its epilogue": lambda: _linear_relu(
-            x[:block_rows], weight[:block_latents], bias[:block_latents]),
+            x[:block_rows], weight[:block_latents], bias[:block_latents], block_out),
         "select one block, cuda": kernel_call("cpp", "topk_forward", block, k, False),
         "select one block, cuda, relu=True": kernel_call("cpp", "topk_forward", block, k, True),
         "select one block, triton": kernel_call("triton", "topk_forward", block, k, False),
