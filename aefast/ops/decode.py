@@ -149,15 +149,15 @@ def _encode_in_blocks(backend: str, x: Tensor, weight: Tensor, bias: Tensor | No
     # Every block in one buffer: a fresh 32 MiB block is fresh pages on a CPU (glibc maps
     # blocks that large anew each time), and faulting them in took 6.6 ms a block at
     # 1024 x 768 -> 16384, 4% of a training step; with 8 blocks a call at L = 65536, 8x that.
-    buffer = x.new_empty(min(B, block_rows) * block_latents)
+    buffer = x.new_empty(block_rows * block_latents)  # block_rows <= B
     for r0 in range(0, B, block_rows):
         rows = slice(r0, r0 + block_rows)
         parts, aux_parts = [], []
         for c0 in range(0, L, block_latents):
             cols = slice(c0, c0 + block_latents)
-            shape = (x[rows].shape[0], weight[cols].shape[0])
-            pre = _linear_relu(x[rows], weight[cols], None if bias is None else bias[cols],
-                               buffer[:shape[0] * shape[1]].view(shape))
+            x_block, w_block = x[rows], weight[cols]
+            out = buffer[:x_block.shape[0] * w_block.shape[0]].view(x_block.shape[0], w_block.shape[0])
+            pre = _linear_relu(x_block, w_block, None if bias is None else bias[cols], out)
             chosen, where = select(pre, min(k, pre.shape[1]), False)
             parts.append((chosen, where + c0))
             if dead is not None:
