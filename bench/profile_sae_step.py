@@ -132,6 +132,9 @@ def parts(rows: int, width: int, latents: int, k: int, dtype: torch.dtype) -> li
         **{f"sparse_decode_backward (grad values, grad weight), {name}": kernel_call(
             backend, "sparse_decode_backward", grad_out, values, indices, weight)
            for name, backend in (("cuda", "cpp"), ("triton", "triton"))},
+        **{f"sparse_decode_backward (grad weight only, the encoder's), {name}": kernel_call(
+            backend, "sparse_decode_backward", grad_out, values, indices, weight, False)
+           for name, backend in (("cuda", "cpp"), ("triton", "triton"))},
         "topk_encode forward+backward (x, weight, bias)": lambda: torch.autograd.grad(
             ae.topk_encode(*leaves, k)[0], leaves, grad),
         f"fused Adam step, one {latents}x{width} float32 weight": lambda: adam.step(),

@@ -461,6 +461,11 @@ def test_sparse_decode(emu, B, K, L, D, with_bias, dtype):
         assert_close(grad_weight, want_grads[1], dtype, scale=10)
 
     under_policies(emu, run, check)
+    # grad_values null (values_grad=False in the bindings): the weight gradient alone, the same bits.
+    grad_weight = poisoned((L, D), dtype)
+    emu("sparse_decode_backward", grad_out, values, indices, weight, order, starts, None, grad_weight,
+        dtype, B, K, L, D)
+    assert torch.equal(grad_weight, run()[2])
 
 
 def test_sparse_decode_index_out_of_range_reads_nothing_and_gives_nan(emu):

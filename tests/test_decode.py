@@ -11,6 +11,7 @@ from conftest import (
     DEVICES,
     assert_close,
     assert_compiled_matches_eager,
+    dtypes_for,
     interpreted,
     leaf,
     op_backends,
@@ -73,6 +74,26 @@ def test_sparse_decode_opcheck(device, backend):
     torch.library.opcheck(forward, (values, indices, weight, None))
     torch.library.opcheck(forward, (values, indices, weight, torch.randn(4, device=device)))
     torch.library.opcheck(backward, (torch.randn(6, 4, device=device), values.detach(), indices, weight.detach()))
+    torch.library.opcheck(backward, (torch.randn(6, 4, device=device), values.detach(), indices, weight.detach(), False))
+
+
+@pytest.mark.parametrize(("device", "backend"), op_backends("sparse_decode"))
+def test_sparse_decode_backward_without_the_values_gradient(device, backend):
+    """values_grad=False (the fused encoder's weight gradient): the same weight gradient,
+    bit for bit, and an empty values gradient instead of B * K dot products."""
+    backward = kernels(backend).sparse_decode_backward
+    B, K, L, D = 37, 5, 23, 19
+    for dtype in dtypes_for(device, backend):
+        values = torch.randn(B, K, device=device).to(dtype)
+        indices = torch.randint(0, L, (B, K), device=device)
+        weight, grad_out = torch.randn(L, D, device=device).to(dtype), torch.randn(B, D, device=device).to(dtype)
+        grad_values, grad_weight = backward(grad_out, values, indices, weight)
+        no_values, only_weight = backward(grad_out, values, indices, weight, False)
+        assert grad_values.shape == (B, K) and no_values.numel() == 0
+        assert torch.equal(only_weight, grad_weight)
+        want = torch.zeros(L, D, dtype=torch.float64, device=device).index_add_(
+            0, indices.flatten(), values.double().flatten()[:, None] * grad_out.double().repeat_interleave(K, 0))
+        assert_close(only_weight, want, dtype, scale=10)
 
 
 class TinyTopKSAE(torch.nn.Module):

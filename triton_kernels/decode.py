@@ -90,17 +90,18 @@ def sparse_decode_forward(values, indices, weight, bias):
 
 
 @on_input_device
-def sparse_decode_backward(grad_out, values, indices, weight):
+def sparse_decode_backward(grad_out, values, indices, weight, values_grad=True):
     B, K = values.shape
     L, D = weight.shape
     values, indices, weight = values.contiguous(), indices.contiguous(), weight.contiguous()
     grad_out = grad_out.to(values.dtype).contiguous()
     block = _block_d(D)
-    grad_values = torch.empty((B, K), dtype=values.dtype, device=values.device)
+    grad_values = torch.empty((B, K) if values_grad else (0,), dtype=values.dtype, device=values.device)
     grad_weight = torch.empty((L, D), dtype=weight.dtype, device=weight.device)
-    sparse_decode_values_grad_kernel[(B * K,)](
-        grad_out, indices, weight, grad_values, K, L, D, ACC=acc_dtype(values.dtype), BLOCK_D=block,
-    )
+    if values_grad:
+        sparse_decode_values_grad_kernel[(B * K,)](
+            grad_out, indices, weight, grad_values, K, L, D, ACC=acc_dtype(values.dtype), BLOCK_D=block,
+        )
     # (row, slot) order within each latent; each latent's run found by a search of the
     # sorted indices (a bincount would read its maximum back to the host).
     latents, order = torch.sort(indices.flatten(), stable=True)

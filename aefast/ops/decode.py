@@ -50,9 +50,9 @@ def _decode_forward_triton(values, indices, weight, bias):
     return _triton().sparse_decode_forward(values, indices, weight, bias)
 
 
-def _decode_backward_triton(grad_out, values, indices, weight):
+def _decode_backward_triton(grad_out, values, indices, weight, values_grad=True):
     _check_indices_on_cpu(indices, weight.shape[0])
-    return _triton().sparse_decode_backward(grad_out, values, indices, weight)
+    return _triton().sparse_decode_backward(grad_out, values, indices, weight, values_grad)
 
 
 def _decode_setup(ctx, inputs, output):
@@ -79,11 +79,15 @@ kernel(
     setup=_decode_setup, backward=_decode_backward,
 )
 # Gradients of values and weight; the weight gradient is reduced per latent in (row,
-# slot) order: deterministic, no atomics.
+# slot) order: deterministic, no atomics. With values_grad=False, grad_values is an
+# empty tensor and costs nothing: the fused encoder's weight gradient is this one with
+# x in the place of grad_out, and its "values gradient" (B * K dot products of D, a
+# decoder forward's worth) would be thrown away.
 kernel(
-    "sparse_decode_backward(Tensor grad_out, Tensor values, Tensor indices, Tensor weight) "
-    "-> (Tensor grad_values, Tensor grad_weight)",
-    fake=lambda grad_out, values, indices, weight: (dense_like(values), dense_like(weight)),
+    "sparse_decode_backward(Tensor grad_out, Tensor values, Tensor indices, Tensor weight, "
+    "bool values_grad=True) -> (Tensor grad_values, Tensor grad_weight)",
+    fake=lambda grad_out, values, indices, weight, values_grad=True: (
+        dense_like(values) if values_grad else values.new_empty((0,)), dense_like(weight)),
     reference=None,
     native=CPP,
     triton=_decode_backward_triton,
@@ -185,14 +189,14 @@ def _winners_backward(ops, ctx, x, weight, values, indices, grad_values):
     # grad W[l] = sum over (b, k) with idx = l of grad_pre[b, k] x[b]: its weight
     # gradient (deterministic, no atomics) with x in the place of grad_out.
     grad_x = ops.sparse_decode_forward(grad_pre, indices, weight, None) if need_x else None
-    grad_weight = ops.sparse_decode_backward(x, grad_pre, indices, weight)[1] if need_weight else None
+    grad_weight = ops.sparse_decode_backward(x, grad_pre, indices, weight, False)[1] if need_weight else None
     grad_bias = None
     if ctx.has_bias and need_bias:
         # grad bias[l] = sum over (b, k) with idx = l of grad_pre[b, k]: the same weight
         # gradient of a one-column input of ones, in the same fixed order (index_add_
         # adds with atomics on a GPU: runs would differ in the last bits).
         ones, no_weight = grad_pre.new_ones((grad_pre.shape[0], 1)), grad_pre.new_zeros((ctx.latents, 1))
-        grad_bias = ops.sparse_decode_backward(ones, grad_pre, indices, no_weight)[1].squeeze(1)
+        grad_bias = ops.sparse_decode_backward(ones, grad_pre, indices, no_weight, False)[1].squeeze(1)
     return grad_x, grad_weight, grad_bias
 
 

@@ -135,7 +135,7 @@ at::Tensor sparse_decode_forward(const at::Tensor& values_in, const at::Tensor& 
 std::tuple<at::Tensor, at::Tensor> sparse_decode_backward(const at::Tensor& grad_in,
                                                           const at::Tensor& values_in,
                                                           const at::Tensor& indices_in,
-                                                          const at::Tensor& weight_in) {
+                                                          const at::Tensor& weight_in, bool values_grad) {
   decode_args::check_inputs(values_in, indices_in, weight_in);
   const auto values = values_in.contiguous();
   const auto indices = indices_in.contiguous();
@@ -144,7 +144,7 @@ std::tuple<at::Tensor, at::Tensor> sparse_decode_backward(const at::Tensor& grad
   const int64_t B = values.size(0), K = values.size(1), L = weight.size(0), D = weight.size(1);
   const int64_t* ip = indices.const_data_ptr<int64_t>();
   check_indices(ip, B * K, L);
-  auto grad_values = at::empty({B, K}, values.options());
+  auto grad_values = values_grad ? at::empty({B, K}, values.options()) : at::empty({0}, values.options());
   auto grad_weight = empty_output({L, D}, weight.options());
 
   // Counting sort of the B*K (row, slot) pairs by latent, stable: (row, slot) order.
@@ -164,13 +164,15 @@ std::tuple<at::Tensor, at::Tensor> sparse_decode_backward(const at::Tensor& grad
     const scalar_t* gp = grad.const_data_ptr<scalar_t>();
     scalar_t* gvp = grad_values.data_ptr<scalar_t>();
     scalar_t* gwp = grad_weight.data_ptr<scalar_t>();
-    at::parallel_for(0, B, 1, [&](int64_t r0, int64_t r1) {
-      for (int64_t r = r0; r < r1; ++r)
-        for (int64_t j = 0; j < K; ++j) {
-          if (j + 1 < K) prefetch_row(wp + ip[r * K + j + 1] * D, D);
-          gvp[r * K + j] = static_cast<scalar_t>(dot(gp + r * D, wp + ip[r * K + j] * D, D));
-        }
-    });
+    if (values_grad) {
+      at::parallel_for(0, B, 1, [&](int64_t r0, int64_t r1) {
+        for (int64_t r = r0; r < r1; ++r)
+          for (int64_t j = 0; j < K; ++j) {
+            if (j + 1 < K) prefetch_row(wp + ip[r * K + j + 1] * D, D);
+            gvp[r * K + j] = static_cast<scalar_t>(dot(gp + r * D, wp + ip[r * K + j] * D, D));
+          }
+      });
+    }
     at::parallel_for(0, L, 16, [&](int64_t l0, int64_t l1) {
       std::vector<A> buffer(std::is_same_v<scalar_t, A> ? 0 : static_cast<size_t>(D));
       for (int64_t l = l0; l < l1; ++l) {

@@ -123,7 +123,7 @@ cudaError_t sparse_decode_backward(const void* grad_out, const void* values, con
   return dispatch(dtype, [&](auto tag) {
     using T = decltype(tag);
     const int64_t pairs = B * K;
-    if (pairs > 0) {
+    if (pairs > 0 && grad_values != nullptr) {
       const int64_t blocks = ceil_div(pairs * kWarp, kThreads);
       decode_values_grad_kernel<T><<<grid_of(blocks), kThreads, 0, stream>>>(
           static_cast<const T*>(grad_out), indices, static_cast<const T*>(weight), static_cast<T*>(grad_values), pairs,

@@ -21,7 +21,8 @@ cudaError_t sparse_decode_forward(const void* values, const int64_t* indices, co
 
 // order: the B * K (row, slot) positions sorted by latent, stably; starts: L + 1
 // offsets of each latent's run in order. The weight gradient of latent l is the
-// sum over its run, in that order: deterministic, no atomics.
+// sum over its run, in that order: deterministic, no atomics. grad_values may be null:
+// the values gradient is then not computed (the fused encoder's weight gradient).
 cudaError_t sparse_decode_backward(const void* grad_out, const void* values, const int64_t* indices,
                                    const void* weight, const int64_t* order, const int64_t* starts,
                                    void* grad_values, void* grad_weight, DType dtype, int64_t B, int64_t K,

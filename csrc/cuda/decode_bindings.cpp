@@ -38,7 +38,7 @@ at::Tensor sparse_decode_forward_op(const at::Tensor& values_in, const at::Tenso
 std::tuple<at::Tensor, at::Tensor> sparse_decode_backward_op(const at::Tensor& grad_out_in,
                                                              const at::Tensor& values_in,
                                                              const at::Tensor& indices_in,
-                                                             const at::Tensor& weight_in) {
+                                                             const at::Tensor& weight_in, bool values_grad) {
   const OnDevice on(values_in, "values");
   on.also(grad_out_in, "grad_out").also(indices_in, "indices").also(weight_in, "weight");
   decode_args::check_inputs(values_in, indices_in, weight_in);
@@ -52,11 +52,12 @@ std::tuple<at::Tensor, at::Tensor> sparse_decode_backward_op(const at::Tensor& g
   const auto sorted = at::sort(indices.flatten(), /*stable=*/true, /*dim=*/0, /*descending=*/false);
   const auto order = std::get<1>(sorted).contiguous();
   const auto starts = at::searchsorted(std::get<0>(sorted), at::arange(L + 1, indices.options())).contiguous();
-  auto grad_values = at::empty({B, K}, values.options());
+  auto grad_values = values_grad ? at::empty({B, K}, values.options()) : at::empty({0}, values.options());
   auto grad_weight = at::empty({L, D}, weight.options());
   check(sparse_decode_backward(grad_out.const_data_ptr(), values.const_data_ptr(), indices.const_data_ptr<int64_t>(),
                                weight.const_data_ptr(), order.const_data_ptr<int64_t>(),
-                               starts.const_data_ptr<int64_t>(), grad_values.data_ptr(), grad_weight.data_ptr(),
+                               starts.const_data_ptr<int64_t>(), values_grad ? grad_values.data_ptr() : nullptr,
+                               grad_weight.data_ptr(),
                                dtype_of(values), B, K, L, D, stream()));
   return {grad_values, grad_weight};
 }
