@@ -3,10 +3,8 @@ round by round, so drift in the machine (frequency, other load) hits them alike.
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import datetime
-import functools
 import json
 import pathlib
 import platform
@@ -19,16 +17,14 @@ from collections.abc import Callable
 
 import torch
 
+from aefast._memory import freed_memory_kept  # noqa: F401 (the bench times under it)
+from aefast._memory import libc as _libc
+
 # Stored results, relative to the folder the command runs in (the checkout's root).
 RESULTS = pathlib.Path("bench") / "results"
 
 _HUGE_PAGE = 2 << 20
 _MADV_HUGEPAGE = 14  # Linux
-
-
-@functools.cache
-def _libc() -> ctypes.CDLL:
-    return ctypes.CDLL(None, use_errno=True)
 
 
 def fresh_clone(x: torch.Tensor) -> torch.Tensor:
@@ -44,35 +40,6 @@ def fresh_clone(x: torch.Tensor) -> torch.Tensor:
         libc = _libc()
         libc.madvise(ctypes.c_void_p(begin), ctypes.c_size_t(end - begin), ctypes.c_int(_MADV_HUGEPAGE))
     return out.copy_(x)
-
-
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters
-# After a mallopt glibc no longer adjusts its thresholds itself; restored to where
-# its own adjustment leads once large tensors have been freed (the largest
-# freed mapping up to 32 MiB, trim at twice that), not to the 128 KiB it starts at.
-_MMAP_AFTER, _TRIM_AFTER = 32 << 20, 64 << 20
-
-
-@contextlib.contextmanager
-def freed_memory_kept(device: torch.device):
-    """For a CPU run (glibc), memory freed by one call stays in the process for the
-    next instead of going back to the system: large tensors come from the heap, not
-    from fresh mappings. On the project's VM (Firecracker, free page reporting of 8 MiB
-    blocks) the system's fresh memory took 3-5 ms or 70-110 ms for 64 MB at random,
-    whoever asked: a timing of page faults, not of the op. The op and its floor still
-    allocate alike; what the timings leave out is what a process pays to fault in
-    fresh outputs over 32 MiB. Yields whether it took effect (not on a glibc that
-    refuses a threshold over 32 MiB)."""
-    libc = _libc() if device.type == "cpu" and sys.platform == "linux" else None
-    glibc = libc is not None and hasattr(libc, "mallopt")
-    kept = glibc and libc.mallopt(_M_MMAP_THRESHOLD, 1 << 30) == 1 and libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1) == 1
-    try:
-        yield kept
-    finally:
-        if glibc:
-            libc.mallopt(_M_MMAP_THRESHOLD, _MMAP_AFTER)
-            libc.mallopt(_M_TRIM_THRESHOLD, _TRIM_AFTER)
-            libc.malloc_trim(0)
 
 
 def synchronize(device: torch.device) -> None:

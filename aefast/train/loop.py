@@ -30,6 +30,7 @@ from typing import Any
 
 import torch
 
+from aefast._memory import freed_memory_kept
 from aefast.activations import read_manifest, spliced_loss
 from aefast.batches import StreamedBatches, open_training_data
 from aefast.data import load_dataset
@@ -70,7 +71,10 @@ def train(config: dict[str, Any], out_dir: Path, checkpoint: dict[str, Any] | No
     try:
         if cluster is not None and config["shard_latents"]:
             cluster.split_latents(config["shard_latents"])
-        return _train(config, out_dir, checkpoint, progress, cluster)
+        # On CPU, each step's large tensors come from the heap, not from fresh mappings
+        # faulted in again every step (aefast._memory).
+        with freed_memory_kept(cluster.device if cluster else _device(config["device"])):
+            return _train(config, out_dir, checkpoint, progress, cluster)
     except RuntimeError as exc:  # gloo's failures are plain RuntimeErrors, NCCL's DistErrors
         if cluster is None:
             raise
