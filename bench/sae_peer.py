@@ -257,8 +257,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.keep_freed_memory:
         ratio_words += "; freed memory kept in both processes (--keep-freed-memory): no page faults timed, no memory measured"
     lines += ["", f"{args.dtype}, {where}, torch {torch.__version__}; step: encode, decode, FVU, backward, Adam "
-              f"(fused, for both); median of {args.steps} steps per process, best of {args.repeats} processes "
-              f"(memory: the worst step){ratio_words}."]
+              f"(fused, for both); median of {args.steps} steps per process, best of {args.repeats} processes"
+              f"{'' if args.keep_freed_memory else ' (memory: the worst step)'}{ratio_words}."]
     if race:
         lines += ["", "| B x D, L, k | topk_encode ms | F.linear + torch.topk ms | speed-up |", "|---|---:|---:|---:|"]
         lines += [f"| {size} | {r['topk_encode']:.3f} | {r['linear+topk']:.3f} | {r['linear+topk'] / r['topk_encode']:.2f}x |"

@@ -305,6 +305,39 @@ def test_reparameterize_matches_reference(device, backend, shape, poisoned):
             assert_noise_close(got, expected, dtype)
 
 
+def test_reparameterize_on_cpu_is_the_same_on_any_thread_count():
+    """The CPU kernels split 256-element blocks among threads (64 blocks a grain) and sum
+    the KL terms per block: z, kl and both gradients bit for bit alike on 1 and 2
+    threads, at 250 blocks with a partial last one."""
+    mu, logvar = torch.randn(61, 1049), torch.randn(61, 1049) * 0.5
+    gz, gkl = torch.randn(61, 1049), torch.randn(())
+    threads = torch.get_num_threads()
+    runs = []
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            m, lv = leaf(mu), leaf(logvar)
+            with ae.backend("cpp"):
+                z, kl = ae.reparameterize(m, lv, seed=BIG_SEED)
+            runs.append((z, kl, *torch.autograd.grad((z, kl), (m, lv), (gz, gkl))))
+    finally:
+        torch.set_num_threads(threads)
+    for one, two in zip(*runs):
+        assert torch.equal(one, two)
+
+
+def test_reparameterize_on_cpu_keeps_nan_where_it_is():
+    """A NaN logvar gives NaN at its element (and in kl) and changes no other element."""
+    mu, logvar = torch.randn(9, 301), torch.randn(9, 301)
+    with ae.backend("cpp"):
+        clean, _ = ae.reparameterize(mu, logvar, seed=BIG_SEED)
+        logvar[4, 17] = float("nan")
+        z, kl = ae.reparameterize(mu, logvar, seed=BIG_SEED)
+    assert torch.isnan(z[4, 17]) and torch.isnan(kl)
+    z[4, 17] = clean[4, 17]
+    assert torch.equal(z, clean)
+
+
 # ------------------------------------------------------- gradcheck, opcheck
 
 

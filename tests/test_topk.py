@@ -495,7 +495,7 @@ def test_every_simd_path_gives_the_same_selection(level):
     noise = os.path.join(os.path.dirname(__file__), "test_noise.py")
     tests = ("index_order_matches or index_order_reports or column_topk_matches or column_topk_reports"
              " or keep_rows_matches or long_row or infinities or batch_lifetime or corrupt_matches"
-             " or reparameterize_matches or sparse_and_mask_match or one_winner_per_block or signed_zeros"
+             " or reparameterize_matches or reparameterize_on_cpu or sparse_and_mask_match or one_winner_per_block or signed_zeros"
              " or noisy_linear_on_cpu_in_many_windows or corrupt_window_is")
     run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", __file__, noise,
                           "-k", tests], env=env, capture_output=True, text=True, timeout=900)

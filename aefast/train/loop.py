@@ -367,7 +367,9 @@ def _reset_peak_memory(device: torch.device) -> None:
 
 def _peak_memory_mib(device: torch.device) -> float:
     """The peak memory since the epoch began: the GPU's allocated, or on the CPU the
-    process's resident set (Linux; elsewhere its peak over the whole run)."""
+    process's resident set (Linux; elsewhere its peak over the whole run). On the CPU
+    freed memory is kept by the process (aefast._memory), so the resident set does not
+    fall between epochs: in effect the peak of the run so far."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
     with contextlib.suppress(OSError, StopIteration), open("/proc/self/status") as f:

@@ -95,8 +95,7 @@ __attribute__((target("avx2"))) void philox_block_avx2(uint64_t seed, uint64_t f
 
 // The same with AVX-512 (noise_avx512.h): 16 counters per instruction and fewer
 // instructions per round. Philox is most of a uniform draw's cost.
-__attribute__((target("avx512f,avx512bw"))) void philox_block_avx512(uint64_t seed, uint64_t first_counter,
-                                                                    BlockWords& out) {
+AEFAST_AVX512 void philox_block_avx512(uint64_t seed, uint64_t first_counter, BlockWords& out) {
   const noise_avx512::PhiloxKeys keys = noise_avx512::philox_keys(seed);
   for (int64_t c = 0; c < kBlockCounters; c += 16) {
     __m512i w[4];
@@ -267,9 +266,10 @@ AEFAST_SIMD_CLONES double block_sum(const float* terms, int64_t n) { return bloc
 
 #if defined(__x86_64__) && defined(__GNUC__)
 // float32 reparameterize with AVX-512: each 64 elements' normals made in registers
-// (noise_avx512.h) and used at once; nothing but the tensors touches memory. The
-// loops above, vectorized by the compiler, store words, draws and terms between
-// passes: at 1024 x 4096 their forward took 3.55 ms (normals_of 40% of it), this 2.74.
+// (noise_avx512.h) and used at once, never stored. The loops above, vectorized by the
+// compiler, store words, draws and terms between passes: at 1024 x 4096 their forward
+// took 3.55 ms (normals_of 40% of it), this 2.74. Its KL sums each block's terms in float
+// (below): the same seed gives a kl a few ulps apart on machines without AVX-512.
 
 // The lanes of elements [at, at + 16) below n.
 inline __mmask16 lanes_below(int64_t at, int64_t n) {
@@ -279,7 +279,7 @@ inline __mmask16 lanes_below(int64_t at, int64_t n) {
 // Blocks [b0, b1) of the forward: z, and each block's sum of terms: 16 running sums
 // (lane j: the block's elements j, j + 16, ...), in float within the block (16 terms
 // each; in double they cost a tenth of the forward), added in double.
-__attribute__((target("avx512f,avx512bw"))) void reparameterize_blocks_avx512(
+AEFAST_AVX512 void reparameterize_blocks_avx512(
     uint64_t seed, const float* mu, const float* logvar, float* z, int64_t n, int64_t b0, int64_t b1, bool stream,
     double* block_sums) {
   using namespace noise_avx512;
@@ -315,7 +315,7 @@ __attribute__((target("avx512f,avx512bw"))) void reparameterize_blocks_avx512(
 }
 
 // Blocks [b0, b1) of the backward.
-__attribute__((target("avx512f,avx512bw"))) void reparameterize_grad_blocks_avx512(
+AEFAST_AVX512 void reparameterize_grad_blocks_avx512(
     uint64_t seed, const float* gz, const float* mu, const float* logvar, float* gmu, float* glv, int64_t n,
     int64_t b0, int64_t b1, bool stream, float gkl_over_b) {
   using namespace noise_avx512;
