@@ -276,75 +276,91 @@ inline __mmask16 lanes_below(int64_t at, int64_t n) {
   return n - at >= 16 ? __mmask16(0xFFFF) : static_cast<__mmask16>((1u << std::max<int64_t>(n - at, 0)) - 1u);
 }
 
-// Blocks [b0, b1) of the forward: z, and each block's sum of terms: 16 running sums
-// (lane j: the block's elements j, j + 16, ...), in float within the block (16 terms
-// each; in double they cost a tenth of the forward), added in double.
-AEFAST_AVX512 void reparameterize_blocks_avx512(
-    uint64_t seed, const float* mu, const float* logvar, float* z, int64_t n, int64_t b0, int64_t b1, bool stream,
-    double* block_sums) {
-  using namespace noise_avx512;
-  const PhiloxKeys keys = philox_keys(seed);
-  stream = stream && reinterpret_cast<uintptr_t>(z) % 64 == 0;
-  const __m512 one = _mm512_set1_ps(1.0f), half = _mm512_set1_ps(0.5f);
+// v into to[0, 16): streamed when asked and all lanes are in (whole 64-byte lines).
+AEFAST_AVX512 inline void store16(float* to, __mmask16 in, __m512 v, bool stream) {
+  if (stream && in == 0xFFFF) {
+    _mm512_stream_ps(to, v);
+  } else {
+    _mm512_mask_storeu_ps(to, in, v);
+  }
+}
+
+// step(at, in, eps) for each 16 elements [at, at + 16) of blocks [b0, b1), with their
+// normals (in: the lanes below n); step.block_done(b, sums) after each block, sums the
+// lane-wise sum of what step returned for it (kept in a register, not in the step).
+template <typename Step>
+AEFAST_AVX512 inline void for_each_normal16(uint64_t seed, int64_t n, int64_t b0, int64_t b1, Step& step) {
+  const noise_avx512::PhiloxKeys keys = noise_avx512::philox_keys(seed);
   for (int64_t b = b0; b < b1; ++b) {
     __m512 sums = _mm512_setzero_ps();
     for (int64_t c = 0; c < kBlockCounters && b * kBlockElements + 4 * c < n; c += 16) {
       __m512 eps[4];
-      normals64(keys, static_cast<uint64_t>(b * kBlockCounters + c), eps);
+      noise_avx512::normals64(keys, static_cast<uint64_t>(b * kBlockCounters + c), eps);
       for (int v = 0; v < 4; ++v) {
         const int64_t at = b * kBlockElements + 4 * c + 16 * v;
-        const __mmask16 in = lanes_below(at, n);
-        const __m512 m = _mm512_maskz_loadu_ps(in, mu + at), lv = _mm512_maskz_loadu_ps(in, logvar + at);
-        const __m512 sd = exp_poly(_mm512_mul_ps(half, lv));
-        const __m512 out = _mm512_fmadd_ps(eps[v], sd, m);
-        if (stream && in == 0xFFFF) {
-          _mm512_stream_ps(z + at, out);
-        } else {
-          _mm512_mask_storeu_ps(z + at, in, out);
-        }
-        // 1 + logvar - mu^2 - std^2; 0 in the lanes past n (1 + 0 - 0 - 1).
-        sums = _mm512_add_ps(sums, _mm512_fnmadd_ps(sd, sd, _mm512_fnmadd_ps(m, m, _mm512_add_ps(one, lv))));
+        sums = _mm512_add_ps(sums, step(at, lanes_below(at, n), eps[v]));
       }
     }
+    step.block_done(b, sums);
+  }
+}
+
+// The forward: z, and each block's sum of terms: 16 running sums (lane j: the block's
+// elements j, j + 16, ...), in float within the block (16 terms each; in double they
+// cost a tenth of the forward), added in double.
+struct ReparameterizeStep {
+  const float *mu, *logvar;
+  float* z;
+  bool stream;
+  double* block_sums;
+
+  AEFAST_AVX512 __m512 operator()(int64_t at, __mmask16 in, __m512 eps) {
+    const __m512 m = _mm512_maskz_loadu_ps(in, mu + at), lv = _mm512_maskz_loadu_ps(in, logvar + at);
+    const __m512 sd = noise_avx512::exp_poly(_mm512_mul_ps(_mm512_set1_ps(0.5f), lv));
+    store16(z + at, in, _mm512_fmadd_ps(eps, sd, m), stream);
+    // 1 + logvar - mu^2 - std^2; 0 in the lanes past n (1 + 0 - 0 - 1).
+    return _mm512_fnmadd_ps(sd, sd, _mm512_fnmadd_ps(m, m, _mm512_add_ps(_mm512_set1_ps(1.0f), lv)));
+  }
+  AEFAST_AVX512 void block_done(int64_t b, __m512 sums) {
     alignas(64) float partial[16];
     _mm512_store_ps(partial, sums);
     double sum = 0.0;
     for (float p : partial) sum += static_cast<double>(p);
     block_sums[b] = sum;
   }
+};
+
+// The backward: the gradients of mu and logvar.
+struct ReparameterizeGradStep {
+  const float *gz, *mu, *logvar;
+  float *gmu, *glv;
+  bool stream;
+  float gkl_over_b;
+
+  AEFAST_AVX512 __m512 operator()(int64_t at, __mmask16 in, __m512 eps) {
+    const __m512 g = _mm512_maskz_loadu_ps(in, gz + at), m = _mm512_maskz_loadu_ps(in, mu + at);
+    const __m512 lv = _mm512_maskz_loadu_ps(in, logvar + at), gkl = _mm512_set1_ps(gkl_over_b);
+    const __m512 half = _mm512_set1_ps(0.5f), sd = noise_avx512::exp_poly(_mm512_mul_ps(half, lv));
+    store16(gmu + at, in, _mm512_fmadd_ps(gkl, m, g), stream);
+    const __m512 prior = _mm512_mul_ps(gkl, _mm512_fmsub_ps(sd, sd, _mm512_set1_ps(1.0f)));
+    store16(glv + at, in, _mm512_mul_ps(half, _mm512_fmadd_ps(_mm512_mul_ps(g, eps), sd, prior)), stream);
+    return _mm512_setzero_ps();  // nothing to sum
+  }
+  AEFAST_AVX512 void block_done(int64_t, __m512) {}
+};
+
+AEFAST_AVX512 void reparameterize_blocks_avx512(uint64_t seed, const float* mu, const float* logvar, float* z,
+                                                int64_t n, int64_t b0, int64_t b1, bool stream, double* block_sums) {
+  ReparameterizeStep step{mu, logvar, z, stream && reinterpret_cast<uintptr_t>(z) % 64 == 0, block_sums};
+  for_each_normal16(seed, n, b0, b1, step);
 }
 
-// Blocks [b0, b1) of the backward.
-AEFAST_AVX512 void reparameterize_grad_blocks_avx512(
-    uint64_t seed, const float* gz, const float* mu, const float* logvar, float* gmu, float* glv, int64_t n,
-    int64_t b0, int64_t b1, bool stream, float gkl_over_b) {
-  using namespace noise_avx512;
-  const PhiloxKeys keys = philox_keys(seed);
+AEFAST_AVX512 void reparameterize_grad_blocks_avx512(uint64_t seed, const float* gz, const float* mu,
+                                                     const float* logvar, float* gmu, float* glv, int64_t n,
+                                                     int64_t b0, int64_t b1, bool stream, float gkl_over_b) {
   stream = stream && reinterpret_cast<uintptr_t>(gmu) % 64 == 0 && reinterpret_cast<uintptr_t>(glv) % 64 == 0;
-  const __m512 one = _mm512_set1_ps(1.0f), half = _mm512_set1_ps(0.5f), gkl = _mm512_set1_ps(gkl_over_b);
-  for (int64_t b = b0; b < b1; ++b) {
-    for (int64_t c = 0; c < kBlockCounters && b * kBlockElements + 4 * c < n; c += 16) {
-      __m512 eps[4];
-      normals64(keys, static_cast<uint64_t>(b * kBlockCounters + c), eps);
-      for (int v = 0; v < 4; ++v) {
-        const int64_t at = b * kBlockElements + 4 * c + 16 * v;
-        const __mmask16 in = lanes_below(at, n);
-        const __m512 g = _mm512_maskz_loadu_ps(in, gz + at), m = _mm512_maskz_loadu_ps(in, mu + at);
-        const __m512 lv = _mm512_maskz_loadu_ps(in, logvar + at);
-        const __m512 sd = exp_poly(_mm512_mul_ps(half, lv));
-        const __m512 grad_mu = _mm512_fmadd_ps(gkl, m, g);
-        const __m512 grad_lv = _mm512_mul_ps(
-            half, _mm512_fmadd_ps(_mm512_mul_ps(g, eps[v]), sd, _mm512_mul_ps(gkl, _mm512_fmsub_ps(sd, sd, one))));
-        if (stream && in == 0xFFFF) {
-          _mm512_stream_ps(gmu + at, grad_mu);
-          _mm512_stream_ps(glv + at, grad_lv);
-        } else {
-          _mm512_mask_storeu_ps(gmu + at, in, grad_mu);
-          _mm512_mask_storeu_ps(glv + at, in, grad_lv);
-        }
-      }
-    }
-  }
+  ReparameterizeGradStep step{gz, mu, logvar, gmu, glv, stream, gkl_over_b};
+  for_each_normal16(seed, n, b0, b1, step);
 }
 #endif
 
