@@ -54,6 +54,9 @@ def test_bench_prints_the_table_and_writes_json_markdown_png(capsys, tmp_path, o
         assert r["floor_ms"] > 0 and abs(r["copy_share"] - r["floor_ms"] / r["median_ms"]) < 2e-3
         assert abs(r["floor_ms"] - r["bytes"] / (r["copy_GBps"] * 1e6)) < 1e-3 * r["floor_ms"] + 1e-4
         assert (r["vs_eager"] == 1.0) == (r["contender"] == "eager")
+        # Every round kept, the floor contender's too: the median is the middle of the rounds.
+        assert len(r["rounds_ms"]) == len(r["floor_contender_rounds_ms"]) == 1
+        assert abs(r["rounds_ms"][0] - r["median_ms"]) < 1e-3
     assert (tmp_path / "bench.md").read_text().startswith("Measured on")
     assert (tmp_path / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

@@ -152,7 +152,11 @@ def _measure(args, device: torch.device, kept: bool, progress) -> tuple[list[dic
                         del contenders[name]
                     if "eager" not in contenders:
                         continue
-                    ms = {n: harness.median_ms(t) for n, t in harness.alternate(contenders, device, args.rounds).items()}
+                    samples = harness.alternate(contenders, device, args.rounds)
+                    ms = {n: harness.median_ms(t) for n, t in samples.items()}
+                    # Every round's time, the floor contender's too (its raw call, before the
+                    # copy's rate is applied to the op's bytes): how much a median moves.
+                    rounds_ms = {n: [round(1e3 * t, 4) for t in ts] for n, ts in samples.items()}
                     gbytes = case.bytes_moved(inputs, backward) / 1e9
                     share_key, floor_ms, extra = _floor_fields(case, inputs, ms.pop(FLOOR), gbytes)
                     for name, value in ms.items():
@@ -162,6 +166,7 @@ def _measure(args, device: torch.device, kept: bool, progress) -> tuple[list[dic
                             share_key: round(floor_ms / value, 3), "floor_ms": round(floor_ms, 5), **extra,
                             "vs_eager": round(ms["eager"] / value, 3),
                             "vs_compiled": round(ms["compiled"] / value, 3) if "compiled" in ms else None,
+                            "rounds_ms": rounds_ms[name], "floor_contender_rounds_ms": rounds_ms[FLOOR],
                         })
                     print(f"  {op} {size} {dtype_name} {mode}: " + ", ".join(f"{n} {v:.2f} ms" for n, v in ms.items()),
                           flush=True)
