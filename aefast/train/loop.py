@@ -73,8 +73,9 @@ def train(config: dict[str, Any], out_dir: Path, checkpoint: dict[str, Any] | No
             cluster.split_latents(config["shard_latents"])
         # On CPU, each step's large tensors come from the heap, not from fresh mappings
         # faulted in again every step (aefast._memory).
-        with freed_memory_kept(cluster.device if cluster else _device(config["device"])):
-            return _train(config, out_dir, checkpoint, progress, cluster)
+        device = cluster.device if cluster else _device(config["device"])
+        with freed_memory_kept(device):
+            return _train(config, out_dir, checkpoint, progress, cluster, device)
     except RuntimeError as exc:  # gloo's failures are plain RuntimeErrors, NCCL's DistErrors
         if cluster is None:
             raise
@@ -86,9 +87,8 @@ def train(config: dict[str, Any], out_dir: Path, checkpoint: dict[str, Any] | No
 
 
 def _train(config: dict[str, Any], out_dir: Path, checkpoint: dict[str, Any] | None, progress: bool | None,
-           cluster: Cluster | None) -> dict[str, Any]:
+           cluster: Cluster | None, device: torch.device) -> dict[str, Any]:
     leader = cluster is None or cluster.leader
-    device = cluster.device if cluster else _device(config["device"])
     data, batches = open_training_data(config["data"], config["val_fraction"], config["seed"],
                                        config["batch_size"], config["buffer_mib"], device, config["target"] or None)
     torch.manual_seed(config["seed"])

@@ -147,15 +147,21 @@ AEFAST_INLINE void blocks_in(int64_t begin, int64_t end, int64_t b0, int64_t b1,
   }
 }
 
-// Elements [begin, end), their blocks split among threads (each fences its streamed
-// stores, write_block's, before it returns).
+// fn(b0, b1) on ranges of the blocks that elements [begin, end) meet, split among
+// threads; each thread fences its streamed stores before it returns.
 template <typename Fn>
-void for_each_block(int64_t begin, int64_t end, uint64_t seed, bool normal, const Fn& fn) {
+void parallel_blocks(int64_t begin, int64_t end, const Fn& fn) {
   if (end <= begin) return;
   at::parallel_for(begin / kBlockElements, (end - 1) / kBlockElements + 1, 64, [&](int64_t b0, int64_t b1) {
-    blocks_in(begin, end, b0, b1, seed, normal, fn);
+    fn(b0, b1);
     fence_streams();
   });
+}
+
+// Elements [begin, end), their blocks split among threads (parallel_blocks).
+template <typename Fn>
+void for_each_block(int64_t begin, int64_t end, uint64_t seed, bool normal, const Fn& fn) {
+  parallel_blocks(begin, end, [&](int64_t b0, int64_t b1) { blocks_in(begin, end, b0, b1, seed, normal, fn); });
 }
 template <typename Fn>
 void for_each_block(int64_t n, uint64_t seed, bool normal, const Fn& fn) {
@@ -366,11 +372,10 @@ AEFAST_AVX512 void reparameterize_grad_blocks_avx512(uint64_t seed, const float*
 
 // ---- operators ----
 
-// Whether reparameterize of scalar_t takes the AVX-512 kernels above.
-template <typename T>
-bool reparameterize_avx512() {
+// Whether reparameterize of t's dtype takes the AVX-512 kernels above (float32 only).
+bool reparameterize_avx512(const at::Tensor& t) {
 #if defined(__x86_64__) && defined(__GNUC__)
-  return std::is_same_v<T, float> && simd_level() >= Simd::kAvx512;
+  return t.scalar_type() == at::kFloat && simd_level() >= Simd::kAvx512;
 #else
   return false;
 #endif
@@ -442,22 +447,18 @@ std::tuple<at::Tensor, at::Tensor> reparameterize_forward(const at::Tensor& mu, 
   const int64_t B = m.size(0);
   at::Tensor z = empty_output_like(m);
   const bool stream = z.nbytes() >= kStreamedOutputBytes;
-  at::Tensor kl;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, m.scalar_type(), "reparameterize", [&] {
-    using A = acc_t<scalar_t>;
-    const int64_t n = m.numel();
-    std::vector<double> block_sums(static_cast<size_t>((n + kBlockElements - 1) / kBlockElements), 0.0);
-    if (reparameterize_avx512<scalar_t>()) {
+  const int64_t n = m.numel();
+  std::vector<double> block_sums(static_cast<size_t>((n + kBlockElements - 1) / kBlockElements), 0.0);
+  if (reparameterize_avx512(m)) {
 #if defined(__x86_64__) && defined(__GNUC__)
-      at::parallel_for(0, static_cast<int64_t>(block_sums.size()), 64, [&](int64_t b0, int64_t b1) {
-        reparameterize_blocks_avx512(s, reinterpret_cast<const float*>(m.data_ptr<scalar_t>()),
-                                     reinterpret_cast<const float*>(lv.data_ptr<scalar_t>()),
-                                     reinterpret_cast<float*>(z.data_ptr<scalar_t>()), n, b0, b1, stream,
-                                     block_sums.data());
-        fence_streams();
-      });
+    parallel_blocks(0, n, [&](int64_t b0, int64_t b1) {
+      reparameterize_blocks_avx512(s, m.const_data_ptr<float>(), lv.const_data_ptr<float>(), z.data_ptr<float>(), n,
+                                   b0, b1, stream, block_sums.data());
+    });
 #endif
-    } else {
+  } else {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, m.scalar_type(), "reparameterize", [&] {
+      using A = acc_t<scalar_t>;
       for_each_block(n, s, true, [&](int64_t b, int64_t e0, int64_t ne, const float* eps) {
         A terms[kBlockElements];
         write_block(z.data_ptr<scalar_t>() + e0, ne, stream, [&](scalar_t* results) {
@@ -465,12 +466,11 @@ std::tuple<at::Tensor, at::Tensor> reparameterize_forward(const at::Tensor& mu, 
         });
         block_sums[b] = block_sum(terms, ne);
       });
-    }
-    double total = 0.0;
-    for (double v : block_sums) total += v;
-    kl = at::scalar_tensor(-0.5 * total / static_cast<double>(std::max<int64_t>(B, 1)), m.options());
-  });
-  return {z, kl};
+    });
+  }
+  double total = 0.0;
+  for (double v : block_sums) total += v;
+  return {z, at::scalar_tensor(-0.5 * total / static_cast<double>(std::max<int64_t>(B, 1)), m.options())};
 }
 
 std::tuple<at::Tensor, at::Tensor> reparameterize_backward(const at::Tensor& grad_z, const at::Tensor& grad_kl,
@@ -484,21 +484,19 @@ std::tuple<at::Tensor, at::Tensor> reparameterize_backward(const at::Tensor& gra
   at::Tensor grad_mu = empty_output_like(m), grad_lv = empty_output_like(m);
   const bool stream = grad_mu.nbytes() >= kStreamedOutputBytes;
   const double gkl_over_b = grad_kl.item<double>() / static_cast<double>(std::max<int64_t>(B, 1));
+  if (reparameterize_avx512(m)) {
+#if defined(__x86_64__) && defined(__GNUC__)
+    const int64_t n = m.numel();
+    parallel_blocks(0, n, [&](int64_t b0, int64_t b1) {
+      reparameterize_grad_blocks_avx512(s, g.const_data_ptr<float>(), m.const_data_ptr<float>(), lv.const_data_ptr<float>(),
+                                        grad_mu.data_ptr<float>(), grad_lv.data_ptr<float>(), n, b0, b1, stream,
+                                        static_cast<float>(gkl_over_b));
+    });
+#endif
+    return {grad_mu, grad_lv};
+  }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, m.scalar_type(), "reparameterize_backward", [&] {
     using A = acc_t<scalar_t>;
-    if (reparameterize_avx512<scalar_t>()) {
-#if defined(__x86_64__) && defined(__GNUC__)
-      const int64_t n = m.numel();
-      at::parallel_for(0, (n + kBlockElements - 1) / kBlockElements, 64, [&](int64_t b0, int64_t b1) {
-        reparameterize_grad_blocks_avx512(
-            s, reinterpret_cast<const float*>(g.data_ptr<scalar_t>()), reinterpret_cast<const float*>(m.data_ptr<scalar_t>()),
-            reinterpret_cast<const float*>(lv.data_ptr<scalar_t>()), reinterpret_cast<float*>(grad_mu.data_ptr<scalar_t>()),
-            reinterpret_cast<float*>(grad_lv.data_ptr<scalar_t>()), n, b0, b1, stream, static_cast<float>(gkl_over_b));
-        fence_streams();
-      });
-#endif
-      return;
-    }
     for_each_block(m.numel(), s, true, [&](int64_t, int64_t e0, int64_t ne, const float* eps) {
       write_block(grad_mu.data_ptr<scalar_t>() + e0, ne, stream, [&](scalar_t* gmu) {
         write_block(grad_lv.data_ptr<scalar_t>() + e0, ne, stream, [&](scalar_t* glv) {
