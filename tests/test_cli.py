@@ -200,14 +200,23 @@ def test_bench_verdict_names_each_ops_floor_and_the_ops_below_half_of_it():
     lines = verdicts(rows)
     assert lines[1] == "- slow: floor copy; worst 30% (aefast[cpp], large float32 forward): BELOW 50%"
     assert lines[2].startswith("- fast: floor copy; worst 70%") and lines[2].endswith(": ok")
-    assert lines[3].startswith("- matmul: floor F.linear; worst 92%")
-    assert lines[-1] == "Below 50% of their floor: slow."
-    assert verdicts([row("fast", "aefast[cpp]", 0.7)])[-1] == "Every op measured is at 50% of its floor or more."
+    assert lines[3].startswith("- matmul: floor F.linear; worst 92%") and lines[3].endswith(": ok")
+    below = "Below their goal (50% of the floor, or the ratio to F.linear named): "
+    assert lines[-1] == below + "slow."
+    assert verdicts([row("fast", "aefast[cpp]", 0.7)])[-1] == \
+        "Every op measured meets its goal (50% of the floor, or the ratio to F.linear named)."
+    # An op declared with a goal against its matmul (noisy_linear: at most 1.1x F.linear)
+    # is judged by it: 90% of F.linear is 1.11x, above the goal though above half.
+    noisy = verdicts([row("noisy_linear", "aefast[cpp]", 0.05, matmul_share=0.90)])
+    assert noisy[1] == ("- noisy_linear: floor F.linear, goal at most 1.10x its time; worst 90% "
+                        "(aefast[cpp], medium float32 forward): BELOW (1.111x its time)")
+    assert noisy[-1] == below + "noisy_linear."
+    assert verdicts([row("noisy_linear", "aefast[cpp]", 0.05, matmul_share=0.92)])[1].endswith(": ok")
     # The small size is a call's fixed cost: judged only when no larger size ran.
     small = row("fast", "aefast[cpp]", 0.1) | {"size": "small"}
     with_small = verdicts([row("fast", "aefast[cpp]", 0.7), small])
     assert with_small[0].endswith("over this run's rows but the small size's):") and with_small[-1].startswith("Every op")
-    assert verdicts([small])[-1] == "Below 50% of their floor: fast."
+    assert verdicts([small])[-1] == below + "fast."
 
 
 def test_bench_contenders_alternate_in_a_fresh_order_each_round():

@@ -201,6 +201,14 @@ def markdown(rows: list[dict], env: dict) -> str:
 
 
 FLOOR_SHARE = 0.5  # an op below half its floor is called out
+GOAL_WORDS = f"{FLOOR_SHARE:.0%} of the floor, or the ratio to F.linear named"
+
+
+def goal_share(op: str) -> float:
+    """The share of its floor an op must reach: half of it, or for an op with a goal
+    against its matmul (Bench.matmul_ratio_goal), the inverse of that ratio."""
+    ratio = CASES[op].bench.matmul_ratio_goal if op in CASES else None
+    return FLOOR_SHARE if ratio is None else 1 / ratio
 
 
 def floor_share(row: dict) -> str:
@@ -216,7 +224,8 @@ CALL_BOUND_SIZE = "small"
 def verdicts(rows: list[dict], over: str = "this run's rows") -> list[str]:
     """One line per op: its floor (a copy, or F.linear on the same inputs for the ops
     built around a matmul), aefast's worst share of it over the sizes (the small size
-    only if no other ran), dtypes and modes measured, and whether that is below half."""
+    only if no other ran), dtypes and modes measured, and whether that is below the
+    op's goal (goal_share: half, or the ratio to F.linear its declaration names)."""
     lines, below = [], []
     larger = [r for r in rows if r["size"] != CALL_BOUND_SIZE]
     if larger and len(larger) < len(rows):
@@ -228,14 +237,17 @@ def verdicts(rows: list[dict], over: str = "this run's rows") -> list[str]:
         matmul = "matmul_share" in mine[0]
         worst = min(mine, key=lambda r: r["matmul_share" if matmul else "copy_share"])
         share = worst["matmul_share" if matmul else "copy_share"]
+        goal = goal_share(op)
         floor = "F.linear" if matmul else "copy"
-        verdict = f"BELOW {FLOOR_SHARE:.0%}" if share < FLOOR_SHARE else "ok"
+        if goal != FLOOR_SHARE:
+            floor += f", goal at most {1 / goal:.2f}x its time"
+        verdict = "ok" if share >= goal else f"BELOW {goal:.0%}" if goal == FLOOR_SHARE else f"BELOW ({1 / share:.3f}x its time)"
         lines.append(f"- {op}: floor {floor}; worst {share:.0%} ({worst['contender']}, {worst['size']} {worst.get('dtype', 'float32')} "
                      f"{worst['mode']}): {verdict}")
-        if share < FLOOR_SHARE:
+        if share < goal:
             below.append(op)
-    summary = (f"Below {FLOOR_SHARE:.0%} of their floor: {', '.join(below)}." if below
-               else f"Every op measured is at {FLOOR_SHARE:.0%} of its floor or more.")
+    summary = (f"Below their goal ({GOAL_WORDS}): {', '.join(below)}." if below
+               else f"Every op measured meets its goal ({GOAL_WORDS}).")
     return [f"Verdict per op (aefast's worst share of its floor over {over}):", *lines, summary] if lines else []
 
 

@@ -347,7 +347,7 @@ def sparse_decode(ops, values: Tensor, indices: Tensor, weight: Tensor, bias: Te
     bench=Bench(make=_encoder_inputs, call=lambda op, x, weight, bias: op(x, weight, bias, K),
                 reference=lambda x, weight, bias: reference.topk_encode(x, weight, bias, K),
                 bytes_moved=_encode_bytes, differentiable=("x", "weight", "bias"), params=f"k={K}", flops=linear_flops,
-                library=("torch.topk(relu(F.linear))", lambda x, weight, bias: torch.topk(
+                matmul_ratio_goal=1.2, library=("torch.topk(relu(F.linear))", lambda x, weight, bias: torch.topk(
                     torch.nn.functional.linear(x, weight, bias).relu(), K))),
 )
 def topk_encode(ops, x: Tensor, weight: Tensor, bias: Tensor | None, k: int) -> tuple[Tensor, Tensor]:
@@ -377,7 +377,7 @@ def _encoder_inputs_with_dead(rows, cols, dtype, device):
                 call=lambda op, x, weight, bias, dead: op(x, weight, bias, K, dead, 4 * K),
                 reference=lambda x, weight, bias, dead: reference.topk_encode_aux(x, weight, bias, K, dead, 4 * K),
                 bytes_moved=_encode_bytes, differentiable=("x", "weight", "bias"), params=f"k={K}, k_aux={4 * K}",
-                flops=linear_flops),
+                flops=linear_flops, matmul_ratio_goal=1.2),
 )
 def topk_encode_aux(ops, x: Tensor, weight: Tensor, bias: Tensor | None, k: int, dead: Tensor,
                     k_aux: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:

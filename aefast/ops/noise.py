@@ -438,7 +438,7 @@ def corrupt(ops, x: Tensor, kind: str, level: float, *, seed=None, low: float = 
         call=lambda op, x, weight, bias: op(x, weight, bias, "masking", LEVEL, seed=SEED),
         reference=lambda x, weight, bias: reference.noisy_linear(x, weight, bias, "masking", LEVEL, _seed(x.device)),
         bytes_moved=_linear_bytes, differentiable=("x", "weight", "bias"), compile_reference=False,
-        params=f"masking, level={LEVEL}", flops=linear_flops,
+        params=f"masking, level={LEVEL}", flops=linear_flops, matmul_ratio_goal=1.1,
         library=("F.linear(x * (torch.rand_like(x) >= level))",
                  lambda x, weight, bias: F.linear(x * (torch.rand_like(x) >= LEVEL), weight, bias)),
     ),
