@@ -1,5 +1,5 @@
 """The top-k family (topk_sparse, topk_mask, batch_topk, lifetime_topk, spatial_wta,
-scatter_rows, and the CPU's topk_index_order, column_topk and keep_rows) against
+scatter_rows, and the CPU's topk_mask_rows, topk_index_order, column_topk and keep_rows) against
 aefast/reference.py, on every backend with kernels."""
 
 import pytest
@@ -157,6 +157,22 @@ def test_scatter_rows_writes_every_element_once(poisoned):
         op(values.detach(), indices + 7, 9)
     with pytest.raises(ValueError, match="values and indices must both be"):
         op(values.detach(), indices[:, :2], 9)
+
+
+def test_scatter_rows_streams_large_outputs_and_still_checks_indices(poisoned):
+    # From 32 MiB on, float32 rows on 32-byte boundaries are built in a zeroed buffer and
+    # written around the caches: every element still written, a bad index still reported.
+    op = torch.ops.aefast.scatter_rows
+    B, k, width = 1025, 40, 8192  # 33.6 MB
+    values = torch.randn(B, k)
+    indices = torch.rand(B, width).argsort(1)[:, :k]
+    want = torch.zeros(B, width).scatter_(1, indices, values)
+    assert torch.equal(op(values, indices, width), want)
+    assert torch.equal(op(values, indices, width), want)  # the buffer is left zeroed
+    bad = indices.clone()
+    bad[-1, 3] = width
+    with pytest.raises(IndexError, match=rf"indices must be in \[0, {width}\)"):
+        op(values, bad, width)
 
 
 def test_scatter_rows_with_fewer_rows_than_threads(poisoned):
@@ -412,6 +428,51 @@ def test_index_order_gradcheck_and_opcheck():
     torch.library.opcheck(op, (torch.randn(1, 1 << 16, requires_grad=True), 512, True))
 
 
+# ------------------------------------------- topk_mask_rows: topk_mask and spatial_wta on CPU
+
+# Rows in one pass (block selection, the heap), one winner per row, and an output of
+# 32 MiB or more (selected, then streamed by scatter_rows; 2049 x 4100 is not on
+# 32-byte boundaries past its first row, so it is not streamed).
+MASK_ROWS_CASES = [((37, 1000), 32), ((5, 496), 32), ((4096, 64), 1), ((3, 7), 7), ((2049, 4096), 32),
+                   ((2049, 4100), 5)]
+
+
+@pytest.mark.parametrize(("shape", "k"), MASK_ROWS_CASES, ids=str)
+def test_mask_rows_matches_reference(shape, k, poisoned):
+    op = kernels("cpp").topk_mask_rows
+    large = shape[0] * shape[1] * 4 >= 32 << 20
+    for dtype in (torch.float32,) if large else DTYPES:
+        for ties in (False, True):
+            x = leaf(rows(shape, dtype, "cpu", ties=ties))
+            for relu in (True, False):
+                out, indices = op(x, k, relu)
+                want_out, want_indices = KERNELS["topk_mask_rows"].reference(x, k, relu)
+                assert torch.equal(indices, want_indices) and torch.equal(out, want_out), (dtype, ties, relu)
+                g = torch.randn_like(out)
+                (grad,) = torch.autograd.grad(out, x, g)
+                (want_grad,) = torch.autograd.grad(want_out, x, g)
+                assert torch.equal(grad, want_grad)
+
+
+def test_mask_rows_gradcheck_opcheck_and_bad_arguments():
+    op = kernels("cpp").topk_mask_rows
+    x = leaf((torch.randperm(4000).double().view(40, 100) + 0.5) / 7 - 280)  # distinct, signs mixed
+    assert torch.autograd.gradcheck(lambda t: op(t, 9, True)[0], (x,))
+    assert torch.autograd.gradcheck(lambda t: op(t, 1, False)[0], (x,))
+    assert torch.autograd.gradgradcheck(lambda t: op(t, 9, True)[0], (x,))
+    torch.library.opcheck(op, (torch.randn(6, 20, requires_grad=True), 3, True))
+    torch.library.opcheck(op, (torch.randn(20, 6, requires_grad=True).t(), 4, False))
+    with pytest.raises(ValueError, match="x must be 2-D, got 1-D"):
+        op(torch.randn(10), 2, False)
+    for k in (0, 8):
+        with pytest.raises(ValueError, match=rf"k must be in \[1, 7\], got {k}"):
+            op(torch.randn(3, 7), k, False)
+    x = torch.randn(9, 300)
+    x[8, 299] = float("nan")
+    with pytest.raises(ValueError, match="x contains NaN"):
+        op(x, 4, True)
+
+
 # ------------------------------------------- column_topk, keep_rows: lifetime_topk on CPU
 
 # (B, H, k): partial panels of 16-column tiles (37: 16 + 16 + 5), full panels of 64
@@ -496,7 +557,7 @@ def test_every_simd_path_gives_the_same_selection(level):
     tests = ("index_order_matches or index_order_reports or column_topk_matches or column_topk_reports"
              " or keep_rows_matches or long_row or infinities or batch_lifetime or corrupt_matches"
              " or reparameterize_matches or reparameterize_on_cpu or sparse_and_mask_match or one_winner_per_block or signed_zeros"
-             " or noisy_linear_on_cpu_in_many_windows or corrupt_window_is")
+             " or noisy_linear_on_cpu_in_many_windows or corrupt_window_is or mask_rows_matches or scatter_rows_streams")
     run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", __file__, noise,
                           "-k", tests], env=env, capture_output=True, text=True, timeout=900)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]

@@ -104,6 +104,39 @@ kernel(
 )
 
 
+def _mask_rows_reference(x: Tensor, k: int, relu: bool) -> tuple[Tensor, Tensor]:
+    values, indices = reference.topk_sparse(x, k, relu)
+    return _scatter_reference(values, indices, x.shape[1]), indices
+
+
+def _mask_rows_setup(ctx, inputs, output):
+    ctx.relu = inputs[2]
+    ctx.save_for_backward(*output)
+    ctx.mark_non_differentiable(output[1])
+
+
+def _mask_rows_backward(ops, ctx, grad, _grad_indices):
+    out, indices = ctx.saved_tensors
+    grad_winners = grad.gather(1, indices)
+    if ctx.relu:  # as torch.relu: no gradient where the output is 0
+        grad_winners = grad_winners * (out.gather(1, indices) > 0)
+    return scatter_rows(ops, grad_winners, indices, out.shape[1]), None, None
+
+
+# topk_mask's forward in one pass over x: out is x with all but each row's k largest
+# zeroed (relu=True: then clamped at 0), indices the winners as topk_forward orders
+# them. A CPU kernel only (csrc/cpu/topk.cpp): each row is written as soon as it is
+# selected, where topk_forward then scatter_rows made two passes, each at its own
+# memory speed. Elsewhere topk_mask is those two.
+kernel(
+    "topk_mask_rows(Tensor x, int k, bool relu) -> (Tensor out, Tensor indices)",
+    fake=lambda x, k, relu: (x.new_empty(x.shape), x.new_empty((x.shape[0], k), dtype=torch.long)),
+    reference=_mask_rows_reference,
+    native=CPP, native_devices=("cpu",),
+    setup=_mask_rows_setup, backward=_mask_rows_backward,
+)
+
+
 def _index_order_reference(x: Tensor, k: int, relu: bool) -> tuple[Tensor, Tensor]:
     values, indices = reference.topk_sparse(x, k, relu)
     indices, order = indices.sort(dim=1)
@@ -292,13 +325,16 @@ def topk_sparse(ops, x: Tensor, k: int, *, relu: bool = True) -> tuple[Tensor, T
     return ops.topk_forward(x, k, relu)
 
 
-@operator(uses=("topk_forward",), checks=(check_dense(), _k_per_row),
+@operator(uses=("topk_forward",), prefers=("topk_mask_rows",), checks=(check_dense(), _k_per_row),
           bench=_bench(lambda op, x: op(x, K), lambda x: reference.topk_mask(x, K),
                        ("torch.topk + scatter", lambda x: _torch_topk_mask(x, K)), f"k={K}",
                        _dense_bytes(lambda x: x.shape[0] * K)))
 def topk_mask(ops, x: Tensor, k: int, *, relu: bool = True) -> Tensor:
     """x (B, H) with all but the k largest values of each row set to 0; ReLU after
     selection when relu=True. The gradient flows to the winners only."""
+    mask_rows = ops.get("topk_mask_rows")
+    if mask_rows is not None:  # one pass: each row written as it is selected
+        return mask_rows(x, k, relu)[0]
     values, indices = ops.topk_forward(x, k, relu)
     return scatter_rows(ops, values, indices, x.shape[1])
 
@@ -349,7 +385,8 @@ def lifetime_topk(ops, x: Tensor, rate: float, *, group=None) -> Tensor:
     return scatter_rows(ops, values, indices, x.shape[0]).t()
 
 
-@operator(uses=("topk_forward",), checks=(check_dense(dims=4), _rate("lifetime_rate", optional=True)),
+@operator(uses=("topk_forward",), prefers=("topk_mask_rows",),
+          checks=(check_dense(dims=4), _rate("lifetime_rate", optional=True)),
           bench=_bench(lambda op, x: op(x), reference.spatial_wta, ("amax + scatter", _torch_spatial_wta),
                        "one winner per map", _dense_bytes(lambda x: x.shape[0] * x.shape[1]),
                        make=lambda r, c, dtype, device: {
@@ -361,6 +398,9 @@ def spatial_wta(ops, x: Tensor, *, lifetime_rate: float | None = None) -> Tensor
     ceil(rate * N) samples whose maxima are largest."""
     n, c = x.shape[:2]
     maps = x.reshape(n * c, -1)
+    mask_rows = ops.get("topk_mask_rows")
+    if lifetime_rate is None and mask_rows is not None:  # one pass: each map written as it is read
+        return mask_rows(maps, 1, False)[0].view(x.shape)
     values, indices = ops.topk_forward(maps, 1, False)
     if lifetime_rate is not None:
         m = reference.lifetime_count(lifetime_rate, n)

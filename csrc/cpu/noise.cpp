@@ -174,11 +174,6 @@ __attribute__((target("avx2"))) void stream_floats(const float* from, float* out
 }
 #endif
 
-// Outputs from this size on are streamed (write_block). Measured here, corrupt and
-// reparameterize, the contenders alternating: a 64 MiB output streamed took 0.65-0.85x the
-// time, a 16 MiB one 1.05-1.1x (it would have stayed in the 32 MiB L3 for its reader).
-constexpr int64_t kStreamedOutputBytes = int64_t(32) << 20;
-
 // The n results that compute(to) writes, into out. With `stream`, float32 in whole
 // 64-byte lines goes through a block-sized buffer in L1 and is streamed to out: a fresh
 // output is then not read for ownership before it is written (a third of corrupt's
