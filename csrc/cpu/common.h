@@ -73,6 +73,14 @@ inline void fence_streams() {
 #endif
 }
 
+#if defined(__x86_64__) && defined(__GNUC__)
+// out[0, n) = from[0, n), written around the caches: both on 32-byte boundaries, n a
+// multiple of 8, AVX2 (simd_level() >= Simd::kAvx2). The caller fences.
+__attribute__((target("avx2"))) inline void stream_floats(const float* from, float* out, int64_t n) {
+  for (int64_t i = 0; i < n; i += 8) _mm256_stream_ps(out + i, _mm256_load_ps(from + i));
+}
+#endif
+
 // The hand-written vector paths (intrinsics, next to a portable loop): the widest the
 // CPU has, or narrower where the environment variable AEFAST_SIMD says so ("avx2",
 // "none"), so that tests run every path on any machine. Read once, at the first call.

@@ -168,12 +168,6 @@ void for_each_block(int64_t n, uint64_t seed, bool normal, const Fn& fn) {
   for_each_block(0, n, seed, normal, fn);
 }
 
-#if defined(__x86_64__) && defined(__GNUC__)
-__attribute__((target("avx2"))) void stream_floats(const float* from, float* out, int64_t n) {
-  for (int64_t i = 0; i < n; i += 8) _mm256_stream_ps(out + i, _mm256_load_ps(from + i));
-}
-#endif
-
 // The n results that compute(to) writes, into out. With `stream`, float32 in whole
 // 64-byte lines goes through a block-sized buffer in L1 and is streamed to out: a fresh
 // output is then not read for ownership before it is written (a third of corrupt's

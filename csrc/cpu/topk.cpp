@@ -518,7 +518,7 @@ bool write_dense_row(const T* values, const int64_t* indices, int64_t k, int64_t
 __attribute__((target("avx2"))) void stream_dense_row(const float* values, const int64_t* indices, int64_t k,
                                                       int64_t width, float* row, float* out) {
   for (int64_t j = 0; j < k; ++j) row[indices[j]] = values[j];
-  for (int64_t c = 0; c < width; c += 8) _mm256_stream_ps(out + c, _mm256_load_ps(row + c));
+  stream_floats(row, out, width);
   for (int64_t j = 0; j < k; ++j) row[indices[j]] = 0.0f;
 }
 #endif
