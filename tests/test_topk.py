@@ -183,17 +183,19 @@ def test_scatter_rows_with_fewer_rows_than_threads(poisoned):
     torch.set_num_threads(3)
     try:
         for dtype in (torch.float32, torch.bfloat16):
-            for B, k, width in ((1, 5000, 300007), (2, 3000, 70001), (2, 1, 1)):
+            # The last two from 32 MiB on: float32 ranges streamed (a tail past a multiple of 8)
+            for B, k, width in ((1, 5000, 300007), (2, 3000, 70001), (2, 1, 1), (1, 20000, 9000003), (2, 7000, 4500001)):
                 values = torch.randn(B, k).to(dtype)
                 picked = torch.stack([torch.randperm(width)[:k] for _ in range(B)])
                 for indices in (picked.sort(1).values, picked):  # ascending, then in no order
                     want = torch.zeros(B, width, dtype=dtype).scatter_(1, indices, values)
                     assert torch.equal(op(values, indices, width), want)
-        indices = torch.arange(0, 300000, 100).view(1, -1)
-        values = torch.randn(indices.shape)
-        for bad in (indices - 1, indices + 1000, indices.flip(1) + 1000):  # below, above, not ascending
-            with pytest.raises(IndexError, match=r"indices must be in \[0, 300000\)"):
-                op(values, bad, 300000)
+        for width in (300000, 9000000):
+            indices = torch.arange(0, width, 100).view(1, -1)
+            values = torch.randn(indices.shape)
+            for bad in (indices - 1, indices + 1000, indices.flip(1) + 1000):  # below, above, not ascending
+                with pytest.raises(IndexError, match=rf"indices must be in \[0, {width}\)"):
+                    op(values, bad, width)
     finally:
         torch.set_num_threads(threads)
 

@@ -690,18 +690,39 @@ at::Tensor scatter_rows(const at::Tensor& values_in, const at::Tensor& indices_i
       constexpr int64_t kRange = int64_t(1) << 16;
       bool ascending = true;
       for (int64_t r = 0; r < B && ascending; ++r) ascending = std::is_sorted(ip + r * K, ip + r * K + K);
-      at::parallel_for(0, B * width, kRange, [&](int64_t e0, int64_t e1) {
-        for (int64_t s0 = e0; s0 < e1; s0 += kRange) {
-          const int64_t s1 = std::min(e1, s0 + kRange);
-          std::memset(static_cast<void*>(op + s0), 0, static_cast<size_t>(s1 - s0) * sizeof(scalar_t));
+      // Large float32 outputs: each range built in a zeroed buffer and streamed (the
+      // buffer left zeroed), as RowStreamer does for whole rows.
+      const bool stream = ascending && std::is_same_v<scalar_t, float> && simd_level() >= Simd::kAvx2 &&
+                          out.nbytes() >= kStreamedOutputBytes && reinterpret_cast<uintptr_t>(op) % 32 == 0;
+      const int64_t total = B * width;
+      at::parallel_for(0, (total + kRange - 1) / kRange, 1, [&](int64_t q0, int64_t q1) {
+        std::vector<scalar_t> zeroed(stream ? static_cast<size_t>(kRange + 8) : 0, scalar_t(0));
+        scalar_t* buffer = zeroed.data() + (stream ? (8 - reinterpret_cast<uintptr_t>(zeroed.data()) / sizeof(scalar_t) % 8) % 8 : 0);
+        for (int64_t q = q0; q < q1; ++q) {
+          const int64_t s0 = q * kRange, s1 = std::min(total, s0 + kRange);
+          scalar_t* range = stream ? buffer : op + s0;
+          if (!stream) std::memset(static_cast<void*>(range), 0, static_cast<size_t>(s1 - s0) * sizeof(scalar_t));
           if (!ascending) continue;
-          for (int64_t r = s0 / width; r * width < s1; ++r) {  // the rows the range meets
-            const int64_t* row = ip + r * K;
-            const int64_t c0 = std::max(s0 - r * width, int64_t(0)), c1 = std::min(s1 - r * width, width);
-            for (int64_t j = std::lower_bound(row, row + K, c0) - row; j < K && row[j] < c1; ++j)
-              op[r * width + row[j]] = vp[r * K + j];
+          // The values of the rows the range meets, at their places in it.
+          auto place = [&](bool zero) {
+            for (int64_t r = s0 / width; r * width < s1; ++r) {
+              const int64_t* row = ip + r * K;
+              const int64_t c0 = std::max(s0 - r * width, int64_t(0)), c1 = std::min(s1 - r * width, width);
+              for (int64_t j = std::lower_bound(row, row + K, c0) - row; j < K && row[j] < c1; ++j)
+                range[r * width + row[j] - s0] = zero ? scalar_t(0) : vp[r * K + j];
+            }
+          };
+          place(false);
+#if defined(__x86_64__) && defined(__GNUC__)
+          if (stream) {  // float32 only; a last range's tail past a multiple of 8 plainly
+            const int64_t n = s1 - s0, whole = n / 8 * 8;
+            stream_floats(reinterpret_cast<const float*>(range), reinterpret_cast<float*>(op + s0), whole);
+            std::copy(range + whole, range + n, op + s0 + whole);
+            place(true);
           }
+#endif
         }
+        fence_streams();
       });
       filled = ascending;
       for (int64_t r = 0; r < B && filled && K > 0; ++r)  // ascending: the ends are the extremes
