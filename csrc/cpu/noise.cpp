@@ -373,9 +373,12 @@ bool reparameterize_avx512(const at::Tensor& t) {
 // corrupt of a window x (R, C) of a row-major matrix with row_length columns, at
 // (row_offset, col_offset): element (i, j) takes the draw of its index in the
 // whole matrix, (row_offset + i) * row_length + col_offset + j. The CPU noisy_linear
-// corrupts its input a cache-sized window at a time, just before the matmul of it.
-at::Tensor corrupt_window(const at::Tensor& x, int64_t row_offset, int64_t col_offset, int64_t row_length,
-                          c10::string_view kind, double level, const at::Tensor& seed, double low, double high) {
+// corrupts its input a cache-sized window at a time, just before the matmul of it:
+// a window is never streamed (a 32 MiB one was, at 4096 x 4096, and the matmul then read
+// it back from memory); `corrupt`, whose output has no reader yet, streams a large one.
+at::Tensor corrupt_rows(const at::Tensor& x, int64_t row_offset, int64_t col_offset, int64_t row_length,
+                        c10::string_view kind, double level, const at::Tensor& seed, double low, double high,
+                        bool may_stream) {
   const int k = noise_args::parse_kind(kind);
   noise_args::check_level(k, level);
   TORCH_CHECK_VALUE(x.dim() == 2, "x must be a 2-D window, got ", x.dim(), "-D");
@@ -393,7 +396,7 @@ at::Tensor corrupt_window(const at::Tensor& x, int64_t row_offset, int64_t col_o
     const scalar_t* src = xs.data_ptr<scalar_t>();
     scalar_t* dst = out.data_ptr<scalar_t>();
     const int64_t stride = xs.stride(0);
-    const bool stream = out.nbytes() >= kStreamedOutputBytes;
+    const bool stream = may_stream && out.nbytes() >= kStreamedOutputBytes;
     auto apply = [&](const scalar_t* from, scalar_t* to, int64_t ne, const float* draws) {
       write_block(to, ne, stream, [&](scalar_t* results) {
         corrupt_span_any(k, from, results, ne, draws, static_cast<float>(level), scale, static_cast<A>(low),
@@ -421,11 +424,16 @@ at::Tensor corrupt_window(const at::Tensor& x, int64_t row_offset, int64_t col_o
   return out;
 }
 
+at::Tensor corrupt_window(const at::Tensor& x, int64_t row_offset, int64_t col_offset, int64_t row_length,
+                          c10::string_view kind, double level, const at::Tensor& seed, double low, double high) {
+  return corrupt_rows(x, row_offset, col_offset, row_length, kind, level, seed, low, high, false);
+}
+
 // The whole of x (any shape) is one window: a row of x.numel() elements.
 at::Tensor corrupt(const at::Tensor& x, c10::string_view kind, double level, const at::Tensor& seed,
                    double low, double high) {
   const int64_t n = x.numel();
-  return corrupt_window(x.contiguous().view({1, n}), 0, 0, n, kind, level, seed, low, high).view(x.sizes());
+  return corrupt_rows(x.contiguous().view({1, n}), 0, 0, n, kind, level, seed, low, high, true).view(x.sizes());
 }
 
 std::tuple<at::Tensor, at::Tensor> reparameterize_forward(const at::Tensor& mu, const at::Tensor& logvar,
