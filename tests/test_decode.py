@@ -244,8 +244,11 @@ def test_topk_encode_blocks_merge_to_the_whole_rows_selection(device, backend, m
     x = leaf(integer_valued((10, 6), device, torch.float32))
     w = leaf(integer_valued((47, 6), device, torch.float32, -2, 3))
     b = leaf(integer_valued((47,), device, torch.float32, -2, 3))
-    dead = (torch.arange(47) % 4 == 1).to(device)
-    for k, k_aux in [(7, 9), (1, 1), (12, 40)]:  # k past a block's width, k_aux past the dead count
+    # Dead latents in every block; then only in the last two (blocks without any, and
+    # fewer dead than k_aux = 9: slots of 0 at the lowest live latents).
+    for dead, k, k_aux in [(torch.arange(47) % 4 == 1, 7, 9), (torch.arange(47) % 4 == 1, 1, 1),
+                           (torch.arange(47) % 4 == 1, 12, 40), (torch.arange(47) >= 40, 7, 9)]:
+        dead = dead.to(device)  # k past a block's width, k_aux past the dead count
         with ae.backend(backend):
             got = ae.topk_encode_aux(x, w, b, k, dead, k_aux)
             main = ae.topk_encode(x, w, b, k)
