@@ -232,6 +232,22 @@ def test_topk_encode_aux_gradcheck_opcheck_determinism(device, backend):
 
 
 @pytest.mark.parametrize(("device", "backend"), op_backends("topk_encode_aux"))
+def test_topk_encode_aux_with_an_infinite_live_latent(device, backend):
+    # A live latent at +inf (float16 overflows that way) is a main winner and no aux
+    # candidate: the mask of live latents must make it -inf, not NaN (+inf + -inf).
+    x = torch.randn(5, 6, device=device)
+    w = torch.randn(20, 6, device=device)
+    b = torch.zeros(20, device=device)
+    b[3] = float("inf")
+    dead = (torch.arange(20) % 5 == 0).to(device)  # latent 3 is live
+    with ae.backend(backend):
+        got = ae.topk_encode_aux(x, w, b, 4, dead, 6)
+    for g, e in zip(got, reference.topk_encode_aux(x, w, b, 4, dead, 6)):
+        assert torch.equal(g, e)
+    assert (got[1][:, 0] == 3).all() and not got[2].isnan().any()
+
+
+@pytest.mark.parametrize(("device", "backend"), op_backends("topk_encode_aux"))
 def test_topk_encode_blocks_merge_to_the_whole_rows_selection(device, backend, monkeypatch):
     """Tiny blocks (3 rows x 5 latents): many latent blocks per row, candidates merged
     across them, ties (small integers) still to the lower latent index."""

@@ -169,10 +169,11 @@ def test_scatter_rows_streams_large_outputs_and_still_checks_indices(poisoned):
     want = torch.zeros(B, width).scatter_(1, indices, values)
     assert torch.equal(op(values, indices, width), want)
     assert torch.equal(op(values, indices, width), want)  # the buffer is left zeroed
-    bad = indices.clone()
-    bad[-1, 3] = width
-    with pytest.raises(IndexError, match=rf"indices must be in \[0, {width}\)"):
-        op(values, bad, width)
+    for wrong in (width, -1):  # past the end, before the start: reported, never written
+        bad = indices.clone()
+        bad[-1, 3] = wrong
+        with pytest.raises(IndexError, match=rf"indices must be in \[0, {width}\)"):
+            op(values, bad, width)
 
 
 def test_scatter_rows_with_fewer_rows_than_threads(poisoned):
@@ -473,6 +474,35 @@ def test_mask_rows_gradcheck_opcheck_and_bad_arguments():
     x[8, 299] = float("nan")
     with pytest.raises(ValueError, match="x contains NaN"):
         op(x, 4, True)
+    # A NaN among the first k of a row on the heap path (k > 128: the winners are sorted):
+    # reported before any ranking, for both kernels of the row selection.
+    x = torch.randn(3, 1000)
+    x[0, 5] = float("nan")
+    for select in (op, kernels("cpp").topk_forward):
+        with pytest.raises(ValueError, match="x contains NaN"):
+            select(x, 200, False)
+
+
+def test_mask_rows_with_fewer_rows_than_threads_and_a_changed_output(poisoned):
+    # Fewer rows than threads: each long row scanned in chunks, the dense rows written
+    # after (scatter_rows_into); then the output changed in place by the caller, which
+    # the backward does not read.
+    op = kernels("cpp").topk_mask_rows
+    threads = torch.get_num_threads()
+    torch.set_num_threads(3)
+    try:
+        for dtype in (torch.float32, torch.bfloat16):
+            x = leaf(torch.randn(2, 1 << 16).to(dtype))
+            out, indices = op(x, 40, True)
+            want_out, want_indices = KERNELS["topk_mask_rows"].reference(x, 40, True)
+            assert torch.equal(indices, want_indices) and torch.equal(out, want_out)
+            g = torch.randn_like(out)
+            (want_grad,) = torch.autograd.grad(want_out, x, g)
+            out.mul_(2.0)
+            (grad,) = torch.autograd.grad(out, x, g)
+            assert torch.equal(grad, 2.0 * want_grad)
+    finally:
+        torch.set_num_threads(threads)
 
 
 # ------------------------------------------- column_topk, keep_rows: lifetime_topk on CPU

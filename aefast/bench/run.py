@@ -241,7 +241,8 @@ def verdicts(rows: list[dict], over: str = "this run's rows") -> list[str]:
         floor = "F.linear" if matmul else "copy"
         if goal != FLOOR_SHARE:
             floor += f", goal at most {1 / goal:.2f}x its time"
-        verdict = "ok" if share >= goal else f"BELOW {goal:.0%}" if goal == FLOOR_SHARE else f"BELOW ({1 / share:.3f}x its time)"
+        ratio = f"{1 / share:.3f}x" if share > 0 else "no measurable share of"
+        verdict = "ok" if share >= goal else f"BELOW {goal:.0%}" if goal == FLOOR_SHARE else f"BELOW ({ratio} its time)"
         lines.append(f"- {op}: floor {floor}; worst {share:.0%} ({worst['contender']}, {worst['size']} {worst.get('dtype', 'float32')} "
                      f"{worst['mode']}): {verdict}")
         if share < goal:

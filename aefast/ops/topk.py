@@ -13,10 +13,12 @@ Where the backend has them (CPU), batch_topk takes `topk_index_order`
 (csrc/cpu/topk_index_order.cpp: the same winners in index order, found without the
 value order its dense output never shows) and lifetime_topk `column_topk`
 (csrc/cpu/topk_columns.cpp: per column, in x's row-major layout, with `keep_rows` for
-its gradient).
+its gradient), and topk_mask and spatial_wta `topk_mask_rows` (csrc/cpu/topk.cpp: each
+row's dense output written as soon as the row is selected).
 
-Dense outputs and the selection's gradient come from `scatter_rows`: on CPU one C++
-pass per row, elsewhere PyTorch's in-place scatter into fresh zeros.
+The other dense outputs and the selection's gradient come from `scatter_rows`: on CPU
+one C++ pass per row (large float32 outputs streamed), elsewhere PyTorch's in-place
+scatter into fresh zeros.
 """
 
 from __future__ import annotations
@@ -110,17 +112,20 @@ def _mask_rows_reference(x: Tensor, k: int, relu: bool) -> tuple[Tensor, Tensor]
 
 
 def _mask_rows_setup(ctx, inputs, output):
-    ctx.relu = inputs[2]
-    ctx.save_for_backward(*output)
-    ctx.mark_non_differentiable(output[1])
+    out, indices = output
+    ctx.width = out.shape[1]
+    # Not the output itself, which the user holds and may change in place: the winners,
+    # and with relu which of them passed it (as torch.relu: no gradient where it is 0).
+    ctx.save_for_backward(indices, out.gather(1, indices) > 0 if inputs[2] else None)
+    ctx.mark_non_differentiable(indices)
 
 
 def _mask_rows_backward(ops, ctx, grad, _grad_indices):
-    out, indices = ctx.saved_tensors
+    indices, passed = ctx.saved_tensors
     grad_winners = grad.gather(1, indices)
-    if ctx.relu:  # as torch.relu: no gradient where the output is 0
-        grad_winners = grad_winners * (out.gather(1, indices) > 0)
-    return scatter_rows(ops, grad_winners, indices, out.shape[1]), None, None
+    if passed is not None:
+        grad_winners = grad_winners * passed
+    return scatter_rows(ops, grad_winners, indices, ctx.width), None, None
 
 
 # topk_mask's forward in one pass over x: out is x with all but each row's k largest

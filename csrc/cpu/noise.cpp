@@ -171,7 +171,7 @@ void for_each_block(int64_t n, uint64_t seed, bool normal, const Fn& fn) {
 // The n results that compute(to) writes, into out. With `stream`, float32 in whole
 // 64-byte lines goes through a block-sized buffer in L1 and is streamed to out: a fresh
 // output is then not read for ownership before it is written (a third of corrupt's
-// memory traffic). The thread fences before it returns (for_each_block, corrupt_window).
+// memory traffic). The thread fences before it returns (for_each_block, corrupt_rows).
 template <typename T, typename Compute>
 AEFAST_INLINE void write_block(T* out, int64_t n, bool stream, const Compute& compute) {
 #if defined(__x86_64__) && defined(__GNUC__)

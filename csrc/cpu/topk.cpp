@@ -523,16 +523,24 @@ __attribute__((target("avx2"))) void stream_dense_row(const float* values, const
 }
 #endif
 
-// A thread's writer of dense rows into `out` (rows of `width`): streamed where the
-// output is large (kStreamedOutputBytes), float32 and on 32-byte boundaries, else
-// write_dense_row. write() returns false if an index is outside [0, width).
+// A thread's writer of dense rows into `out` (rows of `width`): streamed where allowed
+// and the output is large (kStreamedOutputBytes), float32, on 32-byte boundaries and
+// the CPU has AVX2 (streams()), else write_dense_row. write() returns false if an index is outside [0, width).
 template <typename T>
 class RowStreamer {
  public:
-  RowStreamer(const at::Tensor& out, int64_t width) : width_(width) {
+  // Whether rows of `width` into `out` are streamed.
+  static bool streams(const at::Tensor& out, int64_t width) {
 #if defined(__x86_64__) && defined(__GNUC__)
-    stream_ = std::is_same_v<T, float> && simd_level() >= Simd::kAvx2 && out.nbytes() >= kStreamedOutputBytes &&
-              width % 8 == 0 && reinterpret_cast<uintptr_t>(out.data_ptr()) % 32 == 0;
+    return out.scalar_type() == at::kFloat && simd_level() >= Simd::kAvx2 && out.nbytes() >= kStreamedOutputBytes &&
+           width % 8 == 0 && reinterpret_cast<uintptr_t>(out.data_ptr()) % 32 == 0;
+#else
+    return false;
+#endif
+  }
+  RowStreamer(const at::Tensor& out, int64_t width, bool allowed = true) : width_(width) {
+#if defined(__x86_64__) && defined(__GNUC__)
+    stream_ = allowed && std::is_same_v<T, float> && streams(out, width);
     if (stream_) {
       zeroed_.assign(static_cast<size_t>(width + 8), 0.0f);
       row_ = zeroed_.data() + (8 - reinterpret_cast<uintptr_t>(zeroed_.data()) / sizeof(float) % 8) % 8;
@@ -558,15 +566,16 @@ class RowStreamer {
   float* row_ = nullptr;
 };
 
-at::Tensor scatter_rows(const at::Tensor& values_in, const at::Tensor& indices_in, int64_t width);
+void scatter_rows_into(const at::Tensor& values_in, const at::Tensor& indices_in, int64_t width, at::Tensor& out);
 
 // Per row of x its k winners into values/indices, and with `dense` the row of x with
-// all but them zeroed into dense (topk_mask's output): a row is written as soon as it
-// is selected, or for a large output (kStreamedOutputBytes) in a second pass streamed
-// by scatter_rows (see topk_mask_rows).
+// all but them zeroed into dense (topk_mask's output), written as soon as the row is
+// selected (with fewer rows than threads, scanned in chunks: afterwards, by
+// scatter_rows_into). A row that holds NaN is reported, never ranked.
 void select_rows(const at::Tensor& x, int64_t k, bool relu, at::Tensor& values, at::Tensor& indices,
                  at::Tensor* dense) {
   const int64_t B = x.size(0), H = x.size(1);
+  if (B == 0) return;
   std::atomic<bool> has_nan{false};
   // Few long rows (batch_topk flattens the batch into one): split each row into
   // chunks scanned in parallel, then merge their candidates. Exact either way.
@@ -585,7 +594,10 @@ void select_rows(const at::Tensor& x, int64_t k, bool relu, at::Tensor& values, 
         std::vector<Candidate<A>> found(static_cast<size_t>(k)), ranked;
         std::vector<A> values_scratch;
         for (int64_t row = r0; row < r1; ++row) {
-          if (!scan(xp + row * H, H, 0, k, found.data(), scratch)) has_nan = true;
+          if (!scan(xp + row * H, H, 0, k, found.data(), scratch)) {
+            has_nan = true;  // NaN has no rank: sorting it is undefined
+            continue;
+          }
           write_winners<scalar_t, A>(found, k, relu, false, values_scratch, ranked, vp + row * k, ip + row * k);
           if (dp) write_dense_row(vp + row * k, ip + row * k, k, H, dp + row * H);
         }
@@ -606,6 +618,7 @@ void select_rows(const at::Tensor& x, int64_t k, bool relu, at::Tensor& values, 
         cand_count[t] = kk;
       }
     });
+    if (has_nan.load()) return;  // reported below, before any ranking
     at::parallel_for(0, B, 1, [&](int64_t r0, int64_t r1) {
       std::vector<Candidate<A>> merged, ranked;
       std::vector<A> values_scratch;
@@ -620,7 +633,7 @@ void select_rows(const at::Tensor& x, int64_t k, bool relu, at::Tensor& values, 
     });
   });
   TORCH_CHECK_VALUE(!has_nan.load(), "aefast: x contains NaN; top-k of NaN is undefined");
-  if (dense && chunks > 1) *dense = scatter_rows(values, indices, H);
+  if (dense && chunks > 1) scatter_rows_into(values, indices, H, *dense);
 }
 
 void check_topk_args(const at::Tensor& x, int64_t k) {
@@ -649,30 +662,42 @@ std::tuple<at::Tensor, at::Tensor> topk_mask_rows(const at::Tensor& x_in, int64_
   auto values = at::empty({x.size(0), k}, x.options());
   auto indices = at::empty({x.size(0), k}, x.options().dtype(at::kLong));
   // Each row written after its selection, while the next rows' reads are in flight:
-  // 4096 maps of 1024 float32 (spatial_wta) 1.75-1.96 ms cold on a Xeon, against 2.13-2.55
-  // for a pass of selection then a pass of writing (1024 rows of 4096: the same time).
-  // Streamed stores mixed with those reads were slower than the two passes (4096 rows of
-  // 4096: 6.0 against 5.6 ms), so a large output is selected, then streamed.
-  if (x.numel() * x.element_size() >= kStreamedOutputBytes) {
-    select_rows(x, k, relu, values, indices, nullptr);
-    return {scatter_rows(values, indices, x.size(1)), indices};
-  }
+  // 4096 maps of 1024 float32 (spatial_wta) 1.56 ms on a Xeon, alternating with a clone,
+  // against 1.85 for a pass of selection then a pass of writing (1024 rows of 4096: 1.54
+  // against 1.70). Streamed stores mixed with those reads were slower than the two passes
+  // (4096 rows of 4096: 6.0 against 5.6 ms), so an output that scatter_rows streams is
+  // selected first, then streamed.
   at::Tensor dense = empty_output(x.sizes(), x.options());
-  select_rows(x, k, relu, values, indices, &dense);
+  if (RowStreamer<float>::streams(dense, x.size(1))) {
+    select_rows(x, k, relu, values, indices, nullptr);
+    scatter_rows_into(values, indices, x.size(1), dense);
+  } else {
+    select_rows(x, k, relu, values, indices, &dense);
+  }
   return {dense, indices};
+}
+
+void check_scatter_args(const at::Tensor& values, const at::Tensor& indices, int64_t width) {
+  TORCH_CHECK_VALUE(values.dim() == 2 && indices.sizes() == values.sizes(),
+                    "aefast: values and indices must both be (B, k)");
+  TORCH_CHECK_VALUE(indices.scalar_type() == at::kLong, "aefast: indices must be int64");
+  TORCH_CHECK_VALUE(width >= 0, "aefast: width must be >= 0, got ", width);
 }
 
 // One write of each output row (zeros, then its k values), in huge pages (common.h):
 // torch's zeros + scatter_ writes the row twice and faults it in 4 KB at a time.
-at::Tensor scatter_rows(const at::Tensor& values_in, const at::Tensor& indices_in, int64_t width) {
-  TORCH_CHECK_VALUE(values_in.dim() == 2 && indices_in.sizes() == values_in.sizes(),
-                    "aefast: values and indices must both be (B, k)");
-  TORCH_CHECK_VALUE(indices_in.scalar_type() == at::kLong, "aefast: indices must be int64");
-  TORCH_CHECK_VALUE(width >= 0, "aefast: width must be >= 0, got ", width);
+at::Tensor scatter_rows(const at::Tensor& values, const at::Tensor& indices, int64_t width) {
+  check_scatter_args(values, indices, width);
+  at::Tensor out = empty_output({values.size(0), width}, values.options());
+  scatter_rows_into(values, indices, width, out);
+  return out;
+}
+
+// out: contiguous (B, width) of the values' dtype, every element of which is written.
+void scatter_rows_into(const at::Tensor& values_in, const at::Tensor& indices_in, int64_t width, at::Tensor& out) {
   const auto values = values_in.contiguous();
   const auto indices = indices_in.contiguous();
   const int64_t B = values.size(0), K = values.size(1);
-  auto out = empty_output({B, width}, values.options());
   std::atomic<bool> out_of_range{false};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, values.scalar_type(), "scatter_rows", [&] {
     const scalar_t* vp = values.const_data_ptr<scalar_t>();
@@ -730,7 +755,7 @@ at::Tensor scatter_rows(const at::Tensor& values_in, const at::Tensor& indices_i
     }
     const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 15) / std::max<int64_t>(width, 1));
     if (!filled) at::parallel_for(0, B, grain, [&](int64_t r0, int64_t r1) {
-      RowStreamer<scalar_t> streamer(out, width);
+      RowStreamer<scalar_t> streamer(out, width, !split_fill);  // split_fill: zeroed above
       for (int64_t r = r0; r < r1; ++r) {
         if (split_fill) {  // zeroed above
           for (int64_t j = 0; j < K; ++j) {
@@ -749,7 +774,6 @@ at::Tensor scatter_rows(const at::Tensor& values_in, const at::Tensor& indices_i
     });
   });
   TORCH_CHECK_INDEX(!out_of_range.load(), "aefast: indices must be in [0, ", width, ")");
-  return out;
 }
 
 }  // namespace
