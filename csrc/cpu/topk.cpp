@@ -495,10 +495,9 @@ void write_winners(std::vector<Candidate<A>>& found, int64_t k, bool relu, bool 
   }
 }
 
-// out[0, width) = 0 but out[indices[j]] = values[j]; false if an index is outside [0, width).
+// out[indices[j]] = values[j] for the indices in [0, width); false if one is outside.
 template <typename T>
-bool write_dense_row(const T* values, const int64_t* indices, int64_t k, int64_t width, T* out) {
-  std::memset(static_cast<void*>(out), 0, static_cast<size_t>(width) * sizeof(T));  // 0.0: all bits 0
+bool place_row(const T* values, const int64_t* indices, int64_t k, int64_t width, T* out) {
   bool in_range = true;
   for (int64_t j = 0; j < k; ++j) {
     const int64_t c = indices[j];
@@ -509,6 +508,31 @@ bool write_dense_row(const T* values, const int64_t* indices, int64_t k, int64_t
     out[c] = values[j];
   }
   return in_range;
+}
+
+// out[0, width) = 0 but out[indices[j]] = values[j]; false if an index is outside [0, width).
+template <typename T>
+bool write_dense_row(const T* values, const int64_t* indices, int64_t k, int64_t width, T* out) {
+  std::memset(static_cast<void*>(out), 0, static_cast<size_t>(width) * sizeof(T));  // 0.0: all bits 0
+  return place_row(values, indices, k, width, out);
+}
+
+// Whether a dense output is written around the caches: float32 of kStreamedOutputBytes
+// or more, on a 32-byte boundary, on a CPU with AVX2 (stream_floats).
+bool streamed_output(const at::Tensor& out) {
+#if defined(__x86_64__) && defined(__GNUC__)
+  return out.scalar_type() == at::kFloat && simd_level() >= Simd::kAvx2 && out.nbytes() >= kStreamedOutputBytes &&
+         reinterpret_cast<uintptr_t>(out.data_ptr()) % 32 == 0;
+#else
+  return false;
+#endif
+}
+
+// A buffer of n zeros on a 32-byte boundary, in `storage`: where a streamed row or range
+// is built (and left zeroed again).
+float* zeroed_floats(std::vector<float>& storage, int64_t n) {
+  storage.assign(static_cast<size_t>(n + 8), 0.0f);
+  return storage.data() + (8 - reinterpret_cast<uintptr_t>(storage.data()) / sizeof(float) % 8) % 8;
 }
 
 #if defined(__x86_64__) && defined(__GNUC__)
@@ -523,28 +547,20 @@ __attribute__((target("avx2"))) void stream_dense_row(const float* values, const
 }
 #endif
 
+// Whether rows of `width` into `out` are streamed: a streamed output whose rows all
+// start on 32-byte boundaries.
+bool streamed_rows(const at::Tensor& out, int64_t width) { return width % 8 == 0 && streamed_output(out); }
+
 // A thread's writer of dense rows into `out` (rows of `width`): streamed where allowed
-// and the output is large (kStreamedOutputBytes), float32, on 32-byte boundaries and
-// the CPU has AVX2 (streams()), else write_dense_row. write() returns false if an index is outside [0, width).
+// and streamed_rows says so, else write_dense_row. write() returns false if an index
+// is outside [0, width).
 template <typename T>
 class RowStreamer {
  public:
-  // Whether rows of `width` into `out` are streamed.
-  static bool streams(const at::Tensor& out, int64_t width) {
-#if defined(__x86_64__) && defined(__GNUC__)
-    return out.scalar_type() == at::kFloat && simd_level() >= Simd::kAvx2 && out.nbytes() >= kStreamedOutputBytes &&
-           width % 8 == 0 && reinterpret_cast<uintptr_t>(out.data_ptr()) % 32 == 0;
-#else
-    return false;
-#endif
-  }
   RowStreamer(const at::Tensor& out, int64_t width, bool allowed = true) : width_(width) {
 #if defined(__x86_64__) && defined(__GNUC__)
-    stream_ = allowed && std::is_same_v<T, float> && streams(out, width);
-    if (stream_) {
-      zeroed_.assign(static_cast<size_t>(width + 8), 0.0f);
-      row_ = zeroed_.data() + (8 - reinterpret_cast<uintptr_t>(zeroed_.data()) / sizeof(float) % 8) % 8;
-    }
+    stream_ = allowed && std::is_same_v<T, float> && streamed_rows(out, width);
+    if (stream_) row_ = zeroed_floats(zeroed_, width);
 #endif
   }
   bool write(const T* values, const int64_t* indices, int64_t k, T* out) {
@@ -668,7 +684,7 @@ std::tuple<at::Tensor, at::Tensor> topk_mask_rows(const at::Tensor& x_in, int64_
   // (4096 rows of 4096: 6.0 against 5.6 ms), so an output that scatter_rows streams is
   // selected first, then streamed.
   at::Tensor dense = empty_output(x.sizes(), x.options());
-  if (RowStreamer<float>::streams(dense, x.size(1))) {
+  if (streamed_rows(dense, x.size(1))) {
     select_rows(x, k, relu, values, indices, nullptr);
     scatter_rows_into(values, indices, x.size(1), dense);
   } else {
@@ -717,12 +733,11 @@ void scatter_rows_into(const at::Tensor& values_in, const at::Tensor& indices_in
       for (int64_t r = 0; r < B && ascending; ++r) ascending = std::is_sorted(ip + r * K, ip + r * K + K);
       // Large float32 outputs: each range built in a zeroed buffer and streamed (the
       // buffer left zeroed), as RowStreamer does for whole rows.
-      const bool stream = ascending && std::is_same_v<scalar_t, float> && simd_level() >= Simd::kAvx2 &&
-                          out.nbytes() >= kStreamedOutputBytes && reinterpret_cast<uintptr_t>(op) % 32 == 0;
+      const bool stream = ascending && streamed_output(out);  // float32 only
       const int64_t total = B * width;
       at::parallel_for(0, (total + kRange - 1) / kRange, 1, [&](int64_t q0, int64_t q1) {
-        std::vector<scalar_t> zeroed(stream ? static_cast<size_t>(kRange + 8) : 0, scalar_t(0));
-        scalar_t* buffer = zeroed.data() + (stream ? (8 - reinterpret_cast<uintptr_t>(zeroed.data()) / sizeof(scalar_t) % 8) % 8 : 0);
+        std::vector<float> zeroed;
+        scalar_t* buffer = stream ? reinterpret_cast<scalar_t*>(zeroed_floats(zeroed, kRange)) : nullptr;
         for (int64_t q = q0; q < q1; ++q) {
           const int64_t s0 = q * kRange, s1 = std::min(total, s0 + kRange);
           scalar_t* range = stream ? buffer : op + s0;
@@ -757,18 +772,9 @@ void scatter_rows_into(const at::Tensor& values_in, const at::Tensor& indices_in
     if (!filled) at::parallel_for(0, B, grain, [&](int64_t r0, int64_t r1) {
       RowStreamer<scalar_t> streamer(out, width, !split_fill);  // split_fill: zeroed above
       for (int64_t r = r0; r < r1; ++r) {
-        if (split_fill) {  // zeroed above
-          for (int64_t j = 0; j < K; ++j) {
-            const int64_t c = ip[r * K + j];
-            if (c < 0 || c >= width) {
-              out_of_range = true;
-              continue;
-            }
-            op[r * width + c] = vp[r * K + j];
-          }
-        } else if (!streamer.write(vp + r * K, ip + r * K, K, op + r * width)) {
-          out_of_range = true;
-        }
+        const bool in_range = split_fill ? place_row(vp + r * K, ip + r * K, K, width, op + r * width)  // zeroed above
+                                         : streamer.write(vp + r * K, ip + r * K, K, op + r * width);
+        if (!in_range) out_of_range = true;
       }
       fence_streams();
     });
