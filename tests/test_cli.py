@@ -106,16 +106,17 @@ def test_readme_tables_come_from_the_newest_stored_run(tmp_path):
 
     from aefast.bench import readme
 
-    def run(folder, date, ms):
+    def run(folder, date, ms, ops=("corrupt",), size="medium"):
         path = tmp_path / "results" / folder
         path.mkdir(parents=True)
-        row = {"op": "corrupt", "size": "medium", "shape": "1024x4096", "mode": "forward", "contender": "aefast[cpp]",
-               "median_ms": ms, "copy_share": 0.5, "vs_eager": 3.0, "vs_compiled": None}
+        rows = [{"op": op, "size": size, "shape": "1024x4096", "mode": "forward", "contender": "aefast[cpp]",
+                 "median_ms": ms, "copy_share": 0.5, "vs_eager": 3.0, "vs_compiled": None} for op in ops]
         env = {"device": "cpu-x", "threads": 2, "torch": "2.13", "date": date, "copy_GBps": 4.0, "device_type": "cpu"}
-        (path / "bench.json").write_text(json.dumps({"environment": env, "results": [row]}))
+        (path / "bench.json").write_text(json.dumps({"environment": env, "results": rows}))
 
     run("old", "2026-01-01T00:00:00", 9.99)
     run("new", "2026-02-01T00:00:00", 1.25)
+    run("large", "2026-03-01T00:00:00", 7.77, size="large")  # not the size shown for the CPU
     page = tmp_path / "README.md"
     page.write_text("intro\n<!-- aefast-bench:cpu -->\nstale\n<!-- /aefast-bench:cpu -->\n"
                     "<!-- aefast-bench:cuda -->\n<!-- /aefast-bench:cuda -->\nend\n")
@@ -125,6 +126,11 @@ def test_readme_tables_come_from_the_newest_stored_run(tmp_path):
     assert "stale" not in first and first.startswith("intro\n") and first.endswith("end\n")
     readme.update(page, tmp_path / "results")
     assert page.read_text() == first  # idempotent
+    # A later run of fewer operators (a check of one change) leaves the full run's table.
+    run("full", "2026-04-01T00:00:00", 2.5, ops=("corrupt", "reparameterize"))
+    run("one-op", "2026-05-01T00:00:00", 6.66, ops=("reparameterize",))
+    readme.update(page, tmp_path / "results")
+    assert "| reparameterize |  | forward | cpp | 2.50 |" in page.read_text() and "6.66" not in page.read_text()
 
 
 def test_version_and_a_bogus_backend_variable():

@@ -3,7 +3,7 @@
     python -m aefast.bench.readme            # rewrites README.md between its markers
 
 For each device type with results under bench/results/*/bench.json (the newest run
-per type), the aefast rows at one size (CPU: medium; GPU: large): time, speedup over
+per type that measured the most operators), the aefast rows at one size (CPU: medium; GPU: large): time, speedup over
 the eager and the compiled reference, and share of the copy bandwidth.
 """
 
@@ -20,13 +20,15 @@ SIZE = {"cpu": "medium", "cuda": "large"}
 
 def newest_runs(results: pathlib.Path) -> dict[str, dict]:
     """{device type: bench.json record} of the newest run per device type, among the
-    runs that measured the size shown for it if any did."""
+    runs that measured the size shown for it if any did, and among those the runs
+    that measured the most operators at that size: a later run of a few ops (`--op`,
+    to check a change) does not replace the table of a full one."""
     runs: dict[str, dict] = {}
 
     def rank(record):
         kind = record["environment"].get("device_type", "cpu")
-        has_size = any(r["size"] == SIZE[kind] for r in record["results"])
-        return has_size, record["environment"]["date"]
+        ops = {r["op"] for r in record["results"] if r["size"] == SIZE[kind]}
+        return bool(ops), len(ops), record["environment"]["date"]
 
     for path in sorted(results.glob("*/bench.json")):
         record = json.loads(path.read_text())
