@@ -22,6 +22,13 @@ _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters
 # its own adjustment leads once large tensors have been freed (the largest
 # freed mapping up to 32 MiB, trim at twice that), not to the 128 KiB it starts at.
 _MMAP_AFTER, _TRIM_AFTER = 32 << 20, 64 << 20
+# While kept: no block mapped anew below 1 GiB, the heap never trimmed.
+_MMAP_KEPT, _TRIM_KEPT = 1 << 30, 2**31 - 1
+
+
+def kept_memory_environment() -> dict[str, str]:
+    """The same for a child process, from its start: glibc's environment variables."""
+    return {"MALLOC_MMAP_THRESHOLD_": str(_MMAP_KEPT), "MALLOC_TRIM_THRESHOLD_": str(_TRIM_KEPT)}
 
 
 @contextlib.contextmanager
@@ -37,7 +44,7 @@ def freed_memory_kept(device: torch.device):
     effect (not on a glibc that refuses a threshold over 32 MiB, nor on a GPU)."""
     lib = libc() if device.type == "cpu" and sys.platform == "linux" else None
     glibc = lib is not None and hasattr(lib, "mallopt")
-    kept = glibc and lib.mallopt(_M_MMAP_THRESHOLD, 1 << 30) == 1 and lib.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1) == 1
+    kept = glibc and lib.mallopt(_M_MMAP_THRESHOLD, _MMAP_KEPT) == 1 and lib.mallopt(_M_TRIM_THRESHOLD, _TRIM_KEPT) == 1
     try:
         yield kept
     finally:

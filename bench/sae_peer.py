@@ -176,9 +176,11 @@ def run_in_process(library: str, rows: int, width: int, latents: int, k: int, st
     # Every block of 64 KiB and more mapped anew and unmapped when freed: the resident
     # memory between steps falls back, so peak minus resident is the step's transient
     # memory. Each step then faults in its large tensors again; --keep-freed-memory times
-    # the steps with freed memory kept instead (no memory figures then).
-    threshold = {"MALLOC_MMAP_THRESHOLD_": str(1 << 30), "MALLOC_TRIM_THRESHOLD_": str(2**31 - 1)} \
-        if keep_freed_memory else {"MALLOC_MMAP_THRESHOLD_": "65536"}
+    # the steps with freed memory kept instead (no memory figures then). Imported here:
+    # each child imports only the library it times.
+    from aefast._memory import kept_memory_environment
+
+    threshold = kept_memory_environment() if keep_freed_memory else {"MALLOC_MMAP_THRESHOLD_": "65536"}
     env = {**os.environ, **threshold}
     command = [sys.executable, __file__, "--child", library, "--rows", str(rows), "--width", str(width),
                "--latents", str(latents), "--k", str(k), "--steps", str(steps), "--device", device, "--dtype", dtype]
