@@ -88,6 +88,24 @@ def test_topk_with_infinities_and_long_rows(device, backend):
 
 
 @pytest.mark.parametrize(("device", "backend"), op_backends("topk_sparse"))
+def test_rows_mostly_tied_at_the_bar(device, backend):
+    """Rows of one repeated value (ReLU's zeros; AuxK's -inf on live latents) with a few
+    values above it, fewer and more than k, early and late in long rows: the winners
+    are those, then the lowest-index ties (the CPU's block selection keeps only the
+    first k ties it meets)."""
+    torch.manual_seed(0)
+    width = 1 << (10 if interpreted(device, backend) else 14)
+    for fill in (0.0, float("-inf")):
+        for above in (0, 1, 5, 31, 32, 33, 200):
+            x = torch.full((3, width), fill, dtype=torch.float64)
+            for r in range(3):
+                x[r, torch.randperm(width)[:above]] = torch.rand(above, dtype=torch.float64) + 0.5
+            x[2, :above] = fill  # none of them at the front
+            for dtype in DTYPES:
+                assert_topk_sparse_matches_reference(x.to(device, dtype), 32, backend)
+
+
+@pytest.mark.parametrize(("device", "backend"), op_backends("topk_sparse"))
 def test_signed_zeros_tie_by_index_in_every_dtype(device, backend, poisoned):
     # -0.0 and +0.0 are one value: ties to the lower index whatever the sign bits (the
     # CUDA kernel compares integer keys of the bits, where -0.0 must take +0.0's). The
@@ -588,7 +606,7 @@ def test_every_simd_path_gives_the_same_selection(level):
     noise = os.path.join(os.path.dirname(__file__), "test_noise.py")
     tests = ("index_order_matches or index_order_reports or column_topk_matches or column_topk_reports"
              " or keep_rows_matches or long_row or infinities or batch_lifetime or corrupt_matches"
-             " or reparameterize_matches or reparameterize_on_cpu or sparse_and_mask_match or one_winner_per_block or signed_zeros"
+             " or reparameterize_matches or reparameterize_on_cpu or sparse_and_mask_match or one_winner_per_block or signed_zeros or mostly_tied"
              " or noisy_linear_on_cpu_in_many_windows or corrupt_window_is or mask_rows_matches or scatter_rows_streams")
     run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", __file__, noise,
                           "-k", tests], env=env, capture_output=True, text=True, timeout=900)

@@ -346,17 +346,25 @@ inline A keep_best(std::vector<Candidate<A>>& found, int64_t k, std::vector<A>& 
   return found[k - 1].value;
 }
 
-// The elements of blocks [b0, b1) of tile[0, len) above `bar` (or equal to it, when
-// `inclusive`), in index order, into `found` (indices offset by `base`); a block is
-// read only if its maximum qualifies.
+// The elements of blocks [b0, b1) of tile[0, len) above `bar`, and the first `ties`
+// equal to it (ties: the lower index wins, so no later one can), in index order, into
+// `found` (indices offset by `base`); a block is read only if its maximum qualifies.
+// `ties` counts down. (Every element equal to the bar collected made a row of k = 32
+// over 8192 all -inf, AuxK's block without a dead latent, or of ReLU zeros, a sort of
+// all 8192: 10x the time of a row of distinct values.)
 template <typename T, typename A>
 AEFAST_INLINE void collect_blocks(const T* tile, int64_t len, const A* maxima, int64_t b0, int64_t b1, A bar,
-                                  bool inclusive, int64_t base, std::vector<Candidate<A>>& found) {
+                                  int64_t& ties, int64_t base, std::vector<Candidate<A>>& found) {
   for (int64_t b = b0; b < b1; ++b) {
-    if (!(maxima[b] > bar || (inclusive && maxima[b] == bar))) continue;
+    if (!(maxima[b] > bar || (ties > 0 && maxima[b] == bar))) continue;
     for (int64_t j = b * kBlockLen; j < std::min(len, (b + 1) * kBlockLen); ++j) {
       const A v = static_cast<A>(tile[j]);
-      if (v > bar || (inclusive && v == bar)) found.push_back({v, base + j});
+      if (v > bar) {
+        found.push_back({v, base + j});
+      } else if (v == bar && ties > 0) {
+        --ties;
+        found.push_back({v, base + j});
+      }
     }
   }
 }
@@ -365,15 +373,15 @@ AEFAST_INLINE void collect_blocks(const T* tile, int64_t len, const A* maxima, i
 // vectorized test each (most runs hold no block to read again).
 template <typename T, typename A>
 AEFAST_INLINE void collect_qualifying_portable(const T* tile, int64_t len, const A* maxima, int64_t b0, int64_t b1,
-                                               A bar, bool inclusive, int64_t base,
+                                               A bar, int64_t& ties, int64_t base,
                                                std::vector<Candidate<A>>& found) {
   int64_t b = b0;
   for (; b + kBlock <= b1; b += kBlock) {
     int any = 0;
     for (int64_t t = b; t < b + kBlock; ++t) any |= maxima[t] >= bar;
-    if (any) collect_blocks(tile, len, maxima, b, b + kBlock, bar, inclusive, base, found);
+    if (any) collect_blocks(tile, len, maxima, b, b + kBlock, bar, ties, base, found);
   }
-  collect_blocks(tile, len, maxima, b, b1, bar, inclusive, base, found);
+  collect_blocks(tile, len, maxima, b, b1, bar, ties, base, found);
 }
 
 #if defined(__x86_64__) && defined(__GNUC__)
@@ -387,34 +395,39 @@ __attribute__((target("avx512f"))) inline uint32_t qualifying_bits(const float* 
 // qualifies, then only their set bits (the scalar loop's branch per element and per
 // block mispredicted often).
 __attribute__((target("avx512f"))) void collect_qualifying_avx512(const float* tile, int64_t len, const float* maxima,
-                                                                  int64_t b0, int64_t b1, float bar, bool inclusive,
+                                                                  int64_t b0, int64_t b1, float bar, int64_t& ties,
                                                                   int64_t base, std::vector<Candidate<float>>& found) {
   const __m512 bars = _mm512_set1_ps(bar);
   const int64_t whole = std::min(b1, len / kBlockLen);  // blocks of 16 elements
   int64_t b = b0;
   for (; b + 16 <= whole; b += 16) {  // the maxima of 16 blocks at once, then only the blocks that qualify
-    for (uint32_t blocks = qualifying_bits(maxima + b, bars, inclusive); blocks != 0; blocks &= blocks - 1) {
+    for (uint32_t blocks = qualifying_bits(maxima + b, bars, ties > 0); blocks != 0; blocks &= blocks - 1) {
       const int64_t block = b + __builtin_ctz(blocks);
-      for (uint32_t m = qualifying_bits(tile + block * kBlockLen, bars, inclusive); m != 0; m &= m - 1) {
-        const int64_t j = block * kBlockLen + __builtin_ctz(m);
-        found.push_back({tile[j], base + j});
+      const uint32_t equal = ties > 0 ? _mm512_cmp_ps_mask(_mm512_loadu_ps(tile + block * kBlockLen), bars, _CMP_EQ_OQ) : 0;
+      for (uint32_t m = qualifying_bits(tile + block * kBlockLen, bars, ties > 0); m != 0; m &= m - 1) {
+        const int bit = __builtin_ctz(m);
+        if (equal >> bit & 1) {  // a tie with the bar: only the first `ties` of them
+          if (ties == 0) continue;
+          --ties;
+        }
+        found.push_back({tile[block * kBlockLen + bit], base + block * kBlockLen + bit});
       }
     }
   }
-  collect_blocks<float, float>(tile, len, maxima, b, b1, bar, inclusive, base, found);
+  collect_blocks<float, float>(tile, len, maxima, b, b1, bar, ties, base, found);
 }
 #endif
 
 template <typename T, typename A>
 AEFAST_INLINE void collect_qualifying(const T* tile, int64_t len, const A* maxima, int64_t b0, int64_t b1, A bar,
-                                      bool inclusive, int64_t base, std::vector<Candidate<A>>& found) {
+                                      int64_t ties, int64_t base, std::vector<Candidate<A>>& found) {
 #if defined(__x86_64__) && defined(__GNUC__)
   if constexpr (std::is_same_v<T, float>) {
     if (simd_level() >= Simd::kAvx512)
-      return collect_qualifying_avx512(tile, len, maxima, b0, b1, bar, inclusive, base, found);
+      return collect_qualifying_avx512(tile, len, maxima, b0, b1, bar, ties, base, found);
   }
 #endif
-  collect_qualifying_portable<T, A>(tile, len, maxima, b0, b1, bar, inclusive, base, found);
+  collect_qualifying_portable<T, A>(tile, len, maxima, b0, b1, bar, ties, base, found);
 }
 
 // The k best of x[0, n) into `out`, reading again only blocks that can hold a winner.
@@ -441,11 +454,12 @@ inline __attribute__((always_inline)) bool block_scan(const T* x, int64_t n, int
     range = block_maxima<T, A>(tile, len, maxima);
 #endif
     if (range.nan) return false;
-    // The first tile is whole: elements >= its t0 qualify. Later tiles come after all
-    // kept candidates, so an element equal to the bar loses its tie: strictly above.
+    // The first tile is whole: elements above its t0 qualify, and the first k equal to
+    // it. Later tiles come after all kept candidates, so an element equal to the bar
+    // loses its tie: strictly above.
     const bool first_tile = start == 0;
     if (first_tile) bar = maxima_bar(maxima, blocks, k, range.low, range.high);
-    collect_qualifying<T, A>(tile, len, maxima, 0, tile_blocks, bar, first_tile, first + start, found);
+    collect_qualifying<T, A>(tile, len, maxima, 0, tile_blocks, bar, first_tile ? k : 0, first + start, found);
     if (static_cast<int64_t>(found.size()) > k) bar = keep_best(found, k, scratch.values, scratch.kept);
   }
   std::copy(found.begin(), found.end(), out);
