@@ -395,6 +395,8 @@ def index_order_inputs(shape, kind, dtype, *, transposed):
     elif kind == "zeros":  # signed zeros tie; infinities at both ends
         choices = torch.tensor([-0.0, 0.0, 1.0, -1.0, float("-inf"), float("inf")], dtype=torch.float64)
         x = choices[torch.randint(0, len(choices), stored)]
+    elif kind == "relu":  # ReLU's zeros, a few values above them: fewer than k in most columns
+        x = torch.relu(torch.randn(stored, dtype=torch.float64) - 2.0)
     else:  # "sorted": every winner at the end, where a sampled bar's chunks overflow
         x = torch.arange(stored[0] * stored[1], dtype=torch.float64).view(stored) / 7
     x = x.to(dtype)
@@ -407,7 +409,7 @@ INDEX_ORDER_CASES = [((1, 1 << 20), 5000, False), ((2, 70001), 300, False), ((1,
                      ((37, 1000), 52, True), ((3, 1000), 40, False)]
 
 
-@pytest.mark.parametrize("kind", ["normal", "ties", "zeros", "sorted"])
+@pytest.mark.parametrize("kind", ["normal", "ties", "zeros", "relu", "sorted"])
 @pytest.mark.parametrize(("shape", "k", "transposed"), INDEX_ORDER_CASES, ids=str)
 def test_index_order_matches_reference(shape, k, transposed, kind, poisoned):
     op = kernels("cpp").topk_index_order
@@ -535,7 +537,7 @@ def column_inputs(batch, units, kind, dtype):
     return index_order_inputs((units, batch), kind, dtype, transposed=True).t()
 
 
-@pytest.mark.parametrize("kind", ["normal", "ties", "zeros", "sorted"])
+@pytest.mark.parametrize("kind", ["normal", "ties", "zeros", "relu", "sorted"])
 @pytest.mark.parametrize(("batch", "units", "k"), COLUMN_CASES, ids=str)
 def test_column_topk_matches_reference(batch, units, k, kind, poisoned):
     op = kernels("cpp").column_topk

@@ -73,13 +73,20 @@ AEFAST_INLINE void count_lanes(const Key* keys, int64_t n, const Key* bars, int3
   std::copy(c, c + kLanes, counts);
 }
 
-// Per lane l, the positions j whose key is >= bars[l], into rows[l * n ...]; their number into counts.
+// Per lane l, the positions j whose key is above bars[l], and the first ties[l] whose
+// key equals it, into rows[l * n ...]; their number into counts.
 template <typename Key>
-AEFAST_INLINE void collect_lanes(const Key* keys, int64_t n, const Key* bars, int32_t* rows, int32_t* counts) {
-  int32_t c[kLanes] = {};
+AEFAST_INLINE void collect_lanes(const Key* keys, int64_t n, const Key* bars, const int32_t* ties, int32_t* rows,
+                                 int32_t* counts) {
+  int32_t c[kLanes] = {}, left[kLanes];
+  std::copy(ties, ties + kLanes, left);
   for (int64_t j = 0; j < n; ++j)
-    for (int64_t l = 0; l < kLanes; ++l)
-      if (keys[j * kLanes + l] >= bars[l]) rows[l * n + c[l]++] = static_cast<int32_t>(j);
+    for (int64_t l = 0; l < kLanes; ++l) {
+      const Key key = keys[j * kLanes + l];
+      const bool tie = key == bars[l] && left[l] > 0;
+      left[l] -= tie;
+      if (key > bars[l] || tie) rows[l * n + c[l]++] = static_cast<int32_t>(j);
+    }
   std::copy(c, c + kLanes, counts);
 }
 
@@ -114,13 +121,17 @@ __attribute__((target("avx2"))) void count_lanes_avx2(const int32_t* keys, int64
 // into one list in row order (no branch per hit, which mispredicts); then dealt out
 // to the lanes in that order. entries: room for 16 n + 16.
 __attribute__((target("avx512f,avx512bw"))) void collect_lanes_avx512(const int32_t* keys, int64_t n, const int32_t* bars,
-                                                                      int32_t* rows, int32_t* counts,
-                                                                      uint32_t* entries) {
-  const __m512i bar = _mm512_loadu_si512(bars);
+                                                                      const int32_t* ties, int32_t* rows,
+                                                                      int32_t* counts, uint32_t* entries) {
+  const __m512i bar = _mm512_loadu_si512(bars), one = _mm512_set1_epi32(1);
   const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  __m512i left = _mm512_loadu_si512(ties);
   int64_t size = 0;
   for (int64_t j = 0; j < n; ++j) {
-    const __mmask16 hit = _mm512_cmpge_epi32_mask(_mm512_loadu_si512(keys + j * kLanes), bar);
+    const __m512i key = _mm512_loadu_si512(keys + j * kLanes);
+    const __mmask16 tie = _mm512_mask_cmpeq_epi32_mask(_mm512_cmpgt_epi32_mask(left, _mm512_setzero_si512()), key, bar);
+    left = _mm512_mask_sub_epi32(left, tie, left, one);
+    const __mmask16 hit = _mm512_cmpgt_epi32_mask(key, bar) | tie;
     const __m512i entry = _mm512_or_si512(_mm512_set1_epi32(static_cast<int32_t>(j << 4)), lane);
     _mm512_storeu_si512(entries + size, _mm512_maskz_compress_epi32(hit, entry));
     size += __builtin_popcount(hit);
@@ -134,15 +145,23 @@ __attribute__((target("avx512f,avx512bw"))) void collect_lanes_avx512(const int3
 }
 
 __attribute__((target("avx2"))) void collect_lanes_avx2(const int32_t* keys, int64_t n, const int32_t* bars,
-                                                        int32_t* rows, int32_t* counts) {
-  const __m256i bar0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(bars));
-  const __m256i bar1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(bars + 8));
+                                                        const int32_t* ties, int32_t* rows, int32_t* counts) {
+  const __m256i bar[2] = {_mm256_loadu_si256(reinterpret_cast<const __m256i*>(bars)),
+                          _mm256_loadu_si256(reinterpret_cast<const __m256i*>(bars + 8))};
+  __m256i left[2] = {_mm256_loadu_si256(reinterpret_cast<const __m256i*>(ties)),
+                     _mm256_loadu_si256(reinterpret_cast<const __m256i*>(ties + 8))};
   int32_t c[kLanes] = {};
   for (int64_t j = 0; j < n; ++j) {
     const __m256i* row = reinterpret_cast<const __m256i*>(keys + j * kLanes);
-    const uint32_t below = static_cast<uint32_t>(_mm256_movemask_ps(_mm256_castsi256_ps(_mm256_cmpgt_epi32(bar0, _mm256_loadu_si256(row))))) |
-                           static_cast<uint32_t>(_mm256_movemask_ps(_mm256_castsi256_ps(_mm256_cmpgt_epi32(bar1, _mm256_loadu_si256(row + 1))))) << 8;
-    for (uint32_t m = ~below & 0xFFFFu; m != 0; m &= m - 1) {
+    uint32_t hits = 0;
+    for (int h = 0; h < 2; ++h) {  // compares give -1 where true: adding a tie counts it down
+      const __m256i key = _mm256_loadu_si256(row + h);
+      const __m256i tie = _mm256_and_si256(_mm256_cmpeq_epi32(key, bar[h]), _mm256_cmpgt_epi32(left[h], _mm256_setzero_si256()));
+      left[h] = _mm256_add_epi32(left[h], tie);
+      const __m256i hit = _mm256_or_si256(_mm256_cmpgt_epi32(key, bar[h]), tie);
+      hits |= static_cast<uint32_t>(_mm256_movemask_ps(_mm256_castsi256_ps(hit))) << (8 * h);
+    }
+    for (uint32_t m = hits; m != 0; m &= m - 1) {
       const int l = __builtin_ctz(m);
       rows[l * n + c[l]++] = static_cast<int32_t>(j);
     }
@@ -286,18 +305,18 @@ void count_tile(const Key* keys, int64_t n, const Key* bars, int32_t* counts) {
 }
 
 template <typename Key>
-void collect_tile(const Key* keys, int64_t n, const Key* bars, int32_t* rows, int32_t* counts,
+void collect_tile(const Key* keys, int64_t n, const Key* bars, const int32_t* ties, int32_t* rows, int32_t* counts,
                   std::vector<uint32_t>& entries) {
 #if defined(__x86_64__) && defined(__GNUC__)
   if constexpr (std::is_same_v<Key, int32_t>) {
     if (simd_level() == Simd::kAvx512) {
       entries.resize(static_cast<size_t>(kLanes * (n + 1)));
-      return collect_lanes_avx512(keys, n, bars, rows, counts, entries.data());
+      return collect_lanes_avx512(keys, n, bars, ties, rows, counts, entries.data());
     }
-    if (simd_level() == Simd::kAvx2) return collect_lanes_avx2(keys, n, bars, rows, counts);
+    if (simd_level() == Simd::kAvx2) return collect_lanes_avx2(keys, n, bars, ties, rows, counts);
   }
 #endif
-  collect_lanes(keys, n, bars, rows, counts);
+  collect_lanes(keys, n, bars, ties, rows, counts);
 }
 
 // Where a normal distribution's top `share` begins, in standard deviations (clamped to
@@ -323,14 +342,17 @@ void select_in_tile(const Key* keys, int64_t B, int64_t lanes, int64_t k, const 
   const int64_t enough = k + 4;  // a few steps more, and no nth_element
   Key bar[kLanes], top[kLanes];
   int32_t counts[kLanes], at_bar[kLanes], at_top[kLanes];
+  int32_t lowered[kLanes] = {};  // passes in a row that brought top down
   // A key inside (bar, top) whose count came back: the end of the bracket it replaces.
   auto narrow = [&](int64_t l, Key key, int32_t count) {
     if (count >= k && key > bar[l]) {
       bar[l] = key;
       at_bar[l] = count;
+      lowered[l] = 0;
     } else if (count < k && key < top[l]) {
       top[l] = key;
       at_top[l] = count;
+      ++lowered[l];
     }
   };
   // First, two guesses a quarter of a standard deviation either side of where the k-th
@@ -370,6 +392,11 @@ void select_in_tile(const Key* keys, int64_t B, int64_t lanes, int64_t k, const 
         const double f = static_cast<double>(at_bar[l] - (k + 2)) / static_cast<double>(at_bar[l] - at_top[l]);
         step = static_cast<UKey>(std::clamp(f, 0.25, 0.75) * static_cast<double>(gap));
         step = std::clamp<UKey>(step, 1, gap - 1);
+      } else if (!done && lowered[l] >= 2) {
+        // A wide bracket whose top came down twice running may hold many elements
+        // equal to bar (ReLU's zeros): then the k-th is bar itself, and halving would
+        // take some 30 passes to find the next key. One pass at bar + 1 tells.
+        step = 1;
       }
       mid[l] = done ? bar[l] : static_cast<Key>(static_cast<UKey>(bar[l]) + step);  // bar: no change
     }
@@ -377,8 +404,14 @@ void select_in_tile(const Key* keys, int64_t B, int64_t lanes, int64_t k, const 
     count_tile(keys, B, mid, counts);
     for (int64_t l = 0; l < kLanes; ++l) narrow(l, mid[l], counts[l]);
   }
+  // Where the k-th is bar itself (top = bar + 1), everything above it wins and the
+  // first of those equal to it in row order: only they are collected, not all ties.
+  int32_t ties[kLanes];
+  for (int64_t l = 0; l < kLanes; ++l)
+    ties[l] = static_cast<UKey>(top[l]) - static_cast<UKey>(bar[l]) <= 1 ? static_cast<int32_t>(k) - at_top[l]
+                                                                          : std::numeric_limits<int32_t>::max();
   s.rows.resize(static_cast<size_t>(kLanes * B));
-  collect_tile(keys, B, bar, s.rows.data(), counts, s.entries);
+  collect_tile(keys, B, bar, ties, s.rows.data(), counts, s.entries);
   for (int64_t l = 0; l < lanes; ++l) {  // the exact k among the candidates, by key (the values' order)
     s.found.clear();
     const int32_t* rows = s.rows.data() + l * B;
