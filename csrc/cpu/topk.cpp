@@ -235,14 +235,20 @@ inline __attribute__((always_inline)) A maxima_bar(const A* maxima, int64_t bloc
       lo = finite_lo;
     }
   }
+  int lowered = 0;  // steps in a row that brought hi down
   for (int step = 0; step < 64; ++step) {  // invariant: count(lo) >= k > count(hi)
-    const A mid = lo / 2 + hi / 2;  // no overflow across the whole range
+    // hi came down twice running: many maxima may equal lo (a row of ReLU zeros with
+    // fewer than k above them), where halving toward lo would take every remaining
+    // step (down through the denormals). One count just above lo tells.
+    const A mid = lowered >= 2 ? std::nextafter(lo, hi) : lo / 2 + hi / 2;  // no overflow across the whole range
     if (mid <= lo || mid >= hi) break;
     const int64_t c = count_at_least(mid);
     if (c < k) {
       hi = mid;
+      ++lowered;
     } else {
       lo = mid;
+      lowered = 0;
       if (c <= k + k / 4 + 8) break;  // close enough: a few extra blocks to read again
     }
   }
@@ -294,7 +300,9 @@ AEFAST_SIMD_CLONES void rank_select_clones(const Candidate<float>* c, int64_t n,
 
 // float32 with AVX-512, 16 candidates' ranks at once: each value broadcast against a
 // vector of 16 others, a masked add where it is larger. Without ties the ranks are a
-// permutation of [0, n); a rank met twice means ties, which the loop above orders.
+// permutation of [0, n); a rank met twice means ties, and a second pass counts equal
+// values of lower index as better too (the scalar index loop above had been a fifth of
+// topk_forward on rows of ReLU zeros).
 // (The loop above spent most of its time in scalar tails of 40-odd candidates: a
 // sixth of topk_sparse at 1024 x 4096 on a Xeon.)
 __attribute__((target("avx512f"))) void rank_select_avx512(const Candidate<float>* c, int64_t n, int64_t k, float* values,
@@ -312,9 +320,30 @@ __attribute__((target("avx512f"))) void rank_select_avx512(const Candidate<float
     _mm512_store_si512(ranks + i, above);
   }
   bool taken[kRankSelectMax] = {};
-  for (int64_t i = 0; i < n; ++i) {
-    if (taken[ranks[i]]) return rank_select_clones(c, n, k, values, out);
+  bool ties = false;
+  for (int64_t i = 0; i < n && !ties; ++i) {
+    ties = taken[ranks[i]];
     taken[ranks[i]] = true;
+  }
+  if (ties) {  // again, equal values ranked by index (ReLU's zeros: most of the candidates)
+    alignas(64) int64_t index[kRankSelectMax + 16];
+    for (int64_t i = 0; i < n; ++i) index[i] = c[i].index;
+    for (int64_t i = n; i < padded; ++i) index[i] = 0;  // NaN values: never equal
+    for (int64_t i = 0; i < padded; i += 16) {
+      const __m512 them = _mm512_loadu_ps(values + i);
+      const __m512i index_lo = _mm512_load_si512(index + i), index_hi = _mm512_load_si512(index + i + 8);
+      __m512i above = _mm512_setzero_si512();
+      for (int64_t j = 0; j < n; ++j) {
+        const __m512 v = _mm512_set1_ps(values[j]);
+        const __m512i at = _mm512_set1_epi64(index[j]);
+        const __mmask16 lower = static_cast<__mmask16>(_mm512_cmpgt_epi64_mask(index_lo, at) |
+                                                       _mm512_cmpgt_epi64_mask(index_hi, at) << 8);
+        const __mmask16 better = _mm512_cmp_ps_mask(v, them, _CMP_GT_OQ) |
+                                 (_mm512_cmp_ps_mask(v, them, _CMP_EQ_OQ) & lower);
+        above = _mm512_mask_add_epi32(above, better, above, one);
+      }
+      _mm512_store_si512(ranks + i, above);
+    }
   }
   Candidate<float> ranked[kRankSelectMax];  // all n, then the first k: no branch on rank < k, which mispredicts
   for (int64_t i = 0; i < n; ++i) ranked[ranks[i]] = c[i];
