@@ -350,9 +350,58 @@ __attribute__((target("avx512f"))) void rank_select_avx512(const Candidate<float
   std::copy(ranked, ranked + k, out);
 }
 
+// The same with AVX2, 8 candidates at a time (a compare gives -1 where true:
+// subtracting it counts). ranks[i] = how many of values[0, n) are better than value i:
+// larger, or with `index`, equal and of a lower index (compared 4 at a time in 64
+// bits). values and index padded to a multiple of 8 (NaN: compares false).
+__attribute__((target("avx2"))) void count_better_avx2(const float* values, const int64_t* index, int64_t n,
+                                                       int32_t* ranks) {
+  for (int64_t i = 0; i < n; i += 8) {
+    const __m256 them = _mm256_loadu_ps(values + i);
+    __m256i above = _mm256_setzero_si256();
+    for (int64_t j = 0; j < n; ++j) {
+      const __m256 v = _mm256_set1_ps(values[j]);
+      __m256 better = _mm256_cmp_ps(v, them, _CMP_GT_OQ);
+      if (index) {  // the 64-bit masks narrowed to 32 bits, in lane order
+        const __m256i at = _mm256_set1_epi64x(index[j]);
+        const __m256 lo = _mm256_castsi256_ps(_mm256_cmpgt_epi64(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(index + i)), at));
+        const __m256 hi = _mm256_castsi256_ps(_mm256_cmpgt_epi64(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(index + i + 4)), at));
+        const __m256 lower = _mm256_castpd_ps(
+            _mm256_permute4x64_pd(_mm256_castps_pd(_mm256_shuffle_ps(lo, hi, _MM_SHUFFLE(2, 0, 2, 0))), _MM_SHUFFLE(3, 1, 2, 0)));
+        better = _mm256_or_ps(better, _mm256_and_ps(_mm256_cmp_ps(v, them, _CMP_EQ_OQ), lower));
+      }
+      above = _mm256_sub_epi32(above, _mm256_castps_si256(better));
+    }
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(ranks + i), above);
+  }
+}
+
+void rank_select_avx2(const Candidate<float>* c, int64_t n, int64_t k, float* values, Candidate<float>* out) {
+  const int64_t padded = (n + 7) / 8 * 8;
+  for (int64_t i = 0; i < n; ++i) values[i] = c[i].value;
+  for (int64_t i = n; i < padded; ++i) values[i] = std::numeric_limits<float>::quiet_NaN();
+  int32_t ranks[kRankSelectMax + 8];
+  count_better_avx2(values, nullptr, n, ranks);
+  bool taken[kRankSelectMax] = {};
+  bool ties = false;
+  for (int64_t i = 0; i < n && !ties; ++i) {
+    ties = taken[ranks[i]];
+    taken[ranks[i]] = true;
+  }
+  if (ties) {  // again, equal values ranked by index
+    int64_t index[kRankSelectMax + 8] = {};
+    for (int64_t i = 0; i < n; ++i) index[i] = c[i].index;
+    count_better_avx2(values, index, n, ranks);
+  }
+  Candidate<float> ranked[kRankSelectMax];
+  for (int64_t i = 0; i < n; ++i) ranked[ranks[i]] = c[i];
+  std::copy(ranked, ranked + k, out);
+}
+
 template <>
 void rank_select<float>(const Candidate<float>* c, int64_t n, int64_t k, float* values, Candidate<float>* out) {
   if (simd_level() == Simd::kAvx512 && n <= kRankSelectMax) return rank_select_avx512(c, n, k, values, out);
+  if (simd_level() == Simd::kAvx2 && n <= kRankSelectMax) return rank_select_avx2(c, n, k, values, out);
   rank_select_clones(c, n, k, values, out);
 }
 #endif
@@ -447,6 +496,41 @@ __attribute__((target("avx512f"))) void collect_qualifying_avx512(const float* t
 }
 #endif
 
+// The same with AVX2: 16 values as two compares of 8 and their movemasks.
+template <int kPredicate>
+__attribute__((target("avx2"))) inline uint32_t compare_bits_avx2(const float* p, __m256 bars) {
+  const uint32_t lo = static_cast<uint32_t>(_mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(p), bars, kPredicate)));
+  const uint32_t hi = static_cast<uint32_t>(_mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(p + 8), bars, kPredicate)));
+  return lo | hi << 8;
+}
+
+__attribute__((target("avx2"))) inline uint32_t qualifying_bits_avx2(const float* p, __m256 bars, bool inclusive) {
+  return inclusive ? compare_bits_avx2<_CMP_GE_OQ>(p, bars) : compare_bits_avx2<_CMP_GT_OQ>(p, bars);
+}
+
+__attribute__((target("avx2"))) void collect_qualifying_avx2(const float* tile, int64_t len, const float* maxima,
+                                                             int64_t b0, int64_t b1, float bar, int64_t& ties,
+                                                             int64_t base, std::vector<Candidate<float>>& found) {
+  const __m256 bars = _mm256_set1_ps(bar);
+  const int64_t whole = std::min(b1, len / kBlockLen);
+  int64_t b = b0;
+  for (; b + 16 <= whole; b += 16) {
+    for (uint32_t blocks = qualifying_bits_avx2(maxima + b, bars, ties > 0); blocks != 0; blocks &= blocks - 1) {
+      const float* p = tile + (b + __builtin_ctz(blocks)) * kBlockLen;
+      const uint32_t equal = ties > 0 ? compare_bits_avx2<_CMP_EQ_OQ>(p, bars) : 0;
+      for (uint32_t m = qualifying_bits_avx2(p, bars, ties > 0); m != 0; m &= m - 1) {
+        const int bit = __builtin_ctz(m);
+        if (equal >> bit & 1) {
+          if (ties == 0) continue;
+          --ties;
+        }
+        found.push_back({p[bit], base + (p - tile) + bit});
+      }
+    }
+  }
+  collect_blocks<float, float>(tile, len, maxima, b, b1, bar, ties, base, found);
+}
+
 template <typename T, typename A>
 AEFAST_INLINE void collect_qualifying(const T* tile, int64_t len, const A* maxima, int64_t b0, int64_t b1, A bar,
                                       int64_t ties, int64_t base, std::vector<Candidate<A>>& found) {
@@ -454,6 +538,7 @@ AEFAST_INLINE void collect_qualifying(const T* tile, int64_t len, const A* maxim
   if constexpr (std::is_same_v<T, float>) {
     if (simd_level() >= Simd::kAvx512)
       return collect_qualifying_avx512(tile, len, maxima, b0, b1, bar, ties, base, found);
+    if (simd_level() == Simd::kAvx2) return collect_qualifying_avx2(tile, len, maxima, b0, b1, bar, ties, base, found);
   }
 #endif
   collect_qualifying_portable<T, A>(tile, len, maxima, b0, b1, bar, ties, base, found);
