@@ -463,6 +463,20 @@ AEFAST_INLINE void collect_qualifying_portable(const T* tile, int64_t len, const
 }
 
 #if defined(__x86_64__) && defined(__GNUC__)
+// The elements p[bit] of the set bits of `qualifying` into `found` (index: at + bit),
+// those among them also in `equal` (ties with the bar) only while `ties` lasts.
+inline void push_qualifying(uint32_t qualifying, uint32_t equal, const float* p, int64_t at, int64_t& ties,
+                            std::vector<Candidate<float>>& found) {
+  for (uint32_t m = qualifying; m != 0; m &= m - 1) {
+    const int bit = __builtin_ctz(m);
+    if (equal >> bit & 1) {
+      if (ties == 0) continue;
+      --ties;
+    }
+    found.push_back({p[bit], at + bit});
+  }
+}
+
 // A bit per element of p[0, 16) above the bar (or equal to it, when inclusive).
 __attribute__((target("avx512f"))) inline uint32_t qualifying_bits(const float* p, __m512 bars, bool inclusive) {
   const __m512 v = _mm512_loadu_ps(p);
@@ -480,21 +494,13 @@ __attribute__((target("avx512f"))) void collect_qualifying_avx512(const float* t
   int64_t b = b0;
   for (; b + 16 <= whole; b += 16) {  // the maxima of 16 blocks at once, then only the blocks that qualify
     for (uint32_t blocks = qualifying_bits(maxima + b, bars, ties > 0); blocks != 0; blocks &= blocks - 1) {
-      const int64_t block = b + __builtin_ctz(blocks);
-      const uint32_t equal = ties > 0 ? _mm512_cmp_ps_mask(_mm512_loadu_ps(tile + block * kBlockLen), bars, _CMP_EQ_OQ) : 0;
-      for (uint32_t m = qualifying_bits(tile + block * kBlockLen, bars, ties > 0); m != 0; m &= m - 1) {
-        const int bit = __builtin_ctz(m);
-        if (equal >> bit & 1) {  // a tie with the bar: only the first `ties` of them
-          if (ties == 0) continue;
-          --ties;
-        }
-        found.push_back({tile[block * kBlockLen + bit], base + block * kBlockLen + bit});
-      }
+      const float* p = tile + (b + __builtin_ctz(blocks)) * kBlockLen;
+      const uint32_t equal = ties > 0 ? _mm512_cmp_ps_mask(_mm512_loadu_ps(p), bars, _CMP_EQ_OQ) : 0;
+      push_qualifying(qualifying_bits(p, bars, ties > 0), equal, p, base + (p - tile), ties, found);
     }
   }
   collect_blocks<float, float>(tile, len, maxima, b, b1, bar, ties, base, found);
 }
-#endif
 
 // The same with AVX2: 16 values as two compares of 8 and their movemasks.
 template <int kPredicate>
@@ -518,18 +524,12 @@ __attribute__((target("avx2"))) void collect_qualifying_avx2(const float* tile, 
     for (uint32_t blocks = qualifying_bits_avx2(maxima + b, bars, ties > 0); blocks != 0; blocks &= blocks - 1) {
       const float* p = tile + (b + __builtin_ctz(blocks)) * kBlockLen;
       const uint32_t equal = ties > 0 ? compare_bits_avx2<_CMP_EQ_OQ>(p, bars) : 0;
-      for (uint32_t m = qualifying_bits_avx2(p, bars, ties > 0); m != 0; m &= m - 1) {
-        const int bit = __builtin_ctz(m);
-        if (equal >> bit & 1) {
-          if (ties == 0) continue;
-          --ties;
-        }
-        found.push_back({p[bit], base + (p - tile) + bit});
-      }
+      push_qualifying(qualifying_bits_avx2(p, bars, ties > 0), equal, p, base + (p - tile), ties, found);
     }
   }
   collect_blocks<float, float>(tile, len, maxima, b, b1, bar, ties, base, found);
 }
+#endif
 
 template <typename T, typename A>
 AEFAST_INLINE void collect_qualifying(const T* tile, int64_t len, const A* maxima, int64_t b0, int64_t b1, A bar,
