@@ -187,6 +187,7 @@ __attribute__((target("avx2"))) inline __m256 load8(const E* p) {
   if constexpr (std::is_same_v<E, float>) {
     return _mm256_loadu_ps(p);
   } else {  // bfloat16 (float16 would need F16C: it takes the portable copy on AVX2)
+    static_assert(std::is_same_v<E, at::BFloat16>, "AVX2 tile copies: float32 and bfloat16");
     return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))), 16));
   }
 }
@@ -276,8 +277,9 @@ bool copy_tile(const T* X, int64_t R, int64_t n, int64_t lanes, KeyOf<A>* keys, 
 #if defined(__x86_64__) && defined(__GNUC__)
   if constexpr (std::is_same_v<A, float>) {  // float32, float16, bfloat16
     if (lanes == kLanes && simd_level() == Simd::kAvx512) return copy_tiles_avx512<1>(X, R, n, keys, &stats);
-    if (lanes == kLanes && simd_level() == Simd::kAvx2 && !std::is_same_v<T, at::Half>)
-      return copy_tiles_avx2<1>(X, R, n, keys, &stats);
+    if constexpr (!std::is_same_v<T, at::Half>) {
+      if (lanes == kLanes && simd_level() == Simd::kAvx2) return copy_tiles_avx2<1>(X, R, n, keys, &stats);
+    }
   }
 #endif
   std::fill(stats.low, stats.low + kLanes, std::numeric_limits<KeyOf<A>>::max());
@@ -307,8 +309,9 @@ bool copy_panel(const T* X, int64_t R, int64_t n, int64_t columns, KeyOf<A>* key
 #if defined(__x86_64__) && defined(__GNUC__)
   if constexpr (std::is_same_v<A, float>) {  // float32, float16, bfloat16
     if (columns == kPanel * kLanes && simd_level() == Simd::kAvx512) return copy_tiles_avx512<kPanel>(X, R, n, keys, stats);
-    if (columns == kPanel * kLanes && simd_level() == Simd::kAvx2 && !std::is_same_v<T, at::Half>)
-      return copy_tiles_avx2<kPanel>(X, R, n, keys, stats);
+    if constexpr (!std::is_same_v<T, at::Half>) {
+      if (columns == kPanel * kLanes && simd_level() == Simd::kAvx2) return copy_tiles_avx2<kPanel>(X, R, n, keys, stats);
+    }
   }
 #endif
   bool ok = true;
