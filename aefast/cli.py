@@ -53,7 +53,7 @@ def cmd_train(args) -> int:
     from pathlib import Path
 
     from aefast.train import config as configuration
-    from aefast.train.loop import CHECKPOINT, default_out_dir, load_checkpoint, train
+    from aefast.train.loop import CHECKPOINT, EVALUATION, default_out_dir, load_checkpoint, train
 
     given = configuration.given_options(args)
     if args.resume:
@@ -62,7 +62,8 @@ def cmd_train(args) -> int:
         out, checkpoint = Path(args.out), load_checkpoint(Path(args.out))
         config = configuration.resolve(args.model, given, args.config, saved=checkpoint["config"])
         done = len(checkpoint["history"])
-        if config["epochs"] <= done:
+        finished = done == config["epochs"] and (out / EVALUATION).is_file()  # else: evaluate it again
+        if config["epochs"] < done or finished:
             raise ValueError(f"--resume: the run in {out} has done {done} epochs; to train on, give --epochs "
                              f"above {done} (it is {config['epochs']})")
     else:
@@ -235,7 +236,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.fn(args)
     except (ValueError, RuntimeError, OSError) as exc:
-        print(f"aefast: error: {' '.join(str(exc).split())}", file=sys.stderr)  # one line, always
+        message = " ".join(str(exc).split()).removeprefix("aefast: ")  # one line, always; the ops' own prefix once
+        print(f"aefast: error: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("aefast: interrupted (--resume continues from the last checkpoint)", file=sys.stderr)

@@ -106,6 +106,7 @@ def test_dictionary_metrics():
     assert result["dead_fraction"] == pytest.approx(6 / 8)
     assert result["dense_fraction"] == pytest.approx(1 / 8)
     assert result["density_window_rows"] == 50
+    assert dictionary_metrics(x[:1], x[:1] * 0.5, codes[:1])["fvu"] is None  # no variance: undefined, not inf
 
 
 def test_jumprelu_sae_loss_and_gradients_match_the_reference():

@@ -2,6 +2,7 @@
 exact resumption, configuration layering, and one-line errors."""
 
 import json
+import re
 import subprocess
 import sys
 
@@ -132,7 +133,8 @@ def _one_line_error(capsys, argv, match):
     except SystemExit as exit_:  # argparse's own errors
         code = exit_.code
     err = capsys.readouterr().err.strip().splitlines()
-    assert code == 2 and len(err) == 1 and match in err[0], err
+    found = match.search(err[0]) if isinstance(match, re.Pattern) else match in err[0]  # a pattern, or a substring
+    assert code == 2 and len(err) == 1 and found, err
     return err[0]
 
 
@@ -232,9 +234,78 @@ def test_a_loss_that_diverges_stops_the_run(tmp_path, capsys, small_digits):
     assert not (tmp_path / "run" / "checkpoint.pt").exists()
     from aefast.train.loop import _check_finite
 
+    (tmp_path / "checkpoint.pt").write_bytes(b"")
     with pytest.raises(ValueError, match=r"epoch 4: validation loss = nan: training diverged \(try a smaller --lr\); "
-                                         r"the checkpoint of epoch 3 in .* is kept"):
+                                         r"the last good checkpoint, .*checkpoint.pt, is kept"):
         _check_finite({"loss": 1.0}, {"loss": float("nan")}, 3, tmp_path)
+
+
+def test_divergence_mid_epoch_keeps_the_last_good_checkpoint(tmp_path, capsys, small_digits):
+    """A checkpoint due mid-epoch after the loss became infinite is not written: it would
+    replace the last good one with a state no resume can recover from."""
+    run = tmp_path / "run"
+    _train("ae", "--data", small_digits, "--epochs", "1", "--out", str(run))
+    good = torch.load(run / "checkpoint.pt", weights_only=True)
+    _one_line_error(capsys, ["train", "ae", "--out", str(run), "--resume", "--epochs", "3", "--lr", "1e30",
+                             "--batch-size", "1", "--checkpoint-minutes", "1e-6"],
+                    re.compile(r"epoch 2/3, step [0-9]+: the training loss or the parameters are no longer finite: "
+                               r"training diverged \(try a smaller --lr\); the last good checkpoint, "
+                               + re.escape(str(run / "checkpoint.pt")) + ", is kept"))
+    kept = torch.load(run / "checkpoint.pt", weights_only=True)
+    assert all(torch.isfinite(v).all() for v in kept["model"].values())
+    assert all(torch.isfinite(torch.as_tensor(v)).all() for v in (kept["position"] or {}).get("sums", {}).values())
+    assert kept["history"] == good["history"]
+
+
+@pytest.mark.parametrize("model", ["topk-sae", "wta"])
+def test_divergence_in_a_top_k_model_is_called_divergence(tmp_path, capsys, small_digits, model):
+    """Its top-k meets NaN pre-activations first: the error says the training diverged, not
+    that the data holds NaN."""
+    _one_line_error(capsys, ["train", model, "--data", small_digits, "--epochs", "2", "--lr", "1e20",
+                             "--out", str(tmp_path / "run")],
+                    re.compile("^aefast: error: epoch 1[^:]*: .*: training diverged .*; no checkpoint was written$"))
+
+
+def test_op_and_model_range_errors_name_the_flag(tmp_path, capsys, small_digits):
+    for argv, match in [
+        (["topk-sae", "--k", "300"], "error: --k must be an integer in [1, 256]"),
+        (["topk-sae", "--k-aux", "5000"], "error: --k-aux must be an integer in [1, 256]"),
+        (["matryoshka-sae", "--prefixes", "8,4"], "error: --prefixes must increase"),
+        (["denoising", "--kind", "dropout", "--level", "1"], "error: --level (the drop probability) must be in"),
+    ]:
+        _one_line_error(capsys, ["train", *argv, "--data", small_digits, "--out", str(tmp_path / "never")], match)
+    assert not (tmp_path / "never").exists()
+
+
+def test_a_stopped_evaluation_is_done_again_on_resume(tmp_path, capsys, small_digits):
+    import os
+    import signal
+
+    from aefast.train.loop import _StopRequests
+
+    with pytest.raises(KeyboardInterrupt), _StopRequests(at_once=True):  # SIGTERM: stop now, not a silent kill
+        os.kill(os.getpid(), signal.SIGTERM)
+    run = tmp_path / "run"
+    _train("ae", "--data", small_digits, "--epochs", "2", "--out", str(run))
+    evaluation = json.loads((run / "evaluation.json").read_text())
+    (run / "evaluation.json").unlink()  # as if stopped while evaluating
+    capsys.readouterr()
+    _train("ae", "--out", str(run), "--resume")
+    assert "the training is done: evaluating it" in capsys.readouterr().out
+    assert json.loads((run / "evaluation.json").read_text()) == evaluation
+    _one_line_error(capsys, ["train", "ae", "--out", str(run), "--resume"], "has done 2 epochs")
+
+
+def test_resume_names_what_changed_and_takes_a_new_lr(tmp_path, capsys, small_digits):
+    run = str(tmp_path / "run")
+    _train("topk-sae", "--data", small_digits, "--epochs", "1", "--out", run)
+    _one_line_error(capsys, ["train", "topk-sae", "--out", run, "--resume", "--epochs", "2", "--n-latents", "128"],
+                    "--resume: the checkpoint's model does not fit the one configured now (--n-latents 256 -> 128)")
+    capsys.readouterr()
+    _train("topk-sae", "--out", run, "--resume", "--epochs", "2", "--val-fraction", "0.3", "--lr", "0.0123")
+    assert "note: --val-fraction 0.2 -> 0.3 since the run began" in capsys.readouterr().out
+    saved = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
+    assert {group["lr"] for state in saved["optimizers"].values() for group in state["param_groups"]} == {0.0123}
 
 
 def test_the_epoch_table_keeps_its_columns_apart(capsys):

@@ -19,6 +19,9 @@ from torch import Tensor, nn
 class AutoencoderModel(nn.Module):
     # Figures: a histogram of the codes for models whose point is a sparse code.
     sparse_code = False
+    # The code's inactive units are exactly 0 by construction (top-k, WTA, JumpReLU): the
+    # evaluation reports L0, FVU and dead/dense latents (a saturated sigmoid's zeros are not that).
+    exactly_sparse_code = False
     # The output goes through a sigmoid (or scores pixels as Bernoulli): the data must
     # lie in [0, 1], which the trainer checks. Models with a linear decoder say False.
     unit_interval_data = True

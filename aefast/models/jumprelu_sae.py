@@ -27,6 +27,7 @@ class JumpReLUSAE(AutoencoderModel):
     the data (a manifest's mean_norm says how large language-model activations are)."""
 
     sparse_code = True
+    exactly_sparse_code = True
     unit_interval_data = False  # a linear decoder
 
     def __init__(self, n_in: int, n_latents: int = 256, l0_coef: float = 0.01, bandwidth: float = 0.05,

@@ -51,6 +51,7 @@ class TopKSAE(AutoencoderModel):
     columns of what they are given, so they take inputs alone or whole rows."""
 
     sparse_code = True
+    exactly_sparse_code = True
     unit_interval_data = False  # a linear decoder: any real-valued activations
 
     def __init__(self, n_in: int, n_latents: int = 256, k: int = 8, k_aux: int = 32,

@@ -35,6 +35,7 @@ class _WTABase(AutoencoderModel):
     Loss 1/2 ||x_hat - x||^2."""
 
     sparse_code = True
+    exactly_sparse_code = True
     unit_interval_data = False  # a linear decoder
     threshold_momentum = 0.1  # the weight of each batch in the running thresholds
 

@@ -365,6 +365,30 @@ def _flag(key: str) -> str:
     return "--" + key.replace("_", "-")
 
 
+def changed_settings(saved: dict[str, Any], config: dict[str, Any], keys) -> list[str]:
+    """`--key saved -> now` for each of `keys` whose value a resumed run changed."""
+    return [f"{_flag(key)} {_shown(saved.get(key))} -> {_shown(config[key])}"
+            for key in keys if saved.get(key) != config[key]]
+
+
+def _shown(value: Any) -> str:
+    return ",".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
+
+
+# What the rows are: changing one on --resume trains on other rows than the run did.
+DATA_SETTINGS = ("data", "target", "val_fraction", "seed")
+
+
+def named_as_flags(exc: ValueError, config: dict[str, Any]) -> ValueError:
+    """A model's or an op's check names the argument (`k_aux must be ...`); the user of
+    the command line set a flag, so the error names that (`--k-aux must be ...`)."""
+    message = str(exc)
+    name = message.split(" ", 1)[0]
+    if name in MODELS[spec_name(config["model"], config["conv"])].params:
+        return ValueError(_flag(name) + message[len(name):])
+    return exc
+
+
 # ---------------------------------------------------------------- command line
 
 

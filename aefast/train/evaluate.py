@@ -74,7 +74,7 @@ def evaluate(model: AutoencoderModel, data: Dataset, batch_size: int,
         pca_recon = (data.val.double() - mean) @ components @ components.T + mean
         result["pca_val_mse"] = float((pca_recon - data.val.double()).pow(2).mean())
     result["code_size"] = val_codes.shape[1]
-    if model.sparse_code and exact_zeros(val_codes):
+    if model.exactly_sparse_code:
         result.update(dictionary_metrics(target, val_recon, val_codes))
     if model.side_channel:
         result["side_channel"] = model.side_channel
@@ -84,11 +84,6 @@ def evaluate(model: AutoencoderModel, data: Dataset, batch_size: int,
 DENSE_FREQUENCY = 0.1  # a latent active on more than this fraction of rows counts as dense
 
 
-def exact_zeros(codes: Tensor) -> bool:
-    """Codes whose inactive units are exactly 0 (top-k, WTA), not merely small (sigmoid)."""
-    return bool((codes == 0).float().mean() > 0.5)
-
-
 def dictionary_metrics(x: Tensor, x_hat: Tensor, codes: Tensor) -> dict[str, Any]:
     """What SAE papers report: the fraction of variance unexplained, L0 (active latents
     per row), and over the rows whose codes were kept (`density_window_rows`), the
@@ -96,7 +91,8 @@ def dictionary_metrics(x: Tensor, x_hat: Tensor, codes: Tensor) -> dict[str, Any
     DENSE_FREQUENCY of them)."""
     x, x_hat = x.double(), x_hat.double()
     frequency = (codes != 0).double().mean(0)
-    return {"fvu": float((x - x_hat).pow(2).sum() / (x - x.mean(0)).pow(2).sum()),
+    variance = float((x - x.mean(0)).pow(2).sum())  # 0 for a single row: FVU undefined (null)
+    return {"fvu": float((x - x_hat).pow(2).sum()) / variance if variance > 0 else None,
             "l0": float((codes != 0).double().sum(1).mean()),
             "dead_fraction": float((frequency == 0).double().mean()),
             "dense_fraction": float((frequency > DENSE_FREQUENCY).double().mean()),

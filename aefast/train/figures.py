@@ -12,7 +12,7 @@ from torch import Tensor
 
 from aefast.data import Dataset
 from aefast.models import AutoencoderModel
-from aefast.train.evaluate import DENSE_FREQUENCY, exact_zeros
+from aefast.train.evaluate import DENSE_FREQUENCY
 
 N_RECONSTRUCTIONS = 12
 N_TILES = 64
@@ -40,8 +40,9 @@ def write_figures(out_dir: Path, model: AutoencoderModel, data: Dataset, val_rec
             samples = model.sample(N_TILES).float().cpu()
         paths.append(_tiles(out_dir / "samples.png", samples, shape, "samples"))
     if model.sparse_code:
-        paths.append(_sparsity(out_dir / "sparsity.png", val_codes, getattr(model, "rho", None)))
-        if exact_zeros(val_codes):
+        paths.append(_sparsity(out_dir / "sparsity.png", val_codes, getattr(model, "rho", None),
+                               model.exactly_sparse_code))
+        if model.exactly_sparse_code:
             paths.append(_density(out_dir / "density.png", val_codes))
     return paths
 
@@ -121,12 +122,12 @@ def _tiles(path: Path, images: Tensor, shape, title: str, per_tile_scale: bool =
     return _save(fig, path)
 
 
-def _sparsity(path: Path, codes: Tensor, rho: float | None) -> Path:
+def _sparsity(path: Path, codes: Tensor, rho: float | None, zeros: bool) -> Path:
     """Left: all code values of the validation set. Right: each unit's fraction of
-    examples it is active for (sigmoid codes: its mean activation, what rho targets)."""
+    examples it is active for (`zeros`: the inactive units are exactly 0), or its mean
+    activation (sigmoid codes: what rho targets)."""
     import matplotlib.pyplot as plt
 
-    zeros = exact_zeros(codes)
     per_unit = (codes != 0).float().mean(0) if zeros else codes.mean(0)
     fig, (left, right) = plt.subplots(1, 2, figsize=(8, 3))
     left.hist(codes.flatten().numpy(), bins=50, log=True, color="tab:blue")

@@ -92,7 +92,10 @@ def _train(config: dict[str, Any], out_dir: Path, checkpoint: dict[str, Any] | N
     data, batches = open_training_data(config["data"], config["val_fraction"], config["seed"],
                                        config["batch_size"], config["buffer_mib"], device, config["target"] or None)
     torch.manual_seed(config["seed"])
-    model = _build_model(config, data.image_shape, cluster, _target_dim(data)).to(device)
+    try:
+        model = _build_model(config, data.image_shape, cluster, _target_dim(data)).to(device)
+    except ValueError as exc:
+        raise configuration.named_as_flags(exc, config) from None
     check_data_range(model, data)
     if cluster is not None and not config["shard_latents"]:
         if not model.data_parallel:
@@ -106,18 +109,34 @@ def _train(config: dict[str, Any], out_dir: Path, checkpoint: dict[str, Any] | N
         model.autocast_dtype = torch.bfloat16
     model.eval()
     with torch.no_grad(), model.autocast():  # a bad hyper-parameter fails here, before anything is written
-        model.loss(_rows(data.train, data.train_target)[:config["batch_size"]].to(device))
+        try:
+            model.loss(_rows(data.train, data.train_target)[:config["batch_size"]].to(device))
+        except ValueError as exc:
+            raise configuration.named_as_flags(exc, config) from None
     optimizers = model.configure_optimizers(config["lr"])
     shuffle = torch.Generator().manual_seed(config["seed"])
     history: list[dict[str, Any]] = []
     position = _EpochPosition()
     if checkpoint is not None:
-        if isinstance(model, LatentShardedTopKSAE):  # this rank's part of the whole model
-            model.load_whole_state(checkpoint["model"], checkpoint["optimizers"]["model"], optimizers["model"])
-        else:
-            model.load_state_dict(checkpoint["model"])
-            for name, optimizer in optimizers.items():
-                optimizer.load_state_dict(checkpoint["optimizers"][name])
+        # The optimizers' settings as configured now: a flag given on --resume (--lr) wins
+        # over the saved state's.
+        configured = {name: [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
+                      for name, optimizer in optimizers.items()}
+        try:
+            if isinstance(model, LatentShardedTopKSAE):  # this rank's part of the whole model
+                model.load_whole_state(checkpoint["model"], checkpoint["optimizers"]["model"], optimizers["model"])
+            else:
+                model.load_state_dict(checkpoint["model"])
+                for name, optimizer in optimizers.items():
+                    optimizer.load_state_dict(checkpoint["optimizers"][name])
+        except (RuntimeError, ValueError, KeyError) as exc:  # a flag changed the model's shape
+            changed = configuration.changed_settings(checkpoint["config"], config,
+                                                      [k for k in config if k not in configuration.TRAINING])
+            raise ValueError(f"--resume: the checkpoint's model does not fit the one configured now "
+                             f"({'; '.join(changed) or exc}): resume with the run's own model settings") from None
+        for name, optimizer in optimizers.items():
+            for group, settings in zip(optimizer.param_groups, configured[name]):
+                group.update(settings)
         history = checkpoint["history"]
         _set_rng_states(checkpoint["rng"], shuffle)
         position = _EpochPosition.restore(checkpoint.get("position"), config["batch_size"])
@@ -140,7 +159,13 @@ def _train(config: dict[str, Any], out_dir: Path, checkpoint: dict[str, Any] | N
     say = _say if leader else (lambda line: None)
     if history or position.rows:
         mid = f", {position.rows} rows into epoch {len(history) + 1}" if position.rows else ""
-        say(f"resuming {out_dir} after epoch {len(history)} of {config['epochs']}{mid}")
+        say(f"resuming {out_dir} after epoch {len(history)} of {config['epochs']}{mid}"
+            + ("; the training is done: evaluating it" if len(history) == config["epochs"] else ""))
+    if checkpoint is not None:
+        changed = configuration.changed_settings(checkpoint["config"], config, configuration.DATA_SETTINGS)
+        if changed:
+            say(f"note: {'; '.join(changed)} since the run began: it goes on with other rows than it trained on, "
+                f"not exactly as if never stopped")
     streamed = (f" (streamed from disk, {min(batches.window_rows, batches.rows)} rows in memory at a time)"
                 if isinstance(batches, StreamedBatches) else "")
     processes = ""
@@ -162,7 +187,8 @@ def _train(config: dict[str, Any], out_dir: Path, checkpoint: dict[str, Any] | N
             train_terms, seconds = _train_epoch(run, batches, position, stop,
                                                 f"epoch {epoch + 1}/{config['epochs']}" + (f" ({phase})" if phase else ""),
                                                 progress if leader else False)
-            val_terms = _validate(model, val_x, config["batch_size"])
+            with _failing_on_divergence(model, f"epoch {epoch + 1}, validation", out_dir):
+                val_terms = _validate(model, val_x, config["batch_size"])
             _check_finite(train_terms, val_terms, epoch, out_dir)
             peak = _peak_memory_mib(device)
             record = {"epoch": epoch + 1, "train": train_terms, "val": val_terms,
@@ -191,12 +217,16 @@ def _train(config: dict[str, Any], out_dir: Path, checkpoint: dict[str, Any] | N
     model.distribute(None)
     from aefast.train.figures import write_figures
 
-    val_recon, val_codes = infer(model, val_x, config["batch_size"])
-    result = evaluate(model, data, config["batch_size"], val_recon, val_codes)
-    (out_dir / EVALUATION).write_text(json.dumps(result, indent=2) + "\n")
-    figures = write_figures(out_dir, model, data, val_recon, val_codes)
-    _language_model_evaluation(config, model, device, result)
-    (out_dir / EVALUATION).write_text(json.dumps(result, indent=2) + "\n")
+    # Stopped from here on (Ctrl-C or SIGTERM), --resume does the evaluation again: it
+    # is complete once EVALUATION is written, last.
+    with _StopRequests(at_once=True):
+        val_recon, val_codes = infer(model, val_x, config["batch_size"])
+        result = evaluate(model, data, config["batch_size"], val_recon, val_codes)
+        figures = write_figures(out_dir, model, data, val_recon, val_codes)
+        _language_model_evaluation(config, model, device, result)
+        temporary = out_dir / (EVALUATION + ".tmp")
+        temporary.write_text(json.dumps(result, indent=2) + "\n")
+        os.replace(temporary, out_dir / EVALUATION)
     _say(_summary(result))
     _say(f"wrote {out_dir}/: {CONFIG}, {METRICS}, {CHECKPOINT}, {EVALUATION}, "
         + ", ".join(path.name for path in figures))
@@ -293,7 +323,8 @@ def _train_epoch(run: _Run, batches, position: _EpochPosition, stop: _StopReques
             group = [batch.to(device, non_blocking=True).float() for batch in group]
             if cluster is not None:
                 cluster.where = f"{description}, step {step + 1}"
-            terms = model.train_step(group, run.optimizers, **step_options)
+            with _failing_on_divergence(model, f"{description}, step {step + 1}", run.out_dir):
+                terms = model.train_step(group, run.optimizers, **step_options)
             for name, value in terms.items():  # weighted by the rows they are the mean of
                 sums[name] = sums.get(name, 0.0) + value.detach().float() * step_options.get("mean_rows", rows)
             done += rows
@@ -305,6 +336,11 @@ def _train_epoch(run: _Run, batches, position: _EpochPosition, stop: _StopReques
                 bar.set_postfix({**{name: f"{float(v) / shown:.4g}" for name, v in sums.items()},
                                  "peak": f"{_peak_memory_mib(device):.0f}MiB"}, refresh=False)
             if done < batches.rows and (stop_now or save_now):
+                # A diverged state must not replace the last good checkpoint.
+                diverged = not (all(bool(torch.isfinite(v)) for v in sums.values()) and _parameters_finite(model))
+                if cluster.agree(diverged)[0] if cluster else diverged:
+                    raise _diverged(f"{description}, step {step + 1}",
+                                    "the training loss or the parameters are no longer finite", run.out_dir)
                 run.save(_EpochPosition(done, sums, seconds + time.perf_counter() - start))
                 if stop_now:
                     raise KeyboardInterrupt
@@ -331,11 +367,12 @@ def _groups(batches, size: int):
 class _StopRequests:
     """Ctrl-C (SIGINT) or SIGTERM while training ends the run after the step in
     progress, with a checkpoint of that point, instead of abandoning a half-done
-    optimizer step; a second Ctrl-C stops at once. Only in the main thread (the only
-    one that may set signal handlers)."""
+    optimizer step; a second Ctrl-C stops at once. `at_once`: the first stops at once
+    (SIGTERM too, which would otherwise kill the process without a word). Only in the
+    main thread (the only one that may set signal handlers)."""
 
-    def __init__(self):
-        self.requested, self._previous = False, {}
+    def __init__(self, at_once: bool = False):
+        self.requested, self._previous = at_once, {}
 
     def __enter__(self) -> _StopRequests:
         if threading.current_thread() is threading.main_thread():
@@ -425,13 +462,36 @@ def check_data_range(model: AutoencoderModel, data) -> None:
 
 
 def _check_finite(train_terms: dict[str, float], val_terms: dict[str, float], epoch: int, out_dir: Path) -> None:
-    """A loss that became NaN or infinite ends the run; the checkpoint of the last good
-    epoch stays as it was (this epoch's is not written)."""
+    """A loss that became NaN or infinite ends the run; the last good checkpoint stays
+    as it was (this epoch's is not written)."""
     bad = [f"{part} {name} = {value}" for part, terms in (("training", train_terms), ("validation", val_terms))
            for name, value in terms.items() if not math.isfinite(value)]
     if bad:
-        kept = f"the checkpoint of epoch {epoch} in {out_dir} is kept" if epoch else "no checkpoint was written"
-        raise ValueError(f"epoch {epoch + 1}: {', '.join(bad)}: training diverged (try a smaller --lr); {kept}")
+        raise _diverged(f"epoch {epoch + 1}", ", ".join(bad), out_dir)
+
+
+def _diverged(where: str, what: str, out_dir: Path) -> ValueError:
+    path = out_dir / CHECKPOINT
+    kept = f"the last good checkpoint, {path}, is kept" if path.is_file() else "no checkpoint was written"
+    return ValueError(f"{where}: {what}: training diverged (try a smaller --lr); {kept}")
+
+
+@contextlib.contextmanager
+def _failing_on_divergence(model: torch.nn.Module, where: str, out_dir: Path):
+    """An op's error on non-finite input (a top-k of NaN pre-activations) from parameters
+    that diverged says so, instead of blaming the data."""
+    try:
+        yield
+    except (ValueError, RuntimeError):
+        if not _parameters_finite(model):
+            raise _diverged(where, "the parameters are no longer finite", out_dir) from None
+        raise
+
+
+def _parameters_finite(model: torch.nn.Module) -> bool:
+    """One host synchronisation: called only before a checkpoint or after a failed step."""
+    flags = [torch.isfinite(p).all() for p in model.parameters()]
+    return bool(torch.stack(flags).all()) if flags else True
 
 
 def load_run(run_dir: str | Path) -> tuple[AutoencoderModel, dict[str, Any]]:
@@ -461,8 +521,8 @@ def _replicas_sum(cluster: Cluster, sums: dict[str, Any]) -> dict[str, float]:
 def _language_model_evaluation(config: dict[str, Any], model: AutoencoderModel, device: torch.device,
                                result: dict[str, Any]) -> None:
     """For activations written by `aefast activations`: the language model's loss with
-    the model spliced in, added to `result`. The run's other results are written before
-    it; a failure here (no transformers, a model not at hand) is recorded, not fatal."""
+    the model spliced in, added to `result`. A failure here (no transformers, a model
+    not at hand) is recorded, not fatal."""
     manifest = read_manifest(config["data"]) if Path(config["data"]).is_dir() else None
     target = read_manifest(config["target"]) if config["target"] and Path(config["target"]).is_dir() else None
     if manifest is None or (config["target"] and target is None):  # a transcoder needs both sites' manifests
@@ -559,7 +619,8 @@ def _summary(result: dict[str, Any]) -> str:
         parts.append(f"largest principal angle to PCA's subspace {result['pca_largest_angle']:.2f} degrees "
                      f"(PCA's validation MSE {result['pca_val_mse']:.5f})")
     if "fvu" in result:
-        parts.append(f"FVU {result['fvu']:.4f}, L0 {result['l0']:.1f}, {result['dead_fraction']:.1%} of the latents "
+        fvu = "undefined (one validation row)" if result["fvu"] is None else f"{result['fvu']:.4f}"
+        parts.append(f"FVU {fvu}, L0 {result['l0']:.1f}, {result['dead_fraction']:.1%} of the latents "
                      f"dead and {result['dense_fraction']:.1%} dense over {result['density_window_rows']} rows")
     if "loss_recovered" in result:
         parts.append(f"next-token loss {result['lm_loss_clean']:.4f} clean, {result['lm_loss_spliced']:.4f} with the "
