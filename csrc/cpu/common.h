@@ -93,7 +93,7 @@ inline Simd simd_level() {
     Simd cpu = Simd::kNone;
 #if defined(__x86_64__) && defined(__GNUC__)
     __builtin_cpu_init();
-    if (__builtin_cpu_supports("avx2")) cpu = Simd::kAvx2;
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) cpu = Simd::kAvx2;  // (every AVX2 CPU has FMA)
     if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw")) cpu = Simd::kAvx512;
 #endif
     const char* asked = std::getenv("AEFAST_SIMD");
