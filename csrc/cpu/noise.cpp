@@ -242,9 +242,10 @@ AEFAST_SIMD_CLONES double block_sum(const float* terms, int64_t n) { return bloc
 // (below): the same seed gives a kl a few ulps apart on machines without AVX2 (where the
 // loops above sum in double).
 
-// The lanes of elements [at, at + 16) below n.
-inline __mmask16 lanes_below(int64_t at, int64_t n) {
-  return n - at >= 16 ? __mmask16(0xFFFF) : static_cast<__mmask16>((1u << std::max<int64_t>(n - at, 0)) - 1u);
+// The lanes of elements [at, at + 16) in [begin, end).
+inline __mmask16 lanes_in(int64_t at, int64_t begin, int64_t end) {
+  const int64_t low = std::clamp<int64_t>(begin - at, 0, 16), high = std::clamp<int64_t>(end - at, 0, 16);
+  return static_cast<__mmask16>(((1u << high) - 1u) & ~((1u << low) - 1u));
 }
 
 // v into to[0, 16): streamed when asked and all lanes are in (whole 64-byte lines).
@@ -256,20 +257,23 @@ AEFAST_AVX512 inline void store16(float* to, __mmask16 in, __m512 v, bool stream
   }
 }
 
-// step(at, in, eps) for each 16 elements [at, at + 16) of blocks [b0, b1), with their
-// normals (in: the lanes below n); step.block_done(b, sums) after each block, sums the
-// lane-wise sum of what step returned for it (kept in a register, not in the step).
+// step(at, in, eps) for each 16 elements [at, at + 16) of blocks [b0, b1) that meet
+// elements [begin, end), with their normals (in: the lanes in the range);
+// step.block_done(b, sums) after each block, sums the lane-wise sum of what step
+// returned for it (kept in a register, not in the step).
 template <typename Step>
-AEFAST_AVX512 inline void for_each_normal16(uint64_t seed, int64_t n, int64_t b0, int64_t b1, Step& step) {
+AEFAST_AVX512 inline void for_each_normal16(uint64_t seed, int64_t begin, int64_t end, int64_t b0, int64_t b1,
+                                            Step& step) {
   const noise_avx512::PhiloxKeys keys = noise_avx512::philox_keys(seed);
   for (int64_t b = b0; b < b1; ++b) {
     __m512 sums = _mm512_setzero_ps();
-    for (int64_t c = 0; c < kBlockCounters && b * kBlockElements + 4 * c < n; c += 16) {
+    for (int64_t c = 0; c < kBlockCounters && b * kBlockElements + 4 * c < end; c += 16) {
+      if (b * kBlockElements + 4 * (c + 16) <= begin) continue;
       __m512 eps[4];
       noise_avx512::normals64(keys, static_cast<uint64_t>(b * kBlockCounters + c), eps);
       for (int v = 0; v < 4; ++v) {
         const int64_t at = b * kBlockElements + 4 * c + 16 * v;
-        sums = _mm512_add_ps(sums, step(at, lanes_below(at, n), eps[v]));
+        sums = _mm512_add_ps(sums, step(at, lanes_in(at, begin, end), eps[v]));
       }
     }
     step.block_done(b, sums);
@@ -320,10 +324,34 @@ struct ReparameterizeGradStep {
   AEFAST_AVX512 void block_done(int64_t, __m512) {}
 };
 
+// Gaussian corruption, out = x + level * eps, of elements [begin, end): x and out point
+// at element begin (the lanes of a vector before it are masked off, never read).
+struct CorruptGaussianStep {
+  const float* x;
+  float* out;
+  int64_t begin;
+  float level;
+  bool stream;
+
+  AEFAST_AVX512 __m512 operator()(int64_t at, __mmask16 in, __m512 eps) {
+    const __m512 v = _mm512_maskz_loadu_ps(in, x + (at - begin));
+    store16(out + (at - begin), in, _mm512_fmadd_ps(_mm512_set1_ps(level), eps, v), stream);
+    return _mm512_setzero_ps();
+  }
+  AEFAST_AVX512 void block_done(int64_t, __m512) {}
+};
+
+AEFAST_AVX512 void corrupt_gaussian_avx512(uint64_t seed, const float* x, float* out, int64_t begin, int64_t end,
+                                           int64_t b0, int64_t b1, float level, bool stream) {
+  stream = stream && (reinterpret_cast<uintptr_t>(out) - 4 * static_cast<uintptr_t>(begin)) % 64 == 0;
+  CorruptGaussianStep step{x, out, begin, level, stream};
+  for_each_normal16(seed, begin, end, b0, b1, step);
+}
+
 AEFAST_AVX512 void reparameterize_blocks_avx512(uint64_t seed, const float* mu, const float* logvar, float* z,
                                                 int64_t n, int64_t b0, int64_t b1, bool stream, double* block_sums) {
   ReparameterizeStep step{mu, logvar, z, stream && reinterpret_cast<uintptr_t>(z) % 64 == 0, block_sums};
-  for_each_normal16(seed, n, b0, b1, step);
+  for_each_normal16(seed, 0, n, b0, b1, step);
 }
 
 AEFAST_AVX512 void reparameterize_grad_blocks_avx512(uint64_t seed, const float* gz, const float* mu,
@@ -331,7 +359,7 @@ AEFAST_AVX512 void reparameterize_grad_blocks_avx512(uint64_t seed, const float*
                                                      int64_t b0, int64_t b1, bool stream, float gkl_over_b) {
   stream = stream && reinterpret_cast<uintptr_t>(gmu) % 64 == 0 && reinterpret_cast<uintptr_t>(glv) % 64 == 0;
   ReparameterizeGradStep step{gz, mu, logvar, gmu, glv, stream, gkl_over_b};
-  for_each_normal16(seed, n, b0, b1, step);
+  for_each_normal16(seed, 0, n, b0, b1, step);
 }
 
 // The same with AVX2 and FMA, for CPUs without AVX-512: the steps above on 8 lanes
@@ -342,10 +370,13 @@ AEFAST_AVX512 void reparameterize_grad_blocks_avx512(uint64_t seed, const float*
 // alone (as the loops' SIMD clones are on such a CPU): 12.7-13.9 ms through the loops
 // above, 8.9 ms this way.
 
-// Eight lanes of elements [at, at + 8): all ones below n.
-AEFAST_AVX2 inline __m256i lanes_below8(int64_t at, int64_t n) {
-  const int64_t left = std::min<int64_t>(std::max<int64_t>(n - at, 0), 8);
-  return _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(left)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+// The lanes of elements [at, at + 8) in [begin, end): all ones.
+AEFAST_AVX2 inline __m256i lanes_in8(int64_t at, int64_t begin, int64_t end) {
+  const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  const int low = static_cast<int>(std::clamp<int64_t>(begin - at, 0, 8));
+  const int high = static_cast<int>(std::clamp<int64_t>(end - at, 0, 8));
+  return _mm256_andnot_si256(_mm256_cmpgt_epi32(_mm256_set1_epi32(low), lane),
+                             _mm256_cmpgt_epi32(_mm256_set1_epi32(high), lane));
 }
 
 AEFAST_AVX2 inline __m256 load8(const float* from, bool whole, __m256i in) {
@@ -363,21 +394,24 @@ AEFAST_AVX2 inline void store8(float* to, bool whole, __m256i in, __m256 v, bool
   }
 }
 
-// step(at, whole, in, eps) for each 8 elements [at, at + 8) of blocks [b0, b1), with
-// their normals (whole: all 8 below n; else in: the lanes below n);
-// step.block_done(b, sums) after each block.
+// step(at, whole, in, eps) for each 8 elements [at, at + 8) of blocks [b0, b1) that meet
+// elements [begin, end), with their normals (whole: all 8 in the range; else in: the
+// lanes in it); step.block_done(b, sums) after each block.
 template <typename Step>
-AEFAST_AVX2 inline void for_each_normal8(uint64_t seed, int64_t n, int64_t b0, int64_t b1, Step& step) {
+AEFAST_AVX2 inline void for_each_normal8(uint64_t seed, int64_t begin, int64_t end, int64_t b0, int64_t b1,
+                                         Step& step) {
   const noise_avx2::PhiloxKeys keys = noise_avx2::philox_keys(seed);
   for (int64_t b = b0; b < b1; ++b) {
     __m256 sums[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};
-    for (int64_t c = 0; c < kBlockCounters && b * kBlockElements + 4 * c < n; c += 8) {
+    for (int64_t c = 0; c < kBlockCounters && b * kBlockElements + 4 * c < end; c += 8) {
+      if (b * kBlockElements + 4 * (c + 8) <= begin) continue;
       __m256 eps[4];
       noise_avx2::normals32(keys, static_cast<uint64_t>(b * kBlockCounters + c), eps);
       for (int v = 0; v < 4; ++v) {
         const int64_t at = b * kBlockElements + 4 * c + 8 * v;
-        const bool whole = at + 8 <= n;
-        sums[v & 1] = _mm256_add_ps(sums[v & 1], step(at, whole, whole ? __m256i{} : lanes_below8(at, n), eps[v]));
+        const bool whole = at >= begin && at + 8 <= end;
+        sums[v & 1] = _mm256_add_ps(sums[v & 1],
+                                    step(at, whole, whole ? __m256i{} : lanes_in8(at, begin, end), eps[v]));
       }
     }
     step.block_done(b, sums);
@@ -424,10 +458,32 @@ struct ReparameterizeGradStep8 {
   AEFAST_AVX2 void block_done(int64_t, const __m256*) {}
 };
 
+struct CorruptGaussianStep8 {
+  const float* x;
+  float* out;
+  int64_t begin;
+  float level;
+  bool stream;
+
+  AEFAST_AVX2 __m256 operator()(int64_t at, bool whole, __m256i in, __m256 eps) {
+    const __m256 v = load8(x + (at - begin), whole, in);
+    store8(out + (at - begin), whole, in, _mm256_fmadd_ps(_mm256_set1_ps(level), eps, v), stream);
+    return _mm256_setzero_ps();
+  }
+  AEFAST_AVX2 void block_done(int64_t, const __m256*) {}
+};
+
+AEFAST_AVX2 void corrupt_gaussian_avx2(uint64_t seed, const float* x, float* out, int64_t begin, int64_t end,
+                                       int64_t b0, int64_t b1, float level, bool stream) {
+  stream = stream && (reinterpret_cast<uintptr_t>(out) - 4 * static_cast<uintptr_t>(begin)) % 32 == 0;
+  CorruptGaussianStep8 step{x, out, begin, level, stream};
+  for_each_normal8(seed, begin, end, b0, b1, step);
+}
+
 AEFAST_AVX2 void reparameterize_blocks_avx2(uint64_t seed, const float* mu, const float* logvar, float* z, int64_t n,
                                             int64_t b0, int64_t b1, bool stream, double* block_sums) {
   ReparameterizeStep8 step{mu, logvar, z, stream && reinterpret_cast<uintptr_t>(z) % 32 == 0, block_sums};
-  for_each_normal8(seed, n, b0, b1, step);
+  for_each_normal8(seed, 0, n, b0, b1, step);
 }
 
 AEFAST_AVX2 void reparameterize_grad_blocks_avx2(uint64_t seed, const float* gz, const float* mu, const float* logvar,
@@ -435,15 +491,15 @@ AEFAST_AVX2 void reparameterize_grad_blocks_avx2(uint64_t seed, const float* gz,
                                                  bool stream, float gkl_over_b) {
   stream = stream && reinterpret_cast<uintptr_t>(gmu) % 32 == 0 && reinterpret_cast<uintptr_t>(glv) % 32 == 0;
   ReparameterizeGradStep8 step{gz, mu, logvar, gmu, glv, stream, gkl_over_b};
-  for_each_normal8(seed, n, b0, b1, step);
+  for_each_normal8(seed, 0, n, b0, b1, step);
 }
 #endif
 
 // ---- operators ----
 
-// Which of the register kernels above reparameterize of t's dtype takes (float32
-// only): kNone for the loops over stored draws.
-Simd reparameterize_simd(const at::Tensor& t) {
+// Which of the kernels above with normals in registers t's dtype takes (float32 only):
+// kNone for the loops over stored draws.
+Simd register_normals_simd(const at::Tensor& t) {
 #if defined(__x86_64__) && defined(__GNUC__)
   return t.scalar_type() == at::kFloat ? simd_level() : Simd::kNone;
 #else
@@ -471,6 +527,7 @@ at::Tensor corrupt_rows(const at::Tensor& x, int64_t row_offset, int64_t col_off
   const at::Tensor xs = x.stride(1) == 1 ? x : x.contiguous();
   at::Tensor out = empty_output({R, C}, x.options());
   if (out.numel() == 0) return out;
+  const Simd gaussian = k == nz::kGaussian ? register_normals_simd(xs) : Simd::kNone;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, xs.scalar_type(), "corrupt_window", [&] {
     using A = acc_t<scalar_t>;
     const A scale = static_cast<A>(noise_args::survivor_scale(k, level));
@@ -478,6 +535,16 @@ at::Tensor corrupt_rows(const at::Tensor& x, int64_t row_offset, int64_t col_off
     scalar_t* dst = out.data_ptr<scalar_t>();
     const int64_t stride = xs.stride(0);
     const bool stream = may_stream && out.nbytes() >= kStreamedOutputBytes;
+    // Gaussian float32 with AVX-512 or AVX2: each range's normals made in registers.
+    // (Generic, so that the float32 call is compiled for float32 alone.)
+    auto gaussian_in_registers = [&](const auto* from, auto* to, int64_t begin, int64_t end, int64_t b0, int64_t b1) {
+#if defined(__x86_64__) && defined(__GNUC__)
+      if constexpr (std::is_same_v<std::remove_cv_t<std::remove_pointer_t<decltype(from)>>, float>) {
+        const auto kernel = gaussian == Simd::kAvx512 ? corrupt_gaussian_avx512 : corrupt_gaussian_avx2;
+        kernel(s, from, to, begin, end, b0, b1, static_cast<float>(level), stream);
+      }
+#endif
+    };
     auto apply = [&](const scalar_t* from, scalar_t* to, int64_t ne, const float* draws) {
       write_block(to, ne, stream, [&](scalar_t* results) {
         corrupt_span_any(k, from, results, ne, draws, static_cast<float>(level), scale, static_cast<A>(low),
@@ -486,6 +553,12 @@ at::Tensor corrupt_rows(const at::Tensor& x, int64_t row_offset, int64_t col_off
     };
     const int64_t first = row_offset * row_length + col_offset;
     if (C == row_length && stride == C) {  // whole rows: one range, split by blocks
+      if (gaussian != Simd::kNone) {
+        parallel_blocks(first, first + R * C, [&](int64_t b0, int64_t b1) {
+          gaussian_in_registers(src, dst, first, first + R * C, b0, b1);
+        });
+        return;
+      }
       for_each_block(first, first + R * C, s, k == nz::kGaussian, [&](int64_t, int64_t e0, int64_t ne, const float* d) {
         apply(src + (e0 - first), dst + (e0 - first), ne, d);
       });
@@ -494,6 +567,11 @@ at::Tensor corrupt_rows(const at::Tensor& x, int64_t row_offset, int64_t col_off
     at::parallel_for(0, R, std::max<int64_t>(1, kBlockElements * 16 / C), [&](int64_t r0, int64_t r1) {
       for (int64_t i = r0; i < r1; ++i) {
         const int64_t begin = first + i * row_length, end = begin + C;
+        if (gaussian != Simd::kNone) {
+          gaussian_in_registers(src + i * stride, dst + i * C, begin, end, begin / kBlockElements,
+                                (end - 1) / kBlockElements + 1);
+          continue;
+        }
         blocks_in(begin, end, begin / kBlockElements, (end - 1) / kBlockElements + 1, s, k == nz::kGaussian,
                   [&](int64_t, int64_t e0, int64_t ne, const float* d) {
                     apply(src + i * stride + (e0 - begin), dst + i * C + (e0 - begin), ne, d);
@@ -527,7 +605,7 @@ std::tuple<at::Tensor, at::Tensor> reparameterize_forward(const at::Tensor& mu, 
   const bool stream = z.nbytes() >= kStreamedOutputBytes;
   const int64_t n = m.numel();
   std::vector<double> block_sums(static_cast<size_t>((n + kBlockElements - 1) / kBlockElements), 0.0);
-  const Simd simd = reparameterize_simd(m);
+  const Simd simd = register_normals_simd(m);
   if (simd != Simd::kNone) {
 #if defined(__x86_64__) && defined(__GNUC__)
     const auto blocks = simd == Simd::kAvx512 ? reparameterize_blocks_avx512 : reparameterize_blocks_avx2;
@@ -564,7 +642,7 @@ std::tuple<at::Tensor, at::Tensor> reparameterize_backward(const at::Tensor& gra
   at::Tensor grad_mu = empty_output_like(m), grad_lv = empty_output_like(m);
   const bool stream = grad_mu.nbytes() >= kStreamedOutputBytes;
   const double gkl_over_b = grad_kl.item<double>() / static_cast<double>(std::max<int64_t>(B, 1));
-  const Simd simd = reparameterize_simd(m);
+  const Simd simd = register_normals_simd(m);
   if (simd != Simd::kNone) {
 #if defined(__x86_64__) && defined(__GNUC__)
     const int64_t n = m.numel();
