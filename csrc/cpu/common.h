@@ -6,6 +6,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <type_traits>
 #include <vector>
 
 #include "aefast/hd.h"
@@ -75,10 +76,38 @@ inline void fence_streams() {
 }
 
 #if defined(__x86_64__) && defined(__GNUC__)
+// The hand-written AVX2 paths' instruction set: AVX2 with FMA and F16C, which every
+// AVX2 CPU has (simd_level() checks all three).
+#define AEFAST_AVX2 __attribute__((target("avx2,fma,f16c")))
+
 // out[0, n) = from[0, n), written around the caches: both on 32-byte boundaries, n a
 // multiple of 8, AVX2 (simd_level() >= Simd::kAvx2). The caller fences.
-__attribute__((target("avx2"))) inline void stream_floats(const float* from, float* out, int64_t n) {
+AEFAST_AVX2 inline void stream_floats(const float* from, float* out, int64_t n) {
   for (int64_t i = 0; i < n; i += 8) _mm256_stream_ps(out + i, _mm256_load_ps(from + i));
+}
+
+// 16 (AVX-512) or 8 (AVX2) elements from p as float32: exact for float16 and bfloat16
+// (a bfloat16 is a float32's high half).
+template <typename E>
+__attribute__((target("avx512f,avx512bw"))) inline __m512 load16_as_float(const E* p) {
+  if constexpr (std::is_same_v<E, float>) {
+    return _mm512_loadu_ps(p);
+  } else if constexpr (std::is_same_v<E, at::BFloat16>) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16));
+  } else {
+    return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  }
+}
+
+template <typename E>
+AEFAST_AVX2 inline __m256 load8_as_float(const E* p) {
+  if constexpr (std::is_same_v<E, float>) {
+    return _mm256_loadu_ps(p);
+  } else if constexpr (std::is_same_v<E, at::BFloat16>) {
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))), 16));
+  } else {
+    return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  }
 }
 #endif
 
@@ -93,7 +122,7 @@ inline Simd simd_level() {
     Simd cpu = Simd::kNone;
 #if defined(__x86_64__) && defined(__GNUC__)
     __builtin_cpu_init();
-    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) cpu = Simd::kAvx2;  // (every AVX2 CPU has FMA)
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c")) cpu = Simd::kAvx2;
     if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw")) cpu = Simd::kAvx512;
 #endif
     const char* asked = std::getenv("AEFAST_SIMD");

@@ -10,11 +10,11 @@
 
 #include <cstdint>
 
+#include "common.h"  // AEFAST_AVX2
+
 namespace aefast {
 namespace cpu {
 namespace noise_avx2 {
-
-#define AEFAST_AVX2 __attribute__((target("avx2,fma")))
 
 // The ten round keys of a seed, broadcast once per call.
 struct PhiloxKeys {

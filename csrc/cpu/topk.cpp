@@ -167,7 +167,7 @@ inline TileMaxima<A> block_maxima(const T* x, int64_t n, A* maxima) {
 #define AEFAST_BLOCK_MAXIMA_AVX2 1
 // float32 with AVX2: 8 blocks at a time, their 8 x 16 values reduced to 8 maxima by
 // max-of-shuffles (what a horizontal max of each would cost 8 times over).
-__attribute__((target("avx2"))) TileMaxima<float> block_maxima_avx2(const float* x, int64_t n, float* maxima) {
+AEFAST_AVX2 TileMaxima<float> block_maxima_avx2(const float* x, int64_t n, float* maxima) {
   const int64_t whole = n / kBlockLen;
   __m256 unordered = _mm256_setzero_ps();
   __m256 low = _mm256_set1_ps(std::numeric_limits<float>::infinity()), high = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
@@ -355,8 +355,8 @@ __attribute__((target("avx512f"))) void rank_select_avx512(const Candidate<float
 // subtracting it counts). ranks[i] = how many of values[0, n) are better than value i:
 // larger, or with `index`, equal and of a lower index (compared 4 at a time in 64
 // bits). values and index padded to a multiple of 8 (NaN: compares false).
-__attribute__((target("avx2"))) void count_better_avx2(const float* values, const int64_t* index, int64_t n,
-                                                       int32_t* ranks) {
+AEFAST_AVX2 void count_better_avx2(const float* values, const int64_t* index, int64_t n,
+                                   int32_t* ranks) {
   for (int64_t i = 0; i < n; i += 8) {
     const __m256 them = _mm256_loadu_ps(values + i);
     __m256i above = _mm256_setzero_si256();
@@ -505,19 +505,19 @@ __attribute__((target("avx512f"))) void collect_qualifying_avx512(const float* t
 
 // The same with AVX2: 16 values as two compares of 8 and their movemasks.
 template <int kPredicate>
-__attribute__((target("avx2"))) inline uint32_t compare_bits_avx2(const float* p, __m256 bars) {
+AEFAST_AVX2 inline uint32_t compare_bits_avx2(const float* p, __m256 bars) {
   const uint32_t lo = static_cast<uint32_t>(_mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(p), bars, kPredicate)));
   const uint32_t hi = static_cast<uint32_t>(_mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(p + 8), bars, kPredicate)));
   return lo | hi << 8;
 }
 
-__attribute__((target("avx2"))) inline uint32_t qualifying_bits_avx2(const float* p, __m256 bars, bool inclusive) {
+AEFAST_AVX2 inline uint32_t qualifying_bits_avx2(const float* p, __m256 bars, bool inclusive) {
   return inclusive ? compare_bits_avx2<_CMP_GE_OQ>(p, bars) : compare_bits_avx2<_CMP_GT_OQ>(p, bars);
 }
 
-__attribute__((target("avx2"))) void collect_qualifying_avx2(const float* tile, int64_t len, const float* maxima,
-                                                             int64_t b0, int64_t b1, float bar, int64_t& ties,
-                                                             int64_t base, std::vector<Candidate<float>>& found) {
+AEFAST_AVX2 void collect_qualifying_avx2(const float* tile, int64_t len, const float* maxima,
+                                         int64_t b0, int64_t b1, float bar, int64_t& ties,
+                                         int64_t base, std::vector<Candidate<float>>& found) {
   const __m256 bars = _mm256_set1_ps(bar);
   const int64_t whole = std::min(b1, len / kBlockLen);
   int64_t b = b0;
@@ -686,8 +686,8 @@ float* zeroed_floats(std::vector<float>& storage, int64_t n) {
 // The same for float32 rows on 32-byte boundaries (width a multiple of 8), built in
 // `row`, a zeroed buffer (left zeroed), then written around the caches. The caller
 // checks the indices and fences.
-__attribute__((target("avx2"))) void stream_dense_row(const float* values, const int64_t* indices, int64_t k,
-                                                      int64_t width, float* row, float* out) {
+AEFAST_AVX2 void stream_dense_row(const float* values, const int64_t* indices, int64_t k,
+                                  int64_t width, float* row, float* out) {
   for (int64_t j = 0; j < k; ++j) row[indices[j]] = values[j];
   stream_floats(row, out, width);
   for (int64_t j = 0; j < k; ++j) row[indices[j]] = 0.0f;

@@ -100,8 +100,8 @@ __attribute__((target("avx512f,avx512bw"))) void count_lanes_avx512(const int32_
   _mm512_storeu_si512(counts, c);
 }
 
-__attribute__((target("avx2"))) void count_lanes_avx2(const int32_t* keys, int64_t n, const int32_t* bars,
-                                                      int32_t* counts) {
+AEFAST_AVX2 void count_lanes_avx2(const int32_t* keys, int64_t n, const int32_t* bars,
+                                  int32_t* counts) {
   // a >= b as !(b > a): a compare gives -1 where true, so subtracting it counts.
   const __m256i bar0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(bars));
   const __m256i bar1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(bars + 8));
@@ -144,8 +144,8 @@ __attribute__((target("avx512f,avx512bw"))) void collect_lanes_avx512(const int3
   std::copy(c, c + kLanes, counts);
 }
 
-__attribute__((target("avx2"))) void collect_lanes_avx2(const int32_t* keys, int64_t n, const int32_t* bars,
-                                                        const int32_t* ties, int32_t* rows, int32_t* counts) {
+AEFAST_AVX2 void collect_lanes_avx2(const int32_t* keys, int64_t n, const int32_t* bars,
+                                    const int32_t* ties, int32_t* rows, int32_t* counts) {
   const __m256i bar[2] = {_mm256_loadu_si256(reinterpret_cast<const __m256i*>(bars)),
                           _mm256_loadu_si256(reinterpret_cast<const __m256i*>(bars + 8))};
   __m256i left[2] = {_mm256_loadu_si256(reinterpret_cast<const __m256i*>(ties)),
@@ -169,29 +169,6 @@ __attribute__((target("avx2"))) void collect_lanes_avx2(const int32_t* keys, int
   std::copy(c, c + kLanes, counts);
 }
 
-// 16 (AVX-512) or 8 (AVX2) elements from p as float32: exact for float16 and bfloat16
-// (a bfloat16 is a float32's high half).
-template <typename E>
-__attribute__((target("avx512f,avx512bw"))) inline __m512 load16(const E* p) {
-  if constexpr (std::is_same_v<E, float>) {
-    return _mm512_loadu_ps(p);
-  } else if constexpr (std::is_same_v<E, at::BFloat16>) {
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16));
-  } else {
-    return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
-  }
-}
-
-template <typename E>
-__attribute__((target("avx2"))) inline __m256 load8(const E* p) {
-  if constexpr (std::is_same_v<E, float>) {
-    return _mm256_loadu_ps(p);
-  } else {  // bfloat16 (float16 would need F16C: it takes the portable copy on AVX2)
-    static_assert(std::is_same_v<E, at::BFloat16>, "AVX2 tile copies: float32 and bfloat16");
-    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))), 16));
-  }
-}
-
 // kTiles full tiles of float32 (or float16, bfloat16) side by side: the keys of X's rows j, columns
 // [16 p, 16 p + 16) into keys + p * 16 n, the tile's lane statistics into stats[p].
 // Returns false on a NaN. The rows are R apart, a page or more: several tiles per
@@ -212,7 +189,7 @@ __attribute__((target("avx512f,avx512bw"))) bool copy_tiles_avx512(const E* X, i
   for (int64_t j = 0; j < n; ++j) {
     for (int p = 0; p < kTiles; ++p) __builtin_prefetch(X + std::min(j + kPrefetchRows, n - 1) * R + kLanes * p);
     for (int p = 0; p < kTiles; ++p) {
-      const __m512 v = load16(X + j * R + kLanes * p);
+      const __m512 v = load16_as_float(X + j * R + kLanes * p);
       nan |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
       const __m512i i = _mm512_castps_si512(_mm512_add_ps(v, _mm512_setzero_ps()));  // -0.0 -> +0.0
       const __m512i key = _mm512_xor_si512(i, _mm512_and_si512(_mm512_srai_epi32(i, 31), magnitude));
@@ -233,8 +210,8 @@ __attribute__((target("avx512f,avx512bw"))) bool copy_tiles_avx512(const E* X, i
 }
 
 template <int kTiles, typename E>
-__attribute__((target("avx2"))) bool copy_tiles_avx2(const E* X, int64_t R, int64_t n, int32_t* keys,
-                                                     LaneStats<int32_t, float>* stats) {
+AEFAST_AVX2 bool copy_tiles_avx2(const E* X, int64_t R, int64_t n, int32_t* keys,
+                                 LaneStats<int32_t, float>* stats) {
   const __m256i magnitude = _mm256_set1_epi32(0x7FFFFFFF);
   __m256i lo[2 * kTiles], hi[2 * kTiles];
   __m256 sum[2 * kTiles], squares[2 * kTiles];
@@ -247,7 +224,7 @@ __attribute__((target("avx2"))) bool copy_tiles_avx2(const E* X, int64_t R, int6
   for (int64_t j = 0; j < n; ++j) {
     for (int p = 0; p < kTiles; ++p) __builtin_prefetch(X + std::min(j + kPrefetchRows, n - 1) * R + kLanes * p);
     for (int h = 0; h < 2 * kTiles; ++h) {  // half h % 2 of tile h / 2
-      const __m256 v = load8(X + j * R + 8 * h);
+      const __m256 v = load8_as_float(X + j * R + 8 * h);
       unordered = _mm256_or_ps(unordered, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
       const __m256i i = _mm256_castps_si256(_mm256_add_ps(v, _mm256_setzero_ps()));
       const __m256i key = _mm256_xor_si256(i, _mm256_and_si256(_mm256_srai_epi32(i, 31), magnitude));
@@ -277,9 +254,7 @@ bool copy_tile(const T* X, int64_t R, int64_t n, int64_t lanes, KeyOf<A>* keys, 
 #if defined(__x86_64__) && defined(__GNUC__)
   if constexpr (std::is_same_v<A, float>) {  // float32, float16, bfloat16
     if (lanes == kLanes && simd_level() == Simd::kAvx512) return copy_tiles_avx512<1>(X, R, n, keys, &stats);
-    if constexpr (!std::is_same_v<T, at::Half>) {
-      if (lanes == kLanes && simd_level() == Simd::kAvx2) return copy_tiles_avx2<1>(X, R, n, keys, &stats);
-    }
+    if (lanes == kLanes && simd_level() == Simd::kAvx2) return copy_tiles_avx2<1>(X, R, n, keys, &stats);
   }
 #endif
   std::fill(stats.low, stats.low + kLanes, std::numeric_limits<KeyOf<A>>::max());
@@ -309,9 +284,7 @@ bool copy_panel(const T* X, int64_t R, int64_t n, int64_t columns, KeyOf<A>* key
 #if defined(__x86_64__) && defined(__GNUC__)
   if constexpr (std::is_same_v<A, float>) {  // float32, float16, bfloat16
     if (columns == kPanel * kLanes && simd_level() == Simd::kAvx512) return copy_tiles_avx512<kPanel>(X, R, n, keys, stats);
-    if constexpr (!std::is_same_v<T, at::Half>) {
-      if (columns == kPanel * kLanes && simd_level() == Simd::kAvx2) return copy_tiles_avx2<kPanel>(X, R, n, keys, stats);
-    }
+    if (columns == kPanel * kLanes && simd_level() == Simd::kAvx2) return copy_tiles_avx2<kPanel>(X, R, n, keys, stats);
   }
 #endif
   bool ok = true;
@@ -505,7 +478,7 @@ __attribute__((target("avx512f"))) void copy_kept_avx512(const float* src, uint6
 }
 
 template <bool kStream>
-__attribute__((target("avx2"))) void copy_kept_avx2(const float* src, uint64_t bits, float* out) {
+AEFAST_AVX2 void copy_kept_avx2(const float* src, uint64_t bits, float* out) {
   const __m256i lane_bit = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
   for (int c = 0; c < 64; c += 8) {
     const __m256i byte = _mm256_set1_epi32(static_cast<int>((bits >> c) & 0xFF));

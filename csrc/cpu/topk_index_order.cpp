@@ -89,32 +89,37 @@ AEFAST_INLINE void filter_above(const T* x, int64_t n, int64_t first, A bar, siz
 }
 
 #if defined(__x86_64__) && defined(__GNUC__)
-// float32: a compare mask per vector (!(v <= bar): above, or NaN), then only its set bits.
-AEFAST_INLINE bool take_masked(const float* x, int64_t j, uint32_t m, int64_t first, ChunkFound<float>& out) {
+// float32 (float16 and bfloat16 widened to it as loaded): a compare mask per vector
+// (!(v <= bar): above, or NaN), then only its set bits.
+template <typename E>
+AEFAST_INLINE bool take_masked(const E* x, int64_t j, uint32_t m, int64_t first, ChunkFound<float>& out) {
   for (; m != 0; m &= m - 1) {
     const int64_t t = j + __builtin_ctz(m);
-    if (x[t] != x[t]) return false;
-    out.greater.push_back({x[t], first + t});
+    const float v = static_cast<float>(x[t]);
+    if (v != v) return false;
+    out.greater.push_back({v, first + t});
   }
   return true;
 }
 
 // After a vector loop stopped at j: the last n % 16 elements (unless it met a NaN or
 // overflowed), then the overflow flag.
-inline void filter_rest(const float* x, int64_t n, int64_t j, int64_t first, float bar, size_t cap, ChunkFound<float>& out) {
+template <typename E>
+void filter_rest(const E* x, int64_t n, int64_t j, int64_t first, float bar, size_t cap, ChunkFound<float>& out) {
   ChunkFound<float> rest;
-  if (j < n && !out.nan && out.greater.size() <= cap) filter_above<float, float>(x + j, n - j, first + j, bar, cap, rest);
+  if (j < n && !out.nan && out.greater.size() <= cap) filter_above<E, float>(x + j, n - j, first + j, bar, cap, rest);
   out.greater.insert(out.greater.end(), rest.greater.begin(), rest.greater.end());
   out.nan |= rest.nan;
   out.overflow = !out.nan && out.greater.size() > cap;
 }
 
-__attribute__((target("avx512f,avx512bw"))) void filter_above_avx512(const float* x, int64_t n, int64_t first, float bar,
+template <typename E>
+__attribute__((target("avx512f,avx512bw"))) void filter_above_avx512(const E* x, int64_t n, int64_t first, float bar,
                                                                      size_t cap, ChunkFound<float>& out) {
   const __m512 b = _mm512_set1_ps(bar);
   int64_t j = 0;
   for (; j + 16 <= n; j += 16) {
-    const uint32_t m = _mm512_cmp_ps_mask(_mm512_loadu_ps(x + j), b, _CMP_NLE_UQ);
+    const uint32_t m = _mm512_cmp_ps_mask(load16_as_float(x + j), b, _CMP_NLE_UQ);
     if (m == 0) continue;
     out.nan = !take_masked(x, j, m, first, out);
     if (out.nan || out.greater.size() > cap) break;
@@ -122,13 +127,14 @@ __attribute__((target("avx512f,avx512bw"))) void filter_above_avx512(const float
   filter_rest(x, n, j, first, bar, cap, out);
 }
 
-__attribute__((target("avx2"))) void filter_above_avx2(const float* x, int64_t n, int64_t first, float bar, size_t cap,
-                                                       ChunkFound<float>& out) {
+template <typename E>
+AEFAST_AVX2 void filter_above_avx2(const E* x, int64_t n, int64_t first, float bar, size_t cap,
+                                   ChunkFound<float>& out) {
   const __m256 b = _mm256_set1_ps(bar);
   int64_t j = 0;
   for (; j + 16 <= n; j += 16) {
-    const uint32_t m = static_cast<uint32_t>(_mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(x + j), b, _CMP_NLE_UQ))) |
-                       static_cast<uint32_t>(_mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(x + j + 8), b, _CMP_NLE_UQ))) << 8;
+    const uint32_t m = static_cast<uint32_t>(_mm256_movemask_ps(_mm256_cmp_ps(load8_as_float(x + j), b, _CMP_NLE_UQ))) |
+                       static_cast<uint32_t>(_mm256_movemask_ps(_mm256_cmp_ps(load8_as_float(x + j + 8), b, _CMP_NLE_UQ))) << 8;
     if (m == 0) continue;
     out.nan = !take_masked(x, j, m, first, out);
     if (out.nan || out.greater.size() > cap) break;
@@ -140,7 +146,7 @@ __attribute__((target("avx2"))) void filter_above_avx2(const float* x, int64_t n
 template <typename T, typename A>
 void filter_chunk(const T* x, int64_t n, int64_t first, A bar, size_t cap, ChunkFound<A>& out) {
 #if defined(__x86_64__) && defined(__GNUC__)
-  if constexpr (std::is_same_v<T, float>) {
+  if constexpr (std::is_same_v<T, float> || std::is_same_v<T, at::BFloat16> || std::is_same_v<T, at::Half>) {
     if (simd_level() == Simd::kAvx512) return filter_above_avx512(x, n, first, bar, cap, out);
     if (simd_level() == Simd::kAvx2) return filter_above_avx2(x, n, first, bar, cap, out);
   }
