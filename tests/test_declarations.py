@@ -160,3 +160,21 @@ def test_a_benchmark_floor_counts_at_least_what_the_op_must_read_and_write(op):
         inputs[k].numel() * inputs[k].element_size() for k in case.differentiable)
     assert case.bytes_moved(inputs, False) >= forward
     assert case.bytes_moved(inputs, True) >= backward
+
+
+def test_a_double_backward_through_a_backward_kernel_is_an_error_not_zero():
+    """A backward kernel has no derivative: autograd's fallback gave it zero gradients
+    with one warning, so a gradient penalty came out 0. Now it names the kernel; the
+    reference backend differentiates twice."""
+    import aefast as ae
+
+    a = torch.rand(4, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0)) * 0.8 + 0.1  # (not the global one)
+    x = a.clone().requires_grad_()
+    with ae.backend("cpp"):
+        (g,) = torch.autograd.grad(ae.kl_sparsity(x, 0.1), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="aefast::kl_sparsity_backward has no derivative"):
+        torch.autograd.grad(g.pow(2).sum(), x)
+    with ae.backend("reference"):
+        (g,) = torch.autograd.grad(ae.kl_sparsity(x, 0.1), x, create_graph=True)
+    (gg,) = torch.autograd.grad(g.pow(2).sum(), x)
+    assert gg.abs().sum() > 0

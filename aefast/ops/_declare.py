@@ -151,6 +151,15 @@ def backward_kernels(implementation: str, device: torch.device) -> Kernels:
 def _register(k: Kernel, op, implementation: str) -> None:
     torch.library.register_fake(op)(k.fake)
     if k.backward is None:
+        # Without a formula, autograd would warn once and give these kernels zero
+        # gradients (a C++ op's fallback): a double backward through an op's backward
+        # kernel said 0 where the reference says otherwise. Now it says it is not there.
+        def no_derivative(ctx, *grads):
+            raise RuntimeError(f"aefast::{k.name} has no derivative: the aefast ops are differentiable once "
+                               f"(a double backward, e.g. a gradient penalty, needs the reference backend: "
+                               f"aefast.backend('reference'))")
+
+        torch.library.register_autograd(op, no_derivative)
         return
 
     def backward(ctx, *grads):
