@@ -14,6 +14,7 @@ import json
 import os
 import pathlib
 import sys
+import threading
 
 import torch
 
@@ -68,7 +69,13 @@ if _default != "auto" and _default not in BACKENDS:
         print(f"aefast: error: {_message}", file=sys.stderr)
         raise SystemExit(2)
     raise ValueError(_message)
-_forced: list[str] = []
+_forced = threading.local()  # .names: this thread's stack of `backend(...)` blocks, as torch.no_grad is per thread
+
+
+def _forced_names() -> list[str]:
+    if not hasattr(_forced, "names"):
+        _forced.names = []
+    return _forced.names
 
 
 def _why_unavailable(name: str, device_type: str) -> str | None:
@@ -78,7 +85,8 @@ def _why_unavailable(name: str, device_type: str) -> str | None:
     if name == "cpp":
         if not CPP_BUILT:
             return f"aefast._C is not built ({BUILD_ERROR})"
-        return None if device_type == "cpu" else "it runs CPU tensors only"
+        # meta: the native ops' registered fakes give their exact output shapes
+        return None if device_type in ("cpu", "meta") else "it runs CPU tensors only"
     if name == "cuda":
         if not CUDA_BUILT:
             return "aefast._C was built without CUDA kernels (see `aefast info`)"
@@ -103,19 +111,22 @@ def available_backends(device: str | torch.device | None = None) -> list[str]:
 
 def current_backend() -> str:
     """The backend asked for now: `auto` or a name from BACKENDS."""
-    return _forced[-1] if _forced else _default
+    names = getattr(_forced, "names", None)
+    return names[-1] if names else _default
 
 
 @contextlib.contextmanager
 def backend(name: str):
-    """Run the aefast operators inside the block with backend `name` (or `auto`)."""
+    """Run the aefast operators inside the block with backend `name` (or `auto`), in this
+    thread (as torch.no_grad: other threads keep their own choice)."""
     if name != "auto" and name not in BACKENDS:
         raise ValueError(f"backend must be one of {('auto',) + BACKENDS}, got {name!r}")
-    _forced.append(name)
+    names = _forced_names()
+    names.append(name)
     try:
         yield
     finally:
-        _forced.pop()
+        names.pop()
 
 
 def resolve(device: torch.device, op: str = "", kernels: tuple[str, ...] = BACKENDS,
@@ -125,7 +136,7 @@ def resolve(device: torch.device, op: str = "", kernels: tuple[str, ...] = BACKE
     if there is one, else `gpu_preference` (the op's own order), else GPU_PREFERENCE."""
     name = current_backend()
     if name == "auto":
-        if device.type == "cpu":
+        if device.type in ("cpu", "meta"):
             preference = ("cpp",)
         else:
             preference = tuple(GPU_RANKING.get(op, ())) or gpu_preference or GPU_PREFERENCE

@@ -101,3 +101,24 @@ def test_stored_gpu_ranking_drives_auto(tmp_path, monkeypatch):
     bench.write_text(json.dumps({"environment": {"device_type": "cpu", "device": "x"}, "results": rows}))
     with pytest.raises(ValueError, match="no GPU run"):
         ranking.write_ranking(bench, tmp_path / "gpu_ranking.json")
+
+
+def test_the_forced_backend_belongs_to_the_thread_that_forced_it():
+    """As torch.no_grad: a block in one thread does not change what another runs."""
+    import threading
+
+    seen, entered, release = {}, threading.Event(), threading.Event()
+
+    def forcing():
+        with ae.backend("reference"):
+            entered.set()
+            release.wait(10)
+            seen["forcing"] = ae.current_backend()
+
+    thread = threading.Thread(target=forcing)
+    thread.start()
+    entered.wait(10)
+    seen["other"] = ae.current_backend()
+    release.set()
+    thread.join()
+    assert seen == {"forcing": "reference", "other": "auto"}

@@ -178,3 +178,42 @@ def test_a_double_backward_through_a_backward_kernel_is_an_error_not_zero():
         (g,) = torch.autograd.grad(ae.kl_sparsity(x, 0.1), x, create_graph=True)
     (gg,) = torch.autograd.grad(g.pow(2).sum(), x)
     assert gg.abs().sum() > 0
+
+
+@pytest.mark.parametrize("op", sorted(OPERATORS))
+@pytest.mark.parametrize("backend", ["auto", "reference"])
+def test_every_op_runs_meta_tensors_with_the_shapes_of_a_real_run(op, backend):
+    """Meta tensors (shape inference, `torch.device("meta")` model construction): auto
+    takes the native ops' registered fakes; no check reads a value or asks autocast
+    about a device that has none."""
+    case = OPERATORS[op].bench
+
+    def run(device):
+        inputs = case.make(5, 37, torch.float32, torch.device(device))
+        for name in case.differentiable:
+            inputs[name].requires_grad_()
+        with ae.backend(backend):
+            out = case.call(getattr(ae, op), **inputs)
+        outs = [t for t in (out if isinstance(out, tuple) else (out,)) if isinstance(t, torch.Tensor)]
+        loss = sum(t.sum() for t in outs if t.is_floating_point())
+        grads = torch.autograd.grad(loss, [inputs[n] for n in case.differentiable], allow_unused=True)
+        return [(t.shape, t.dtype) for t in (*outs, *grads) if t is not None]
+
+    assert run("meta") == run("cpu")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("op", sorted(OPERATORS))
+def test_every_op_compiles_fullgraph_with_dynamic_shapes(op):
+    """torch.compile(fullgraph=True, dynamic=True): float arguments arrive as symbolic
+    floats, which the checks must compare, not pass to math; the reference's NaN check
+    of the top-k family becomes an assertion in the graph."""
+    case = OPERATORS[op].bench
+    for backend in ("cpp", "reference"):
+        torch._dynamo.reset()
+        inputs = case.make(5, 37, torch.float32, torch.device("cpu"))
+        with ae.backend(backend):
+            eager = case.call(getattr(ae, op), **inputs)
+            compiled = torch.compile(lambda **kw: case.call(getattr(ae, op), **kw),
+                                     fullgraph=True, dynamic=True, backend="aot_eager")(**inputs)
+        torch.testing.assert_close(compiled, eager)

@@ -103,3 +103,22 @@ def test_selection_modules_in_a_sequential():
     for bad in (lambda: ae.nn.TopK(0), lambda: ae.nn.LifetimeTopK(1.5), lambda: ae.nn.SpatialWTA(lifetime_rate=0)):
         with pytest.raises(ValueError):
             bad()
+
+
+@pytest.mark.slow
+def test_modules_with_default_float_arguments_compile_with_dynamic_shapes():
+    """Under dynamic=True a default float (beta, low, high) arrives as a symbolic float:
+    the checks compare it instead of calling math.isfinite, which broke the graph."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    noisy, penalty = ae.nn.NoisyLinear(12, 6, "gaussian", 0.1), ae.nn.KLSparsity(0.05)
+    corrupt = ae.nn.Corrupt("salt_pepper", 0.2)
+
+    def loss(x):
+        h = torch.sigmoid(noisy(corrupt(x)))
+        return h.square().mean() + penalty(h) + ae.kl_sparsity(h, 0.1)
+
+    compiled = torch.compile(loss, fullgraph=True, dynamic=True, backend="aot_eager")
+    for rows in (7, 9):
+        value = compiled(torch.rand(rows, 12))
+        assert value.shape == () and torch.isfinite(value)

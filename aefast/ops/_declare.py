@@ -155,9 +155,9 @@ def _register(k: Kernel, op, implementation: str) -> None:
         # gradients (a C++ op's fallback): a double backward through an op's backward
         # kernel said 0 where the reference says otherwise. Now it says it is not there.
         def no_derivative(ctx, *grads):
-            raise RuntimeError(f"aefast::{k.name} has no derivative: the aefast ops are differentiable once "
-                               f"(a double backward, e.g. a gradient penalty, needs the reference backend: "
-                               f"aefast.backend('reference'))")
+            raise RuntimeError(f"aefast::{k.name} has no derivative, so the op it differentiates cannot be "
+                               f"differentiated twice on this backend (a double backward, e.g. a gradient "
+                               f"penalty, through it needs the reference backend: aefast.backend('reference'))")
 
         torch.library.register_autograd(op, no_derivative)
         return

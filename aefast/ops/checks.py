@@ -33,6 +33,12 @@ def check_matrix(t: Tensor, name: str) -> None:
         raise ValueError(f"{name} must have at least one column, got shape {tuple(t.shape)}")
 
 
+def _finite(x) -> bool:
+    # Comparisons, not math.isfinite: under torch.compile(dynamic=True) a float argument
+    # arrives as a SymFloat, which math.isfinite cannot trace. NaN fails both.
+    return -math.inf < x < math.inf
+
+
 def check_open_unit(x, name: str) -> float:
     if not isinstance(x, numbers.Real) or not 0.0 < float(x) < 1.0:
         raise ValueError(f"{name} must be a number in the open interval (0, 1), got {x!r}")
@@ -40,7 +46,7 @@ def check_open_unit(x, name: str) -> float:
 
 
 def check_finite(x, name: str) -> float:
-    if not isinstance(x, numbers.Real) or isinstance(x, bool) or not math.isfinite(x):
+    if not isinstance(x, numbers.Real) or isinstance(x, bool) or not _finite(x):
         raise ValueError(f"{name} must be a finite number, got {x!r}")
     return float(x)
 
@@ -53,16 +59,21 @@ def check_rate(rate, name: str) -> float:
 
 
 def check_nonnegative(x, name: str) -> float:
-    if not isinstance(x, numbers.Real) or not math.isfinite(float(x)) or float(x) < 0.0:
+    if not isinstance(x, numbers.Real) or not _finite(x) or x < 0.0:
         raise ValueError(f"{name} must be a finite number >= 0, got {x!r}")
     return float(x)
+
+
+def autocasting(device: torch.device) -> bool:
+    """Whether autocast is on for `device` (never for meta tensors, which have none)."""
+    return torch.amp.is_autocast_available(device.type) and torch.is_autocast_enabled(device.type)
 
 
 def autocast_inputs(device: torch.device, *tensors):
     """Under autocast, the floating tensors in the autocast dtype, as F.linear's
     inputs would be (a drop-in matmul-like op then takes mixed-precision inputs);
     float64 stays float64, as autocast leaves it."""
-    if not torch.is_autocast_enabled(device.type):
+    if not autocasting(device):
         return tensors
     dtype = torch.get_autocast_dtype(device.type)
     return tuple(

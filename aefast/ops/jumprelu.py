@@ -15,7 +15,7 @@ from torch import Tensor
 
 from aefast import reference
 from aefast.ops._declare import CPP, Bench, dense_like, kernel, nbytes, operator, triton_launcher
-from aefast.ops.checks import argument, check_matrix
+from aefast.ops.checks import argument, autocasting, check_matrix
 from aefast.reference import stat_dtype
 
 # ---------------------------------------------------------------- kernels
@@ -63,7 +63,7 @@ def _threshold(args: dict) -> None:
         shape = tuple(threshold.shape) if isinstance(threshold, Tensor) else type(threshold).__name__
         raise ValueError(f"threshold must have shape (L={z.shape[1]},), one per column of z, got {shape}")
     # Under autocast z comes in the autocast dtype, the threshold (a parameter) in float32.
-    if torch.is_autocast_enabled(z.device.type) and threshold.dtype != z.dtype:
+    if autocasting(z.device) and threshold.dtype != z.dtype:
         args["threshold"] = threshold = threshold.to(z.dtype)
     if threshold.dtype != z.dtype or threshold.device != z.device:
         raise ValueError(f"threshold must have z's dtype and device ({z.dtype}, {z.device}), "

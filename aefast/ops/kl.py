@@ -13,7 +13,13 @@ from torch import Tensor
 from aefast import reference
 from aefast.ops._declare import CPP, Bench, dense_like, kernel, nbytes, operator, triton_launcher
 from aefast.ops._distributed import global_column_mean
-from aefast.ops.checks import argument, check_matrix, check_nonnegative, check_open_unit
+from aefast.ops.checks import (
+    argument,
+    autocasting,
+    check_matrix,
+    check_nonnegative,
+    check_open_unit,
+)
 from aefast.reference import RHO_HAT_EPS, stat_dtype
 
 
@@ -124,7 +130,7 @@ def _contractive_inputs(args: dict) -> None:
     h, weight = args["h"], args["weight"]
     check_matrix(h, "h")
     # Under autocast h and weight may come in different dtypes: both in the wider.
-    if torch.is_autocast_enabled(h.device.type) and isinstance(weight, Tensor) and weight.dtype != h.dtype:
+    if autocasting(h.device) and isinstance(weight, Tensor) and weight.dtype != h.dtype:
         wide = torch.promote_types(h.dtype, weight.dtype)
         args["h"], args["weight"] = h, weight = h.to(wide), weight.to(wide)
     if not isinstance(weight, Tensor) or weight.dim() != 2 or weight.shape[0] != h.shape[1]:
