@@ -148,7 +148,9 @@ double rho_hat_and_penalty(const std::vector<double>& sums, int64_t B, double rh
     scalar_t* r = rho_hat.data_ptr<scalar_t>();
     for (int64_t j = 0; j < H; ++j) {
       r[j] = static_cast<scalar_t>(sums[j] / static_cast<double>(B));
-      total += m::kl_bernoulli(rho, m::clamp_rho_hat(static_cast<double>(r[j]), eps));
+      // in the statistics dtype, as the reference and the GPU kernels: a saturated unit's
+      // 1 - clamp is 1.013e-6 in float32, not 1e-6 (1.3% apart in its penalty and gradient)
+      total += m::kl_bernoulli(static_cast<scalar_t>(rho), m::clamp_rho_hat(r[j], static_cast<scalar_t>(eps)));
     }
   });
   return beta * total;
@@ -159,9 +161,14 @@ template <typename A>
 std::vector<A> kl_grad_per_unit(const at::Tensor& rho_hat, double rho, double eps, double scale) {
   const int64_t H = rho_hat.numel();
   std::vector<A> c(static_cast<size_t>(H));
-  auto r = rho_hat.to(at::kDouble).contiguous();
-  const double* rp = r.const_data_ptr<double>();
-  for (int64_t j = 0; j < H; ++j) c[j] = static_cast<A>(scale * m::kl_bernoulli_grad(rho, rp[j], eps));
+  auto r = rho_hat.contiguous();
+  AT_DISPATCH_FLOATING_TYPES(r.scalar_type(), "kl_grad_per_unit", [&] {
+    const scalar_t* rp = r.const_data_ptr<scalar_t>();
+    for (int64_t j = 0; j < H; ++j) {  // the derivative in the statistics dtype, as the forward
+      const scalar_t d = m::kl_bernoulli_grad(static_cast<scalar_t>(rho), rp[j], static_cast<scalar_t>(eps));
+      c[j] = static_cast<A>(scale * static_cast<double>(d));
+    }
+  });
   return c;
 }
 
