@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
+import numbers
+
 import torch
 from torch import Tensor, nn
 
 from aefast import reference
 from aefast.ops._distributed import global_column_mean
-from aefast.ops.checks import check_matrix, check_nonnegative, check_open_unit, check_rate
+from aefast.ops.checks import (
+    check_bool,
+    check_finite,
+    check_matrix,
+    check_nonnegative,
+    check_open_unit,
+    check_rate,
+)
 from aefast.ops.kl import contractive_penalty, kl_sparsity
 from aefast.ops.noise import check_kind_level, corrupt, noisy_linear
 from aefast.ops.topk import batch_topk, lifetime_topk, spatial_wta, topk_mask
@@ -102,7 +111,7 @@ class Corrupt(nn.Module):
     def __init__(self, kind: str, level: float, *, low: float = 0.0, high: float = 1.0):
         super().__init__()
         self.level = check_kind_level(kind, level)
-        self.kind, self.low, self.high = kind, float(low), float(high)
+        self.kind, self.low, self.high = kind, check_finite(low, "low"), check_finite(high, "high")
 
     def forward(self, x: Tensor) -> Tensor:
         if not self.training:
@@ -122,7 +131,7 @@ class NoisyLinear(nn.Linear):
                  bias: bool = True, low: float = 0.0, high: float = 1.0, device=None, dtype=None):
         super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
         self.level = check_kind_level(kind, level)
-        self.kind, self.low, self.high = kind, float(low), float(high)
+        self.kind, self.low, self.high = kind, check_finite(low, "low"), check_finite(high, "high")
 
     def forward(self, x: Tensor) -> Tensor:
         if not self.training:
@@ -139,9 +148,9 @@ class TopK(nn.Module):
 
     def __init__(self, k: int, *, relu: bool = True):
         super().__init__()
-        if not isinstance(k, int) or isinstance(k, bool) or k < 1:
+        if not isinstance(k, numbers.Integral) or isinstance(k, bool) or k < 1:
             raise ValueError(f"k must be an integer >= 1, got {k!r}")
-        self.k, self.relu = k, bool(relu)
+        self.k, self.relu = int(k), check_bool(relu, "relu")
 
     def forward(self, x: Tensor) -> Tensor:
         return topk_mask(x, self.k, relu=self.relu)

@@ -2,6 +2,7 @@
 function and its signature, the checks run before every backend (the reference too),
 the backends an op has, the benchmark cases."""
 
+import contextlib
 import inspect
 import subprocess
 import sys
@@ -182,14 +183,20 @@ def test_a_double_backward_through_a_backward_kernel_is_an_error_not_zero():
 
 @pytest.mark.parametrize("op", sorted(OPERATORS))
 @pytest.mark.parametrize("backend", ["auto", "reference"])
-def test_every_op_runs_meta_tensors_with_the_shapes_of_a_real_run(op, backend):
-    """Meta tensors (shape inference, `torch.device("meta")` model construction): auto
-    takes the native ops' registered fakes; no check reads a value or asks autocast
+def test_every_op_runs_meta_and_fake_tensors_with_the_shapes_of_a_real_run(op, backend):
+    """Meta tensors (shape inference, `torch.device("meta")` model construction) and
+    FakeTensorMode: auto takes the native ops' registered fakes; no check reads a value
+    (sparse_decode's index range, an unseeded noise op's seed draw) or asks autocast
     about a device that has none."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
     case = OPERATORS[op].bench
 
-    def run(device):
-        inputs = case.make(5, 37, torch.float32, torch.device(device))
+    def run(device, mode=None):
+        with mode or contextlib.nullcontext():
+            return shapes(case.make(5, 37, torch.float32, torch.device(device)))
+
+    def shapes(inputs):
         for name in case.differentiable:
             inputs[name].requires_grad_()
         with ae.backend(backend):
@@ -199,7 +206,18 @@ def test_every_op_runs_meta_tensors_with_the_shapes_of_a_real_run(op, backend):
         grads = torch.autograd.grad(loss, [inputs[n] for n in case.differentiable], allow_unused=True)
         return [(t.shape, t.dtype) for t in (*outs, *grads) if t is not None]
 
-    assert run("meta") == run("cpu")
+    assert run("meta") == run("cpu") == run("cpu", FakeTensorMode())
+    if op in UNSEEDED:  # seed=None: drawn on the device, not read back
+        with FakeTensorMode():
+            out = UNSEEDED[op](**case.make(5, 37, torch.float32, torch.device("cpu")))
+        assert (out if isinstance(out, tuple) else (out,))[0].shape[0] == 5
+
+
+UNSEEDED = {
+    "corrupt": lambda x: ae.corrupt(x, "masking", 0.3),
+    "noisy_linear": lambda x, weight, bias: ae.noisy_linear(x, weight, bias, "gaussian", 0.3),
+    "reparameterize": lambda mu, logvar: ae.reparameterize(mu, logvar),
+}
 
 
 @pytest.mark.slow
@@ -217,3 +235,33 @@ def test_every_op_compiles_fullgraph_with_dynamic_shapes(op):
             compiled = torch.compile(lambda **kw: case.call(getattr(ae, op), **kw),
                                      fullgraph=True, dynamic=True, backend="aot_eager")(**inputs)
         torch.testing.assert_close(compiled, eager)
+
+
+_X, _W = torch.rand(6, 10), torch.randn(4, 10)
+BAD_ARGUMENTS = {  # found by a review: each passed silently or raised something unnamed
+    "relu=None": (lambda: ae.topk_sparse(_X, 3, relu=None), "relu must be True or False"),
+    "relu=1": (lambda: ae.topk_mask(_X, 3, relu=1), "relu must be True or False"),
+    "relu='no'": (lambda: ae.batch_topk(_X, 3, relu="no"), "relu must be True or False"),
+    "beta=True": (lambda: ae.kl_sparsity(_X, 0.1, True), "beta must be a finite number >= 0"),
+    "bias=list": (lambda: ae.noisy_linear(_X, _W, [0.0] * 4, "masking", 0.3), "bias must be None or a tensor"),
+    "encoder bias=list": (lambda: ae.topk_encode(_X, _W, [0.0] * 4, 2), "bias must be None or a tensor"),
+    "Corrupt low=nan": (lambda: ae.nn.Corrupt("salt_pepper", 0.3, low=float("nan")), "low must be a finite"),
+    "NoisyLinear high=inf": (lambda: ae.nn.NoisyLinear(10, 4, "salt_pepper", 0.3, high=float("inf")),
+                             "high must be a finite"),
+    "TopK relu=None": (lambda: ae.nn.TopK(3, relu=None), "relu must be True or False"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_ARGUMENTS))
+def test_a_bad_argument_is_a_value_error_naming_it(case):
+    call, message = BAD_ARGUMENTS[case]
+    with pytest.raises(ValueError, match=message):
+        call()
+
+
+def test_numpy_scalars_are_numbers_everywhere():
+    np = pytest.importorskip("numpy")
+    torch.testing.assert_close(ae.jumprelu(_X, torch.full((10,), 0.3), np.float32(0.05))[0],
+                               ae.jumprelu(_X, torch.full((10,), 0.3), 0.05)[0])
+    torch.testing.assert_close(ae.nn.TopK(np.int64(3))(_X), ae.topk_mask(_X, 3))
+    torch.testing.assert_close(ae.kl_sparsity(_X, np.float32(0.25), np.float64(2.0)), ae.kl_sparsity(_X, 0.25, 2.0))

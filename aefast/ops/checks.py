@@ -8,6 +8,7 @@ import numbers
 
 import torch
 from torch import Tensor
+from torch._subclasses.fake_tensor import is_fake
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
@@ -51,6 +52,12 @@ def check_finite(x, name: str) -> float:
     return float(x)
 
 
+def check_bool(x, name: str) -> bool:
+    if not isinstance(x, bool):  # not truthiness: relu=None or "no" would pass as a choice
+        raise ValueError(f"{name} must be True or False, got {x!r}")
+    return x
+
+
 def check_rate(rate, name: str) -> float:
     """A fraction of a batch: in (0, 1]."""
     if not isinstance(rate, numbers.Real) or isinstance(rate, bool) or not 0.0 < float(rate) <= 1.0:
@@ -59,9 +66,15 @@ def check_rate(rate, name: str) -> float:
 
 
 def check_nonnegative(x, name: str) -> float:
-    if not isinstance(x, numbers.Real) or not _finite(x) or x < 0.0:
+    if not isinstance(x, numbers.Real) or isinstance(x, bool) or not _finite(x) or x < 0.0:
         raise ValueError(f"{name} must be a finite number >= 0, got {x!r}")
     return float(x)
+
+
+def without_values(t: Tensor) -> bool:
+    """Whether t's values cannot be read now: while torch.compile traces, or for a fake
+    or meta tensor (FakeTensorMode, shape propagation). Checks of values skip then."""
+    return torch.compiler.is_compiling() or t.device.type == "meta" or is_fake(t)
 
 
 def autocasting(device: torch.device) -> bool:
@@ -88,6 +101,8 @@ def check_linear_params(x: Tensor, weight, bias, out_name: str) -> None:
     if not isinstance(weight, Tensor) or weight.dim() != 2 or weight.shape[1] != width:
         shape = tuple(weight.shape) if isinstance(weight, Tensor) else type(weight).__name__
         raise ValueError(f"weight must be 2-D of shape ({out_name}, D={width}), got {shape}")
+    if bias is not None and not isinstance(bias, Tensor):
+        raise ValueError(f"bias must be None or a tensor of shape ({weight.shape[0]},), got {type(bias).__name__}")
     if weight.dtype != x.dtype or (bias is not None and bias.dtype != x.dtype):
         raise ValueError(f"weight and bias must have x's dtype {x.dtype}")
     if bias is not None and tuple(bias.shape) != (weight.shape[0],):

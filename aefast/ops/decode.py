@@ -22,7 +22,7 @@ from aefast.ops._declare import (
     nbytes,
     operator,
 )
-from aefast.ops.checks import autocast_inputs, check_linear_params
+from aefast.ops.checks import autocast_inputs, check_linear_params, without_values
 from aefast.ops.topk import K, check_dense, check_k
 
 # ---------------------------------------------------------------- kernels
@@ -38,9 +38,9 @@ def _check_indices_on_cpu(indices: Tensor, latents: int) -> None:
     """An index out of range raises on CPU, on every backend (the reference too), where
     reading the check costs nothing; on a GPU the kernels make its outputs NaN instead
     of stalling the host every call."""
-    # Not while torch.compile traces (a data-dependent branch would break the graph):
-    # the compiled call runs the kernels, which read nothing out of range.
-    if indices.device.type == "cpu" and indices.numel() and not torch.compiler.is_compiling() and (
+    # Not while torch.compile traces (a data-dependent branch would break the graph: the
+    # compiled call runs the kernels, which read nothing out of range), nor on fake tensors.
+    if indices.device.type == "cpu" and indices.numel() and not without_values(indices) and (
             bool(indices.min() < 0) or bool(indices.max() >= latents)):
         raise IndexError(f"aefast: indices must be in [0, {latents})")
 

@@ -9,6 +9,7 @@ gradient summed over the batch in fixed row chunks (the same bits on every run).
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 from torch import Tensor
@@ -72,8 +73,7 @@ def _threshold(args: dict) -> None:
 
 def _bandwidth(args: dict) -> None:
     bandwidth = args["bandwidth"]
-    if isinstance(bandwidth, bool) or not isinstance(bandwidth, (int, float)) \
-            or not 0 < bandwidth < math.inf:
+    if isinstance(bandwidth, bool) or not isinstance(bandwidth, numbers.Real) or not 0 < bandwidth < math.inf:
         raise ValueError(f"bandwidth must be a positive number, got {bandwidth!r}")
     args["bandwidth"] = float(bandwidth)
 

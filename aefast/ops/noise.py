@@ -46,6 +46,7 @@ from aefast.ops.checks import (
     check_float_dtype,
     check_linear_params,
     check_tensor,
+    without_values,
 )
 
 KINDS = reference.CORRUPTION_KINDS
@@ -312,13 +313,14 @@ def check_kind_level(kind, level) -> float:
     return level
 
 
-def seed_tensor(seed, device: torch.device) -> Tensor:
-    """The seed as a 0-dim int64 tensor on `device`, made by a fill on the device (a
+def seed_tensor(seed, like: Tensor) -> Tensor:
+    """The seed as a 0-dim int64 tensor on `like`'s device, made by a fill on the device (a
     copy from the host would wait for the GPU's queue). None draws one from torch's
     default CPU generator, so torch.manual_seed reproduces a run on any device (under
-    torch.compile the draw is traced as a device-side torch.randint instead)."""
+    torch.compile, or for fake tensors, the draw is a device-side torch.randint instead)."""
+    device = like.device
     if seed is None:
-        if torch.compiler.is_compiling():
+        if without_values(like):
             return torch.randint(0, SEED_RANGE - 1, (), dtype=torch.long, device=device)
         seed = int(torch.randint(0, SEED_RANGE - 1, (), dtype=torch.long))
     elif isinstance(seed, Tensor):
@@ -344,7 +346,7 @@ def _noise_params(on: str):
     def check(args: dict) -> None:
         args["level"] = check_kind_level(args["kind"], args["level"])
         args["low"], args["high"] = check_finite(args["low"], "low"), check_finite(args["high"], "high")
-        args["seed"] = seed_tensor(args["seed"], args[on].device)
+        args["seed"] = seed_tensor(args["seed"], args[on])
 
     return check
 
@@ -367,7 +369,7 @@ def _gaussian_params(args: dict) -> None:
             f"logvar must match mu's shape, dtype and device ({tuple(mu.shape)}, {mu.dtype}, {mu.device}), "
             f"got {tuple(logvar.shape)}, {logvar.dtype}, {logvar.device}"
         )
-    args["seed"] = seed_tensor(args["seed"], mu.device)
+    args["seed"] = seed_tensor(args["seed"], mu)
 
 
 # ---------------------------------------------------------------- benchmark cases

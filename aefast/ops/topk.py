@@ -32,7 +32,7 @@ from torch import Tensor
 from aefast import reference
 from aefast.ops._declare import CPP, Bench, kernel, nbytes, operator
 from aefast.ops._distributed import global_count, global_topk_keep
-from aefast.ops.checks import argument, check_float_dtype, check_rate, check_tensor
+from aefast.ops.checks import argument, check_bool, check_float_dtype, check_rate, check_tensor
 
 # ---------------------------------------------------------------- kernels
 
@@ -318,7 +318,7 @@ def _torch_spatial_wta(x):
 # ---------------------------------------------------------------- public API
 
 
-@operator(uses=("topk_forward",), checks=(check_dense(), _k_per_row),
+@operator(uses=("topk_forward",), checks=(check_dense(), _k_per_row, argument("relu", check_bool)),
           bench=_bench(lambda op, x: op(x, K), lambda x: reference.topk_sparse(x, K),
                        ("torch.topk", lambda x: _topk_values(x, K)), f"k={K}", _sparse_bytes))
 def topk_sparse(ops, x: Tensor, k: int, *, relu: bool = True) -> tuple[Tensor, Tensor]:
@@ -330,7 +330,7 @@ def topk_sparse(ops, x: Tensor, k: int, *, relu: bool = True) -> tuple[Tensor, T
     return ops.topk_forward(x, k, relu)
 
 
-@operator(uses=("topk_forward",), prefers=("topk_mask_rows",), checks=(check_dense(), _k_per_row),
+@operator(uses=("topk_forward",), prefers=("topk_mask_rows",), checks=(check_dense(), _k_per_row, argument("relu", check_bool)),
           bench=_bench(lambda op, x: op(x, K), lambda x: reference.topk_mask(x, K),
                        ("torch.topk + scatter", lambda x: _torch_topk_mask(x, K)), f"k={K}",
                        _dense_bytes(lambda x: x.shape[0] * K)))
@@ -344,7 +344,7 @@ def topk_mask(ops, x: Tensor, k: int, *, relu: bool = True) -> Tensor:
     return scatter_rows(ops, values, indices, x.shape[1])
 
 
-@operator(uses=("topk_forward",), prefers=("topk_index_order",), checks=(check_dense(), _k_per_row_on_average),
+@operator(uses=("topk_forward",), prefers=("topk_index_order",), checks=(check_dense(), _k_per_row_on_average, argument("relu", check_bool)),
           bench=_bench(lambda op, x: op(x, K), lambda x: reference.batch_topk(x, K),
                        ("torch.topk(x.flatten()) + scatter", lambda x: _torch_batch_topk(x, K)), f"k={K} per row",
                        _dense_bytes(lambda x: x.shape[0] * K)))
