@@ -136,6 +136,39 @@ def test_gradcheck_float64(device, backend):
         assert torch.autograd.gradcheck(ae.contractive_penalty, (a, w))
 
 
+@pytest.mark.parametrize(("device", "backend"), op_backends("kl_sparsity"))
+def test_gradgradcheck_float64_and_a_gradient_penalty_as_the_reference(device, backend):
+    """Double backward: the backward kernels have derivatives (a formula each, the
+    statistics rho_hat, s2, w2 differentiated back to the input). A dead unit's clamp
+    passes the gradient straight through, the curvature too (as the reference's, which a
+    finite difference does not see): checked against the reference, not gradgradcheck."""
+    if device == "cuda" and backend == "triton":
+        pytest.skip("float64 gradcheck runs on CPU (and with the CUDA C++ kernels)")
+    torch.manual_seed(2)
+    a = leaf(activations((6, 5), torch.float64, device, dead_unit=False))
+    dead = leaf(activations((6, 5), torch.float64, device))  # unit 0 dead: the clamp is active
+    z = leaf(torch.randn(6, 5, dtype=torch.float64, device=device))
+    w = leaf(torch.randn(5, 3, dtype=torch.float64, device=device))
+    cases = {"kl": (lambda x: ae.kl_sparsity(x, RHO, BETA), (a,)),
+             "kl, a dead unit": (lambda x: ae.kl_sparsity(x, RHO, BETA), (dead,)),
+             "sigmoid_kl": (lambda x: ae.sigmoid_kl_sparsity(x, RHO, BETA), (z,)),
+             "contractive": (lambda x, weight: ae.contractive_penalty(torch.sigmoid(x), weight), (z, w))}
+    for name, (fn, inputs) in cases.items():
+        if "dead" not in name:
+            with ae.backend(backend):
+                assert torch.autograd.gradgradcheck(fn, inputs), name
+
+        def penalty_gradients(backend):
+            with ae.backend(backend):
+                out = fn(*inputs)
+                out = sum(t.sum() for t in out) if isinstance(out, tuple) else out
+                grads = torch.autograd.grad(out, inputs, create_graph=True)
+                return torch.autograd.grad(sum(g.square().sum() for g in grads), inputs)
+
+        for got, want in zip(penalty_gradients(backend), penalty_gradients("reference")):
+            torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9, msg=name)
+
+
 def _op_samples(device, dtype=torch.float32):
     a = activations((9, 6), dtype, device).requires_grad_(True)
     z = torch.randn(9, 6, dtype=dtype, device=device, requires_grad=True)

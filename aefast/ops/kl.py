@@ -30,16 +30,60 @@ def _stats(x: Tensor, n: int) -> Tensor:
 # ---------------------------------------------------------------- kernels
 
 
+# Double backward. The statistics outputs (rho_hat, s2, w2) get a gradient only in a
+# double backward, from the backward kernels' own formulas below; without one, a None
+# (set_materialize_grads(False)), so a first backward costs nothing more.
+
+
+def _clamped(rho_hat: Tensor, eps: float) -> Tensor:
+    """clamp(rho_hat) with the gradient straight through, as the reference's."""
+    return rho_hat.detach().clamp(eps, 1.0 - eps) + (rho_hat - rho_hat.detach())
+
+
+def _kl_slope_and_curvature(rho_hat: Tensor, rho: float, eps: float) -> tuple[Tensor, Tensor]:
+    """dKL(rho || c)/dc and d2KL/dc2 at c = clamp(rho_hat), per unit."""
+    c = _clamped(rho_hat, eps)
+    return -rho / c + (1.0 - rho) / (1.0 - c), rho / c.square() + (1.0 - rho) / (1.0 - c).square()
+
+
+def _through_batch_mean(grad_rho_hat: Tensor | None, batch: int, dtype: torch.dtype) -> Tensor | None:
+    """rho_hat_j = mean_i x[i, j]: its gradient, spread over the batch, in x's dtype."""
+    if grad_rho_hat is None:
+        return None
+    return (grad_rho_hat / batch).to(dtype).expand(batch, -1)
+
+
+def _add(a: Tensor | None, b: Tensor | None) -> Tensor | None:
+    return b if a is None else a if b is None else a + b
+
+
 def _kl_setup(ctx, inputs, output):
     a, ctx.rho, ctx.beta, ctx.eps = inputs
     ctx.batch, ctx.dtype = a.shape[0], a.dtype
+    ctx.set_materialize_grads(False)
     ctx.save_for_backward(output[1])
 
 
-def _kl_backward(ops, ctx, grad_penalty, _grad_rho_hat):
+def _kl_backward(ops, ctx, grad_penalty, grad_rho_hat):
     (rho_hat,) = ctx.saved_tensors
-    grad = ops.kl_sparsity_backward(grad_penalty, rho_hat, ctx.batch, ctx.rho, ctx.beta, ctx.eps, ctx.dtype)
-    return grad, None, None, None
+    grad = None
+    if grad_penalty is not None:
+        grad = ops.kl_sparsity_backward(grad_penalty, rho_hat, ctx.batch, ctx.rho, ctx.beta, ctx.eps, ctx.dtype)
+    return _add(grad, _through_batch_mean(grad_rho_hat, ctx.batch, ctx.dtype)), None, None, None
+
+
+def _kl_grad_setup(ctx, inputs, output):
+    grad_penalty, rho_hat, ctx.batch, ctx.rho, ctx.beta, ctx.eps, _ = inputs
+    ctx.save_for_backward(grad_penalty, rho_hat)
+
+
+def _kl_grad_backward(ops, ctx, grad):
+    """out[i, j] = g beta / B * KL'(c_j): its derivative in g and in rho_hat."""
+    grad_penalty, rho_hat = ctx.saved_tensors
+    slope, curvature = _kl_slope_and_curvature(rho_hat, ctx.rho, ctx.eps)
+    columns, scale = grad.sum(0, dtype=rho_hat.dtype), ctx.beta / ctx.batch
+    d_penalty = (scale * (columns * slope).sum()).to(grad_penalty.dtype)
+    return d_penalty, grad_penalty.to(rho_hat.dtype) * scale * curvature * columns, None, None, None, None, None
 
 
 kernel(
@@ -58,19 +102,44 @@ kernel(
     reference=None,
     native=CPP,
     triton=triton_launcher("kl", "kl_sparsity_backward"),
+    setup=_kl_grad_setup, backward=_kl_grad_backward,
 )
 
 
 def _sigmoid_kl_setup(ctx, inputs, output):
     _, ctx.rho, ctx.beta, ctx.eps = inputs
     h, _, rho_hat = output
+    ctx.set_materialize_grads(False)
     ctx.save_for_backward(h, rho_hat)
 
 
-def _sigmoid_kl_backward(ops, ctx, grad_h, grad_penalty, _grad_rho_hat):
+def _sigmoid_kl_backward(ops, ctx, grad_h, grad_penalty, grad_rho_hat):
     h, rho_hat = ctx.saved_tensors
+    grad_h = _add(grad_h, _through_batch_mean(grad_rho_hat, h.shape[0], h.dtype))
+    if grad_h is None and grad_penalty is None:
+        return None, None, None, None
+    grad_h = torch.zeros_like(h) if grad_h is None else grad_h
+    grad_penalty = h.new_zeros(()) if grad_penalty is None else grad_penalty
     grad = ops.sigmoid_kl_sparsity_backward(grad_h, grad_penalty, h, rho_hat, ctx.rho, ctx.beta, ctx.eps)
     return grad, None, None, None
+
+
+def _sigmoid_kl_grad_setup(ctx, inputs, output):
+    *tensors, ctx.rho, ctx.beta, ctx.eps = inputs
+    ctx.save_for_backward(*tensors)
+
+
+def _sigmoid_kl_grad_backward(ops, ctx, grad):
+    """out = (grad_h + g beta / B * KL'(c_j)) * h (1 - h): its derivative in each input."""
+    grad_h, grad_penalty, h, rho_hat = ctx.saved_tensors
+    acc = rho_hat.dtype
+    slope, curvature = _kl_slope_and_curvature(rho_hat, ctx.rho, ctx.eps)
+    scale, g, hf = ctx.beta / h.shape[0], grad.to(acc), h.to(acc)
+    g_sigmoid = g * hf * (1.0 - hf)
+    upstream = grad_h.to(acc) + grad_penalty.to(acc) * scale * slope
+    return (g_sigmoid.to(grad_h.dtype), (scale * (g_sigmoid * slope).sum()).to(grad_penalty.dtype),
+            (g * upstream * (1.0 - 2.0 * hf)).to(h.dtype),
+            grad_penalty.to(acc) * scale * curvature * g_sigmoid.sum(0), None, None, None)
 
 
 kernel(
@@ -89,17 +158,44 @@ kernel(
     reference=None,
     native=CPP,
     triton=triton_launcher("kl", "sigmoid_kl_sparsity_backward"),
+    setup=_sigmoid_kl_grad_setup, backward=_sigmoid_kl_grad_backward,
 )
 
 
 def _contractive_setup(ctx, inputs, output):
     h, weight = inputs
+    ctx.set_materialize_grads(False)
     ctx.save_for_backward(h, weight, output[1], output[2])
 
 
-def _contractive_backward(ops, ctx, grad_penalty, _grad_s2, _grad_w2):
-    grad_h, grad_weight = ops.contractive_penalty_backward(grad_penalty, *ctx.saved_tensors)
+def _contractive_backward(ops, ctx, grad_penalty, grad_s2, grad_w2):
+    h, weight, s2, w2 = ctx.saved_tensors
+    grad_h = grad_weight = None
+    if grad_penalty is not None:
+        grad_h, grad_weight = ops.contractive_penalty_backward(grad_penalty, h, weight, s2, w2)
+    if grad_s2 is not None:  # s2_j = sum_i (h (1 - h))^2_ij
+        hf = h.to(s2.dtype)
+        grad_h = _add(grad_h, (grad_s2 * 2.0 * hf * (1.0 - hf) * (1.0 - 2.0 * hf)).to(h.dtype))
+    if grad_w2 is not None:  # w2_j = ||W_j||^2
+        grad_weight = _add(grad_weight, (grad_w2[:, None] * 2.0 * weight.to(w2.dtype)).to(weight.dtype))
     return (grad_h if ctx.needs_input_grad[0] else None, grad_weight if ctx.needs_input_grad[1] else None)
+
+
+def _contractive_grad_setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _contractive_grad_backward(ops, ctx, grad_of_h, grad_of_weight):
+    """grad_h = g 2 w2_j u(h), u = h (1 - h)(1 - 2h); grad_weight = g 2 s2_j W_j: their
+    derivative in each input."""
+    grad_penalty, h, weight, s2, w2 = ctx.saved_tensors
+    acc = s2.dtype
+    g, hf, wf = grad_penalty.to(acc), h.to(acc), weight.to(acc)
+    g1, g2 = grad_of_h.to(acc), grad_of_weight.to(acc)
+    u, du = hf * (1.0 - hf) * (1.0 - 2.0 * hf), 1.0 - 6.0 * hf + 6.0 * hf.square()
+    d_penalty = 2.0 * ((g1 * u).sum(0) * w2).sum() + 2.0 * ((g2 * wf).sum(1) * s2).sum()
+    return (d_penalty.to(grad_penalty.dtype), (g1 * g * 2.0 * w2 * du).to(h.dtype),
+            (g2 * g * 2.0 * s2[:, None]).to(weight.dtype), g * 2.0 * (g2 * wf).sum(1), g * 2.0 * (g1 * u).sum(0))
 
 
 # s2: per unit the sum over the batch of (h (1 - h))^2; w2: the weight's squared row norms.
@@ -118,6 +214,7 @@ kernel(
     reference=None,
     native=CPP,
     triton=triton_launcher("kl", "contractive_penalty_backward"),
+    setup=_contractive_grad_setup, backward=_contractive_grad_backward,
 )
 
 
