@@ -391,6 +391,27 @@ def test_gradcheck_float64(device, backend):
                                         fast_mode=fast)
 
 
+@pytest.mark.parametrize(("device", "backend"), op_backends("reparameterize"))
+def test_reparameterize_differentiates_twice(device, backend):
+    """The backward kernel's derivative (eps from the kernel's own forward at 0, 0):
+    float64 gradgradcheck, and a gradient penalty as the reference's (whose normals
+    agree with the kernels' to float32's precision)."""
+    mu = torch.randn(4, 5, dtype=torch.float64, device=device, requires_grad=True)
+    logvar = (0.3 * torch.randn(4, 5, dtype=torch.float64, device=device)).requires_grad_()
+    with ae.backend(backend):
+        assert torch.autograd.gradgradcheck(lambda m, v: ae.reparameterize(m, v, seed=9), (mu, logvar),
+                                            fast_mode=backend == "triton" and device == "cpu")
+
+    def penalty_gradients(backend):
+        with ae.backend(backend):
+            z, kl = ae.reparameterize(mu, logvar, seed=9)
+            grads = torch.autograd.grad(z.square().sum() + kl, (mu, logvar), create_graph=True)
+            return torch.autograd.grad(sum(g.square().sum() for g in grads), (mu, logvar))
+
+    for got, want in zip(penalty_gradients(backend), penalty_gradients("reference")):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize(("device", "backend"), op_backends("corrupt"))
 def test_opcheck(device, backend):
     ops = kernels(backend)

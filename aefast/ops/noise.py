@@ -123,6 +123,26 @@ def _reparameterize_backward(ops, ctx, grad_z, grad_kl):
     return grad_mu, grad_logvar, None
 
 
+def _reparameterize_grad_setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _reparameterize_grad_backward(ops, ctx, grad_of_mu, grad_of_logvar):
+    """grad_mu = g_z + g_kl mu / B, grad_logvar = g_z eps std / 2 + g_kl (exp(logvar) - 1) / 2B
+    (std = exp(logvar / 2)): their derivative in each input. eps is the kernel's own:
+    its forward at mu = 0, logvar = 0."""
+    grad_z, grad_kl, mu, logvar, seed = ctx.saved_tensors
+    acc = torch.float64 if mu.dtype == torch.float64 else torch.float32
+    eps = ops.reparameterize_forward(torch.zeros_like(mu), torch.zeros_like(logvar), seed)[0].to(acc)
+    g_mu, g_lv, gz, gkl = grad_of_mu.to(acc), grad_of_logvar.to(acc), grad_z.to(acc), grad_kl.to(acc)
+    m, lv, per_row = mu.to(acc), logvar.to(acc), 1.0 / mu.shape[0]
+    std, var = torch.exp(0.5 * lv), torch.exp(lv)
+    d_grad_kl = per_row * ((g_mu * m).sum() + 0.5 * (g_lv * (var - 1.0)).sum())
+    return ((g_mu + 0.5 * g_lv * eps * std).to(grad_z.dtype), d_grad_kl.to(grad_kl.dtype),
+            (g_mu * gkl * per_row).to(mu.dtype),
+            (g_lv * (0.25 * gz * eps * std + 0.5 * per_row * gkl * var)).to(logvar.dtype), None)
+
+
 # z = mu + eps * exp(logvar / 2); kl = batch mean of -1/2 sum(1 + logvar - mu^2 - exp(logvar)).
 kernel(
     "reparameterize_forward(Tensor mu, Tensor logvar, Tensor seed) -> (Tensor z, Tensor kl)",
@@ -139,6 +159,7 @@ kernel(
     reference=None,
     native=CPP,
     triton=triton_launcher("noise", "reparameterize_backward"),
+    setup=_reparameterize_grad_setup, backward=_reparameterize_grad_backward,
 )
 
 
