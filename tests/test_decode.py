@@ -65,6 +65,32 @@ def test_sparse_decode_gradcheck_float64(device, backend):
         )
 
 
+@pytest.mark.parametrize(("device", "backend"), op_backends("topk_encode"))
+def test_decoder_and_fused_encoder_differentiate_twice(device, backend):
+    """sparse_decode's backward kernel has a derivative (its own kernels again), so the
+    decoder and the fused encoder, whose backward is built from them, differentiate
+    twice: float64 gradgradcheck, and a gradient penalty as the reference's."""
+    values = leaf(torch.rand(4, 3, dtype=torch.float64, device=device))
+    indices = torch.randint(0, 6, (4, 3), device=device)
+    weight = leaf(torch.randn(6, 5, dtype=torch.float64, device=device))
+    bias = leaf(torch.randn(5, dtype=torch.float64, device=device))
+    x = leaf(torch.randn(4, 5, dtype=torch.float64, device=device))
+    fast = interpreted(device, backend)
+    cases = {"sparse_decode": (lambda v, w, b: ae.sparse_decode(v, indices, w, b), (values, weight, bias)),
+             "topk_encode": (lambda x, w: ae.topk_encode(x, w, None, 3)[0], (x, weight))}
+    for name, (fn, inputs) in cases.items():
+        with ae.backend(backend):
+            assert torch.autograd.gradgradcheck(fn, inputs, fast_mode=fast), name
+
+        def penalty_gradients(backend):
+            with ae.backend(backend):
+                grads = torch.autograd.grad(fn(*inputs).square().sum(), inputs, create_graph=True)
+                return torch.autograd.grad(sum(g.square().sum() for g in grads), inputs)
+
+        for got, want in zip(penalty_gradients(backend), penalty_gradients("reference")):
+            torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9, msg=name)
+
+
 @pytest.mark.parametrize(("device", "backend"), op_backends("sparse_decode"))
 def test_sparse_decode_opcheck(device, backend):
     forward, backward = kernels(backend).sparse_decode_forward, kernels(backend).sparse_decode_backward

@@ -69,6 +69,26 @@ def _decode_backward(ops, ctx, grad_out):
     return grad_values if need[0] else None, None, grad_weight if need[2] else None, grad_bias
 
 
+def _decode_grad_setup(ctx, inputs, output):
+    *tensors, ctx.values_grad = inputs
+    ctx.save_for_backward(*tensors)
+
+
+def _decode_grad_backward(ops, ctx, grad_of_values, grad_of_weight):
+    """Both gradients are bilinear, in (grad_out, weight) and in (grad_out, values): their
+    derivatives are the decoder's own kernels again (a double backward, e.g. through the
+    fused encoder's backward, which is built from them)."""
+    grad_out, values, indices, weight = ctx.saved_tensors
+    d_grad_out = ops.sparse_decode_forward(values, indices, grad_of_weight.to(weight.dtype), None)
+    d_values = ops.sparse_decode_backward(grad_out, values, indices, grad_of_weight.to(weight.dtype))[0]
+    d_weight = None
+    if ctx.values_grad:  # grad_values[b, k] = <grad_out[b], W[idx[b, k]]>
+        upstream = grad_of_values.to(values.dtype)
+        d_grad_out = d_grad_out + ops.sparse_decode_forward(upstream, indices, weight, None)
+        d_weight = ops.sparse_decode_backward(grad_out, upstream, indices, weight, False)[1]
+    return d_grad_out.to(grad_out.dtype), d_values, None, d_weight, None
+
+
 # out[b] = bias + sum_k values[b, k] * weight[indices[b, k]], weight (L, D).
 kernel(
     "sparse_decode_forward(Tensor values, Tensor indices, Tensor weight, Tensor? bias) -> Tensor",
@@ -91,6 +111,7 @@ kernel(
     reference=None,
     native=CPP,
     triton=_decode_backward_triton,
+    setup=_decode_grad_setup, backward=_decode_grad_backward,
 )
 
 
