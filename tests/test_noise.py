@@ -391,6 +391,30 @@ def test_gradcheck_float64(device, backend):
                                         fast_mode=fast)
 
 
+@pytest.mark.parametrize(("device", "backend"), op_backends("noisy_linear"))
+def test_noisy_linear_differentiates_twice(device, backend):
+    """Both backward kernels have derivatives (matmuls with the corruption's mask), every
+    kind: float64 gradgradcheck, and a gradient penalty as the reference's."""
+    x = torch.rand(5, 6, dtype=torch.float64, device=device, requires_grad=True)
+    w = torch.randn(3, 6, dtype=torch.float64, device=device, requires_grad=True)
+    b = torch.randn(3, dtype=torch.float64, device=device, requires_grad=True)
+    for kind in KINDS:
+        def layer(x, w, b, kind=kind):
+            return ae.noisy_linear(x, w, b, kind, LEVELS[kind], seed=4, low=-1.0, high=2.0)
+
+        with ae.backend(backend):
+            assert torch.autograd.gradgradcheck(layer, (x, w, b), fast_mode=backend == "triton" and device == "cpu")
+
+        def penalty_gradients(backend):
+            with ae.backend(backend):
+                grads = torch.autograd.grad(layer(x, w, b).square().sum(), (x, w), create_graph=True)
+                return torch.autograd.grad(sum(g.square().sum() for g in grads), (x, w, b))
+
+        # (gaussian: the kernels' normals agree with the reference's to float32's precision)
+        for got, want in zip(penalty_gradients(backend), penalty_gradients("reference")):
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4, msg=kind)
+
+
 @pytest.mark.parametrize(("device", "backend"), op_backends("reparameterize"))
 def test_reparameterize_differentiates_twice(device, backend):
     """The backward kernel's derivative (eps from the kernel's own forward at 0, 0):

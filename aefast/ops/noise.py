@@ -289,6 +289,37 @@ def _noisy_linear_backward(ops, ctx, grad_out):
     return grad_x, grad_weight, grad_bias, None, None, None, None, None
 
 
+# Double backward: grad_x = M(G W) and grad_weight = G^T corrupt(x), where M, the
+# gradient through corrupt, is an elementwise mask (or the identity): linear in G and W,
+# and in x through M. Their derivatives are matmuls with M applied, in plain PyTorch.
+def _grad_input_setup(ctx, inputs, output):
+    grad_out, weight, ctx.kind, ctx.level, seed = inputs
+    ctx.save_for_backward(grad_out, weight, seed)
+
+
+def _grad_input_backward(ops, ctx, upstream):
+    grad_out, weight, seed = ctx.saved_tensors
+    masked = _corrupt_grad(ops.corrupt, upstream.to(weight.dtype), ctx.kind, ctx.level, seed)
+    return ((masked @ weight.t()).to(grad_out.dtype), None if not ctx.needs_input_grad[1] else
+            grad_out.to(weight.dtype).t() @ masked, None, None, None)
+
+
+def _grad_weight_setup(ctx, inputs, output):
+    grad_out, x, ctx.kind, ctx.level, seed, ctx.low, ctx.high = inputs
+    ctx.save_for_backward(grad_out, x, seed)
+
+
+def _grad_weight_backward(ops, ctx, upstream):
+    grad_out, x, seed = ctx.saved_tensors
+    upstream = upstream.to(x.dtype)
+    d_grad_out = d_x = None
+    if ctx.needs_input_grad[0]:
+        d_grad_out = (ops.corrupt(x, ctx.kind, ctx.level, seed, ctx.low, ctx.high) @ upstream.t()).to(grad_out.dtype)
+    if ctx.needs_input_grad[1]:
+        d_x = _corrupt_grad(ops.corrupt, grad_out.to(x.dtype) @ upstream, ctx.kind, ctx.level, seed)
+    return d_grad_out, d_x, None, None, None, None, None
+
+
 kernel(
     "noisy_linear(Tensor x, Tensor weight, Tensor? bias, str kind, float level, Tensor seed, float low, "
     "float high) -> Tensor",
@@ -305,6 +336,7 @@ kernel(
     reference=None,
     native=_noisy_linear_grad_input_composite,
     triton=_noisy_linear_grad_input_triton,
+    setup=_grad_input_setup, backward=_grad_input_backward,
 )
 kernel(
     "noisy_linear_grad_weight(Tensor grad_out, Tensor x, str kind, float level, Tensor seed, float low, "
@@ -313,6 +345,7 @@ kernel(
     reference=None,
     native=_noisy_linear_grad_weight_composite,
     triton=_noisy_linear_grad_weight_triton,
+    setup=_grad_weight_setup, backward=_grad_weight_backward,
 )
 
 
