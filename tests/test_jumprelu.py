@@ -77,6 +77,35 @@ def test_gradcheck_float64_with_the_straight_through_rule(device, backend):
     torch.testing.assert_close(got, numeric)
 
 
+@pytest.mark.parametrize(("device", "backend"), op_backends("jumprelu"))
+def test_the_backward_kernel_differentiates_and_a_gradient_penalty_is_the_reference_s(device, backend):
+    """Double backward: the backward kernel is linear in the incoming gradients and in
+    the threshold through its factor (its steps have no derivative): gradcheck of the
+    kernel itself away from the steps, and a gradient penalty as the reference's."""
+    if device == "cuda" and backend == "triton":
+        pytest.skip("float64 gradcheck runs on CPU (and with the CUDA C++ kernels)")
+    z, threshold = inputs((6, 5), torch.float64, device, seed=4)
+    z = z + torch.sign(z - threshold) * 0.01
+    z[0, 0] = threshold[0] + 0.05  # within the kernel's window: the threshold's gradient is not 0
+    grad_out, grad_l0 = torch.randn(6, 5, dtype=torch.float64, device=device), torch.randn(6, dtype=torch.float64,
+                                                                                          device=device)
+    ops = kernels(backend)
+    with ae.backend(backend):
+        assert torch.autograd.gradcheck(lambda g, c, t: ops.jumprelu_backward(g, c, z, t, BANDWIDTH),
+                                        (leaf(grad_out), leaf(grad_l0), leaf(threshold)))
+
+    def penalty_gradients(backend):
+        t = leaf(threshold)
+        with ae.backend(backend):
+            out, l0 = ae.jumprelu(z, t, BANDWIDTH)
+            (g,) = torch.autograd.grad((out * grad_out).sum() + (l0 * grad_l0).sum(), t, create_graph=True)
+            return torch.autograd.grad(g.square().sum(), t)[0]
+
+    got, want = penalty_gradients(backend), penalty_gradients("reference")
+    assert want.abs().sum() > 0
+    torch.testing.assert_close(got, want)
+
+
 def _op_samples(device, dtype=torch.float32):
     z, threshold = inputs((9, 6), dtype, device)
     return {

@@ -151,13 +151,12 @@ def backward_kernels(implementation: str, device: torch.device) -> Kernels:
 def _register(k: Kernel, op, implementation: str) -> None:
     torch.library.register_fake(op)(k.fake)
     if k.backward is None:
-        # Without a formula, autograd would warn once and give these kernels zero
-        # gradients (a C++ op's fallback): a double backward through an op's backward
-        # kernel said 0 where the reference says otherwise. Now it says it is not there.
+        # Without a formula, autograd would warn once and give the kernel zero gradients
+        # (a C++ op's fallback): a double backward through the backward kernels said 0
+        # before they had formulas. A kernel without one says it is not there.
         def no_derivative(ctx, *grads):
-            raise RuntimeError(f"aefast::{k.name} has no derivative, so the op it differentiates cannot be "
-                               f"differentiated twice on this backend (a double backward, e.g. a gradient "
-                               f"penalty, through it needs the reference backend: aefast.backend('reference'))")
+            raise RuntimeError(f"aefast::{k.name} has no derivative on this backend (the reference backend, "
+                               f"aefast.backend('reference'), differentiates every op)")
 
         torch.library.register_autograd(op, no_derivative)
         return

@@ -37,6 +37,25 @@ def _backward(ops, ctx, grad_out, grad_l0):
     return grad_z, grad_threshold, None
 
 
+def _grad_setup(ctx, inputs, output):
+    *tensors, ctx.bandwidth = inputs
+    ctx.save_for_backward(*tensors)
+
+
+def _grad_backward(ops, ctx, grad_of_z, grad_of_threshold):
+    """grad_z = H(z - t) g_out, grad_t = -sum_i K_ij (t_j g_out_ij + g_l0_i) / eps: linear
+    in (g_out, g_l0), in t through its factor; H and K are steps (no derivative in z)."""
+    grad_out, grad_l0, z, threshold = ctx.saved_tensors
+    acc = stat_dtype(z.dtype)
+    gap = z.to(acc) - threshold.to(acc)
+    near = (gap.abs() < ctx.bandwidth / 2).to(acc) / ctx.bandwidth
+    upstream = grad_of_threshold.to(acc)
+    d_grad_out = torch.where(z > threshold, grad_of_z, 0.0) - (near * threshold.to(acc) * upstream).to(z.dtype)
+    d_grad_l0 = -(near * upstream).sum(1)
+    d_threshold = -(near * grad_out.to(acc)).sum(0) * upstream
+    return d_grad_out, d_grad_l0.to(grad_l0.dtype), None, d_threshold.to(threshold.dtype), None
+
+
 kernel(
     "jumprelu_forward(Tensor z, Tensor threshold, float bandwidth) -> (Tensor out, Tensor l0)",
     fake=lambda z, threshold, bandwidth: (dense_like(z), z.new_empty((z.shape[0],), dtype=stat_dtype(z.dtype))),
@@ -52,6 +71,7 @@ kernel(
     reference=None,
     native=CPP,
     triton=triton_launcher("jumprelu", "jumprelu_backward"),
+    setup=_grad_setup, backward=_grad_backward,
 )
 
 
