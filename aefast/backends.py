@@ -69,7 +69,13 @@ if _default != "auto" and _default not in BACKENDS:
         print(f"aefast: error: {_message}", file=sys.stderr)
         raise SystemExit(2)
     raise ValueError(_message)
-_forced = threading.local()  # .names: this thread's stack of `backend(...)` blocks, as torch.no_grad is per thread
+# Each thread's stack of `backend(...)` blocks. A thread with none of its own open sees
+# the importing (main) thread's: torch's own worker threads (autograd's device threads,
+# a checkpoint's recomputation in them, DataParallel's replicas) then run what the
+# training loop chose, while a thread that opens its own block keeps it to itself.
+_main_names: list[str] = []
+_forced = threading.local()
+_forced.names = _main_names
 
 
 def _forced_names() -> list[str]:
@@ -111,14 +117,15 @@ def available_backends(device: str | torch.device | None = None) -> list[str]:
 
 def current_backend() -> str:
     """The backend asked for now: `auto` or a name from BACKENDS."""
-    names = getattr(_forced, "names", None)
+    names = getattr(_forced, "names", None) or _main_names
     return names[-1] if names else _default
 
 
 @contextlib.contextmanager
 def backend(name: str):
     """Run the aefast operators inside the block with backend `name` (or `auto`), in this
-    thread (as torch.no_grad: other threads keep their own choice)."""
+    thread, and in threads that have no block of their own open (torch's autograd and
+    DataParallel threads) when this is the main thread."""
     if name != "auto" and name not in BACKENDS:
         raise ValueError(f"backend must be one of {('auto',) + BACKENDS}, got {name!r}")
     names = _forced_names()

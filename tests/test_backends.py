@@ -122,3 +122,16 @@ def test_the_forced_backend_belongs_to_the_thread_that_forced_it():
     release.set()
     thread.join()
     assert seen == {"forcing": "reference", "other": "auto"}
+
+
+def test_a_thread_without_its_own_block_runs_the_main_thread_s_choice():
+    """torch's own threads (autograd's device threads, a checkpoint's recomputation in
+    them) do not inherit a Python thread-local: they see the main thread's block."""
+    import threading
+
+    seen = {}
+    with ae.backend("reference"):
+        thread = threading.Thread(target=lambda: seen.setdefault("worker", ae.current_backend()))
+        thread.start()
+        thread.join()
+    assert seen == {"worker": "reference"}

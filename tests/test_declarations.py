@@ -218,9 +218,9 @@ UNSEEDED = {
 @pytest.mark.slow
 @pytest.mark.parametrize("op", sorted(OPERATORS))
 def test_every_op_compiles_fullgraph_with_dynamic_shapes(op):
-    """torch.compile(fullgraph=True, dynamic=True): float arguments arrive as symbolic
+    """torch.compile(fullgraph=True, dynamic=True): float arguments may arrive as symbolic
     floats, which the checks must compare, not pass to math; the reference's NaN check
-    of the top-k family becomes an assertion in the graph."""
+    of the top-k family becomes an assertion in the graph, which still fires."""
     case = OPERATORS[op].bench
     for backend in ("cpp", "reference"):
         torch._dynamo.reset()
@@ -230,6 +230,12 @@ def test_every_op_compiles_fullgraph_with_dynamic_shapes(op):
             compiled = torch.compile(lambda **kw: case.call(getattr(ae, op), **kw),
                                      fullgraph=True, dynamic=True, backend="aot_eager")(**inputs)
         torch.testing.assert_close(compiled, eager)
+    if op == "topk_sparse":
+        torch._dynamo.reset()
+        x = torch.randn(5, 37)
+        x[2, 3] = float("nan")
+        with ae.backend("reference"), pytest.raises(RuntimeError, match="x contains NaN"):
+            torch.compile(lambda x: ae.topk_sparse(x, 3), fullgraph=True, backend="aot_eager")(x)
 
 
 _X, _W = torch.rand(6, 10), torch.randn(4, 10)
@@ -259,6 +265,7 @@ def test_numpy_scalars_are_numbers_everywhere():
     torch.testing.assert_close(ae.jumprelu(_X, torch.full((10,), 0.3), np.float32(0.05))[0],
                                ae.jumprelu(_X, torch.full((10,), 0.3), 0.05)[0])
     torch.testing.assert_close(ae.nn.TopK(np.int64(3))(_X), ae.topk_mask(_X, 3))
+    torch.testing.assert_close(ae.topk_mask(_X, 3, relu=np.False_), ae.topk_mask(_X, 3, relu=False))
     torch.testing.assert_close(ae.kl_sparsity(_X, np.float32(0.25), np.float64(2.0)), ae.kl_sparsity(_X, 0.25, 2.0))
 
 

@@ -107,7 +107,7 @@ def test_selection_modules_in_a_sequential():
 
 @pytest.mark.slow
 def test_modules_with_default_float_arguments_compile_with_dynamic_shapes():
-    """Under dynamic=True a default float (beta, low, high) arrives as a symbolic float:
+    """Under dynamic=True a default float (beta, low, high) may arrive as a symbolic float:
     the checks compare it instead of calling math.isfinite, which broke the graph."""
     torch._dynamo.reset()
     torch.manual_seed(0)

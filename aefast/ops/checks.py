@@ -36,7 +36,7 @@ def check_matrix(t: Tensor, name: str) -> None:
 
 def _finite(x) -> bool:
     # Comparisons, not math.isfinite: under torch.compile(dynamic=True) a float argument
-    # arrives as a SymFloat, which math.isfinite cannot trace. NaN fails both.
+    # may arrive as a SymFloat, which math.isfinite cannot trace. NaN fails both.
     return -math.inf < x < math.inf
 
 
@@ -53,9 +53,10 @@ def check_finite(x, name: str) -> float:
 
 
 def check_bool(x, name: str) -> bool:
-    if not isinstance(x, bool):  # not truthiness: relu=None or "no" would pass as a choice
+    # not truthiness: relu=None or "no" would pass as a choice (numpy's bool is a bool)
+    if not isinstance(x, bool) and not (type(x).__module__ == "numpy" and type(x).__name__ in ("bool", "bool_")):
         raise ValueError(f"{name} must be True or False, got {x!r}")
-    return x
+    return bool(x)
 
 
 def check_rate(rate, name: str) -> float:
