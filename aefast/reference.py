@@ -10,7 +10,8 @@ import math
 
 import torch
 from torch import Tensor
-from torch._subclasses.fake_tensor import is_fake
+
+from aefast.ops.checks import without_values
 
 # rho_hat is clamped to [RHO_HAT_EPS, 1 - RHO_HAT_EPS] so the KL penalty of a dead
 # or saturated unit stays finite; the clamp passes the gradient straight through (the
@@ -61,7 +62,7 @@ def _check_no_nan(x: Tensor) -> None:
     message = "x contains NaN; top-k of NaN is undefined"
     if torch.compiler.is_compiling():  # no branch on a value in a graph: checked when it runs
         torch._assert_async(~torch.isnan(x).any(), message)
-    elif x.device.type != "meta" and not is_fake(x) and torch.isnan(x).any():  # (those have no values)
+    elif not without_values(x) and torch.isnan(x).any():  # (meta and fake tensors have none)
         raise ValueError(message)
 
 

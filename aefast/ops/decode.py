@@ -79,8 +79,9 @@ def _decode_grad_backward(ops, ctx, grad_of_values, grad_of_weight):
     derivatives are the decoder's own kernels again (a double backward, e.g. through the
     fused encoder's backward, which is built from them)."""
     grad_out, values, indices, weight = ctx.saved_tensors
-    d_grad_out = ops.sparse_decode_forward(values, indices, grad_of_weight.to(weight.dtype), None)
-    d_values = ops.sparse_decode_backward(grad_out, values, indices, grad_of_weight.to(weight.dtype))[0]
+    upstream_weight = grad_of_weight.to(weight.dtype)
+    d_grad_out = ops.sparse_decode_forward(values, indices, upstream_weight, None)
+    d_values = ops.sparse_decode_backward(grad_out, values, indices, upstream_weight)[0]
     d_weight = None
     if ctx.values_grad:  # grad_values[b, k] = <grad_out[b], W[idx[b, k]]>
         upstream = grad_of_values.to(values.dtype)

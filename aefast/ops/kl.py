@@ -162,6 +162,11 @@ kernel(
 )
 
 
+def _contractive_slope(h: Tensor) -> Tensor:
+    """d (h (1 - h))^2 / dh, halved: h (1 - h)(1 - 2h)."""
+    return h * (1.0 - h) * (1.0 - 2.0 * h)
+
+
 def _contractive_setup(ctx, inputs, output):
     h, weight = inputs
     ctx.set_materialize_grads(False)
@@ -174,8 +179,7 @@ def _contractive_backward(ops, ctx, grad_penalty, grad_s2, grad_w2):
     if grad_penalty is not None:
         grad_h, grad_weight = ops.contractive_penalty_backward(grad_penalty, h, weight, s2, w2)
     if grad_s2 is not None:  # s2_j = sum_i (h (1 - h))^2_ij
-        hf = h.to(s2.dtype)
-        grad_h = _add(grad_h, (grad_s2 * 2.0 * hf * (1.0 - hf) * (1.0 - 2.0 * hf)).to(h.dtype))
+        grad_h = _add(grad_h, (grad_s2 * 2.0 * _contractive_slope(h.to(s2.dtype))).to(h.dtype))
     if grad_w2 is not None:  # w2_j = ||W_j||^2
         grad_weight = _add(grad_weight, (grad_w2[:, None] * 2.0 * weight.to(w2.dtype)).to(weight.dtype))
     return (grad_h if ctx.needs_input_grad[0] else None, grad_weight if ctx.needs_input_grad[1] else None)
@@ -192,7 +196,7 @@ def _contractive_grad_backward(ops, ctx, grad_of_h, grad_of_weight):
     acc = s2.dtype
     g, hf, wf = grad_penalty.to(acc), h.to(acc), weight.to(acc)
     g1, g2 = grad_of_h.to(acc), grad_of_weight.to(acc)
-    u, du = hf * (1.0 - hf) * (1.0 - 2.0 * hf), 1.0 - 6.0 * hf + 6.0 * hf.square()
+    u, du = _contractive_slope(hf), 1.0 - 6.0 * hf + 6.0 * hf.square()
     d_penalty = 2.0 * ((g1 * u).sum(0) * w2).sum() + 2.0 * ((g2 * wf).sum(1) * s2).sum()
     return (d_penalty.to(grad_penalty.dtype), (g1 * g * 2.0 * w2 * du).to(h.dtype),
             (g2 * g * 2.0 * s2[:, None]).to(weight.dtype), g * 2.0 * (g2 * wf).sum(1), g * 2.0 * (g1 * u).sum(0))

@@ -253,6 +253,7 @@ def _k_of_x(what: str):
 
 
 _k_per_row, _k_per_row_on_average = _k_of_x("the number of units"), _k_of_x("per row on average")
+_relu = argument("relu", check_bool)
 
 
 def _rate(name: str, optional: bool = False):
@@ -318,7 +319,7 @@ def _torch_spatial_wta(x):
 # ---------------------------------------------------------------- public API
 
 
-@operator(uses=("topk_forward",), checks=(check_dense(), _k_per_row, argument("relu", check_bool)),
+@operator(uses=("topk_forward",), checks=(check_dense(), _k_per_row, _relu),
           bench=_bench(lambda op, x: op(x, K), lambda x: reference.topk_sparse(x, K),
                        ("torch.topk", lambda x: _topk_values(x, K)), f"k={K}", _sparse_bytes))
 def topk_sparse(ops, x: Tensor, k: int, *, relu: bool = True) -> tuple[Tensor, Tensor]:
@@ -330,7 +331,7 @@ def topk_sparse(ops, x: Tensor, k: int, *, relu: bool = True) -> tuple[Tensor, T
     return ops.topk_forward(x, k, relu)
 
 
-@operator(uses=("topk_forward",), prefers=("topk_mask_rows",), checks=(check_dense(), _k_per_row, argument("relu", check_bool)),
+@operator(uses=("topk_forward",), prefers=("topk_mask_rows",), checks=(check_dense(), _k_per_row, _relu),
           bench=_bench(lambda op, x: op(x, K), lambda x: reference.topk_mask(x, K),
                        ("torch.topk + scatter", lambda x: _torch_topk_mask(x, K)), f"k={K}",
                        _dense_bytes(lambda x: x.shape[0] * K)))
@@ -344,7 +345,7 @@ def topk_mask(ops, x: Tensor, k: int, *, relu: bool = True) -> Tensor:
     return scatter_rows(ops, values, indices, x.shape[1])
 
 
-@operator(uses=("topk_forward",), prefers=("topk_index_order",), checks=(check_dense(), _k_per_row_on_average, argument("relu", check_bool)),
+@operator(uses=("topk_forward",), prefers=("topk_index_order",), checks=(check_dense(), _k_per_row_on_average, _relu),
           bench=_bench(lambda op, x: op(x, K), lambda x: reference.batch_topk(x, K),
                        ("torch.topk(x.flatten()) + scatter", lambda x: _torch_batch_topk(x, K)), f"k={K} per row",
                        _dense_bytes(lambda x: x.shape[0] * K)))
