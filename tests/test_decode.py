@@ -22,8 +22,11 @@ DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 
 @pytest.mark.parametrize(("device", "backend"), op_backends("sparse_decode"))
 def test_sparse_decode_matches_reference(device, backend, poisoned):
-    for dtype in DTYPES:
-        B, K, L, D = 37, 5, 50, 19
+    # 19 columns: one narrow block; 300: two full blocks of 128 and a narrow one. 50
+    # latents for 185 pairs: some latents with 4 pairs or more (their weight gradient
+    # summed a block at a time), some with fewer (row by row).
+    for dtype, D in [(dtype, D) for dtype in DTYPES for D in (19, 300)]:
+        B, K, L = 37, 5, 50
         values = leaf(torch.rand(B, K, dtype=torch.float64).to(device, dtype))
         indices = torch.randint(0, L, (B, K), device=device)
         weight = leaf(torch.randn(L, D, dtype=torch.float64).to(device, dtype))
