@@ -1,8 +1,10 @@
 // CPU sparse decoder: out[b] = bias + sum_k values[b, k] * weight[indices[b, k]].
-// Forward and the values gradient walk the k selected weight rows of each output
-// row; the weight gradient is reduced per latent after a counting sort of the
-// (row, slot) pairs by latent, in (row, slot) order: deterministic, no atomics,
-// and no dense (B, L) tensor anywhere.
+// The forward walks the k selected weight rows of each output row. The backward
+// sorts the (row, slot) pairs by latent (a stable counting sort: (row, slot) order
+// within a latent) and walks the latents: each latent's weight gradient row is the
+// sum over its pairs, and, in the same walk, each pair's values gradient is the dot
+// of its gradient row with the latent's weight row, read once. Deterministic, no
+// atomics, and no dense (B, L) tensor anywhere.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -100,6 +102,86 @@ void decode_row(const T* weight, const int64_t* rows, const T* values, int64_t K
   decode_row_loop<T, acc_t<T>>(weight, rows, values, K, D, bias, out);
 }
 
+// Both gradients of one latent in one walk over its n pairs' gradient rows, a block of
+// kFusedColumns columns at a time: the weight gradient row (the sum of value *
+// grad[row], in pair order, in registers) and each pair's values gradient, the dot of
+// grad[row] and the latent's weight row, kept as 16 lane-wise partial sums per pair
+// (partial, n x 16) and added up at the end. The weight row is read once, in latent
+// order, where a walk by output rows gathers it once per pair.
+constexpr int64_t kFusedColumns = 64;
+constexpr int64_t kFusedAhead = 4;  // pairs ahead whose gradient row block is asked for
+
+template <typename T, typename A>
+AEFAST_INLINE void latent_grads_loop(const T* grad, const T* weight_row, const int64_t* rows, const T* values,
+                                     const int64_t* pairs, int64_t n, int64_t D, A* partial, T* grad_weight_row,
+                                     T* grad_values) {
+  constexpr int64_t C = kFusedColumns, kLanes = 16;
+  for (int64_t i = 0; i < n * kLanes; ++i) partial[i] = A(0);
+  int64_t d0 = 0;
+  for (; d0 + C <= D; d0 += C) {
+    A w[C], acc[C];
+    for (int64_t d = 0; d < C; ++d) {
+      w[d] = static_cast<A>(weight_row[d0 + d]);
+      acc[d] = A(0);
+    }
+    for (int64_t i = 0; i < n; ++i) {
+      // The pair kFusedAhead later: in this block, or the next block's first pairs.
+      const int64_t ahead = i + kFusedAhead;
+      const int64_t block_ahead = ahead < n ? d0 : d0 + C, pair_ahead = ahead < n ? ahead : ahead - n;
+      if (pair_ahead < n && block_ahead + C <= D) {
+        const char* next = reinterpret_cast<const char*>(grad + rows[pair_ahead] * D + block_ahead);
+        for (int64_t b = 0; b < C * static_cast<int64_t>(sizeof(T)); b += 64) __builtin_prefetch(next + b);
+      }
+      const T* g = grad + rows[i] * D + d0;
+      const A v = static_cast<A>(values[i]);
+      for (int64_t d = 0; d < C; ++d) acc[d] += v * static_cast<A>(g[d]);
+      A p[kLanes];  // a local copy: partial might alias g as far as the compiler knows
+      for (int64_t l = 0; l < kLanes; ++l) p[l] = partial[i * kLanes + l];
+      for (int64_t c = 0; c < C; c += kLanes)
+        for (int64_t l = 0; l < kLanes; ++l) p[l] += static_cast<A>(g[c + l]) * w[c + l];
+      for (int64_t l = 0; l < kLanes; ++l) partial[i * kLanes + l] = p[l];
+    }
+    for (int64_t d = 0; d < C; ++d) grad_weight_row[d0 + d] = static_cast<T>(acc[d]);
+  }
+  const int64_t rest = D - d0;  // the last, narrower block
+  if (rest > 0) {
+    A w[C], acc[C];
+    for (int64_t d = 0; d < rest; ++d) {
+      w[d] = static_cast<A>(weight_row[d0 + d]);
+      acc[d] = A(0);
+    }
+    for (int64_t i = 0; i < n; ++i) {
+      const T* g = grad + rows[i] * D + d0;
+      const A v = static_cast<A>(values[i]);
+      for (int64_t d = 0; d < rest; ++d) acc[d] += v * static_cast<A>(g[d]);
+      A p[kLanes];
+      for (int64_t l = 0; l < kLanes; ++l) p[l] = partial[i * kLanes + l];
+      int64_t c = 0;
+      for (; c + kLanes <= rest; c += kLanes)
+        for (int64_t l = 0; l < kLanes; ++l) p[l] += static_cast<A>(g[c + l]) * w[c + l];
+      for (int64_t l = 0; c + l < rest; ++l) p[l] += static_cast<A>(g[c + l]) * w[c + l];
+      for (int64_t l = 0; l < kLanes; ++l) partial[i * kLanes + l] = p[l];
+    }
+    for (int64_t d = 0; d < rest; ++d) grad_weight_row[d0 + d] = static_cast<T>(acc[d]);
+  }
+  for (int64_t i = 0; i < n; ++i) {
+    A sum = 0;
+    for (int64_t l = 0; l < kLanes; ++l) sum += partial[i * kLanes + l];
+    grad_values[pairs[i]] = static_cast<T>(sum);
+  }
+}
+
+AEFAST_SIMD_CLONES void latent_grads(const float* grad, const float* weight_row, const int64_t* rows,
+                                     const float* values, const int64_t* pairs, int64_t n, int64_t D, float* partial,
+                                     float* grad_weight_row, float* grad_values) {
+  latent_grads_loop<float, float>(grad, weight_row, rows, values, pairs, n, D, partial, grad_weight_row, grad_values);
+}
+template <typename T>
+void latent_grads(const T* grad, const T* weight_row, const int64_t* rows, const T* values, const int64_t* pairs,
+                  int64_t n, int64_t D, acc_t<T>* partial, T* grad_weight_row, T* grad_values) {
+  latent_grads_loop<T, acc_t<T>>(grad, weight_row, rows, values, pairs, n, D, partial, grad_weight_row, grad_values);
+}
+
 template <typename T>
 inline void prefetch_row(const T* row, int64_t n) {
   const char* p = reinterpret_cast<const char*>(row);
@@ -122,7 +204,6 @@ at::Tensor sparse_decode_forward(const at::Tensor& values_in, const at::Tensor& 
   check_indices(ip, B * K, L);
   auto out = empty_output({B, D}, values.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, values.scalar_type(), "sparse_decode_forward", [&] {
-    using A = acc_t<scalar_t>;
     const scalar_t* vp = values.const_data_ptr<scalar_t>();
     const scalar_t* wp = weight.const_data_ptr<scalar_t>();
     scalar_t* op = out.data_ptr<scalar_t>();
@@ -156,26 +237,16 @@ std::tuple<at::Tensor, at::Tensor> sparse_decode_backward(const at::Tensor& grad
   for (int64_t l = 0; l < L; ++l) start[l + 1] += start[l];
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, values.scalar_type(), "sparse_decode_backward", [&] {
+    using A = acc_t<scalar_t>;
     const scalar_t* vp = values.const_data_ptr<scalar_t>();
     const scalar_t* wp = weight.const_data_ptr<scalar_t>();
     const scalar_t* gp = grad.const_data_ptr<scalar_t>();
     scalar_t* gvp = grad_values.data_ptr<scalar_t>();
     scalar_t* gwp = grad_weight.data_ptr<scalar_t>();
-    if (values_grad) {
-      at::parallel_for(0, B, 1, [&](int64_t r0, int64_t r1) {
-        for (int64_t r = r0; r < r1; ++r)
-          for (int64_t j = 0; j < K; ++j) {
-            if (j + 1 < K) prefetch_row(wp + ip[r * K + j + 1] * D, D);
-            gvp[r * K + j] = static_cast<scalar_t>(dot(gp + r * D, wp + ip[r * K + j] * D, D));
-          }
-      });
-    }
-    // The weight gradient: latent l's row is the sum over its pairs of value * grad[row],
-    // the pairs sorted by latent (counting sort, stable: (row, slot) order). A latent
-    // named by several pairs is summed as the forward sums an output row, a block of
-    // columns at a time in registers; with fewer, each pair's row is added whole, which
-    // the hardware prefetcher follows better. The same bits either way.
-    std::vector<int64_t> pair_rows(static_cast<size_t>(B * K));
+    // The pairs in latent order (counting sort, stable: (row, slot) order within a
+    // latent): their rows, values and, for the values gradient's walk, places.
+    const bool walk_both = values_grad && D >= kFusedColumns;
+    std::vector<int64_t> pair_rows(static_cast<size_t>(B * K)), pair_index(walk_both ? pair_rows.size() : 0);
     std::vector<scalar_t> pair_values(pair_rows.size());
     {
       std::vector<int64_t> next(start.begin(), start.end() - 1);
@@ -184,9 +255,38 @@ std::tuple<at::Tensor, at::Tensor> sparse_decode_backward(const at::Tensor& grad
           const int64_t s = next[ip[e]]++;
           pair_rows[s] = b;
           pair_values[s] = vp[e];
+          if (walk_both) pair_index[s] = e;
         }
     }
-    using A = acc_t<scalar_t>;
+    if (walk_both) {
+      at::parallel_for(0, L, 16, [&](int64_t l0, int64_t l1) {
+        std::vector<A> partial;
+        for (int64_t l = l0; l < l1; ++l) {
+          const int64_t first = start[l], n = start[l + 1] - first;
+          if (n == 0) {  // no pair names it: its weight row is never read
+            std::fill(gwp + l * D, gwp + (l + 1) * D, scalar_t(0));
+            continue;
+          }
+          if (static_cast<int64_t>(partial.size()) < 16 * n) partial.resize(static_cast<size_t>(16 * n));
+          latent_grads(gp, wp + l * D, pair_rows.data() + first, pair_values.data() + first, pair_index.data() + first,
+                       n, D, partial.data(), gwp + l * D, gvp);
+        }
+      });
+      return;
+    }
+    if (values_grad) {  // rows narrower than a block: by output row, each pair's weight row gathered
+      at::parallel_for(0, B, 1, [&](int64_t r0, int64_t r1) {
+        for (int64_t r = r0; r < r1; ++r)
+          for (int64_t j = 0; j < K; ++j) {
+            if (j + 1 < K) prefetch_row(wp + ip[r * K + j + 1] * D, D);
+            gvp[r * K + j] = static_cast<scalar_t>(dot(gp + r * D, wp + ip[r * K + j] * D, D));
+          }
+      });
+    }
+    // The weight gradient alone: a latent named by several pairs is summed as the
+    // forward sums an output row, a block of columns at a time in registers; with
+    // fewer, each pair's row is added whole, which the hardware prefetcher follows
+    // better. The same bits either way, and as latent_grads'.
     at::parallel_for(0, L, 16, [&](int64_t l0, int64_t l1) {
       std::vector<A> buffer(std::is_same_v<scalar_t, A> ? 0 : static_cast<size_t>(D));
       for (int64_t l = l0; l < l1; ++l) {
