@@ -22,10 +22,10 @@ DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 
 @pytest.mark.parametrize(("device", "backend"), op_backends("sparse_decode"))
 def test_sparse_decode_matches_reference(device, backend, poisoned):
-    # 19 columns: one narrow block; 300: two full blocks of 128 and a narrow one. 50
-    # latents for 185 pairs: some latents with 4 pairs or more (their weight gradient
-    # summed a block at a time), some with fewer (row by row).
-    # Latent L - 1 is named by no pair: its weight gradient row is zeros.
+    # 19 columns: one narrow block; 300: full blocks (128 columns in the CPU forward, 64
+    # in its backward's walk by latent) and a narrow one. 50 latents for 185 pairs: some
+    # latents with 4 pairs or more, some with fewer. Latent L - 1 is named by no pair:
+    # its weight gradient row is zeros.
     for dtype, D in [(dtype, D) for dtype in DTYPES for D in (19, 300)]:
         B, K, L = 37, 5, 50
         values = leaf(torch.rand(B, K, dtype=torch.float64).to(device, dtype))
