@@ -110,63 +110,55 @@ void decode_row(const T* weight, const int64_t* rows, const T* values, int64_t K
 // order, where a walk by output rows gathers it once per pair.
 constexpr int64_t kFusedColumns = 64;
 constexpr int64_t kFusedAhead = 4;  // pairs ahead whose gradient row block is asked for
+constexpr int64_t kPartialLanes = 16;
+
+// Columns [d0, d0 + width) of latent_grads, width = kFusedColumns when kFull (a
+// constant, for the compiler), else the last, narrower block's.
+template <bool kFull, typename T, typename A>
+AEFAST_INLINE void latent_grads_block(const T* grad, const T* weight_row, const int64_t* rows, const T* values,
+                                      int64_t n, int64_t D, int64_t d0, int64_t narrow, A* partial,
+                                      T* grad_weight_row) {
+  constexpr int64_t C = kFusedColumns, kLanes = kPartialLanes;
+  const int64_t width = kFull ? C : narrow;
+  A w[C], acc[C];
+  for (int64_t d = 0; d < width; ++d) {
+    w[d] = static_cast<A>(weight_row[d0 + d]);
+    acc[d] = A(0);
+  }
+  for (int64_t i = 0; i < n; ++i) {
+    // The pair kFusedAhead later: in this block, or the next full block's first pairs.
+    const int64_t ahead = i + kFusedAhead;
+    const int64_t block_ahead = ahead < n ? d0 : d0 + C, pair_ahead = ahead < n ? ahead : ahead - n;
+    if (pair_ahead < n && block_ahead + C <= D) {
+      const char* next = reinterpret_cast<const char*>(grad + rows[pair_ahead] * D + block_ahead);
+      for (int64_t b = 0; b < C * static_cast<int64_t>(sizeof(T)); b += 64) __builtin_prefetch(next + b);
+    }
+    const T* g = grad + rows[i] * D + d0;
+    const A v = static_cast<A>(values[i]);
+    for (int64_t d = 0; d < width; ++d) acc[d] += v * static_cast<A>(g[d]);
+    A p[kLanes];  // a local copy: partial might alias g as far as the compiler knows
+    for (int64_t l = 0; l < kLanes; ++l) p[l] = partial[i * kLanes + l];
+    int64_t c = 0;
+    for (; c + kLanes <= width; c += kLanes)
+      for (int64_t l = 0; l < kLanes; ++l) p[l] += static_cast<A>(g[c + l]) * w[c + l];
+    for (int64_t l = 0; c + l < width; ++l) p[l] += static_cast<A>(g[c + l]) * w[c + l];
+    for (int64_t l = 0; l < kLanes; ++l) partial[i * kLanes + l] = p[l];
+  }
+  for (int64_t d = 0; d < width; ++d) grad_weight_row[d0 + d] = static_cast<T>(acc[d]);
+}
 
 template <typename T, typename A>
 AEFAST_INLINE void latent_grads_loop(const T* grad, const T* weight_row, const int64_t* rows, const T* values,
                                      const int64_t* pairs, int64_t n, int64_t D, A* partial, T* grad_weight_row,
                                      T* grad_values) {
-  constexpr int64_t C = kFusedColumns, kLanes = 16;
-  for (int64_t i = 0; i < n * kLanes; ++i) partial[i] = A(0);
+  for (int64_t i = 0; i < n * kPartialLanes; ++i) partial[i] = A(0);
   int64_t d0 = 0;
-  for (; d0 + C <= D; d0 += C) {
-    A w[C], acc[C];
-    for (int64_t d = 0; d < C; ++d) {
-      w[d] = static_cast<A>(weight_row[d0 + d]);
-      acc[d] = A(0);
-    }
-    for (int64_t i = 0; i < n; ++i) {
-      // The pair kFusedAhead later: in this block, or the next block's first pairs.
-      const int64_t ahead = i + kFusedAhead;
-      const int64_t block_ahead = ahead < n ? d0 : d0 + C, pair_ahead = ahead < n ? ahead : ahead - n;
-      if (pair_ahead < n && block_ahead + C <= D) {
-        const char* next = reinterpret_cast<const char*>(grad + rows[pair_ahead] * D + block_ahead);
-        for (int64_t b = 0; b < C * static_cast<int64_t>(sizeof(T)); b += 64) __builtin_prefetch(next + b);
-      }
-      const T* g = grad + rows[i] * D + d0;
-      const A v = static_cast<A>(values[i]);
-      for (int64_t d = 0; d < C; ++d) acc[d] += v * static_cast<A>(g[d]);
-      A p[kLanes];  // a local copy: partial might alias g as far as the compiler knows
-      for (int64_t l = 0; l < kLanes; ++l) p[l] = partial[i * kLanes + l];
-      for (int64_t c = 0; c < C; c += kLanes)
-        for (int64_t l = 0; l < kLanes; ++l) p[l] += static_cast<A>(g[c + l]) * w[c + l];
-      for (int64_t l = 0; l < kLanes; ++l) partial[i * kLanes + l] = p[l];
-    }
-    for (int64_t d = 0; d < C; ++d) grad_weight_row[d0 + d] = static_cast<T>(acc[d]);
-  }
-  const int64_t rest = D - d0;  // the last, narrower block
-  if (rest > 0) {
-    A w[C], acc[C];
-    for (int64_t d = 0; d < rest; ++d) {
-      w[d] = static_cast<A>(weight_row[d0 + d]);
-      acc[d] = A(0);
-    }
-    for (int64_t i = 0; i < n; ++i) {
-      const T* g = grad + rows[i] * D + d0;
-      const A v = static_cast<A>(values[i]);
-      for (int64_t d = 0; d < rest; ++d) acc[d] += v * static_cast<A>(g[d]);
-      A p[kLanes];
-      for (int64_t l = 0; l < kLanes; ++l) p[l] = partial[i * kLanes + l];
-      int64_t c = 0;
-      for (; c + kLanes <= rest; c += kLanes)
-        for (int64_t l = 0; l < kLanes; ++l) p[l] += static_cast<A>(g[c + l]) * w[c + l];
-      for (int64_t l = 0; c + l < rest; ++l) p[l] += static_cast<A>(g[c + l]) * w[c + l];
-      for (int64_t l = 0; l < kLanes; ++l) partial[i * kLanes + l] = p[l];
-    }
-    for (int64_t d = 0; d < rest; ++d) grad_weight_row[d0 + d] = static_cast<T>(acc[d]);
-  }
+  for (; d0 + kFusedColumns <= D; d0 += kFusedColumns)
+    latent_grads_block<true>(grad, weight_row, rows, values, n, D, d0, 0, partial, grad_weight_row);
+  if (d0 < D) latent_grads_block<false>(grad, weight_row, rows, values, n, D, d0, D - d0, partial, grad_weight_row);
   for (int64_t i = 0; i < n; ++i) {
     A sum = 0;
-    for (int64_t l = 0; l < kLanes; ++l) sum += partial[i * kLanes + l];
+    for (int64_t l = 0; l < kPartialLanes; ++l) sum += partial[i * kPartialLanes + l];
     grad_values[pairs[i]] = static_cast<T>(sum);
   }
 }
@@ -267,7 +259,8 @@ std::tuple<at::Tensor, at::Tensor> sparse_decode_backward(const at::Tensor& grad
             std::fill(gwp + l * D, gwp + (l + 1) * D, scalar_t(0));
             continue;
           }
-          if (static_cast<int64_t>(partial.size()) < 16 * n) partial.resize(static_cast<size_t>(16 * n));
+          if (static_cast<int64_t>(partial.size()) < kPartialLanes * n)
+            partial.resize(static_cast<size_t>(kPartialLanes * n));
           latent_grads(gp, wp + l * D, pair_rows.data() + first, pair_values.data() + first, pair_index.data() + first,
                        n, D, partial.data(), gwp + l * D, gvp);
         }
