@@ -178,10 +178,10 @@ def test_scatter_rows_writes_every_element_once(poisoned):
 
 
 def test_scatter_rows_streams_large_outputs_and_still_checks_indices(poisoned):
-    # From 32 MiB on, float32 rows on 32-byte boundaries are built in a zeroed buffer and
+    # From 8 MiB on, float32 rows on 32-byte boundaries are built in a zeroed buffer and
     # written around the caches: every element still written, a bad index still reported.
     op = torch.ops.aefast.scatter_rows
-    B, k, width = 1025, 40, 8192  # 33.6 MB
+    B, k, width = 257, 40, 8192  # 8.4 MB
     values = torch.randn(B, k)
     indices = torch.rand(B, width).argsort(1)[:, :k]
     want = torch.zeros(B, width).scatter_(1, indices, values)
@@ -202,14 +202,14 @@ def test_scatter_rows_with_fewer_rows_than_threads(poisoned):
     torch.set_num_threads(3)
     try:
         for dtype in (torch.float32, torch.bfloat16):
-            # The last two from 32 MiB on: float32 ranges streamed (a tail past a multiple of 8)
-            for B, k, width in ((1, 5000, 300007), (2, 3000, 70001), (2, 1, 1), (1, 20000, 9000003), (2, 7000, 4500001)):
+            # The last two from 8 MiB on: float32 ranges streamed (a tail past a multiple of 8)
+            for B, k, width in ((1, 5000, 300007), (2, 3000, 70001), (2, 1, 1), (1, 20000, 2100003), (2, 7000, 1050001)):
                 values = torch.randn(B, k).to(dtype)
                 picked = torch.stack([torch.randperm(width)[:k] for _ in range(B)])
                 for indices in (picked.sort(1).values, picked):  # ascending, then in no order
                     want = torch.zeros(B, width, dtype=dtype).scatter_(1, indices, values)
                     assert torch.equal(op(values, indices, width), want)
-        for width in (300000, 9000000):
+        for width in (300000, 2100000):
             indices = torch.arange(0, width, 100).view(1, -1)
             values = torch.randn(indices.shape)
             for bad in (indices - 1, indices + 1000, indices.flip(1) + 1000):  # below, above, not ascending
@@ -454,16 +454,16 @@ def test_index_order_gradcheck_and_opcheck():
 # ------------------------------------------- topk_mask_rows: topk_mask and spatial_wta on CPU
 
 # Rows in one pass (block selection, the heap), one winner per row, and an output of
-# 32 MiB or more (selected, then streamed by scatter_rows; 2049 x 4100 is not on
+# 8 MiB or more (selected, then streamed by scatter_rows; 513 x 4100 is not on
 # 32-byte boundaries past its first row, so it is not streamed).
-MASK_ROWS_CASES = [((37, 1000), 32), ((5, 496), 32), ((4096, 64), 1), ((3, 7), 7), ((2049, 4096), 32),
-                   ((2049, 4100), 5)]
+MASK_ROWS_CASES = [((37, 1000), 32), ((5, 496), 32), ((4096, 64), 1), ((3, 7), 7), ((513, 4096), 32),
+                   ((513, 4100), 5)]
 
 
 @pytest.mark.parametrize(("shape", "k"), MASK_ROWS_CASES, ids=str)
 def test_mask_rows_matches_reference(shape, k, poisoned):
     op = kernels("cpp").topk_mask_rows
-    large = shape[0] * shape[1] * 4 >= 32 << 20
+    large = shape[0] * shape[1] * 4 >= 8 << 20
     for dtype in (torch.float32,) if large else DTYPES:
         for ties in (False, True):
             x = leaf(rows(shape, dtype, "cpu", ties=ties))

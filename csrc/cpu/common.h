@@ -62,8 +62,8 @@ inline at::Tensor empty_output_like(const at::Tensor& t) { return empty_output(t
 
 // Outputs from this size on are written around the caches (streamed), no read for
 // ownership of their lines first: corrupt and reparameterize (noise.cpp's write_block;
-// not noisy_linear's windows, which its matmul reads at once) and scatter_rows' float32
-// rows (topk.cpp). Measured on the AMD EPYC (32 MiB L3), corrupt and reparameterize, the
+// not noisy_linear's windows, which its matmul reads at once). The selections' mostly
+// zero outputs stream from a smaller size (topk.cpp's kStreamedSelectionBytes). Measured on the AMD EPYC (32 MiB L3), corrupt and reparameterize, the
 // contenders alternating: a 64 MiB output streamed took 0.65-0.85x the time, a 16 MiB one
 // 1.05-1.1x (it would have stayed in L3 for its reader).
 constexpr int64_t kStreamedOutputBytes = int64_t(32) << 20;
