@@ -58,15 +58,17 @@ constexpr int64_t kDecodeAhead = 8;  // rows of a block requested ahead of their
 // row whole; from 2 pairs on, 3% slower where most latents have one or two).
 constexpr int64_t kBlockedPairs = 4;
 
-template <typename T, typename A>
-inline __attribute__((always_inline)) void decode_row_loop(const T* weight, const int64_t* rows,
-                                                           const T* values, int64_t K, int64_t D,
-                                                           const T* bias, T* out) {
-  int64_t d0 = 0;
-  for (; d0 + kDecodeColumns <= D; d0 += kDecodeColumns) {
-    A acc[kDecodeColumns];
-    for (int64_t d = 0; d < kDecodeColumns; ++d) acc[d] = bias ? static_cast<A>(bias[d0 + d]) : A(0);
-    for (int64_t j = 0; j < K; ++j) {
+// Columns [d0, d0 + width) of one output row, width = kDecodeColumns when kFull (a
+// constant, for the compiler, and the later blocks prefetched), else the last,
+// narrower block's.
+template <bool kFull, typename T, typename A>
+AEFAST_INLINE void decode_block(const T* weight, const int64_t* rows, const T* values, int64_t K, int64_t D,
+                                int64_t d0, int64_t narrow, const T* bias, T* out) {
+  const int64_t width = kFull ? kDecodeColumns : narrow;
+  A acc[kDecodeColumns];
+  for (int64_t d = 0; d < width; ++d) acc[d] = bias ? static_cast<A>(bias[d0 + d]) : A(0);
+  for (int64_t j = 0; j < K; ++j) {
+    if constexpr (kFull) {
       // The (row, block) pair kDecodeAhead steps later: this block of a later row, or a
       // later block of an early one (a hint: the last, narrower block is not asked for).
       const int64_t ahead = j + kDecodeAhead, later = d0 + (ahead / K) * kDecodeColumns;
@@ -74,22 +76,21 @@ inline __attribute__((always_inline)) void decode_row_loop(const T* weight, cons
         const char* next = reinterpret_cast<const char*>(weight + rows[ahead % K] * D + later);
         for (int64_t b = 0; b < kDecodeColumns * static_cast<int64_t>(sizeof(T)); b += 64) __builtin_prefetch(next + b);
       }
-      const A a = static_cast<A>(values[j]);
-      const T* row = weight + rows[j] * D + d0;
-      for (int64_t d = 0; d < kDecodeColumns; ++d) acc[d] += a * static_cast<A>(row[d]);
     }
-    for (int64_t d = 0; d < kDecodeColumns; ++d) out[d0 + d] = static_cast<T>(acc[d]);
-  }
-  const int64_t n = D - d0;  // the last, narrower block
-  if (n == 0) return;
-  A acc[kDecodeColumns];
-  for (int64_t d = 0; d < n; ++d) acc[d] = bias ? static_cast<A>(bias[d0 + d]) : A(0);
-  for (int64_t j = 0; j < K; ++j) {
     const A a = static_cast<A>(values[j]);
     const T* row = weight + rows[j] * D + d0;
-    for (int64_t d = 0; d < n; ++d) acc[d] += a * static_cast<A>(row[d]);
+    for (int64_t d = 0; d < width; ++d) acc[d] += a * static_cast<A>(row[d]);
   }
-  for (int64_t d = 0; d < n; ++d) out[d0 + d] = static_cast<T>(acc[d]);
+  for (int64_t d = 0; d < width; ++d) out[d0 + d] = static_cast<T>(acc[d]);
+}
+
+template <typename T, typename A>
+AEFAST_INLINE void decode_row_loop(const T* weight, const int64_t* rows, const T* values, int64_t K, int64_t D,
+                                   const T* bias, T* out) {
+  int64_t d0 = 0;
+  for (; d0 + kDecodeColumns <= D; d0 += kDecodeColumns)
+    decode_block<true, T, A>(weight, rows, values, K, D, d0, 0, bias, out);
+  if (d0 < D) decode_block<false, T, A>(weight, rows, values, K, D, d0, D - d0, bias, out);
 }
 
 AEFAST_SIMD_CLONES void decode_row(const float* weight, const int64_t* rows, const float* values, int64_t K,
