@@ -62,10 +62,11 @@ inline at::Tensor empty_output_like(const at::Tensor& t) { return empty_output(t
 
 // Outputs from this size on are written around the caches (streamed), no read for
 // ownership of their lines first: corrupt and reparameterize (noise.cpp's write_block;
-// not noisy_linear's windows, which its matmul reads at once). The selections' mostly
-// zero outputs stream from a smaller size (topk.cpp's kStreamedSelectionBytes). Measured on the AMD EPYC (32 MiB L3), corrupt and reparameterize, the
-// contenders alternating: a 64 MiB output streamed took 0.65-0.85x the time, a 16 MiB one
-// 1.05-1.1x (it would have stayed in L3 for its reader).
+// not noisy_linear's windows, which its matmul reads at once). Measured on the AMD EPYC
+// (32 MiB L3), corrupt and reparameterize, the contenders alternating: a 64 MiB output
+// streamed took 0.65-0.85x the time, a 16 MiB one 1.05-1.1x (it would have stayed in L3
+// for its reader). The selections' mostly zero outputs stream from a smaller size
+// (topk.cpp's kStreamedSelectionBytes).
 constexpr int64_t kStreamedOutputBytes = int64_t(32) << 20;
 
 // After a thread's streamed (non-temporal) stores: ordered before anything it does next.
