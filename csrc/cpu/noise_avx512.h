@@ -43,32 +43,45 @@ AEFAST_AVX512 inline void mul_hi_lo(__m512i constant, __m512i b, __m512i* hi, __
   *hi = _mm512_mask_shuffle_epi32(odd, 0x5555, even, _MM_PERM_DDBB);
 }
 
-// The four words of counters first .. first + 15 (first a multiple of 16: the high
-// words are equal and the low words do not carry), word j of lane l in w[j].
-AEFAST_AVX512 inline void philox16(const PhiloxKeys& keys, uint64_t first, __m512i w[4]) {
+// The four words of counters first .. first + 16 G - 1 (first a multiple of 16: the
+// high words are equal and the low words do not carry), group g's word j of lane l in
+// w[g][j]. The G groups' rounds interleaved: a round waits on its products (5 cycles),
+// and the other groups' fill the ports meanwhile.
+template <int G>
+AEFAST_AVX512 inline void philox16(const PhiloxKeys& keys, uint64_t first, __m512i (*w)[4]) {
   const __m512i round_a = _mm512_set1_epi32(static_cast<int>(0xD2511F53u));
   const __m512i round_b = _mm512_set1_epi32(static_cast<int>(0xCD9E8D57u));
   const __m512i lanes = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
   constexpr int kXor3 = 0x96;  // a ^ b ^ c: each round's two XORs in one instruction
   // Round 0 of counter (first + lane, first >> 32, 0, 0): words 2 and 3 are 0, so its
   // first product is 0 and word 0 becomes the high word ^ key, the same in every lane.
-  __m512i hi_0, lo_0;
-  mul_hi_lo(round_a, _mm512_add_epi32(_mm512_set1_epi32(static_cast<int>(first)), lanes), &hi_0, &lo_0);
-  __m512i c0 = _mm512_xor_si512(_mm512_set1_epi32(static_cast<int>(first >> 32)), keys.k0[0]);
-  __m512i c1 = _mm512_setzero_si512(), c2 = _mm512_xor_si512(hi_0, keys.k1[0]), c3 = lo_0;
-  for (int round = 1; round < 10; ++round) {
-    __m512i hi_b, lo_b, hi_a, lo_a;
-    mul_hi_lo(round_b, c2, &hi_b, &lo_b);
-    mul_hi_lo(round_a, c0, &hi_a, &lo_a);
-    c0 = _mm512_ternarylogic_epi32(hi_b, c1, keys.k0[round], kXor3);
-    c2 = _mm512_ternarylogic_epi32(hi_a, c3, keys.k1[round], kXor3);
-    c1 = lo_b;
-    c3 = lo_a;
+  __m512i c0[G], c1[G], c2[G], c3[G];
+  for (int g = 0; g < G; ++g) {
+    __m512i hi_0, lo_0;
+    const __m512i low = _mm512_set1_epi32(static_cast<int>(first + 16 * g));
+    mul_hi_lo(round_a, _mm512_add_epi32(low, lanes), &hi_0, &lo_0);
+    c0[g] = _mm512_xor_si512(_mm512_set1_epi32(static_cast<int>(first >> 32)), keys.k0[0]);
+    c1[g] = _mm512_setzero_si512();
+    c2[g] = _mm512_xor_si512(hi_0, keys.k1[0]);
+    c3[g] = lo_0;
   }
-  w[0] = c0;
-  w[1] = c1;
-  w[2] = c2;
-  w[3] = c3;
+  for (int round = 1; round < 10; ++round) {
+    for (int g = 0; g < G; ++g) {
+      __m512i hi_b, lo_b, hi_a, lo_a;
+      mul_hi_lo(round_b, c2[g], &hi_b, &lo_b);
+      mul_hi_lo(round_a, c0[g], &hi_a, &lo_a);
+      c0[g] = _mm512_ternarylogic_epi32(hi_b, c1[g], keys.k0[round], kXor3);
+      c2[g] = _mm512_ternarylogic_epi32(hi_a, c3[g], keys.k1[round], kXor3);
+      c1[g] = lo_b;
+      c3[g] = lo_a;
+    }
+  }
+  for (int g = 0; g < G; ++g) {
+    w[g][0] = c0[g];
+    w[g][1] = c1[g];
+    w[g][2] = c2[g];
+    w[g][3] = c3[g];
+  }
 }
 
 // noise::uniform: the word as int32, negatives folded (~x is x ^ (x >> 31) there).
@@ -159,31 +172,35 @@ AEFAST_AVX512 inline void normal_pairs(__m512i a, __m512i b, __m512* first, __m5
   *second = _mm512_mul_ps(radius, s);
 }
 
-// The normals of elements 4 first .. 4 first + 63 (counters first .. first + 15, first
-// a multiple of 16), in element order: out[v] holds elements 16 v .. 16 v + 15.
-AEFAST_AVX512 inline void normals64(const PhiloxKeys& keys, uint64_t first, __m512 out[4]) {
-  __m512i w[4];
-  philox16(keys, first, w);
-  __m512 n[4];  // n[j]: word j's normal of each counter (element 4 c + j)
-  normal_pairs(w[0], w[1], &n[0], &n[1]);
-  normal_pairs(w[2], w[3], &n[2], &n[3]);
-  // Transpose: per 128-bit lane, counters interleaved two words at a time, then four.
-  const __m512 t0 = _mm512_unpacklo_ps(n[0], n[1]), t1 = _mm512_unpackhi_ps(n[0], n[1]);
-  const __m512 t2 = _mm512_unpacklo_ps(n[2], n[3]), t3 = _mm512_unpackhi_ps(n[2], n[3]);
-  // u[i]: counters i, i + 4, i + 8, i + 12, all four words each, one per 128-bit lane.
-  const __m512 u0 = _mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(t0), _mm512_castps_pd(t2)));
-  const __m512 u1 = _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(t0), _mm512_castps_pd(t2)));
-  const __m512 u2 = _mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(t1), _mm512_castps_pd(t3)));
-  const __m512 u3 = _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(t1), _mm512_castps_pd(t3)));
-  // 4 x 4 transpose of 128-bit lanes: out[v] = counters 4 v .. 4 v + 3.
-  const __m512 a0 = _mm512_shuffle_f32x4(u0, u1, _MM_SHUFFLE(1, 0, 1, 0));  // c0 c4 | c1 c5
-  const __m512 a1 = _mm512_shuffle_f32x4(u2, u3, _MM_SHUFFLE(1, 0, 1, 0));  // c2 c6 | c3 c7
-  const __m512 a2 = _mm512_shuffle_f32x4(u0, u1, _MM_SHUFFLE(3, 2, 3, 2));  // c8 c12 | c9 c13
-  const __m512 a3 = _mm512_shuffle_f32x4(u2, u3, _MM_SHUFFLE(3, 2, 3, 2));  // c10 c14 | c11 c15
-  out[0] = _mm512_shuffle_f32x4(a0, a1, _MM_SHUFFLE(2, 0, 2, 0));  // c0 c1 c2 c3
-  out[1] = _mm512_shuffle_f32x4(a0, a1, _MM_SHUFFLE(3, 1, 3, 1));  // c4 c5 c6 c7
-  out[2] = _mm512_shuffle_f32x4(a2, a3, _MM_SHUFFLE(2, 0, 2, 0));  // c8 .. c11
-  out[3] = _mm512_shuffle_f32x4(a2, a3, _MM_SHUFFLE(3, 1, 3, 1));  // c12 .. c15
+// The normals of elements 4 first .. 4 first + 64 G - 1 (counters first .. first +
+// 16 G - 1, first a multiple of 16), in element order: out[g][v] holds elements
+// 4 first + 64 g + 16 v .. + 15.
+template <int G>
+AEFAST_AVX512 inline void normals64(const PhiloxKeys& keys, uint64_t first, __m512 (*out)[4]) {
+  __m512i w[G][4];
+  philox16<G>(keys, first, w);
+  for (int g = 0; g < G; ++g) {
+    __m512 n[4];  // n[j]: word j's normal of each counter (element 4 c + j)
+    normal_pairs(w[g][0], w[g][1], &n[0], &n[1]);
+    normal_pairs(w[g][2], w[g][3], &n[2], &n[3]);
+    // Transpose: per 128-bit lane, counters interleaved two words at a time, then four.
+    const __m512 t0 = _mm512_unpacklo_ps(n[0], n[1]), t1 = _mm512_unpackhi_ps(n[0], n[1]);
+    const __m512 t2 = _mm512_unpacklo_ps(n[2], n[3]), t3 = _mm512_unpackhi_ps(n[2], n[3]);
+    // u[i]: counters i, i + 4, i + 8, i + 12, all four words each, one per 128-bit lane.
+    const __m512 u0 = _mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(t0), _mm512_castps_pd(t2)));
+    const __m512 u1 = _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(t0), _mm512_castps_pd(t2)));
+    const __m512 u2 = _mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(t1), _mm512_castps_pd(t3)));
+    const __m512 u3 = _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(t1), _mm512_castps_pd(t3)));
+    // 4 x 4 transpose of 128-bit lanes: out[g][v] = counters 4 v .. 4 v + 3.
+    const __m512 a0 = _mm512_shuffle_f32x4(u0, u1, _MM_SHUFFLE(1, 0, 1, 0));  // c0 c4 | c1 c5
+    const __m512 a1 = _mm512_shuffle_f32x4(u2, u3, _MM_SHUFFLE(1, 0, 1, 0));  // c2 c6 | c3 c7
+    const __m512 a2 = _mm512_shuffle_f32x4(u0, u1, _MM_SHUFFLE(3, 2, 3, 2));  // c8 c12 | c9 c13
+    const __m512 a3 = _mm512_shuffle_f32x4(u2, u3, _MM_SHUFFLE(3, 2, 3, 2));  // c10 c14 | c11 c15
+    out[g][0] = _mm512_shuffle_f32x4(a0, a1, _MM_SHUFFLE(2, 0, 2, 0));  // c0 c1 c2 c3
+    out[g][1] = _mm512_shuffle_f32x4(a0, a1, _MM_SHUFFLE(3, 1, 3, 1));  // c4 c5 c6 c7
+    out[g][2] = _mm512_shuffle_f32x4(a2, a3, _MM_SHUFFLE(2, 0, 2, 0));  // c8 .. c11
+    out[g][3] = _mm512_shuffle_f32x4(a2, a3, _MM_SHUFFLE(3, 1, 3, 1));  // c12 .. c15
+  }
 }
 
 }  // namespace noise_avx512
