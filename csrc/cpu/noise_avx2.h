@@ -40,28 +40,37 @@ AEFAST_AVX2 inline void mul_hi_lo(__m256i constant, __m256i b, __m256i* hi, __m2
   *hi = _mm256_blend_epi32(_mm256_srli_epi64(even, 32), odd, 0xAA);
 }
 
-// The four words of counters first .. first + 7 (first a multiple of 8: the high words
-// are equal and the low words do not carry), word j of lane l in w[j].
-AEFAST_AVX2 inline void philox8(const PhiloxKeys& keys, uint64_t first, __m256i w[4]) {
+// The four words of counters first .. first + 8 G - 1 (first a multiple of 8: the high
+// words are equal and the low words do not carry), group g's word j of lane l in
+// w[g][j]. The G groups' rounds interleaved, as noise_avx512::philox16's.
+template <int G>
+AEFAST_AVX2 inline void philox8(const PhiloxKeys& keys, uint64_t first, __m256i (*w)[4]) {
   const __m256i round_a = _mm256_set1_epi32(static_cast<int>(0xD2511F53u));
   const __m256i round_b = _mm256_set1_epi32(static_cast<int>(0xCD9E8D57u));
   const __m256i lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-  __m256i c0 = _mm256_add_epi32(_mm256_set1_epi32(static_cast<int>(first)), lanes);
-  __m256i c1 = _mm256_set1_epi32(static_cast<int>(first >> 32));
-  __m256i c2 = _mm256_setzero_si256(), c3 = _mm256_setzero_si256();
-  for (int round = 0; round < 10; ++round) {
-    __m256i hi_b, lo_b, hi_a, lo_a;
-    mul_hi_lo(round_b, c2, &hi_b, &lo_b);
-    mul_hi_lo(round_a, c0, &hi_a, &lo_a);
-    c0 = _mm256_xor_si256(_mm256_xor_si256(hi_b, c1), keys.k0[round]);
-    c2 = _mm256_xor_si256(_mm256_xor_si256(hi_a, c3), keys.k1[round]);
-    c1 = lo_b;
-    c3 = lo_a;
+  __m256i c0[G], c1[G], c2[G], c3[G];
+  for (int g = 0; g < G; ++g) {
+    c0[g] = _mm256_add_epi32(_mm256_set1_epi32(static_cast<int>(first + 8 * g)), lanes);
+    c1[g] = _mm256_set1_epi32(static_cast<int>(first >> 32));
+    c2[g] = c3[g] = _mm256_setzero_si256();
   }
-  w[0] = c0;
-  w[1] = c1;
-  w[2] = c2;
-  w[3] = c3;
+  for (int round = 0; round < 10; ++round) {
+    for (int g = 0; g < G; ++g) {
+      __m256i hi_b, lo_b, hi_a, lo_a;
+      mul_hi_lo(round_b, c2[g], &hi_b, &lo_b);
+      mul_hi_lo(round_a, c0[g], &hi_a, &lo_a);
+      c0[g] = _mm256_xor_si256(_mm256_xor_si256(hi_b, c1[g]), keys.k0[round]);
+      c2[g] = _mm256_xor_si256(_mm256_xor_si256(hi_a, c3[g]), keys.k1[round]);
+      c1[g] = lo_b;
+      c3[g] = lo_a;
+    }
+  }
+  for (int g = 0; g < G; ++g) {
+    w[g][0] = c0[g];
+    w[g][1] = c1[g];
+    w[g][2] = c2[g];
+    w[g][3] = c3[g];
+  }
 }
 
 // noise::uniform: the word as int32, negatives folded (~x is x ^ (x >> 31) there).
@@ -155,26 +164,30 @@ AEFAST_AVX2 inline void normal_pairs(__m256i a, __m256i b, __m256* first, __m256
   *second = _mm256_mul_ps(radius, s);
 }
 
-// The normals of elements 4 first .. 4 first + 31 (counters first .. first + 7, first a
-// multiple of 8), in element order: out[v] holds elements 8 v .. 8 v + 7.
-AEFAST_AVX2 inline void normals32(const PhiloxKeys& keys, uint64_t first, __m256 out[4]) {
-  __m256i w[4];
-  philox8(keys, first, w);
-  __m256 n[4];  // n[j]: word j's normal of each counter (element 4 c + j)
-  normal_pairs(w[0], w[1], &n[0], &n[1]);
-  normal_pairs(w[2], w[3], &n[2], &n[3]);
-  // Per 128-bit lane: counters interleaved two words at a time, then four.
-  const __m256 t0 = _mm256_unpacklo_ps(n[0], n[1]), t1 = _mm256_unpackhi_ps(n[0], n[1]);
-  const __m256 t2 = _mm256_unpacklo_ps(n[2], n[3]), t3 = _mm256_unpackhi_ps(n[2], n[3]);
-  // u[i]: counters i and i + 4, all four words each, one per 128-bit lane.
-  const __m256 u0 = _mm256_castpd_ps(_mm256_unpacklo_pd(_mm256_castps_pd(t0), _mm256_castps_pd(t2)));
-  const __m256 u1 = _mm256_castpd_ps(_mm256_unpackhi_pd(_mm256_castps_pd(t0), _mm256_castps_pd(t2)));
-  const __m256 u2 = _mm256_castpd_ps(_mm256_unpacklo_pd(_mm256_castps_pd(t1), _mm256_castps_pd(t3)));
-  const __m256 u3 = _mm256_castpd_ps(_mm256_unpackhi_pd(_mm256_castps_pd(t1), _mm256_castps_pd(t3)));
-  out[0] = _mm256_permute2f128_ps(u0, u1, 0x20);  // c0 c1
-  out[1] = _mm256_permute2f128_ps(u2, u3, 0x20);  // c2 c3
-  out[2] = _mm256_permute2f128_ps(u0, u1, 0x31);  // c4 c5
-  out[3] = _mm256_permute2f128_ps(u2, u3, 0x31);  // c6 c7
+// The normals of elements 4 first .. 4 first + 32 G - 1 (counters first .. first +
+// 8 G - 1, first a multiple of 8), in element order: out[g][v] holds elements
+// 4 first + 32 g + 8 v .. + 7.
+template <int G>
+AEFAST_AVX2 inline void normals32(const PhiloxKeys& keys, uint64_t first, __m256 (*out)[4]) {
+  __m256i w[G][4];
+  philox8<G>(keys, first, w);
+  for (int g = 0; g < G; ++g) {
+    __m256 n[4];  // n[j]: word j's normal of each counter (element 4 c + j)
+    normal_pairs(w[g][0], w[g][1], &n[0], &n[1]);
+    normal_pairs(w[g][2], w[g][3], &n[2], &n[3]);
+    // Per 128-bit lane: counters interleaved two words at a time, then four.
+    const __m256 t0 = _mm256_unpacklo_ps(n[0], n[1]), t1 = _mm256_unpackhi_ps(n[0], n[1]);
+    const __m256 t2 = _mm256_unpacklo_ps(n[2], n[3]), t3 = _mm256_unpackhi_ps(n[2], n[3]);
+    // u[i]: counters i and i + 4, all four words each, one per 128-bit lane.
+    const __m256 u0 = _mm256_castpd_ps(_mm256_unpacklo_pd(_mm256_castps_pd(t0), _mm256_castps_pd(t2)));
+    const __m256 u1 = _mm256_castpd_ps(_mm256_unpackhi_pd(_mm256_castps_pd(t0), _mm256_castps_pd(t2)));
+    const __m256 u2 = _mm256_castpd_ps(_mm256_unpacklo_pd(_mm256_castps_pd(t1), _mm256_castps_pd(t3)));
+    const __m256 u3 = _mm256_castpd_ps(_mm256_unpackhi_pd(_mm256_castps_pd(t1), _mm256_castps_pd(t3)));
+    out[g][0] = _mm256_permute2f128_ps(u0, u1, 0x20);  // c0 c1
+    out[g][1] = _mm256_permute2f128_ps(u2, u3, 0x20);  // c2 c3
+    out[g][2] = _mm256_permute2f128_ps(u0, u1, 0x31);  // c4 c5
+    out[g][3] = _mm256_permute2f128_ps(u2, u3, 0x31);  // c6 c7
+  }
 }
 
 }  // namespace noise_avx2
