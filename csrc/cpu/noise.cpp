@@ -257,27 +257,32 @@ AEFAST_AVX512 inline void store16(float* to, __mmask16 in, __m512 v, bool stream
   }
 }
 
-// Groups of 16 counters whose Philox rounds are interleaved (noise_avx512::philox16):
-// two took reparameterize's forward at 1024 x 4096 (2 threads, Xeon) 2.76 -> 2.58 ms and
-// gaussian corrupt's 2.10 -> 1.91; four measured no better.
-constexpr int kNormalGroups16 = 2;
+// How many groups of counters go through Philox's rounds side by side
+// (noise_avx512::philox16, noise_avx2::philox8), per kernel. Two: gaussian corrupt at
+// 1024 x 4096 (2 threads, Xeon) 2.10 -> 1.91 ms with AVX-512, 3.66 -> 3.21 with AVX2, and
+// at 4096 x 4096 8.7 -> 7.8 and 14.3 -> 13.6. reparameterize's forward gained as much at
+// 1024 x 4096 (2.76 -> 2.58, 4.53 -> 3.96) but lost where its output is streamed (4096 x
+// 4096: 16.9 -> 21.4 ms, with AVX2 26.5 -> 28.3; why, not found), and its backward gained
+// nothing: reparameterize takes two only for an output in the caches. Four (spills) was
+// no better anywhere measured.
+constexpr int kNormalGroups = 2;
 
 // step(at, in, eps) for each 16 elements [at, at + 16) of blocks [b0, b1) that meet
 // elements [begin, end), with their normals (in: the lanes in the range);
 // step.block_done(b, sums) after each block, sums the lane-wise sum of what step
 // returned for it (kept in a register, not in the step).
-template <typename Step>
+template <int kGroups, typename Step>
 AEFAST_AVX512 inline void for_each_normal16(uint64_t seed, int64_t begin, int64_t end, int64_t b0, int64_t b1,
                                             Step& step) {
   const noise_avx512::PhiloxKeys keys = noise_avx512::philox_keys(seed);
   for (int64_t b = b0; b < b1; ++b) {
     __m512 sums = _mm512_setzero_ps();
     // (A group wholly outside [begin, end) gets no lanes.)
-    for (int64_t c = 0; c < kBlockCounters && b * kBlockElements + 4 * c < end; c += 16 * kNormalGroups16) {
-      if (b * kBlockElements + 4 * (c + 16 * kNormalGroups16) <= begin) continue;
-      __m512 eps[kNormalGroups16][4];
-      noise_avx512::normals64<kNormalGroups16>(keys, static_cast<uint64_t>(b * kBlockCounters + c), eps);
-      for (int v = 0; v < 4 * kNormalGroups16; ++v) {
+    for (int64_t c = 0; c < kBlockCounters && b * kBlockElements + 4 * c < end; c += 16 * kGroups) {
+      if (b * kBlockElements + 4 * (c + 16 * kGroups) <= begin) continue;
+      __m512 eps[kGroups][4];
+      noise_avx512::normals64<kGroups>(keys, static_cast<uint64_t>(b * kBlockCounters + c), eps);
+      for (int v = 0; v < 4 * kGroups; ++v) {
         const int64_t at = b * kBlockElements + 4 * c + 16 * v;
         sums = _mm512_add_ps(sums, step(at, lanes_in(at, begin, end), eps[v / 4][v % 4]));
       }
@@ -351,13 +356,13 @@ AEFAST_AVX512 void corrupt_gaussian_avx512(uint64_t seed, const float* x, float*
                                            int64_t b0, int64_t b1, float level, bool stream) {
   stream = stream && (reinterpret_cast<uintptr_t>(out) - 4 * static_cast<uintptr_t>(begin)) % 64 == 0;
   CorruptGaussianStep step{x, out, begin, level, stream};
-  for_each_normal16(seed, begin, end, b0, b1, step);
+  for_each_normal16<kNormalGroups>(seed, begin, end, b0, b1, step);
 }
 
 AEFAST_AVX512 void reparameterize_blocks_avx512(uint64_t seed, const float* mu, const float* logvar, float* z,
                                                 int64_t n, int64_t b0, int64_t b1, bool stream, double* block_sums) {
   ReparameterizeStep step{mu, logvar, z, stream && reinterpret_cast<uintptr_t>(z) % 64 == 0, block_sums};
-  for_each_normal16(seed, 0, n, b0, b1, step);
+  step.stream ? for_each_normal16<1>(seed, 0, n, b0, b1, step) : for_each_normal16<kNormalGroups>(seed, 0, n, b0, b1, step);
 }
 
 AEFAST_AVX512 void reparameterize_grad_blocks_avx512(uint64_t seed, const float* gz, const float* mu,
@@ -365,7 +370,7 @@ AEFAST_AVX512 void reparameterize_grad_blocks_avx512(uint64_t seed, const float*
                                                      int64_t b0, int64_t b1, bool stream, float gkl_over_b) {
   stream = stream && reinterpret_cast<uintptr_t>(gmu) % 64 == 0 && reinterpret_cast<uintptr_t>(glv) % 64 == 0;
   ReparameterizeGradStep step{gz, mu, logvar, gmu, glv, stream, gkl_over_b};
-  for_each_normal16(seed, 0, n, b0, b1, step);
+  for_each_normal16<1>(seed, 0, n, b0, b1, step);
 }
 
 // The same with AVX2 and FMA, for CPUs without AVX-512: the steps above on 8 lanes
@@ -403,21 +408,17 @@ AEFAST_AVX2 inline void store8(float* to, bool whole, __m256i in, __m256 v, bool
 // step(at, whole, in, eps) for each 8 elements [at, at + 8) of blocks [b0, b1) that meet
 // elements [begin, end), with their normals (whole: all 8 in the range; else in: the
 // lanes in it); step.block_done(b, sums) after each block.
-// Groups of 8 counters whose Philox rounds are interleaved (noise_avx2::philox8): two
-// took the forward of reparameterize at 1024 x 4096 (2 threads, AEFAST_SIMD=avx2 on the
-// Xeon) 4.53 -> 3.96 ms; four would not fit AVX2's 16 registers.
-constexpr int kNormalGroups8 = 2;
-template <typename Step>
+template <int kGroups, typename Step>
 AEFAST_AVX2 inline void for_each_normal8(uint64_t seed, int64_t begin, int64_t end, int64_t b0, int64_t b1,
                                          Step& step) {
   const noise_avx2::PhiloxKeys keys = noise_avx2::philox_keys(seed);
   for (int64_t b = b0; b < b1; ++b) {
     __m256 sums[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};
-    for (int64_t c = 0; c < kBlockCounters && b * kBlockElements + 4 * c < end; c += 8 * kNormalGroups8) {
-      if (b * kBlockElements + 4 * (c + 8 * kNormalGroups8) <= begin) continue;
-      __m256 eps[kNormalGroups8][4];
-      noise_avx2::normals32<kNormalGroups8>(keys, static_cast<uint64_t>(b * kBlockCounters + c), eps);
-      for (int v = 0; v < 4 * kNormalGroups8; ++v) {
+    for (int64_t c = 0; c < kBlockCounters && b * kBlockElements + 4 * c < end; c += 8 * kGroups) {
+      if (b * kBlockElements + 4 * (c + 8 * kGroups) <= begin) continue;
+      __m256 eps[kGroups][4];
+      noise_avx2::normals32<kGroups>(keys, static_cast<uint64_t>(b * kBlockCounters + c), eps);
+      for (int v = 0; v < 4 * kGroups; ++v) {
         const int64_t at = b * kBlockElements + 4 * c + 8 * v;
         const bool whole = at >= begin && at + 8 <= end;
         sums[v & 1] = _mm256_add_ps(sums[v & 1],
@@ -487,13 +488,13 @@ AEFAST_AVX2 void corrupt_gaussian_avx2(uint64_t seed, const float* x, float* out
                                        int64_t b0, int64_t b1, float level, bool stream) {
   stream = stream && (reinterpret_cast<uintptr_t>(out) - 4 * static_cast<uintptr_t>(begin)) % 32 == 0;
   CorruptGaussianStep8 step{x, out, begin, level, stream};
-  for_each_normal8(seed, begin, end, b0, b1, step);
+  for_each_normal8<kNormalGroups>(seed, begin, end, b0, b1, step);
 }
 
 AEFAST_AVX2 void reparameterize_blocks_avx2(uint64_t seed, const float* mu, const float* logvar, float* z, int64_t n,
                                             int64_t b0, int64_t b1, bool stream, double* block_sums) {
   ReparameterizeStep8 step{mu, logvar, z, stream && reinterpret_cast<uintptr_t>(z) % 32 == 0, block_sums};
-  for_each_normal8(seed, 0, n, b0, b1, step);
+  step.stream ? for_each_normal8<1>(seed, 0, n, b0, b1, step) : for_each_normal8<kNormalGroups>(seed, 0, n, b0, b1, step);
 }
 
 AEFAST_AVX2 void reparameterize_grad_blocks_avx2(uint64_t seed, const float* gz, const float* mu, const float* logvar,
@@ -501,7 +502,7 @@ AEFAST_AVX2 void reparameterize_grad_blocks_avx2(uint64_t seed, const float* gz,
                                                  bool stream, float gkl_over_b) {
   stream = stream && reinterpret_cast<uintptr_t>(gmu) % 32 == 0 && reinterpret_cast<uintptr_t>(glv) % 32 == 0;
   ReparameterizeGradStep8 step{gz, mu, logvar, gmu, glv, stream, gkl_over_b};
-  for_each_normal8(seed, 0, n, b0, b1, step);
+  for_each_normal8<1>(seed, 0, n, b0, b1, step);
 }
 #endif
 
