@@ -362,7 +362,10 @@ AEFAST_AVX512 void corrupt_gaussian_avx512(uint64_t seed, const float* x, float*
 AEFAST_AVX512 void reparameterize_blocks_avx512(uint64_t seed, const float* mu, const float* logvar, float* z,
                                                 int64_t n, int64_t b0, int64_t b1, bool stream, double* block_sums) {
   ReparameterizeStep step{mu, logvar, z, stream && reinterpret_cast<uintptr_t>(z) % 64 == 0, block_sums};
-  step.stream ? for_each_normal16<1>(seed, 0, n, b0, b1, step) : for_each_normal16<kNormalGroups>(seed, 0, n, b0, b1, step);
+  if (step.stream)  // one group where the output is streamed (kNormalGroups)
+    for_each_normal16<1>(seed, 0, n, b0, b1, step);
+  else
+    for_each_normal16<kNormalGroups>(seed, 0, n, b0, b1, step);
 }
 
 AEFAST_AVX512 void reparameterize_grad_blocks_avx512(uint64_t seed, const float* gz, const float* mu,
@@ -494,7 +497,10 @@ AEFAST_AVX2 void corrupt_gaussian_avx2(uint64_t seed, const float* x, float* out
 AEFAST_AVX2 void reparameterize_blocks_avx2(uint64_t seed, const float* mu, const float* logvar, float* z, int64_t n,
                                             int64_t b0, int64_t b1, bool stream, double* block_sums) {
   ReparameterizeStep8 step{mu, logvar, z, stream && reinterpret_cast<uintptr_t>(z) % 32 == 0, block_sums};
-  step.stream ? for_each_normal8<1>(seed, 0, n, b0, b1, step) : for_each_normal8<kNormalGroups>(seed, 0, n, b0, b1, step);
+  if (step.stream)  // one group where the output is streamed (kNormalGroups)
+    for_each_normal8<1>(seed, 0, n, b0, b1, step);
+  else
+    for_each_normal8<kNormalGroups>(seed, 0, n, b0, b1, step);
 }
 
 AEFAST_AVX2 void reparameterize_grad_blocks_avx2(uint64_t seed, const float* gz, const float* mu, const float* logvar,
