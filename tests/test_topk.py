@@ -1,5 +1,5 @@
 """The top-k family (topk_sparse, topk_mask, batch_topk, lifetime_topk, spatial_wta,
-scatter_rows, and the CPU's topk_mask_rows, topk_index_order, column_topk and keep_rows) against
+scatter_rows, and the CPU's topk_mask_rows, topk_mask_index_order, column_topk and keep_rows) against
 aefast/reference.py, on every backend with kernels."""
 
 import pytest
@@ -376,13 +376,14 @@ def test_triton_launchers_report_nan_and_bad_indices_on_the_device():
     assert expected.shape == (4, 5)
 
 
-# ------------------------------------------- topk_index_order: the CPU's batch-wide selections
+# ------------------------------------------- topk_mask_index_order: batch_topk on CPU
 
 
-def index_order_reference(x, k, relu):
+def mask_index_order_reference(x, k, relu):
+    """The winners' indices in increasing order, and x with all but them zeroed."""
     values, indices = reference.topk_sparse(x, k, relu)
     indices, order = indices.sort(dim=1)
-    return values.gather(1, order), indices
+    return torch.zeros_like(x, memory_format=torch.contiguous_format).scatter(1, indices, values.gather(1, order)), indices
 
 
 def index_order_inputs(shape, kind, dtype, *, transposed):
@@ -403,36 +404,42 @@ def index_order_inputs(shape, kind, dtype, *, transposed):
     return x.t() if transposed else x
 
 
-# Long rows take the sampled bar (n >= 65536, 256 <= k <= n / 8); anything else
-# (a transposed input too) topk_forward.
+# Long rows take the sampled bar and write the output as they filter (n >= 65536,
+# 256 <= k <= n / 8); anything else (a transposed input too) topk_forward, then a
+# scatter. 3 x (2^20 + 1) float32 is streamed (8 MiB or more), its first row's
+# chunks on whole lines, the others not.
 INDEX_ORDER_CASES = [((1, 1 << 20), 5000, False), ((2, 70001), 300, False), ((1, 1 << 17), 16384, False),
-                     ((37, 1000), 52, True), ((3, 1000), 40, False)]
+                     ((37, 1000), 52, True), ((3, 1000), 40, False), ((3, (1 << 20) + 1), 5000, False)]
 
 
 @pytest.mark.parametrize("kind", ["normal", "ties", "zeros", "relu", "sorted"])
 @pytest.mark.parametrize(("shape", "k", "transposed"), INDEX_ORDER_CASES, ids=str)
-def test_index_order_matches_reference(shape, k, transposed, kind, poisoned):
-    op = kernels("cpp").topk_index_order
-    for dtype in DTYPES:
-        x = index_order_inputs(shape, kind, dtype, transposed=transposed)
+def test_mask_index_order_matches_reference(shape, k, transposed, kind, poisoned):
+    op = kernels("cpp").topk_mask_index_order
+    streamed = shape[0] * shape[1] * 4 >= 8 << 20
+    for dtype in (torch.float32,) if streamed else DTYPES:
+        x = leaf(index_order_inputs(shape, kind, dtype, transposed=transposed))
         for relu in (True, False):
-            values, indices = op(x, k, relu)
-            want_values, want_indices = index_order_reference(x, k, relu)
+            out, indices = op(x, k, relu)
+            want_out, want_indices = mask_index_order_reference(x, k, relu)
             assert torch.equal(indices, want_indices), (dtype, relu)
-            assert torch.equal(values, want_values) and torch.equal(values.signbit(), want_values.signbit())
+            assert torch.equal(out, want_out) and torch.equal(out.signbit(), want_out.signbit()), (dtype, relu)
+            g = torch.randn_like(want_out)
+            assert torch.equal(torch.autograd.grad(out, x, g)[0], torch.autograd.grad(want_out, x, g)[0])
 
 
-def test_index_order_reports_nan_late_in_a_long_row():
-    op = kernels("cpp").topk_index_order
+def test_mask_index_order_reports_nan_late_in_a_long_row():
+    op = kernels("cpp").topk_mask_index_order
     for dtype in DTYPES:
-        long_row = torch.randn(1, 1 << 20).to(dtype)
-        long_row[0, -3] = float("nan")  # past every sample position's stratum start
-        with pytest.raises(ValueError, match="x contains NaN"):
-            op(long_row, 300, False)
+        for where in (-3, 1 << 19):  # past every sample position's stratum start; mid-row
+            long_row = torch.randn(1, 1 << 20).to(dtype)
+            long_row[0, where] = float("nan")
+            with pytest.raises(ValueError, match="x contains NaN"):
+                op(long_row, 300, False)
 
 
-def test_index_order_bad_arguments_name_what_is_wrong():
-    op = kernels("cpp").topk_index_order
+def test_mask_index_order_bad_arguments_name_what_is_wrong():
+    op = kernels("cpp").topk_mask_index_order
     with pytest.raises(ValueError, match="x must be 2-D, got 1-D"):
         op(torch.randn(10), 2, False)
     for x in (torch.randn(3, 1000), torch.randn(1000, 3).t(), torch.randn(1, 1 << 16)):
@@ -441,8 +448,8 @@ def test_index_order_bad_arguments_name_what_is_wrong():
                 op(x, k, False)
 
 
-def test_index_order_gradcheck_and_opcheck():
-    op = kernels("cpp").topk_index_order
+def test_mask_index_order_gradcheck_and_opcheck():
+    op = kernels("cpp").topk_mask_index_order
     x = leaf((torch.randperm(4000).double().view(40, 100) + 0.5) / 7 - 200)
     assert torch.autograd.gradcheck(lambda t: op(t.t(), 5, False)[0], (x,))
     assert torch.autograd.gradcheck(lambda t: op(t, 9, True)[0], (x,))
@@ -606,7 +613,7 @@ def test_every_simd_path_gives_the_same_selection(level):
 
     env = dict(os.environ, AEFAST_SIMD=level, OMP_NUM_THREADS="2")
     noise = os.path.join(os.path.dirname(__file__), "test_noise.py")
-    tests = ("index_order_matches or index_order_reports or column_topk_matches or column_topk_reports"
+    tests = ("mask_index_order_matches or mask_index_order_reports or column_topk_matches or column_topk_reports"
              " or keep_rows_matches or long_row or infinities or batch_lifetime or corrupt_matches"
              " or reparameterize_matches or reparameterize_on_cpu or sparse_and_mask_match or one_winner_per_block or signed_zeros or mostly_tied"
              " or noisy_linear_on_cpu_in_many_windows or corrupt_window_is or mask_rows_matches or scatter_rows_streams")

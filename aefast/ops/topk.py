@@ -9,9 +9,10 @@ select that splits long rows over many blocks), triton_kernels/topk.py. The spar
 decoder and the fused top-k encoder that use it are the decode family
 (aefast/ops/decode.py).
 
-Where the backend has them (CPU), batch_topk takes `topk_index_order`
+Where the backend has them (CPU), batch_topk takes `topk_mask_index_order`
 (csrc/cpu/topk_index_order.cpp: the same winners in index order, found without the
-value order its dense output never shows) and lifetime_topk `column_topk`
+value order its dense output never shows, and that output written in the pass that
+filters x), lifetime_topk `column_topk`
 (csrc/cpu/topk_columns.cpp: per column, in x's row-major layout, with `keep_rows` for
 its gradient), and topk_mask and spatial_wta `topk_mask_rows` (csrc/cpu/topk.cpp: each
 row's dense output written as soon as the row is selected).
@@ -148,22 +149,22 @@ def _index_order_reference(x: Tensor, k: int, relu: bool) -> tuple[Tensor, Tenso
     return values.gather(1, order), indices
 
 
-def topk_index_order(ops, x: Tensor, k: int, relu: bool) -> tuple[Tensor, Tensor]:
-    """The winners of topk_forward in index order where the backend has a kernel for
-    that (the CPU's selections over a whole batch); elsewhere topk_forward's own order,
-    which a dense output scattered from them does not see."""
-    return ops.get("topk_index_order", ops.topk_forward)(x, k, relu)
+def _mask_index_order_reference(x: Tensor, k: int, relu: bool) -> tuple[Tensor, Tensor]:
+    values, indices = _index_order_reference(x, k, relu)
+    return _scatter_reference(values, indices, x.shape[1]), indices
 
 
-# Per row the k largest, ties to the lower index, as topk_forward, but ordered by index:
-# what batch_topk scatters, without keeping a value order nobody reads. A CPU kernel
-# only (csrc/cpu/topk_index_order.cpp).
+# Per row the k largest, ties to the lower index, as topk_forward, but the indices in
+# increasing order (a value order nobody reads), with the dense matrix of them (the rest
+# of x zeroed): batch_topk's forward, in one pass over x where a row is long, which
+# topk_forward then scatter_rows make in two. A CPU kernel only
+# (csrc/cpu/topk_index_order.cpp).
 kernel(
-    "topk_index_order(Tensor x, int k, bool relu) -> (Tensor values, Tensor indices)",
-    fake=lambda x, k, relu: (x.new_empty((x.shape[0], k)), x.new_empty((x.shape[0], k), dtype=torch.long)),
-    reference=_index_order_reference,
+    "topk_mask_index_order(Tensor x, int k, bool relu) -> (Tensor out, Tensor indices)",
+    fake=lambda x, k, relu: (x.new_empty(x.shape), x.new_empty((x.shape[0], k), dtype=torch.long)),
+    reference=_mask_index_order_reference,
     native=CPP, native_devices=("cpu",),
-    setup=_topk_setup, backward=_topk_backward,
+    setup=_mask_rows_setup, backward=_mask_rows_backward,
 )
 
 
@@ -345,7 +346,7 @@ def topk_mask(ops, x: Tensor, k: int, *, relu: bool = True) -> Tensor:
     return scatter_rows(ops, values, indices, x.shape[1])
 
 
-@operator(uses=("topk_forward",), prefers=("topk_index_order",), checks=(check_dense(), _k_per_row_on_average, _relu),
+@operator(uses=("topk_forward",), prefers=("topk_mask_index_order",), checks=(check_dense(), _k_per_row_on_average, _relu),
           bench=_bench(lambda op, x: op(x, K), lambda x: reference.batch_topk(x, K),
                        ("torch.topk(x.flatten()) + scatter", lambda x: _torch_batch_topk(x, K)), f"k={K} per row",
                        _dense_bytes(lambda x: x.shape[0] * K)))
@@ -357,8 +358,11 @@ def batch_topk(ops, x: Tensor, k: int, *, relu: bool = True, group=None) -> Tens
     GLOBAL batch are kept: N ranks keep exactly what one process keeps on the
     concatenated batch (ties go to the earlier rank, then the earlier position)."""
     flat = x.reshape(1, -1)
+    mask_index_order = ops.get("topk_mask_index_order")
+    if group is None and mask_index_order is not None:  # one pass: x filtered as the output is written
+        return mask_index_order(flat, k * x.shape[0], relu)[0].view(x.shape)
     if group is None:
-        values, indices = topk_index_order(ops, flat, k * x.shape[0], relu)
+        values, indices = ops.topk_forward(flat, k * x.shape[0], relu)
     else:
         total = k * global_count(x.shape[0], x.device, group)
         values, indices = ops.topk_forward(flat, min(total, flat.shape[1]), False)

@@ -664,26 +664,6 @@ bool write_dense_row(const T* values, const int64_t* indices, int64_t k, int64_t
   return place_row(values, indices, k, width, out);
 }
 
-// A selection's dense output is mostly zeros: nothing to compute while its lines are
-// read for ownership, unlike the noise family's (kStreamedOutputBytes), so it is written
-// around the caches from 8 MiB on. On the Xeon, 16 MiB outputs, alternating: topk_mask
-// forward 1.57 -> 1.23 ms and with its backward 3.44 -> 2.77, batch_topk 1.93 -> 1.64 and
-// 3.62 -> 3.17, topk_sparse's backward 1.25 -> 0.83, spatial_wta 1.53 -> 1.33 and
-// 2.79 -> 2.25. At 8 MiB the same or better but spatial_wta's forward (0.85 -> 0.92,
-// its one pass given up); at 4 MiB even; at 1 MiB slower (the L2 keeps it).
-constexpr int64_t kStreamedSelectionBytes = int64_t(8) << 20;
-
-// Whether a dense output is written around the caches: float32 of kStreamedSelectionBytes
-// or more, on a 32-byte boundary, on a CPU with AVX2 (stream_floats).
-bool streamed_output(const at::Tensor& out) {
-#if defined(__x86_64__) && defined(__GNUC__)
-  return out.scalar_type() == at::kFloat && simd_level() >= Simd::kAvx2 && out.nbytes() >= kStreamedSelectionBytes &&
-         reinterpret_cast<uintptr_t>(out.data_ptr()) % 32 == 0;
-#else
-  return false;
-#endif
-}
-
 // A buffer of n zeros on a 32-byte boundary, in `storage`: where a streamed row or range
 // is built (and left zeroed again).
 float* zeroed_floats(std::vector<float>& storage, int64_t n) {

@@ -1,6 +1,6 @@
 // What the CPU top-k kernels (topk.cpp, topk_index_order.cpp, topk_columns.cpp) share:
 // a candidate winner, the one order every backend selects by, the cut of candidates in
-// index order to the k best.
+// index order to the k best, when a dense output is written around the caches.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -11,6 +11,8 @@
 #include <functional>
 #include <tuple>
 #include <vector>
+
+#include "common.h"
 
 namespace aefast {
 namespace cpu {
@@ -45,6 +47,26 @@ inline bool better(const Candidate<A>& a, const Candidate<A>& b) {
 // Per row of x the k largest, in value order (descending, ties to the lower index):
 // the CPU kernel of aefast::topk_forward (topk.cpp).
 std::tuple<at::Tensor, at::Tensor> topk_forward(const at::Tensor& x, int64_t k, bool relu);
+
+// A selection's dense output is mostly zeros: nothing to compute while its lines are
+// read for ownership, unlike the noise family's (kStreamedOutputBytes), so it is written
+// around the caches from 8 MiB on. On the Xeon, 16 MiB outputs, alternating: topk_mask
+// forward 1.57 -> 1.23 ms and with its backward 3.44 -> 2.77, batch_topk 1.93 -> 1.64 and
+// 3.62 -> 3.17, topk_sparse's backward 1.25 -> 0.83, spatial_wta 1.53 -> 1.33 and
+// 2.79 -> 2.25. At 8 MiB the same or better but spatial_wta's forward (0.85 -> 0.92,
+// its one pass given up); at 4 MiB even; at 1 MiB slower (the L2 keeps it).
+constexpr int64_t kStreamedSelectionBytes = int64_t(8) << 20;
+
+// Whether a dense output is written around the caches: float32 of kStreamedSelectionBytes
+// or more, on a 32-byte boundary, on a CPU with AVX2 (stream_floats).
+inline bool streamed_output(const at::Tensor& out) {
+#if defined(__x86_64__) && defined(__GNUC__)
+  return out.scalar_type() == at::kFloat && simd_level() >= Simd::kAvx2 && out.nbytes() >= kStreamedSelectionBytes &&
+         reinterpret_cast<uintptr_t>(out.data_ptr()) % 32 == 0;
+#else
+  return false;
+#endif
+}
 
 // `found` (candidates in index order, at least k) cut to its k best, still in index order.
 template <typename A>

@@ -1,16 +1,18 @@
-// CPU top-k in index order: per row of x the k largest (ties to the lower index),
-// returned in the order of their indices. It serves batch_topk's selection over a
-// whole batch (one row of B*H with k*B winners), whose winners are only scattered
-// into a dense output. topk.cpp keeps winners in value order in a heap, log(k) work per
-// improvement: with thousands of winners per row that is most of the time. Without
-// the order, a bar and one filtering pass:
+// CPU top-k in index order with its dense output (topk_mask_index_order): per row of x
+// the k largest (ties to the lower index), their indices in increasing order, and x
+// with all but them zeroed. It serves batch_topk over a whole batch (one row of B*H
+// with k*B winners), whose winners are only seen in the dense output. topk.cpp keeps
+// winners in value order in a heap, log(k) work per improvement: with thousands of
+// winners per row that is most of the time. Without the order, a bar and one pass:
 // - a long contiguous row: the bar comes from a sample of the row, a little below
 //   where the k-th largest must lie, then one parallel pass at memory speed keeps the
-//   elements above it (a vector compare, and only the hits looked at); the exact
-//   selection is among those, or, when fewer than k are above it, they and the first
-//   elements equal to it. If the sample misled (fewer than k at or above the bar, or
-//   far more candidates than it predicted), or
-// - anything else: topk_forward's exact scan, its winners sorted into index order.
+//   elements above it (a vector compare, and only the hits looked at) and writes them
+//   and zeros as the output; the exact selection is among those (the losers zeroed
+//   after), or, when fewer than k are above it, they and the first elements equal to
+//   it. If the sample misled (fewer than k at or above the bar, or far more
+//   candidates than it predicted), or
+// - anything else: topk_forward's exact scan, its winners sorted into index order and
+//   scattered.
 // (Columns, lifetime_topk's selection, are topk_columns.cpp.)
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -65,26 +67,40 @@ struct ChunkFound {
   bool nan = false, overflow = false;
 };
 
+// The filtering pass writes the dense output as it reads x: each element above the
+// bar (relu: negatives 0), else +0.0; the candidates that lose the cut are zeroed
+// after it. float32 steps of 16 as one masked vector, streamed where its lines are
+// whole and the output large; narrower types as zeros, then their hits one by one
+// (take_masked).
+template <typename T>
+struct DenseOut {
+  T* out;  // the chunk's first element
+  bool relu = false, stream = false;
+  AEFAST_INLINE T at(T v) const { return relu && v < T(0) ? T(0) : v; }
+};
+
 // x[0, n)'s elements above `bar` into `out` (at most `cap` of them, else overflow).
 template <typename T, typename A>
-AEFAST_INLINE void filter_above(const T* x, int64_t n, int64_t first, A bar, size_t cap, ChunkFound<A>& out) {
+AEFAST_INLINE void filter_above(const T* x, int64_t n, int64_t first, A bar, size_t cap, ChunkFound<A>& out,
+                                const DenseOut<T>& dense) {
+  auto scalar = [&](int64_t t) {
+    const A v = static_cast<A>(x[t]);
+    dense.out[t] = v > bar ? dense.at(x[t]) : T(0);
+    if (v > bar) out.greater.push_back({v, first + t});
+    out.nan |= v != v;
+  };
   int64_t j = 0;
   for (; j + kLanes <= n; j += kLanes) {
     int any = 0;  // !(v <= bar): above the bar, or NaN
     for (int64_t t = 0; t < kLanes; ++t) any |= !(static_cast<A>(x[j + t]) <= bar);
-    if (!any) continue;
-    for (int64_t t = j; t < j + kLanes; ++t) {
-      const A v = static_cast<A>(x[t]);
-      if (v > bar) out.greater.push_back({v, first + t});
-      out.nan |= v != v;
+    if (!any) {
+      std::fill(dense.out + j, dense.out + j + kLanes, T(0));
+      continue;
     }
+    for (int64_t t = j; t < j + kLanes; ++t) scalar(t);
     if (out.greater.size() > cap || out.nan) break;
   }
-  for (; j < n && !out.nan && out.greater.size() <= cap; ++j) {  // not on past an overflow
-    const A v = static_cast<A>(x[j]);
-    if (v > bar) out.greater.push_back({v, first + j});
-    out.nan |= v != v;
-  }
+  for (; j < n && !out.nan && out.greater.size() <= cap; ++j) scalar(j);  // not on past an overflow
   out.overflow = !out.nan && out.greater.size() > cap;
 }
 
@@ -92,12 +108,14 @@ AEFAST_INLINE void filter_above(const T* x, int64_t n, int64_t first, A bar, siz
 // float32 (float16 and bfloat16 widened to it as loaded): a compare mask per vector
 // (!(v <= bar): above, or NaN), then only its set bits.
 template <typename E>
-AEFAST_INLINE bool take_masked(const E* x, int64_t j, uint32_t m, int64_t first, ChunkFound<float>& out) {
+AEFAST_INLINE bool take_masked(const E* x, int64_t j, uint32_t m, int64_t first, ChunkFound<float>& out,
+                               const DenseOut<E>& dense) {
   for (; m != 0; m &= m - 1) {
     const int64_t t = j + __builtin_ctz(m);
     const float v = static_cast<float>(x[t]);
     if (v != v) return false;
     out.greater.push_back({v, first + t});
+    if constexpr (!std::is_same_v<E, float>) dense.out[t] = dense.at(x[t]);
   }
   return true;
 }
@@ -105,53 +123,88 @@ AEFAST_INLINE bool take_masked(const E* x, int64_t j, uint32_t m, int64_t first,
 // After a vector loop stopped at j: the last n % 16 elements (unless it met a NaN or
 // overflowed), then the overflow flag.
 template <typename E>
-void filter_rest(const E* x, int64_t n, int64_t j, int64_t first, float bar, size_t cap, ChunkFound<float>& out) {
+void filter_rest(const E* x, int64_t n, int64_t j, int64_t first, float bar, size_t cap, ChunkFound<float>& out,
+                 const DenseOut<E>& dense) {
   ChunkFound<float> rest;
-  if (j < n && !out.nan && out.greater.size() <= cap) filter_above<E, float>(x + j, n - j, first + j, bar, cap, rest);
+  if (j < n && !out.nan && out.greater.size() <= cap)
+    filter_above<E, float>(x + j, n - j, first + j, bar, cap, rest, {dense.out + j, dense.relu});
   out.greater.insert(out.greater.end(), rest.greater.begin(), rest.greater.end());
   out.nan |= rest.nan;
   out.overflow = !out.nan && out.greater.size() > cap;
 }
 
 template <typename E>
+__attribute__((target("avx512f,avx512bw"))) AEFAST_INLINE void write_dense16_avx512(__m512 v, __mmask16 above,
+                                                                                   const DenseOut<E>& dense, int64_t j) {
+  if constexpr (std::is_same_v<E, float>) {
+    const __mmask16 negative = dense.relu ? _mm512_cmp_ps_mask(v, _mm512_setzero_ps(), _CMP_LT_OQ) : 0;
+    const __m512 kept = _mm512_maskz_mov_ps(above & ~negative, v);
+    if (dense.stream) _mm512_stream_ps(dense.out + j, kept);
+    else _mm512_storeu_ps(dense.out + j, kept);
+  } else {
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dense.out + j), _mm256_setzero_si256());
+  }
+}
+
+template <typename E>
+AEFAST_AVX2 AEFAST_INLINE void write_dense8_avx2(__m256 v, __m256 above, const DenseOut<E>& dense, int64_t j) {
+  if constexpr (std::is_same_v<E, float>) {
+    const __m256 negative = dense.relu ? _mm256_cmp_ps(v, _mm256_setzero_ps(), _CMP_LT_OQ) : _mm256_setzero_ps();
+    const __m256 kept = _mm256_and_ps(_mm256_andnot_ps(negative, above), v);
+    if (dense.stream) _mm256_stream_ps(dense.out + j, kept);
+    else _mm256_storeu_ps(dense.out + j, kept);
+  } else {
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(dense.out + j), _mm_setzero_si128());
+  }
+}
+
+template <typename E>
 __attribute__((target("avx512f,avx512bw"))) void filter_above_avx512(const E* x, int64_t n, int64_t first, float bar,
-                                                                     size_t cap, ChunkFound<float>& out) {
+                                                                     size_t cap, ChunkFound<float>& out,
+                                                                     const DenseOut<E>& dense) {
   const __m512 b = _mm512_set1_ps(bar);
   int64_t j = 0;
   for (; j + 16 <= n; j += 16) {
-    const uint32_t m = _mm512_cmp_ps_mask(load16_as_float(x + j), b, _CMP_NLE_UQ);
+    const __m512 v = load16_as_float(x + j);
+    const uint32_t m = _mm512_cmp_ps_mask(v, b, _CMP_NLE_UQ);
+    write_dense16_avx512(v, static_cast<__mmask16>(m), dense, j);
     if (m == 0) continue;
-    out.nan = !take_masked(x, j, m, first, out);
+    out.nan = !take_masked(x, j, m, first, out, dense);
     if (out.nan || out.greater.size() > cap) break;
   }
-  filter_rest(x, n, j, first, bar, cap, out);
+  filter_rest(x, n, j, first, bar, cap, out, dense);
 }
 
 template <typename E>
 AEFAST_AVX2 void filter_above_avx2(const E* x, int64_t n, int64_t first, float bar, size_t cap,
-                                   ChunkFound<float>& out) {
+                                   ChunkFound<float>& out, const DenseOut<E>& dense) {
   const __m256 b = _mm256_set1_ps(bar);
   int64_t j = 0;
   for (; j + 16 <= n; j += 16) {
-    const uint32_t m = static_cast<uint32_t>(_mm256_movemask_ps(_mm256_cmp_ps(load8_as_float(x + j), b, _CMP_NLE_UQ))) |
-                       static_cast<uint32_t>(_mm256_movemask_ps(_mm256_cmp_ps(load8_as_float(x + j + 8), b, _CMP_NLE_UQ))) << 8;
+    const __m256 v0 = load8_as_float(x + j), v1 = load8_as_float(x + j + 8);
+    const __m256 above0 = _mm256_cmp_ps(v0, b, _CMP_NLE_UQ), above1 = _mm256_cmp_ps(v1, b, _CMP_NLE_UQ);
+    write_dense8_avx2(v0, above0, dense, j);
+    write_dense8_avx2(v1, above1, dense, j + 8);
+    const uint32_t m = static_cast<uint32_t>(_mm256_movemask_ps(above0)) |
+                       static_cast<uint32_t>(_mm256_movemask_ps(above1)) << 8;
     if (m == 0) continue;
-    out.nan = !take_masked(x, j, m, first, out);
+    out.nan = !take_masked(x, j, m, first, out, dense);
     if (out.nan || out.greater.size() > cap) break;
   }
-  filter_rest(x, n, j, first, bar, cap, out);
+  filter_rest(x, n, j, first, bar, cap, out, dense);
 }
 #endif
 
 template <typename T, typename A>
-void filter_chunk(const T* x, int64_t n, int64_t first, A bar, size_t cap, ChunkFound<A>& out) {
+void filter_chunk(const T* x, int64_t n, int64_t first, A bar, size_t cap, ChunkFound<A>& out,
+                  const DenseOut<T>& dense) {
 #if defined(__x86_64__) && defined(__GNUC__)
   if constexpr (std::is_same_v<T, float> || std::is_same_v<T, at::BFloat16> || std::is_same_v<T, at::Half>) {
-    if (simd_level() == Simd::kAvx512) return filter_above_avx512(x, n, first, bar, cap, out);
-    if (simd_level() == Simd::kAvx2) return filter_above_avx2(x, n, first, bar, cap, out);
+    if (simd_level() == Simd::kAvx512) return filter_above_avx512(x, n, first, bar, cap, out, dense);
+    if (simd_level() == Simd::kAvx2) return filter_above_avx2(x, n, first, bar, cap, out, dense);
   }
 #endif
-  filter_above<T, A>(x, n, first, bar, cap, out);
+  filter_above<T, A>(x, n, first, bar, cap, out, dense);
 }
 
 // order_key as an unsigned key in the same order (the sign bit flipped), for the radix passes.
@@ -162,10 +215,11 @@ inline uint32_t sortable_key(float v) { return static_cast<uint32_t>(order_key(v
 // histogram on its own thread), then every candidate above it and the first ones
 // equal to it, each chunk writing its own at its offset. nth_element over the
 // ~1.4 k candidates on one thread, with the other waiting, was a quarter of
-// batch_topk's forward at 1024 x 4096 (k = 32768).
+// batch_topk's forward at 1024 x 4096 (k = 32768). dense: the row's dense output,
+// written by the filtering pass, where the candidates that lose are zeroed.
 template <typename T>
 void write_best_of_chunks(const std::vector<ChunkFound<float>>& found, int64_t k, bool relu, T* values,
-                          int64_t* indices) {
+                          int64_t* indices, T* dense) {
   const int64_t chunks = static_cast<int64_t>(found.size());
   uint32_t key = 0, known = 0;  // the bits of the k-th key found so far, and which
   int64_t rank = k;             // its rank among the candidates that share those bits
@@ -225,14 +279,19 @@ void write_best_of_chunks(const std::vector<ChunkFound<float>>& found, int64_t k
         if (u > key || (u == key && tied-- > 0)) {
           values[at] = static_cast<T>(relu && cand.value < 0.0f ? 0.0f : cand.value);
           indices[at++] = cand.index;
+        } else {
+          dense[cand.index] = T(0);
         }
       }
     }
   });
 }
 
+// dense: the row's dense output, every element of it written if the outcome is kDone;
+// stream: float32 written around the caches where its lines are whole.
 template <typename T, typename A>
-Outcome select_long_row(const T* x, int64_t n, int64_t k, bool relu, T* values, int64_t* indices) {
+Outcome select_long_row(const T* x, int64_t n, int64_t k, bool relu, T* values, int64_t* indices, T* dense,
+                        bool stream) {
   // The bar: the sample's r-th largest, r a few standard deviations above the k * s / n
   // winners the sample holds on average, so that at least k of the row are >= it.
   std::vector<A> sample(kSample);
@@ -253,7 +312,7 @@ Outcome select_long_row(const T* x, int64_t n, int64_t k, bool relu, T* values, 
   const A bar = sample[rank - 1];
 
   const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(4 * at::get_num_threads(), n >> 16));
-  const int64_t chunk_len = (n + chunks - 1) / chunks;
+  const int64_t chunk_len = (n + chunks - 1) / chunks / kLanes * kLanes + kLanes;  // steps of 16 from each start
   // Twice the candidates the sample predicts, and some: more means it misled.
   const size_t cap = static_cast<size_t>(2.0 * rank / kSample * chunk_len) + 4096;
   std::vector<ChunkFound<A>> found(chunks);
@@ -262,8 +321,11 @@ Outcome select_long_row(const T* x, int64_t n, int64_t k, bool relu, T* values, 
       const int64_t first = c * chunk_len, len = std::min(n, first + chunk_len) - first;
       if (len <= 0) continue;
       found[c].greater.reserve(std::min(cap, static_cast<size_t>(len)) + kLanes);
-      filter_chunk<T, A>(x + first, len, first, bar, cap, found[c]);
+      DenseOut<T> out{dense + first, relu, false};
+      out.stream = stream && reinterpret_cast<uintptr_t>(out.out) % 64 == 0;
+      filter_chunk<T, A>(x + first, len, first, bar, cap, found[c], out);
     }
+    if (stream) fence_streams();  // before other threads zero the losers
   });
   int64_t greater = 0;
   for (const auto& f : found) {
@@ -273,7 +335,7 @@ Outcome select_long_row(const T* x, int64_t n, int64_t k, bool relu, T* values, 
   }
   if constexpr (std::is_same_v<A, float>) {
     if (greater >= k) {
-      write_best_of_chunks(found, k, relu, values, indices);
+      write_best_of_chunks(found, k, relu, values, indices, dense);
       return Outcome::kDone;
     }
   }
@@ -297,50 +359,59 @@ Outcome select_long_row(const T* x, int64_t n, int64_t k, bool relu, T* values, 
     winners.swap(merged);
   }
   write_winners(winners, relu, values, indices);
+  // The candidates were written as they passed: zeroed, then the winners.
+  for (const auto& f : found)
+    for (const auto& c : f.greater) dense[c.index] = T(0);
+  for (int64_t j = 0; j < k; ++j) dense[indices[j]] = values[j];
   return Outcome::kDone;
 }
 
 // ------------------------------------------------------------ the kernel
 
-std::tuple<at::Tensor, at::Tensor> in_index_order(const at::Tensor& values, const at::Tensor& indices) {
-  auto [sorted, order] = indices.sort(1);
-  return {values.gather(1, order), sorted};
+// Rows long enough, and k large enough, for a sampled bar and a filtering pass.
+bool long_row_selection(const at::Tensor& x, int64_t k) {
+  const int64_t n = x.size(1);
+  return x.is_contiguous() && n >= 4 * kSample && k >= 256 && 8 * k <= n;
 }
 
-std::tuple<at::Tensor, at::Tensor> topk_index_order(const at::Tensor& x, int64_t k, bool relu) {
+// Per row of x the k largest (ties to the lower index), their indices in increasing
+// order, and the dense matrix of them (x with the rest zeroed; relu: clamped at 0).
+// A long row in one pass: the filter writes every element above the bar as it reads
+// it, the cut zeroes the candidates that lose. (batch_topk's forward at 1024 x 4096 had
+// read x to select, then written its output in scatter_rows, each pass at its own
+// memory speed: 2.2 -> 1.7 ms on the Xeon.) Anything else: topk_forward's winners,
+// sorted into index order, scattered.
+std::tuple<at::Tensor, at::Tensor> topk_mask_index_order(const at::Tensor& x, int64_t k, bool relu) {
   TORCH_CHECK_VALUE(x.dim() == 2, "aefast: x must be 2-D, got ", x.dim(), "-D");
   const int64_t R = x.size(0), n = x.size(1);
   TORCH_CHECK_VALUE(k >= 1 && k <= n, "aefast: k must be in [1, ", n, "], got ", k);
-  const bool long_rows = x.is_contiguous() && n >= 4 * kSample && k >= 256 && 8 * k <= n;
-  if (!long_rows) {
+  auto scattered = [&] {
     auto [values, indices] = topk_forward(x, k, relu);
-    return in_index_order(values, indices);
-  }
-  auto values = at::empty({R, k}, x.options());
-  auto indices = at::empty({R, k}, x.options().dtype(at::kLong));
-  bool nan = false, misled = false;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "topk_index_order", [&] {
+    auto [sorted, order] = indices.sort(1);
+    return std::make_tuple(at::zeros(x.sizes(), x.options()).scatter_(1, sorted, values.gather(1, order)), sorted);
+  };
+  if (!long_row_selection(x, k)) return scattered();
+  at::Tensor out = empty_output(x.sizes(), x.options());
+  at::Tensor values = at::empty({R, k}, x.options());
+  at::Tensor indices = at::empty({R, k}, x.options().dtype(at::kLong));
+  const bool stream = streamed_output(out);
+  Outcome outcome = Outcome::kDone;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "topk_mask_index_order", [&] {
     using A = acc_t<scalar_t>;
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
-    scalar_t* vp = values.data_ptr<scalar_t>();
-    int64_t* ip = indices.data_ptr<int64_t>();
-    for (int64_t r = 0; r < R && !nan && !misled; ++r) {
-      const Outcome outcome = select_long_row<scalar_t, A>(xp + r * n, n, k, relu, vp + r * k, ip + r * k);
-      nan = outcome == Outcome::kNaN;
-      misled = outcome == Outcome::kMisled;
-    }
+    scalar_t* op = out.data_ptr<scalar_t>();
+    for (int64_t r = 0; r < R && outcome == Outcome::kDone; ++r)
+      outcome = select_long_row<scalar_t, A>(xp + r * n, n, k, relu, values.data_ptr<scalar_t>() + r * k,
+                                             indices.data_ptr<int64_t>() + r * k, op + r * n, stream);
   });
-  TORCH_CHECK_VALUE(!nan, "aefast: x contains NaN; top-k of NaN is undefined");
-  if (misled) {
-    auto [v, i] = topk_forward(x, k, relu);
-    return in_index_order(v, i);
-  }
-  return {values, indices};
+  TORCH_CHECK_VALUE(outcome != Outcome::kNaN, "aefast: x contains NaN; top-k of NaN is undefined");
+  if (outcome == Outcome::kMisled) return scattered();
+  return {out, indices};
 }
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(aefast, CPU, m) { m.impl("topk_index_order", &topk_index_order); }
+TORCH_LIBRARY_IMPL(aefast, CPU, m) { m.impl("topk_mask_index_order", &topk_mask_index_order); }
 
 }  // namespace cpu
 }  // namespace aefast
