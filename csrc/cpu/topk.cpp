@@ -166,7 +166,12 @@ inline TileMaxima<A> block_maxima(const T* x, int64_t n, A* maxima) {
 #if defined(__x86_64__) && defined(__GNUC__)
 #define AEFAST_BLOCK_MAXIMA_AVX2 1
 // float32 with AVX2: 8 blocks at a time, their 8 x 16 values reduced to 8 maxima by
-// max-of-shuffles (what a horizontal max of each would cost 8 times over).
+// max-of-shuffles (what a horizontal max of each would cost 8 times over). Each line is
+// asked for a page ahead: the hardware's streams stop at page boundaries, and a row of
+// 4096 is four pages. topk_forward, k = 32, in one process alternating with a copy of x,
+// torch.topk and (at 1024 rows) the eager reference, on the Xeon: 1024 x 4096 1.81 ->
+// 1.48 ms, 4096 x 4096 7.6 -> 6.9 ms (2 or 4 pages ahead: 1.70-1.79, 7.0).
+constexpr int64_t kMaximaAhead = 1024;  // floats
 AEFAST_AVX2 TileMaxima<float> block_maxima_avx2(const float* x, int64_t n, float* maxima) {
   const int64_t whole = n / kBlockLen;
   __m256 unordered = _mm256_setzero_ps();
@@ -174,6 +179,7 @@ AEFAST_AVX2 TileMaxima<float> block_maxima_avx2(const float* x, int64_t n, float
   int64_t b = 0;
   for (; b + 8 <= whole; b += 8) {
     const float* p = x + b * kBlockLen;
+    for (int i = 0; i < 8; ++i) __builtin_prefetch(p + kMaximaAhead + i * kBlockLen);
     __m256 a[8];
     for (int i = 0; i < 8; ++i) {
       const __m256 lo = _mm256_loadu_ps(p + i * kBlockLen), hi = _mm256_loadu_ps(p + i * kBlockLen + 8);
