@@ -158,6 +158,13 @@ AEFAST_AVX2 AEFAST_INLINE void write_dense8_avx2(__m256 v, __m256 above, const D
   }
 }
 
+// Each step asks for the elements a page of float32 ahead: the hardware's streams stop
+// at page boundaries. batch_topk alternating with a copy of x and torch.topk on the
+// Xeon, 1024 x 4096 and 4096 x 4096: in one process 2.39 -> 1.70 and 9.4 -> 7.5 ms (two
+// pages ahead: 2.02, 8.1); builds alternating by process, 2.45-2.72 -> 2.29-2.54 and
+// 6.5-8.1 -> 6.5-7.2 ms.
+constexpr int64_t kFilterAhead = 1024;  // elements
+
 template <typename E>
 __attribute__((target("avx512f,avx512bw"))) void filter_above_avx512(const E* x, int64_t n, int64_t first, float bar,
                                                                      size_t cap, ChunkFound<float>& out,
@@ -165,6 +172,7 @@ __attribute__((target("avx512f,avx512bw"))) void filter_above_avx512(const E* x,
   const __m512 b = _mm512_set1_ps(bar);
   int64_t j = 0;
   for (; j + 16 <= n; j += 16) {
+    __builtin_prefetch(x + j + kFilterAhead);
     const __m512 v = load16_as_float(x + j);
     const uint32_t m = _mm512_cmp_ps_mask(v, b, _CMP_NLE_UQ);
     write_dense16_avx512(v, static_cast<__mmask16>(m), dense, j);
@@ -181,6 +189,7 @@ AEFAST_AVX2 void filter_above_avx2(const E* x, int64_t n, int64_t first, float b
   const __m256 b = _mm256_set1_ps(bar);
   int64_t j = 0;
   for (; j + 16 <= n; j += 16) {
+    __builtin_prefetch(x + j + kFilterAhead);
     const __m256 v0 = load8_as_float(x + j), v1 = load8_as_float(x + j + 8);
     const __m256 above0 = _mm256_cmp_ps(v0, b, _CMP_NLE_UQ), above1 = _mm256_cmp_ps(v1, b, _CMP_NLE_UQ);
     write_dense8_avx2(v0, above0, dense, j);
