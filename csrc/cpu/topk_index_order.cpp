@@ -321,7 +321,7 @@ Outcome select_long_row(const T* x, int64_t n, int64_t k, bool relu, T* values, 
   const A bar = sample[rank - 1];
 
   const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(4 * at::get_num_threads(), n >> 16));
-  const int64_t chunk_len = (n + chunks - 1) / chunks / kLanes * kLanes + kLanes;  // steps of 16 from each start
+  const int64_t chunk_len = ((n + chunks - 1) / chunks + kLanes - 1) / kLanes * kLanes;  // steps of 16 from each start
   // Twice the candidates the sample predicts, and some: more means it misled.
   const size_t cap = static_cast<size_t>(2.0 * rank / kSample * chunk_len) + 4096;
   std::vector<ChunkFound<A>> found(chunks);
@@ -330,8 +330,7 @@ Outcome select_long_row(const T* x, int64_t n, int64_t k, bool relu, T* values, 
       const int64_t first = c * chunk_len, len = std::min(n, first + chunk_len) - first;
       if (len <= 0) continue;
       found[c].greater.reserve(std::min(cap, static_cast<size_t>(len)) + kLanes);
-      DenseOut<T> out{dense + first, relu, false};
-      out.stream = stream && reinterpret_cast<uintptr_t>(out.out) % 64 == 0;
+      const DenseOut<T> out{dense + first, relu, stream && reinterpret_cast<uintptr_t>(dense + first) % 64 == 0};
       filter_chunk<T, A>(x + first, len, first, bar, cap, found[c], out);
     }
     if (stream) fence_streams();  // before other threads zero the losers
