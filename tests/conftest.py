@@ -28,6 +28,16 @@ TOLERANCES = {
 }
 
 
+@pytest.hookimpl(trylast=True)  # after -k and -m have deselected
+def pytest_collection_modifyitems(config, items):
+    # The slowest test, every Triton kernel compiled for two GPUs, starts in the
+    # background as soon as it is collected (test_triton_compile.py).
+    for item in items:
+        if item.name == "test_every_kernel_compiles_for_sm80_and_sm90_without_spills":
+            item.module.start_compile_check()
+            config.add_cleanup(item.module.stop_compile_check)
+
+
 def device_backends():
     """(device, backend) pairs for every compiled backend that can run here."""
     return [

@@ -617,6 +617,7 @@ def test_every_simd_path_gives_the_same_selection(level):
              " or keep_rows_matches or long_row or infinities or batch_lifetime or corrupt_matches"
              " or reparameterize_matches or reparameterize_on_cpu or sparse_and_mask_match or one_winner_per_block or signed_zeros or mostly_tied"
              " or noisy_linear_on_cpu_in_many_windows or corrupt_window_is or mask_rows_matches or scatter_rows_streams")
+    # AEFAST_SIMD reaches the C++ kernels alone: the Triton backend's cases are left out.
     run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", __file__, noise,
-                          "-k", tests], env=env, capture_output=True, text=True, timeout=900)
+                          "-k", f"({tests}) and not triton"], env=env, capture_output=True, text=True, timeout=900)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
