@@ -124,17 +124,28 @@ __attribute__((target("avx512f,avx512bw"))) void collect_lanes_avx512(const int3
                                                                       const int32_t* ties, int32_t* rows,
                                                                       int32_t* counts, uint32_t* entries) {
   const __m512i bar = _mm512_loadu_si512(bars), one = _mm512_set1_epi32(1);
-  const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-  __m512i left = _mm512_loadu_si512(ties);
+  const __m512i next_row = _mm512_set1_epi32(1 << 4);
+  __m512i entry = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);  // row 0's
+  const __m512i left_at_start = _mm512_loadu_si512(ties);
+  const bool no_cut = _mm512_cmpeq_epi32_mask(left_at_start, _mm512_set1_epi32(std::numeric_limits<int32_t>::max())) ==
+                      0xFFFF;
   int64_t size = 0;
-  for (int64_t j = 0; j < n; ++j) {
-    const __m512i key = _mm512_loadu_si512(keys + j * kLanes);
-    const __mmask16 tie = _mm512_mask_cmpeq_epi32_mask(_mm512_cmpgt_epi32_mask(left, _mm512_setzero_si512()), key, bar);
-    left = _mm512_mask_sub_epi32(left, tie, left, one);
-    const __mmask16 hit = _mm512_cmpgt_epi32_mask(key, bar) | tie;
-    const __m512i entry = _mm512_or_si512(_mm512_set1_epi32(static_cast<int32_t>(j << 4)), lane);
-    _mm512_storeu_si512(entries + size, _mm512_maskz_compress_epi32(hit, entry));
-    size += __builtin_popcount(hit);
+  if (no_cut) {  // every tie at the bar wins (the usual case): a third of the work per row
+    for (int64_t j = 0; j < n; ++j, entry = _mm512_add_epi32(entry, next_row)) {
+      const __mmask16 hit = _mm512_cmpge_epi32_mask(_mm512_loadu_si512(keys + j * kLanes), bar);
+      _mm512_storeu_si512(entries + size, _mm512_maskz_compress_epi32(hit, entry));
+      size += __builtin_popcount(hit);
+    }
+  } else {
+    __m512i left = left_at_start;
+    for (int64_t j = 0; j < n; ++j, entry = _mm512_add_epi32(entry, next_row)) {
+      const __m512i key = _mm512_loadu_si512(keys + j * kLanes);
+      const __mmask16 tie = _mm512_mask_cmpeq_epi32_mask(_mm512_cmpgt_epi32_mask(left, _mm512_setzero_si512()), key, bar);
+      left = _mm512_mask_sub_epi32(left, tie, left, one);
+      const __mmask16 hit = _mm512_cmpgt_epi32_mask(key, bar) | tie;
+      _mm512_storeu_si512(entries + size, _mm512_maskz_compress_epi32(hit, entry));
+      size += __builtin_popcount(hit);
+    }
   }
   int32_t c[kLanes] = {};
   for (int64_t e = 0; e < size; ++e) {
