@@ -32,7 +32,7 @@ def start_compile_check():
     the suite leaves idle, and stops it at the end of the session if no test waited
     for it. Its output goes to files: a pipe nobody reads would stall it."""
     if not _CHECK_RUN:
-        # They outlive this call: closed with the session.
+        # They outlive this call: the test reads them.
         out, err = tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")  # noqa: SIM115
         proc = subprocess.Popen([sys.executable, str(CHECK), "--check", str(ROOT / "docs" / "triton-kernels.md")],
                                 stdout=out, stderr=err, text=True, env=compiled_env(), cwd=ROOT,
