@@ -36,16 +36,23 @@ def start_compile_check():
         out, err = tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")  # noqa: SIM115
         proc = subprocess.Popen([sys.executable, str(CHECK), "--check", str(ROOT / "docs" / "triton-kernels.md")],
                                 stdout=out, stderr=err, text=True, env=compiled_env(), cwd=ROOT,
-                                start_new_session=True, preexec_fn=lambda: os.nice(10))
+                                start_new_session=True)
+        # Lowered from here, not by a preexec_fn (unsafe once torch has started threads):
+        # the group's members now, and the child it starts later inherits it.
+        os.setpriority(os.PRIO_PGRP, proc.pid, 10)
         _CHECK_RUN.update(proc=proc, out=out, err=err)
     return _CHECK_RUN
 
 
 def stop_compile_check():
     proc = _CHECK_RUN.get("proc")
-    if proc is not None and proc.poll() is None:  # the process and its child (the other arch)
+    if proc is None:
+        return
+    if proc.poll() is None:  # the process and its child (the other arch)
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
+    _CHECK_RUN["out"].close()
+    _CHECK_RUN["err"].close()
 
 
 @pytest.mark.slow
