@@ -398,6 +398,8 @@ def index_order_inputs(shape, kind, dtype, *, transposed):
         x = choices[torch.randint(0, len(choices), stored)]
     elif kind == "relu":  # ReLU's zeros, a few values above them: fewer than k in most columns
         x = torch.relu(torch.randn(stored, dtype=torch.float64) - 2.0)
+    elif kind == "close":  # float32's within one bfloat16 step: lifetime_topk's first passes cannot part them
+        x = 1.0 + 1e-4 * torch.randn(stored, dtype=torch.float64)
     else:  # "sorted": every winner at the end, where a sampled bar's chunks overflow
         x = torch.arange(stored[0] * stored[1], dtype=torch.float64).view(stored) / 7
     x = x.to(dtype)
@@ -535,8 +537,9 @@ def test_mask_rows_with_fewer_rows_than_threads_and_a_changed_output(poisoned):
 # ------------------------------------------- column_topk, keep_rows: lifetime_topk on CPU
 
 # (B, H, k): partial panels of 16-column tiles (37: 16 + 16 + 5), full panels of 64
-# and a partial one (130), one row per winner (k = B), one winner per column.
-COLUMN_CASES = [(1000, 37, 52), (700, 130, 40), (300, 20, 300), (5, 17, 1)]
+# and a partial one (130), one row per winner (k = B), one winner per column, more rows
+# than a 16-bit count holds (the CPU counts in 16-bit lanes, widened every 32766 rows).
+COLUMN_CASES = [(1000, 37, 52), (700, 130, 40), (300, 20, 300), (5, 17, 1), (70001, 17, 3500)]
 
 
 def column_inputs(batch, units, kind, dtype):
@@ -544,7 +547,7 @@ def column_inputs(batch, units, kind, dtype):
     return index_order_inputs((units, batch), kind, dtype, transposed=True).t()
 
 
-@pytest.mark.parametrize("kind", ["normal", "ties", "zeros", "relu", "sorted"])
+@pytest.mark.parametrize("kind", ["normal", "ties", "zeros", "relu", "sorted", "close"])
 @pytest.mark.parametrize(("batch", "units", "k"), COLUMN_CASES, ids=str)
 def test_column_topk_matches_reference(batch, units, k, kind, poisoned):
     op = kernels("cpp").column_topk
