@@ -571,12 +571,16 @@ def test_keep_rows_matches_reference(batch, units, k, poisoned):
 
 
 def test_column_topk_reports_nan_in_any_tile():
+    nan = torch.tensor(float("nan"))
     for dtype in DTYPES:
-        for units in (37, 130):  # the last, partial tile; a full panel
-            x = torch.randn(1000, units).to(dtype)
-            x[999, units - 1 if units == 37 else 70] = float("nan")
-            with pytest.raises(ValueError, match="x contains NaN"):
-                kernels("cpp").column_topk(x, 20)
+        # the last, partial tile; a full tile of a partial panel; a full panel
+        for units, column in ((37, 36), (37, 3), (130, 70)):
+            for value in (nan, -nan):  # a NaN's key lies above +inf's or below -inf's
+                assert value.signbit() == (value is not nan)
+                x = torch.randn(1000, units).to(dtype)
+                x[999, column] = value.to(dtype)
+                with pytest.raises(ValueError, match="x contains NaN"):
+                    kernels("cpp").column_topk(x, 20)
 
 
 def test_column_topk_and_keep_rows_bad_arguments_name_what_is_wrong():

@@ -308,6 +308,11 @@ AEFAST_AVX2 void collect_lanes_avx2(const int32_t* keys, int64_t n, const int32_
   std::copy(c, c + kLanes, counts);
 }
 
+// The keys of +inf and -inf: a NaN's key lies above the one or below the other, so the
+// copies find NaNs in their lanes' largest and smallest keys.
+constexpr int32_t kKeyOfInfinity = 0x7F800000;
+constexpr int32_t kKeyOfMinusInfinity = static_cast<int32_t>(0xFF800000u ^ 0x7FFFFFFFu);
+
 // kTiles full tiles of float32 (or float16, bfloat16) side by side: the keys of X's rows j, columns
 // [16 p, 16 p + 16) into tile p of keys, the tile's lane statistics into stats[p].
 // Returns false on a NaN. The rows are R apart, a page or more: several tiles per
@@ -325,14 +330,12 @@ __attribute__((target("avx512f,avx512bw"))) bool copy_tiles_avx512(const E* X, i
     sum[p] = squares[p] = _mm512_setzero_ps();
   }
   const __m512i magnitude = _mm512_set1_epi32(0x7FFFFFFF);
-  __mmask16 nan = 0;
   for (int64_t j = 0; j < n; ++j) {
     for (int p = 0; p < kTiles; ++p) __builtin_prefetch(X + std::min(j + kPrefetchRows, n - 1) * R + kLanes * p);
     for (int p = 0; p < kTiles; ++p) {
       const __m512 v = load16_as_float(X + j * R + kLanes * p);
-      nan |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
       const __m512i i = _mm512_castps_si512(_mm512_add_ps(v, _mm512_setzero_ps()));  // -0.0 -> +0.0
-      const __m512i key = _mm512_xor_si512(i, _mm512_and_si512(_mm512_srai_epi32(i, 31), magnitude));
+      const __m512i key = _mm512_ternarylogic_epi32(i, _mm512_srai_epi32(i, 31), magnitude, 0x78);  // i ^ (sign & magnitude)
       _mm256_storeu_si256(reinterpret_cast<__m256i*>(keys.high + (p * n + j) * kLanes),
                           _mm512_cvtepi32_epi16(_mm512_srai_epi32(key, 16)));
       _mm256_storeu_si256(reinterpret_cast<__m256i*>(keys.low + (p * n + j) * kLanes), _mm512_cvtepi32_epi16(key));
@@ -348,6 +351,10 @@ __attribute__((target("avx512f,avx512bw"))) bool copy_tiles_avx512(const E* X, i
     _mm512_storeu_ps(stats[p].sum, sum[p]);
     _mm512_storeu_ps(stats[p].squares, squares[p]);
   }
+  __mmask16 nan = 0;
+  for (int p = 0; p < kTiles; ++p)
+    nan |= _mm512_cmpgt_epi32_mask(hi[p], _mm512_set1_epi32(kKeyOfInfinity)) |
+           _mm512_cmplt_epi32_mask(lo[p], _mm512_set1_epi32(kKeyOfMinusInfinity));
   return nan == 0;
 }
 
@@ -357,7 +364,6 @@ AEFAST_AVX2 bool copy_tiles_avx2(const E* X, int64_t R, int64_t n, const TileKey
   const __m256i magnitude = _mm256_set1_epi32(0x7FFFFFFF), low_half = _mm256_set1_epi32(0xFFFF);
   __m256i lo[2 * kTiles], hi[2 * kTiles];
   __m256 sum[2 * kTiles], squares[2 * kTiles];
-  __m256 unordered = _mm256_setzero_ps();
   for (int h = 0; h < 2 * kTiles; ++h) {
     lo[h] = _mm256_set1_epi32(std::numeric_limits<int32_t>::max());
     hi[h] = _mm256_set1_epi32(std::numeric_limits<int32_t>::min());
@@ -368,7 +374,6 @@ AEFAST_AVX2 bool copy_tiles_avx2(const E* X, int64_t R, int64_t n, const TileKey
     __m256i first_half = _mm256_setzero_si256();
     for (int h = 0; h < 2 * kTiles; ++h) {  // half h % 2 of tile h / 2
       const __m256 v = load8_as_float(X + j * R + 8 * h);
-      unordered = _mm256_or_ps(unordered, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
       const __m256i i = _mm256_castps_si256(_mm256_add_ps(v, _mm256_setzero_ps()));
       const __m256i key = _mm256_xor_si256(i, _mm256_and_si256(_mm256_srai_epi32(i, 31), magnitude));
       if (h % 2 == 0) {
@@ -394,7 +399,11 @@ AEFAST_AVX2 bool copy_tiles_avx2(const E* X, int64_t R, int64_t n, const TileKey
     _mm256_storeu_ps(st.sum + half, sum[h]);
     _mm256_storeu_ps(st.squares + half, squares[h]);
   }
-  return _mm256_movemask_ps(unordered) == 0;
+  __m256i nan = _mm256_setzero_si256();
+  for (int h = 0; h < 2 * kTiles; ++h)
+    nan = _mm256_or_si256(nan, _mm256_or_si256(_mm256_cmpgt_epi32(hi[h], _mm256_set1_epi32(kKeyOfInfinity)),
+                                               _mm256_cmpgt_epi32(_mm256_set1_epi32(kKeyOfMinusInfinity), lo[h])));
+  return _mm256_testz_si256(nan, nan);
 }
 #endif
 
