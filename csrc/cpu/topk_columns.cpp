@@ -226,6 +226,8 @@ inline void select_in_halves(const TileKeys<int32_t>& keys, int64_t B, int64_t l
   auto count_high = [&](const int32_t* bars, int32_t* counts) { count_short_tile(keys.high, B, bars, counts); };
   try_guesses(coarse, guess, k, count_high);
   narrow_brackets(coarse, k, k + 4, count_high);
+  // A cut among a few more than k (one scan per extra, or nth_element) costs less than
+  // putting the whole tile's keys together and counting on.
   const int64_t few = k + std::max<int64_t>(16, k / 4);
   if (std::all_of(coarse.at_bar, coarse.at_bar + lanes, [&](int32_t n) { return n <= few; })) {
     int32_t counts[kLanes];
