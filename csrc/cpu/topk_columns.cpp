@@ -164,15 +164,36 @@ void first_brackets(const LaneStats<Key, A>& stats, int64_t B, double z, Bracket
 
 // Lane l's candidates (rows[l * B ...], counts[l] of them, in increasing order, at least
 // k) cut to its k best by key_of(l, row), still in row order, into rows_out[l * k ...].
+// A few too many (the usual case): the worst dropped one at a time, the smallest key
+// (among equal ones the later row) found by a min over the bare keys, which vectorizes;
+// more, keep_best_in_index_order.
 template <typename Key, typename KeyOfRow>
 void cut_lanes(int64_t B, int64_t lanes, int64_t k, const int32_t* counts, TileScratch<Key>& s, KeyOfRow key_of,
                int64_t* rows_out) {
+  constexpr Key kDropped = std::numeric_limits<Key>::max();  // a NaN's key: no candidate has it
   for (int64_t l = 0; l < lanes; ++l) {
-    s.found.clear();
     const int32_t* rows = s.rows.data() + l * B;
-    for (int32_t i = 0; i < counts[l]; ++i) s.found.push_back({key_of(l, rows[i]), rows[i]});
-    keep_best_in_index_order(s.found, k, s.scratch);
-    for (int64_t i = 0; i < k; ++i) rows_out[l * k + i] = s.found[i].index;
+    const int64_t n = counts[l], excess = n - k;
+    int64_t* out = rows_out + l * k;
+    if (excess > 8) {
+      s.found.clear();
+      for (int64_t i = 0; i < n; ++i) s.found.push_back({key_of(l, rows[i]), rows[i]});
+      keep_best_in_index_order(s.found, k, s.scratch);
+      for (int64_t i = 0; i < k; ++i) out[i] = s.found[i].index;
+      continue;
+    }
+    s.scratch.resize(static_cast<size_t>(n));
+    Key* keys = s.scratch.data();
+    for (int64_t i = 0; i < n; ++i) keys[i] = key_of(l, rows[i]);
+    for (int64_t e = 0; e < excess; ++e) {
+      Key worst = kDropped;
+      for (int64_t i = 0; i < n; ++i) worst = std::min(worst, keys[i]);
+      int64_t i = n - 1;
+      while (keys[i] != worst) --i;
+      keys[i] = kDropped;
+    }
+    for (int64_t i = 0, kept = 0; i < n; ++i)
+      if (keys[i] != kDropped) out[kept++] = rows[i];
   }
 }
 
