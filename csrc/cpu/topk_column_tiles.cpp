@@ -20,6 +20,8 @@ namespace cpu {
 namespace columns {
 namespace {
 
+constexpr int64_t kPrefetchRows = 24;  // how far ahead the copies ask for rows
+
 // counts[l] = how many of the tile's keys in lane l are >= bars[l].
 template <typename Key>
 AEFAST_INLINE void count_lanes(const Key* keys, int64_t n, const Key* bars, int32_t* counts) {

@@ -20,8 +20,7 @@ template <typename A>
 using KeyOf = std::conditional_t<std::is_same_v<A, double>, int64_t, int32_t>;
 
 constexpr int64_t kLanes = 16;
-constexpr int64_t kPrefetchRows = 24;  // how far ahead the copies ask for rows
-constexpr int64_t kPanel = 4;          // tiles copied side by side: 256 bytes of float32 per row
+constexpr int64_t kPanel = 4;  // tiles copied side by side: 256 bytes of float32 per row
 static_assert(kPanel * kLanes == 64, "a panel is one group of 64 columns of KeptBits");
 
 // A 32-bit key's high half: the same order with neighbours merged (a bfloat16's
