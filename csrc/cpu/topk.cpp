@@ -1,12 +1,14 @@
-// CPU top-k per row, in one streaming pass; torch.topk instead copies every (value,
-// int64 index) pair of the row and partially sorts them. Two ways, by row length:
-// - rows of 16 blocks of 16 or more, with at least a block per winner: block
-//   selection, which reads the row once at memory speed and looks again at only the
-//   cache lines that can hold a winner (block_scan below);
-// - otherwise a k-entry heap of the best values seen, behind a vectorized filter
-//   that skips blocks of the row with nothing above the heap's worst value (5 ns an
-//   element at k = 32 of 1024: most blocks hold an element above the heap's worst).
-// Both keep the order every backend has: value descending, ties to the lower index.
+// CPU top-k per row; torch.topk instead copies every (value, int64 index) pair of the
+// row and partially sorts them. Three ways, by row length and winners (many_winners):
+// - rows of 16 blocks of 16 or more, with many elements per winner: block selection,
+//   which reads the row once at memory speed and looks again at only the cache lines
+//   that can hold a winner (block_scan below);
+// - float32 (and float16, bfloat16) rows with winners a sizeable share of the row, or
+//   too short for blocks: radix select (topk_radix.cpp), counts of the keys' digits;
+// - otherwise (fewer than 8 winners of a short row, or float64) a k-entry heap of the
+//   best values seen, behind a vectorized filter that skips blocks of the row with
+//   nothing above the heap's worst value.
+// All keep the order every backend has: value descending, ties to the lower index.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -23,6 +25,7 @@
 
 #include "common.h"
 #include "topk_candidates.h"
+#include "topk_radix.h"
 
 #if defined(__x86_64__)
 #include <immintrin.h>
@@ -267,6 +270,7 @@ struct ScanScratch {
   std::vector<Candidate<A>> found, kept;
   std::vector<A> values;
   std::vector<float> widened;  // a float16 / bfloat16 tile as float32
+  RadixScratch radix;
 };
 
 // The k best of c[0, n) (distinct indices) into out[0, k), in rank order (value
@@ -423,12 +427,12 @@ inline A keep_best(std::vector<Candidate<A>>& found, int64_t k, std::vector<A>& 
     kept.resize(static_cast<size_t>(k));
     rank_select(found.data(), n, k, values.data(), kept.data());
     found.swap(kept);
-  } else {
-    std::nth_element(found.begin(), found.begin() + (k - 1), found.end(),
-                     [](const Candidate<A>& a, const Candidate<A>& b) { return better(a, b); });
-    found.resize(k);
+    return found[k - 1].value;
   }
-  return found[k - 1].value;
+  keep_best_in_index_order(found, k, values);  // in index order still: radix_rank's way later
+  A worst = found[0].value;
+  for (const auto& c : found) worst = c.value < worst ? c.value : worst;
+  return worst;
 }
 
 // The elements of blocks [b0, b1) of tile[0, len) above `bar`, and the first `ties`
@@ -610,10 +614,32 @@ AEFAST_SIMD_CLONES bool block_scan_f32(const float* x, int64_t n, int64_t first,
   return block_scan<float, float>(x, n, first, k, blocks, out, scratch);
 }
 
+// Whether a row of n with k winners takes radix_select (float32 keys): where the block
+// selection would read again most of the row's blocks, or the heap would sift at most
+// elements. On the Xeon, one process alternating, 8M elements a call: radix from 16 k
+// >= n on took 0.23-0.91x the time (rows of 64 to 16384), and at 32 k >= n on rows of
+// 4096 and more 0.84-0.94x; at 32 k = n on shorter rows the blocks were faster
+// (1.08-1.29x). The heap stays for fewer than 8 winners of a row too short for blocks.
+inline bool many_winners(int64_t n, int64_t k, int64_t blocks) {
+  if (n >= (int64_t(1) << 31)) return false;  // radix_select's offsets are 32-bit
+  return k >= 8 && (blocks == 0 || 16 * k >= n || (n >= 4096 && 32 * k >= n));
+}
+
 // The k best of x[0, n) into `heap`: block selection when the row is long enough.
 template <typename T, typename A>
 bool scan(const T* x, int64_t n, int64_t first, int64_t k, Candidate<A>* heap, ScanScratch<A>& scratch) {
   const int64_t blocks = tile_blocks(n, k);
+  if constexpr (std::is_same_v<A, float>) {
+    if (many_winners(n, k, blocks)) {
+      if constexpr (std::is_same_v<T, float>) {
+        return radix_select(x, n, first, k, heap, scratch.radix);
+      } else {
+        scratch.widened.resize(static_cast<size_t>(n));
+        widen_tile(x, n, scratch.widened.data());
+        return radix_select(scratch.widened.data(), n, first, k, heap, scratch.radix);
+      }
+    }
+  }
   if constexpr (std::is_same_v<T, float>) {
     return blocks > 0 ? block_scan_f32(x, n, first, k, blocks, heap, scratch) : topk_scan_f32(x, n, first, k, heap);
   } else {
@@ -625,7 +651,7 @@ bool scan(const T* x, int64_t n, int64_t first, int64_t k, Candidate<A>* heap, S
 // (value descending, then index ascending) into values/indices; ReLU after selection.
 template <typename T, typename A>
 void write_winners(std::vector<Candidate<A>>& found, int64_t k, bool relu, bool merged_chunks, std::vector<A>& scratch,
-                   std::vector<Candidate<A>>& ranked, T* values, int64_t* indices) {
+                   std::vector<Candidate<A>>& ranked, RadixScratch& radix, T* values, int64_t* indices) {
   // A lambda, not &better: the comparisons inline (sorting 32 took 3 us through a pointer).
   const auto by_rank = [](const Candidate<A>& a, const Candidate<A>& b) { return better(a, b); };
   const Candidate<A>* best = found.data();
@@ -637,6 +663,8 @@ void write_winners(std::vector<Candidate<A>>& found, int64_t k, bool relu, bool 
     scratch.resize(static_cast<size_t>(k + 16));
     rank_select(found.data(), k, k, scratch.data(), ranked.data());
     best = ranked.data();
+  } else if constexpr (std::is_same_v<A, float>) {
+    radix_rank(found.data(), k, radix);
   } else {
     std::sort(found.begin(), found.begin() + k, by_rank);
   }
@@ -756,7 +784,8 @@ void select_rows(const at::Tensor& x, int64_t k, bool relu, at::Tensor& values, 
             has_nan = true;  // NaN has no rank: sorting it is undefined
             continue;
           }
-          write_winners<scalar_t, A>(found, k, relu, false, values_scratch, ranked, vp + row * k, ip + row * k);
+          write_winners<scalar_t, A>(found, k, relu, false, values_scratch, ranked, scratch.radix, vp + row * k,
+                                     ip + row * k);
           if (dp) write_dense_row(vp + row * k, ip + row * k, k, H, dp + row * H);
         }
       });
@@ -780,13 +809,14 @@ void select_rows(const at::Tensor& x, int64_t k, bool relu, at::Tensor& values, 
     at::parallel_for(0, B, 1, [&](int64_t r0, int64_t r1) {
       std::vector<Candidate<A>> merged, ranked;
       std::vector<A> values_scratch;
+      RadixScratch radix;
       for (int64_t row = r0; row < r1; ++row) {
         merged.clear();
         for (int64_t c = 0; c < chunks; ++c) {
           const Candidate<A>* p = cand.data() + (row * chunks + c) * k;
           merged.insert(merged.end(), p, p + cand_count[row * chunks + c]);
         }
-        write_winners<scalar_t, A>(merged, k, relu, true, values_scratch, ranked, vp + row * k, ip + row * k);
+        write_winners<scalar_t, A>(merged, k, relu, true, values_scratch, ranked, radix, vp + row * k, ip + row * k);
       }
     });
   });
