@@ -151,6 +151,35 @@ def test_one_winner_per_block_of_sixteen(device, backend):
         assert torch.equal(indices.cpu(), want_indices) and torch.equal(values.cpu(), want_values)
 
 
+def sampled_lines(width):
+    """Where the CPU's radix select samples a row of `width` for its bar (topk_radix.cpp,
+    bracketed_candidates): 16 lines of 16 elements spread evenly."""
+    return torch.cat([torch.arange(16) + (width - 16) * line // 15 for line in range(16)])
+
+
+@pytest.mark.parametrize(("device", "backend"), op_backends("topk_sparse", interpreted_too=False))
+def test_many_winners_whatever_the_sample_shows(device, backend):
+    """Rows with many winners (the CPU's radix select): a sample that holds the row's
+    largest values (its bar misses, and the whole row is counted), one that holds its
+    smallest (a bar that keeps most of the row), ReLU rows with fewer positives than k
+    (ties at zero to the lowest indices), and NaN anywhere, in rows long enough for a
+    sampled bar and in shorter ones."""
+    torch.manual_seed(0)
+    for width, k in [(4096, 300), (8192, 128), (20000, 1000), (700, 100)]:
+        lines = sampled_lines(width)
+        high, low, relu = torch.randn(3, width), torch.randn(3, width), torch.randn(3, width)
+        high[:, lines] += 100.0
+        low[:, lines] -= 100.0
+        relu[:, : width - k // 2] = relu[:, : width - k // 2].clamp_max(0.0)  # k / 2 positives at most
+        for x in (high, low, relu.relu()):
+            for dtype in (torch.float32, torch.float16, torch.bfloat16):
+                assert_topk_sparse_matches_reference(x.to(device, dtype), k, backend)
+        for where in (int(lines[37]), width - 1, width // 3):  # in the sample, last, elsewhere
+            x = torch.randn(2, width)
+            x[1, where] = float("nan")
+            assert_nan_reported(device, backend, lambda: ae.topk_sparse(x.to(device), k)[0])
+
+
 @pytest.mark.parametrize(("device", "backend"), op_backends("topk_sparse", interpreted_too=False))
 def test_one_long_row_split_into_parallel_chunks(device, backend):
     # A single row (as batch_topk makes) is scanned in chunks whose candidates are
@@ -625,6 +654,7 @@ def test_every_simd_path_gives_the_same_selection(level):
     env = dict(os.environ, AEFAST_SIMD=level, OMP_NUM_THREADS="2")
     noise = os.path.join(os.path.dirname(__file__), "test_noise.py")
     tests = ("mask_index_order_matches or mask_index_order_reports or column_topk_matches or column_topk_reports"
+             " or many_winners"
              " or keep_rows_matches or long_row or infinities or batch_lifetime or corrupt_matches"
              " or reparameterize_matches or reparameterize_on_cpu or sparse_and_mask_match or one_winner_per_block or signed_zeros or mostly_tied"
              " or noisy_linear_on_cpu_in_many_windows or corrupt_window_is or mask_rows_matches or scatter_rows_streams")

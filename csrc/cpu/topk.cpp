@@ -617,12 +617,14 @@ AEFAST_SIMD_CLONES bool block_scan_f32(const float* x, int64_t n, int64_t first,
 // Whether a row of n with k winners takes radix_select (float32 keys): where the block
 // selection would read again most of the row's blocks, or the heap would sift at most
 // elements. On the Xeon, one process alternating, 8M elements a call: radix from 16 k
-// >= n on took 0.23-0.91x the time (rows of 64 to 16384), and at 32 k >= n on rows of
-// 4096 and more 0.84-0.94x; at 32 k = n on shorter rows the blocks were faster
-// (1.08-1.29x). The heap stays for fewer than 8 winners of a row too short for blocks.
+// >= n on took 0.23-0.91x the time (rows of 64 to 16384); with its sampled bar (rows
+// of 1024 on), at 32 k = n on rows of 4096 to 16384 0.59-0.63x and at 64 k = n on rows
+// of 8192 0.86x; below that the blocks were faster (32 k = n on rows of 1024 and 2048:
+// 1.39x and 1.03x; 64 k = n on rows of 4096: 1.38x). The heap stays for fewer than 8
+// winners of a row too short for blocks.
 inline bool many_winners(int64_t n, int64_t k, int64_t blocks) {
   if (n >= (int64_t(1) << 31)) return false;  // radix_select's offsets are 32-bit
-  return k >= 8 && (blocks == 0 || 16 * k >= n || (n >= 4096 && 32 * k >= n));
+  return k >= 8 && (blocks == 0 || 16 * k >= n || (n >= 4096 && 32 * k >= n) || (n >= 8192 && 64 * k >= n));
 }
 
 // The k best of x[0, n) into `heap`: block selection when the row is long enough.

@@ -2,15 +2,20 @@
 // integer in the values' order) is cut into four 8-bit digits. Counting the top digit
 // of every key says in which bucket the k-th largest lies and how many keys lie above
 // that bucket; the keys of that bucket alone go on to the next digit, and after the
-// fourth the k-th largest key is known exactly, with how many of the keys equal to it
-// are among the k best (the first ones, in index order). One vector pass over the row
-// then collects the winners in index order. Every step is a count or a compare: no
-// heap, no comparison sort, nothing that depends on the values' distribution (ReLU's
-// zeros, all ties, cost what random values cost). The winners are ranked by a radix
-// sort too: four stable passes over their keys' digits, from the lowest.
+// fourth (or once a few are left, ranked directly) the k-th largest key is known
+// exactly, with how many of the keys equal to it are among the k best (the first ones,
+// in index order). One vector pass then collects the winners in index order. Every
+// step is a count or a compare: no heap, no comparison sort, nothing that depends on
+// the values' distribution (ReLU's zeros, all ties, cost what random values cost).
+// Rows of 1024 or more are narrowed first: a sample of 16 lines gives a bar that the
+// k best are very likely above, one vector pass keeps the elements at or above it
+// (a few times k), and the digits are counted over those alone; if fewer than k pass,
+// the whole row is counted. The winners are ranked by a radix sort too: stable passes
+// over their keys' digits, from the lowest, skipping digits that all share.
 #include "topk_radix.h"
 
 #include <algorithm>
+#include <cmath>
 #include <cstring>
 #include <functional>
 
@@ -182,11 +187,61 @@ __attribute__((target("avx512f"))) int64_t collect_avx512(const float* x, int64_
 }
 #endif
 
-}  // namespace
+// The m-th largest (1 <= m <= count) of keys[0, count), built bit by bit from the top:
+// 32 vector counts, no branch on the data.
+AEFAST_SIMD_CLONES uint32_t mth_largest_key(const uint32_t* keys, int64_t count, int64_t m) {
+  uint32_t t = 0;
+  for (int bit = 31; bit >= 0; --bit) {
+    const uint32_t trial = t | (uint32_t(1) << bit);
+    int32_t at_least = 0;
+    for (int64_t i = 0; i < count; ++i) at_least += keys[i] >= trial;
+    if (at_least >= m) t = trial;
+  }
+  return t;
+}
 
-bool radix_select(const float* x, int64_t n, int64_t first, int64_t k, Candidate<float>* out, RadixScratch& s) {
+// The elements of x[0, n) at or above `low`, in index order, into values / offsets
+// (room for n + 16); returns how many, and in `nan` whether x holds a NaN.
+int64_t candidates_portable(const float* x, int64_t n, float low, bool& nan, float* values, int32_t* offsets) {
+  int64_t m = 0;
+  int unordered = 0;
+  for (int64_t j = 0; j < n; ++j) {
+    const float v = x[j];
+    unordered |= v != v;
+    values[m] = v;
+    offsets[m] = static_cast<int32_t>(j);
+    m += v >= low;
+  }
+  nan = unordered != 0;
+  return m;
+}
+
+#if defined(__x86_64__) && defined(__GNUC__)
+__attribute__((target("avx512f"))) int64_t candidates_avx512(const float* x, int64_t n, float low, bool& nan,
+                                                             float* values, int32_t* offsets) {
+  const __m512 lows = _mm512_set1_ps(low);
+  const __m512i lanes = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  int64_t m = 0;
+  __mmask16 unordered = 0;
+  for (int64_t j = 0; j < n; j += 16) {
+    const __mmask16 in = j + 16 <= n ? __mmask16(0xFFFF) : __mmask16((1u << (n - j)) - 1);
+    const __m512 v = _mm512_maskz_loadu_ps(in, x + j);
+    unordered |= _mm512_mask_cmp_ps_mask(in, v, v, _CMP_UNORD_Q);
+    const __mmask16 take = _mm512_mask_cmp_ps_mask(in, v, lows, _CMP_GE_OQ);
+    _mm512_storeu_ps(values + m, _mm512_maskz_compress_ps(take, v));
+    _mm512_storeu_si512(offsets + m, _mm512_maskz_compress_epi32(take, _mm512_add_epi32(lanes, _mm512_set1_epi32(static_cast<int>(j)))));
+    m += __builtin_popcount(take);
+  }
+  nan = unordered != 0;
+  return m;
+}
+#endif
+
+// The k best of v[0, n) (1 <= k <= n): their values and positions in v, in index
+// order, into s.values / s.offsets. Returns false if v holds a NaN.
+bool pick_best(const float* v, int64_t n, int64_t k, RadixScratch& s) {
   s.keys.resize(static_cast<size_t>(n + 16));
-  if (row_keys(x, n, s.keys.data())) return false;
+  if (row_keys(v, n, s.keys.data())) return false;
   const KthKey kth = kth_largest_key(s.keys.data(), n, k);
   const float bar = value_of_key(kth.key);
   s.values.resize(static_cast<size_t>(k + 16));  // k taken, and a vector's overrun
@@ -195,11 +250,62 @@ bool radix_select(const float* x, int64_t n, int64_t first, int64_t k, Candidate
   int64_t taken;
 #if defined(__x86_64__) && defined(__GNUC__)
   if (simd_level() >= Simd::kAvx512)
-    taken = collect_avx512(x, n, bar, kth.ties, s.values.data(), s.offsets.data());
+    taken = collect_avx512(v, n, bar, kth.ties, s.values.data(), s.offsets.data());
   else
 #endif
-    taken = collect_portable(x, n, bar, kth.ties, s.values.data(), s.offsets.data());
+    taken = collect_portable(v, n, bar, kth.ties, s.values.data(), s.offsets.data());
   TORCH_CHECK(taken == k, "aefast: radix select took ", taken, " of k = ", k);
+  return true;
+}
+
+// Rows from this long on are narrowed first by a sample (bracketed_candidates).
+constexpr int64_t kBracketedRow = 1024;
+constexpr int64_t kSampleLines = 16, kSample = kSampleLines * 16;
+
+enum class Bracket { kHeld, kMissed, kNan };
+
+// A bar low enough to keep the k best of x[0, n) (n >= kBracketedRow) and not much
+// more, from a sample of 16 lines of 16 elements spread over the row: the sample's
+// key at the rank that k of n would have, three deviations and three keys further
+// down. The elements at or above it into s.candidates / s.candidate_offsets, in one
+// vector pass; kMissed if they are fewer than k (then the whole row is counted).
+Bracket bracketed_candidates(const float* x, int64_t n, int64_t k, RadixScratch& s, int64_t& count) {
+  uint32_t sample[kSample];
+  for (int64_t line = 0; line < kSampleLines; ++line) {
+    const float* p = x + (n - 16) * line / (kSampleLines - 1);
+    for (int i = 0; i < 16; ++i) sample[line * 16 + i] = unsigned_key(p[i]);  // a NaN shows in the pass
+  }
+  const double share = static_cast<double>(k) / static_cast<double>(n), expected = share * kSample;
+  const int64_t rank = static_cast<int64_t>(std::ceil(expected + 3.0 * std::sqrt(expected * (1.0 - share)) + 3.0));
+  if (rank >= kSample) return Bracket::kMissed;  // the bar would keep most of the row
+  const float low = value_of_key(mth_largest_key(sample, kSample, rank));
+  s.candidates.resize(static_cast<size_t>(n + 16));
+  s.candidate_offsets.resize(static_cast<size_t>(n + 16));
+  bool nan;
+#if defined(__x86_64__) && defined(__GNUC__)
+  if (simd_level() >= Simd::kAvx512)
+    count = candidates_avx512(x, n, low, nan, s.candidates.data(), s.candidate_offsets.data());
+  else
+#endif
+    count = candidates_portable(x, n, low, nan, s.candidates.data(), s.candidate_offsets.data());
+  if (nan) return Bracket::kNan;
+  return count >= k ? Bracket::kHeld : Bracket::kMissed;
+}
+
+}  // namespace
+
+bool radix_select(const float* x, int64_t n, int64_t first, int64_t k, Candidate<float>* out, RadixScratch& s) {
+  if (n >= kBracketedRow) {
+    int64_t count = 0;
+    const Bracket bracket = bracketed_candidates(x, n, k, s, count);
+    if (bracket == Bracket::kNan) return false;
+    if (bracket == Bracket::kHeld) {
+      pick_best(s.candidates.data(), count, k, s);  // no NaN among them
+      for (int64_t i = 0; i < k; ++i) out[i] = {s.values[i], first + s.candidate_offsets[s.offsets[i]]};
+      return true;
+    }
+  }
+  if (!pick_best(x, n, k, s)) return false;
   for (int64_t i = 0; i < k; ++i) out[i] = {s.values[i], first + s.offsets[i]};
   return true;
 }
@@ -217,14 +323,18 @@ void radix_rank(Candidate<float>* c, int64_t n, RadixScratch& s) {
   s.spare.resize(static_cast<size_t>(n));
   uint64_t* from = s.order.data();
   uint64_t* to = s.spare.data();
-  for (int64_t i = 0; i < n; ++i) from[i] = uint64_t(~unsigned_key(c[i].value)) << 32 | uint64_t(i);
+  uint64_t differ = 0;  // the key bits that differ somewhere: a digit without any needs no pass
+  for (int64_t i = 0; i < n; ++i) {
+    from[i] = uint64_t(~unsigned_key(c[i].value)) << 32 | uint64_t(i);
+    differ |= from[i] ^ from[0];
+  }
   for (int shift = 32; shift < 64; shift += kDigitBits) {
-    int64_t start[kBuckets] = {};
+    if (((differ >> shift) & kDigitMask) == 0) continue;
+    uint32_t start[kBuckets] = {};
     for (int64_t i = 0; i < n; ++i) ++start[(from[i] >> shift) & kDigitMask];
-    if (*std::max_element(start, start + kBuckets) == n) continue;  // one digit for all: in order already
-    int64_t sum = 0;
+    uint32_t sum = 0;
     for (int d = 0; d < kBuckets; ++d) {
-      const int64_t count = start[d];
+      const uint32_t count = start[d];
       start[d] = sum;
       sum += count;
     }

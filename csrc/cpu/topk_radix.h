@@ -1,6 +1,7 @@
 // The CPU top-k's way for rows with many winners (k a sizeable share of the row, where
 // topk.cpp's block selection reads again most of the row and its heap sifts at every
-// element): a radix select on the values' order keys, and a radix sort of the winners.
+// element): a radix select on the values' order keys (long rows narrowed first by a
+// sampled bar), and a radix sort of the winners.
 #pragma once
 
 #include <cstdint>
@@ -12,10 +13,12 @@ namespace aefast {
 namespace cpu {
 
 struct RadixScratch {
-  std::vector<uint32_t> keys;           // a row's order keys, then the digits' survivors
-  std::vector<float> values;            // the winners' values, compressed (AVX-512)
-  std::vector<int32_t> offsets;         // and their offsets in the row
-  std::vector<uint64_t> order, spare;   // radix_rank: (key, position) pairs
+  std::vector<float> candidates;         // a long row's elements above a sampled bar
+  std::vector<int32_t> candidate_offsets;  // and their offsets in the row
+  std::vector<uint32_t> keys;              // the order keys, then the digits' survivors
+  std::vector<float> values;               // the winners' values, compressed (AVX-512)
+  std::vector<int32_t> offsets;            // and their offsets among the keys
+  std::vector<uint64_t> order, spare;      // radix_rank: (key, position) pairs
   std::vector<Candidate<float>> ranked;
 };
 
