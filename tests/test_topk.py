@@ -440,10 +440,12 @@ def index_order_inputs(shape, kind, dtype, *, transposed):
 
 
 # Long rows take the sampled bar and write the output as they filter (n >= 65536,
-# 256 <= k <= n / 8); anything else (a transposed input too) topk_forward, then a
-# scatter. 3 x (2^20 + 1) float32 is streamed (8 MiB or more), its first row's
-# chunks on whole lines, the others not.
+# k >= 256; most of the row winning too: (1, 2^17) with k = 50000, (1, 70000) with k =
+# 69000, whose bar is the sample's smallest); anything else (a transposed input too)
+# topk_forward, then a scatter. 3 x (2^20 + 1) float32 is streamed (8 MiB or more), its
+# first row's chunks on whole lines, the others not.
 INDEX_ORDER_CASES = [((1, 1 << 20), 5000, False), ((2, 70001), 300, False), ((1, 1 << 17), 16384, False),
+                     ((1, 1 << 17), 50000, False), ((1, 70000), 69000, False),
                      ((37, 1000), 52, True), ((3, 1000), 40, False), ((3, (1 << 20) + 1), 5000, False)]
 
 
