@@ -240,20 +240,20 @@ __attribute__((target("avx512f"))) int64_t candidates_avx512(const float* x, int
 // The k best of v[0, n) (1 <= k <= n): their values and positions in v, in index
 // order, into s.values / s.offsets. Returns false if v holds a NaN.
 bool pick_best(const float* v, int64_t n, int64_t k, RadixScratch& s) {
-  s.keys.resize(static_cast<size_t>(n + 16));
-  if (row_keys(v, n, s.keys.data())) return false;
-  const KthKey kth = kth_largest_key(s.keys.data(), n, k);
+  uint32_t* keys = s.keys.at_least(n + 16);
+  if (row_keys(v, n, keys)) return false;
+  const KthKey kth = kth_largest_key(keys, n, k);
   const float bar = value_of_key(kth.key);
-  s.values.resize(static_cast<size_t>(k + 16));  // k taken, and a vector's overrun
-  s.offsets.resize(static_cast<size_t>(k + 16));
+  float* values = s.values.at_least(k + 16);  // k taken, and a vector's overrun
+  int32_t* offsets = s.offsets.at_least(k + 16);
   // Everything above the bar and `ties` equal to it: k in all, never more.
   int64_t taken;
 #if defined(__x86_64__) && defined(__GNUC__)
   if (simd_level() >= Simd::kAvx512)
-    taken = collect_avx512(v, n, bar, kth.ties, s.values.data(), s.offsets.data());
+    taken = collect_avx512(v, n, bar, kth.ties, values, offsets);
   else
 #endif
-    taken = collect_portable(v, n, bar, kth.ties, s.values.data(), s.offsets.data());
+    taken = collect_portable(v, n, bar, kth.ties, values, offsets);
   TORCH_CHECK(taken == k, "aefast: radix select took ", taken, " of k = ", k);
   return true;
 }
@@ -279,15 +279,15 @@ Bracket bracketed_candidates(const float* x, int64_t n, int64_t k, RadixScratch&
   const int64_t rank = static_cast<int64_t>(std::ceil(expected + 3.0 * std::sqrt(expected * (1.0 - share)) + 3.0));
   if (rank >= kSample) return Bracket::kMissed;  // the bar would keep most of the row
   const float low = value_of_key(mth_largest_key(sample, kSample, rank));
-  s.candidates.resize(static_cast<size_t>(n + 16));
-  s.candidate_offsets.resize(static_cast<size_t>(n + 16));
+  float* values = s.candidates.at_least(n + 16);
+  int32_t* offsets = s.candidate_offsets.at_least(n + 16);
   bool nan;
 #if defined(__x86_64__) && defined(__GNUC__)
   if (simd_level() >= Simd::kAvx512)
-    count = candidates_avx512(x, n, low, nan, s.candidates.data(), s.candidate_offsets.data());
+    count = candidates_avx512(x, n, low, nan, values, offsets);
   else
 #endif
-    count = candidates_portable(x, n, low, nan, s.candidates.data(), s.candidate_offsets.data());
+    count = candidates_portable(x, n, low, nan, values, offsets);
   if (nan) return Bracket::kNan;
   return count >= k ? Bracket::kHeld : Bracket::kMissed;
 }
@@ -300,14 +300,30 @@ bool radix_select(const float* x, int64_t n, int64_t first, int64_t k, Candidate
     const Bracket bracket = bracketed_candidates(x, n, k, s, count);
     if (bracket == Bracket::kNan) return false;
     if (bracket == Bracket::kHeld) {
-      pick_best(s.candidates.data(), count, k, s);  // no NaN among them
-      for (int64_t i = 0; i < k; ++i) out[i] = {s.values[i], first + s.candidate_offsets[s.offsets[i]]};
+      pick_best(s.candidates.at_least(count), count, k, s);  // no NaN among them
+      const float* values = s.values.at_least(k);
+      const int32_t *picked = s.offsets.at_least(k), *offsets = s.candidate_offsets.at_least(count);
+      for (int64_t i = 0; i < k; ++i) out[i] = {values[i], first + offsets[picked[i]]};
       return true;
     }
   }
   if (!pick_best(x, n, k, s)) return false;
-  for (int64_t i = 0; i < k; ++i) out[i] = {s.values[i], first + s.offsets[i]};
+  const float* values = s.values.at_least(k);
+  const int32_t* picked = s.offsets.at_least(k);
+  for (int64_t i = 0; i < k; ++i) out[i] = {values[i], first + picked[i]};
   return true;
+}
+
+void radix_keep_best(std::vector<Candidate<float>>& c, int64_t k, RadixScratch& s) {
+  const int64_t n = static_cast<int64_t>(c.size());
+  if (n <= k) return;
+  float* values = s.candidates.at_least(n + 16);
+  for (int64_t i = 0; i < n; ++i) values[i] = c[i].value;
+  pick_best(values, n, k, s);  // candidates hold no NaN
+  const int32_t* picked = s.offsets.at_least(k);
+  s.ranked.resize(static_cast<size_t>(k));
+  for (int64_t i = 0; i < k; ++i) s.ranked[i] = c[picked[i]];
+  c.assign(s.ranked.begin(), s.ranked.end());
 }
 
 void radix_rank(Candidate<float>* c, int64_t n, RadixScratch& s) {
