@@ -292,10 +292,12 @@ def test_topk_encode_blocks_merge_to_the_whole_rows_selection(device, backend, m
     x = leaf(integer_valued((10, 6), device, torch.float32))
     w = leaf(integer_valued((47, 6), device, torch.float32, -2, 3))
     b = leaf(integer_valued((47,), device, torch.float32, -2, 3))
-    # Dead latents in every block; then only in the last two (blocks without any, and
-    # fewer dead than k_aux = 9: slots of 0 at the lowest live latents).
+    # Dead latents in every block; then only in the last two (blocks without any; with
+    # fewer dead than k_aux = 9, slots of 0 at the lowest live latents; on CPU, with
+    # k_aux = 5 of 7, each block's dead columns gathered, and none in most blocks).
     for dead, k, k_aux in [(torch.arange(47) % 4 == 1, 7, 9), (torch.arange(47) % 4 == 1, 1, 1),
-                           (torch.arange(47) % 4 == 1, 12, 40), (torch.arange(47) >= 40, 7, 9)]:
+                           (torch.arange(47) % 4 == 1, 12, 40), (torch.arange(47) >= 40, 7, 9),
+                           (torch.arange(47) >= 40, 3, 5)]:
         dead = dead.to(device)  # k past a block's width, k_aux past the dead count
         with ae.backend(backend):
             got = ae.topk_encode_aux(x, w, b, k, dead, k_aux)

@@ -167,9 +167,16 @@ def _encode_in_blocks(backend: str, x: Tensor, weight: Tensor, bias: Tensor | No
     B, L = x.shape[0], weight.shape[0]
     values = x.new_empty((B, k))
     indices = torch.empty((B, k), dtype=torch.long, device=x.device)
+    # On CPU, with k_aux dead latents or more, the aux selection runs on each block's
+    # dead columns alone, gathered (reading the count costs nothing there: no device to
+    # wait for). Elsewhere, and with fewer (the reference's slots past the dead latents
+    # are the lowest live ones), on the whole block with the live latents at -inf.
+    dead_latents = None
     if dead is not None:
         aux_values = x.new_empty((B, k_aux))
         aux_indices = torch.empty((B, k_aux), dtype=torch.long, device=x.device)
+        if x.device.type == "cpu" and int(dead.sum()) >= k_aux:
+            dead_latents = dead.nonzero().squeeze(1)  # in latent order
         # -inf on the live latents, +inf on the dead: a block's minimum with it is the
         # reference's fill of -inf on the live ones (+inf and -0.0 kept), one broadcast op
         # (on CPU 0.6 ms for a 1024 x 8192 block; masked_fill_ took 2.7).
@@ -189,7 +196,16 @@ def _encode_in_blocks(backend: str, x: Tensor, weight: Tensor, bias: Tensor | No
             pre = _linear_relu(x_block, w_block, None if bias is None else bias[cols], out)
             chosen, where = select(pre, min(k, pre.shape[1]), False)
             parts.append((chosen, where + c0))
-            if dead is not None:
+            if dead_latents is not None:
+                # The block's dead columns, in latent order: 1024 x 8192 with one in 8 dead,
+                # gathering and selecting 3.7 ms against 4.8 for the minimum and a selection
+                # over the whole block.
+                first, last = torch.searchsorted(dead_latents, torch.tensor([c0, c0 + w_block.shape[0]])).tolist()
+                if last > first:
+                    block_dead = dead_latents[first:last]
+                    chosen, where = select(pre.index_select(1, block_dead - c0), min(k_aux, last - first), False)
+                    aux_parts.append((chosen, block_dead[where]))
+            elif dead is not None:
                 chosen, where = select(torch.minimum(pre, live_to_minus_inf[cols], out=pre), min(k_aux, pre.shape[1]),
                                        False)
                 aux_parts.append((chosen, where + c0))
