@@ -5,8 +5,8 @@
 //   that can hold a winner (block_scan below);
 // - float32 (and float16, bfloat16) rows with winners a sizeable share of the row, or
 //   too short for blocks: radix select (topk_radix.cpp), counts of the keys' digits;
-// - otherwise (fewer than 8 winners of a short row, or float64) a k-entry heap of the
-//   best values seen, behind a vectorized filter that skips blocks of the row with
+// - otherwise (fewer than 8 winners of a short row; float64 rows without blocks) a
+//   k-entry heap of the best values seen, behind a vectorized filter that skips blocks of the row with
 //   nothing above the heap's worst value.
 // All keep the order every backend has: value descending, ties to the lower index.
 #include <ATen/ATen.h>
@@ -661,7 +661,8 @@ void write_winners(std::vector<Candidate<A>>& found, int64_t k, bool relu, bool 
   if (merged_chunks && k > kRankSelectMax && std::is_same_v<A, float> &&
       std::is_sorted(found.begin(), found.end(), by_index)) {
     // Chunks of many winners come in index order (radix select; the block selection's
-    // cut): radix again, not a partial sort of chunks * k (one row of 4M, k = 5000: 9 ms).
+    // cut): radix again, not a partial sort of chunks * k candidates (one row of 4M,
+    // k = 50000 in 4 chunks, 2 threads: 30 -> 16 ms).
     if constexpr (std::is_same_v<A, float>) {
       radix_keep_best(found, k, radix);
       radix_rank(found.data(), k, radix);
