@@ -33,12 +33,14 @@ def rows(shape, dtype, device, *, ties=False):
 # 200 end in a short tile, (3, 2000) is one tile, (2, 70001) several; k > 128 winners,
 # as at (3, 30000), are ranked by radix sort); radix select from 8 winners where they
 # are more, or the row is too short for blocks ((5, 512) and (5, 496) with k = 32, (3,
-# 1000) with k = 1000, (4, 4096) with k = 300, (2, 100000) with k = 3000: too many
-# winners for blocks); the heap below 8 winners in short rows ((4097, 33), (3, 100)).
+# 1000) with k = 1000, (4, 4096) with k = 300, (4, 2048) with k = 200, (2, 100000) with
+# k = 3000: too many winners for blocks); the heap below 8 winners in short rows ((4097,
+# 33), (3, 100)). Winners are ranked by counting up to 128, with AVX-512 up to 256 (k =
+# 200), by radix sort beyond (k = 300, 1000, 3000).
 CASES = [((1, 1), 1), ((1, 7), 3), ((3, 1000), 1), ((3, 1000), 32), ((3, 1000), 1000),
          ((4097, 33), 5), ((2, 70001), 64), ((2, 40000), 1), ((3, 30000), 200), ((2, 4100), 8),
          ((3, 2000), 3), ((5, 512), 31), ((5, 512), 32), ((5, 496), 32), ((3, 100), 7), ((4, 4096), 300),
-         ((2, 100000), 3000)]
+         ((4, 2048), 200), ((2, 100000), 3000)]
 # Under Triton's interpreter every selection round is NumPy code: smaller rows there.
 INTERPRETED_CASES = [((1, 1), 1), ((1, 7), 3), ((3, 300), 1), ((3, 300), 7), ((3, 300), 300), ((5, 33), 5)]
 
