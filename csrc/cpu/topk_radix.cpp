@@ -96,6 +96,43 @@ __attribute__((target("avx512f"))) int64_t keep_digit_avx512(uint32_t* keys, int
   }
   return kept;
 }
+
+// AVX2 has no compress: the lanes of an 8-bit mask moved to the front by a permute,
+// its indices looked up (the set bits' lanes in order, then zeros).
+struct CompressIndices {
+  alignas(32) int32_t lanes[256][8];
+};
+constexpr CompressIndices compress_indices() {
+  CompressIndices t{};
+  for (int mask = 0; mask < 256; ++mask)
+    for (int lane = 0, at = 0; lane < 8; ++lane)
+      if (mask >> lane & 1) t.lanes[mask][at++] = lane;
+  return t;
+}
+constexpr CompressIndices kCompress8 = compress_indices();
+
+AEFAST_AVX2 inline __m256i compress8(uint32_t mask) {
+  return _mm256_load_si256(reinterpret_cast<const __m256i*>(kCompress8.lanes[mask]));
+}
+
+template <int kShift>
+AEFAST_AVX2 int64_t keep_digit_avx2(uint32_t* keys, int64_t n, uint32_t d) {
+  const __m256i digit = _mm256_set1_epi32(static_cast<int>(d)), mask = _mm256_set1_epi32(kDigitMask);
+  int64_t kept = 0, i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(keys + i));
+    const __m256i same = _mm256_cmpeq_epi32(_mm256_and_si256(_mm256_srli_epi32(v, kShift), mask), digit);
+    const uint32_t bits = static_cast<uint32_t>(_mm256_movemask_ps(_mm256_castsi256_ps(same)));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(keys + kept), _mm256_permutevar8x32_epi32(v, compress8(bits)));
+    kept += __builtin_popcount(bits);
+  }
+  for (; i < n; ++i) {
+    const uint32_t key = keys[i];
+    keys[kept] = key;
+    kept += ((key >> kShift) & kDigitMask) == d;
+  }
+  return kept;
+}
 #endif
 
 // One digit of the search: the bucket of the k-th largest of keys[0, n) at kShift into
@@ -111,6 +148,10 @@ void narrow_to_digit(uint32_t* keys, int64_t& n, int64_t& k, uint32_t& prefix) {
 #if defined(__x86_64__) && defined(__GNUC__)
   if (simd_level() >= Simd::kAvx512) {
     n = keep_digit_avx512<kShift>(keys, n, d);
+    return;
+  }
+  if (simd_level() == Simd::kAvx2) {
+    n = keep_digit_avx2<kShift>(keys, n, d);
     return;
   }
 #endif
@@ -185,6 +226,31 @@ __attribute__((target("avx512f"))) int64_t collect_avx512(const float* x, int64_
   }
   return m;
 }
+
+// The same with AVX2, 8 at a time; the last n % 8 by the portable loop.
+AEFAST_AVX2 int64_t collect_avx2(const float* x, int64_t n, float bar, int64_t ties, float* values, int32_t* offsets) {
+  const __m256 bars = _mm256_set1_ps(bar);
+  const __m256i lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  int64_t m = 0, j = 0;
+  for (; j + 8 <= n; j += 8) {
+    const __m256 v = _mm256_loadu_ps(x + j);
+    uint32_t take = static_cast<uint32_t>(_mm256_movemask_ps(_mm256_cmp_ps(v, bars, _CMP_GT_OQ)));
+    if (ties > 0) {
+      uint32_t equal = static_cast<uint32_t>(_mm256_movemask_ps(_mm256_cmp_ps(v, bars, _CMP_EQ_OQ)));
+      while (__builtin_popcount(equal) > ties) equal &= ~(1u << (31 - __builtin_clz(equal)));  // the first `ties`
+      ties -= __builtin_popcount(equal);
+      take |= equal;
+    }
+    const __m256i order = compress8(take);
+    _mm256_storeu_ps(values + m, _mm256_permutevar8x32_ps(v, order));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(offsets + m),
+                        _mm256_permutevar8x32_epi32(_mm256_add_epi32(lanes, _mm256_set1_epi32(static_cast<int>(j))), order));
+    m += __builtin_popcount(take);
+  }
+  const int64_t rest = collect_portable(x + j, n - j, bar, ties, values + m, offsets + m);
+  for (int64_t i = m; i < m + rest; ++i) offsets[i] += static_cast<int32_t>(j);
+  return m + rest;
+}
 #endif
 
 // The m-th largest (1 <= m <= count) of keys[0, count), built bit by bit from the top:
@@ -235,6 +301,29 @@ __attribute__((target("avx512f"))) int64_t candidates_avx512(const float* x, int
   nan = unordered != 0;
   return m;
 }
+
+// The same with AVX2, 8 at a time; the last n % 8 by the portable loop.
+AEFAST_AVX2 int64_t candidates_avx2(const float* x, int64_t n, float low, bool& nan, float* values, int32_t* offsets) {
+  const __m256 lows = _mm256_set1_ps(low);
+  const __m256i lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  __m256 unordered = _mm256_setzero_ps();
+  int64_t m = 0, j = 0;
+  for (; j + 8 <= n; j += 8) {
+    const __m256 v = _mm256_loadu_ps(x + j);
+    unordered = _mm256_or_ps(unordered, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+    const uint32_t take = static_cast<uint32_t>(_mm256_movemask_ps(_mm256_cmp_ps(v, lows, _CMP_GE_OQ)));
+    const __m256i order = compress8(take);
+    _mm256_storeu_ps(values + m, _mm256_permutevar8x32_ps(v, order));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(offsets + m),
+                        _mm256_permutevar8x32_epi32(_mm256_add_epi32(lanes, _mm256_set1_epi32(static_cast<int>(j))), order));
+    m += __builtin_popcount(take);
+  }
+  bool rest_nan = false;
+  const int64_t rest = candidates_portable(x + j, n - j, low, rest_nan, values + m, offsets + m);
+  for (int64_t i = m; i < m + rest; ++i) offsets[i] += static_cast<int32_t>(j);
+  nan = rest_nan || _mm256_movemask_ps(unordered) != 0;
+  return m + rest;
+}
 #endif
 
 // The k best of v[0, n) (1 <= k <= n): their values and positions in v, in index
@@ -251,6 +340,8 @@ bool pick_best(const float* v, int64_t n, int64_t k, RadixScratch& s) {
 #if defined(__x86_64__) && defined(__GNUC__)
   if (simd_level() >= Simd::kAvx512)
     taken = collect_avx512(v, n, bar, kth.ties, values, offsets);
+  else if (simd_level() == Simd::kAvx2)
+    taken = collect_avx2(v, n, bar, kth.ties, values, offsets);
   else
 #endif
     taken = collect_portable(v, n, bar, kth.ties, values, offsets);
@@ -285,6 +376,8 @@ Bracket bracketed_candidates(const float* x, int64_t n, int64_t k, RadixScratch&
 #if defined(__x86_64__) && defined(__GNUC__)
   if (simd_level() >= Simd::kAvx512)
     count = candidates_avx512(x, n, low, nan, values, offsets);
+  else if (simd_level() == Simd::kAvx2)
+    count = candidates_avx2(x, n, low, nan, values, offsets);
   else
 #endif
     count = candidates_portable(x, n, low, nan, values, offsets);
