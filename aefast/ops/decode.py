@@ -177,10 +177,11 @@ def _encode_in_blocks(backend: str, x: Tensor, weight: Tensor, bias: Tensor | No
         aux_indices = torch.empty((B, k_aux), dtype=torch.long, device=x.device)
         if x.device.type == "cpu" and int(dead.sum()) >= k_aux:
             dead_latents = dead.nonzero().squeeze(1)  # in latent order
-        # -inf on the live latents, +inf on the dead: a block's minimum with it is the
-        # reference's fill of -inf on the live ones (+inf and -0.0 kept), one broadcast op
-        # (on CPU 0.6 ms for a 1024 x 8192 block; masked_fill_ took 2.7).
-        live_to_minus_inf = torch.where(dead, float("inf"), float("-inf")).to(x.dtype)
+        else:
+            # -inf on the live latents, +inf on the dead: a block's minimum with it is the
+            # reference's fill of -inf on the live ones (+inf and -0.0 kept), one broadcast
+            # op (on CPU 0.6 ms for a 1024 x 8192 block; masked_fill_ took 2.7).
+            live_to_minus_inf = torch.where(dead, float("inf"), float("-inf")).to(x.dtype)
     block_rows, block_latents = _encoder_tile(B, L, gpu=x.device.type == "cuda")
     # Every block in one buffer: a fresh 32 MiB block is fresh pages on a CPU (glibc maps
     # blocks that large anew each time), and faulting them in took 6.6 ms a block at

@@ -662,16 +662,19 @@ void write_winners(std::vector<Candidate<A>>& found, int64_t k, bool relu, bool 
   // A lambda, not &better: the comparisons inline (sorting 32 took 3 us through a pointer).
   const auto by_rank = [](const Candidate<A>& a, const Candidate<A>& b) { return better(a, b); };
   const Candidate<A>* best = found.data();
-  const auto by_index = [](const Candidate<A>& a, const Candidate<A>& b) { return a.index < b.index; };
-  if (merged_chunks && k > kRankSelectMax && std::is_same_v<A, float> &&
-      std::is_sorted(found.begin(), found.end(), by_index)) {
-    // Chunks of many winners come in index order (radix select; the block selection's
-    // cut): radix again, not a partial sort of chunks * k candidates (one row of 4M,
-    // k = 50000 in 4 chunks, 2 threads: 30 -> 16 ms).
-    if constexpr (std::is_same_v<A, float>) {
+  // Chunks of many winners come in index order (radix select; the block selection's
+  // cut): radix again, not a partial sort of chunks * k candidates (one row of 4M,
+  // k = 50000 in 4 chunks, 2 threads: 30 -> 16 ms).
+  bool radix_merged = false;
+  if constexpr (std::is_same_v<A, float>) {
+    radix_merged = merged_chunks && k > kRankSelectMax &&
+                   std::is_sorted(found.begin(), found.end(), [](const auto& a, const auto& b) { return a.index < b.index; });
+    if (radix_merged) {
       radix_keep_best(found, k, radix);
       radix_rank(found.data(), k, radix);
     }
+  }
+  if (radix_merged) {
   } else if (merged_chunks) {
     std::partial_sort(found.begin(), found.begin() + k, found.end(), by_rank);
   } else if (std::is_sorted(found.begin(), found.begin() + k, by_rank)) {  // block_scan's cut ranks them

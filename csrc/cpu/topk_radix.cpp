@@ -68,11 +68,11 @@ void digit_counts(const uint32_t* keys, int64_t n, int64_t (&counts)[kBuckets]) 
 }
 
 // The keys of keys[0, n) with digit d at kShift moved to the front, in order; returns
-// how many. keys has room for n + 16.
+// how many. keys has room for n + 16. From keys[from] on, `kept` of those before it
+// already kept (the vector paths' tails).
 template <int kShift>
-int64_t keep_digit_portable(uint32_t* keys, int64_t n, uint32_t d) {
-  int64_t kept = 0;
-  for (int64_t i = 0; i < n; ++i) {  // branch-free: the store always, the count by the test
+int64_t keep_digit_portable(uint32_t* keys, int64_t n, uint32_t d, int64_t from = 0, int64_t kept = 0) {
+  for (int64_t i = from; i < n; ++i) {  // branch-free: the store always, the count by the test
     const uint32_t key = keys[i];
     keys[kept] = key;
     kept += ((key >> kShift) & kDigitMask) == d;
@@ -126,12 +126,7 @@ AEFAST_AVX2 int64_t keep_digit_avx2(uint32_t* keys, int64_t n, uint32_t d) {
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(keys + kept), _mm256_permutevar8x32_epi32(v, compress8(bits)));
     kept += __builtin_popcount(bits);
   }
-  for (; i < n; ++i) {
-    const uint32_t key = keys[i];
-    keys[kept] = key;
-    kept += ((key >> kShift) & kDigitMask) == d;
-  }
-  return kept;
+  return keep_digit_portable<kShift>(keys, n, d, i, kept);
 }
 #endif
 
