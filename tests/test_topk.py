@@ -30,8 +30,8 @@ def rows(shape, dtype, device, *, ties=False):
 
 # The CPU's three ways (topk.cpp): block selection for rows of 256 or more with more
 # than 16 elements per winner ((5, 512) with k = 31; (2, 4100) and (3, 30000) with k =
-# 200 end in a short tile, (3, 2000) is one tile, (2, 70001) several; k > 128 winners,
-# as at (3, 30000), are ranked by radix sort); radix select from 8 winners where they
+# 200 end in a short tile, (3, 2000) is one tile, (2, 70001) several; their cut keeps
+# more than 128 candidates in index order, as at (3, 30000)); radix select from 8 winners where they
 # are more, or the row is too short for blocks ((5, 512) and (5, 496) with k = 32, (3,
 # 1000) with k = 1000, (4, 4096) with k = 300, (4, 2048) with k = 200, (2, 100000) with
 # k = 3000: too many winners for blocks); the heap below 8 winners in short rows ((4097,
