@@ -21,6 +21,11 @@ namespace columns {
 namespace {
 
 constexpr int64_t kPrefetchRows = 24;  // how far ahead the copies ask for rows
+// With AVX-512, into the L2 and further ahead (likely: the L2 keeps more requests in
+// flight than the L1, for rows a page apart coming from the L3). lifetime_topk on the
+// Xeon, alternating, 10 rounds: 0.95x the time at 4096 x 4096 and at 1000 x 4096 (k = 70),
+// 0.99x at 1024 x 4096.
+constexpr int64_t kPrefetchRowsToL2 = 32;
 
 // counts[l] = how many of the tile's keys in lane l are >= bars[l].
 template <typename Key>
@@ -257,7 +262,7 @@ __attribute__((target("avx512f,avx512bw"))) bool copy_tiles_avx512(const E* X, i
   }
   const __m512i magnitude = _mm512_set1_epi32(0x7FFFFFFF);
   for (int64_t j = 0; j < n; ++j) {
-    for (int p = 0; p < kTiles; ++p) __builtin_prefetch(X + std::min(j + kPrefetchRows, n - 1) * R + kLanes * p);
+    for (int p = 0; p < kTiles; ++p) __builtin_prefetch(X + std::min(j + kPrefetchRowsToL2, n - 1) * R + kLanes * p, 0, 2);
     for (int p = 0; p < kTiles; ++p) {
       const __m512 v = load16_as_float(X + j * R + kLanes * p);
       const __m512i i = _mm512_castps_si512(_mm512_add_ps(v, _mm512_setzero_ps()));  // -0.0 -> +0.0
