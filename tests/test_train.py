@@ -64,6 +64,32 @@ def test_output_folder_and_figures(tmp_path, capsys, model, data, figures, evalu
     assert config["seed"] == 3 and config["data"] == data and config["epochs"] == 2
 
 
+def test_cpu_amp_trains_under_bfloat16_autocast_only_when_asked(tmp_path, capsys, small_digits, monkeypatch):
+    """--cpu-amp: bfloat16 autocast on a CPU (the matmuls in bfloat16, the parameters and
+    the optimizer in float32); without it, or with --no-amp, a CPU run stays float32."""
+    from aefast.train import loop
+
+    dtypes = []
+    step = loop._train_epoch
+
+    def seen(run, *args, **kwargs):
+        dtypes.append(run.model.autocast_dtype)
+        return step(run, *args, **kwargs)
+
+    monkeypatch.setattr(loop, "_train_epoch", seen)
+    common = ["topk-sae", "--data", small_digits, "--epochs", "1", "--device", "cpu", "--n-latents", "48", "--k", "4"]
+    for flags, dtype in [(["--cpu-amp"], torch.bfloat16), ([], None), (["--cpu-amp", "--no-amp"], None)]:
+        out_dir = tmp_path / "-".join(flags or ["default"])
+        _train(*common, *flags, "--out", str(out_dir))
+        header = capsys.readouterr().out.splitlines()[0]
+        assert ("bfloat16 autocast" in header) == (dtype is not None), header
+        assert dtypes.pop() == dtype
+        result = json.loads((out_dir / "evaluation.json").read_text())
+        assert 0 <= result["val_mse"] < 1
+        model = torch.load(out_dir / "checkpoint.pt", weights_only=True)["model"]
+        assert all(t.dtype == torch.float32 for t in model.values() if t.is_floating_point())
+
+
 @pytest.mark.parametrize("model, flags", [
     ("aae", []),                                 # three optimizers, prior samples
     ("stacked", ["--pretrain-epochs", "1"]),     # greedy phases change across the resume point

@@ -105,7 +105,7 @@ def _train(config: dict[str, Any], out_dir: Path, checkpoint: dict[str, Any] | N
     if config["grad_accum"] > 1 and not model.accumulates_gradients:
         raise ValueError(f"--grad-accum: {config['model']} takes several optimizer steps per batch "
                          f"({type(model).__name__}.train_step); it trains with --grad-accum 1 only")
-    if device.type == "cuda" and config["amp"]:
+    if config["amp"] and (device.type == "cuda" or config["cpu_amp"]):
         model.autocast_dtype = torch.bfloat16
     model.eval()
     with torch.no_grad(), model.autocast():  # a bad hyper-parameter fails here, before anything is written
@@ -175,7 +175,8 @@ def _train(config: dict[str, Any], out_dir: Path, checkpoint: dict[str, Any] | N
                                                         if config["shard_latents"] else "data-parallel")
     say(f"{config['model']}{' --conv' if config['conv'] else ''} on {data.name}: {batches.rows} train{streamed} / "
         f"{len(val_x)} validation rows of {'x'.join(map(str, data.image_shape))}, {n_params:,} parameters, "
-        f"{_backend(device)} on {device}{processes}; writing {out_dir}")
+        f"{_backend(device)} on {device}{', bfloat16 autocast' if model.autocast_dtype else ''}{processes}; "
+        f"writing {out_dir}")
     run = _Run(out_dir, config, model, optimizers, shuffle, history, data.image_shape, cluster)
     table = _EpochTable(say)
     for record in history:
