@@ -7,15 +7,33 @@ import platform
 import sys
 
 
-def _cpu_vector_isa() -> str:
+def _cpu_flags() -> list[str] | None:
     try:
         with open("/proc/cpuinfo") as f:
-            flags = next((line for line in f if line.startswith("flags")), "").split()
+            return next((line for line in f if line.startswith("flags")), "").split()
     except OSError:
+        return None
+
+
+def _cpu_vector_isa() -> str:
+    flags = _cpu_flags()
+    if flags is None:
         return "unknown"
     if "avx512f" in flags:
         return "AVX-512"
     return "AVX2+FMA" if {"avx2", "fma"} <= set(flags) else "baseline x86-64"
+
+
+def _cpu_bfloat16_matmuls() -> str:
+    """Whether the CPU multiplies bfloat16 matrices in hardware (AMX), which decides
+    whether `aefast train --cpu-amp` pays. torch's own check also asks the OS for the
+    AMX state (private; the CPU's flags where it is missing)."""
+    import torch
+
+    init_amx = getattr(getattr(torch._C, "_cpu", None), "_init_amx", None)
+    amx = bool(init_amx()) if init_amx is not None else "amx_bf16" in (_cpu_flags() or [])
+    return ("AMX (aefast train --cpu-amp pays)" if amx
+            else "no AMX (emulated: aefast train --cpu-amp would be slower than float32)")
 
 
 def cmd_info(_args) -> int:
@@ -39,6 +57,7 @@ def cmd_info(_args) -> int:
     else:
         print(f"aefast._C: not built ({backends.BUILD_ERROR}); only reference/triton backends")
     print(f"CPU vector kernels: {_cpu_vector_isa()} (chosen at run time)")
+    print(f"CPU bfloat16 matmuls: {_cpu_bfloat16_matmuls()}")
     print(f"backend asked for: {backends.current_backend()} (AEFAST_BACKEND or aefast.backend())")
     for device in ["cpu"] + (["cuda"] if cuda else []):
         try:

@@ -15,6 +15,15 @@ def test_info_reports_the_backends(capsys):
     out = capsys.readouterr().out
     assert "aefast._C: built" in out
     assert re.search(r"cpu: available reference, cpp.*; runs cpp", out)
+    # Whether --cpu-amp pays: AMX as the CPU's flags list it (where they can be read).
+    bf16 = re.search(r"CPU bfloat16 matmuls: (.*)", out).group(1)
+    try:
+        with open("/proc/cpuinfo") as f:
+            amx = "amx_bf16" in f.read().split()
+    except OSError:
+        amx = None
+    if amx is not None:
+        assert bf16.startswith("AMX") == amx, bf16
 
 
 def test_train_sparse_loss_falls_and_activation_approaches_rho(capsys, tmp_path, one_thread):

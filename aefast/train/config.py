@@ -54,7 +54,7 @@ TRAINING_HELP = {
     "amp": "bfloat16 autocast on GPU (--no-amp for float32; CPU runs are float32 unless --cpu-amp)",
     "cpu_amp": "bfloat16 autocast on a CPU too (with --amp): worth it where the CPU multiplies bfloat16 in "
                "hardware (AMX): a topk-sae step at 1024 x 768 -> 16384 took 118 against 174 ms in float32 on a "
-               "2-thread Xeon with AMX; where bfloat16 matmuls are emulated it is slower",
+               "2-thread Xeon with AMX; where bfloat16 matmuls are emulated it is slower (aefast info says which)",
     "compile": "wrap the model's loss in torch.compile",
     "conv": "the convolutional form of the model (wta)",
     "buffer_mib": "streamed data: MiB of rows in memory at once (a shuffling window, read by a background "
