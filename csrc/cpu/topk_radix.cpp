@@ -115,6 +115,23 @@ AEFAST_AVX2 inline __m256i compress8(uint32_t mask) {
   return _mm256_load_si256(reinterpret_cast<const __m256i*>(kCompress8.lanes[mask]));
 }
 
+// The lanes of v (elements j .. j + 7) set in `take` appended to values and offsets at
+// m (room for 8 more); returns the new m.
+AEFAST_AVX2 inline int64_t append_taken8(__m256 v, uint32_t take, int64_t j, float* values, int32_t* offsets,
+                                         int64_t m) {
+  const __m256i order = compress8(take);
+  const __m256i at = _mm256_add_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), _mm256_set1_epi32(static_cast<int>(j)));
+  _mm256_storeu_ps(values + m, _mm256_permutevar8x32_ps(v, order));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(offsets + m), _mm256_permutevar8x32_epi32(at, order));
+  return m + __builtin_popcount(take);
+}
+
+// offsets[m, m + rest) of a portable tail that began at element j, made the row's.
+inline int64_t from_tail(int32_t* offsets, int64_t m, int64_t rest, int64_t j) {
+  for (int64_t i = m; i < m + rest; ++i) offsets[i] += static_cast<int32_t>(j);
+  return m + rest;
+}
+
 template <int kShift>
 AEFAST_AVX2 int64_t keep_digit_avx2(uint32_t* keys, int64_t n, uint32_t d) {
   const __m256i digit = _mm256_set1_epi32(static_cast<int>(d)), mask = _mm256_set1_epi32(kDigitMask);
@@ -225,7 +242,6 @@ __attribute__((target("avx512f"))) int64_t collect_avx512(const float* x, int64_
 // The same with AVX2, 8 at a time; the last n % 8 by the portable loop.
 AEFAST_AVX2 int64_t collect_avx2(const float* x, int64_t n, float bar, int64_t ties, float* values, int32_t* offsets) {
   const __m256 bars = _mm256_set1_ps(bar);
-  const __m256i lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
   int64_t m = 0, j = 0;
   for (; j + 8 <= n; j += 8) {
     const __m256 v = _mm256_loadu_ps(x + j);
@@ -236,15 +252,9 @@ AEFAST_AVX2 int64_t collect_avx2(const float* x, int64_t n, float bar, int64_t t
       ties -= __builtin_popcount(equal);
       take |= equal;
     }
-    const __m256i order = compress8(take);
-    _mm256_storeu_ps(values + m, _mm256_permutevar8x32_ps(v, order));
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(offsets + m),
-                        _mm256_permutevar8x32_epi32(_mm256_add_epi32(lanes, _mm256_set1_epi32(static_cast<int>(j))), order));
-    m += __builtin_popcount(take);
+    m = append_taken8(v, take, j, values, offsets, m);
   }
-  const int64_t rest = collect_portable(x + j, n - j, bar, ties, values + m, offsets + m);
-  for (int64_t i = m; i < m + rest; ++i) offsets[i] += static_cast<int32_t>(j);
-  return m + rest;
+  return from_tail(offsets, m, collect_portable(x + j, n - j, bar, ties, values + m, offsets + m), j);
 }
 #endif
 
@@ -300,24 +310,18 @@ __attribute__((target("avx512f"))) int64_t candidates_avx512(const float* x, int
 // The same with AVX2, 8 at a time; the last n % 8 by the portable loop.
 AEFAST_AVX2 int64_t candidates_avx2(const float* x, int64_t n, float low, bool& nan, float* values, int32_t* offsets) {
   const __m256 lows = _mm256_set1_ps(low);
-  const __m256i lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
   __m256 unordered = _mm256_setzero_ps();
   int64_t m = 0, j = 0;
   for (; j + 8 <= n; j += 8) {
     const __m256 v = _mm256_loadu_ps(x + j);
     unordered = _mm256_or_ps(unordered, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
     const uint32_t take = static_cast<uint32_t>(_mm256_movemask_ps(_mm256_cmp_ps(v, lows, _CMP_GE_OQ)));
-    const __m256i order = compress8(take);
-    _mm256_storeu_ps(values + m, _mm256_permutevar8x32_ps(v, order));
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(offsets + m),
-                        _mm256_permutevar8x32_epi32(_mm256_add_epi32(lanes, _mm256_set1_epi32(static_cast<int>(j))), order));
-    m += __builtin_popcount(take);
+    m = append_taken8(v, take, j, values, offsets, m);
   }
   bool rest_nan = false;
-  const int64_t rest = candidates_portable(x + j, n - j, low, rest_nan, values + m, offsets + m);
-  for (int64_t i = m; i < m + rest; ++i) offsets[i] += static_cast<int32_t>(j);
+  m = from_tail(offsets, m, candidates_portable(x + j, n - j, low, rest_nan, values + m, offsets + m), j);
   nan = rest_nan || _mm256_movemask_ps(unordered) != 0;
-  return m + rest;
+  return m;
 }
 #endif
 
