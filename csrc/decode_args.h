@@ -12,8 +12,11 @@ inline void check_inputs(const at::Tensor& values, const at::Tensor& indices, co
   TORCH_CHECK_VALUE(values.dim() == 2 && indices.sizes() == values.sizes(),
                     "aefast: values and indices must both be (B, k)");
   TORCH_CHECK_VALUE(indices.scalar_type() == at::kLong, "aefast: indices must be int64");
-  TORCH_CHECK_VALUE(weight.dim() == 2 && weight.scalar_type() == values.scalar_type(),
-                    "aefast: weight must be (L, D) of the values' dtype");
+  const bool half_values = values.scalar_type() == at::kHalf || values.scalar_type() == at::kBFloat16;
+  TORCH_CHECK_VALUE(weight.dim() == 2 && (weight.scalar_type() == values.scalar_type() ||
+                                          (half_values && weight.scalar_type() == at::kFloat)),
+                    "aefast: weight must be (L, D) of the values' dtype, or float32 under float16 or bfloat16 "
+                    "values, got ", weight.scalar_type(), " weight and ", values.scalar_type(), " values");
 }
 
 }  // namespace decode_args

@@ -52,8 +52,8 @@ LAUNCHERS = {  # tests/cuda_emu/api.cpp
     "corrupt": [P, P, INT, I64, INT, F32, F64, F64, F64, P],
     "reparameterize_forward": [P, P, P, P, P, INT, I64, I64, P],
     "reparameterize_backward": [P, P, P, P, P, P, INT, I64, I64, P],
-    "sparse_decode_forward": [P, P, P, P, P, INT, I64, I64, I64, I64],
-    "sparse_decode_backward": [P, P, P, P, P, P, P, P, INT, I64, I64, I64, I64],
+    "sparse_decode_forward": [P, P, P, P, P, INT, INT, I64, I64, I64, I64],
+    "sparse_decode_backward": [P, P, P, P, P, P, P, P, INT, INT, I64, I64, I64, I64],
     "topk_select": [P, INT, I64, I64, I64, I64, INT, P, P, P, P],
 }
 QUERIES = {"column_splits": [I64, I64, INT], "jumprelu_splits": [I64, I64, INT], "reparameterize_blocks": [I64], "topk_row_chunks": [I64, I64, INT],
@@ -437,10 +437,15 @@ DECODE_CASES = [(37, 5, 50, 19, True), (37, 5, 50, 19, False), (1, 1, 1, 1, True
 # gradient; D = 1100: a weight-gradient row over two blocks of 1024 columns, a tail of 76
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+# (values' dtype, weight's): each alone, and a float32 weight beside 16-bit values (mixed precision)
+DECODE_DTYPES = [(dtype, dtype) for dtype in DTYPES] + [(torch.bfloat16, torch.float32), (torch.float16, torch.float32)]
+
+
+@pytest.mark.parametrize(("dtype", "weight_dtype"), DECODE_DTYPES, ids=str)
 @pytest.mark.parametrize(("B", "K", "L", "D", "with_bias"), DECODE_CASES)
-def test_sparse_decode(emu, B, K, L, D, with_bias, dtype):
-    values, weight = torch.rand(B, K, dtype=torch.float64).to(dtype), randn(L, D, dtype=dtype)
+def test_sparse_decode(emu, B, K, L, D, with_bias, dtype, weight_dtype):
+    """A float32 weight's gradient is summed and kept in float32: float32's tolerance."""
+    values, weight = torch.rand(B, K, dtype=torch.float64).to(dtype), randn(L, D, dtype=weight_dtype)
     bias = randn(D, dtype=dtype) if with_bias else None
     indices, grad_out = torch.randint(0, L, (B, K)), randn(B, D, dtype=dtype)
     order, starts = latent_runs(indices, L)
@@ -449,22 +454,22 @@ def test_sparse_decode(emu, B, K, L, D, with_bias, dtype):
 
     def run():
         out = poisoned((B, D), dtype)
-        emu("sparse_decode_forward", values, indices, weight, bias, out, dtype, B, K, L, D)
-        grad_values, grad_weight = poisoned((B, K), dtype), poisoned((L, D), dtype)
+        emu("sparse_decode_forward", values, indices, weight, bias, out, dtype, weight_dtype, B, K, L, D)
+        grad_values, grad_weight = poisoned((B, K), dtype), poisoned((L, D), weight_dtype)
         emu("sparse_decode_backward", grad_out, values, indices, weight, order, starts, grad_values, grad_weight,
-            dtype, B, K, L, D)
+            dtype, weight_dtype, B, K, L, D)
         return out, grad_values, grad_weight  # the weight gradient: the same bits under every schedule
 
     def check(out, grad_values, grad_weight):
         assert_close(out, want, dtype, scale=10)
         assert_close(grad_values, want_grads[0], dtype, scale=10)
-        assert_close(grad_weight, want_grads[1], dtype, scale=10)
+        assert_close(grad_weight, want_grads[1], weight_dtype, scale=10)
 
     under_policies(emu, run, check)
     # grad_values null (values_grad=False in the bindings): the weight gradient alone, the same bits.
-    grad_weight = poisoned((L, D), dtype)
+    grad_weight = poisoned((L, D), weight_dtype)
     emu("sparse_decode_backward", grad_out, values, indices, weight, order, starts, None, grad_weight,
-        dtype, B, K, L, D)
+        dtype, weight_dtype, B, K, L, D)
     assert torch.equal(grad_weight, run()[2])
 
 
@@ -487,9 +492,9 @@ def test_sparse_decode_index_out_of_range_reads_nothing_and_gives_nan(emu):
 
     def run():
         out, grad_values, grad_weight = torch.full((B, D), 7.0), torch.full((B, K), 7.0), torch.full((L, D), 7.0)
-        emu("sparse_decode_forward", values, indices, weight, None, out, f32, B, K, L, D)
+        emu("sparse_decode_forward", values, indices, weight, None, out, f32, f32, B, K, L, D)
         emu("sparse_decode_backward", grad_out, values, indices, weight, order, starts, grad_values, grad_weight,
-            f32, B, K, L, D)
+            f32, f32, B, K, L, D)
         return out, grad_values, grad_weight
 
     def check(out, grad_values, grad_weight):
@@ -724,3 +729,13 @@ def test_a_grid_past_cuda_limits_fails_its_launch_instead_of_truncating(planning
     # 2^37 columns: 2^32 column blocks of 32, which a cast to unsigned would make 0.
     status = planning.lib.emu_kl_sparsity_forward(None, 0, 1, 1 << 37, 0.05, 1.0, EPS, 1, None, None, None)
     assert status == 9, f"expected cudaErrorInvalidConfiguration (9), got {status}"
+
+
+def test_sparse_decode_refuses_other_dtype_pairs(emu):
+    """Only a float32 weight beside 16-bit values mixes: float16 beside float32 values,
+    or float32 beside float64, is refused rather than read as the wrong type."""
+    values, indices, out = torch.rand(2, 1), torch.zeros(2, 1, dtype=torch.long), torch.empty(2, 3)
+    for dtype, weight_dtype in ((torch.float32, torch.float16), (torch.float64, torch.float32)):
+        with pytest.raises(AssertionError, match="returned cudaError_t 1"):  # cudaErrorInvalidValue
+            emu("sparse_decode_forward", values.to(dtype), indices, randn(4, 3, dtype=weight_dtype), None,
+                out.to(dtype), dtype, weight_dtype, 2, 1, 4, 3)

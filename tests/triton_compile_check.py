@@ -273,11 +273,13 @@ def topk_launches():
 def decode_launches():
     from aefast.triton_kernels import decode
 
-    for dtype in FLOATS:
+    # Each dtype alone, and a float32 weight beside 16-bit values (mixed precision, autocast's).
+    pairs = [(dtype, dtype) for dtype in FLOATS] + [(dtype, torch.float32) for dtype in FLOATS if dtype.itemsize == 2]
+    for dtype, weight_dtype in pairs:
         # sparse decoder (and topk_encode's backward): forward with and without bias, backward
         for B, K, L, D in ((37, 5, 91, 29), (65536, 32, 1 << 17, 4096)):
             values, indices = meta(B, K, dtype=dtype), meta(B, K, dtype=torch.long)
-            weight = meta(L, D, dtype=dtype)
+            weight = meta(L, D, dtype=weight_dtype)
             decode.sparse_decode_forward(values, indices, weight, meta(D, dtype=dtype))
             decode.sparse_decode_forward(values, indices, weight, None)
             decode.sparse_decode_backward(meta(B, D, dtype=dtype), values, indices, weight)

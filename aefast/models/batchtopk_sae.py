@@ -92,7 +92,7 @@ class BatchTopKSAE(TopKSAE):
                 self.steps_since_fired.add_(1).masked_fill_(fired > 0, 0)
         if self.k_aux:
             values, indices = ae.topk_sparse(pre.masked_fill(~dead, float("-inf")), self.k_aux)
-            aux_hat = ae.sparse_decode(values, indices, self.decoder_weight.to(values.dtype), None)
+            aux_hat = ae.sparse_decode(values, indices, self.decoder_weight_for(values), None)
             aux = squared_error(aux_hat, (target - x_hat).detach()) * dead.any()
         else:
             aux = reconstruction.new_zeros(())

@@ -11,6 +11,7 @@ from torch.nn import functional as F
 import aefast as ae
 from aefast.models.base import AutoencoderModel, detached, squared_error
 from aefast.ops._distributed import reduce_over_ranks_
+from aefast.ops.checks import mixed_precision
 from aefast.ops.topk import check_k
 
 INIT_BLOCK = 4096  # decoder rows drawn per generator: a shard draws only its own blocks
@@ -98,8 +99,16 @@ class TopKSAE(AutoencoderModel):
         values, indices = self.winners(x)
         return values.new_zeros((x.shape[0], self.encoder_weight.shape[0])).scatter_(1, indices, values)
 
+    def decoder_weight_for(self, values: Tensor) -> Tensor:
+        """The decoder weight as sparse_decode takes it beside `values`: a float32 weight
+        as it is beside bfloat16 or float16 values (autocast; the kernels sum in float32
+        and its gradient comes in float32, with no cast of the whole weight either way),
+        otherwise in the values' dtype."""
+        weight = self.decoder_weight
+        return weight if mixed_precision(values.dtype, weight.dtype) else weight.to(values.dtype)
+
     def _decode(self, values: Tensor, indices: Tensor, bias: bool = True) -> Tensor:
-        return ae.sparse_decode(values, indices, self.decoder_weight.to(values.dtype),
+        return ae.sparse_decode(values, indices, self.decoder_weight_for(values),
                                 self.pre_bias.to(values.dtype) if bias else None)
 
     def reconstruct(self, x: Tensor) -> Tensor:

@@ -56,7 +56,7 @@ class LatentShardedTopKSAE(TopKSAE):
         return torch.where(keep, values, 0.0), indices
 
     def _decode_sum(self, values: Tensor, indices: Tensor, bias: bool = True) -> Tensor:
-        partial = ae.sparse_decode(values, indices, self.decoder_weight.to(values.dtype), None)
+        partial = ae.sparse_decode(values, indices, self.decoder_weight_for(values), None)
         # summed in float32 at least: one rounding of the sum, as one process has, not N
         total = sum_over_ranks(partial.to(torch.promote_types(partial.dtype, torch.float32)), self.latent_group)
         return total + self.pre_bias.to(total.dtype) if bias else total

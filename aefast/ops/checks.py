@@ -96,16 +96,35 @@ def autocast_inputs(device: torch.device, *tensors):
     )
 
 
-def check_linear_params(x: Tensor, weight, bias, out_name: str) -> None:
-    """weight (out_name, D) and bias (out_name,) or None, of x's dtype, D = x's last size."""
+def mixed_precision(activations: torch.dtype, weight: torch.dtype) -> bool:
+    """A float32 weight beside float16 or bfloat16 activations: the decode family's
+    kernels read such a weight as it is, sum in float32 and return its gradient in
+    float32 (mixed precision without a cast of the whole weight each step)."""
+    return weight == torch.float32 and activations in (torch.float16, torch.bfloat16)
+
+
+def autocast_weight(device: torch.device, weight):
+    """Under autocast, a weight for the decode family: float32 kept (see mixed_precision),
+    any other floating dtype but float64 in the autocast dtype."""
+    if isinstance(weight, Tensor) and weight.dtype == torch.float32:
+        return weight
+    return autocast_inputs(device, weight)[0]
+
+
+def check_linear_params(x: Tensor, weight, bias, out_name: str, mixed: bool = False) -> None:
+    """weight (out_name, D) and bias (out_name,) or None, of x's dtype, D = x's last size.
+    With `mixed`, a float32 weight and bias also beside float16 or bfloat16 x."""
     width = x.shape[-1]
     if not isinstance(weight, Tensor) or weight.dim() != 2 or weight.shape[1] != width:
         shape = tuple(weight.shape) if isinstance(weight, Tensor) else type(weight).__name__
         raise ValueError(f"weight must be 2-D of shape ({out_name}, D={width}), got {shape}")
     if bias is not None and not isinstance(bias, Tensor):
         raise ValueError(f"bias must be None or a tensor of shape ({weight.shape[0]},), got {type(bias).__name__}")
-    if weight.dtype != x.dtype or (bias is not None and bias.dtype != x.dtype):
-        raise ValueError(f"weight and bias must have x's dtype {x.dtype}")
+    allowed = {x.dtype, torch.float32} if mixed and mixed_precision(x.dtype, torch.float32) else {x.dtype}
+    if weight.dtype not in allowed or (bias is not None and bias.dtype not in allowed):
+        also = " (or float32)" if len(allowed) > 1 else ""
+        raise ValueError(f"weight and bias must have x's dtype {x.dtype}{also}, got {weight.dtype} weight and "
+                         f"{None if bias is None else bias.dtype} bias")
     if bias is not None and tuple(bias.shape) != (weight.shape[0],):
         raise ValueError(f"bias must be None or of shape ({weight.shape[0]},), got {tuple(bias.shape)}")
 

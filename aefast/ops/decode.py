@@ -22,7 +22,13 @@ from aefast.ops._declare import (
     nbytes,
     operator,
 )
-from aefast.ops.checks import autocast_inputs, check_linear_params, without_values
+from aefast.ops.checks import (
+    autocast_inputs,
+    autocast_weight,
+    check_linear_params,
+    mixed_precision,
+    without_values,
+)
 from aefast.ops.topk import K, check_dense, check_k
 
 # ---------------------------------------------------------------- kernels
@@ -198,9 +204,11 @@ def _encode_in_blocks(backend: str, x: Tensor, weight: Tensor, bias: Tensor | No
         parts, aux_parts = [], []
         for c0 in range(0, L, block_latents):
             cols = slice(c0, c0 + block_latents)
-            x_block, w_block = x[rows], weight[cols]
+            # A float32 weight beside float16 or bfloat16 x (mixed precision) is cast a block
+            # at a time for the matmul; the backward reads it as it is.
+            x_block, w_block = x[rows], weight[cols].to(x.dtype)
             out = buffer[:x_block.shape[0] * w_block.shape[0]].view(x_block.shape[0], w_block.shape[0])
-            pre = _linear_relu(x_block, w_block, None if bias is None else bias[cols], out)
+            pre = _linear_relu(x_block, w_block, None if bias is None else bias[cols].to(x.dtype), out)
             chosen, where = select(pre, min(k, pre.shape[1]), False)
             parts.append((chosen, where + c0))
             if dead_latents is not None:
@@ -229,6 +237,7 @@ def _encode_in_blocks(backend: str, x: Tensor, weight: Tensor, bias: Tensor | No
 def _encode_setup(ctx, inputs, output):
     x, weight, bias = inputs[:3]
     ctx.has_bias = bias is not None
+    ctx.bias_dtype = None if bias is None else bias.dtype
     ctx.latents = weight.shape[0]
     ctx.save_for_backward(x, weight, *output)
     ctx.mark_non_differentiable(*output[1::2])  # the indices
@@ -247,7 +256,8 @@ def _winners_backward(ops, ctx, x, weight, values, indices, grad_values):
         # grad bias[l] = sum over (b, k) with idx = l of grad_pre[b, k]: the same weight
         # gradient of a one-column input of ones, in the same fixed order (index_add_
         # adds with atomics on a GPU: runs would differ in the last bits).
-        ones, no_weight = grad_pre.new_ones((grad_pre.shape[0], 1)), grad_pre.new_zeros((ctx.latents, 1))
+        ones = grad_pre.new_ones((grad_pre.shape[0], 1))
+        no_weight = grad_pre.new_zeros((ctx.latents, 1), dtype=ctx.bias_dtype)  # the gradient's dtype
         grad_bias = ops.sparse_decode_backward(ones, grad_pre, indices, no_weight, False)[1].squeeze(1)
     return grad_x, grad_weight, grad_bias
 
@@ -296,13 +306,15 @@ kernel(
 
 def _decode_inputs(args: dict) -> None:
     values = args["values"]
-    args["values"], args["weight"], args["bias"] = values, weight, bias = autocast_inputs(
-        values.device, values, args["weight"], args["bias"])
+    args["values"], args["bias"] = values, bias = autocast_inputs(values.device, values, args["bias"])
+    args["weight"] = weight = autocast_weight(values.device, args["weight"])
     indices = args["indices"]
     if not isinstance(indices, Tensor) or indices.shape != values.shape or indices.dtype != torch.long:
         raise ValueError(f"indices must be an int64 tensor of the values' shape {tuple(values.shape)}")
-    if not isinstance(weight, Tensor) or weight.dim() != 2 or weight.dtype != values.dtype:
-        raise ValueError(f"weight must be 2-D (L, D) of the values' dtype {values.dtype}")
+    if not isinstance(weight, Tensor) or weight.dim() != 2 or not (
+            weight.dtype == values.dtype or mixed_precision(values.dtype, weight.dtype)):
+        raise ValueError(f"weight must be 2-D (L, D) of the values' dtype {values.dtype} (or float32 under float16 "
+                         f"or bfloat16 values)")
     if isinstance(bias, Tensor) and bias.dim() == 1 and bias.shape[0] == weight.shape[0] != weight.shape[1]:
         raise ValueError(f"weight must be (L, D) and bias (D,), got weight {tuple(weight.shape)} and bias "
                          f"{tuple(bias.shape)}: the weight looks transposed (an nn.Linear(L, D) holds (D, L): "
@@ -314,9 +326,9 @@ def _decode_inputs(args: dict) -> None:
 
 def _encode_inputs(args: dict) -> None:
     x = args["x"]
-    args["x"], args["weight"], args["bias"] = x, weight, bias = autocast_inputs(
-        x.device, x, args["weight"], args["bias"])
-    check_linear_params(x, weight, bias, "L")
+    args["x"], args["bias"] = x, bias = autocast_inputs(x.device, x, args["bias"])
+    args["weight"] = weight = autocast_weight(x.device, args["weight"])
+    check_linear_params(x, weight, bias, "L", mixed=True)
     args["k"] = check_k(args["k"], weight.shape[0], "the number of latents")
 
 
@@ -387,8 +399,11 @@ def sparse_decode(ops, values: Tensor, indices: Tensor, weight: Tensor, bias: Te
 
     The weight gradient is deterministic: the (row, slot) pairs are sorted by latent
     and each latent's gradient row is reduced in (row, slot) order, with no atomics,
-    so every run gives the same bits. Under autocast, values, weight and bias run in
-    the autocast dtype, as for a matmul. An index out of [0, L) raises an IndexError
+    so every run gives the same bits. The weight may be float32 beside float16 or
+    bfloat16 values (mixed precision): its rows are read as they are, the sums kept in
+    float32, the output in the values' dtype and the weight gradient in float32. Under
+    autocast, values and bias run in the autocast dtype and a float32 weight so, without
+    a cast of the whole weight or of its gradient. An index out of [0, L) raises an IndexError
     on CPU; on a GPU it makes its row of the output NaN (a check would stall the host)."""
     return ops.sparse_decode_forward(values, indices, weight, bias)
 
@@ -412,7 +427,9 @@ def topk_encode(ops, x: Tensor, weight: Tensor, bias: Tensor | None, k: int) -> 
     sparse decode of the winners' gradients through W, grad W a deterministic
     per-latent scatter of them times x). ReLU before selection: a row with fewer
     than k positive units fills up with zeros at the lowest remaining indices.
-    Under autocast, x, weight and bias run in the autocast dtype."""
+    Under autocast, x and bias run in the autocast dtype; a float32 weight (and bias)
+    may also come beside float16 or bfloat16 x: each block of it is cast for its
+    matmul, and the backward reads it as it is and returns its gradient in float32."""
     return ops.topk_encode(x, weight, bias, k)
 
 

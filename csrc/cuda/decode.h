@@ -14,10 +14,11 @@
 namespace aefast {
 namespace cuda {
 
-// bias may be null.
+// bias may be null. dtype: the values', bias's and output's element type; weight_dtype:
+// the weight's (and its gradient's), dtype or float32 beside float16 or bfloat16 values.
 cudaError_t sparse_decode_forward(const void* values, const int64_t* indices, const void* weight,
-                                  const void* bias, void* out, DType dtype, int64_t B, int64_t K, int64_t L,
-                                  int64_t D, cudaStream_t stream);
+                                  const void* bias, void* out, DType dtype, DType weight_dtype, int64_t B,
+                                  int64_t K, int64_t L, int64_t D, cudaStream_t stream);
 
 // order: the B * K (row, slot) positions sorted by latent, stably; starts: L + 1
 // offsets of each latent's run in order. The weight gradient of latent l is the
@@ -25,8 +26,8 @@ cudaError_t sparse_decode_forward(const void* values, const int64_t* indices, co
 // the values gradient is then not computed (the fused encoder's weight gradient).
 cudaError_t sparse_decode_backward(const void* grad_out, const void* values, const int64_t* indices,
                                    const void* weight, const int64_t* order, const int64_t* starts,
-                                   void* grad_values, void* grad_weight, DType dtype, int64_t B, int64_t K,
-                                   int64_t L, int64_t D, cudaStream_t stream);
+                                   void* grad_values, void* grad_weight, DType dtype, DType weight_dtype,
+                                   int64_t B, int64_t K, int64_t L, int64_t D, cudaStream_t stream);
 
 }  // namespace cuda
 }  // namespace aefast

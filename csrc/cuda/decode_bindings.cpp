@@ -30,8 +30,8 @@ at::Tensor sparse_decode_forward_op(const at::Tensor& values_in, const at::Tenso
   const int64_t B = values.size(0), K = values.size(1), L = weight.size(0), D = weight.size(1);
   auto out = at::empty({B, D}, values.options());
   check(sparse_decode_forward(values.const_data_ptr(), indices.const_data_ptr<int64_t>(), weight.const_data_ptr(),
-                              bias.defined() ? bias.const_data_ptr() : nullptr, out.data_ptr(), dtype_of(values), B, K,
-                              L, D, stream()));
+                              bias.defined() ? bias.const_data_ptr() : nullptr, out.data_ptr(), dtype_of(values),
+                              dtype_of(weight), B, K, L, D, stream()));
   return out;
 }
 
@@ -58,7 +58,7 @@ std::tuple<at::Tensor, at::Tensor> sparse_decode_backward_op(const at::Tensor& g
                                weight.const_data_ptr(), order.const_data_ptr<int64_t>(),
                                starts.const_data_ptr<int64_t>(), values_grad ? grad_values.data_ptr() : nullptr,
                                grad_weight.data_ptr(),
-                               dtype_of(values), B, K, L, D, stream()));
+                               dtype_of(values), dtype_of(weight), B, K, L, D, stream()));
   return {grad_values, grad_weight};
 }
 

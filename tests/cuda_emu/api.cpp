@@ -98,15 +98,16 @@ int emu_reparameterize_backward(const void* grad_z, const void* grad_kl, const v
 }
 
 int emu_sparse_decode_forward(const void* values, const int64_t* indices, const void* weight, const void* bias,
-                              void* out, int dtype, int64_t B, int64_t K, int64_t L, int64_t D) {
-  return status(sparse_decode_forward(values, indices, weight, bias, out, dt(dtype), B, K, L, D, nullptr));
+                              void* out, int dtype, int weight_dtype, int64_t B, int64_t K, int64_t L, int64_t D) {
+  return status(
+      sparse_decode_forward(values, indices, weight, bias, out, dt(dtype), dt(weight_dtype), B, K, L, D, nullptr));
 }
 
 int emu_sparse_decode_backward(const void* grad_out, const void* values, const int64_t* indices, const void* weight,
                                const int64_t* order, const int64_t* starts, void* grad_values, void* grad_weight,
-                               int dtype, int64_t B, int64_t K, int64_t L, int64_t D) {
+                               int dtype, int weight_dtype, int64_t B, int64_t K, int64_t L, int64_t D) {
   return status(sparse_decode_backward(grad_out, values, indices, weight, order, starts, grad_values, grad_weight,
-                                       dt(dtype), B, K, L, D, nullptr));
+                                       dt(dtype), dt(weight_dtype), B, K, L, D, nullptr));
 }
 
 int emu_topk_select(const void* x, int dtype, int64_t B, int64_t H, int64_t k, int64_t chunks, int packed,
