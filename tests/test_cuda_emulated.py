@@ -652,7 +652,7 @@ def test_a_collective_waiting_for_an_exited_lane_is_an_error_not_a_hang(emu):
     order, starts = torch.sort(indices.flatten(), stable=True).indices, torch.zeros(6, dtype=torch.int64)
     starts[1:] = torch.cumsum(torch.bincount(indices.flatten(), minlength=5), 0)
     args = (grad_out, values, indices, weight, order, starts, torch.empty(3, 2), torch.empty(5, 4),
-            torch.float32, 3, 2, 5, 4)
+            torch.float32, torch.float32, 3, 2, 5, 4)
     with pytest.raises(EmulatorError, match="lane 31 .*has exited"):
         variant("sparse_decode_backward", *args)
     emu("sparse_decode_backward", *args)  # the intact kernel runs
@@ -709,8 +709,8 @@ def test_launch_plans_at_users_sizes_stay_within_cuda_limits(planning):
               ("reparameterize_forward", None, None, None, None, None, f32, 8 << 20, (8 << 20) * 64, None),
               ("reparameterize_backward", None, None, None, None, None, None, f32, 8 << 20, (8 << 20) * 64, None)]
     B, K, L, D = 65536, 32, 1 << 20, 8192
-    cases += [("sparse_decode_forward", None, None, None, None, None, f32, B, K, L, D),
-              ("sparse_decode_backward", None, None, None, None, None, None, None, None, f32, B, K, L, D)]
+    cases += [("sparse_decode_forward", None, None, None, None, None, f32, f32, B, K, L, D),
+              ("sparse_decode_backward", None, None, None, None, None, None, None, None, f32, f32, B, K, L, D)]
     workspace = ctypes.c_void_p(1)  # never touched in plan-only mode
     for B, H, k in ((4096, 65536, 32), (65536, 1 << 20, 32), (1, 1 << 28, 4096 * 32), (3, 1 << 30, 7)):
         chunks = emu.query("topk_row_chunks", B, H, H200_SMS)
