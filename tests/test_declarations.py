@@ -169,11 +169,17 @@ def test_a_kernel_without_a_derivative_is_an_error_not_zero():
     formulas). A kernel declared without one says so, by name."""
     if not backends.CPP_BUILT:
         pytest.skip("aefast._C is not built")
-    assert [name for name, k in KERNELS.items() if k.backward is None] == ["corrupt_window"]
+    assert [name for name, k in KERNELS.items() if k.backward is None] == ["corrupt_window", "corrupt_window_and_mask"]
     x = torch.rand(4, 6, requires_grad=True)
     window = kernels("cpp").corrupt_window(x, 0, 0, 6, "masking", 0.3, torch.tensor(1), 0.0, 1.0)
     with pytest.raises(RuntimeError, match="aefast::corrupt_window has no derivative"):
         window.sum().backward()
+    # It writes its gradient window in place, which takes no formula: refused where one is needed.
+    args = (0, 0, 6, "masking", 0.3, torch.tensor(1), 0.0, 1.0)
+    with pytest.raises(RuntimeError, match="aefast::corrupt_window_and_mask has no derivative"):
+        kernels("cpp").corrupt_window_and_mask(x, torch.rand(4, 6), *args)
+    with torch.no_grad():
+        kernels("cpp").corrupt_window_and_mask(x, torch.rand(4, 6), *args)
 
 
 @pytest.mark.parametrize("op", sorted(OPERATORS))

@@ -205,6 +205,75 @@ def test_corrupt_window_is_the_window_of_the_whole_corrupted_matrix(kind, poison
     torch.library.opcheck(window, (x.t(), 0, 3, 12, kind, LEVELS[kind], seed, 0.0, 1.0))
 
 
+@pytest.mark.parametrize("kind", [k for k in KINDS if k != "gaussian"])
+def test_corrupt_window_and_mask_draws_once_for_x_and_its_gradient(kind, poisoned):
+    """corrupt_window of x, and the same window's gradient masked in place as corrupt's
+    gradient masks it: the reference's mask of the whole matrix, for whole rows (one
+    range) and for column windows and row-strided gradients (row by row)."""
+    both, window = kernels("cpp").corrupt_window_and_mask, kernels("cpp").corrupt_window
+    seed = torch.tensor(BIG_SEED)
+    for dtype in DTYPES:
+        whole = torch.rand(23, 301, dtype=torch.float64).to(dtype)
+        grad = torch.randn(23, 301, dtype=torch.float64).to(dtype)
+        want = reference.corrupt(whole, kind, LEVELS[kind], seed, -0.1, 2.3)
+        want_grad = torch.autograd.functional.vjp(
+            lambda t: reference.corrupt(t, kind, LEVELS[kind], seed, -0.1, 2.3), whole.double(), grad.double())[1]
+        for rows, cols in [(slice(0, 23), slice(0, 301)), (slice(5, 6), slice(0, 301)), (slice(3, 20), slice(7, 263)),
+                           (slice(22, 23), slice(300, 301))]:
+            for padded in (grad.clone(), torch.nn.functional.pad(grad, (0, 5)).clone()):  # rows of 301 and 306
+                got_grad = padded[rows, cols]
+                # the bits of the gradient's mask as corrupt_window draws it alone (low = high = 0)
+                alone = window(got_grad, rows.start, cols.start, 301, kind, LEVELS[kind], seed, 0.0, 0.0)
+                got = both(whole[rows, cols], got_grad, rows.start, cols.start, 301, kind, LEVELS[kind], seed, -0.1,
+                           2.3)
+                assert got.dtype == got_grad.dtype == dtype
+                assert torch.equal(got, want[rows, cols])
+                assert torch.equal(got_grad, alone)
+                assert_close(got_grad, want_grad[rows, cols], dtype)
+    x = torch.rand(9, 13)
+    torch.library.opcheck(both, (x, torch.randn(9, 13), 4, 20, 40, kind, LEVELS[kind], seed, 0.0, 1.0))
+    with pytest.raises(ValueError, match=r"grad must be a window of x's shape \[9, 13\]"):
+        both(x, torch.randn(9, 12), 0, 0, 13, kind, 0.3, seed, 0.0, 1.0)
+    with pytest.raises(ValueError, match="with rows of unit stride"):
+        both(x, torch.randn(13, 9).t(), 0, 0, 13, kind, 0.3, seed, 0.0, 1.0)
+    with pytest.raises(ValueError, match="gradient of gaussian noise is the identity"):
+        both(x, torch.randn(9, 13), 0, 0, 13, "gaussian", 0.3, seed, 0.0, 1.0)
+
+
+@pytest.mark.parametrize("create_graph", [False, True])
+def test_cpu_noisy_linear_backward_draws_once_for_both_gradients(create_graph, monkeypatch):
+    """The CPU backward draws each window's noise once for grad x and grad W (three
+    windows here), not once per gradient; where the gradients are differentiated again
+    (create_graph) it keeps the differentiable kernels."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from aefast.ops import noise
+
+    class Calls(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.append(func.__name__.split(".")[0])
+            return func(*args, **(kwargs or {}))
+
+    monkeypatch.setattr(noise, "WINDOW_ELEMENTS", 700)  # windows of 70, 70 and 60 rows of 10
+    x, w, b = leaf(torch.rand(200, 10)), leaf(torch.randn(5, 10)), leaf(torch.randn(5))
+    g = torch.randn(200, 5)
+    with ae.backend("cpp"):
+        out = ae.noisy_linear(x, w, b, "dropout", 0.4, seed=BIG_SEED)
+        calls = Calls()
+        with calls:
+            grads = torch.autograd.grad(out, (x, w, b), g, create_graph=create_graph)
+    want = torch.autograd.grad(reference.noisy_linear(x, w, b, "dropout", 0.4, BIG_SEED), (x, w, b), g)
+    for got, expected in zip(grads, want):
+        assert_close(got, expected, torch.float32, scale=40)
+    drawn = [n for n in calls.names if n.startswith("corrupt_window") or n.startswith("noisy_linear_grad")]
+    assert drawn == (["noisy_linear_grad_input", "noisy_linear_grad_weight"] if create_graph
+                     else ["corrupt_window_and_mask"] * 3), drawn
+
+
 def test_outputs_of_32_mib_and_more_are_streamed_to_the_same_results(poisoned):
     """The CPU kernels write float32 outputs of 32 MiB and more around the caches
     (noise.cpp, write_block): the same bits as windows below that size, written in place,

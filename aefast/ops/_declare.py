@@ -150,6 +150,8 @@ def backward_kernels(implementation: str, device: torch.device) -> Kernels:
 
 def _register(k: Kernel, op, implementation: str) -> None:
     torch.library.register_fake(op)(k.fake)
+    if k.backward is None and "!)" in k.schema:
+        return  # a kernel that writes an argument in place takes no formula (torch refuses one)
     if k.backward is None:
         # Without a formula, autograd would warn once and give the kernel zero gradients
         # (a C++ op's fallback): a double backward through the backward kernels said 0

@@ -114,6 +114,25 @@ kernel(
 )
 
 
+def _corrupt_window_and_mask_reference(x, grad, row_offset, col_offset, row_length, kind, level, seed, low, high):
+    where = (row_offset, col_offset, row_length, kind, level, seed)
+    grad.copy_(_corrupt_window_reference(grad, *where, 0.0, 0.0))
+    return _corrupt_window_reference(x, *where, low, high)
+
+
+# corrupt_window of x, and from the same draws grad (a window of x's shape, rows of unit
+# stride) masked in place as corrupt's gradient masks it (zero where hit, survivors scaled
+# for dropout; not for gaussian noise, whose gradient is the identity). CPU only; the CPU
+# noisy_linear's backward draws once for both its gradients with it (no autograd of its own).
+kernel(
+    "corrupt_window_and_mask(Tensor x, Tensor(a!) grad, int row_offset, int col_offset, int row_length, str kind, "
+    "float level, Tensor seed, float low, float high) -> Tensor",
+    fake=lambda x, grad, row_offset, col_offset, row_length, kind, level, seed, low, high: dense_like(x),
+    reference=_corrupt_window_and_mask_reference,
+    native=CPP, native_devices=("cpu",),
+)
+
+
 def _reparameterize_setup(ctx, inputs, output):
     ctx.save_for_backward(*inputs)  # mu, logvar, seed: eps is regenerated
 
@@ -185,6 +204,7 @@ def _last_level_cache_bytes() -> int | None:
 # system, whose fresh pages this VM faults in slowly. (Tests make it small.)
 WINDOW_ELEMENTS = min(max((_last_level_cache_bytes() or 0) // 16, 1 << 21), 1 << 23)
 MIN_WINDOW_COLUMNS = 512
+MIN_WINDOW_ROWS = 64
 
 
 def _row_windows(rows: int, cols: int):
@@ -242,6 +262,31 @@ def _noisy_linear_grad_weight_composite(grad_out, x, kind, level, seed, low, hig
     return grad_weight
 
 
+def _windows_of_many_rows(rows: int, cols: int) -> bool:
+    """Whether x's row windows are one, or of MIN_WINDOW_ROWS rows or more: thinner ones
+    would make thin matmuls of the weight gradient (very wide x keeps its column windows)."""
+    return rows * cols <= WINDOW_ELEMENTS or WINDOW_ELEMENTS // cols >= MIN_WINDOW_ROWS
+
+
+def _noisy_linear_grads_in_windows(ops, grad_out, x, weight, kind, level, seed, low, high):
+    """Both gradients of the CPU noisy_linear from one draw of the noise: by row windows
+    of x, each window's draws making corrupt(x) (for grad W = G^T corrupt(x)) and masking
+    G W (grad x) while both are in cache. The two gradients apart draw it twice. Not for
+    gaussian noise (grad x needs no draw) nor where the gradients are differentiated
+    again (corrupt_window_and_mask has no derivative)."""
+    grad_out = grad_out.to(x.dtype)
+    rows, cols = x.shape
+    grad_x, grad_weight = x.new_empty(rows, cols), x.new_empty(weight.shape[0], cols)
+    for r, n in _row_windows(rows, cols):
+        product = torch.mm(grad_out[r:r + n], weight, out=grad_x[r:r + n])  # masked in place below
+        window = ops.corrupt_window_and_mask(x[r:r + n], product, r, 0, cols, kind, level, seed, low, high)
+        if r == 0:
+            torch.mm(grad_out[r:r + n].t(), window, out=grad_weight)
+        else:
+            grad_weight.addmm_(grad_out[r:r + n].t(), window)
+    return grad_x, grad_weight
+
+
 def _fused_noisy_matmul(t: Tensor) -> bool:
     """Whether Triton's noisy matmul (x corrupted tile by tile as it is loaded) runs,
     rather than Triton's corrupt followed by PyTorch's matmul: where its dot runs on
@@ -280,11 +325,16 @@ def _noisy_linear_setup(ctx, inputs, output):
 def _noisy_linear_backward(ops, ctx, grad_out):
     x, weight, seed = ctx.saved_tensors
     need_x, need_weight, need_bias = ctx.needs_input_grad[:3]
-    grad_x = ops.noisy_linear_grad_input(grad_out, weight, ctx.kind, ctx.level, seed) if need_x else None
-    grad_weight = (
-        ops.noisy_linear_grad_weight(grad_out, x, ctx.kind, ctx.level, seed, ctx.low, ctx.high)
-        if need_weight else None
-    )
+    both_from_one_draw = ops.get("corrupt_window_and_mask") and _windows_of_many_rows(*x.shape)
+    if both_from_one_draw and need_x and need_weight and ctx.kind != "gaussian" and not torch.is_grad_enabled():
+        grad_x, grad_weight = _noisy_linear_grads_in_windows(ops, grad_out, x, weight, ctx.kind, ctx.level, seed,
+                                                             ctx.low, ctx.high)
+    else:
+        grad_x = ops.noisy_linear_grad_input(grad_out, weight, ctx.kind, ctx.level, seed) if need_x else None
+        grad_weight = (
+            ops.noisy_linear_grad_weight(grad_out, x, ctx.kind, ctx.level, seed, ctx.low, ctx.high)
+            if need_weight else None
+        )
     grad_bias = grad_out.sum(0).to(x.dtype) if ctx.has_bias and need_bias else None
     return grad_x, grad_weight, grad_bias, None, None, None, None, None
 

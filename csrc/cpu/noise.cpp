@@ -530,9 +530,13 @@ Simd register_normals_simd(const at::Tensor& t) {
 // corrupts its input a cache-sized window at a time, just before the matmul of it:
 // a window is never streamed (a 32 MiB one was, at 4096 x 4096, and the matmul then read
 // it back from memory); `corrupt`, whose output has no reader yet, streams a large one.
+// With grad (a window of x's shape and dtype, rows of unit stride), the same draws also
+// mask grad in place as corrupt's gradient masks it (zero where hit, survivors scaled for
+// dropout): the CPU noisy_linear's backward draws once for both its gradients. Not for
+// gaussian noise, whose gradient is the identity.
 at::Tensor corrupt_rows(const at::Tensor& x, int64_t row_offset, int64_t col_offset, int64_t row_length,
                         c10::string_view kind, double level, const at::Tensor& seed, double low, double high,
-                        bool may_stream) {
+                        bool may_stream, const at::Tensor& grad = at::Tensor()) {
   const int k = noise_args::parse_kind(kind);
   noise_args::check_level(k, level);
   TORCH_CHECK_VALUE(x.dim() == 2, "x must be a 2-D window, got ", x.dim(), "-D");
@@ -540,6 +544,14 @@ at::Tensor corrupt_rows(const at::Tensor& x, int64_t row_offset, int64_t col_off
   TORCH_CHECK_VALUE(row_offset >= 0 && col_offset >= 0 && col_offset + C <= row_length,
                     "the window (", R, ", ", C, ") at (", row_offset, ", ", col_offset,
                     ") must lie in rows of row_length ", row_length);
+  const bool with_grad = grad.defined();
+  if (with_grad) {
+    TORCH_CHECK_VALUE(k != nz::kGaussian, "grad: the gradient of gaussian noise is the identity, no mask");
+    TORCH_CHECK_VALUE(grad.sizes() == x.sizes() && grad.scalar_type() == x.scalar_type() && grad.stride(1) == 1,
+                      "grad must be a window of x's shape ", x.sizes(), " and dtype ", x.scalar_type(),
+                      " with rows of unit stride, got ", grad.sizes(), " ", grad.scalar_type(), " of strides ",
+                      grad.strides());
+  }
   const uint64_t s = read_seed(seed, x);
   const at::Tensor xs = x.stride(1) == 1 ? x : x.contiguous();
   at::Tensor out = empty_output({R, C}, x.options());
@@ -551,6 +563,8 @@ at::Tensor corrupt_rows(const at::Tensor& x, int64_t row_offset, int64_t col_off
     const scalar_t* src = xs.data_ptr<scalar_t>();
     scalar_t* dst = out.data_ptr<scalar_t>();
     const int64_t stride = xs.stride(0);
+    scalar_t* grad_data = with_grad ? grad.data_ptr<scalar_t>() : nullptr;  // masked in place
+    const int64_t grad_stride = with_grad ? grad.stride(0) : 0;
     const bool stream = may_stream && out.nbytes() >= kStreamedOutputBytes;
     // Gaussian float32 with AVX-512 or AVX2: each range's normals made in registers.
     // (Generic, so that the float32 call is compiled for float32 alone.)
@@ -562,11 +576,15 @@ at::Tensor corrupt_rows(const at::Tensor& x, int64_t row_offset, int64_t col_off
       }
 #endif
     };
-    auto apply = [&](const scalar_t* from, scalar_t* to, int64_t ne, const float* draws) {
+    auto apply_to = [&](const scalar_t* from, scalar_t* to, int64_t ne, const float* draws, A lo, A hi) {
       write_block(to, ne, stream, [&](scalar_t* results) {
-        corrupt_span_any(k, from, results, ne, draws, static_cast<float>(level), scale, static_cast<A>(low),
-                         static_cast<A>(high));
+        corrupt_span_any(k, from, results, ne, draws, static_cast<float>(level), scale, lo, hi);
       });
+    };
+    // x's span [x_at, x_at + ne) and, with grad, grad's at grad_at (low = high = 0: the mask).
+    auto apply = [&](int64_t x_at, int64_t out_at, int64_t grad_at, int64_t ne, const float* draws) {
+      apply_to(src + x_at, dst + out_at, ne, draws, static_cast<A>(low), static_cast<A>(high));
+      if (with_grad) apply_to(grad_data + grad_at, grad_data + grad_at, ne, draws, A(0), A(0));
     };
     const int64_t first = row_offset * row_length + col_offset;
     if (C == row_length && stride == C) {  // whole rows: one range, split by blocks
@@ -576,10 +594,14 @@ at::Tensor corrupt_rows(const at::Tensor& x, int64_t row_offset, int64_t col_off
         });
         return;
       }
-      for_each_block(first, first + R * C, s, k == nz::kGaussian, [&](int64_t, int64_t e0, int64_t ne, const float* d) {
-        apply(src + (e0 - first), dst + (e0 - first), ne, d);
-      });
-      return;
+      const bool grad_whole = !with_grad || grad_stride == C;  // else by rows, below
+      if (grad_whole) {
+        for_each_block(first, first + R * C, s, k == nz::kGaussian,
+                       [&](int64_t, int64_t e0, int64_t ne, const float* d) {
+                         apply(e0 - first, e0 - first, e0 - first, ne, d);
+                       });
+        return;
+      }
     }
     at::parallel_for(0, R, std::max<int64_t>(1, kBlockElements * 16 / C), [&](int64_t r0, int64_t r1) {
       for (int64_t i = r0; i < r1; ++i) {
@@ -591,7 +613,7 @@ at::Tensor corrupt_rows(const at::Tensor& x, int64_t row_offset, int64_t col_off
         }
         blocks_in(begin, end, begin / kBlockElements, (end - 1) / kBlockElements + 1, s, k == nz::kGaussian,
                   [&](int64_t, int64_t e0, int64_t ne, const float* d) {
-                    apply(src + i * stride + (e0 - begin), dst + i * C + (e0 - begin), ne, d);
+                    apply(i * stride + (e0 - begin), i * C + (e0 - begin), i * grad_stride + (e0 - begin), ne, d);
                   });
       }
       fence_streams();
@@ -603,6 +625,18 @@ at::Tensor corrupt_rows(const at::Tensor& x, int64_t row_offset, int64_t col_off
 at::Tensor corrupt_window(const at::Tensor& x, int64_t row_offset, int64_t col_offset, int64_t row_length,
                           c10::string_view kind, double level, const at::Tensor& seed, double low, double high) {
   return corrupt_rows(x, row_offset, col_offset, row_length, kind, level, seed, low, high, false);
+}
+
+at::Tensor corrupt_window_and_mask(const at::Tensor& x, at::Tensor& grad, int64_t row_offset, int64_t col_offset,
+                                   int64_t row_length, c10::string_view kind, double level, const at::Tensor& seed,
+                                   double low, double high) {
+  TORCH_CHECK_VALUE(grad.defined(), "grad must be a tensor");
+  // An op that writes an argument takes no autograd formula: where one would be needed,
+  // an error, not the autograd fallback's silent zero gradients.
+  TORCH_CHECK(!(at::GradMode::is_enabled() && (x.requires_grad() || grad.requires_grad())),
+              "aefast::corrupt_window_and_mask has no derivative: call it under torch.no_grad() (as the CPU "
+              "noisy_linear's backward does)");
+  return corrupt_rows(x, row_offset, col_offset, row_length, kind, level, seed, low, high, false, grad);
 }
 
 // The whole of x (any shape) is one window: a row of x.numel() elements.
@@ -690,6 +724,7 @@ std::tuple<at::Tensor, at::Tensor> reparameterize_backward(const at::Tensor& gra
 TORCH_LIBRARY_IMPL(aefast, CPU, m) {
   m.impl("corrupt", &corrupt);
   m.impl("corrupt_window", &corrupt_window);
+  m.impl("corrupt_window_and_mask", &corrupt_window_and_mask);
   m.impl("reparameterize_forward", &reparameterize_forward);
   m.impl("reparameterize_backward", &reparameterize_backward);
 }
