@@ -48,6 +48,14 @@ def test_noisy_linear_and_sparse_decode_follow_autocast():
     assert torch.equal(decoded, ae.sparse_decode(values, indices, table))
 
 
+def test_contractive_penalty_takes_the_wider_dtype_under_autocast():
+    h, w = torch.rand(5, 4).bfloat16(), torch.randn(4, 7)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        penalty = ae.contractive_penalty(h, w)
+    assert penalty.dtype == torch.float32
+    torch.testing.assert_close(penalty, ae.contractive_penalty(h.float(), w))
+
+
 @pytest.mark.parametrize(("device", "backend"), op_backends("sparse_decode"))
 def test_sparse_decode_reads_a_float32_weight_beside_16_bit_values(device, backend, poisoned):
     """Output and values gradient in the values' dtype, the weight gradient in float32,
