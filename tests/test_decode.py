@@ -190,6 +190,42 @@ def test_topk_encode_matches_reference(device, backend, poisoned):
             assert_same_gradients(values, want_values, [t for t in (x, w, b) if t is not None], g)
 
 
+@pytest.mark.parametrize("blocks", ["whole rows", "tiny blocks"])
+@pytest.mark.parametrize(("device", "backend"), op_backends("topk_encode_aux"))
+def test_topk_encode_rows_with_fewer_than_k_positive_units(device, backend, blocks, monkeypatch):
+    """A row with fewer than k positive pre-activations takes the ReLU's zeros at the
+    lowest latent indices, not at its largest negative units (a CPU selects first and
+    clamps after: such rows are chosen again). The negative units here are largest at
+    every third latent, so the two differ."""
+    import aefast.ops.decode as decode
+
+    if blocks == "tiny blocks":  # short rows in some latent blocks and not in others
+        for prefix in ("", "GPU_"):
+            monkeypatch.setattr(decode, prefix + "ENCODER_BLOCK_ROWS", 5)
+            monkeypatch.setattr(decode, prefix + "ENCODER_BLOCK_ELEMENTS", 5 * 37)
+    B, D, L, k = 12, 5, 150, 16
+    x = integer_valued((B, D), device, torch.float32, -1, 2)
+    x[:4] = 0  # the bias alone: 4 positive units
+    x[8:] *= 3  # many positive units
+    x = leaf(x)
+    w = leaf(integer_valued((L, D), device, torch.float32, -2, 3))
+    bias = -1.0 - torch.arange(L) % 3
+    bias[[7, 50, 123, 149]] = 2.0
+    b = leaf(bias.to(device))
+    positive = (torch.nn.functional.linear(x, w, b) > 0).sum(1)
+    assert (positive < k).any() and (positive >= k).any()
+    with ae.backend(backend):
+        values, indices = ae.topk_encode(x, w, b, k)
+        aux = ae.topk_encode_aux(x, w, b, k, (torch.arange(L) % 2 == 0).to(device), 20)
+        few_dead = ae.topk_encode_aux(x, w, b, k, (torch.arange(L) < 6).to(device), 20)
+    want_values, want_indices = reference.topk_encode(x, w, b, k)
+    assert torch.equal(indices, want_indices) and torch.equal(values, want_values)
+    for got, dead in [(aux, torch.arange(L) % 2 == 0), (few_dead, torch.arange(L) < 6)]:
+        for g, e in zip(got, reference.topk_encode_aux(x, w, b, k, dead.to(device), 20)):
+            assert torch.equal(g, e)
+    assert_same_gradients(values, want_values, (x, w, b), integer_valued((B, k), device, torch.float32))
+
+
 @pytest.mark.parametrize(("device", "backend"), op_backends("topk_encode"))
 def test_topk_encode_gradcheck_opcheck_and_saved_tensors(device, backend):
     x = torch.randn(5, 6, dtype=torch.float64, device=device, requires_grad=True)

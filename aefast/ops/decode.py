@@ -154,13 +154,29 @@ def _merged(select, parts: list[tuple[Tensor, Tensor]], k: int) -> tuple[Tensor,
     return values, torch.cat([i for _, i in parts], 1).gather(1, where)
 
 
-def _linear_relu(x: Tensor, weight: Tensor, bias: Tensor | None, out: Tensor) -> Tensor:
-    """relu(x @ weight.T + bias) into `out`; with a bias, the ReLU in the matmul's
-    epilogue (cuBLASLt on a GPU: no second pass over the block, 0.06 ms of a 4096 x 16384
-    bfloat16 block on an H200; elsewhere addmm then relu)."""
+def _preactivation(x: Tensor, weight: Tensor, bias: Tensor | None, out: Tensor, relu: bool) -> Tensor:
+    """x @ weight.T + bias into `out`, and with `relu` its ReLU: with a bias, in the
+    matmul's epilogue (cuBLASLt on a GPU: no second pass over the block, 0.06 ms of a
+    4096 x 16384 bfloat16 block on an H200; elsewhere addmm then relu)."""
+    if not relu:
+        return torch.mm(x, weight.t(), out=out) if bias is None else torch.addmm(bias, x, weight.t(), out=out)
     if bias is None:
         return torch.mm(x, weight.t(), out=out).relu_()
     return torch._addmm_activation(bias, x, weight.t(), out=out)
+
+
+def _top_of_relu(select, pre: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """The top k of relu(pre), ties to the lower index, from pre itself: on a CPU the
+    ReLU is a pass of its own over the block (1.5 ms of a 1024 x 8192 float32 block's 70
+    ms addmm, 1.9 of bfloat16's 17). Selecting, then clamping the winners, agrees with it
+    wherever a row's k-th largest is positive. A row whose is not has fewer than k
+    positive units, and the ReLU's zeros go to the lowest indices among the rest, not to
+    the largest negatives: such rows are selected again over their ReLU."""
+    values, where = select(pre, k, True)
+    short = (values[:, -1] == 0).nonzero().squeeze(1)  # values sorted: the k-th is the last
+    if short.numel():
+        values[short], where[short] = select(pre[short].clamp_min_(0.0), k, False)
+    return values, where
 
 
 def _encode_in_blocks(backend: str, x: Tensor, weight: Tensor, bias: Tensor | None, k: int,
@@ -173,22 +189,26 @@ def _encode_in_blocks(backend: str, x: Tensor, weight: Tensor, bias: Tensor | No
     B, L = x.shape[0], weight.shape[0]
     values = x.new_empty((B, k))
     indices = torch.empty((B, k), dtype=torch.long, device=x.device)
-    # On CPU, with k_aux dead latents or more, the aux selection runs on each block's
-    # dead columns alone, gathered (reading the count costs nothing there: no device to
-    # wait for). Elsewhere, and with fewer (the reference's slots past the dead latents
-    # are the lowest live ones), on the whole block with the live latents at -inf.
+    # On CPU the aux selection runs on each block's dead columns alone, gathered (reading
+    # their number costs nothing there: no device to wait for), and the reference's
+    # slots past the dead latents (-inf, clamped to 0) are put at the lowest live ones
+    # after. Elsewhere, on the whole block with the live latents at -inf.
     dead_latents = None
     if dead is not None:
         aux_values = x.new_empty((B, k_aux))
         aux_indices = torch.empty((B, k_aux), dtype=torch.long, device=x.device)
-        if x.device.type == "cpu" and int(dead.sum()) >= k_aux:
+        if x.device.type == "cpu":
             dead_latents = dead.nonzero().squeeze(1)  # in latent order
+            aux_found = min(k_aux, dead_latents.numel())
+            aux_values[:, aux_found:] = 0.0
+            aux_indices[:, aux_found:] = (~dead).nonzero().squeeze(1)[:k_aux - aux_found]
         else:
             # -inf on the live latents, +inf on the dead: a block's minimum with it is the
             # reference's fill of -inf on the live ones (+inf and -0.0 kept), one broadcast
-            # op (on CPU 0.6 ms for a 1024 x 8192 block; masked_fill_ took 2.7).
+            # op (0.6 ms for a 1024 x 8192 block on a CPU, where masked_fill_ took 2.7).
             live_to_minus_inf = torch.where(dead, float("inf"), float("-inf")).to(x.dtype)
     block_rows, block_latents = _encoder_tile(B, L, gpu=x.device.type == "cuda")
+    relu_in_selection = x.device.type == "cpu"  # no matmul epilogue to put it in (_top_of_relu)
     if dead_latents is not None:
         # Where each latent block's dead latents begin and end in dead_latents, and one
         # buffer for the largest block's gathered columns.
@@ -208,8 +228,12 @@ def _encode_in_blocks(backend: str, x: Tensor, weight: Tensor, bias: Tensor | No
             # at a time for the matmul; the backward reads it as it is.
             x_block, w_block = x[rows], weight[cols].to(x.dtype)
             out = buffer[:x_block.shape[0] * w_block.shape[0]].view(x_block.shape[0], w_block.shape[0])
-            pre = _linear_relu(x_block, w_block, None if bias is None else bias[cols].to(x.dtype), out)
-            chosen, where = select(pre, min(k, pre.shape[1]), False)
+            b_block = None if bias is None else bias[cols].to(x.dtype)
+            pre = _preactivation(x_block, w_block, b_block, out, relu=not relu_in_selection)
+            if relu_in_selection:
+                chosen, where = _top_of_relu(select, pre, min(k, pre.shape[1]))
+            else:
+                chosen, where = select(pre, min(k, pre.shape[1]), False)
             parts.append((chosen, where + c0))
             if dead_latents is not None:
                 # The block's dead columns, in latent order: 1024 x 8192 with one in 8 dead,
@@ -221,14 +245,17 @@ def _encode_in_blocks(backend: str, x: Tensor, weight: Tensor, bias: Tensor | No
                     block_dead = dead_latents[first:last]
                     columns = gathered[:pre.shape[0] * (last - first)].view(pre.shape[0], last - first)
                     torch.gather(pre, 1, (block_dead - c0).expand(pre.shape[0], -1), out=columns)
-                    chosen, where = select(columns, min(k_aux, last - first), False)
+                    # The ReLU here, not after: most rows' dead units are short of positive ones.
+                    chosen, where = select(columns.clamp_min_(0.0), min(k_aux, last - first), False)
                     aux_parts.append((chosen, block_dead[where]))
             elif dead is not None:
                 chosen, where = select(torch.minimum(pre, live_to_minus_inf[cols], out=pre), min(k_aux, pre.shape[1]),
                                        False)
                 aux_parts.append((chosen, where + c0))
         values[rows], indices[rows] = _merged(select, parts, k)
-        if dead is not None:
+        if dead_latents is not None and aux_found:
+            aux_values[rows, :aux_found], aux_indices[rows, :aux_found] = _merged(select, aux_parts, aux_found)
+        elif dead_latents is None and dead is not None:
             chosen, aux_indices[rows] = _merged(select, aux_parts, k_aux)
             aux_values[rows] = chosen.clamp_min_(0.0)  # a slot past the dead latents: zero
     return (values, indices) if dead is None else (values, indices, aux_values, aux_indices)
