@@ -218,10 +218,10 @@ def test_bench_verdict_names_each_ops_floor_and_the_ops_below_half_of_it():
     assert lines[1] == "- slow: floor copy; worst 30% (aefast[cpp], large float32 forward): BELOW 50%"
     assert lines[2].startswith("- fast: floor copy; worst 70%") and lines[2].endswith(": ok")
     assert lines[3].startswith("- matmul: floor F.linear; worst 92%") and lines[3].endswith(": ok")
-    below = "Below their goal (50% of the floor, or the ratio to F.linear named): "
+    below = "Below their goal (50% of the floor or the share named, or the ratio to F.linear named): "
     assert lines[-1] == below + "slow."
     assert verdicts([row("fast", "aefast[cpp]", 0.7)])[-1] == \
-        "Every op measured meets its goal (50% of the floor, or the ratio to F.linear named)."
+        "Every op measured meets its goal (50% of the floor or the share named, or the ratio to F.linear named)."
     # An op declared with a goal against its matmul (noisy_linear: at most 1.1x F.linear)
     # is judged by it: 90% of F.linear is 1.11x, above the goal though above half.
     noisy = verdicts([row("noisy_linear", "aefast[cpp]", 0.05, matmul_share=0.90)])
@@ -229,6 +229,12 @@ def test_bench_verdict_names_each_ops_floor_and_the_ops_below_half_of_it():
                         "(aefast[cpp], medium float32 forward): BELOW (1.111x its time)")
     assert noisy[-1] == below + "noisy_linear."
     assert verdicts([row("noisy_linear", "aefast[cpp]", 0.05, matmul_share=0.92)])[1].endswith(": ok")
+    # One declared with a share of its copy floor above half (reparameterize: 60%) is
+    # judged by that share.
+    vae = verdicts([row("reparameterize", "aefast[cpp]", 0.55)])
+    assert vae[1] == "- reparameterize: floor copy, goal 60%; worst 55% (aefast[cpp], medium float32 forward): BELOW 60%"
+    assert vae[-1] == below + "reparameterize."
+    assert verdicts([row("reparameterize", "aefast[cpp]", 0.61)])[1].endswith(": ok")
     # The small size is a call's fixed cost: judged only when no larger size ran.
     small = row("fast", "aefast[cpp]", 0.1) | {"size": "small"}
     with_small = verdicts([row("fast", "aefast[cpp]", 0.7), small])

@@ -213,6 +213,9 @@ class Bench:
     # (issue 15: 1.1 for noisy_linear, 1.2 for the fused encoder): `aefast bench` calls
     # it out below 1 / that share of the matmul. Unset, the goal is half of the floor.
     matmul_ratio_goal: float | None = None
+    # For a memory-bound op held to more than half its floor, that share (issue 15: 60%
+    # for reparameterize). Unset, half.
+    copy_share_goal: float | None = None
 
 
 @dataclass

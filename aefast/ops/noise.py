@@ -573,6 +573,7 @@ def noisy_linear(ops, x: Tensor, weight: Tensor, bias: Tensor | None, kind: str,
         bytes_moved=lambda inputs, backward: nbytes(inputs["mu"]) * (8 if backward else 3),
         differentiable=("mu", "logvar"), compile_reference=False,
         library=("mu + torch.randn_like(mu) * exp(logvar / 2), KL formula", _torch_reparameterize),
+        copy_share_goal=0.6,
     ),
 )
 def reparameterize(ops, mu: Tensor, logvar: Tensor, *, seed=None) -> tuple[Tensor, Tensor]:

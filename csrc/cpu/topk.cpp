@@ -422,6 +422,14 @@ void rank_select<float>(const Candidate<float>* c, int64_t n, int64_t k, float* 
 }
 #endif
 
+// Whether rank_select ranks n candidates rather than a sort: up to kRankSelectMax, and
+// float32 up to kRankCountMax where it counts with AVX-512.
+template <typename A>
+bool ranked_by_count(int64_t n) {
+  if (std::is_same_v<A, float> && simd_level() == Simd::kAvx512 && n <= kRankCountMax) return true;
+  return n <= kRankSelectMax;
+}
+
 // Cuts `found` back to its k best (in rank order when ranked); returns the worst of them.
 template <typename A>
 inline A keep_best(std::vector<Candidate<A>>& found, int64_t k, std::vector<A>& values,
@@ -665,28 +673,30 @@ void write_winners(std::vector<Candidate<A>>& found, int64_t k, bool relu, bool 
   // Chunks of many winners come in index order (radix select; the block selection's
   // cut): radix again, not a partial sort of chunks * k candidates (one row of 4M,
   // k = 50000 in 4 chunks, 2 threads: 30 -> 16 ms).
-  bool radix_merged = false;
+  bool in_order = false;  // found's first k are the winners in rank order
   if constexpr (std::is_same_v<A, float>) {
-    radix_merged = merged_chunks && k > kRankSelectMax &&
-                   std::is_sorted(found.begin(), found.end(), [](const auto& a, const auto& b) { return a.index < b.index; });
-    if (radix_merged) {
+    if (merged_chunks && k > kRankSelectMax &&
+        std::is_sorted(found.begin(), found.end(), [](const auto& a, const auto& b) { return a.index < b.index; })) {
       radix_keep_best(found, k, radix);
       radix_rank(found.data(), k, radix);
+      in_order = true;
     }
   }
-  if (radix_merged) {
-  } else if (merged_chunks) {
+  if (merged_chunks && !in_order) {
     std::partial_sort(found.begin(), found.begin() + k, found.end(), by_rank);
-  } else if (std::is_sorted(found.begin(), found.begin() + k, by_rank)) {  // block_scan's cut ranks them
-  } else if (k <= kRankSelectMax || (std::is_same_v<A, float> && k <= kRankCountMax && simd_level() == Simd::kAvx512)) {
-    ranked.resize(static_cast<size_t>(k));
-    scratch.resize(static_cast<size_t>(k + 16));
-    rank_select(found.data(), k, k, scratch.data(), ranked.data());
-    best = ranked.data();
-  } else if constexpr (std::is_same_v<A, float>) {
-    radix_rank(found.data(), k, radix);
-  } else {
-    std::sort(found.begin(), found.begin() + k, by_rank);
+    in_order = true;
+  }
+  if (!in_order && !std::is_sorted(found.begin(), found.begin() + k, by_rank)) {  // block_scan's cut ranks them
+    if (ranked_by_count<A>(k)) {
+      ranked.resize(static_cast<size_t>(k));
+      scratch.resize(static_cast<size_t>(k + 16));
+      rank_select(found.data(), k, k, scratch.data(), ranked.data());
+      best = ranked.data();
+    } else if constexpr (std::is_same_v<A, float>) {
+      radix_rank(found.data(), k, radix);
+    } else {
+      std::sort(found.begin(), found.begin() + k, by_rank);
+    }
   }
   for (int64_t j = 0; j < k; ++j) {
     A v = best[j].value;
