@@ -204,26 +204,29 @@ def test_topk_encode_rows_with_fewer_than_k_positive_units(device, backend, bloc
             monkeypatch.setattr(decode, prefix + "ENCODER_BLOCK_ROWS", 5)
             monkeypatch.setattr(decode, prefix + "ENCODER_BLOCK_ELEMENTS", 5 * 37)
     B, D, L, k = 12, 5, 150, 16
-    x = integer_valued((B, D), device, torch.float32, -1, 2)
-    x[:4] = 0  # the bias alone: 4 positive units
-    x[8:] *= 3  # many positive units
-    x = leaf(x)
-    w = leaf(integer_valued((L, D), device, torch.float32, -2, 3))
-    bias = -1.0 - torch.arange(L) % 3
-    bias[[7, 50, 123, 149]] = 2.0
-    b = leaf(bias.to(device))
-    positive = (torch.nn.functional.linear(x, w, b) > 0).sum(1)
-    assert (positive < k).any() and (positive >= k).any()
-    with ae.backend(backend):
-        values, indices = ae.topk_encode(x, w, b, k)
-        aux = ae.topk_encode_aux(x, w, b, k, (torch.arange(L) % 2 == 0).to(device), 20)
-        few_dead = ae.topk_encode_aux(x, w, b, k, (torch.arange(L) < 6).to(device), 20)
-    want_values, want_indices = reference.topk_encode(x, w, b, k)
-    assert torch.equal(indices, want_indices) and torch.equal(values, want_values)
-    for got, dead in [(aux, torch.arange(L) % 2 == 0), (few_dead, torch.arange(L) < 6)]:
-        for g, e in zip(got, reference.topk_encode_aux(x, w, b, k, dead.to(device), 20)):
-            assert torch.equal(g, e)
-    assert_same_gradients(values, want_values, (x, w, b), integer_valued((B, k), device, torch.float32))
+    width = decode._encoder_tile(B, L)[1]
+    for dtype in DTYPES:
+        x = integer_valued((B, D), device, dtype, -1, 2)
+        x[:4] = 0  # the bias alone: 4 positive units
+        x[8:] *= 3  # many positive units
+        x = leaf(x)
+        w = leaf(integer_valued((L, D), device, dtype, -2, 3))
+        bias = -1.0 - torch.arange(L) % 3
+        bias[[7, 50, 123, 149]] = 2.0
+        b = leaf(bias.to(device, dtype))
+        positive = torch.stack([(part > 0).sum(1) for part in
+                                torch.nn.functional.linear(x, w, b).split(width, 1)])  # per latent block and row
+        assert (positive < k).any() and (positive >= min(k, width)).any()
+        with ae.backend(backend):
+            values, indices = ae.topk_encode(x, w, b, k)
+            aux = ae.topk_encode_aux(x, w, b, k, (torch.arange(L) % 2 == 0).to(device), 20)
+            few_dead = ae.topk_encode_aux(x, w, b, k, (torch.arange(L) < 6).to(device), 20)
+        want_values, want_indices = reference.topk_encode(x, w, b, k)
+        assert torch.equal(indices, want_indices) and torch.equal(values, want_values)
+        for got, dead in [(aux, torch.arange(L) % 2 == 0), (few_dead, torch.arange(L) < 6)]:
+            for g, e in zip(got, reference.topk_encode_aux(x, w, b, k, dead.to(device), 20)):
+                assert torch.equal(g, e)
+        assert_same_gradients(values, want_values, (x, w, b), integer_valued((B, k), device, dtype))
 
 
 @pytest.mark.parametrize(("device", "backend"), op_backends("topk_encode"))

@@ -204,14 +204,14 @@ FLOOR_SHARE = 0.5  # an op below half its floor is called out
 GOAL_WORDS = f"{FLOOR_SHARE:.0%} of the floor or the share named, or the ratio to F.linear named"
 
 
-def goal_share(op: str) -> float:
-    """The share of its floor an op must reach: half of it, the share its declaration
-    names (Bench.copy_share_goal), or for an op with a goal against its matmul
-    (Bench.matmul_ratio_goal), the inverse of that ratio."""
+def goal_share(op: str, matmul: bool) -> float:
+    """The share of its floor (F.linear where `matmul`, else the copy) an op must reach:
+    half of it, the share of the copy its declaration names (Bench.copy_share_goal), or
+    for an op with a goal against its matmul (Bench.matmul_ratio_goal), the inverse of
+    that ratio."""
     bench = CASES[op].bench if op in CASES else None
-    if bench is not None and bench.matmul_ratio_goal is not None:
-        return 1 / bench.matmul_ratio_goal
-    return bench.copy_share_goal if bench is not None and bench.copy_share_goal is not None else FLOOR_SHARE
+    goal = None if bench is None else bench.matmul_ratio_goal if matmul else bench.copy_share_goal
+    return FLOOR_SHARE if goal is None else 1 / goal if matmul else goal
 
 
 def floor_share(row: dict) -> str:
@@ -228,7 +228,8 @@ def verdicts(rows: list[dict], over: str = "this run's rows") -> list[str]:
     """One line per op: its floor (a copy, or F.linear on the same inputs for the ops
     built around a matmul), aefast's worst share of it over the sizes (the small size
     only if no other ran), dtypes and modes measured, and whether that is below the
-    op's goal (goal_share: half, or the ratio to F.linear its declaration names)."""
+    op's goal (goal_share: half, or the share of the copy or the ratio to F.linear its
+    declaration names)."""
     lines, below = [], []
     larger = [r for r in rows if r["size"] != CALL_BOUND_SIZE]
     if larger and len(larger) < len(rows):
@@ -240,7 +241,7 @@ def verdicts(rows: list[dict], over: str = "this run's rows") -> list[str]:
         matmul = "matmul_share" in mine[0]
         worst = min(mine, key=lambda r: r["matmul_share" if matmul else "copy_share"])
         share = worst["matmul_share" if matmul else "copy_share"]
-        goal = goal_share(op)
+        goal = goal_share(op, matmul)
         floor = "F.linear" if matmul else "copy"
         if matmul and goal != FLOOR_SHARE:
             floor += f", goal at most {1 / goal:.2f}x its time"

@@ -166,12 +166,13 @@ def _preactivation(x: Tensor, weight: Tensor, bias: Tensor | None, out: Tensor, 
 
 
 def _top_of_relu(select, pre: Tensor, k: int) -> tuple[Tensor, Tensor]:
-    """The top k of relu(pre), ties to the lower index, from pre itself: on a CPU the
-    ReLU is a pass of its own over the block (1.5 ms of a 1024 x 8192 float32 block's 70
-    ms addmm, 1.9 of bfloat16's 17). Selecting, then clamping the winners, agrees with it
-    wherever a row's k-th largest is positive. A row whose is not has fewer than k
-    positive units, and the ReLU's zeros go to the lowest indices among the rest, not to
-    the largest negatives: such rows are selected again over their ReLU."""
+    """The top k of relu(pre), ties to the lower index, from a block pre itself: on a CPU
+    the ReLU is a pass of its own over the block (1.5 ms of a 1024 x 8192 float32 block's
+    70 ms addmm in a slow phase, 1.9 of bfloat16's 17). Selecting, then clamping the
+    winners, agrees with it wherever a row's k-th largest is positive. A row whose is not
+    has fewer than k positive units in the block, and the ReLU's zeros go to the lowest
+    indices among the rest, not to the largest negatives: such rows are selected again
+    over their ReLU."""
     values, where = select(pre, k, True)
     short = (values[:, -1] == 0).nonzero().squeeze(1)  # values sorted: the k-th is the last
     if short.numel():
