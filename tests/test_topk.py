@@ -266,6 +266,21 @@ def assert_nan_reported(device, backend, topk_values):
 
 
 @pytest.mark.parametrize(("device", "backend"), op_backends("topk_sparse", interpreted_too=False))
+def test_nan_is_found_in_every_kind_of_block(device, backend):
+    # A row of 820: six runs of 8 blocks of 16 (the vector loop), three blocks one at a
+    # time (still vectors), then a tail of 4 (scalar); a NaN in any of them raises.
+    for at in (3, 700, 775, 800, 818):
+        x = torch.randn(3, 820, device=device)
+        x[1, at] = float("nan")
+        assert_nan_reported(device, backend, lambda: ae.topk_sparse(x, 32, relu=False)[0])
+        x[1, at] = 0.0
+        with ae.backend(backend):
+            got = ae.topk_sparse(x, 32, relu=False)
+        for g, e in zip(got, reference.topk_sparse(x, 32, relu=False)):
+            assert torch.equal(g, e)
+
+
+@pytest.mark.parametrize(("device", "backend"), op_backends("topk_sparse", interpreted_too=False))
 def test_long_rows_with_signed_zeros_late_winners_and_late_nan(device, backend):
     # -0.0 and +0.0 tie (lower index first); winners only in the last tile; blocks of
     # -inf and a few +inf; a NaN after the first tile of a long row is still found.
