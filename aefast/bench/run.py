@@ -243,13 +243,13 @@ def verdicts(rows: list[dict], over: str = "this run's rows") -> list[str]:
         share = worst["matmul_share" if matmul else "copy_share"]
         goal = goal_share(op, matmul)
         floor = "F.linear" if matmul else "copy"
-        if matmul and goal != FLOOR_SHARE:
+        ratio_goal = matmul and goal != FLOOR_SHARE  # a goal against the matmul's time
+        if ratio_goal:
             floor += f", goal at most {1 / goal:.2f}x its time"
         elif goal != FLOOR_SHARE:
             floor += f", goal {goal:.0%}"
         ratio = f"{1 / share:.3f}x" if share > 0 else "no measurable share of"
-        verdict = "ok" if share >= goal else f"BELOW ({ratio} its time)" if matmul and goal != FLOOR_SHARE \
-            else f"BELOW {goal:.0%}"
+        verdict = "ok" if share >= goal else f"BELOW ({ratio} its time)" if ratio_goal else f"BELOW {goal:.0%}"
         lines.append(f"- {op}: floor {floor}; worst {share:.0%} ({worst['contender']}, {worst['size']} {worst.get('dtype', 'float32')} "
                      f"{worst['mode']}): {verdict}")
         if share < goal:

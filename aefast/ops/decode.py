@@ -254,9 +254,10 @@ def _encode_in_blocks(backend: str, x: Tensor, weight: Tensor, bias: Tensor | No
                                        False)
                 aux_parts.append((chosen, where + c0))
         values[rows], indices[rows] = _merged(select, parts, k)
-        if dead_latents is not None and aux_found:
-            aux_values[rows, :aux_found], aux_indices[rows, :aux_found] = _merged(select, aux_parts, aux_found)
-        elif dead_latents is None and dead is not None:
+        if dead_latents is not None:
+            if aux_found:  # the slots past them were filled before the loop
+                aux_values[rows, :aux_found], aux_indices[rows, :aux_found] = _merged(select, aux_parts, aux_found)
+        elif dead is not None:
             chosen, aux_indices[rows] = _merged(select, aux_parts, k_aux)
             aux_values[rows] = chosen.clamp_min_(0.0)  # a slot past the dead latents: zero
     return (values, indices) if dead is None else (values, indices, aux_values, aux_indices)
