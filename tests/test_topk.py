@@ -613,6 +613,25 @@ def test_column_topk_matches_reference(batch, units, k, kind, poisoned):
     assert torch.equal(op(strided, k)[0], KERNELS["column_topk"].reference(strided.contiguous(), k)[0])
 
 
+@pytest.mark.parametrize(("batch", "units", "k"), [(1000, 37, 50), (333, 130, 33), (1000, 20, 48)], ids=str)
+def test_column_topk_matches_reference_with_ties_at_the_cut(batch, units, k, poisoned):
+    # Per column, 0-6 more copies of its k-th largest value at random rows: the last
+    # candidates are cut among equal keys, and the first rows of them win. (A column's
+    # candidates are a few more than k: the CPU cuts them one at a time, with AVX-512 in
+    # vectors.)
+    op = kernels("cpp").column_topk
+    generator = torch.Generator().manual_seed(batch + units + k)
+    for dtype in DTYPES:
+        x = torch.randn(batch, units, generator=generator).to(dtype)
+        kth = x.topk(k, dim=0).values[-1]
+        for column in range(units):
+            copies = torch.randperm(batch, generator=generator)[: column % 7]
+            x[copies, column] = kth[column]
+        out, rows = op(x, k)
+        want_out, want_rows = KERNELS["column_topk"].reference(x, k)
+        assert torch.equal(rows, want_rows) and torch.equal(out, want_out), dtype
+
+
 @pytest.mark.parametrize(("batch", "units", "k"), COLUMN_CASES, ids=str)
 def test_keep_rows_matches_reference(batch, units, k, poisoned):
     for dtype in DTYPES:

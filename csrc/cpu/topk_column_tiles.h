@@ -7,6 +7,7 @@
 #include <ATen/ATen.h>
 
 #include <cstdint>
+#include <limits>
 #include <type_traits>
 #include <vector>
 
@@ -81,6 +82,16 @@ void collect_tile(const Key* keys, int64_t n, const Key* bars, const int32_t* ti
 void collect_short_tile(const ShortKey* keys, int64_t n, const int32_t* wide_bars, int32_t* rows, int32_t* counts,
                         std::vector<uint32_t>& entries);
 
+// A candidate's key that no key of x has (NaN's): what a cut marks dropped.
+constexpr int32_t kDropped = std::numeric_limits<int32_t>::max();
+// The most candidates past k that cut_lane_halves drops, one at a time.
+constexpr int64_t kMaxCutExcess = 8;
+// Lane l's candidates, rows[0, n) of a tile (increasing, n - k <= kMaxCutExcess), cut to
+// its k best by whole key (the smallest dropped first, among equal keys the later row),
+// in row order, into out. With AVX-512 only: false (nothing done) elsewhere. keys:
+// scratch.
+bool cut_lane_halves(const TileKeys<int32_t>& tile, int64_t l, const int32_t* rows, int64_t n, int64_t k,
+                     std::vector<int32_t>& keys, int64_t* out);
 }  // namespace columns
 }  // namespace cpu
 }  // namespace aefast

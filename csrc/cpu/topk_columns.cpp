@@ -166,15 +166,17 @@ void first_brackets(const LaneStats<Key, A>& stats, int64_t B, double z, Bracket
 // k) cut to its k best by key_of(l, row), still in row order, into rows_out[l * k ...].
 // A few too many (the usual case): the worst dropped one at a time, the smallest key
 // (among equal ones the later row) found by a min over the bare keys, which vectorizes;
-// more, keep_best_in_index_order.
-template <typename Key, typename KeyOfRow>
+// more, keep_best_in_index_order. simd_cut(l, rows, n, out): the same for one lane with
+// the machine's vectors where it can (returns whether it did).
+template <typename Key, typename KeyOfRow, typename SimdCut>
 void cut_lanes(int64_t B, int64_t lanes, int64_t k, const int32_t* counts, TileScratch<Key>& s, KeyOfRow key_of,
-               int64_t* rows_out) {
+               int64_t* rows_out, SimdCut simd_cut) {
   constexpr Key kDropped = std::numeric_limits<Key>::max();  // a NaN's key: no candidate has it
   for (int64_t l = 0; l < lanes; ++l) {
     const int32_t* rows = s.rows.data() + l * B;
     const int64_t n = counts[l], excess = n - k;
     int64_t* out = rows_out + l * k;
+    if (simd_cut(l, rows, n, out)) continue;
     if (excess > 8) {
       s.found.clear();
       for (int64_t i = 0; i < n; ++i) s.found.push_back({key_of(l, rows[i]), rows[i]});
@@ -212,7 +214,8 @@ void finish_on_keys(const Key* keys, int64_t B, int64_t lanes, int64_t k, Bracke
                                                                               : std::numeric_limits<int32_t>::max();
   s.rows.resize(static_cast<size_t>(kLanes * B));
   collect_tile(keys, B, b.bar, ties, s.rows.data(), counts, s.entries);
-  cut_lanes(B, lanes, k, counts, s, [&](int64_t l, int32_t row) { return keys[row * kLanes + l]; }, rows_out);
+  cut_lanes(B, lanes, k, counts, s, [&](int64_t l, int32_t row) { return keys[row * kLanes + l]; }, rows_out,
+            [](int64_t, const int32_t*, int64_t, int64_t*) { return false; });
 }
 
 // One tile of keys and its lane statistics: lane l's k winners (finish_on_keys).
@@ -257,7 +260,9 @@ inline void select_in_halves(const TileKeys<int32_t>& keys, int64_t B, int64_t l
     cut_lanes(B, lanes, k, counts, s, [&](int64_t l, int32_t row) {
       const int64_t at = row * kLanes + l;
       return whole_key(keys.high[at], keys.low[at]);
-    }, rows_out);
+    }, rows_out, [&](int64_t l, const int32_t* rows, int64_t n, int64_t* out) {
+      return cut_lane_halves(keys, l, rows, n, k, s.scratch, out);
+    });
     return;
   }
   for (int64_t l = 0; l < kLanes; ++l) {  // count(>= key) = count(>= short key << 16): the counts carry over
@@ -421,8 +426,8 @@ std::tuple<at::Tensor, at::Tensor> column_topk(const at::Tensor& x_in, int64_t k
       TileScratch<Key> scratch;
       TileKeys<Key> keys;
       if (std::is_same_v<Key, int32_t>) {  // float32, float16, bfloat16: halves
-        scratch.high.resize(static_cast<size_t>(width * B));
-        scratch.low.resize(static_cast<size_t>(width * B));
+        scratch.high.resize(static_cast<size_t>(width * B + 1));  // + 1: cut_lane_halves reads 4 bytes an element
+        scratch.low.resize(static_cast<size_t>(width * B + 1));
         keys.high = scratch.high.data();
         keys.low = scratch.low.data();
       } else {
