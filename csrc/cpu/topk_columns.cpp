@@ -91,10 +91,67 @@ struct Brackets {
   }
 };
 
+#if defined(__x86_64__) && defined(__GNUC__)
+// narrow_brackets for 32-bit keys with AVX-512: the 16 lanes' brackets in registers, the
+// same steps in float instead of double (where a step lands does not change what is
+// selected, only how many passes it takes). The scalar steps, with a division and
+// unpredictable branches per lane, cost about as much as the count pass itself.
+template <typename CountPass>
+__attribute__((target("avx512f,avx512bw"))) void narrow_brackets_avx512(Brackets<int32_t>& b, int64_t k, int64_t enough,
+                                                                        CountPass count_pass) {
+  static_assert(kLanes == 16, "one vector of brackets");
+  __m512i bar = _mm512_loadu_si512(b.bar), top = _mm512_loadu_si512(b.top);
+  __m512i at_bar = _mm512_loadu_si512(b.at_bar), at_top = _mm512_loadu_si512(b.at_top);
+  __m512i lowered = _mm512_loadu_si512(b.lowered);
+  const __m512i kk = _mm512_set1_epi32(static_cast<int>(k)), one = _mm512_set1_epi32(1);
+  const __m512 aim = _mm512_set1_ps(static_cast<float>(k + 2));
+  alignas(64) int32_t mid_keys[kLanes], counts[kLanes];
+  for (;;) {
+    const __m512i gap = _mm512_sub_epi32(top, bar);  // unsigned: top > bar
+    const __mmask16 done = _mm512_cmple_epi32_mask(at_bar, _mm512_set1_epi32(static_cast<int>(enough))) |
+                           _mm512_cmple_epu32_mask(gap, one);
+    if (done == 0xFFFF) break;
+    // As in narrow_brackets: within a bracket of a few k elements, aim at k + 2 by the
+    // counts (a quarter of the gap at least from each end); where top came down twice
+    // running, one pass at bar + 1; else halve.
+    const __m512i spread = _mm512_sub_epi32(at_bar, at_top);
+    const __mmask16 near = ~done & _mm512_cmple_epi32_mask(spread, _mm512_set1_epi32(static_cast<int>(4 * k)));
+    const __mmask16 at_zeros = ~done & ~near & _mm512_cmpge_epi32_mask(lowered, _mm512_set1_epi32(2));
+    __m512 f = _mm512_div_ps(_mm512_sub_ps(_mm512_cvtepi32_ps(at_bar), aim), _mm512_cvtepi32_ps(spread));
+    f = _mm512_min_ps(_mm512_max_ps(f, _mm512_set1_ps(0.25f)), _mm512_set1_ps(0.75f));
+    __m512i step = _mm512_cvttps_epu32(_mm512_mul_ps(f, _mm512_cvtepu32_ps(gap)));
+    step = _mm512_min_epu32(_mm512_max_epu32(step, one), _mm512_sub_epi32(gap, one));
+    step = _mm512_mask_mov_epi32(_mm512_srli_epi32(gap, 1), near, step);
+    step = _mm512_mask_mov_epi32(step, at_zeros, one);
+    const __m512i mid = _mm512_mask_add_epi32(bar, ~done, bar, step);  // done: bar, no change
+    _mm512_store_si512(mid_keys, mid);
+    count_pass(mid_keys, counts);
+    const __m512i count = _mm512_load_si512(counts);
+    const __mmask16 raise = _mm512_cmpge_epi32_mask(count, kk) & _mm512_cmpgt_epi32_mask(mid, bar);
+    const __mmask16 lower = _mm512_cmplt_epi32_mask(count, kk) & _mm512_cmplt_epi32_mask(mid, top);
+    bar = _mm512_mask_mov_epi32(bar, raise, mid);
+    at_bar = _mm512_mask_mov_epi32(at_bar, raise, count);
+    top = _mm512_mask_mov_epi32(top, lower, mid);
+    at_top = _mm512_mask_mov_epi32(at_top, lower, count);
+    lowered = _mm512_mask_add_epi32(_mm512_maskz_mov_epi32(~raise, lowered), lower, lowered, one);
+  }
+  _mm512_storeu_si512(b.bar, bar);
+  _mm512_storeu_si512(b.top, top);
+  _mm512_storeu_si512(b.at_bar, at_bar);
+  _mm512_storeu_si512(b.at_top, at_top);
+  _mm512_storeu_si512(b.lowered, lowered);
+}
+#endif
+
 // Count passes over a tile, all lanes in lockstep (count_pass(bars, counts): one), until
 // each lane keeps at most `enough` or its bracket is two adjacent keys.
 template <typename Key, typename CountPass>
 void narrow_brackets(Brackets<Key>& b, int64_t k, int64_t enough, CountPass count_pass) {
+#if defined(__x86_64__) && defined(__GNUC__)
+  if constexpr (std::is_same_v<Key, int32_t>) {
+    if (simd_level() == Simd::kAvx512) return narrow_brackets_avx512(b, k, enough, count_pass);
+  }
+#endif
   using UKey = std::make_unsigned_t<Key>;
   int32_t counts[kLanes];
   for (;;) {
