@@ -429,6 +429,10 @@ void collect_short_tile(const ShortKey* keys, int64_t n, const int32_t* wide_bar
 }
 
 #if defined(__x86_64__) && defined(__GNUC__)
+namespace {
+
+constexpr int32_t kDropped = std::numeric_limits<int32_t>::max();  // a NaN's key: no candidate has it
+
 // cut_lane_halves with AVX-512: the candidates' whole keys gathered 16 at a time into
 // `keys` (room for n rounded up to 16; the lanes past n kDropped), the worst found by a
 // vector min and dropped at its last row, the kept rows compressed out. The scalar cut
@@ -479,6 +483,8 @@ __attribute__((target("avx512f,avx512bw"))) void cut_lane_halves_avx512(const Sh
     kept += count;
   }
 }
+
+}  // namespace
 #endif
 
 bool cut_lane_halves(const TileKeys<int32_t>& tile, int64_t l, const int32_t* rows, int64_t n, int64_t k,

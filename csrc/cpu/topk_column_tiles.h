@@ -7,7 +7,6 @@
 #include <ATen/ATen.h>
 
 #include <cstdint>
-#include <limits>
 #include <type_traits>
 #include <vector>
 
@@ -82,14 +81,13 @@ void collect_tile(const Key* keys, int64_t n, const Key* bars, const int32_t* ti
 void collect_short_tile(const ShortKey* keys, int64_t n, const int32_t* wide_bars, int32_t* rows, int32_t* counts,
                         std::vector<uint32_t>& entries);
 
-// A candidate's key that no key of x has (NaN's): what a cut marks dropped.
-constexpr int32_t kDropped = std::numeric_limits<int32_t>::max();
-// The most candidates past k that cut_lane_halves drops, one at a time.
+// The most candidates past k that a cut drops one at a time (more: a partial sort).
 constexpr int64_t kMaxCutExcess = 8;
-// Lane l's candidates, rows[0, n) of a tile (increasing, n - k <= kMaxCutExcess), cut to
-// its k best by whole key (the smallest dropped first, among equal keys the later row),
-// in row order, into out. With AVX-512 only: false (nothing done) elsewhere. keys:
-// scratch.
+// Lane l's candidates, rows[0, n) of a tile in increasing order (n >= k), cut to its k
+// best by whole key (the smallest dropped first, among equal keys the later row), in row
+// order, into out. Returns false, having done nothing, where n - k > kMaxCutExcess or
+// the CPU has no AVX-512. It reads 4 bytes at each key half: tile.high and tile.low need
+// one readable element past the tile. keys: scratch.
 bool cut_lane_halves(const TileKeys<int32_t>& tile, int64_t l, const int32_t* rows, int64_t n, int64_t k,
                      std::vector<int32_t>& keys, int64_t* out);
 }  // namespace columns

@@ -103,7 +103,7 @@ __attribute__((target("avx512f,avx512bw"))) void narrow_brackets_avx512(Brackets
   __m512i bar = _mm512_loadu_si512(b.bar), top = _mm512_loadu_si512(b.top);
   __m512i at_bar = _mm512_loadu_si512(b.at_bar), at_top = _mm512_loadu_si512(b.at_top);
   __m512i lowered = _mm512_loadu_si512(b.lowered);
-  const __m512i kk = _mm512_set1_epi32(static_cast<int>(k)), one = _mm512_set1_epi32(1);
+  const __m512i k_vector = _mm512_set1_epi32(static_cast<int>(k)), one = _mm512_set1_epi32(1);
   const __m512 aim = _mm512_set1_ps(static_cast<float>(k + 2));
   alignas(64) int32_t mid_keys[kLanes], counts[kLanes];
   for (;;) {
@@ -116,19 +116,19 @@ __attribute__((target("avx512f,avx512bw"))) void narrow_brackets_avx512(Brackets
     // running, one pass at bar + 1; else halve.
     const __m512i spread = _mm512_sub_epi32(at_bar, at_top);
     const __mmask16 near = ~done & _mm512_cmple_epi32_mask(spread, _mm512_set1_epi32(static_cast<int>(4 * k)));
-    const __mmask16 at_zeros = ~done & ~near & _mm512_cmpge_epi32_mask(lowered, _mm512_set1_epi32(2));
+    const __mmask16 many_at_bar = ~done & ~near & _mm512_cmpge_epi32_mask(lowered, _mm512_set1_epi32(2));
     __m512 f = _mm512_div_ps(_mm512_sub_ps(_mm512_cvtepi32_ps(at_bar), aim), _mm512_cvtepi32_ps(spread));
     f = _mm512_min_ps(_mm512_max_ps(f, _mm512_set1_ps(0.25f)), _mm512_set1_ps(0.75f));
     __m512i step = _mm512_cvttps_epu32(_mm512_mul_ps(f, _mm512_cvtepu32_ps(gap)));
     step = _mm512_min_epu32(_mm512_max_epu32(step, one), _mm512_sub_epi32(gap, one));
     step = _mm512_mask_mov_epi32(_mm512_srli_epi32(gap, 1), near, step);
-    step = _mm512_mask_mov_epi32(step, at_zeros, one);
+    step = _mm512_mask_mov_epi32(step, many_at_bar, one);
     const __m512i mid = _mm512_mask_add_epi32(bar, ~done, bar, step);  // done: bar, no change
     _mm512_store_si512(mid_keys, mid);
     count_pass(mid_keys, counts);
     const __m512i count = _mm512_load_si512(counts);
-    const __mmask16 raise = _mm512_cmpge_epi32_mask(count, kk) & _mm512_cmpgt_epi32_mask(mid, bar);
-    const __mmask16 lower = _mm512_cmplt_epi32_mask(count, kk) & _mm512_cmplt_epi32_mask(mid, top);
+    const __mmask16 raise = _mm512_cmpge_epi32_mask(count, k_vector) & _mm512_cmpgt_epi32_mask(mid, bar);
+    const __mmask16 lower = _mm512_cmplt_epi32_mask(count, k_vector) & _mm512_cmplt_epi32_mask(mid, top);
     bar = _mm512_mask_mov_epi32(bar, raise, mid);
     at_bar = _mm512_mask_mov_epi32(at_bar, raise, count);
     top = _mm512_mask_mov_epi32(top, lower, mid);
@@ -144,7 +144,9 @@ __attribute__((target("avx512f,avx512bw"))) void narrow_brackets_avx512(Brackets
 #endif
 
 // Count passes over a tile, all lanes in lockstep (count_pass(bars, counts): one), until
-// each lane keeps at most `enough` or its bracket is two adjacent keys.
+// each lane keeps at most `enough` or its bracket is two adjacent keys. (Its steps are
+// narrow_brackets_avx512's: keep the two in step, so that every SIMD level takes about as
+// many passes.)
 template <typename Key, typename CountPass>
 void narrow_brackets(Brackets<Key>& b, int64_t k, int64_t enough, CountPass count_pass) {
 #if defined(__x86_64__) && defined(__GNUC__)
@@ -234,7 +236,7 @@ void cut_lanes(int64_t B, int64_t lanes, int64_t k, const int32_t* counts, TileS
     const int64_t n = counts[l], excess = n - k;
     int64_t* out = rows_out + l * k;
     if (simd_cut(l, rows, n, out)) continue;
-    if (excess > 8) {
+    if (excess > kMaxCutExcess) {
       s.found.clear();
       for (int64_t i = 0; i < n; ++i) s.found.push_back({key_of(l, rows[i]), rows[i]});
       keep_best_in_index_order(s.found, k, s.scratch);
@@ -271,8 +273,9 @@ void finish_on_keys(const Key* keys, int64_t B, int64_t lanes, int64_t k, Bracke
                                                                               : std::numeric_limits<int32_t>::max();
   s.rows.resize(static_cast<size_t>(kLanes * B));
   collect_tile(keys, B, b.bar, ties, s.rows.data(), counts, s.entries);
+  auto no_vector_cut = [](int64_t, const int32_t*, int64_t, int64_t*) { return false; };
   cut_lanes(B, lanes, k, counts, s, [&](int64_t l, int32_t row) { return keys[row * kLanes + l]; }, rows_out,
-            [](int64_t, const int32_t*, int64_t, int64_t*) { return false; });
+            no_vector_cut);
 }
 
 // One tile of keys and its lane statistics: lane l's k winners (finish_on_keys).
