@@ -86,8 +86,8 @@ constexpr int64_t kMaxCutExcess = 8;
 // Lane l's candidates, rows[0, n) of a tile in increasing order (n >= k), cut to its k
 // best by whole key (the smallest dropped first, among equal keys the later row), in row
 // order, into out. Returns false, having done nothing, where n - k > kMaxCutExcess or
-// the CPU has no AVX-512. It reads 4 bytes at each key half: tile.high and tile.low need
-// one readable element past the tile. keys: scratch.
+// the CPU has neither AVX-512 nor AVX2. It reads 4 bytes at each key half: tile.high and
+// tile.low need one readable element past the tile. keys: scratch.
 bool cut_lane_halves(const TileKeys<int32_t>& tile, int64_t l, const int32_t* rows, int64_t n, int64_t k,
                      std::vector<int32_t>& keys, int64_t* out);
 }  // namespace columns
