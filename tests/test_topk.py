@@ -618,9 +618,9 @@ def test_column_topk_matches_reference(batch, units, k, kind, poisoned):
 def test_column_topk_matches_reference_with_ties_at_the_cut(batch, units, k, poisoned):
     # Per column, 0-6 more copies of its k-th largest value at random rows: the last
     # candidates are cut among equal keys, and the first rows of them win. (A column's
-    # candidates are a few more than k: the CPU cuts them one at a time, in vectors where
-    # it has AVX-512, which only such a CPU checks; the scalar cut runs here under
-    # AEFAST_SIMD, test_every_simd_path_gives_the_same_selection.)
+    # candidates are a few more than k: the CPU cuts them one at a time, in vectors with
+    # AVX-512 or AVX2. test_every_simd_path_gives_the_same_selection runs this under
+    # AEFAST_SIMD=avx2 and none; the AVX-512 cut runs only on a CPU that has it.)
     op = kernels("cpp").column_topk
     generator = torch.Generator().manual_seed(batch + units + k)
     for dtype in DTYPES:
