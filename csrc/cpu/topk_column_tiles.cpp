@@ -207,39 +207,45 @@ constexpr auto kSetBits8 = [] {
   return positions;
 }();
 
-// collect_short_lanes_avx512 with AVX2: a row a compare, its hits compressed into the
-// entries eight lanes at a time by a permute, then dealt out. (Dealt bit by bit instead,
-// with a branch per hit, this was over a quarter of the forward's time.)
+// Row j's hits (bit l: lane l) appended to entries[size ...] as (j << 4 | l), in lane
+// order, eight lanes at a time by a permute; returns the new size. Room for 8 past it.
+AEFAST_AVX2 inline int64_t append_hits_avx2(uint32_t hits, int64_t j, uint32_t* entries, int64_t size) {
+  const __m256i row = _mm256_set1_epi32(static_cast<int>(j << 4));
+  for (int h = 0; h < 2; ++h) {
+    const uint32_t m = (hits >> (8 * h)) & 0xFFu;
+    const __m256i order = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(kSetBits8[m].data())));
+    const __m256i entry = _mm256_add_epi32(row, _mm256_setr_epi32(8 * h, 8 * h + 1, 8 * h + 2, 8 * h + 3, 8 * h + 4,
+                                                                  8 * h + 5, 8 * h + 6, 8 * h + 7));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(entries + size), _mm256_permutevar8x32_epi32(entry, order));
+    size += __builtin_popcount(m);
+  }
+  return size;
+}
+
+// collect_short_lanes_avx512 with AVX2: a row a compare, its hits appended to the entries
+// (append_hits_avx2), then dealt out. (Dealt bit by bit instead, with a branch per hit,
+// this was over a quarter of the forward's time.) entries: room for 16 n + 16.
 AEFAST_AVX2 void collect_short_lanes_avx2(const ShortKey* keys, int64_t n, const ShortKey* bars, int32_t* rows,
                                           int32_t* counts, uint32_t* entries) {
   const __m256i bar = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(bars));
-  const __m256i low_lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-  const __m256i high_lanes = _mm256_add_epi32(low_lanes, _mm256_set1_epi32(8));
   int64_t size = 0;
   for (int64_t j = 0; j < n; ++j) {
     // below: -1 where key < bar; packed to bytes, lanes 0-7 in bits 0-7, lanes 8-15 in 16-23
     const __m256i below = _mm256_cmpgt_epi16(bar, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(keys + j * kLanes)));
     const uint32_t bytes = static_cast<uint32_t>(_mm256_movemask_epi8(_mm256_packs_epi16(below, below)));
-    const uint32_t hits = ~((bytes & 0xFFu) | ((bytes >> 8) & 0xFF00u)) & 0xFFFFu;
-    const __m256i row = _mm256_set1_epi32(static_cast<int>(j << 4));
-    for (int h = 0; h < 2; ++h) {
-      const uint32_t m = (hits >> (8 * h)) & 0xFFu;
-      const __m256i order = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(kSetBits8[m].data())));
-      const __m256i entry = _mm256_add_epi32(row, h == 0 ? low_lanes : high_lanes);
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(entries + size), _mm256_permutevar8x32_epi32(entry, order));
-      size += __builtin_popcount(m);
-    }
+    size = append_hits_avx2(~((bytes & 0xFFu) | ((bytes >> 8) & 0xFF00u)) & 0xFFFFu, j, entries, size);
   }
   deal_entries(entries, size, n, rows, counts);
 }
 
-AEFAST_AVX2 void collect_lanes_avx2(const int32_t* keys, int64_t n, const int32_t* bars,
-                                    const int32_t* ties, int32_t* rows, int32_t* counts) {
+// collect_lanes_avx512 with AVX2, the same way. entries: room for 16 n + 16.
+AEFAST_AVX2 void collect_lanes_avx2(const int32_t* keys, int64_t n, const int32_t* bars, const int32_t* ties,
+                                    int32_t* rows, int32_t* counts, uint32_t* entries) {
   const __m256i bar[2] = {_mm256_loadu_si256(reinterpret_cast<const __m256i*>(bars)),
                           _mm256_loadu_si256(reinterpret_cast<const __m256i*>(bars + 8))};
   __m256i left[2] = {_mm256_loadu_si256(reinterpret_cast<const __m256i*>(ties)),
                      _mm256_loadu_si256(reinterpret_cast<const __m256i*>(ties + 8))};
-  int32_t c[kLanes] = {};
+  int64_t size = 0;
   for (int64_t j = 0; j < n; ++j) {
     const __m256i* row = reinterpret_cast<const __m256i*>(keys + j * kLanes);
     uint32_t hits = 0;
@@ -250,12 +256,9 @@ AEFAST_AVX2 void collect_lanes_avx2(const int32_t* keys, int64_t n, const int32_
       const __m256i hit = _mm256_or_si256(_mm256_cmpgt_epi32(key, bar[h]), tie);
       hits |= static_cast<uint32_t>(_mm256_movemask_ps(_mm256_castsi256_ps(hit))) << (8 * h);
     }
-    for (uint32_t m = hits; m != 0; m &= m - 1) {
-      const int l = __builtin_ctz(m);
-      rows[l * n + c[l]++] = static_cast<int32_t>(j);
-    }
+    size = append_hits_avx2(hits, j, entries, size);
   }
-  std::copy(c, c + kLanes, counts);
+  deal_entries(entries, size, n, rows, counts);
 }
 
 // The keys of +inf and -inf: a NaN's key lies above the one or below the other, so the
@@ -570,7 +573,10 @@ void collect_tile(const Key* keys, int64_t n, const Key* bars, const int32_t* ti
       entries.resize(static_cast<size_t>(kLanes * (n + 1)));
       return collect_lanes_avx512(keys, n, bars, ties, rows, counts, entries.data());
     }
-    if (simd_level() == Simd::kAvx2) return collect_lanes_avx2(keys, n, bars, ties, rows, counts);
+    if (simd_level() == Simd::kAvx2) {
+      entries.resize(static_cast<size_t>(kLanes * (n + 1)));
+      return collect_lanes_avx2(keys, n, bars, ties, rows, counts, entries.data());
+    }
   }
 #endif
   collect_lanes(keys, n, bars, ties, rows, counts);
