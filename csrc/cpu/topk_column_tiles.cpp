@@ -498,7 +498,7 @@ __attribute__((target("avx512f,avx512bw"))) void cut_lane_halves_avx512(const Sh
   int64_t kept = 0;
   for (int64_t v = 0; v < vectors; ++v) {
     const __mmask16 keep = _mm512_cmpneq_epi32_mask(_mm512_loadu_si512(keys + 16 * v), dropped);
-    const __m512i r = _mm512_maskz_compress_epi32(keep, _mm512_maskz_loadu_epi32(lanes_in(v), rows + 16 * v));
+    const __m512i r = _mm512_maskz_compress_epi32(keep, _mm512_maskz_loadu_epi32(keep, rows + 16 * v));  // keep: in n
     const int count = __builtin_popcount(keep);
     _mm512_mask_storeu_epi64(out + kept, static_cast<__mmask8>((1u << std::min(count, 8)) - 1u),
                              _mm512_cvtepi32_epi64(_mm512_castsi512_si256(r)));

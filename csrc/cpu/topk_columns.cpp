@@ -14,11 +14,12 @@
 // k-th would be for normal data (a bracket of a few dozen elements, most of the time),
 // then steps on the key, one vector count over the tile each (halving a wide bracket,
 // interpolating the counts in a narrow one), until each lane keeps k to k + 4 or its
-// bracket is one high half wide; the candidates collected (AVX-512: by compress, no
-// branch per hit), their whole keys put together, the exact k among them. (Where a
-// lane's bracket holds many keys of one high half, the tile's whole keys are put
-// together and the steps go on over them.) A bit per kept entry, grouped by 64
-// columns, then the output written row by row from x, streamed.
+// bracket is one high half wide; the candidates collected (a compress with AVX-512, a
+// permute from a table with AVX2: no branch per hit), their whole keys gathered, the
+// few extra dropped by a vector min (cut_lane_halves). (Where a lane's bracket holds
+// many keys of one high half, the tile's whole keys are put together and the steps go
+// on over them.) A bit per kept entry, grouped by 64 columns, then the output written
+// row by row from x, streamed.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
