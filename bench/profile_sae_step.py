@@ -16,6 +16,7 @@ A GPU tool: it needs a CUDA device.
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 from pathlib import Path
@@ -93,6 +94,16 @@ def parts(rows: int, width: int, latents: int, k: int, dtype: torch.dtype) -> li
     from aefast.ops._declare import kernels
     from aefast.ops.decode import _encoder_tile, _linear_relu
 
+    def radix_passes(call):
+        """call() with the CUDA top-k's long rows kept on its radix passes, not its one pass."""
+        def run():
+            os.environ["AEFAST_CUDA_TOPK"] = "radix"
+            try:
+                return call()
+            finally:
+                del os.environ["AEFAST_CUDA_TOPK"]
+        return run
+
     def kernel_call(backend: str, name: str, *args):
         """A call of `backend`'s kernel `name`, looked up when it runs: a backend missing
         here fails its own parts alone."""
@@ -123,6 +134,8 @@ def parts(rows: int, width: int, latents: int, k: int, dtype: torch.dtype) -> li
             x[:block_rows], weight[:block_latents], bias[:block_latents], block_out),
         "select one block, cuda": kernel_call("cpp", "topk_forward", block, k, False),
         "select one block, cuda, relu=True": kernel_call("cpp", "topk_forward", block, k, True),
+        "select one block, cuda, radix passes only (AEFAST_CUDA_TOPK=radix)": radix_passes(
+            kernel_call("cpp", "topk_forward", block, k, False)),
         "select one block, triton": kernel_call("triton", "topk_forward", block, k, False),
         "select one block, torch.topk": lambda: block.topk(k, dim=1),
         "topk_encode, auto": lambda: ae.topk_encode(x, weight, bias, k),

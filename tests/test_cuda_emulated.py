@@ -54,10 +54,11 @@ LAUNCHERS = {  # tests/cuda_emu/api.cpp
     "reparameterize_backward": [P, P, P, P, P, P, INT, I64, I64, P],
     "sparse_decode_forward": [P, P, P, P, P, INT, INT, I64, I64, I64, I64],
     "sparse_decode_backward": [P, P, P, P, P, P, P, P, INT, INT, I64, I64, I64, I64],
-    "topk_select": [P, INT, I64, I64, I64, I64, INT, P, P, P, P],
+    "topk_select": [P, INT, I64, I64, I64, I64, INT, INT, P, P, P, P],
 }
 QUERIES = {"column_splits": [I64, I64, INT], "jumprelu_splits": [I64, I64, INT], "reparameterize_blocks": [I64], "topk_row_chunks": [I64, I64, INT],
-           "topk_workspace_bytes": [I64, I64], "topk_packs_keys": [INT, I64]}
+           "topk_workspace_bytes": [I64, I64], "topk_packs_keys": [INT, I64],
+           "topk_filters_rows": [INT, I64, I64, I64]}
 
 
 class EmulatorError(AssertionError):
@@ -524,7 +525,7 @@ def topk_rows(shape, dtype, values):
     return x.to(dtype)
 
 
-def emulated_topk(emu, x, k, chunks, packed):
+def emulated_topk(emu, x, k, chunks, packed, filter=False):
     """topk_select, then the keys sorted and decoded as csrc/cuda/topk_bindings.cpp does:
     (nan flag, values, indices)."""
     B, H = x.shape
@@ -532,7 +533,7 @@ def emulated_topk(emu, x, k, chunks, packed):
     nan_flag = torch.zeros((), dtype=torch.int32)
     keys = poisoned((B, k), torch.int64)
     unordered = None if packed else poisoned((B, k), torch.int64)
-    emu("topk_select", x, x.dtype, B, H, k, chunks, int(packed), workspace, nan_flag, keys, unordered)
+    emu("topk_select", x, x.dtype, B, H, k, chunks, int(packed), int(filter), workspace, nan_flag, keys, unordered)
     if packed:  # ((~key) << 31) | index: one sort
         indices = keys.sort(dim=1).values & ((1 << 31) - 1)
     else:  # by index, then stably by key
@@ -543,8 +544,8 @@ def emulated_topk(emu, x, k, chunks, packed):
     return nan_flag, x.gather(1, indices), indices
 
 
-def check_topk(emu, shape, k, values, dtype, packed, chunks, policies=POLICIES):
-    x = topk_rows(shape, dtype, values)
+def check_topk(emu, shape, k, values, dtype, packed, chunks, policies=POLICIES, filter=False, x=None):
+    x = topk_rows(shape, dtype, values) if x is None else x
     want_values, want_indices = reference.topk_sparse(x, k, relu=False)
 
     def check(nan_flag, got_values, got_indices):
@@ -552,7 +553,7 @@ def check_topk(emu, shape, k, values, dtype, packed, chunks, policies=POLICIES):
         assert torch.equal(got_indices, want_indices), "indices differ from the reference's"
         assert torch.equal(got_values, want_values)
 
-    under_policies(emu, lambda: emulated_topk(emu, x, k, chunks, packed), check, policies)
+    under_policies(emu, lambda: emulated_topk(emu, x, k, chunks, packed, filter), check, policies)
 
 
 def packings(dtype):
@@ -588,6 +589,43 @@ def test_topk_rows_split_into_chunks(emu, shape, k, values, chunks, dtype):
         check_topk(emu, shape, k, values, dtype, packed, chunks)
 
 
+# (shape, k, values); long rows in one pass (a bar from a sample, then the candidates):
+# 16390 misaligns every other row's start for 16-bit values; seven values ("ties") put
+# thousands of candidates at the bar, sometimes more than the block keeps (then the radix
+# passes).
+FILTER_CASES = [((2, 16384), 32, "distinct"), ((3, 20000), 5, "ties"), ((2, 16390), 100, "special"),
+                ((3, 17000), 1, "mixed"), ((1, 40000), 300, "distinct"), ((2, 16384), 700, "ties")]
+PACKED_DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+@pytest.mark.parametrize("dtype", PACKED_DTYPES, ids=str)
+@pytest.mark.parametrize(("shape", "k", "values"), FILTER_CASES, ids=str)
+def test_topk_long_rows_in_one_pass(emu, shape, k, values, dtype):
+    assert emu.query("topk_filters_rows", DTYPE_CODE[dtype], shape[1], k, 1)
+    check_topk(emu, shape, k, values, dtype, packed=True, chunks=1, filter=True)
+
+
+@pytest.mark.parametrize("dtype", PACKED_DTYPES, ids=str)
+def test_topk_one_pass_falls_back_where_the_bar_fails(emu, dtype):
+    H, k = 16384, 100  # the bar: the 19th largest of 1024 samples, at (j * H) // 1024
+    # Too few: the sampled places hold the row's largest values, so 19 keys reach the bar.
+    few = torch.rand(2, H, dtype=torch.float64)
+    few[:, torch.arange(1024) * H // 1024] += 10
+    # Too many: every key is the bar.
+    many = torch.full((2, H), 1.5, dtype=torch.float64)
+    for x in (few, many):
+        check_topk(emu, x.shape, k, None, dtype, packed=True, chunks=1, filter=True, x=x.to(dtype))
+
+
+def test_topk_one_pass_is_for_long_rows_with_few_winners(emu):
+    f32, f64 = DTYPE_CODE[torch.float32], DTYPE_CODE[torch.float64]
+    assert emu.query("topk_filters_rows", f32, 65536, 32, 1)
+    assert not emu.query("topk_filters_rows", f64, 65536, 32, 1)  # 64-bit keys do not pack
+    assert not emu.query("topk_filters_rows", f32, 65536, 32, 4)  # split rows
+    assert not emu.query("topk_filters_rows", f32, 8192, 32, 1)  # short rows: the passes stay in cache
+    assert not emu.query("topk_filters_rows", f32, 65536, 900, 1)  # too many candidates expected
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize(("shape", "chunks"), [((3, 300), 1), ((2, 9000), 3)], ids=str)
 def test_topk_flags_nan(emu, shape, chunks, dtype):
@@ -596,6 +634,15 @@ def test_topk_flags_nan(emu, shape, chunks, dtype):
     for policy in POLICIES:
         emu.configure(policy)
         assert emulated_topk(emu, x, 5, chunks, packed=dtype != torch.float64)[0].item() == 1, policy[0]
+
+
+@pytest.mark.parametrize("dtype", PACKED_DTYPES, ids=str)
+def test_topk_one_pass_flags_nan(emu, dtype):
+    x = topk_rows((2, 16384), dtype, "distinct")
+    x[-1, -1] = float("nan")
+    for policy in POLICIES:
+        emu.configure(policy)
+        assert emulated_topk(emu, x, 5, 1, packed=True, filter=True)[0].item() == 1, policy[0]
 
 
 # ------------------------------------------------------------------ the emulation catches bugs
@@ -714,7 +761,8 @@ def test_launch_plans_at_users_sizes_stay_within_cuda_limits(planning):
     workspace = ctypes.c_void_p(1)  # never touched in plan-only mode
     for B, H, k in ((4096, 65536, 32), (65536, 1 << 20, 32), (1, 1 << 28, 4096 * 32), (3, 1 << 30, 7)):
         chunks = emu.query("topk_row_chunks", B, H, H200_SMS)
-        cases.append(("topk_select", None, f32, B, H, k, chunks, 1, workspace if chunks > 1 else None,
+        filter = int(bool(emu.query("topk_filters_rows", DTYPE_CODE[f32], H, k, chunks)))
+        cases.append(("topk_select", None, f32, B, H, k, chunks, 1, filter, workspace if chunks > 1 else None,
                       None, None, None))
     for name, *args in cases:
         emu(name, *args)  # a grid past CUDA's limits fails the launch: cudaErrorInvalidConfiguration

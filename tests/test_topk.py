@@ -281,6 +281,22 @@ def test_nan_is_found_in_every_kind_of_block(device, backend):
 
 
 @pytest.mark.parametrize(("device", "backend"), op_backends("topk_sparse", interpreted_too=False))
+def test_enough_long_rows_for_a_block_each_in_one_pass_or_by_radix(device, backend, monkeypatch):
+    """Rows enough to fill a GPU with a block each, long enough for the CUDA top-k's one
+    pass (a bar from a sample, then the candidates): it and the radix passes
+    (AEFAST_CUDA_TOPK=radix) both give the reference's winners, on ReLU outputs (half of
+    them zeros) and on rows of seven values. (The CPU and Triton take the same rows their
+    own ways.)"""
+    sms = torch.cuda.get_device_properties(0).multi_processor_count if device == "cuda" else 16
+    x = torch.randn(8 * sms, 16384, device=device).relu_()
+    x[::5] = torch.randint(-3, 4, x[::5].shape, device=device).float()
+    for dtype in (torch.float32, torch.bfloat16):
+        for way in ("", "radix"):
+            monkeypatch.setenv("AEFAST_CUDA_TOPK", way)
+            assert_topk_sparse_matches_reference(x.to(dtype), 32, backend)
+
+
+@pytest.mark.parametrize(("device", "backend"), op_backends("topk_sparse", interpreted_too=False))
 def test_long_rows_with_signed_zeros_late_winners_and_late_nan(device, backend):
     # -0.0 and +0.0 tie (lower index first); winners only in the last tile; blocks of
     # -inf and a few +inf; a NaN after the first tile of a long row is still found.

@@ -8,13 +8,17 @@
 // every key above T is a winner, and of the keys equal to T the `need` lowest-indexed
 // (need = k - #keys above T): ties go to the lower index, as on every backend.
 //
-// Two layouts. Rows that fill the GPU by themselves: a block per row does every pass
-// with its histogram in shared memory, then gathers. Few long rows (batch_topk selects
-// from one row of k * B out of B * H): each row is split into chunks, a block per
-// (row, chunk) and pass counts into shared memory and adds its counts to the row's
-// global histogram (integer atomics: exact, the same on every run), and a block per row
-// chooses the digit. The keys equal to T are then ranked in index order: per chunk
-// counts, their prefix over the chunks, and a block scan inside the chunk.
+// Three layouts. Rows that fill the GPU by themselves: a block per row does every pass
+// with its histogram in shared memory, then gathers. Long ones among them with few
+// winners (topk_filters_rows: an SAE's 32 of 65536 latents) are read once instead: a
+// bar from a sample of the row, the keys at or above it collected into shared memory,
+// the k best of those (see "long rows" below), the radix passes only where the bar
+// fails. Few long rows (batch_topk selects from one row of k * B out of B * H): each
+// row is split into chunks, a block per (row, chunk) and pass counts into shared memory
+// and adds its counts to the row's global histogram (integer atomics: exact, the same
+// on every run), and a block per row chooses the digit. The keys equal to T are then
+// ranked in index order: per chunk counts, their prefix over the chunks, and a block
+// scan inside the chunk.
 //
 // The winners are written in no particular order with a sort key (see topk.h); the
 // bindings sort the (B, k) keys with ATen to put them in order.
@@ -151,8 +155,8 @@ struct alignas(16) Pack16 {
   unsigned words[4];
 };
 
-// fn(key) for every element of row[begin, end), in no particular order (the callers
-// count). Where row + begin is 16-byte aligned (the same in every thread), 16-byte
+// fn(key, i) for every element i of row[begin, end), in no particular order (the
+// callers count or collect). Where row + begin is 16-byte aligned (the same in every thread), 16-byte
 // loads, kUnroll in flight per thread (with a load per element, 2 bytes of 16-bit values,
 // the H200 profile had the selection reading about 330 GB/s: bound by issuing loads, we
 // think, not by memory). The rest element by element, kUnroll in flight.
@@ -173,7 +177,8 @@ __device__ __forceinline__ void for_each_key(const T* __restrict__ row, int64_t 
         T v[kPerPack];
         memcpy(v, &packs[u], sizeof(Pack16));
 #pragma unroll
-        for (int e = 0; e < kPerPack; ++e) fn(order_key(v[e], nan));
+        for (int e = 0; e < kPerPack; ++e)
+          fn(order_key(v[e], nan), first + (u * kThreads + threadIdx.x) * kPerPack + e);
       }
     }
   }
@@ -183,9 +188,9 @@ __device__ __forceinline__ void for_each_key(const T* __restrict__ row, int64_t 
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) v[u] = row[i + u * kThreads];
 #pragma unroll
-    for (int u = 0; u < kUnroll; ++u) fn(order_key(v[u], nan));
+    for (int u = 0; u < kUnroll; ++u) fn(order_key(v[u], nan), i + u * kThreads);
   }
-  for (; i < end; i += kThreads) fn(order_key(row[i], nan));
+  for (; i < end; i += kThreads) fn(order_key(row[i], nan), i);
 }
 
 // Adds to the shared `hist` the pass's digit of every key of row[begin, end) that
@@ -198,7 +203,7 @@ __device__ __forceinline__ void count_digits(const T* __restrict__ row, int64_t 
   const int shift = digit_shift<T>(pass);
   const Key high = high_bits<T>(pass);
   bool nan = false;
-  for_each_key(row, begin, end, nan, [&](Key key) {
+  for_each_key(row, begin, end, nan, [&](Key key, int64_t) {
     if ((key & high) == prefix) atomicAdd(&hist[static_cast<unsigned>(key >> shift) & (kRadix - 1)], 1u);
   });
   if (pass == 0 && nan) *nan_flag = 1;
@@ -261,16 +266,16 @@ __device__ __forceinline__ void gather_winners(const T* __restrict__ row, int64_
 
 // ---- one block per row ----
 
+// Row `row` (H keys) by the radix passes, one block: the k winners into out_keys (and
+// out_indices where not packed). Every thread of the block calls it.
 template <typename T>
-__global__ void __launch_bounds__(kThreads)
-    row_topk_kernel(const T* __restrict__ x, int64_t H, int64_t k, bool packed, int* __restrict__ nan_flag,
-                    int64_t* __restrict__ keys, int64_t* __restrict__ indices) {
+__device__ void select_row_by_radix(const T* __restrict__ row, int64_t H, int64_t k, bool packed,
+                                    int* __restrict__ nan_flag, int64_t* __restrict__ out_keys,
+                                    int64_t* __restrict__ out_indices) {
   using Key = typename KeyTraits<T>::Key;
   __shared__ unsigned hist[kRadix];
   __shared__ Key chosen_prefix;
   __shared__ Count chosen_above, chosen_equal, counter;
-  const int64_t r = blockIdx.x;
-  const T* row = x + r * H;
   if (threadIdx.x == 0) counter = 0;
   Key prefix = 0;
   Count above = 0, equal = 0;  // keys above the prefix's range; keys in it (after the last pass: equal to T)
@@ -293,8 +298,120 @@ __global__ void __launch_bounds__(kThreads)
     equal = chosen_equal;
   }
   const Count rem = static_cast<Count>(k) - above;
-  gather_winners(row, 0, H, prefix, rem, rem < equal, 0, &counter, packed, keys + r * k,
-                 indices == nullptr ? nullptr : indices + r * k);
+  gather_winners(row, 0, H, prefix, rem, rem < equal, 0, &counter, packed, out_keys, out_indices);
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads)
+    row_topk_kernel(const T* __restrict__ x, int64_t H, int64_t k, bool packed, int* __restrict__ nan_flag,
+                    int64_t* __restrict__ keys, int64_t* __restrict__ indices) {
+  const int64_t r = blockIdx.x;
+  select_row_by_radix(x + r * H, H, k, packed, nan_flag, keys + r * k, indices == nullptr ? nullptr : indices + r * k);
+}
+
+// ---- long rows: a bar from a sample, then one pass ----
+//
+// The radix passes read a row once per digit and once more to gather: three times for
+// 16-bit keys, five for 32-bit ones. A long row with few winners (an SAE's pre-activations:
+// 32 of 65536) is read once here, one block per row:
+// 1. a bar: kSample keys from evenly spaced places, and the sample_rank-th largest of them
+//    (a radix select in shared memory), low enough that, for any data, the row holds k
+//    keys at or above it but no more than kCandidates, unless something improbable happens;
+// 2. one pass over the row collects the keys at or above the bar, with their columns,
+//    into shared memory (and reports NaN);
+// 3. the k largest of the candidates by (key, then lower column first), a radix select
+//    over that pair as one unique number, so ties need no ranking pass.
+// Where the bar let through fewer than k keys or more than kCandidates (ties around it,
+// data arranged against the sample), the block falls back to the radix passes.
+constexpr int kSample = 1024;
+constexpr int kCandidates = 4096;
+constexpr int64_t kFilterMinColumns = 16384;
+
+// The sample's rank of the bar: about twice the k-th's expected rank among the samples,
+// plus six; the expected candidates are this many times H / kSample.
+__host__ __device__ inline int64_t sample_rank(int64_t k, int64_t H) {
+  const int64_t twice = ceil_div(2 * k * kSample, H);
+  return twice + 6 < kSample ? twice + 6 : kSample;
+}
+
+// The r-th largest (1 <= r <= n) of value_at(0), ..., value_at(n - 1), kValueBits bits
+// each, by one block: kDigitBits a pass, most significant first, counted in `hist`.
+// Every thread of the block calls it; it synchronizes.
+template <typename V, int kValueBits, typename ValueAt>
+__device__ V kth_largest_in_block(int n, Count r, unsigned* hist, ValueAt value_at) {
+  __shared__ V chosen;
+  __shared__ Count chosen_above;
+  V prefix = 0;
+  Count above = 0;
+  for (int pass = 0; pass < kValueBits / kDigitBits; ++pass) {
+    const int shift = kValueBits - kDigitBits * (pass + 1);
+    const V high = pass == 0 ? V(0) : ~((V(1) << (shift + kDigitBits)) - 1);
+    hist[threadIdx.x] = 0;
+    __syncthreads();
+    for (int i = threadIdx.x; i < n; i += kThreads) {
+      const V v = value_at(i);
+      if ((v & high) == prefix) atomicAdd(&hist[static_cast<unsigned>(v >> shift) & (kRadix - 1)], 1u);
+    }
+    __syncthreads();
+    const unsigned digit = kRadix - 1 - threadIdx.x;
+    const Count count = hist[digit];
+    Count larger;
+    if (choose_digit(count, r - above, larger)) {
+      chosen = prefix | (static_cast<V>(digit) << shift);
+      chosen_above = above + larger;
+    }
+    __syncthreads();
+    prefix = chosen;
+    above = chosen_above;
+  }
+  return prefix;
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads)
+    row_topk_filter_kernel(const T* __restrict__ x, int64_t H, int64_t k, int* __restrict__ nan_flag,
+                           int64_t* __restrict__ keys) {
+  using K = KeyTraits<T>;
+  using Key = typename K::Key;
+  static_assert(K::kBits <= 32, "packed keys only: 16- and 32-bit values");
+  __shared__ Key candidate_keys[kCandidates];  // the sample first
+  __shared__ unsigned candidate_columns[kCandidates];
+  __shared__ unsigned hist[kRadix];
+  __shared__ unsigned found, written;
+  const int64_t r = blockIdx.x;
+  const T* row = x + r * H;
+  if (threadIdx.x == 0) found = written = 0;
+  bool nan = false;
+  for (int j = threadIdx.x; j < kSample; j += kThreads) candidate_keys[j] = order_key(row[j * H / kSample], nan);
+  __syncthreads();
+  const Key bar = kth_largest_in_block<Key, K::kBits>(kSample, static_cast<Count>(sample_rank(k, H)), hist,
+                                                      [&](int i) { return candidate_keys[i]; });
+  for_each_key(row, 0, H, nan, [&](Key key, int64_t i) {
+    if (key < bar) return;
+    const unsigned slot = atomicAdd(&found, 1u);
+    if (slot < kCandidates) {
+      candidate_keys[slot] = key;
+      candidate_columns[slot] = static_cast<unsigned>(i);
+    }
+  });
+  if (nan) *nan_flag = 1;
+  __syncthreads();
+  const unsigned n = found;  // the same in every thread
+  if (n < static_cast<unsigned>(k) || n > static_cast<unsigned>(kCandidates)) {
+    select_row_by_radix(row, H, k, true, nan_flag, keys + r * k, nullptr);
+    return;
+  }
+  // (key, then the lower column) as one number: key above, the column's complement below.
+  const auto ranked = [&](int i) {
+    return (static_cast<Count>(candidate_keys[i]) << 32) | static_cast<Count>(~candidate_columns[i]);
+  };
+  const Count kth = kth_largest_in_block<Count, K::kBits + 32>(static_cast<int>(n), static_cast<Count>(k), hist, ranked);
+  for (int i = threadIdx.x; i < static_cast<int>(n); i += kThreads) {
+    if (ranked(i) < kth) continue;
+    const unsigned at = atomicAdd(&written, 1u);
+    const Count descending = static_cast<Count>(~candidate_keys[i] & K::kAll);
+    keys[r * k + at] = static_cast<int64_t>((descending << kIndexBits) | static_cast<Count>(candidate_columns[i]));
+  }
 }
 
 // ---- rows split into chunks ----
@@ -361,7 +478,7 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t end = min(H, begin + chunk_len);
   unsigned n = 0;
   bool nan = false;
-  for_each_key(x + r * H, begin, end, nan, [&](Key key) { n += key == thr ? 1u : 0u; });
+  for_each_key(x + r * H, begin, end, nan, [&](Key key, int64_t) { n += key == thr ? 1u : 0u; });
   Count total;
   block_exclusive_sum(static_cast<Count>(n), total);
   if (threadIdx.x == 0) equal_counts[r * gridDim.y + blockIdx.y] = total;
@@ -410,18 +527,31 @@ int64_t topk_workspace_bytes(int64_t B, int64_t chunks) {
 
 bool topk_packs_keys(DType dtype, int64_t H) { return dtype != DType::kFloat64 && H <= (int64_t(1) << kIndexBits); }
 
+bool topk_filters_rows(DType dtype, int64_t H, int64_t k, int64_t chunks) {
+  // The candidates expected at the bar, sample_rank(k, H) * H / kSample, at most half
+  // the room: 2 k + 6 H / kSample <= kCandidates / 2.
+  return chunks == 1 && topk_packs_keys(dtype, H) && H >= kFilterMinColumns &&
+         2 * k + 6 * ceil_div(H, kSample) <= kCandidates / 2;
+}
+
 cudaError_t topk_select(const void* x, DType dtype, int64_t B, int64_t H, int64_t k, int64_t chunks, bool packed,
-                        void* workspace, int* nan_flag, int64_t* keys, int64_t* indices, cudaStream_t stream) {
+                        bool filter, void* workspace, int* nan_flag, int64_t* keys, int64_t* indices,
+                        cudaStream_t stream) {
   if (B == 0) return cudaSuccess;
   if (k < 1 || k > H || chunks < 1 || chunks > kMaxChunks || B > 0x7FFFFFFF ||
       (packed && !topk_packs_keys(dtype, H)) || (!packed && indices == nullptr) ||
-      (chunks > 1 && workspace == nullptr)) {
+      (chunks > 1 && workspace == nullptr) || (filter && !(packed && topk_filters_rows(dtype, H, k, chunks)))) {
     return cudaErrorInvalidValue;
   }
   cudaError_t status = cudaSuccess;
   const cudaError_t launch = dispatch(dtype, [&](auto tag) {
     using T = decltype(tag);
     const T* xt = static_cast<const T*>(x);
+    if (filter) {
+      if constexpr (KeyTraits<T>::kBits <= 32)
+        row_topk_filter_kernel<T><<<grid_of(B), kThreads, 0, stream>>>(xt, H, k, nan_flag, keys);
+      return;
+    }
     if (chunks == 1) {
       row_topk_kernel<T><<<grid_of(B), kThreads, 0, stream>>>(xt, H, k, packed, nan_flag, keys,
                                                                              indices);

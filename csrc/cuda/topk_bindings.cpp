@@ -4,7 +4,10 @@
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
+#include <cstdlib>
 #include <limits>
+#include <string>
+
 #include "bindings.h"
 #include "topk.h"
 
@@ -24,11 +27,15 @@ std::tuple<at::Tensor, at::Tensor> topk_forward_op(const at::Tensor& x_in, int64
   // The winners of each row, in no order, with their sort keys (csrc/cuda/topk.h).
   const bool packed = topk_packs_keys(dtype, H);
   const int64_t chunks = topk_row_chunks(B, H, multiprocessors());
+  // AEFAST_CUDA_TOPK=radix keeps long rows on the radix passes: the same winners, to time
+  // one way against the other (read at each call, so one process can alternate).
+  const char* way = std::getenv("AEFAST_CUDA_TOPK");
+  const bool filter = !(way != nullptr && std::string(way) == "radix") && topk_filters_rows(dtype, H, k, chunks);
   auto workspace = at::empty({topk_workspace_bytes(B, chunks)}, x.options().dtype(at::kByte));
   auto nan_flag = at::zeros({}, x.options().dtype(at::kInt));
   auto keys = at::empty({B, k}, index_options);
   auto unordered = packed ? at::Tensor() : at::empty({B, k}, index_options);
-  check(topk_select(x.const_data_ptr(), dtype, B, H, k, chunks, packed,
+  check(topk_select(x.const_data_ptr(), dtype, B, H, k, chunks, packed, filter,
                     workspace.numel() > 0 ? workspace.data_ptr() : nullptr, nan_flag.data_ptr<int>(),
                     keys.data_ptr<int64_t>(), packed ? nullptr : unordered.data_ptr<int64_t>(), stream()));
   // Order: value descending, then index ascending. Integer sorts: exact, and -0.0 and

@@ -24,6 +24,9 @@ int64_t emu_reparameterize_blocks(int64_t n) { return reparameterize_blocks(n); 
 int64_t emu_topk_row_chunks(int64_t B, int64_t H, int sms) { return topk_row_chunks(B, H, sms); }
 int64_t emu_topk_workspace_bytes(int64_t B, int64_t chunks) { return topk_workspace_bytes(B, chunks); }
 int emu_topk_packs_keys(int dtype, int64_t H) { return topk_packs_keys(dt(dtype), H); }
+int emu_topk_filters_rows(int dtype, int64_t H, int64_t k, int64_t chunks) {
+  return topk_filters_rows(dt(dtype), H, k, chunks);
+}
 
 // ---- the conversions of cuda_fp16.h / cuda_bf16.h, for a test of the emulator itself
 void emu_to_half(const float* in, int64_t n, int bf16, uint16_t* out) {
@@ -111,8 +114,9 @@ int emu_sparse_decode_backward(const void* grad_out, const void* values, const i
 }
 
 int emu_topk_select(const void* x, int dtype, int64_t B, int64_t H, int64_t k, int64_t chunks, int packed,
-                    void* workspace, int* nan_flag, int64_t* keys, int64_t* indices) {
-  return status(topk_select(x, dt(dtype), B, H, k, chunks, packed != 0, workspace, nan_flag, keys, indices, nullptr));
+                    int filter, void* workspace, int* nan_flag, int64_t* keys, int64_t* indices) {
+  return status(topk_select(x, dt(dtype), B, H, k, chunks, packed != 0, filter != 0, workspace, nan_flag, keys,
+                            indices, nullptr));
 }
 
 }  // extern "C"
