@@ -54,7 +54,7 @@ LAUNCHERS = {  # tests/cuda_emu/api.cpp
     "reparameterize_backward": [P, P, P, P, P, P, INT, I64, I64, P],
     "sparse_decode_forward": [P, P, P, P, P, INT, INT, I64, I64, I64, I64],
     "sparse_decode_backward": [P, P, P, P, P, P, P, P, INT, INT, I64, I64, I64, I64],
-    "topk_select": [P, INT, I64, I64, I64, I64, INT, INT, P, P, P, P],
+    "topk_select": [P, INT, I64, I64, I64, I64, INT, INT, P, P, P, P, P],
 }
 QUERIES = {"column_splits": [I64, I64, INT], "jumprelu_splits": [I64, I64, INT], "reparameterize_blocks": [I64], "topk_row_chunks": [I64, I64, INT],
            "topk_workspace_bytes": [I64, I64], "topk_packs_keys": [INT, I64],
@@ -525,15 +525,17 @@ def topk_rows(shape, dtype, values):
     return x.to(dtype)
 
 
-def emulated_topk(emu, x, k, chunks, packed, filter=False):
+def emulated_topk(emu, x, k, chunks, packed, filter=False, fallbacks=None):
     """topk_select, then the keys sorted and decoded as csrc/cuda/topk_bindings.cpp does:
-    (nan flag, values, indices)."""
+    (nan flag, values, indices). fallbacks: an int32 tensor that gets the rows the one
+    pass (filter) left to the radix passes."""
     B, H = x.shape
     workspace = torch.full((emu.query("topk_workspace_bytes", B, chunks),), 0xAB, dtype=torch.uint8)
     nan_flag = torch.zeros((), dtype=torch.int32)
     keys = poisoned((B, k), torch.int64)
     unordered = None if packed else poisoned((B, k), torch.int64)
-    emu("topk_select", x, x.dtype, B, H, k, chunks, int(packed), int(filter), workspace, nan_flag, keys, unordered)
+    emu("topk_select", x, x.dtype, B, H, k, chunks, int(packed), int(filter), workspace, nan_flag, fallbacks, keys,
+        unordered)
     if packed:  # ((~key) << 31) | index: one sort
         indices = keys.sort(dim=1).values & ((1 << 31) - 1)
     else:  # by index, then stably by key
@@ -544,16 +546,23 @@ def emulated_topk(emu, x, k, chunks, packed, filter=False):
     return nan_flag, x.gather(1, indices), indices
 
 
-def check_topk(emu, shape, k, values, dtype, packed, chunks, policies=POLICIES, filter=False, x=None):
+def check_topk(emu, shape, k, values, dtype, packed, chunks, policies=POLICIES, filter=False, x=None, fallbacks=0):
+    """The reference's winners; with filter (the one pass), `fallbacks` rows of them left
+    to the radix passes."""
     x = topk_rows(shape, dtype, values) if x is None else x
     want_values, want_indices = reference.topk_sparse(x, k, relu=False)
 
-    def check(nan_flag, got_values, got_indices):
+    def run():
+        count = torch.zeros((), dtype=torch.int32)
+        return (*emulated_topk(emu, x, k, chunks, packed, filter, count), count)
+
+    def check(nan_flag, got_values, got_indices, count):
         assert nan_flag.item() == 0
         assert torch.equal(got_indices, want_indices), "indices differ from the reference's"
         assert torch.equal(got_values, want_values)
+        assert count.item() == (fallbacks if filter else 0), "rows left to the radix passes"
 
-    under_policies(emu, lambda: emulated_topk(emu, x, k, chunks, packed, filter), check, policies)
+    under_policies(emu, run, check, policies)
 
 
 def packings(dtype):
@@ -590,11 +599,12 @@ def test_topk_rows_split_into_chunks(emu, shape, k, values, chunks, dtype):
 
 
 # (shape, k, values); long rows in one pass (a bar from a sample, then the candidates):
-# 16390 misaligns every other row's start for 16-bit values; seven values ("ties") put
-# thousands of candidates at the bar, sometimes more than the block keeps (then the radix
-# passes).
+# 16390 misaligns every other row's start for 16-bit values; seven values ("ties",
+# "special") put a few thousand candidates at the bar, all tied; 70000 columns need the
+# high half of the column in the (key, column) selection.
 FILTER_CASES = [((2, 16384), 32, "distinct"), ((3, 20000), 5, "ties"), ((2, 16390), 100, "special"),
-                ((3, 17000), 1, "mixed"), ((1, 40000), 300, "distinct"), ((2, 16384), 700, "ties")]
+                ((3, 17000), 1, "mixed"), ((1, 40000), 300, "distinct"), ((2, 16384), 700, "ties"),
+                ((1, 70000), 40, "mixed")]
 PACKED_DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 
@@ -605,25 +615,58 @@ def test_topk_long_rows_in_one_pass(emu, shape, k, values, dtype):
     check_topk(emu, shape, k, values, dtype, packed=True, chunks=1, filter=True)
 
 
-@pytest.mark.parametrize("dtype", PACKED_DTYPES, ids=str)
-def test_topk_one_pass_falls_back_where_the_bar_fails(emu, dtype):
-    H, k = 16384, 100  # the bar: the 19th largest of 1024 samples, at (j * H) // 1024
-    # Too few: the sampled places hold the row's largest values, so 19 keys reach the bar.
-    few = torch.rand(2, H, dtype=torch.float64)
-    few[:, torch.arange(1024) * H // 1024] += 10
-    # Too many: every key is the bar.
-    many = torch.full((2, H), 1.5, dtype=torch.float64)
+SAMPLED = torch.arange(1024) * 16384 // 1024  # where a row of 16384 is sampled (topk.cu)
+
+
+def rows_with_candidates(n, k=100, H=16384, rows=2):
+    """Rows of H whose bar lets exactly n keys through: with k = 100 the bar is the 19th
+    largest of the 1024 samples; 19 sampled places hold 100.0 .. 118.0 (the bar: 100.0),
+    n - 19 unsampled ones 100.5 .. 100.6 (tied in bfloat16), the rest less than 1."""
+    x = torch.rand(rows, H, dtype=torch.float64)
+    x[:, SAMPLED[:19]] = 100.0 + torch.arange(19, dtype=torch.float64)
+    others = torch.tensor([c for c in range(H) if c % 16][:n - 19])
+    x[:, others] = 100.5 + others.double() / H / 10
+    return x
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_topk_one_pass_at_the_edges_of_its_room(emu, dtype):
+    """k candidates (all win), exactly the room (4096) and one more (the radix passes);
+    too few (the samples hold the row's largest keys) and a row of one key."""
+    assert sample_rank_of(100, 16384) == 19
+    for n, fallbacks in ((100, 0), (4096, 0), (4097, 2)):
+        x = rows_with_candidates(n).to(dtype)
+        check_topk(emu, x.shape, 100, None, dtype, True, 1, filter=True, x=x, fallbacks=fallbacks)
+    few = torch.rand(2, 16384, dtype=torch.float64)
+    few[:, SAMPLED] += 10
+    many = torch.full((2, 16384), 1.5, dtype=torch.float64)
     for x in (few, many):
-        check_topk(emu, x.shape, k, None, dtype, packed=True, chunks=1, filter=True, x=x.to(dtype))
+        check_topk(emu, x.shape, 100, None, dtype, True, 1, filter=True, x=x.to(dtype), fallbacks=2)
+
+
+def sample_rank_of(k, H):
+    """topk.cu's sample_rank: about twice the k-th's expected rank among the 1024 samples, plus six."""
+    return min(-(-2 * k * 1024 // H) + 6, 1024)
 
 
 def test_topk_one_pass_is_for_long_rows_with_few_winners(emu):
     f32, f64 = DTYPE_CODE[torch.float32], DTYPE_CODE[torch.float64]
-    assert emu.query("topk_filters_rows", f32, 65536, 32, 1)
+    for H, k in ((16384, 32), (65536, 32), (65536, 512), (131072, 32)):
+        assert emu.query("topk_filters_rows", f32, H, k, 1), (H, k)
     assert not emu.query("topk_filters_rows", f64, 65536, 32, 1)  # 64-bit keys do not pack
     assert not emu.query("topk_filters_rows", f32, 65536, 32, 4)  # split rows
-    assert not emu.query("topk_filters_rows", f32, 8192, 32, 1)  # short rows: the passes stay in cache
-    assert not emu.query("topk_filters_rows", f32, 65536, 900, 1)  # too many candidates expected
+    assert not emu.query("topk_filters_rows", f32, 16383, 32, 1)  # shorter rows: their passes stay in cache
+    assert not emu.query("topk_filters_rows", f32, 65536, 900, 1)  # the room would overflow too often
+    assert not emu.query("topk_filters_rows", f32, 262144, 32, 1)
+    # The launcher refuses the one pass where the rule does not allow it.
+    x, keys = torch.zeros(2, 16384), torch.zeros(2, 4, dtype=torch.int64)
+    nan_flag = torch.zeros((), dtype=torch.int32)
+    assert emu.lib.emu_topk_select(x.data_ptr(), f32, 2, 16384, 4, 1, 1, 1, None, nan_flag.data_ptr(), None,
+                                   keys.data_ptr(), None) == 0
+    for dtype, H, chunks, packed in ((f64, 16384, 1, 0), (f32, 16384, 2, 1), (f32, 16383, 1, 1)):
+        status = emu.lib.emu_topk_select(x.data_ptr(), dtype, 2, H, 4, chunks, packed, 1, None, nan_flag.data_ptr(),
+                                         None, keys.data_ptr(), keys.data_ptr())
+        assert status == 1, (dtype, H, chunks, packed)  # cudaErrorInvalidValue
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -638,11 +681,13 @@ def test_topk_flags_nan(emu, shape, chunks, dtype):
 
 @pytest.mark.parametrize("dtype", PACKED_DTYPES, ids=str)
 def test_topk_one_pass_flags_nan(emu, dtype):
-    x = topk_rows((2, 16384), dtype, "distinct")
-    x[-1, -1] = float("nan")
-    for policy in POLICIES:
-        emu.configure(policy)
-        assert emulated_topk(emu, x, 5, 1, packed=True, filter=True)[0].item() == 1, policy[0]
+    # Unsampled and last; at a sampled place; in a row of one key (the radix passes).
+    for where, fill in ((16383, None), (int(SAMPLED[5]), None), (16383, 1.5)):
+        x = topk_rows((2, 16384), dtype, "distinct") if fill is None else torch.full((2, 16384), fill, dtype=dtype)
+        x[-1, where] = float("nan")
+        for policy in POLICIES:
+            emu.configure(policy)
+            assert emulated_topk(emu, x, 5, 1, packed=True, filter=True)[0].item() == 1, (where, fill, policy[0])
 
 
 # ------------------------------------------------------------------ the emulation catches bugs
@@ -763,7 +808,7 @@ def test_launch_plans_at_users_sizes_stay_within_cuda_limits(planning):
         chunks = emu.query("topk_row_chunks", B, H, H200_SMS)
         filter = int(bool(emu.query("topk_filters_rows", DTYPE_CODE[f32], H, k, chunks)))
         cases.append(("topk_select", None, f32, B, H, k, chunks, 1, filter, workspace if chunks > 1 else None,
-                      None, None, None))
+                      None, None, None, None))
     for name, *args in cases:
         emu(name, *args)  # a grid past CUDA's limits fails the launch: cudaErrorInvalidConfiguration
         launches = planned(emu)

@@ -285,12 +285,16 @@ def test_enough_long_rows_for_a_block_each_in_one_pass_or_by_radix(device, backe
     """Rows enough to fill a GPU with a block each, long enough for the CUDA top-k's one
     pass (a bar from a sample, then the candidates): it and the radix passes
     (AEFAST_CUDA_TOPK=radix) both give the reference's winners, on ReLU outputs (half of
-    them zeros) and on rows of seven values. (The CPU and Triton take the same rows their
-    own ways.)"""
+    them zeros, some -0.0), rows of seven values, rows with infinities and rows of -inf
+    with ten values. (The CPU and Triton take the same rows their own ways.)"""
     sms = torch.cuda.get_device_properties(0).multi_processor_count if device == "cuda" else 16
     x = torch.randn(8 * sms, 16384, device=device).relu_()
     x[::5] = torch.randint(-3, 4, x[::5].shape, device=device).float()
-    for dtype in (torch.float32, torch.bfloat16):
+    x[1::5, ::3] = -0.0  # ties with +0.0
+    x[2::5, 100:130] = float("inf")
+    x[3::5] = float("-inf")  # AuxK's live latents: every key one value, but for a few
+    x[3::5, 5000:5010] = 1.0
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
         for way in ("", "radix"):
             monkeypatch.setenv("AEFAST_CUDA_TOPK", way)
             assert_topk_sparse_matches_reference(x.to(dtype), 32, backend)

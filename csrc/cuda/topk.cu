@@ -23,6 +23,7 @@
 // The winners are written in no particular order with a sort key (see topk.h); the
 // bindings sort the (B, k) keys with ATen to put them in order.
 #include <algorithm>
+#include <cmath>
 #include <cstring>
 
 #include "common.cuh"
@@ -328,7 +329,10 @@ constexpr int kCandidates = 4096;
 constexpr int64_t kFilterMinColumns = 16384;
 
 // The sample's rank of the bar: about twice the k-th's expected rank among the samples,
-// plus six; the expected candidates are this many times H / kSample.
+// plus six. The bar lets through fewer than k keys only if at least this many samples
+// fall among the row's k largest (expected: k kSample / H, half this or less), and more
+// than kCandidates only if fewer fall among its kCandidates largest (expected:
+// kCandidates kSample / H; topk_filters_rows asks for five deviations above the rank).
 __host__ __device__ inline int64_t sample_rank(int64_t k, int64_t H) {
   const int64_t twice = ceil_div(2 * k * kSample, H);
   return twice + 6 < kSample ? twice + 6 : kSample;
@@ -370,7 +374,7 @@ __device__ V kth_largest_in_block(int n, Count r, unsigned* hist, ValueAt value_
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
     row_topk_filter_kernel(const T* __restrict__ x, int64_t H, int64_t k, int* __restrict__ nan_flag,
-                           int64_t* __restrict__ keys) {
+                           int* __restrict__ fallbacks, int64_t* __restrict__ keys) {
   using K = KeyTraits<T>;
   using Key = typename K::Key;
   static_assert(K::kBits <= 32, "packed keys only: 16- and 32-bit values");
@@ -386,8 +390,11 @@ __global__ void __launch_bounds__(kThreads)
   __syncthreads();
   const Key bar = kth_largest_in_block<Key, K::kBits>(kSample, static_cast<Count>(sample_rank(k, H)), hist,
                                                       [&](int i) { return candidate_keys[i]; });
+  const volatile unsigned& seen = found;
   for_each_key(row, 0, H, nan, [&](Key key, int64_t i) {
-    if (key < bar) return;
+    // Past the room the count is only read, not added to: the radix passes decide then
+    // (a row of one repeated key would otherwise add to one counter H times).
+    if (key < bar || seen > static_cast<unsigned>(kCandidates)) return;
     const unsigned slot = atomicAdd(&found, 1u);
     if (slot < kCandidates) {
       candidate_keys[slot] = key;
@@ -398,6 +405,7 @@ __global__ void __launch_bounds__(kThreads)
   __syncthreads();
   const unsigned n = found;  // the same in every thread
   if (n < static_cast<unsigned>(k) || n > static_cast<unsigned>(kCandidates)) {
+    if (fallbacks != nullptr && threadIdx.x == 0) atomicAdd(fallbacks, 1);
     select_row_by_radix(row, H, k, true, nan_flag, keys + r * k, nullptr);
     return;
   }
@@ -528,15 +536,17 @@ int64_t topk_workspace_bytes(int64_t B, int64_t chunks) {
 bool topk_packs_keys(DType dtype, int64_t H) { return dtype != DType::kFloat64 && H <= (int64_t(1) << kIndexBits); }
 
 bool topk_filters_rows(DType dtype, int64_t H, int64_t k, int64_t chunks) {
-  // The candidates expected at the bar, sample_rank(k, H) * H / kSample, at most half
-  // the room: 2 k + 6 H / kSample <= kCandidates / 2.
-  return chunks == 1 && topk_packs_keys(dtype, H) && H >= kFilterMinColumns &&
-         2 * k + 6 * ceil_div(H, kSample) <= kCandidates / 2;
+  // Samples expected among the row's kCandidates largest keys at least five deviations
+  // (Poisson: the square root) above the bar's rank, so that the room overflows on
+  // perhaps one row in a hundred million: up to H = 131072 for small k.
+  if (chunks != 1 || !topk_packs_keys(dtype, H) || H < kFilterMinColumns) return false;
+  const double rank = static_cast<double>(sample_rank(k, H));
+  return rank + 5.0 * std::sqrt(rank) <= static_cast<double>(kCandidates) * kSample / static_cast<double>(H);
 }
 
 cudaError_t topk_select(const void* x, DType dtype, int64_t B, int64_t H, int64_t k, int64_t chunks, bool packed,
-                        bool filter, void* workspace, int* nan_flag, int64_t* keys, int64_t* indices,
-                        cudaStream_t stream) {
+                        bool filter, void* workspace, int* nan_flag, int* fallbacks, int64_t* keys,
+                        int64_t* indices, cudaStream_t stream) {
   if (B == 0) return cudaSuccess;
   if (k < 1 || k > H || chunks < 1 || chunks > kMaxChunks || B > 0x7FFFFFFF ||
       (packed && !topk_packs_keys(dtype, H)) || (!packed && indices == nullptr) ||
@@ -549,7 +559,7 @@ cudaError_t topk_select(const void* x, DType dtype, int64_t B, int64_t H, int64_
     const T* xt = static_cast<const T*>(x);
     if (filter) {
       if constexpr (KeyTraits<T>::kBits <= 32)
-        row_topk_filter_kernel<T><<<grid_of(B), kThreads, 0, stream>>>(xt, H, k, nan_flag, keys);
+        row_topk_filter_kernel<T><<<grid_of(B), kThreads, 0, stream>>>(xt, H, k, nan_flag, fallbacks, keys);
       return;
     }
     if (chunks == 1) {

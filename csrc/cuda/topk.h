@@ -28,8 +28,8 @@ int64_t topk_workspace_bytes(int64_t B, int64_t chunks);
 bool topk_packs_keys(DType dtype, int64_t H);
 
 // Whether topk_select may take rows of H with `chunks` == 1 in one pass (filter): a bar
-// from a sample of each row, then one read of the row, for packed keys, rows of 16384
-// columns or more and k small beside them (csrc/cuda/topk.cu). A pure function.
+// from a sample of each row, then one read of the row, for packed keys, rows of 16384 to
+// about 131072 columns and k small beside them (csrc/cuda/topk.cu). A pure function.
 bool topk_filters_rows(DType dtype, int64_t H, int64_t k, int64_t chunks);
 
 // Selects the k (1 <= k <= H) largest of each row of x; -0.0 and +0.0 compare equal,
@@ -41,10 +41,11 @@ bool topk_filters_rows(DType dtype, int64_t H, int64_t k, int64_t chunks);
 //   indices[b, j] its column. Sorted by index, then stably by key: the final order.
 // Sets *nan_flag (an int zeroed by the caller) to 1 if x holds a NaN (the result is
 // then meaningless). filter: one pass per row as topk_filters_rows allows (it must; the
-// same winners either way). workspace: topk_workspace_bytes(B, chunks) bytes, any
-// content. Returns the launch status.
+// same winners either way); fallbacks, where not null (an int zeroed by the caller),
+// gets how many rows the one pass left to the radix passes. workspace:
+// topk_workspace_bytes(B, chunks) bytes, any content. Returns the launch status.
 cudaError_t topk_select(const void* x, DType dtype, int64_t B, int64_t H, int64_t k, int64_t chunks,
-                        bool packed, bool filter, void* workspace, int* nan_flag, int64_t* keys,
+                        bool packed, bool filter, void* workspace, int* nan_flag, int* fallbacks, int64_t* keys,
                         int64_t* indices, cudaStream_t stream);
 
 }  // namespace cuda

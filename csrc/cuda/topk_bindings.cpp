@@ -36,7 +36,7 @@ std::tuple<at::Tensor, at::Tensor> topk_forward_op(const at::Tensor& x_in, int64
   auto keys = at::empty({B, k}, index_options);
   auto unordered = packed ? at::Tensor() : at::empty({B, k}, index_options);
   check(topk_select(x.const_data_ptr(), dtype, B, H, k, chunks, packed, filter,
-                    workspace.numel() > 0 ? workspace.data_ptr() : nullptr, nan_flag.data_ptr<int>(),
+                    workspace.numel() > 0 ? workspace.data_ptr() : nullptr, nan_flag.data_ptr<int>(), nullptr,
                     keys.data_ptr<int64_t>(), packed ? nullptr : unordered.data_ptr<int64_t>(), stream()));
   // Order: value descending, then index ascending. Integer sorts: exact, and -0.0 and
   // +0.0 (one key) stay tied.

@@ -114,9 +114,9 @@ int emu_sparse_decode_backward(const void* grad_out, const void* values, const i
 }
 
 int emu_topk_select(const void* x, int dtype, int64_t B, int64_t H, int64_t k, int64_t chunks, int packed,
-                    int filter, void* workspace, int* nan_flag, int64_t* keys, int64_t* indices) {
-  return status(topk_select(x, dt(dtype), B, H, k, chunks, packed != 0, filter != 0, workspace, nan_flag, keys,
-                            indices, nullptr));
+                    int filter, void* workspace, int* nan_flag, int* fallbacks, int64_t* keys, int64_t* indices) {
+  return status(topk_select(x, dt(dtype), B, H, k, chunks, packed != 0, filter != 0, workspace, nan_flag, fallbacks,
+                            keys, indices, nullptr));
 }
 
 }  // extern "C"
