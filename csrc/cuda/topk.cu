@@ -320,8 +320,9 @@ __global__ void __launch_bounds__(kThreads)
 //    keys at or above it but no more than kCandidates, unless something improbable happens;
 // 2. one pass over the row collects the keys at or above the bar, with their columns,
 //    into shared memory (and reports NaN);
-// 3. the k largest of the candidates by (key, then lower column first), a radix select
-//    over that pair as one unique number, so ties need no ranking pass.
+// 3. the k largest of the candidates by a radix select over their keys in shared memory,
+//    and, only where more keys tie at the k-th than win, a second over the tied keys'
+//    columns (lowest first).
 // Where the bar let through fewer than k keys or more than kCandidates (ties around it,
 // data arranged against the sample), the block falls back to the radix passes.
 constexpr int kSample = 1024;
@@ -339,14 +340,21 @@ __host__ __device__ inline int64_t sample_rank(int64_t k, int64_t H) {
 }
 
 // The r-th largest (1 <= r <= n) of value_at(0), ..., value_at(n - 1), kValueBits bits
-// each, by one block: kDigitBits a pass, most significant first, counted in `hist`.
-// Every thread of the block calls it; it synchronizes.
+// each, by one block: kDigitBits a pass, most significant first, counted in `hist`; with
+// how many values are greater than it and how many equal. Every thread of the block
+// calls it; it synchronizes.
+template <typename V>
+struct Kth {
+  V value;
+  Count greater, equal;
+};
+
 template <typename V, int kValueBits, typename ValueAt>
-__device__ V kth_largest_in_block(int n, Count r, unsigned* hist, ValueAt value_at) {
+__device__ Kth<V> kth_largest_in_block(int n, Count r, unsigned* hist, ValueAt value_at) {
   __shared__ V chosen;
-  __shared__ Count chosen_above;
+  __shared__ Count chosen_above, chosen_equal;
   V prefix = 0;
-  Count above = 0;
+  Count above = 0, equal = 0;
   for (int pass = 0; pass < kValueBits / kDigitBits; ++pass) {
     const int shift = kValueBits - kDigitBits * (pass + 1);
     const V high = pass == 0 ? V(0) : ~((V(1) << (shift + kDigitBits)) - 1);
@@ -363,12 +371,14 @@ __device__ V kth_largest_in_block(int n, Count r, unsigned* hist, ValueAt value_
     if (choose_digit(count, r - above, larger)) {
       chosen = prefix | (static_cast<V>(digit) << shift);
       chosen_above = above + larger;
+      chosen_equal = count;
     }
     __syncthreads();
     prefix = chosen;
     above = chosen_above;
+    equal = chosen_equal;
   }
-  return prefix;
+  return {prefix, above, equal};
 }
 
 template <typename T>
@@ -389,7 +399,7 @@ __global__ void __launch_bounds__(kThreads)
   for (int j = threadIdx.x; j < kSample; j += kThreads) candidate_keys[j] = order_key(row[j * H / kSample], nan);
   __syncthreads();
   const Key bar = kth_largest_in_block<Key, K::kBits>(kSample, static_cast<Count>(sample_rank(k, H)), hist,
-                                                      [&](int i) { return candidate_keys[i]; });
+                                                      [&](int i) { return candidate_keys[i]; }).value;
   const volatile unsigned& seen = found;
   for_each_key(row, 0, H, nan, [&](Key key, int64_t i) {
     // Past the room the count is only read, not added to: the radix passes decide then
@@ -409,13 +419,20 @@ __global__ void __launch_bounds__(kThreads)
     select_row_by_radix(row, H, k, true, nan_flag, keys + r * k, nullptr);
     return;
   }
-  // (key, then the lower column) as one number: key above, the column's complement below.
-  const auto ranked = [&](int i) {
-    return (static_cast<Count>(candidate_keys[i]) << 32) | static_cast<Count>(~candidate_columns[i]);
-  };
-  const Count kth = kth_largest_in_block<Count, K::kBits + 32>(static_cast<int>(n), static_cast<Count>(k), hist, ranked);
+  // The k-th largest candidate key T; of the keys equal to T, the `need` lowest columns
+  // win: where more than that many tie, the need-th lowest column among them (the
+  // need-th largest complement; other candidates count as 0, below every complement).
+  const auto kth = kth_largest_in_block<Key, K::kBits>(static_cast<int>(n), static_cast<Count>(k), hist,
+                                                       [&](int i) { return candidate_keys[i]; });
+  const Count need = static_cast<Count>(k) - kth.greater;
+  unsigned last_column = ~0u;
+  if (kth.equal > need)  // the same in every thread
+    last_column = ~kth_largest_in_block<unsigned, 32>(static_cast<int>(n), need, hist, [&](int i) {
+                    return candidate_keys[i] == kth.value ? ~candidate_columns[i] : 0u;
+                  }).value;
   for (int i = threadIdx.x; i < static_cast<int>(n); i += kThreads) {
-    if (ranked(i) < kth) continue;
+    const Key key = candidate_keys[i];
+    if (key < kth.value || (key == kth.value && candidate_columns[i] > last_column)) continue;
     const unsigned at = atomicAdd(&written, 1u);
     const Count descending = static_cast<Count>(~candidate_keys[i] & K::kAll);
     keys[r * k + at] = static_cast<int64_t>((descending << kIndexBits) | static_cast<Count>(candidate_columns[i]));
