@@ -267,6 +267,44 @@ __device__ __forceinline__ void gather_winners(const T* __restrict__ row, int64_
 
 // ---- one block per row ----
 
+// The r-th largest value (1 <= r <= their number) of kValueBits-bit values, by one
+// block, kDigitBits a pass, most significant first: count_pass(prefix, pass, hist) adds
+// to `hist` the pass's digit of every value whose bits above it equal `prefix`. With how
+// many values are greater than it and how many equal. Every thread of the block calls
+// it; it synchronizes.
+template <typename V>
+struct Kth {
+  V value;
+  Count greater, equal;
+};
+
+template <typename V, int kValueBits, typename CountPass>
+__device__ Kth<V> radix_select_in_block(Count r, unsigned* hist, CountPass count_pass) {
+  __shared__ V chosen;
+  __shared__ Count chosen_above, chosen_equal;
+  V prefix = 0;
+  Count above = 0, equal = 0;  // values above the prefix's range; values in it (after the last pass: equal)
+  for (int pass = 0; pass < kValueBits / kDigitBits; ++pass) {
+    hist[threadIdx.x] = 0;
+    __syncthreads();
+    count_pass(prefix, pass, hist);
+    __syncthreads();
+    const unsigned digit = kRadix - 1 - threadIdx.x;
+    const Count count = hist[digit];
+    Count larger;
+    if (choose_digit(count, r - above, larger)) {
+      chosen = prefix | (static_cast<V>(digit) << (kValueBits - kDigitBits * (pass + 1)));
+      chosen_above = above + larger;
+      chosen_equal = count;
+    }
+    __syncthreads();
+    prefix = chosen;
+    above = chosen_above;
+    equal = chosen_equal;
+  }
+  return {prefix, above, equal};
+}
+
 // Row `row` (H keys) by the radix passes, one block: the k winners into out_keys (and
 // out_indices where not packed). Every thread of the block calls it.
 template <typename T>
@@ -275,31 +313,13 @@ __device__ void select_row_by_radix(const T* __restrict__ row, int64_t H, int64_
                                     int64_t* __restrict__ out_indices) {
   using Key = typename KeyTraits<T>::Key;
   __shared__ unsigned hist[kRadix];
-  __shared__ Key chosen_prefix;
-  __shared__ Count chosen_above, chosen_equal, counter;
-  if (threadIdx.x == 0) counter = 0;
-  Key prefix = 0;
-  Count above = 0, equal = 0;  // keys above the prefix's range; keys in it (after the last pass: equal to T)
-  for (int pass = 0; pass < KeyTraits<T>::kBits / kDigitBits; ++pass) {
-    hist[threadIdx.x] = 0;
-    __syncthreads();
-    count_digits(row, 0, H, prefix, pass, hist, nan_flag);
-    __syncthreads();
-    const unsigned digit = kRadix - 1 - threadIdx.x;
-    const Count count = hist[digit];
-    Count larger;
-    if (choose_digit(count, static_cast<Count>(k) - above, larger)) {
-      chosen_prefix = prefix | (static_cast<Key>(digit) << digit_shift<T>(pass));
-      chosen_above = above + larger;
-      chosen_equal = count;
-    }
-    __syncthreads();
-    prefix = chosen_prefix;
-    above = chosen_above;
-    equal = chosen_equal;
-  }
-  const Count rem = static_cast<Count>(k) - above;
-  gather_winners(row, 0, H, prefix, rem, rem < equal, 0, &counter, packed, out_keys, out_indices);
+  __shared__ Count counter;
+  if (threadIdx.x == 0) counter = 0;  // read by gather_winners, after the select's barriers
+  const auto kth = radix_select_in_block<Key, KeyTraits<T>::kBits>(
+      static_cast<Count>(k), hist,
+      [&](Key prefix, int pass, unsigned* h) { count_digits(row, 0, H, prefix, pass, h, nan_flag); });
+  const Count rem = static_cast<Count>(k) - kth.greater;
+  gather_winners(row, 0, H, kth.value, rem, rem < kth.equal, 0, &counter, packed, out_keys, out_indices);
 }
 
 template <typename T>
@@ -340,45 +360,17 @@ __host__ __device__ inline int64_t sample_rank(int64_t k, int64_t H) {
 }
 
 // The r-th largest (1 <= r <= n) of value_at(0), ..., value_at(n - 1), kValueBits bits
-// each, by one block: kDigitBits a pass, most significant first, counted in `hist`; with
-// how many values are greater than it and how many equal. Every thread of the block
-// calls it; it synchronizes.
-template <typename V>
-struct Kth {
-  V value;
-  Count greater, equal;
-};
-
+// each (radix_select_in_block over values in shared memory).
 template <typename V, int kValueBits, typename ValueAt>
 __device__ Kth<V> kth_largest_in_block(int n, Count r, unsigned* hist, ValueAt value_at) {
-  __shared__ V chosen;
-  __shared__ Count chosen_above, chosen_equal;
-  V prefix = 0;
-  Count above = 0, equal = 0;
-  for (int pass = 0; pass < kValueBits / kDigitBits; ++pass) {
+  return radix_select_in_block<V, kValueBits>(r, hist, [&](V prefix, int pass, unsigned* h) {
     const int shift = kValueBits - kDigitBits * (pass + 1);
     const V high = pass == 0 ? V(0) : ~((V(1) << (shift + kDigitBits)) - 1);
-    hist[threadIdx.x] = 0;
-    __syncthreads();
     for (int i = threadIdx.x; i < n; i += kThreads) {
       const V v = value_at(i);
-      if ((v & high) == prefix) atomicAdd(&hist[static_cast<unsigned>(v >> shift) & (kRadix - 1)], 1u);
+      if ((v & high) == prefix) atomicAdd(&h[static_cast<unsigned>(v >> shift) & (kRadix - 1)], 1u);
     }
-    __syncthreads();
-    const unsigned digit = kRadix - 1 - threadIdx.x;
-    const Count count = hist[digit];
-    Count larger;
-    if (choose_digit(count, r - above, larger)) {
-      chosen = prefix | (static_cast<V>(digit) << shift);
-      chosen_above = above + larger;
-      chosen_equal = count;
-    }
-    __syncthreads();
-    prefix = chosen;
-    above = chosen_above;
-    equal = chosen_equal;
-  }
-  return {prefix, above, equal};
+  });
 }
 
 template <typename T>
