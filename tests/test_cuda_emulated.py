@@ -600,11 +600,11 @@ def test_topk_rows_split_into_chunks(emu, shape, k, values, chunks, dtype):
 
 # (shape, k, values); long rows in one pass (a bar from a sample, then the candidates):
 # 16390 misaligns every other row's start for 16-bit values; seven values ("ties",
-# "special") put a few thousand candidates at the bar, all tied; 70000 columns need the
-# high half of the column in the (key, column) selection.
+# "special", every other row of "mixed") put a few thousand candidates at the bar, all
+# tied, so the winners among them are chosen by column.
 FILTER_CASES = [((2, 16384), 32, "distinct"), ((3, 20000), 5, "ties"), ((2, 16390), 100, "special"),
                 ((3, 17000), 1, "mixed"), ((1, 40000), 300, "distinct"), ((2, 16384), 700, "ties"),
-                ((1, 70000), 40, "mixed")]
+                ((2, 70000), 40, "distinct")]
 PACKED_DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 
@@ -616,6 +616,11 @@ def test_topk_long_rows_in_one_pass(emu, shape, k, values, dtype):
 
 
 SAMPLED = torch.arange(1024) * 16384 // 1024  # where a row of 16384 is sampled (topk.cu)
+
+
+def sample_rank_of(k, H):
+    """topk.cu's sample_rank: about twice the k-th's expected rank among the 1024 samples, plus six."""
+    return min(-(-2 * k * 1024 // H) + 6, 1024)
 
 
 def rows_with_candidates(n, k=100, H=16384, rows=2):
@@ -642,11 +647,6 @@ def test_topk_one_pass_at_the_edges_of_its_room(emu, dtype):
     many = torch.full((2, 16384), 1.5, dtype=torch.float64)
     for x in (few, many):
         check_topk(emu, x.shape, 100, None, dtype, True, 1, filter=True, x=x.to(dtype), fallbacks=2)
-
-
-def sample_rank_of(k, H):
-    """topk.cu's sample_rank: about twice the k-th's expected rank among the 1024 samples, plus six."""
-    return min(-(-2 * k * 1024 // H) + 6, 1024)
 
 
 def test_topk_one_pass_is_for_long_rows_with_few_winners(emu):
@@ -677,6 +677,14 @@ def test_topk_flags_nan(emu, shape, chunks, dtype):
     for policy in POLICIES:
         emu.configure(policy)
         assert emulated_topk(emu, x, 5, chunks, packed=dtype != torch.float64)[0].item() == 1, policy[0]
+
+
+@pytest.mark.parametrize("dtype", PACKED_DTYPES, ids=str)
+def test_topk_one_pass_cuts_ties_by_columns_past_16_bits(emu, dtype):
+    # 100 keys of 5.0 at columns 60000 .. 69900, k = 80: the cut among them at column 67900.
+    x = torch.randn(2, 70000, dtype=torch.float64).clamp(max=4.0)
+    x[:, 60000::100] = 5.0
+    check_topk(emu, x.shape, 80, None, dtype, True, 1, filter=True, x=x.to(dtype))
 
 
 @pytest.mark.parametrize("dtype", PACKED_DTYPES, ids=str)

@@ -157,10 +157,11 @@ struct alignas(16) Pack16 {
 };
 
 // fn(key, i) for every element i of row[begin, end), in no particular order (the
-// callers count or collect). Where row + begin is 16-byte aligned (the same in every thread), 16-byte
-// loads, kUnroll in flight per thread (with a load per element, 2 bytes of 16-bit values,
-// the H200 profile had the selection reading about 330 GB/s: bound by issuing loads, we
-// think, not by memory). The rest element by element, kUnroll in flight.
+// callers count or collect). Where row + begin is 16-byte aligned (the same in every
+// thread), 16-byte loads, kUnroll in flight per thread (with a load per element, 2
+// bytes of 16-bit values, the H200 profile had the selection reading about 330 GB/s:
+// bound by issuing loads, we think, not by memory). The rest element by element,
+// kUnroll in flight.
 template <typename T, typename Fn>
 __device__ __forceinline__ void for_each_key(const T* __restrict__ row, int64_t begin, int64_t end, bool& nan,
                                              Fn&& fn) {
@@ -327,7 +328,8 @@ __global__ void __launch_bounds__(kThreads)
     row_topk_kernel(const T* __restrict__ x, int64_t H, int64_t k, bool packed, int* __restrict__ nan_flag,
                     int64_t* __restrict__ keys, int64_t* __restrict__ indices) {
   const int64_t r = blockIdx.x;
-  select_row_by_radix(x + r * H, H, k, packed, nan_flag, keys + r * k, indices == nullptr ? nullptr : indices + r * k);
+  select_row_by_radix(x + r * H, H, k, packed, nan_flag, keys + r * k,
+                      indices == nullptr ? nullptr : indices + r * k);
 }
 
 // ---- long rows: a bar from a sample, then one pass ----
