@@ -623,25 +623,26 @@ def sample_rank_of(k, H):
     return min(-(-2 * k * 1024 // H) + 6, 1024)
 
 
-def rows_with_candidates(n, k=100, H=16384, rows=2):
-    """Rows of H whose bar lets exactly n keys through: with k = 100 the bar is the 19th
-    largest of the 1024 samples; 19 sampled places hold 100.0 .. 118.0 (the bar: 100.0),
-    n - 19 unsampled ones 100.5 .. 100.6 (tied in bfloat16), the rest less than 1."""
+def rows_with_candidates(n, H=16384, rows=2):
+    """Rows of H whose bar lets exactly n keys through: with k = 99 or 100 the bar is the
+    19th largest of the 1024 samples; 19 sampled places hold 100.0 .. 118.0 (the bar:
+    100.0), n - 19 unsampled ones 100.5 (all tied), the rest less than 1."""
     x = torch.rand(rows, H, dtype=torch.float64)
     x[:, SAMPLED[:19]] = 100.0 + torch.arange(19, dtype=torch.float64)
-    others = torch.tensor([c for c in range(H) if c % 16][:n - 19])
-    x[:, others] = 100.5 + others.double() / H / 10
+    x[:, torch.tensor([c for c in range(H) if c % 16][:n - 19])] = 100.5
     return x
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("dtype", PACKED_DTYPES, ids=str)
 def test_topk_one_pass_at_the_edges_of_its_room(emu, dtype):
-    """k candidates (all win), exactly the room (4096) and one more (the radix passes);
-    too few (the samples hold the row's largest keys) and a row of one key."""
-    assert sample_rank_of(100, 16384) == 19
-    for n, fallbacks in ((100, 0), (4096, 0), (4097, 2)):
+    """k candidates (all win), one fewer (the radix passes), exactly the room (4096) and
+    one more (the radix passes), the winners among the 100.5 ties chosen by column where
+    fewer win than tie, all of them where all win (k = 99 of 100: 18 above, 81 tied); too
+    few (the samples hold the row's largest keys) and a row of one key."""
+    assert sample_rank_of(100, 16384) == sample_rank_of(99, 16384) == 19
+    for n, k, fallbacks in ((100, 100, 0), (99, 100, 2), (4096, 100, 0), (4097, 100, 2), (100, 99, 0)):
         x = rows_with_candidates(n).to(dtype)
-        check_topk(emu, x.shape, 100, None, dtype, True, 1, filter=True, x=x, fallbacks=fallbacks)
+        check_topk(emu, x.shape, k, None, dtype, True, 1, filter=True, x=x, fallbacks=fallbacks)
     few = torch.rand(2, 16384, dtype=torch.float64)
     few[:, SAMPLED] += 10
     many = torch.full((2, 16384), 1.5, dtype=torch.float64)
@@ -663,9 +664,10 @@ def test_topk_one_pass_is_for_long_rows_with_few_winners(emu):
     nan_flag = torch.zeros((), dtype=torch.int32)
     assert emu.lib.emu_topk_select(x.data_ptr(), f32, 2, 16384, 4, 1, 1, 1, None, nan_flag.data_ptr(), None,
                                    keys.data_ptr(), None) == 0
+    workspace = torch.zeros(emu.query("topk_workspace_bytes", 2, 2), dtype=torch.uint8)
     for dtype, H, chunks, packed in ((f64, 16384, 1, 0), (f32, 16384, 2, 1), (f32, 16383, 1, 1)):
-        status = emu.lib.emu_topk_select(x.data_ptr(), dtype, 2, H, 4, chunks, packed, 1, None, nan_flag.data_ptr(),
-                                         None, keys.data_ptr(), keys.data_ptr())
+        status = emu.lib.emu_topk_select(x.data_ptr(), dtype, 2, H, 4, chunks, packed, 1, workspace.data_ptr(),
+                                         nan_flag.data_ptr(), None, keys.data_ptr(), keys.data_ptr())
         assert status == 1, (dtype, H, chunks, packed)  # cudaErrorInvalidValue
 
 
@@ -815,6 +817,7 @@ def test_launch_plans_at_users_sizes_stay_within_cuda_limits(planning):
     for B, H, k in ((4096, 65536, 32), (65536, 1 << 20, 32), (1, 1 << 28, 4096 * 32), (3, 1 << 30, 7)):
         chunks = emu.query("topk_row_chunks", B, H, H200_SMS)
         filter = int(bool(emu.query("topk_filters_rows", DTYPE_CODE[f32], H, k, chunks)))
+        assert filter == ((B, H, k) == (4096, 65536, 32)), (B, H, k)  # the SAE's rows take the one pass
         cases.append(("topk_select", None, f32, B, H, k, chunks, 1, filter, workspace if chunks > 1 else None,
                       None, None, None, None))
     for name, *args in cases:
