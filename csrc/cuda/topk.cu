@@ -10,15 +10,15 @@
 //
 // Three layouts. Rows that fill the GPU by themselves: a block per row does every pass
 // with its histogram in shared memory, then gathers. Long ones among them with few
-// winners (topk_filters_rows: an SAE's 32 of 65536 latents) are read once instead: a
-// bar from a sample of the row, the keys at or above it collected into shared memory,
-// the k best of those (see "long rows" below), the radix passes only where the bar
-// fails. Few long rows (batch_topk selects from one row of k * B out of B * H): each
-// row is split into chunks, a block per (row, chunk) and pass counts into shared memory
-// and adds its counts to the row's global histogram (integer atomics: exact, the same
-// on every run), and a block per row chooses the digit. The keys equal to T are then
-// ranked in index order: per chunk counts, their prefix over the chunks, and a block
-// scan inside the chunk.
+// winners (topk_filters_rows: an SAE encoder's 32 of a block's 16384 latents) are read
+// once instead: a bar from a sample of the row, the keys at or above it collected into
+// shared memory, the k best of those (see "long rows" below), the radix passes only
+// where the bar fails. Few long rows (batch_topk selects from one row of k * B out of
+// B * H): each row is split into chunks, a block per (row, chunk) and pass counts into
+// shared memory and adds its counts to the row's global histogram (integer atomics:
+// exact, the same on every run), and a block per row chooses the digit. The keys equal
+// to T are then ranked in index order: per chunk counts, their prefix over the chunks,
+// and a block scan inside the chunk.
 //
 // The winners are written in no particular order with a sort key (see topk.h); the
 // bindings sort the (B, k) keys with ATen to put them in order.
@@ -335,8 +335,8 @@ __global__ void __launch_bounds__(kThreads)
 // ---- long rows: a bar from a sample, then one pass ----
 //
 // The radix passes read a row once per digit and once more to gather: three times for
-// 16-bit keys, five for 32-bit ones. A long row with few winners (an SAE's pre-activations:
-// 32 of 65536) is read once here, one block per row:
+// 16-bit keys, five for 32-bit ones. A long row with few winners (an SAE encoder's
+// pre-activations: 32 of a block's 16384) is read once here, one block per row:
 // 1. a bar: kSample keys from evenly spaced places, and the sample_rank-th largest of them
 //    (a radix select in shared memory), low enough that, for any data, the row holds k
 //    keys at or above it but no more than kCandidates, unless something improbable happens;
