@@ -102,17 +102,23 @@ __device__ __forceinline__ typename KeyTraits<T>::Key order_key(T v, bool& nan) 
   return (u & sign) ? (~u & K::kAll) : (u | sign);
 }
 
-// Pass `pass` looks at the digit at bit `shift` of the keys whose bits above it
-// (`high`) equal the prefix chosen so far.
-template <typename T>
+// Pass `pass` over kValueBits-bit values looks at the digit at bit `shift` of the values
+// whose bits above it (`high`, in a V) equal the prefix chosen so far.
+template <int kValueBits>
 __device__ __forceinline__ int digit_shift(int pass) {
-  return KeyTraits<T>::kBits - kDigitBits * (pass + 1);
+  return kValueBits - kDigitBits * (pass + 1);
 }
 
+template <typename V, int kValueBits>
+__device__ __forceinline__ V high_bits(int pass) {
+  return pass == 0 ? V(0) : ~((V(1) << (digit_shift<kValueBits>(pass) + kDigitBits)) - 1);
+}
+
+// A winner's packed sort key (topk.h): its key complemented (ascending = descending
+// values) above its index.
 template <typename T>
-__device__ __forceinline__ typename KeyTraits<T>::Key high_bits(int pass) {
-  using Key = typename KeyTraits<T>::Key;
-  return pass == 0 ? Key(0) : ~((Key(1) << (digit_shift<T>(pass) + kDigitBits)) - 1);
+__device__ __forceinline__ int64_t packed_sort_key(typename KeyTraits<T>::Key key, Count index) {
+  return static_cast<int64_t>((static_cast<Count>(~key & KeyTraits<T>::kAll) << kIndexBits) | index);
 }
 
 // Exclusive prefix sum of v over the block's threads in thread order; `total` gets
@@ -202,8 +208,8 @@ __device__ __forceinline__ void count_digits(const T* __restrict__ row, int64_t 
                                              typename KeyTraits<T>::Key prefix, int pass, unsigned* hist,
                                              int* nan_flag) {
   using Key = typename KeyTraits<T>::Key;
-  const int shift = digit_shift<T>(pass);
-  const Key high = high_bits<T>(pass);
+  const int shift = digit_shift<KeyTraits<T>::kBits>(pass);
+  const Key high = high_bits<Key, KeyTraits<T>::kBits>(pass);
   bool nan = false;
   for_each_key(row, begin, end, nan, [&](Key key, int64_t) {
     if ((key & high) == prefix) atomicAdd(&hist[static_cast<unsigned>(key >> shift) & (kRadix - 1)], 1u);
@@ -255,11 +261,10 @@ __device__ __forceinline__ void gather_winners(const T* __restrict__ row, int64_
       base = __shfl_sync(0xffffffffu, base, leader);
       if (!take) continue;
       const int64_t at = static_cast<int64_t>(base) + __popc(ballot & ((1u << lane) - 1u));
-      const Count descending = static_cast<Count>(~key & K::kAll);
       if (packed) {
-        keys[at] = static_cast<int64_t>((descending << kIndexBits) | static_cast<Count>(i));
+        keys[at] = packed_sort_key<T>(key, static_cast<Count>(i));
       } else {
-        keys[at] = static_cast<int64_t>(descending ^ (Count(1) << 63));
+        keys[at] = static_cast<int64_t>(static_cast<Count>(~key & K::kAll) ^ (Count(1) << 63));
         indices[at] = i;
       }
     }
@@ -294,7 +299,7 @@ __device__ Kth<V> radix_select_in_block(Count r, unsigned* hist, CountPass count
     const Count count = hist[digit];
     Count larger;
     if (choose_digit(count, r - above, larger)) {
-      chosen = prefix | (static_cast<V>(digit) << (kValueBits - kDigitBits * (pass + 1)));
+      chosen = prefix | (static_cast<V>(digit) << digit_shift<kValueBits>(pass));
       chosen_above = above + larger;
       chosen_equal = count;
     }
@@ -366,8 +371,8 @@ __host__ __device__ inline int64_t sample_rank(int64_t k, int64_t H) {
 template <typename V, int kValueBits, typename ValueAt>
 __device__ Kth<V> kth_largest_in_block(int n, Count r, unsigned* hist, ValueAt value_at) {
   return radix_select_in_block<V, kValueBits>(r, hist, [&](V prefix, int pass, unsigned* h) {
-    const int shift = kValueBits - kDigitBits * (pass + 1);
-    const V high = pass == 0 ? V(0) : ~((V(1) << (shift + kDigitBits)) - 1);
+    const int shift = digit_shift<kValueBits>(pass);
+    const V high = high_bits<V, kValueBits>(pass);
     for (int i = threadIdx.x; i < n; i += kThreads) {
       const V v = value_at(i);
       if ((v & high) == prefix) atomicAdd(&h[static_cast<unsigned>(v >> shift) & (kRadix - 1)], 1u);
@@ -428,8 +433,7 @@ __global__ void __launch_bounds__(kThreads)
     const Key key = candidate_keys[i];
     if (key < kth.value || (key == kth.value && candidate_columns[i] > last_column)) continue;
     const unsigned at = atomicAdd(&written, 1u);
-    const Count descending = static_cast<Count>(~candidate_keys[i] & K::kAll);
-    keys[r * k + at] = static_cast<int64_t>((descending << kIndexBits) | static_cast<Count>(candidate_columns[i]));
+    keys[r * k + at] = packed_sort_key<T>(key, static_cast<Count>(candidate_columns[i]));
   }
 }
 
@@ -473,7 +477,7 @@ __global__ void __launch_bounds__(kThreads)
   const Count above = state[r].above;  // read by every thread before the one below writes it
   Count larger;
   if (choose_digit(count, static_cast<Count>(k) - above, larger)) {
-    state[r].prefix |= static_cast<Count>(digit) << digit_shift<T>(pass);
+    state[r].prefix |= static_cast<Count>(digit) << digit_shift<KeyTraits<T>::kBits>(pass);
     state[r].above = above + larger;
     state[r].equal = count;
   }
