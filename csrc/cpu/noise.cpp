@@ -242,6 +242,17 @@ AEFAST_SIMD_CLONES double block_sum(const float* terms, int64_t n) { return bloc
 // (below): the same seed gives a kl a few ulps apart on machines without AVX2 (where the
 // loops above sum in double).
 
+// What the corrupt kernels with draws in registers need (float32): elements [begin,
+// end) of x into out, and with grad (else null) the same draws mask grad in place.
+struct RegisterCorrupt {
+  const float* x;
+  float* out;
+  float* grad;
+  int64_t begin, end;
+  float level, scale, low, high;
+  bool stream;
+};
+
 // The lanes of elements [at, at + 16) in [begin, end).
 inline __mmask16 lanes_in(int64_t at, int64_t begin, int64_t end) {
   const int64_t low = std::clamp<int64_t>(begin - at, 0, 16), high = std::clamp<int64_t>(end - at, 0, 16);
@@ -267,13 +278,13 @@ AEFAST_AVX512 inline void store16(float* to, __mmask16 in, __m512 v, bool stream
 // no better anywhere measured.
 constexpr int kNormalGroups = 2;
 
-// step(at, in, eps) for each 16 elements [at, at + 16) of blocks [b0, b1) that meet
-// elements [begin, end), with their normals (in: the lanes in the range);
+// step(at, in, draws) for each 16 elements [at, at + 16) of blocks [b0, b1) that meet
+// elements [begin, end), with their normals or uniforms (in: the lanes in the range);
 // step.block_done(b, sums) after each block, sums the lane-wise sum of what step
 // returned for it (kept in a register, not in the step).
-template <int kGroups, typename Step>
-AEFAST_AVX512 inline void for_each_normal16(uint64_t seed, int64_t begin, int64_t end, int64_t b0, int64_t b1,
-                                            Step& step) {
+template <bool kNormal, int kGroups, typename Step>
+AEFAST_AVX512 inline void for_each_draw16(uint64_t seed, int64_t begin, int64_t end, int64_t b0, int64_t b1,
+                                          Step& step) {
   const noise_avx512::PhiloxKeys keys = noise_avx512::philox_keys(seed);
   for (int64_t b = b0; b < b1; ++b) {
     __m512 sums = _mm512_setzero_ps();
@@ -281,7 +292,7 @@ AEFAST_AVX512 inline void for_each_normal16(uint64_t seed, int64_t begin, int64_
     for (int64_t c = 0; c < kBlockCounters && b * kBlockElements + 4 * c < end; c += 16 * kGroups) {
       if (b * kBlockElements + 4 * (c + 16 * kGroups) <= begin) continue;
       __m512 eps[kGroups][4];
-      noise_avx512::normals64<kGroups>(keys, static_cast<uint64_t>(b * kBlockCounters + c), eps);
+      noise_avx512::draws64<kNormal, kGroups>(keys, static_cast<uint64_t>(b * kBlockCounters + c), eps);
       for (int v = 0; v < 4 * kGroups; ++v) {
         const int64_t at = b * kBlockElements + 4 * c + 16 * v;
         sums = _mm512_add_ps(sums, step(at, lanes_in(at, begin, end), eps[v / 4][v % 4]));
@@ -335,37 +346,48 @@ struct ReparameterizeGradStep {
   AEFAST_AVX512 void block_done(int64_t, __m512) {}
 };
 
-// Gaussian corruption, out = x + level * eps, of elements [begin, end): x and out point
-// at element begin (the lanes of a vector before it are masked off, never read).
-struct CorruptGaussianStep {
-  const float* x;
-  float* out;
-  int64_t begin;
-  float level;
-  bool stream;
+// Corruption of elements [begin, end) by noise::corrupt_element's formulas, its draw a
+// normal for gaussian noise, else a uniform: x and out (and grad) point at element begin
+// (the lanes of a vector before it are masked off, never read). The uniform kinds were
+// the loops over stored draws until 2026-12-07: on an AVX2-only AMD EPYC (2 threads),
+// alternating, masking at 1024 x 4096 2.84-2.91 -> 2.06-2.12 ms, dropout 2.6-2.7 ->
+// 2.1, salt and pepper 2.53 -> 2.20, masking at 4096 x 4096 9.7 -> 8.0.
+template <int kKind>
+struct CorruptStep {
+  const RegisterCorrupt& a;
 
-  AEFAST_AVX512 __m512 operator()(int64_t at, __mmask16 in, __m512 eps) {
-    const __m512 v = _mm512_maskz_loadu_ps(in, x + (at - begin));
-    store16(out + (at - begin), in, _mm512_fmadd_ps(_mm512_set1_ps(level), eps, v), stream);
+  AEFAST_AVX512 __m512 corrupted(__m512 v, __m512 draw, float low, float high) const {
+    if (kKind == nz::kGaussian) return _mm512_fmadd_ps(_mm512_set1_ps(a.level), draw, v);
+    const __mmask16 hit = _mm512_cmp_ps_mask(draw, _mm512_set1_ps(a.level), _CMP_LT_OQ);
+    if (kKind == nz::kMasking) return _mm512_maskz_mov_ps(static_cast<__mmask16>(~hit), v);
+    if (kKind == nz::kDropout) return _mm512_maskz_mul_ps(static_cast<__mmask16>(~hit), v, _mm512_set1_ps(a.scale));
+    const __mmask16 low_hit = _mm512_cmp_ps_mask(draw, _mm512_set1_ps(0.5f * a.level), _CMP_LT_OQ);
+    return _mm512_mask_blend_ps(hit, v, _mm512_mask_blend_ps(low_hit, _mm512_set1_ps(high), _mm512_set1_ps(low)));
+  }
+  AEFAST_AVX512 __m512 operator()(int64_t at, __mmask16 in, __m512 draw) {
+    const int64_t i = at - a.begin;
+    store16(a.out + i, in, corrupted(_mm512_maskz_loadu_ps(in, a.x + i), draw, a.low, a.high), a.stream);
+    if (kKind != nz::kGaussian && a.grad != nullptr)  // masked in place: low = high = 0
+      _mm512_mask_storeu_ps(a.grad + i, in, corrupted(_mm512_maskz_loadu_ps(in, a.grad + i), draw, 0.0f, 0.0f));
     return _mm512_setzero_ps();
   }
   AEFAST_AVX512 void block_done(int64_t, __m512) {}
 };
 
-AEFAST_AVX512 void corrupt_gaussian_avx512(uint64_t seed, const float* x, float* out, int64_t begin, int64_t end,
-                                           int64_t b0, int64_t b1, float level, bool stream) {
-  stream = stream && (reinterpret_cast<uintptr_t>(out) - 4 * static_cast<uintptr_t>(begin)) % 64 == 0;
-  CorruptGaussianStep step{x, out, begin, level, stream};
-  for_each_normal16<kNormalGroups>(seed, begin, end, b0, b1, step);
+template <int kKind>
+AEFAST_AVX512 void corrupt_avx512(uint64_t seed, RegisterCorrupt a, int64_t b0, int64_t b1) {
+  a.stream = a.stream && (reinterpret_cast<uintptr_t>(a.out) - 4 * static_cast<uintptr_t>(a.begin)) % 64 == 0;
+  CorruptStep<kKind> step{a};
+  for_each_draw16<kKind == nz::kGaussian, kNormalGroups>(seed, a.begin, a.end, b0, b1, step);
 }
 
 AEFAST_AVX512 void reparameterize_blocks_avx512(uint64_t seed, const float* mu, const float* logvar, float* z,
                                                 int64_t n, int64_t b0, int64_t b1, bool stream, double* block_sums) {
   ReparameterizeStep step{mu, logvar, z, stream && reinterpret_cast<uintptr_t>(z) % 64 == 0, block_sums};
   if (step.stream)  // one group where the output is streamed (kNormalGroups)
-    for_each_normal16<1>(seed, 0, n, b0, b1, step);
+    for_each_draw16<true, 1>(seed, 0, n, b0, b1, step);
   else
-    for_each_normal16<kNormalGroups>(seed, 0, n, b0, b1, step);
+    for_each_draw16<true, kNormalGroups>(seed, 0, n, b0, b1, step);
 }
 
 AEFAST_AVX512 void reparameterize_grad_blocks_avx512(uint64_t seed, const float* gz, const float* mu,
@@ -373,7 +395,7 @@ AEFAST_AVX512 void reparameterize_grad_blocks_avx512(uint64_t seed, const float*
                                                      int64_t b0, int64_t b1, bool stream, float gkl_over_b) {
   stream = stream && reinterpret_cast<uintptr_t>(gmu) % 64 == 0 && reinterpret_cast<uintptr_t>(glv) % 64 == 0;
   ReparameterizeGradStep step{gz, mu, logvar, gmu, glv, stream, gkl_over_b};
-  for_each_normal16<1>(seed, 0, n, b0, b1, step);
+  for_each_draw16<true, 1>(seed, 0, n, b0, b1, step);
 }
 
 // The same with AVX2 and FMA, for CPUs without AVX-512: the steps above on 8 lanes
@@ -408,19 +430,19 @@ AEFAST_AVX2 inline void store8(float* to, bool whole, __m256i in, __m256 v, bool
   }
 }
 
-// step(at, whole, in, eps) for each 8 elements [at, at + 8) of blocks [b0, b1) that meet
-// elements [begin, end), with their normals (whole: all 8 in the range; else in: the
-// lanes in it); step.block_done(b, sums) after each block.
-template <int kGroups, typename Step>
-AEFAST_AVX2 inline void for_each_normal8(uint64_t seed, int64_t begin, int64_t end, int64_t b0, int64_t b1,
-                                         Step& step) {
+// step(at, whole, in, draws) for each 8 elements [at, at + 8) of blocks [b0, b1) that
+// meet elements [begin, end), with their normals or uniforms (whole: all 8 in the range;
+// else in: the lanes in it); step.block_done(b, sums) after each block.
+template <bool kNormal, int kGroups, typename Step>
+AEFAST_AVX2 inline void for_each_draw8(uint64_t seed, int64_t begin, int64_t end, int64_t b0, int64_t b1,
+                                       Step& step) {
   const noise_avx2::PhiloxKeys keys = noise_avx2::philox_keys(seed);
   for (int64_t b = b0; b < b1; ++b) {
     __m256 sums[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};
     for (int64_t c = 0; c < kBlockCounters && b * kBlockElements + 4 * c < end; c += 8 * kGroups) {
       if (b * kBlockElements + 4 * (c + 8 * kGroups) <= begin) continue;
       __m256 eps[kGroups][4];
-      noise_avx2::normals32<kGroups>(keys, static_cast<uint64_t>(b * kBlockCounters + c), eps);
+      noise_avx2::draws32<kNormal, kGroups>(keys, static_cast<uint64_t>(b * kBlockCounters + c), eps);
       for (int v = 0; v < 4 * kGroups; ++v) {
         const int64_t at = b * kBlockElements + 4 * c + 8 * v;
         const bool whole = at >= begin && at + 8 <= end;
@@ -472,35 +494,42 @@ struct ReparameterizeGradStep8 {
   AEFAST_AVX2 void block_done(int64_t, const __m256*) {}
 };
 
-struct CorruptGaussianStep8 {
-  const float* x;
-  float* out;
-  int64_t begin;
-  float level;
-  bool stream;
+template <int kKind>
+struct CorruptStep8 {
+  const RegisterCorrupt& a;
 
-  AEFAST_AVX2 __m256 operator()(int64_t at, bool whole, __m256i in, __m256 eps) {
-    const __m256 v = load8(x + (at - begin), whole, in);
-    store8(out + (at - begin), whole, in, _mm256_fmadd_ps(_mm256_set1_ps(level), eps, v), stream);
+  AEFAST_AVX2 __m256 corrupted(__m256 v, __m256 draw, float low, float high) const {
+    if (kKind == nz::kGaussian) return _mm256_fmadd_ps(_mm256_set1_ps(a.level), draw, v);
+    const __m256 hit = _mm256_cmp_ps(draw, _mm256_set1_ps(a.level), _CMP_LT_OQ);
+    if (kKind == nz::kMasking) return _mm256_andnot_ps(hit, v);
+    if (kKind == nz::kDropout) return _mm256_andnot_ps(hit, _mm256_mul_ps(v, _mm256_set1_ps(a.scale)));
+    const __m256 low_hit = _mm256_cmp_ps(draw, _mm256_set1_ps(0.5f * a.level), _CMP_LT_OQ);
+    return _mm256_blendv_ps(v, _mm256_blendv_ps(_mm256_set1_ps(high), _mm256_set1_ps(low), low_hit), hit);
+  }
+  AEFAST_AVX2 __m256 operator()(int64_t at, bool whole, __m256i in, __m256 draw) {
+    const int64_t i = at - a.begin;
+    store8(a.out + i, whole, in, corrupted(load8(a.x + i, whole, in), draw, a.low, a.high), a.stream);
+    if (kKind != nz::kGaussian && a.grad != nullptr)  // masked in place: low = high = 0
+      store8(a.grad + i, whole, in, corrupted(load8(a.grad + i, whole, in), draw, 0.0f, 0.0f), false);
     return _mm256_setzero_ps();
   }
   AEFAST_AVX2 void block_done(int64_t, const __m256*) {}
 };
 
-AEFAST_AVX2 void corrupt_gaussian_avx2(uint64_t seed, const float* x, float* out, int64_t begin, int64_t end,
-                                       int64_t b0, int64_t b1, float level, bool stream) {
-  stream = stream && (reinterpret_cast<uintptr_t>(out) - 4 * static_cast<uintptr_t>(begin)) % 32 == 0;
-  CorruptGaussianStep8 step{x, out, begin, level, stream};
-  for_each_normal8<kNormalGroups>(seed, begin, end, b0, b1, step);
+template <int kKind>
+AEFAST_AVX2 void corrupt_avx2(uint64_t seed, RegisterCorrupt a, int64_t b0, int64_t b1) {
+  a.stream = a.stream && (reinterpret_cast<uintptr_t>(a.out) - 4 * static_cast<uintptr_t>(a.begin)) % 32 == 0;
+  CorruptStep8<kKind> step{a};
+  for_each_draw8<kKind == nz::kGaussian, kNormalGroups>(seed, a.begin, a.end, b0, b1, step);
 }
 
 AEFAST_AVX2 void reparameterize_blocks_avx2(uint64_t seed, const float* mu, const float* logvar, float* z, int64_t n,
                                             int64_t b0, int64_t b1, bool stream, double* block_sums) {
   ReparameterizeStep8 step{mu, logvar, z, stream && reinterpret_cast<uintptr_t>(z) % 32 == 0, block_sums};
   if (step.stream)  // one group where the output is streamed (kNormalGroups)
-    for_each_normal8<1>(seed, 0, n, b0, b1, step);
+    for_each_draw8<true, 1>(seed, 0, n, b0, b1, step);
   else
-    for_each_normal8<kNormalGroups>(seed, 0, n, b0, b1, step);
+    for_each_draw8<true, kNormalGroups>(seed, 0, n, b0, b1, step);
 }
 
 AEFAST_AVX2 void reparameterize_grad_blocks_avx2(uint64_t seed, const float* gz, const float* mu, const float* logvar,
@@ -508,15 +537,27 @@ AEFAST_AVX2 void reparameterize_grad_blocks_avx2(uint64_t seed, const float* gz,
                                                  bool stream, float gkl_over_b) {
   stream = stream && reinterpret_cast<uintptr_t>(gmu) % 32 == 0 && reinterpret_cast<uintptr_t>(glv) % 32 == 0;
   ReparameterizeGradStep8 step{gz, mu, logvar, gmu, glv, stream, gkl_over_b};
-  for_each_normal8<1>(seed, 0, n, b0, b1, step);
+  for_each_draw8<true, 1>(seed, 0, n, b0, b1, step);
+}
+
+// corrupt of blocks [b0, b1) of a's range, draws in registers (simd: AVX-512 or AVX2).
+void corrupt_in_registers(Simd simd, int kind, uint64_t seed, const RegisterCorrupt& a, int64_t b0, int64_t b1) {
+  const bool wide = simd == Simd::kAvx512;
+  switch (kind) {
+    case nz::kGaussian: return (wide ? corrupt_avx512<nz::kGaussian> : corrupt_avx2<nz::kGaussian>)(seed, a, b0, b1);
+    case nz::kMasking: return (wide ? corrupt_avx512<nz::kMasking> : corrupt_avx2<nz::kMasking>)(seed, a, b0, b1);
+    case nz::kSaltPepper:
+      return (wide ? corrupt_avx512<nz::kSaltPepper> : corrupt_avx2<nz::kSaltPepper>)(seed, a, b0, b1);
+    default: return (wide ? corrupt_avx512<nz::kDropout> : corrupt_avx2<nz::kDropout>)(seed, a, b0, b1);
+  }
 }
 #endif
 
 // ---- operators ----
 
-// Which of the kernels above with normals in registers t's dtype takes (float32 only):
+// Which of the kernels above with draws in registers t's dtype takes (float32 only):
 // kNone for the loops over stored draws.
-Simd register_normals_simd(const at::Tensor& t) {
+Simd register_draws_simd(const at::Tensor& t) {
 #if defined(__x86_64__) && defined(__GNUC__)
   return t.scalar_type() == at::kFloat ? simd_level() : Simd::kNone;
 #else
@@ -556,7 +597,7 @@ at::Tensor corrupt_rows(const at::Tensor& x, int64_t row_offset, int64_t col_off
   const at::Tensor xs = x.stride(1) == 1 ? x : x.contiguous();
   at::Tensor out = empty_output({R, C}, x.options());
   if (out.numel() == 0) return out;
-  const Simd gaussian = k == nz::kGaussian ? register_normals_simd(xs) : Simd::kNone;
+  const Simd in_registers = register_draws_simd(xs);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, xs.scalar_type(), "corrupt_window", [&] {
     using A = acc_t<scalar_t>;
     const A scale = static_cast<A>(noise_args::survivor_scale(k, level));
@@ -566,13 +607,15 @@ at::Tensor corrupt_rows(const at::Tensor& x, int64_t row_offset, int64_t col_off
     scalar_t* grad_data = with_grad ? grad.data_ptr<scalar_t>() : nullptr;  // masked in place
     const int64_t grad_stride = with_grad ? grad.stride(0) : 0;
     const bool stream = may_stream && out.nbytes() >= kStreamedOutputBytes;
-    // Gaussian float32 with AVX-512 or AVX2: each range's normals made in registers.
-    // (Generic, so that the float32 call is compiled for float32 alone.)
-    auto gaussian_in_registers = [&](const auto* from, auto* to, int64_t begin, int64_t end, int64_t b0, int64_t b1) {
+    // float32 with AVX-512 or AVX2: each range's draws made in registers and used at
+    // once. (Generic, so that the float32 call is compiled for float32 alone.)
+    auto draws_in_registers = [&](const auto* from, auto* to, auto* to_grad, int64_t begin, int64_t end, int64_t b0,
+                                  int64_t b1) {
 #if defined(__x86_64__) && defined(__GNUC__)
       if constexpr (std::is_same_v<std::remove_cv_t<std::remove_pointer_t<decltype(from)>>, float>) {
-        const auto kernel = gaussian == Simd::kAvx512 ? corrupt_gaussian_avx512 : corrupt_gaussian_avx2;
-        kernel(s, from, to, begin, end, b0, b1, static_cast<float>(level), stream);
+        const RegisterCorrupt a{from, to, to_grad, begin, end, static_cast<float>(level), scale,
+                                static_cast<float>(low), static_cast<float>(high), stream};
+        corrupt_in_registers(in_registers, k, s, a, b0, b1);
       }
 #endif
     };
@@ -587,28 +630,25 @@ at::Tensor corrupt_rows(const at::Tensor& x, int64_t row_offset, int64_t col_off
       if (with_grad) apply_to(grad_data + grad_at, grad_data + grad_at, ne, draws, A(0), A(0));
     };
     const int64_t first = row_offset * row_length + col_offset;
-    if (C == row_length && stride == C) {  // whole rows: one range, split by blocks
-      if (gaussian != Simd::kNone) {
+    const bool grad_whole = !with_grad || grad_stride == C;  // else by rows, below
+    if (C == row_length && stride == C && grad_whole) {  // whole rows: one range, split by blocks
+      if (in_registers != Simd::kNone) {
         parallel_blocks(first, first + R * C, [&](int64_t b0, int64_t b1) {
-          gaussian_in_registers(src, dst, first, first + R * C, b0, b1);
+          draws_in_registers(src, dst, grad_data, first, first + R * C, b0, b1);
         });
         return;
       }
-      const bool grad_whole = !with_grad || grad_stride == C;  // else by rows, below
-      if (grad_whole) {
-        for_each_block(first, first + R * C, s, k == nz::kGaussian,
-                       [&](int64_t, int64_t e0, int64_t ne, const float* d) {
-                         apply(e0 - first, e0 - first, e0 - first, ne, d);
-                       });
-        return;
-      }
+      for_each_block(first, first + R * C, s, k == nz::kGaussian, [&](int64_t, int64_t e0, int64_t ne, const float* d) {
+        apply(e0 - first, e0 - first, e0 - first, ne, d);
+      });
+      return;
     }
     at::parallel_for(0, R, std::max<int64_t>(1, kBlockElements * 16 / C), [&](int64_t r0, int64_t r1) {
       for (int64_t i = r0; i < r1; ++i) {
         const int64_t begin = first + i * row_length, end = begin + C;
-        if (gaussian != Simd::kNone) {
-          gaussian_in_registers(src + i * stride, dst + i * C, begin, end, begin / kBlockElements,
-                                (end - 1) / kBlockElements + 1);
+        if (in_registers != Simd::kNone) {
+          draws_in_registers(src + i * stride, dst + i * C, with_grad ? grad_data + i * grad_stride : nullptr, begin,
+                             end, begin / kBlockElements, (end - 1) / kBlockElements + 1);
           continue;
         }
         blocks_in(begin, end, begin / kBlockElements, (end - 1) / kBlockElements + 1, s, k == nz::kGaussian,
@@ -656,7 +696,7 @@ std::tuple<at::Tensor, at::Tensor> reparameterize_forward(const at::Tensor& mu, 
   const bool stream = z.nbytes() >= kStreamedOutputBytes;
   const int64_t n = m.numel();
   std::vector<double> block_sums(static_cast<size_t>((n + kBlockElements - 1) / kBlockElements), 0.0);
-  const Simd simd = register_normals_simd(m);
+  const Simd simd = register_draws_simd(m);
   if (simd != Simd::kNone) {
 #if defined(__x86_64__) && defined(__GNUC__)
     const auto blocks = simd == Simd::kAvx512 ? reparameterize_blocks_avx512 : reparameterize_blocks_avx2;
@@ -693,7 +733,7 @@ std::tuple<at::Tensor, at::Tensor> reparameterize_backward(const at::Tensor& gra
   at::Tensor grad_mu = empty_output_like(m), grad_lv = empty_output_like(m);
   const bool stream = grad_mu.nbytes() >= kStreamedOutputBytes;
   const double gkl_over_b = grad_kl.item<double>() / static_cast<double>(std::max<int64_t>(B, 1));
-  const Simd simd = register_normals_simd(m);
+  const Simd simd = register_draws_simd(m);
   if (simd != Simd::kNone) {
 #if defined(__x86_64__) && defined(__GNUC__)
     const int64_t n = m.numel();

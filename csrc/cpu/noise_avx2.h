@@ -1,5 +1,5 @@
 // The noise family's draws with AVX2 and FMA, in registers: Philox for 8 counters at
-// once and the Box-Muller normals of their 32 elements, in element order. The same
+// once and the uniforms or Box-Muller normals of their 32 elements, in element order. The same
 // operations as noise_avx512.h, one for one on half the lanes (the masked instructions
 // become blends, scalef an exponent built in bits as philox.h's exp_poly does), so
 // the normals, and the reparameterize results built from them, are the AVX-512 path's
@@ -164,29 +164,39 @@ AEFAST_AVX2 inline void normal_pairs(__m256i a, __m256i b, __m256* first, __m256
   *second = _mm256_mul_ps(radius, s);
 }
 
-// The normals of elements 4 first .. 4 first + 32 G - 1 (counters first .. first +
-// 8 G - 1, first a multiple of 8), in element order: out[g][v] holds elements
-// 4 first + 32 g + 8 v .. + 7.
-template <int G>
-AEFAST_AVX2 inline void normals32(const PhiloxKeys& keys, uint64_t first, __m256 (*out)[4]) {
+// Draws of word j of counters c .. c + 7 in d[j] into element order (element 4 c + j):
+// out[v] holds counters 2 v and 2 v + 1, all four words each.
+AEFAST_AVX2 inline void to_element_order(const __m256 d[4], __m256 out[4]) {
+  // Per 128-bit lane: counters interleaved two words at a time, then four.
+  const __m256 t0 = _mm256_unpacklo_ps(d[0], d[1]), t1 = _mm256_unpackhi_ps(d[0], d[1]);
+  const __m256 t2 = _mm256_unpacklo_ps(d[2], d[3]), t3 = _mm256_unpackhi_ps(d[2], d[3]);
+  // u[i]: counters i and i + 4, all four words each, one per 128-bit lane.
+  const __m256 u0 = _mm256_castpd_ps(_mm256_unpacklo_pd(_mm256_castps_pd(t0), _mm256_castps_pd(t2)));
+  const __m256 u1 = _mm256_castpd_ps(_mm256_unpackhi_pd(_mm256_castps_pd(t0), _mm256_castps_pd(t2)));
+  const __m256 u2 = _mm256_castpd_ps(_mm256_unpacklo_pd(_mm256_castps_pd(t1), _mm256_castps_pd(t3)));
+  const __m256 u3 = _mm256_castpd_ps(_mm256_unpackhi_pd(_mm256_castps_pd(t1), _mm256_castps_pd(t3)));
+  out[0] = _mm256_permute2f128_ps(u0, u1, 0x20);  // c0 c1
+  out[1] = _mm256_permute2f128_ps(u2, u3, 0x20);  // c2 c3
+  out[2] = _mm256_permute2f128_ps(u0, u1, 0x31);  // c4 c5
+  out[3] = _mm256_permute2f128_ps(u2, u3, 0x31);  // c6 c7
+}
+
+// The draws of elements 4 first .. 4 first + 32 G - 1 (counters first .. first + 8 G - 1,
+// first a multiple of 8), in element order: out[g][v] holds elements 4 first + 32 g + 8 v
+// .. + 7. Normals (noise::normal_pair) or uniforms (noise::uniform), as noise::draws.
+template <bool kNormal, int G>
+AEFAST_AVX2 inline void draws32(const PhiloxKeys& keys, uint64_t first, __m256 (*out)[4]) {
   __m256i w[G][4];
   philox8<G>(keys, first, w);
   for (int g = 0; g < G; ++g) {
-    __m256 n[4];  // n[j]: word j's normal of each counter (element 4 c + j)
-    normal_pairs(w[g][0], w[g][1], &n[0], &n[1]);
-    normal_pairs(w[g][2], w[g][3], &n[2], &n[3]);
-    // Per 128-bit lane: counters interleaved two words at a time, then four.
-    const __m256 t0 = _mm256_unpacklo_ps(n[0], n[1]), t1 = _mm256_unpackhi_ps(n[0], n[1]);
-    const __m256 t2 = _mm256_unpacklo_ps(n[2], n[3]), t3 = _mm256_unpackhi_ps(n[2], n[3]);
-    // u[i]: counters i and i + 4, all four words each, one per 128-bit lane.
-    const __m256 u0 = _mm256_castpd_ps(_mm256_unpacklo_pd(_mm256_castps_pd(t0), _mm256_castps_pd(t2)));
-    const __m256 u1 = _mm256_castpd_ps(_mm256_unpackhi_pd(_mm256_castps_pd(t0), _mm256_castps_pd(t2)));
-    const __m256 u2 = _mm256_castpd_ps(_mm256_unpacklo_pd(_mm256_castps_pd(t1), _mm256_castps_pd(t3)));
-    const __m256 u3 = _mm256_castpd_ps(_mm256_unpackhi_pd(_mm256_castps_pd(t1), _mm256_castps_pd(t3)));
-    out[g][0] = _mm256_permute2f128_ps(u0, u1, 0x20);  // c0 c1
-    out[g][1] = _mm256_permute2f128_ps(u2, u3, 0x20);  // c2 c3
-    out[g][2] = _mm256_permute2f128_ps(u0, u1, 0x31);  // c4 c5
-    out[g][3] = _mm256_permute2f128_ps(u2, u3, 0x31);  // c6 c7
+    __m256 d[4];  // d[j]: word j's draw of each counter (element 4 c + j)
+    if (kNormal) {
+      normal_pairs(w[g][0], w[g][1], &d[0], &d[1]);
+      normal_pairs(w[g][2], w[g][3], &d[2], &d[3]);
+    } else {
+      for (int j = 0; j < 4; ++j) d[j] = uniform(w[g][j]);
+    }
+    to_element_order(d, out[g]);
   }
 }
 

@@ -1,8 +1,8 @@
 // The noise family's draws with AVX-512, in registers: Philox for 16 counters at once
-// and the Box-Muller normals of their 64 elements, in element order. The same
-// formulas as philox.h (Philox bit for bit; log, sin, cos and exp the same
-// polynomials, so normals within an ulp or two of the scalar path's), written with
-// intrinsics because the compiler's vectorization of words_to_draws stored every
+// and the uniforms or Box-Muller normals of their 64 elements, in element order. The
+// same formulas as philox.h (Philox and the uniforms bit for bit; log, sin, cos and exp
+// the same polynomials, so normals within an ulp or two of the scalar path's), written
+// with intrinsics because the compiler's vectorization of words_to_draws stored every
 // intermediate and interleaved the four words through memory. Included by noise.cpp
 // only, inside its x86-64 GCC section.
 #pragma once
@@ -172,34 +172,44 @@ AEFAST_AVX512 inline void normal_pairs(__m512i a, __m512i b, __m512* first, __m5
   *second = _mm512_mul_ps(radius, s);
 }
 
-// The normals of elements 4 first .. 4 first + 64 G - 1 (counters first .. first +
-// 16 G - 1, first a multiple of 16), in element order: out[g][v] holds elements
-// 4 first + 64 g + 16 v .. + 15.
-template <int G>
-AEFAST_AVX512 inline void normals64(const PhiloxKeys& keys, uint64_t first, __m512 (*out)[4]) {
+// Draws of word j of counters c .. c + 15 in d[j] into element order (element 4 c + j):
+// out[v] holds counters 4 v .. 4 v + 3, all four words each.
+AEFAST_AVX512 inline void to_element_order(const __m512 d[4], __m512 out[4]) {
+  // Per 128-bit lane: counters interleaved two words at a time, then four.
+  const __m512 t0 = _mm512_unpacklo_ps(d[0], d[1]), t1 = _mm512_unpackhi_ps(d[0], d[1]);
+  const __m512 t2 = _mm512_unpacklo_ps(d[2], d[3]), t3 = _mm512_unpackhi_ps(d[2], d[3]);
+  // u[i]: counters i, i + 4, i + 8, i + 12, all four words each, one per 128-bit lane.
+  const __m512 u0 = _mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(t0), _mm512_castps_pd(t2)));
+  const __m512 u1 = _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(t0), _mm512_castps_pd(t2)));
+  const __m512 u2 = _mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(t1), _mm512_castps_pd(t3)));
+  const __m512 u3 = _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(t1), _mm512_castps_pd(t3)));
+  // 4 x 4 transpose of 128-bit lanes.
+  const __m512 a0 = _mm512_shuffle_f32x4(u0, u1, _MM_SHUFFLE(1, 0, 1, 0));  // c0 c4 | c1 c5
+  const __m512 a1 = _mm512_shuffle_f32x4(u2, u3, _MM_SHUFFLE(1, 0, 1, 0));  // c2 c6 | c3 c7
+  const __m512 a2 = _mm512_shuffle_f32x4(u0, u1, _MM_SHUFFLE(3, 2, 3, 2));  // c8 c12 | c9 c13
+  const __m512 a3 = _mm512_shuffle_f32x4(u2, u3, _MM_SHUFFLE(3, 2, 3, 2));  // c10 c14 | c11 c15
+  out[0] = _mm512_shuffle_f32x4(a0, a1, _MM_SHUFFLE(2, 0, 2, 0));  // c0 c1 c2 c3
+  out[1] = _mm512_shuffle_f32x4(a0, a1, _MM_SHUFFLE(3, 1, 3, 1));  // c4 c5 c6 c7
+  out[2] = _mm512_shuffle_f32x4(a2, a3, _MM_SHUFFLE(2, 0, 2, 0));  // c8 .. c11
+  out[3] = _mm512_shuffle_f32x4(a2, a3, _MM_SHUFFLE(3, 1, 3, 1));  // c12 .. c15
+}
+
+// The draws of elements 4 first .. 4 first + 64 G - 1 (counters first .. first + 16 G - 1,
+// first a multiple of 16), in element order: out[g][v] holds elements 4 first + 64 g +
+// 16 v .. + 15. Normals (noise::normal_pair) or uniforms (noise::uniform), as noise::draws.
+template <bool kNormal, int G>
+AEFAST_AVX512 inline void draws64(const PhiloxKeys& keys, uint64_t first, __m512 (*out)[4]) {
   __m512i w[G][4];
   philox16<G>(keys, first, w);
   for (int g = 0; g < G; ++g) {
-    __m512 n[4];  // n[j]: word j's normal of each counter (element 4 c + j)
-    normal_pairs(w[g][0], w[g][1], &n[0], &n[1]);
-    normal_pairs(w[g][2], w[g][3], &n[2], &n[3]);
-    // Transpose: per 128-bit lane, counters interleaved two words at a time, then four.
-    const __m512 t0 = _mm512_unpacklo_ps(n[0], n[1]), t1 = _mm512_unpackhi_ps(n[0], n[1]);
-    const __m512 t2 = _mm512_unpacklo_ps(n[2], n[3]), t3 = _mm512_unpackhi_ps(n[2], n[3]);
-    // u[i]: counters i, i + 4, i + 8, i + 12, all four words each, one per 128-bit lane.
-    const __m512 u0 = _mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(t0), _mm512_castps_pd(t2)));
-    const __m512 u1 = _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(t0), _mm512_castps_pd(t2)));
-    const __m512 u2 = _mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(t1), _mm512_castps_pd(t3)));
-    const __m512 u3 = _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(t1), _mm512_castps_pd(t3)));
-    // 4 x 4 transpose of 128-bit lanes: out[g][v] = counters 4 v .. 4 v + 3.
-    const __m512 a0 = _mm512_shuffle_f32x4(u0, u1, _MM_SHUFFLE(1, 0, 1, 0));  // c0 c4 | c1 c5
-    const __m512 a1 = _mm512_shuffle_f32x4(u2, u3, _MM_SHUFFLE(1, 0, 1, 0));  // c2 c6 | c3 c7
-    const __m512 a2 = _mm512_shuffle_f32x4(u0, u1, _MM_SHUFFLE(3, 2, 3, 2));  // c8 c12 | c9 c13
-    const __m512 a3 = _mm512_shuffle_f32x4(u2, u3, _MM_SHUFFLE(3, 2, 3, 2));  // c10 c14 | c11 c15
-    out[g][0] = _mm512_shuffle_f32x4(a0, a1, _MM_SHUFFLE(2, 0, 2, 0));  // c0 c1 c2 c3
-    out[g][1] = _mm512_shuffle_f32x4(a0, a1, _MM_SHUFFLE(3, 1, 3, 1));  // c4 c5 c6 c7
-    out[g][2] = _mm512_shuffle_f32x4(a2, a3, _MM_SHUFFLE(2, 0, 2, 0));  // c8 .. c11
-    out[g][3] = _mm512_shuffle_f32x4(a2, a3, _MM_SHUFFLE(3, 1, 3, 1));  // c12 .. c15
+    __m512 d[4];  // d[j]: word j's draw of each counter (element 4 c + j)
+    if (kNormal) {
+      normal_pairs(w[g][0], w[g][1], &d[0], &d[1]);
+      normal_pairs(w[g][2], w[g][3], &d[2], &d[3]);
+    } else {
+      for (int j = 0; j < 4; ++j) d[j] = uniform(w[g][j]);
+    }
+    to_element_order(d, out[g]);
   }
 }
 
