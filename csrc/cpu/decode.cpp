@@ -10,6 +10,8 @@
 // precision): its rows are read as they are, the sums kept in float32, the output in
 // the values' dtype and the weight gradient in float32, so no cast of the whole
 // (L, D) weight or of its gradient. Otherwise one dtype for all.
+#include "common.h"  // first: see its note on the intrinsics
+
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -19,7 +21,6 @@
 #include <vector>
 
 #include "../decode_args.h"
-#include "common.h"
 
 namespace aefast {
 namespace cpu {

@@ -2,13 +2,13 @@
 // L0 count written. Backward: z and the gradients read once, z's gradient written, and
 // the threshold's gradient summed over fixed chunks of rows (common.h column_sums:
 // the same bits for any number of threads).
+#include "common.h"  // first: see its note on the intrinsics
+
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <torch/library.h>
 
 #include <vector>
-
-#include "common.h"
 
 namespace aefast {
 namespace cpu {

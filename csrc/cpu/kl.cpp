@@ -1,6 +1,8 @@
 // CPU kernels of the sparse-KL family (kl_sparsity, sigmoid_kl_sparsity,
 // contractive_penalty). Forward: one read of the activations (column sums over
 // the batch). Backward: one read of what the gradient needs and one write.
+#include "common.h"  // first: see its note on the intrinsics
+
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -10,7 +12,6 @@
 #include <type_traits>
 #include <vector>
 
-#include "common.h"
 #include "aefast/kl_math.h"
 
 namespace aefast {

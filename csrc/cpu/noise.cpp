@@ -2,20 +2,18 @@
 // random number is Philox4x32-10 of (seed, logical element index) (philox.h), so a
 // result does not depend on the thread count or on how the work is split, and the
 // backward regenerates the noise from the seed instead of saving it.
+#include "common.h"  // first: see its note on the intrinsics
+
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <algorithm>
-#if defined(__x86_64__)
-#include <immintrin.h>
-#endif
 #include <string>
 #include <type_traits>
 #include <vector>
 
-#include "common.h"
 #include "../noise_args.h"
 #include "aefast/philox.h"
 #if defined(__x86_64__) && defined(__GNUC__)

@@ -6,7 +6,6 @@
 // bit for bit. Included by noise.cpp only, inside its x86-64 GCC section.
 #pragma once
 
-#include <immintrin.h>
 
 #include <cstdint>
 

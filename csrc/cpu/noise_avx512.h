@@ -7,9 +7,9 @@
 // only, inside its x86-64 GCC section.
 #pragma once
 
-#include <immintrin.h>
-
 #include <cstdint>
+
+#include "common.h"  // the intrinsics
 
 namespace aefast {
 namespace cpu {

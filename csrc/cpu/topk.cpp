@@ -9,6 +9,8 @@
 //   k-entry heap of the best values seen, behind a vectorized filter that skips blocks of the row with
 //   nothing above the heap's worst value.
 // All keep the order every backend has: value descending, ties to the lower index.
+#include "common.h"  // first: see its note on the intrinsics
+
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -23,13 +25,8 @@
 #include <utility>
 #include <vector>
 
-#include "common.h"
 #include "topk_candidates.h"
 #include "topk_radix.h"
-
-#if defined(__x86_64__)
-#include <immintrin.h>
-#endif
 
 namespace aefast {
 namespace cpu {

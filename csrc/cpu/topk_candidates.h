@@ -3,6 +3,8 @@
 // index order to the k best, when a dense output is written around the caches.
 #pragma once
 
+#include "common.h"  // first: see its note on the intrinsics
+
 #include <ATen/ATen.h>
 
 #include <algorithm>
@@ -11,8 +13,6 @@
 #include <functional>
 #include <tuple>
 #include <vector>
-
-#include "common.h"
 
 namespace aefast {
 namespace cpu {

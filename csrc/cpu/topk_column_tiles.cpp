@@ -12,9 +12,6 @@
 
 #include "topk_candidates.h"
 
-#if defined(__x86_64__)
-#include <immintrin.h>
-#endif
 
 namespace aefast {
 namespace cpu {

@@ -4,13 +4,13 @@
 // lane per column, its rows one after the other.
 #pragma once
 
+#include "common.h"  // first: see its note on the intrinsics
+
 #include <ATen/ATen.h>
 
 #include <cstdint>
 #include <type_traits>
 #include <vector>
-
-#include "common.h"
 
 namespace aefast {
 namespace cpu {

@@ -20,6 +20,8 @@
 // many keys of one high half, the tile's whole keys are put together and the steps go
 // on over them.) A bit per kept entry, grouped by 64 columns, then the output written
 // row by row from x, streamed.
+#include "common.h"  // first: see its note on the intrinsics
+
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -32,13 +34,8 @@
 #include <type_traits>
 #include <vector>
 
-#include "common.h"
 #include "topk_candidates.h"
 #include "topk_column_tiles.h"
-
-#if defined(__x86_64__)
-#include <immintrin.h>
-#endif
 
 namespace aefast {
 namespace cpu {

@@ -14,6 +14,8 @@
 // - anything else: topk_forward's exact scan, its winners sorted into index order and
 //   scattered.
 // (Columns, lifetime_topk's selection, are topk_columns.cpp.)
+#include "common.h"  // first: see its note on the intrinsics
+
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -26,12 +28,7 @@
 #include <type_traits>
 #include <vector>
 
-#include "common.h"
 #include "topk_candidates.h"
-
-#if defined(__x86_64__)
-#include <immintrin.h>
-#endif
 
 namespace aefast {
 namespace cpu {

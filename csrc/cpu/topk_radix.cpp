@@ -21,9 +21,6 @@
 
 #include "common.h"
 
-#if defined(__x86_64__)
-#include <immintrin.h>
-#endif
 
 namespace aefast {
 namespace cpu {
