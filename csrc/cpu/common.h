@@ -45,7 +45,6 @@
 #include <cstdlib>
 #include <cstring>
 
-
 namespace aefast {
 namespace cpu {
 

@@ -1,11 +1,10 @@
 // The noise family's draws with AVX2 and FMA, in registers: Philox for 8 counters at
-// once and the uniforms or Box-Muller normals of their 32 elements, in element order. The same
-// operations as noise_avx512.h, one for one on half the lanes (the masked instructions
-// become blends, scalef an exponent built in bits as philox.h's exp_poly does), so
-// the normals, and the reparameterize results built from them, are the AVX-512 path's
-// bit for bit. Included by noise.cpp only, inside its x86-64 GCC section.
+// once and the uniforms or Box-Muller normals of their 32 elements, in element order.
+// The same operations as noise_avx512.h, one for one on half the lanes (the masked
+// instructions become blends, scalef an exponent built in bits as philox.h's exp_poly
+// does), so the normals, and the reparameterize results built from them, are the
+// AVX-512 path's bit for bit. Included by noise.cpp only, inside its x86-64 GCC section.
 #pragma once
-
 
 #include <cstdint>
 
