@@ -114,11 +114,16 @@ __device__ __forceinline__ V high_bits(int pass) {
   return pass == 0 ? V(0) : ~((V(1) << (digit_shift<kValueBits>(pass) + kDigitBits)) - 1);
 }
 
-// A winner's packed sort key (topk.h): its key complemented (ascending = descending
-// values) above its index.
+// A winner's key complemented: ascending order of these is descending values (topk.h).
+template <typename T>
+__device__ __forceinline__ Count descending_key(typename KeyTraits<T>::Key key) {
+  return static_cast<Count>(~key & KeyTraits<T>::kAll);
+}
+
+// A winner's packed sort key (topk.h): its descending key above its index.
 template <typename T>
 __device__ __forceinline__ int64_t packed_sort_key(typename KeyTraits<T>::Key key, Count index) {
-  return static_cast<int64_t>((static_cast<Count>(~key & KeyTraits<T>::kAll) << kIndexBits) | index);
+  return static_cast<int64_t>((descending_key<T>(key) << kIndexBits) | index);
 }
 
 // Exclusive prefix sum of v over the block's threads in thread order; `total` gets
@@ -264,7 +269,7 @@ __device__ __forceinline__ void gather_winners(const T* __restrict__ row, int64_
       if (packed) {
         keys[at] = packed_sort_key<T>(key, static_cast<Count>(i));
       } else {
-        keys[at] = static_cast<int64_t>(static_cast<Count>(~key & K::kAll) ^ (Count(1) << 63));
+        keys[at] = static_cast<int64_t>(descending_key<T>(key) ^ (Count(1) << 63));
         indices[at] = i;
       }
     }
