@@ -212,7 +212,9 @@ AEFAST_AVX2 TileMaxima<float> block_maxima_avx2(const float* x, int64_t n, float
     low = _mm256_min_ps(low, m);
     high = _mm256_max_ps(high, m);
   }
-  TileMaxima<float> found = block_maxima<float, float>(x + b * kBlockLen, n - b * kBlockLen, maxima + b);
+  // The scalar loop (SSE code) for a last, partial block only.
+  TileMaxima<float> found;
+  if (b * kBlockLen < n) found = block_maxima<float, float>(x + b * kBlockLen, n - b * kBlockLen, maxima + b);
   found.nan |= _mm256_movemask_ps(unordered) != 0;
   alignas(32) float lows[8], highs[8];
   _mm256_store_ps(lows, low);
