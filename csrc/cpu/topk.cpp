@@ -569,32 +569,18 @@ AEFAST_AVX2 inline uint32_t qualifying_bits_avx2(const float* p, __m256 bars, bo
   return inclusive ? compare_bits_avx2<_CMP_GE_OQ>(p, bars) : compare_bits_avx2<_CMP_GT_OQ>(p, bars);
 }
 
-// The left-pack AVX2 lacks (AVX-512 has compress): for each 8-bit mask, the lanes of
-// its set bits in increasing order, packed to the front, a byte each.
-struct LeftPackLanes {
-  uint64_t lanes[256] = {};
-  constexpr LeftPackLanes() {
-    for (int mask = 0; mask < 256; ++mask)
-      for (int lane = 0, at = 0; lane < 8; ++lane)
-        if (mask >> lane & 1) lanes[mask] |= static_cast<uint64_t>(lane) << (8 * at++);
-  }
-};
-inline constexpr LeftPackLanes kLeftPack{};
-
 // The lanes set in `mask` + at into offsets[0, popcount), in increasing order; returns
 // how many. Writes all 8 (offsets needs the room).
 AEFAST_AVX2 inline int64_t left_pack_lanes8(uint32_t mask, int32_t at, int32_t* offsets) {
-  const __m256i lanes = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(&kLeftPack.lanes[mask])));
+  const __m256i lanes = left_pack_order8(mask);
   _mm256_storeu_si256(reinterpret_cast<__m256i*>(offsets), _mm256_add_epi32(lanes, _mm256_set1_epi32(at)));
   return _mm_popcnt_u32(mask);
 }
 
 // The same with v's lanes into values[0, popcount) alongside.
 AEFAST_AVX2 inline int64_t left_pack8(__m256 v, uint32_t mask, int32_t at, float* values, int32_t* offsets) {
-  const __m256i lanes = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(&kLeftPack.lanes[mask])));
-  _mm256_storeu_ps(values, _mm256_permutevar8x32_ps(v, lanes));
-  _mm256_storeu_si256(reinterpret_cast<__m256i*>(offsets), _mm256_add_epi32(lanes, _mm256_set1_epi32(at)));
-  return _mm_popcnt_u32(mask);
+  _mm256_storeu_ps(values, _mm256_permutevar8x32_ps(v, left_pack_order8(mask)));
+  return left_pack_lanes8(mask, at, offsets);
 }
 
 // collect_qualifying with AVX2, without a loop over set bits: the qualifying blocks'

@@ -8,6 +8,7 @@
 #include <ATen/ATen.h>
 
 #include <algorithm>
+#include <array>
 #include <cstdint>
 #include <cstring>
 #include <functional>
@@ -67,6 +68,23 @@ inline bool streamed_output(const at::Tensor& out) {
   return false;
 #endif
 }
+
+#if defined(__x86_64__) && defined(__GNUC__)
+// Per 8-bit mask, the positions of its set bits in increasing order, a byte each: AVX2
+// has no compress, and a permute by these does one.
+inline constexpr auto kSetBits8 = [] {
+  std::array<std::array<uint8_t, 8>, 256> positions{};
+  for (int m = 0; m < 256; ++m)
+    for (int b = 0, c = 0; b < 8; ++b)
+      if ((m >> b) & 1) positions[m][c++] = static_cast<uint8_t>(b);
+  return positions;
+}();
+
+// The permute of 8 lanes that packs those set in `mask` (8 bits) to the front, in order.
+AEFAST_AVX2 inline __m256i left_pack_order8(uint32_t mask) {
+  return _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(kSetBits8[mask].data())));
+}
+#endif
 
 // `found` (candidates in index order, at least k) cut to its k best, still in index order.
 template <typename A>
