@@ -281,7 +281,7 @@ inline __attribute__((always_inline)) A maxima_bar(const A* maxima, int64_t bloc
 struct PackScratch {
   std::vector<int32_t> blocks, offsets;
   std::vector<float> values;
-  // Room for a tile of `blocks` blocks (and the 8 lanes a left-pack writes).
+  // Room for a tile of `count` blocks (and the 8 lanes a left-pack writes).
   void reserve(int64_t count) {
     const auto at_least = [](auto& v, int64_t n) {
       if (static_cast<int64_t>(v.size()) < n) v.resize(static_cast<size_t>(n));
