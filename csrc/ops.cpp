@@ -4,6 +4,8 @@
 // csrc/cuda/<family>_bindings.cpp for CUDA.
 #include <torch/extension.h>
 
+#include "cpu/common.h"
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "aefast compiled kernels; the operators live under torch.ops.aefast";
   m.def("cuda_kernels_built", [] {
@@ -12,5 +14,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 #else
     return false;
 #endif
+  });
+  // The instruction set the hand-written CPU paths run with here: the widest the CPU
+  // has, narrowed by AEFAST_SIMD (what a benchmark's figures depend on).
+  m.def("cpu_simd", [] {
+    switch (aefast::cpu::simd_level()) {
+      case aefast::cpu::Simd::kAvx512: return "avx512";
+      case aefast::cpu::Simd::kAvx2: return "avx2";
+      default: return "none";
+    }
   });
 }

@@ -56,6 +56,9 @@ def test_bench_prints_the_table_and_writes_json_markdown_png(capsys, tmp_path, o
     record = json.loads((tmp_path / "bench.json").read_text())
     rows = record["results"]
     assert {r["op"] for r in rows} == {"kl_sparsity", "corrupt"} and record["environment"]["copy_GBps"] > 0
+    from aefast import _C
+
+    assert record["environment"]["cpu_simd"] == _C.cpu_simd()  # what the C++ kernels ran with
     for r in rows:
         assert r["median_ms"] > 0 and r["bytes"] > 0
         assert abs(r["GBps"] - r["bytes"] / (r["median_ms"] * 1e6)) < 0.01

@@ -17,6 +17,7 @@ from collections.abc import Callable
 
 import torch
 
+from aefast import backends
 from aefast._memory import freed_memory_kept  # noqa: F401 (the bench times under it)
 from aefast._memory import libc as _libc
 
@@ -108,6 +109,10 @@ def environment(device: torch.device) -> dict:
         "threads": torch.get_num_threads(),
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
     }
+    if device.type == "cpu" and backends.CPP_BUILT:
+        from aefast import _C
+
+        env["cpu_simd"] = _C.cpu_simd()  # the instruction set the C++ kernels took
     try:
         import triton
 
