@@ -3,6 +3,7 @@ a CUDA build and nvcc is found (set AEFAST_NO_CUDA=1 to skip them)."""
 
 import glob
 import os
+import subprocess
 
 import torch
 from setuptools import setup
@@ -13,6 +14,15 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 
 def _sources(pattern):
     return sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, pattern)))
+
+
+def _compiler_is_gcc():
+    """Whether the C++ compiler the build uses (CXX, else c++) is GCC: -fno-ipa-ra is its flag."""
+    try:
+        version = subprocess.run([os.environ.get("CXX", "c++"), "--version"], capture_output=True, text=True).stdout
+    except OSError:
+        return False
+    return "clang" not in version.lower() and "free software foundation" in version.lower()
 
 
 def _extension():
@@ -29,7 +39,9 @@ def _extension():
     # cannot put the vzeroupper before the call, and the callee's SSE code (the default
     # target) runs with the upper halves dirty: on the AMD EPYC such a call from an AVX2
     # loop took 115 ns instead of 4.5 (see csrc/cpu/common.h at AEFAST_AVX2).
-    cxx_flags = ["-O3", "-fno-trapping-math", "-fno-math-errno", "-fopenmp", "-fno-ipa-ra"]
+    cxx_flags = ["-O3", "-fno-trapping-math", "-fno-math-errno", "-fopenmp"]
+    if _compiler_is_gcc():
+        cxx_flags.append("-fno-ipa-ra")
     link_flags = ["-fopenmp"]
     with_cuda = (
         torch.version.cuda is not None

@@ -122,6 +122,15 @@ def environment(device: torch.device) -> dict:
     return env
 
 
+SIMD_NAMES = {"avx512": "AVX-512", "avx2": "AVX2", "none": "no vector extension"}
+
+
+def threads_note(env: dict) -> str:
+    """'2 threads, C++ kernels on AVX2': what a CPU run's figures depend on."""
+    simd = env.get("cpu_simd")
+    return f"{env['threads']} threads" + (f", C++ kernels on {SIMD_NAMES.get(simd, simd)}" if simd else "")
+
+
 def write(path: pathlib.Path, stem: str, record: dict, markdown: str) -> None:
     (path / f"{stem}.json").write_text(json.dumps(record, indent=2) + "\n")
     (path / f"{stem}.md").write_text(markdown + "\n")
@@ -152,7 +161,7 @@ def report(stem: str, header: list[str], groups, targets, device: torch.device, 
     <stem>.json and <stem>.md to the results folder."""
     env = environment(device)
     rows, records = ratio_table(groups, targets, device, rounds)
-    table = "\n".join([f"Measured on {env['device']} ({env['threads']} threads), torch {env['torch']}, "
+    table = "\n".join([f"Measured on {env['device']} ({threads_note(env)}), torch {env['torch']}, "
                        f"{env['date']}.", *header, "", *rows])
     print(table)
     folder = results_dir(device, out)

@@ -175,15 +175,11 @@ def _measure(args, device: torch.device, kept: bool, progress) -> tuple[list[dic
     return rows, env
 
 
-SIMD_NAMES = {"avx512": "AVX-512", "avx2": "AVX2", "none": "no vector extension"}
-
-
 def markdown(rows: list[dict], env: dict) -> str:
     kept = ("freed memory kept by the process, so no contender times the system's page faults "
             "(harness.freed_memory_kept); " if env.get("freed_memory_kept") else "")
-    simd = f", C++ kernels on {SIMD_NAMES[env['cpu_simd']]}" if "cpu_simd" in env else ""
     lines = [
-        f"Measured on {env['device']} ({env['threads']} threads{simd}), torch {env['torch']}, {env['date']}; "
+        f"Measured on {env['device']} ({harness.threads_note(env)}), torch {env['torch']}, {env['date']}; "
         f"copy bandwidth {env['copy_GBps']} GB/s (the best clone of a fresh 64 MB tensor, in this run); {kept}"
         f"float32 matmul {env['matmul_fp32_TFLOPs']} TFLOP/s. Each row's floor is timed with it, in the same "
         "alternation: a fresh copy of the case's largest input (its rate applied to the bytes the op must "

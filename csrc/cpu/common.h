@@ -86,12 +86,13 @@ inline void fence_streams() {
 }
 
 #if defined(__x86_64__) && defined(__GNUC__)
-// The hand-written AVX2 paths' instruction set: AVX2 with FMA, F16C and POPCNT, which
-// every AVX2 CPU has (simd_level() checks all four). Their calls into code of the
-// default target (SSE) get a vzeroupper first only because setup.py builds with
-// -fno-ipa-ra: without it, SSE code after 256-bit code ran at a state-switch penalty
-// (on the AMD EPYC a trivial call from an AVX2 loop took 115 ns, with it 4.5 ns; the
-// per-row calls of topk_forward's block selection had cost it 5-10%).
+// The hand-written AVX2 paths' instruction set: AVX2 with FMA, F16C and POPCNT (which
+// GCC enables with AVX2 anyway; named for the intrinsic), which every AVX2 CPU has
+// (simd_level() checks all four). Their calls into code of the default target (SSE)
+// get a vzeroupper first only because setup.py builds with -fno-ipa-ra: without it, SSE
+// code after 256-bit code ran at a state-switch penalty (on the AMD EPYC a trivial call
+// from an AVX2 loop took 115 ns, with it 4.5 ns; one such call per row had cost
+// topk_forward 4-10%).
 #define AEFAST_AVX2 __attribute__((target("avx2,fma,f16c,popcnt")))
 
 // out[0, n) = from[0, n), written around the caches: both on 32-byte boundaries, n a

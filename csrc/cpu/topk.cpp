@@ -277,18 +277,18 @@ inline __attribute__((always_inline)) A maxima_bar(const A* maxima, int64_t bloc
 }
 
 // Where collect_qualifying_avx2 left-packs: the numbers of the blocks that qualify, then
-// their elements' values and offsets in the tile.
+// their elements' values and offsets in the tile. Each grows to what a call needs (and
+// the 8 lanes a left-pack writes past it), never shrinks.
 struct PackScratch {
   std::vector<int32_t> blocks, offsets;
   std::vector<float> values;
-  // Room for a tile of `count` blocks (and the 8 lanes a left-pack writes).
-  void reserve(int64_t count) {
-    const auto at_least = [](auto& v, int64_t n) {
-      if (static_cast<int64_t>(v.size()) < n) v.resize(static_cast<size_t>(n));
-    };
-    at_least(blocks, count + 8);
-    at_least(offsets, count * kBlockLen + 8);
-    at_least(values, count * kBlockLen + 8);
+  static void grow(std::vector<int32_t>& v, int64_t n) {
+    if (static_cast<int64_t>(v.size()) < n) v.resize(static_cast<size_t>(n));
+  }
+  void room_for_blocks(int64_t count) { grow(blocks, count + 8); }
+  void room_for_elements(int64_t count) {
+    grow(offsets, count + 8);
+    if (static_cast<int64_t>(values.size()) < count + 8) values.resize(static_cast<size_t>(count + 8));
   }
 };
 
@@ -518,18 +518,25 @@ AEFAST_INLINE void collect_qualifying_portable(const T* tile, int64_t len, const
 }
 
 #if defined(__x86_64__) && defined(__GNUC__)
-// The elements p[bit] of the set bits of `qualifying` into `found` (index: at + bit),
-// those among them also in `equal` (ties with the bar) only while `ties` lasts.
-inline void push_qualifying(uint32_t qualifying, uint32_t equal, const float* p, int64_t at, int64_t& ties,
-                            std::vector<Candidate<float>>& found) {
+// take(bit) for the set bits of `qualifying`, those also in `equal` (ties with the bar)
+// only while `ties` lasts (counting it down).
+template <typename Take>
+AEFAST_INLINE void for_each_qualifying(uint32_t qualifying, uint32_t equal, int64_t& ties, const Take& take) {
   for (uint32_t m = qualifying; m != 0; m &= m - 1) {
     const int bit = __builtin_ctz(m);
     if (equal >> bit & 1) {
       if (ties == 0) continue;
       --ties;
     }
-    found.push_back({p[bit], at + bit});
+    take(bit);
   }
+}
+
+// The elements p[bit] of the set bits of `qualifying` into `found` (index: at + bit),
+// those among them also in `equal` only while `ties` lasts.
+inline void push_qualifying(uint32_t qualifying, uint32_t equal, const float* p, int64_t at, int64_t& ties,
+                            std::vector<Candidate<float>>& found) {
+  for_each_qualifying(qualifying, equal, ties, [&](int bit) { found.push_back({p[bit], at + bit}); });
 }
 
 // A bit per element of p[0, 16) above the bar (or equal to it, when inclusive).
@@ -569,18 +576,22 @@ AEFAST_AVX2 inline uint32_t qualifying_bits_avx2(const float* p, __m256 bars, bo
   return inclusive ? compare_bits_avx2<_CMP_GE_OQ>(p, bars) : compare_bits_avx2<_CMP_GT_OQ>(p, bars);
 }
 
-// The lanes set in `mask` + at into offsets[0, popcount), in increasing order; returns
-// how many. Writes all 8 (offsets needs the room).
-AEFAST_AVX2 inline int64_t left_pack_lanes8(uint32_t mask, int32_t at, int32_t* offsets) {
-  const __m256i lanes = left_pack_order8(mask);
-  _mm256_storeu_si256(reinterpret_cast<__m256i*>(offsets), _mm256_add_epi32(lanes, _mm256_set1_epi32(at)));
-  return _mm_popcnt_u32(mask);
-}
-
-// The same with v's lanes into values[0, popcount) alongside.
-AEFAST_AVX2 inline int64_t left_pack8(__m256 v, uint32_t mask, int32_t at, float* values, int32_t* offsets) {
-  _mm256_storeu_ps(values, _mm256_permutevar8x32_ps(v, left_pack_order8(mask)));
-  return left_pack_lanes8(mask, at, offsets);
+// The numbers of blocks [from, to) whose maximum is above the bar (or equal to it, when
+// inclusive) into list, in order; returns how many. Room for 8 past them.
+AEFAST_AVX2 inline int64_t list_qualifying_blocks(const float* maxima, int64_t from, int64_t to, float bar,
+                                                  bool inclusive, int32_t* list) {
+  const __m256 bars = _mm256_set1_ps(bar);
+  int64_t listed = 0, b = from;
+  float unused_maxima[8];  // (left-packed alongside the block numbers)
+  for (; b + 8 <= to; b += 8) {
+    const __m256 m = _mm256_loadu_ps(maxima + b);
+    const __m256 hit = inclusive ? _mm256_cmp_ps(m, bars, _CMP_GE_OQ) : _mm256_cmp_ps(m, bars, _CMP_GT_OQ);
+    listed += left_pack8(m, static_cast<uint32_t>(_mm256_movemask_ps(hit)), static_cast<int32_t>(b), unused_maxima,
+                         list + listed);
+  }
+  for (; b < to; ++b)
+    if (maxima[b] > bar || (inclusive && maxima[b] == bar)) list[listed++] = static_cast<int32_t>(b);
+  return listed;
 }
 
 // collect_qualifying with AVX2, without a loop over set bits: the qualifying blocks'
@@ -595,16 +606,10 @@ AEFAST_AVX2 void collect_qualifying_avx2(const float* tile, int64_t len, const f
                                          int64_t base, std::vector<Candidate<float>>& found, PackScratch& packed) {
   const __m256 bars = _mm256_set1_ps(bar);
   const int64_t whole = std::max(b0, std::min(b1, len / kBlockLen));
-  packed.reserve(whole - b0);
+  packed.room_for_blocks(whole - b0);
   int32_t* blocks = packed.blocks.data();
-  int64_t listed = 0, b = b0;
-  for (; b + 8 <= whole; b += 8) {
-    const __m256 m = _mm256_loadu_ps(maxima + b);
-    const __m256 hit = ties > 0 ? _mm256_cmp_ps(m, bars, _CMP_GE_OQ) : _mm256_cmp_ps(m, bars, _CMP_GT_OQ);
-    listed += left_pack_lanes8(static_cast<uint32_t>(_mm256_movemask_ps(hit)), static_cast<int32_t>(b), blocks + listed);
-  }
-  for (; b < whole; ++b)
-    if (maxima[b] > bar || (ties > 0 && maxima[b] == bar)) blocks[listed++] = static_cast<int32_t>(b);
+  int64_t listed = list_qualifying_blocks(maxima, b0, whole, bar, ties > 0, blocks);
+  packed.room_for_elements(listed * kBlockLen);
   float* values = packed.values.data();
   int32_t* offsets = packed.offsets.data();
   int64_t n = 0;
@@ -612,18 +617,15 @@ AEFAST_AVX2 void collect_qualifying_avx2(const float* tile, int64_t len, const f
     const int32_t at = blocks[i] * static_cast<int32_t>(kBlockLen);
     const __m256 lo = _mm256_loadu_ps(tile + at), hi = _mm256_loadu_ps(tile + at + 8);
     if (ties > 0) {
-      const uint32_t equal = static_cast<uint32_t>(_mm256_movemask_ps(_mm256_cmp_ps(lo, bars, _CMP_EQ_OQ))) |
-                             static_cast<uint32_t>(_mm256_movemask_ps(_mm256_cmp_ps(hi, bars, _CMP_EQ_OQ))) << 8;
+      const uint32_t equal = compare_bits_avx2<_CMP_EQ_OQ>(tile + at, bars);
       if (equal != 0) {  // ties with the bar: the first `ties` of them qualify
-        for (uint32_t m = qualifying_bits_avx2(tile + at, bars, true); m != 0; m &= m - 1) {
-          const int bit = __builtin_ctz(m);
-          if (equal >> bit & 1) {
-            if (ties == 0) continue;
-            --ties;
-          }
+        for_each_qualifying(qualifying_bits_avx2(tile + at, bars, true), equal, ties, [&](int bit) {
           values[n] = tile[at + bit];
           offsets[n++] = at + bit;
-        }
+        });
+        // Ties ran out: the blocks listed for a maximum equal to the bar hold nothing
+        // more, listed again without them (a row of ReLU zeros lists every block).
+        if (ties == 0) listed = i + 1 + list_qualifying_blocks(maxima, blocks[i] + 1, whole, bar, false, blocks + i + 1);
         continue;
       }
     }

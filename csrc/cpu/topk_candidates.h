@@ -1,6 +1,7 @@
-// What the CPU top-k kernels (topk.cpp, topk_index_order.cpp, topk_columns.cpp) share:
-// a candidate winner, the one order every backend selects by, the cut of candidates in
-// index order to the k best, when a dense output is written around the caches.
+// What the CPU top-k kernels (topk.cpp, topk_index_order.cpp, topk_columns.cpp,
+// topk_column_tiles.cpp, topk_radix.cpp) share: a candidate winner, the one order every
+// backend selects by, the cut of candidates in index order to the k best, when a dense
+// output is written around the caches, and AVX2's left-pack (it has no compress).
 #pragma once
 
 #include "common.h"  // first: see its note on the intrinsics
@@ -83,6 +84,15 @@ inline constexpr auto kSetBits8 = [] {
 // The permute of 8 lanes that packs those set in `mask` (8 bits) to the front, in order.
 AEFAST_AVX2 inline __m256i left_pack_order8(uint32_t mask) {
   return _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(kSetBits8[mask].data())));
+}
+
+// The lanes of v set in `mask` (8 bits) into values[0, popcount) in lane order, each
+// lane's number + at into offsets; returns how many. Writes 8 of each (room needed).
+AEFAST_AVX2 inline int64_t left_pack8(__m256 v, uint32_t mask, int32_t at, float* values, int32_t* offsets) {
+  const __m256i order = left_pack_order8(mask);
+  _mm256_storeu_ps(values, _mm256_permutevar8x32_ps(v, order));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(offsets), _mm256_add_epi32(order, _mm256_set1_epi32(at)));
+  return _mm_popcnt_u32(mask);
 }
 #endif
 

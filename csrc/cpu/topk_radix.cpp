@@ -94,33 +94,11 @@ __attribute__((target("avx512f"))) int64_t keep_digit_avx512(uint32_t* keys, int
   return kept;
 }
 
-// AVX2 has no compress: the lanes of an 8-bit mask moved to the front by a permute,
-// its indices looked up (the set bits' lanes in order, then zeros).
-struct CompressIndices {
-  alignas(32) int32_t lanes[256][8];
-};
-constexpr CompressIndices compress_indices() {
-  CompressIndices t{};
-  for (int mask = 0; mask < 256; ++mask)
-    for (int lane = 0, at = 0; lane < 8; ++lane)
-      if (mask >> lane & 1) t.lanes[mask][at++] = lane;
-  return t;
-}
-constexpr CompressIndices kCompress8 = compress_indices();
-
-AEFAST_AVX2 inline __m256i compress8(uint32_t mask) {
-  return _mm256_load_si256(reinterpret_cast<const __m256i*>(kCompress8.lanes[mask]));
-}
-
 // The lanes of v (elements j .. j + 7) set in `take` appended to values and offsets at
 // m (room for 8 more); returns the new m.
 AEFAST_AVX2 inline int64_t append_taken8(__m256 v, uint32_t take, int64_t j, float* values, int32_t* offsets,
                                          int64_t m) {
-  const __m256i order = compress8(take);
-  const __m256i at = _mm256_add_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), _mm256_set1_epi32(static_cast<int>(j)));
-  _mm256_storeu_ps(values + m, _mm256_permutevar8x32_ps(v, order));
-  _mm256_storeu_si256(reinterpret_cast<__m256i*>(offsets + m), _mm256_permutevar8x32_epi32(at, order));
-  return m + __builtin_popcount(take);
+  return m + left_pack8(v, take, static_cast<int32_t>(j), values + m, offsets + m);
 }
 
 // offsets[m, m + rest) of a portable tail that began at element j, made the row's.
@@ -137,7 +115,7 @@ AEFAST_AVX2 int64_t keep_digit_avx2(uint32_t* keys, int64_t n, uint32_t d) {
     const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(keys + i));
     const __m256i same = _mm256_cmpeq_epi32(_mm256_and_si256(_mm256_srli_epi32(v, kShift), mask), digit);
     const uint32_t bits = static_cast<uint32_t>(_mm256_movemask_ps(_mm256_castsi256_ps(same)));
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(keys + kept), _mm256_permutevar8x32_epi32(v, compress8(bits)));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(keys + kept), _mm256_permutevar8x32_epi32(v, left_pack_order8(bits)));
     kept += __builtin_popcount(bits);
   }
   return keep_digit_portable<kShift>(keys, n, d, i, kept);
