@@ -282,13 +282,14 @@ inline __attribute__((always_inline)) A maxima_bar(const A* maxima, int64_t bloc
 struct PackScratch {
   std::vector<int32_t> blocks, offsets;
   std::vector<float> values;
-  static void grow(std::vector<int32_t>& v, int64_t n) {
+  template <typename V>
+  static void grow(V& v, int64_t n) {
     if (static_cast<int64_t>(v.size()) < n) v.resize(static_cast<size_t>(n));
   }
   void room_for_blocks(int64_t count) { grow(blocks, count + 8); }
   void room_for_elements(int64_t count) {
     grow(offsets, count + 8);
-    if (static_cast<int64_t>(values.size()) < count + 8) values.resize(static_cast<size_t>(count + 8));
+    grow(values, count + 8);
   }
 };
 
@@ -582,12 +583,10 @@ AEFAST_AVX2 inline int64_t list_qualifying_blocks(const float* maxima, int64_t f
                                                   bool inclusive, int32_t* list) {
   const __m256 bars = _mm256_set1_ps(bar);
   int64_t listed = 0, b = from;
-  float unused_maxima[8];  // (left-packed alongside the block numbers)
   for (; b + 8 <= to; b += 8) {
     const __m256 m = _mm256_loadu_ps(maxima + b);
     const __m256 hit = inclusive ? _mm256_cmp_ps(m, bars, _CMP_GE_OQ) : _mm256_cmp_ps(m, bars, _CMP_GT_OQ);
-    listed += left_pack8(m, static_cast<uint32_t>(_mm256_movemask_ps(hit)), static_cast<int32_t>(b), unused_maxima,
-                         list + listed);
+    listed += left_pack_offsets8(static_cast<uint32_t>(_mm256_movemask_ps(hit)), static_cast<int32_t>(b), list + listed);
   }
   for (; b < to; ++b)
     if (maxima[b] > bar || (inclusive && maxima[b] == bar)) list[listed++] = static_cast<int32_t>(b);

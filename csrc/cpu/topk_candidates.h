@@ -86,13 +86,17 @@ AEFAST_AVX2 inline __m256i left_pack_order8(uint32_t mask) {
   return _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(kSetBits8[mask].data())));
 }
 
-// The lanes of v set in `mask` (8 bits) into values[0, popcount) in lane order, each
-// lane's number + at into offsets; returns how many. Writes 8 of each (room needed).
-AEFAST_AVX2 inline int64_t left_pack8(__m256 v, uint32_t mask, int32_t at, float* values, int32_t* offsets) {
-  const __m256i order = left_pack_order8(mask);
-  _mm256_storeu_ps(values, _mm256_permutevar8x32_ps(v, order));
-  _mm256_storeu_si256(reinterpret_cast<__m256i*>(offsets), _mm256_add_epi32(order, _mm256_set1_epi32(at)));
+// The numbers of the lanes set in `mask` (8 bits), + at, into offsets[0, popcount) in
+// order; returns how many. Writes all 8 (room needed).
+AEFAST_AVX2 inline int64_t left_pack_offsets8(uint32_t mask, int32_t at, int32_t* offsets) {
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(offsets), _mm256_add_epi32(left_pack_order8(mask), _mm256_set1_epi32(at)));
   return _mm_popcnt_u32(mask);
+}
+
+// The same, with v's lanes set in `mask` into values[0, popcount) alongside.
+AEFAST_AVX2 inline int64_t left_pack8(__m256 v, uint32_t mask, int32_t at, float* values, int32_t* offsets) {
+  _mm256_storeu_ps(values, _mm256_permutevar8x32_ps(v, left_pack_order8(mask)));
+  return left_pack_offsets8(mask, at, offsets);
 }
 #endif
 

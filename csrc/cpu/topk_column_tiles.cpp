@@ -197,15 +197,9 @@ __attribute__((target("avx512f,avx512bw"))) void collect_short_lanes_avx512(cons
 // Row j's hits (bit l: lane l) appended to entries[size ...] as (j << 4 | l), in lane
 // order, eight lanes at a time by a permute; returns the new size. Room for 8 past it.
 AEFAST_AVX2 inline int64_t append_hits_avx2(uint32_t hits, int64_t j, uint32_t* entries, int64_t size) {
-  const __m256i row = _mm256_set1_epi32(static_cast<int>(j << 4));
-  for (int h = 0; h < 2; ++h) {
-    const uint32_t m = (hits >> (8 * h)) & 0xFFu;
-    const __m256i order = left_pack_order8(m);
-    const __m256i entry = _mm256_add_epi32(row, _mm256_setr_epi32(8 * h, 8 * h + 1, 8 * h + 2, 8 * h + 3, 8 * h + 4,
-                                                                  8 * h + 5, 8 * h + 6, 8 * h + 7));
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(entries + size), _mm256_permutevar8x32_epi32(entry, order));
-    size += __builtin_popcount(m);
-  }
+  for (int h = 0; h < 2; ++h)  // lane l of this half: entry (j << 4) + 8 h + l
+    size += left_pack_offsets8((hits >> (8 * h)) & 0xFFu, static_cast<int32_t>((j << 4) + 8 * h),
+                               reinterpret_cast<int32_t*>(entries + size));
   return size;
 }
 
