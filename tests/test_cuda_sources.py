@@ -1,10 +1,16 @@
 """Every csrc/cuda/*.cu compiles with plain nvcc for sm_80 and sm_90, with no
-register spills: the CUDA kernels are checked on machines without a GPU too."""
+register spills: the CUDA kernels are checked on machines without a GPU too.
 
+The compiles of all the selected tests of this file start together, two at a time
+(the `compiles` fixture), and each test waits for its own: one after another they
+took 100 s of the suite, each compiler waiting on one core."""
+
+import concurrent.futures
 import pathlib
 import re
 import shutil
 import subprocess
+import tempfile
 
 import pytest
 
@@ -19,6 +25,49 @@ TORCH_NVCC_DEFINES = [
 ]
 
 
+def nvcc_command(source: pathlib.Path, arch: str, out: pathlib.Path) -> list[str]:
+    return [
+        NVCC, "-c", "-std=c++17", "-O3", f"-I{ROOT / 'csrc' / 'include'}", *TORCH_NVCC_DEFINES,
+        f"-gencode=arch=compute_{arch},code=sm_{arch}", "-Xptxas", "-v", "-Werror", "all-warnings",
+        str(source), "-o", str(out),
+    ]
+
+
+def bindings_command(bindings: pathlib.Path) -> list[str]:
+    from torch.utils.cpp_extension import include_paths
+
+    return [
+        CXX, "-std=c++20", "-fsyntax-only",  # torch 2.13 headers need C++20
+        f"-I{ROOT / 'tests' / 'cuda_stubs'}", *[f"-I{p}" for p in include_paths()],
+        f"-I{_cuda_runtime_include()}", f"-I{ROOT / 'csrc' / 'include'}",
+        str(bindings),
+    ]
+
+
+@pytest.fixture(scope="module")
+def compiles(request):
+    """The finished compile (a CompletedProcess) of each selected test of this file, by
+    ("nvcc", source, arch) or ("bindings", bindings): all submitted at the first use,
+    two compilers running at a time."""
+    commands = {}
+    out = pathlib.Path(tempfile.mkdtemp(prefix="aefast-nvcc-"))
+    for item in request.session.items:
+        params = getattr(getattr(item, "callspec", None), "params", {})
+        if getattr(item, "module", None) is not request.module:
+            continue
+        if "source" in params:
+            key = ("nvcc", params["source"], params["arch"])
+            commands[key] = nvcc_command(params["source"], params["arch"], out / f"{len(commands)}.o")
+        elif "bindings" in params:
+            commands[("bindings", params["bindings"])] = bindings_command(params["bindings"])
+    pool = concurrent.futures.ThreadPoolExecutor(max_workers=2)
+    try:
+        yield {key: pool.submit(subprocess.run, cmd, capture_output=True, text=True) for key, cmd in commands.items()}
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+        shutil.rmtree(out, ignore_errors=True)
+
+
 def test_there_are_cuda_sources():
     assert SOURCES, "no csrc/cuda/*.cu found"
 
@@ -26,13 +75,8 @@ def test_there_are_cuda_sources():
 @pytest.mark.skipif(NVCC is None, reason="nvcc not on PATH (CI installs and runs it)")
 @pytest.mark.parametrize("arch", ["80", "90"])
 @pytest.mark.parametrize("source", SOURCES, ids=lambda p: p.name)
-def test_nvcc_compiles_without_spills(source, arch, tmp_path):
-    cmd = [
-        NVCC, "-c", "-std=c++17", "-O3", f"-I{ROOT / 'csrc' / 'include'}", *TORCH_NVCC_DEFINES,
-        f"-gencode=arch=compute_{arch},code=sm_{arch}", "-Xptxas", "-v", "-Werror", "all-warnings",
-        str(source), "-o", str(tmp_path / "out.o"),
-    ]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+def test_nvcc_compiles_without_spills(source, arch, compiles):
+    proc = compiles[("nvcc", source, arch)].result()
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0, log
     spills = [
@@ -74,17 +118,9 @@ def test_every_family_has_its_cuda_bindings():
 
 @pytest.mark.skipif(CXX is None or _cuda_runtime_include() is None, reason="no C++ compiler or CUDA headers")
 @pytest.mark.parametrize("bindings", BINDINGS, ids=lambda p: p.name)
-def test_cuda_bindings_compile_against_torch_headers(bindings):
+def test_cuda_bindings_compile_against_torch_headers(bindings, compiles):
     """csrc/cuda/<family>_bindings.cpp are compiled only in CUDA builds of torch: check
     their syntax and types here against torch's headers, with stand-ins for the two
     CUDA headers a CPU build of torch lacks (tests/cuda_stubs)."""
-    from torch.utils.cpp_extension import include_paths
-
-    cmd = [
-        CXX, "-std=c++20", "-fsyntax-only",  # torch 2.13 headers need C++20
-        f"-I{ROOT / 'tests' / 'cuda_stubs'}", *[f"-I{p}" for p in include_paths()],
-        f"-I{_cuda_runtime_include()}", f"-I{ROOT / 'csrc' / 'include'}",
-        str(bindings),
-    ]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    proc = compiles[("bindings", bindings)].result()
     assert proc.returncode == 0, proc.stderr[-4000:]
