@@ -54,7 +54,8 @@ AEFAST_AVX2 inline void philox8(const PhiloxKeys& keys, uint64_t first, __m256i 
   // same in every lane, so round 0 has one product, not two, and leaves word 0 the
   // same in every lane: round 1's product of it is one scalar multiply. The same
   // values as the loop's rounds, with 18 mul_hi_lo where it had 20.
-  const uint32_t k0_0 = static_cast<uint32_t>(_mm256_cvtsi256_si32(keys.k0[0]));
+  // Round 0's key from lane 0 (through 128 bits: GCC 10 has no _mm256_cvtsi256_si32).
+  const uint32_t k0_0 = static_cast<uint32_t>(_mm_cvtsi128_si32(_mm256_castsi256_si128(keys.k0[0])));
   const uint32_t word0 = static_cast<uint32_t>(first >> 32) ^ k0_0;  // round 0's word 0, every lane
   const uint64_t product = uint64_t{0xD2511F53u} * word0;  // round 1's by round_a
   const __m256i word2_mask = _mm256_xor_si256(_mm256_set1_epi32(static_cast<int>(product >> 32)), keys.k1[1]);
