@@ -39,7 +39,7 @@ def bindings_command(bindings: pathlib.Path) -> list[str]:
     return [
         CXX, "-std=c++20", "-fsyntax-only",  # torch 2.13 headers need C++20
         f"-I{ROOT / 'tests' / 'cuda_stubs'}", *[f"-I{p}" for p in include_paths()],
-        f"-I{_cuda_runtime_include()}", f"-I{ROOT / 'csrc' / 'include'}",
+        f"-I{CUDA_INCLUDE}", f"-I{ROOT / 'csrc' / 'include'}",
         str(bindings),
     ]
 
@@ -58,7 +58,7 @@ def compiles(request):
         if "source" in params and NVCC:  # (the tests skip without their compilers)
             source, arch = params["source"], params["arch"]
             commands[("nvcc", source, arch)] = nvcc_command(source, arch, out / f"{source.stem}-{arch}.o")
-        elif "bindings" in params and CXX and _cuda_runtime_include():
+        elif "bindings" in params and BINDINGS_CHECKABLE:
             commands[("bindings", params["bindings"])] = bindings_command(params["bindings"])
     pool = concurrent.futures.ThreadPoolExecutor(max_workers=2)
     try:
@@ -107,6 +107,8 @@ def _cuda_runtime_include():
 
 
 CXX = shutil.which("c++") or shutil.which("g++")
+CUDA_INCLUDE = _cuda_runtime_include()
+BINDINGS_CHECKABLE = CXX is not None and CUDA_INCLUDE is not None
 
 
 BINDINGS = sorted((ROOT / "csrc" / "cuda").glob("*_bindings.cpp"))
@@ -116,7 +118,7 @@ def test_every_family_has_its_cuda_bindings():
     assert [b.name for b in BINDINGS] == [f"{f}_bindings.cpp" for f in ("decode", "jumprelu", "kl", "noise", "topk")]
 
 
-@pytest.mark.skipif(CXX is None or _cuda_runtime_include() is None, reason="no C++ compiler or CUDA headers")
+@pytest.mark.skipif(not BINDINGS_CHECKABLE, reason="no C++ compiler or CUDA headers")
 @pytest.mark.parametrize("bindings", BINDINGS, ids=lambda p: p.name)
 def test_cuda_bindings_compile_against_torch_headers(bindings, compiles):
     """csrc/cuda/<family>_bindings.cpp are compiled only in CUDA builds of torch: check

@@ -258,8 +258,9 @@ def topk_launches():
         # topk_sparse / topk_mask / topk_encode rows, lifetime_topk's columns (a
         # transposed view), spatial_wta's maps (k = 1), batch_topk's single row; rows
         # shorter than a chunk take chunks of their length (4 to 64 keys here).
-        for (B, H), ks in {(37, 3): (1, 2), (37, 5): (1, 5), (37, 20): (3,), (37, 40): (1,), (37, 65): (1, 7, 65), (4096, 65536): (1, 32, 128, 129),
-                           (65536, 1 << 20): (32, 128), (1, 1 << 28): (100, 4096 * 32)}.items():
+        for (B, H), ks in {(37, 3): (1, 2), (37, 5): (1, 5), (37, 20): (3,), (37, 40): (1,), (37, 65): (1, 7, 65),
+                           (4096, 65536): (1, 32, 128, 129), (65536, 1 << 20): (32, 128),
+                           (1, 1 << 28): (100, 4096 * 32)}.items():
             for k in ks:
                 topk.topk_forward(meta(B, H, dtype=dtype), k, True)
         topk.topk_forward(meta(4096, 8192, dtype=dtype).t(), 82, False)
