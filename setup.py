@@ -43,6 +43,18 @@ def _extension():
     if _compiler_is_gcc():
         cxx_flags.append("-fno-ipa-ra")
     link_flags = ["-fopenmp"]
+    if os.environ.get("AEFAST_EMULATE_AVX512", "0") == "1":
+        # A test build (tests/test_topk.py): the AVX-512 paths emulated with SIMDe on an
+        # AVX2 CPU (csrc/cpu/avx512_emulation.h); the CPU kernels alone.
+        print("aefast: building the C++ CPU kernels with AVX-512 emulated (a test build)")
+        return CppExtension(
+            "aefast._C",
+            sources,
+            include_dirs=include_dirs,
+            define_macros=[("AEFAST_EMULATE_AVX512", "1")],
+            extra_compile_args={"cxx": cxx_flags + ["-mavx2", "-mfma", "-mf16c", "-mpopcnt", "-Wno-psabi"]},
+            extra_link_args=link_flags,
+        )
     with_cuda = (
         torch.version.cuda is not None
         and CUDA_HOME is not None

@@ -19,7 +19,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   // has, narrowed by AEFAST_SIMD (what a benchmark's figures depend on).
   m.def("cpu_simd", [] {
     switch (aefast::cpu::simd_level()) {
+#if defined(AEFAST_EMULATE_AVX512)
+      case aefast::cpu::Simd::kAvx512: return "avx512-emulated";  // a test build (avx512_emulation.h)
+#else
       case aefast::cpu::Simd::kAvx512: return "avx512";
+#endif
       case aefast::cpu::Simd::kAvx2: return "avx2";
       default: return "none";
     }

@@ -30,12 +30,14 @@ TOLERANCES = {
 
 @pytest.hookimpl(trylast=True)  # after -k and -m have deselected
 def pytest_collection_modifyitems(config, items):
-    # The slowest test, every Triton kernel compiled for two GPUs, starts in the
-    # background as soon as it is collected (test_triton_compile.py).
+    # The slowest checks (every Triton kernel compiled for two GPUs, aefast._C built with
+    # AVX-512 emulated) start in the background as soon as their tests are selected:
+    # each test module's BACKGROUND, by test name (tests/background.py).
     for item in items:
-        if item.name == "test_every_kernel_compiles_for_sm80_and_sm90_without_spills":
-            item.module.start_compile_check()
-            config.add_cleanup(item.module.stop_compile_check)
+        run = getattr(item.module, "BACKGROUND", {}).get(item.name)
+        if run is not None:
+            run.start()
+            config.add_cleanup(run.stop)
 
 
 def device_backends():

@@ -412,7 +412,8 @@ def test_reparameterize_on_cpu_is_the_same_in_every_vector_path(tmp_path):
     """float32 takes register kernels with AVX-512 or AVX2 (two running sums standing for
     AVX-512's 16 lanes): z, kl and both gradients bit for bit alike, tails included. Here
     with the widest the CPU has against AEFAST_SIMD=avx2 (on a CPU without AVX-512, AVX2
-    against itself)."""
+    against itself, and the AVX-512 path emulated against AVX2 when
+    test_every_simd_path_gives_the_same_selection runs this with its emulated build)."""
     import os
     import subprocess
     import sys

@@ -2,8 +2,14 @@
 scatter_rows, and the CPU's topk_mask_rows, topk_mask_index_order, column_topk and keep_rows) against
 aefast/reference.py, on every backend with kernels."""
 
+import os
+import pathlib
+import subprocess
+import sys
+
 import pytest
 import torch
+from background import BackgroundRun
 
 import aefast as ae
 from aefast import backends, reference
@@ -640,7 +646,7 @@ def test_column_topk_matches_reference_with_ties_at_the_cut(batch, units, k, poi
     # candidates are cut among equal keys, and the first rows of them win. (A column's
     # candidates are a few more than k: the CPU cuts them one at a time, in vectors with
     # AVX-512 or AVX2. test_every_simd_path_gives_the_same_selection runs this under
-    # AEFAST_SIMD=avx2 and none; the AVX-512 cut runs only on a CPU that has it.)
+    # AEFAST_SIMD=avx2 and none, and on a CPU without AVX-512 with AVX-512 emulated.)
     op = kernels("cpp").column_topk
     generator = torch.Generator().manual_seed(batch + units + k)
     for dtype in DTYPES:
@@ -703,15 +709,59 @@ def test_column_topk_gradcheck_and_opcheck():
     torch.library.opcheck(keep_rows, (torch.randn(50, 70, requires_grad=True), column_topk(torch.randn(50, 70), 6)[1]))
 
 
-@pytest.mark.parametrize("level", ["avx2", "none"])
-def test_every_simd_path_gives_the_same_selection(level):
-    """The hand-written AVX-512 paths run wherever the CPU has them; AEFAST_SIMD forces
-    the AVX2 and the portable ones, whatever this machine is."""
-    import os
-    import subprocess
-    import sys
+ROOT = pathlib.Path(__file__).resolve().parents[1]
 
+
+def _avx512_emulation_unavailable() -> str | None:
+    if torch.backends.cpu.get_cpu_capability() != "AVX2":
+        return "the emulation runs on AVX2; a CPU with AVX-512 runs the real instructions in every test"
+    probe = subprocess.run([os.environ.get("CXX", "c++"), "-x", "c++", "-E", "-", "-o", os.devnull],
+                           input="#include <simde/x86/avx512.h>\n", capture_output=True, text=True)
+    if probe.returncode != 0:
+        return "SIMDe's headers not found (apt-get install libsimde-dev; .ci/run installs them)"
+    return None
+
+
+# aefast._C built with its AVX-512 paths emulated (csrc/cpu/avx512_emulation.h, SIMDe),
+# for a CPU without AVX-512, in build/avx512-emulated, kept there (ninja rebuilds what
+# changed): minutes from scratch, so in the background from collection on, one compile
+# at a time.
+AVX512_EMULATED = ROOT / "build" / "avx512-emulated"
+AVX512_EMULATED_BUILD = BackgroundRun(
+    [sys.executable, "setup.py", "build_ext", "--build-lib", str(AVX512_EMULATED / "lib"),
+     "--build-temp", str(AVX512_EMULATED / "temp")],
+    unavailable=_avx512_emulation_unavailable, cwd=ROOT,
+    env=dict(os.environ, AEFAST_EMULATE_AVX512="1", MAX_JOBS="1"))
+BACKGROUND = {"test_every_simd_path_gives_the_same_selection[avx512-emulated]": AVX512_EMULATED_BUILD}
+
+
+@pytest.fixture(scope="module")
+def avx512_emulated_build():
+    """The emulated build's extension module (its path), checked to report it."""
+    if AVX512_EMULATED_BUILD.unavailable:
+        pytest.skip(AVX512_EMULATED_BUILD.unavailable)
+    returncode, stdout, stderr = AVX512_EMULATED_BUILD.wait()
+    assert returncode == 0, stdout[-3000:] + stderr[-3000:]
+    (module,) = (AVX512_EMULATED / "lib" / "aefast").glob("_C.*")
+    env = dict(os.environ, AEFAST_EXTENSION=str(module))
+    env.pop("AEFAST_SIMD", None)
+    took = subprocess.run([sys.executable, "-c", "from aefast import _C; print(_C.cpu_simd())"], env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert took.stdout.strip() == "avx512-emulated", took.stdout + took.stderr
+    return module
+
+
+@pytest.mark.parametrize("level", ["avx2", "none", "avx512-emulated"])
+def test_every_simd_path_gives_the_same_selection(level, request):
+    """The hand-written AVX-512 paths run wherever the CPU has them; AEFAST_SIMD forces
+    the AVX2 and the portable ones, whatever this machine is; on a CPU without AVX-512,
+    the AVX-512 paths run emulated (a build of aefast._C by avx512_emulated_build), and
+    the selection's tests that compare two paths compare the emulated AVX-512 one with
+    the AVX2 one."""
     env = dict(os.environ, AEFAST_SIMD=level, OMP_NUM_THREADS="2")
+    if level == "avx512-emulated":
+        env["AEFAST_EXTENSION"] = str(request.getfixturevalue("avx512_emulated_build"))
+        del env["AEFAST_SIMD"]  # the widest: AVX-512, emulated
     noise = os.path.join(os.path.dirname(__file__), "test_noise.py")
     tests = ("mask_index_order_matches or mask_index_order_reports or column_topk_matches or column_topk_reports"
              " or many_winners"

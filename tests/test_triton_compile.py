@@ -5,13 +5,12 @@ launch geometry within an H200's limits and no host synchronisation
 
 import os
 import pathlib
-import signal
 import subprocess
 import sys
-import tempfile
 import textwrap
 
 import pytest
+from background import BackgroundRun
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 CHECK = ROOT / "tests" / "triton_compile_check.py"
@@ -23,45 +22,15 @@ def compiled_env():
     return env
 
 
-_CHECK_RUN = {}
-
-
-def start_compile_check():
-    """Starts the whole check (minutes) once, in a low-priority process group of its
-    own; conftest.py calls this at collection, so that it runs on the core the rest of
-    the suite leaves idle, and stops it at the end of the session if no test waited
-    for it. Its output goes to files: a pipe nobody reads would stall it."""
-    if not _CHECK_RUN:
-        # They outlive this call: the test reads them.
-        out, err = tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")  # noqa: SIM115
-        proc = subprocess.Popen([sys.executable, str(CHECK), "--check", str(ROOT / "docs" / "triton-kernels.md")],
-                                stdout=out, stderr=err, text=True, env=compiled_env(), cwd=ROOT,
-                                start_new_session=True)
-        # Lowered from here, not by a preexec_fn (unsafe once torch has started threads):
-        # the group's members now, and the child it starts later inherits it.
-        os.setpriority(os.PRIO_PGRP, proc.pid, 10)
-        _CHECK_RUN.update(proc=proc, out=out, err=err)
-    return _CHECK_RUN
-
-
-def stop_compile_check():
-    proc = _CHECK_RUN.get("proc")
-    if proc is None:
-        return
-    if proc.poll() is None:  # the process and its child (the other arch)
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-    _CHECK_RUN["out"].close()
-    _CHECK_RUN["err"].close()
+# The whole check takes minutes: it runs in the background from collection on.
+COMPILE_CHECK = BackgroundRun([sys.executable, str(CHECK), "--check", str(ROOT / "docs" / "triton-kernels.md")],
+                              env=compiled_env(), cwd=ROOT)
+BACKGROUND = {"test_every_kernel_compiles_for_sm80_and_sm90_without_spills": COMPILE_CHECK}
 
 
 @pytest.mark.slow
 def test_every_kernel_compiles_for_sm80_and_sm90_without_spills():
-    run = start_compile_check()
-    returncode = run["proc"].wait()
-    for f in (run["out"], run["err"]):
-        f.seek(0)
-    stdout, stderr = run["out"].read(), run["err"].read()
+    returncode, stdout, stderr = COMPILE_CHECK.wait()
     assert returncode == 0, stdout[-6000:] + stderr[-4000:]
     assert "ERROR" not in stdout
 

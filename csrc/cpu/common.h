@@ -12,6 +12,9 @@
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #include <immintrin.h>
 #pragma GCC diagnostic pop
+#if defined(AEFAST_EMULATE_AVX512)  // a test build: see avx512_emulation.h
+#include "avx512_emulation.h"
+#endif
 #endif
 
 #include <ATen/ATen.h>
@@ -94,6 +97,13 @@ inline void fence_streams() {
 // from an AVX2 loop took 115 ns, with it 4.5 ns; one such call per row had cost
 // topk_forward 4-10%).
 #define AEFAST_AVX2 __attribute__((target("avx2,fma,f16c,popcnt")))
+// The hand-written AVX-512 paths' (simd_level() checks both); in the emulated build
+// (avx512_emulation.h) AVX2 code like the rest.
+#if defined(AEFAST_EMULATE_AVX512)
+#define AEFAST_AVX512 AEFAST_AVX2
+#else
+#define AEFAST_AVX512 __attribute__((target("avx512f,avx512bw")))
+#endif
 
 // out[0, n) = from[0, n), written around the caches: both on 32-byte boundaries, n a
 // multiple of 8, AVX2 (simd_level() >= Simd::kAvx2). The caller fences.
@@ -104,7 +114,7 @@ AEFAST_AVX2 inline void stream_floats(const float* from, float* out, int64_t n) 
 // 16 (AVX-512) or 8 (AVX2) elements from p as float32: exact for float16 and bfloat16
 // (a bfloat16 is a float32's high half).
 template <typename E>
-__attribute__((target("avx512f,avx512bw"))) inline __m512 load16_as_float(const E* p) {
+AEFAST_AVX512 inline __m512 load16_as_float(const E* p) {
   if constexpr (std::is_same_v<E, float>) {
     return _mm512_loadu_ps(p);
   } else if constexpr (std::is_same_v<E, at::BFloat16>) {
@@ -141,6 +151,9 @@ inline Simd simd_level() {
         __builtin_cpu_supports("popcnt"))
       cpu = Simd::kAvx2;
     if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw")) cpu = Simd::kAvx512;
+#if defined(AEFAST_EMULATE_AVX512)
+    if (cpu == Simd::kAvx2) cpu = Simd::kAvx512;
+#endif
 #endif
     const char* asked = std::getenv("AEFAST_SIMD");
     Simd cap = Simd::kAvx512;

@@ -15,8 +15,6 @@ namespace aefast {
 namespace cpu {
 namespace noise_avx512 {
 
-#define AEFAST_AVX512 __attribute__((target("avx512f,avx512bw")))
-
 // The ten round keys of a seed, broadcast once per call.
 struct PhiloxKeys {
   __m512i k0[10], k1[10];

@@ -351,7 +351,7 @@ AEFAST_SIMD_CLONES void rank_select_clones(const Candidate<float>* c, int64_t n,
 // topk_forward on rows of ReLU zeros).
 // (The loop above spent most of its time in scalar tails of 40-odd candidates: a
 // sixth of topk_sparse at 1024 x 4096 on a Xeon.)
-__attribute__((target("avx512f"))) void rank_select_avx512(const Candidate<float>* c, int64_t n, int64_t k, float* values,
+AEFAST_AVX512 void rank_select_avx512(const Candidate<float>* c, int64_t n, int64_t k, float* values,
                                                            Candidate<float>* out) {
   const int64_t padded = (n + 15) / 16 * 16;
   for (int64_t i = 0; i < n; ++i) values[i] = c[i].value;
@@ -541,7 +541,7 @@ inline void push_qualifying(uint32_t qualifying, uint32_t equal, const float* p,
 }
 
 // A bit per element of p[0, 16) above the bar (or equal to it, when inclusive).
-__attribute__((target("avx512f"))) inline uint32_t qualifying_bits(const float* p, __m512 bars, bool inclusive) {
+AEFAST_AVX512 inline uint32_t qualifying_bits(const float* p, __m512 bars, bool inclusive) {
   const __m512 v = _mm512_loadu_ps(p);
   return inclusive ? _mm512_cmp_ps_mask(v, bars, _CMP_GE_OQ) : _mm512_cmp_ps_mask(v, bars, _CMP_GT_OQ);
 }
@@ -549,7 +549,7 @@ __attribute__((target("avx512f"))) inline uint32_t qualifying_bits(const float* 
 // float32 with AVX-512: one compare mask per 16 blocks' maxima and one per block that
 // qualifies, then only their set bits (the scalar loop's branch per element and per
 // block mispredicted often).
-__attribute__((target("avx512f"))) void collect_qualifying_avx512(const float* tile, int64_t len, const float* maxima,
+AEFAST_AVX512 void collect_qualifying_avx512(const float* tile, int64_t len, const float* maxima,
                                                                   int64_t b0, int64_t b1, float bar, int64_t& ties,
                                                                   int64_t base, std::vector<Candidate<float>>& found) {
   const __m512 bars = _mm512_set1_ps(bar);

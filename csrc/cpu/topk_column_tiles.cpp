@@ -52,7 +52,7 @@ AEFAST_INLINE void collect_lanes(const Key* keys, int64_t n, const Key* bars, co
 }
 
 #if defined(__x86_64__) && defined(__GNUC__)
-__attribute__((target("avx512f,avx512bw"))) void count_lanes_avx512(const int32_t* keys, int64_t n, const int32_t* bars,
+AEFAST_AVX512 void count_lanes_avx512(const int32_t* keys, int64_t n, const int32_t* bars,
                                                                     int32_t* counts) {
   const __m512i bar = _mm512_loadu_si512(bars), one = _mm512_set1_epi32(1);
   __m512i c = _mm512_setzero_si512();
@@ -82,7 +82,7 @@ AEFAST_AVX2 void count_lanes_avx2(const int32_t* keys, int64_t n, const int32_t*
 // widened every kShortChunk rows (fewer than 2^15 per lane).
 constexpr int64_t kShortChunk = 32766;
 
-__attribute__((target("avx512f,avx512bw"))) void count_short_lanes_avx512(const ShortKey* keys, int64_t n,
+AEFAST_AVX512 void count_short_lanes_avx512(const ShortKey* keys, int64_t n,
                                                                           const ShortKey* bars, int32_t* counts) {
   const __m512i bar = _mm512_broadcast_i64x4(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(bars)));
   const __m512i one = _mm512_set1_epi16(1);
@@ -143,7 +143,7 @@ AEFAST_INLINE void deal_entries(const uint32_t* entries, int64_t size, int64_t n
 // Each row's hits, (row << 4 | lane) for the lanes at or above their bars, compressed
 // into one list in row order (no branch per hit, which mispredicts); then dealt out
 // to the lanes in that order. entries: room for 16 n + 16.
-__attribute__((target("avx512f,avx512bw"))) void collect_lanes_avx512(const int32_t* keys, int64_t n, const int32_t* bars,
+AEFAST_AVX512 void collect_lanes_avx512(const int32_t* keys, int64_t n, const int32_t* bars,
                                                                       const int32_t* ties, int32_t* rows,
                                                                       int32_t* counts, uint32_t* entries) {
   const __m512i bar = _mm512_loadu_si512(bars), one = _mm512_set1_epi32(1);
@@ -175,7 +175,7 @@ __attribute__((target("avx512f,avx512bw"))) void collect_lanes_avx512(const int3
 
 // collect_lanes_avx512 on short keys, every key at or above its bar (no tie limit):
 // two rows a compare.
-__attribute__((target("avx512f,avx512bw"))) void collect_short_lanes_avx512(const ShortKey* keys, int64_t n,
+AEFAST_AVX512 void collect_short_lanes_avx512(const ShortKey* keys, int64_t n,
                                                                             const ShortKey* bars, int32_t* rows,
                                                                             int32_t* counts, uint32_t* entries) {
   const __m512i bar = _mm512_broadcast_i64x4(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(bars)));
@@ -253,7 +253,7 @@ constexpr int32_t kKeyOfMinusInfinity = static_cast<int32_t>(0xFF800000u ^ 0x7FF
 // row read make the most of each page and each row is prefetched a few rows ahead,
 // which no hardware prefetcher does across pages.
 template <int kTiles, typename E>
-__attribute__((target("avx512f,avx512bw"))) bool copy_tiles_avx512(const E* X, int64_t R, int64_t n,
+AEFAST_AVX512 bool copy_tiles_avx512(const E* X, int64_t R, int64_t n,
                                                                    const TileKeys<int32_t>& keys,
                                                                    LaneStats<int32_t, float>* stats) {
   __m512i lo[kTiles], hi[kTiles];
@@ -445,7 +445,7 @@ constexpr int32_t kDropped = std::numeric_limits<int32_t>::max();  // a NaN's ke
 // (a key per candidate put together from its halves, then a scan per excess, a
 // backward search and a copy, each with a branch per candidate) took a tenth of the
 // forward's time.
-__attribute__((target("avx512f,avx512bw"))) void cut_lane_halves_avx512(const ShortKey* high, const uint16_t* low,
+AEFAST_AVX512 void cut_lane_halves_avx512(const ShortKey* high, const uint16_t* low,
                                                                         int64_t l, const int32_t* rows, int64_t n,
                                                                         int64_t k, int32_t* keys, int64_t* out) {
   const __m512i dropped = _mm512_set1_epi32(kDropped), lane = _mm512_set1_epi32(static_cast<int>(l));

@@ -95,7 +95,7 @@ struct Brackets {
 // selected, only how many passes it takes). The scalar steps, with a division and
 // unpredictable branches per lane, cost about as much as the count pass itself.
 template <typename CountPass>
-__attribute__((target("avx512f,avx512bw"))) void narrow_brackets_avx512(Brackets<int32_t>& b, int64_t k, int64_t enough,
+AEFAST_AVX512 void narrow_brackets_avx512(Brackets<int32_t>& b, int64_t k, int64_t enough,
                                                                         CountPass count_pass) {
   static_assert(kLanes == 16, "one vector of brackets");
   __m512i bar = _mm512_loadu_si512(b.bar), top = _mm512_loadu_si512(b.top);
@@ -393,7 +393,7 @@ AEFAST_INLINE void copy_kept_portable(const T* src, uint64_t bits, int64_t n, T*
 // 64 columns; kStream: out is 64-byte aligned, written around the caches (no read
 // for ownership of lines that are written whole).
 template <bool kStream>
-__attribute__((target("avx512f"))) void copy_kept_avx512(const float* src, uint64_t bits, float* out) {
+AEFAST_AVX512 void copy_kept_avx512(const float* src, uint64_t bits, float* out) {
   for (int c = 0; c < 64; c += 16) {
     const __m512 v = _mm512_maskz_loadu_ps(static_cast<__mmask16>(bits >> c), src + c);
     if (kStream) _mm512_stream_ps(out + c, v);

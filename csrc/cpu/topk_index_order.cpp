@@ -131,7 +131,7 @@ void filter_rest(const E* x, int64_t n, int64_t j, int64_t first, float bar, siz
 }
 
 template <typename E>
-__attribute__((target("avx512f,avx512bw"))) AEFAST_INLINE void write_dense16_avx512(__m512 v, __mmask16 above,
+AEFAST_AVX512 AEFAST_INLINE void write_dense16_avx512(__m512 v, __mmask16 above,
                                                                                    const DenseOut<E>& dense, int64_t j) {
   if constexpr (std::is_same_v<E, float>) {
     const __mmask16 negative = dense.relu ? _mm512_cmp_ps_mask(v, _mm512_setzero_ps(), _CMP_LT_OQ) : 0;
@@ -163,7 +163,7 @@ AEFAST_AVX2 AEFAST_INLINE void write_dense8_avx2(__m256 v, __m256 above, const D
 constexpr int64_t kFilterAhead = 1024;  // elements
 
 template <typename E>
-__attribute__((target("avx512f,avx512bw"))) void filter_above_avx512(const E* x, int64_t n, int64_t first, float bar,
+AEFAST_AVX512 void filter_above_avx512(const E* x, int64_t n, int64_t first, float bar,
                                                                      size_t cap, ChunkFound<float>& out,
                                                                      const DenseOut<E>& dense) {
   const __m512 b = _mm512_set1_ps(bar);

@@ -81,7 +81,7 @@ int64_t keep_digit_portable(uint32_t* keys, int64_t n, uint32_t d, int64_t from 
 // The same with AVX-512: 16 keys compared at once, the kept ones compressed to the front
 // of a vector stored whole at the next free place (at or before the keys just read).
 template <int kShift>
-__attribute__((target("avx512f"))) int64_t keep_digit_avx512(uint32_t* keys, int64_t n, uint32_t d) {
+AEFAST_AVX512 int64_t keep_digit_avx512(uint32_t* keys, int64_t n, uint32_t d) {
   const __m512i digit = _mm512_set1_epi32(static_cast<int>(d)), mask = _mm512_set1_epi32(kDigitMask);
   int64_t kept = 0;
   for (int64_t i = 0; i < n; i += 16) {
@@ -191,7 +191,7 @@ int64_t collect_portable(const float* x, int64_t n, float bar, int64_t ties, flo
 #if defined(__x86_64__) && defined(__GNUC__)
 // The same with AVX-512: a compare mask per 16 elements, the taken ones compressed to
 // the front of a vector and stored whole (the next store overwrites the rest).
-__attribute__((target("avx512f"))) int64_t collect_avx512(const float* x, int64_t n, float bar, int64_t ties,
+AEFAST_AVX512 int64_t collect_avx512(const float* x, int64_t n, float bar, int64_t ties,
                                                           float* values, int32_t* offsets) {
   const __m512 bars = _mm512_set1_ps(bar);
   const __m512i lanes = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
@@ -263,7 +263,7 @@ int64_t candidates_portable(const float* x, int64_t n, float low, bool& nan, flo
 }
 
 #if defined(__x86_64__) && defined(__GNUC__)
-__attribute__((target("avx512f"))) int64_t candidates_avx512(const float* x, int64_t n, float low, bool& nan,
+AEFAST_AVX512 int64_t candidates_avx512(const float* x, int64_t n, float low, bool& nan,
                                                              float* values, int32_t* offsets) {
   const __m512 lows = _mm512_set1_ps(low);
   const __m512i lanes = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
