@@ -2,9 +2,8 @@
 // once and the uniforms or Box-Muller normals of their 32 elements, in element order.
 // The same operations as noise_avx512.h, one for one on half the lanes (the masked
 // instructions become blends, scalef an exponent built in bits as philox.h's exp_poly
-// does; Philox's first two rounds shortened where they start from known words), so the
-// normals, and the reparameterize results built from them, are the AVX-512 path's bit
-// for bit. Included by noise.cpp only, inside its x86-64 GCC section.
+// does), so the normals, and the reparameterize results built from them, are the
+// AVX-512 path's bit for bit. Included by noise.cpp only, inside its x86-64 GCC section.
 #pragma once
 
 #include <cstdint>

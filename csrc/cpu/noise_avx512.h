@@ -51,19 +51,28 @@ AEFAST_AVX512 inline void philox16(const PhiloxKeys& keys, uint64_t first, __m51
   const __m512i round_b = _mm512_set1_epi32(static_cast<int>(0xCD9E8D57u));
   const __m512i lanes = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
   constexpr int kXor3 = 0x96;  // a ^ b ^ c: each round's two XORs in one instruction
-  // Round 0 of counter (first + lane, first >> 32, 0, 0): words 2 and 3 are 0, so its
-  // first product is 0 and word 0 becomes the high word ^ key, the same in every lane.
   __m512i c0[G], c1[G], c2[G], c3[G];
+  // Rounds 0 and 1 peeled: the counters' words 2 and 3 start at zero and word 1 is the
+  // same in every lane, so round 0 has one product, not two, and leaves word 0 the
+  // same in every lane: round 1's product of it is one scalar multiply. The same
+  // values as the loop's rounds, with 18 mul_hi_lo where ten plain rounds have 20 (as
+  // noise_avx2::philox8's).
+  const uint32_t k0_0 = static_cast<uint32_t>(_mm_cvtsi128_si32(_mm512_castsi512_si128(keys.k0[0])));
+  const uint32_t word0 = static_cast<uint32_t>(first >> 32) ^ k0_0;  // round 0's word 0, every lane
+  const uint64_t product = uint64_t{0xD2511F53u} * word0;  // round 1's by round_a
+  const __m512i word2_mask = _mm512_xor_si512(_mm512_set1_epi32(static_cast<int>(product >> 32)), keys.k1[1]);
   for (int g = 0; g < G; ++g) {
-    __m512i hi_0, lo_0;
-    const __m512i low = _mm512_set1_epi32(static_cast<int>(first + 16 * g));
-    mul_hi_lo(round_a, _mm512_add_epi32(low, lanes), &hi_0, &lo_0);
-    c0[g] = _mm512_xor_si512(_mm512_set1_epi32(static_cast<int>(first >> 32)), keys.k0[0]);
-    c1[g] = _mm512_setzero_si512();
-    c2[g] = _mm512_xor_si512(hi_0, keys.k1[0]);
-    c3[g] = lo_0;
+    __m512i hi_a, lo_a;  // round 0
+    mul_hi_lo(round_a, _mm512_add_epi32(_mm512_set1_epi32(static_cast<int>(first + 16 * g)), lanes), &hi_a, &lo_a);
+    const __m512i word2 = _mm512_xor_si512(hi_a, keys.k1[0]);
+    __m512i hi_b, lo_b;  // round 1: word 1 is 0 and word 3 is lo_a
+    mul_hi_lo(round_b, word2, &hi_b, &lo_b);
+    c0[g] = _mm512_xor_si512(hi_b, keys.k0[1]);
+    c1[g] = lo_b;
+    c2[g] = _mm512_xor_si512(lo_a, word2_mask);
+    c3[g] = _mm512_set1_epi32(static_cast<int>(static_cast<uint32_t>(product)));
   }
-  for (int round = 1; round < 10; ++round) {
+  for (int round = 2; round < 10; ++round) {
     for (int g = 0; g < G; ++g) {
       __m512i hi_b, lo_b, hi_a, lo_a;
       mul_hi_lo(round_b, c2[g], &hi_b, &lo_b);
