@@ -3,6 +3,7 @@ a CUDA build and nvcc is found (set AEFAST_NO_CUDA=1 to skip them)."""
 
 import glob
 import os
+import pathlib
 import subprocess
 
 import torch
@@ -50,7 +51,7 @@ def _extension():
         # information: 2 minutes of compiling where a full -O3 build took 5 (its speed
         # is of no matter; -O1 changes no result: no fast-math, no contraction in C++20).
         print("aefast: building the C++ CPU kernels with AVX-512 emulated (a test build)")
-        with_avx512 = [s for s in sources if "AEFAST_AVX512" in open(os.path.join(ROOT, s)).read()]
+        with_avx512 = [s for s in sources if "AEFAST_AVX512" in pathlib.Path(ROOT, s).read_text()]
         return CppExtension(
             "aefast._C",
             ["csrc/ops.cpp"] + with_avx512,

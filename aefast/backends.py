@@ -27,18 +27,23 @@ GPU_PREFERENCE = ("cuda", "triton")
 
 def _load_extension_from(path: str) -> None:
     """Another build of aefast._C, loaded in its place before the import below: the tests'
-    build with AVX-512 emulated (AEFAST_EXTENSION; tests/test_topk.py)."""
+    build with AVX-512 emulated (AEFAST_EXTENSION; tests/test_topk.py). A build asked for
+    that does not load raises: it is not the missing build the reference falls back for."""
     spec = importlib.util.spec_from_file_location("aefast._C", path)
     if spec is None or spec.loader is None:
-        raise ImportError(f"AEFAST_EXTENSION={path!r} is not an extension module")
+        raise RuntimeError(f"AEFAST_EXTENSION={path!r} is not an extension module")
     module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    try:
+        spec.loader.exec_module(module)
+    except ImportError as exc:
+        raise RuntimeError(f"AEFAST_EXTENSION={path!r} does not load: {exc}") from exc
     sys.modules["aefast._C"] = module
+    sys.modules["aefast"]._C = module
 
 
+if os.environ.get("AEFAST_EXTENSION"):
+    _load_extension_from(os.environ["AEFAST_EXTENSION"])
 try:
-    if os.environ.get("AEFAST_EXTENSION"):
-        _load_extension_from(os.environ["AEFAST_EXTENSION"])
     from aefast import _C
 
     CPP_BUILT: bool = True

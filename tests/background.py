@@ -36,6 +36,8 @@ class BackgroundRun:
 
     def wait(self) -> tuple[int, str, str]:
         """(returncode, stdout, stderr), started here if it was not."""
+        if self.unavailable:
+            raise RuntimeError(f"{self.command[:3]} cannot run here: {self.unavailable}")
         self.start()
         returncode = self.proc.wait()
         self.out.seek(0)

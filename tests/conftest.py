@@ -34,7 +34,7 @@ def pytest_collection_modifyitems(config, items):
     # AVX-512 emulated) start in the background as soon as their tests are selected:
     # each test module's BACKGROUND, by test name (tests/background.py).
     for item in items:
-        run = getattr(item.module, "BACKGROUND", {}).get(item.name)
+        run = getattr(getattr(item, "module", None), "BACKGROUND", {}).get(item.name)
         if run is not None:
             run.start()
             config.add_cleanup(run.stop)

@@ -3,10 +3,14 @@
 // every-SIMD-path test; a separate build, made with AEFAST_EMULATE_AVX512=1 by setup.py,
 // never the installed one). Each _mm512_ intrinsic becomes SIMDe's portable definition
 // (libsimde-dev, https://github.com/simd-everywhere/simde) on GCC's own 512-bit vector
-// types, which GCC lowers to pairs of AVX2 registers; the few SIMDe 0.7 lacks are
-// written below, lane by lane, from Intel's definitions of them. Slow, exact: the
-// point is the same bits as the real instructions, tails and masked lanes included.
-// Included by common.h after <immintrin.h>, whose declarations the macros shadow.
+// types, which GCC lowers to pairs of AVX2 registers; the few SIMDe 0.7.4 lacks are
+// written below, lane by lane, from Intel's definitions of them, and so are the aligned
+// loads and stores, which fault off a 64-byte boundary here as they do there. Slow and,
+// where the kernels use them, exact: the point is the same bits as the real
+// instructions, tails and masked lanes included. (SIMDe's scalef flushes subnormal
+// inputs and overflows past 2^127, where the instruction does not: exp_poly's clamps
+// keep it to normal p and n in [-126, 127], where both agree.) Included by common.h
+// after <immintrin.h>, whose declarations the macros shadow.
 #pragma once
 
 #if !defined(__AVX2__) || !defined(__FMA__) || !defined(__F16C__)
@@ -20,6 +24,12 @@
 #pragma GCC diagnostic ignored "-Wunused-parameter"
 #include <simde/x86/avx512.h>
 #pragma GCC diagnostic pop
+
+// Checked against SIMDe 0.7.4 (Debian's and Ubuntu's libsimde-dev): another version may
+// define what is written below, or define it differently.
+#if SIMDE_VERSION != HEDLEY_VERSION_ENCODE(0, 7, 4)
+#warning "the AVX-512 emulation was checked with SIMDe 0.7.4 only"
+#endif
 
 #include <climits>
 #include <cstdint>
@@ -133,40 +143,83 @@ inline int reduce_min_epi32(__m512i a) {
   return m;
 }
 
-// The real instruction faults on an address off a 64-byte boundary: so does this.
-inline void stream_ps(float* p, __m512 a) {
+// The aligned loads and stores (streamed too) fault on an address off a 64-byte
+// boundary: so do these.
+inline void check_aligned(const void* p) {
   if (reinterpret_cast<uintptr_t>(p) % 64 != 0) std::abort();
-  std::memcpy(p, &a, sizeof a);
+}
+template <typename V>
+inline V aligned_load(const void* p) {
+  check_aligned(p);
+  V v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+template <typename V>
+inline void aligned_store(void* p, V v) {
+  check_aligned(p);
+  std::memcpy(p, &v, sizeof v);
 }
 
 }  // namespace avx512_emulation
 }  // namespace aefast
 
 #define AEFAST_EMU ::aefast::avx512_emulation
+// Each name undefined first: SIMDe may alias it (wrongly: its mask_cmpge_epi16_mask
+// takes four arguments; or without the alignment check).
+#undef _mm512_cvtepi32_ps
 #define _mm512_cvtepi32_ps(a) AEFAST_EMU::cvtepi32_ps(a)
+#undef _mm512_cvtepu32_ps
 #define _mm512_cvtepu32_ps(a) AEFAST_EMU::cvtepu32_ps(a)
+#undef _mm512_cvtepi16_epi32
 #define _mm512_cvtepi16_epi32(a) AEFAST_EMU::cvtepi16_epi32(a)
+#undef _mm512_cvtepu16_epi32
 #define _mm512_cvtepu16_epi32(a) AEFAST_EMU::cvtepu16_epi32(a)
+#undef _mm512_cvtepi32_epi16
 #define _mm512_cvtepi32_epi16(a) AEFAST_EMU::cvtepi32_epi16(a)
+#undef _mm512_cvtepi32_epi64
 #define _mm512_cvtepi32_epi64(a) AEFAST_EMU::cvtepi32_epi64(a)
+#undef _mm512_cvtph_ps
 #define _mm512_cvtph_ps(a) AEFAST_EMU::cvtph_ps(a)
+#undef _mm512_cvttps_epi32
 #define _mm512_cvttps_epi32(a) AEFAST_EMU::cvttps_epi32(a)
+#undef _mm512_cvttps_epu32
 #define _mm512_cvttps_epu32(a) AEFAST_EMU::cvttps_epu32(a)
+#undef _mm512_cmplt_epi32_mask
 #define _mm512_cmplt_epi32_mask(a, b) AEFAST_EMU::cmplt_epi32_mask(a, b)
+#undef _mm512_cmpneq_epi32_mask
 #define _mm512_cmpneq_epi32_mask(a, b) AEFAST_EMU::cmpneq_epi32_mask(a, b)
+#undef _mm512_mask_cmp_ps_mask
 #define _mm512_mask_cmp_ps_mask(k, a, b, predicate) \
   static_cast<__mmask16>((k) & _mm512_cmp_ps_mask((a), (b), (predicate)))
 #undef _mm512_mask_cmpge_epi16_mask
 #define _mm512_mask_cmpge_epi16_mask(k, a, b) AEFAST_EMU::mask_cmpge_epi16_mask(k, a, b)
+#undef _mm512_srai_epi32
 #define _mm512_srai_epi32(a, count) AEFAST_EMU::srai_epi32(a, count)
+#undef _mm512_mask_shuffle_epi32
 #define _mm512_mask_shuffle_epi32(src, k, a, imm) AEFAST_EMU::mask_shuffle_epi32(src, k, a, imm)
+#undef _mm512_shuffle_f32x4
 #define _mm512_shuffle_f32x4(a, b, imm) AEFAST_EMU::shuffle_f32x4(a, b, imm)
+#undef _mm512_mask_i32gather_epi32
 #define _mm512_mask_i32gather_epi32(src, k, index, base, scale) \
   AEFAST_EMU::mask_i32gather_epi32(src, k, index, base, scale)
+#undef _mm512_maskz_loadu_epi16
 #define _mm512_maskz_loadu_epi16(k, p) (AEFAST_EMU::masked_load<int16_t, 32, __m512i>((k), (p)))
+#undef _mm512_maskz_loadu_epi32
 #define _mm512_maskz_loadu_epi32(k, p) (AEFAST_EMU::masked_load<int32_t, 16, __m512i>((k), (p)))
+#undef _mm512_maskz_loadu_ps
 #define _mm512_maskz_loadu_ps(k, p) (AEFAST_EMU::masked_load<float, 16, __m512>((k), (p)))
+#undef _mm512_mask_storeu_epi64
 #define _mm512_mask_storeu_epi64(p, k, a) (AEFAST_EMU::masked_store<int64_t, 8, __m512i>((p), (k), (a)))
+#undef _mm512_mask_storeu_ps
 #define _mm512_mask_storeu_ps(p, k, a) (AEFAST_EMU::masked_store<float, 16, __m512>((p), (k), (a)))
+#undef _mm512_reduce_min_epi32
 #define _mm512_reduce_min_epi32(a) AEFAST_EMU::reduce_min_epi32(a)
-#define _mm512_stream_ps(p, a) AEFAST_EMU::stream_ps(p, a)
+#undef _mm512_load_si512
+#define _mm512_load_si512(p) AEFAST_EMU::aligned_load<__m512i>(p)
+#undef _mm512_store_si512
+#define _mm512_store_si512(p, a) AEFAST_EMU::aligned_store<__m512i>((p), (a))
+#undef _mm512_store_ps
+#define _mm512_store_ps(p, a) AEFAST_EMU::aligned_store<__m512>((p), (a))
+#undef _mm512_stream_ps
+#define _mm512_stream_ps(p, a) AEFAST_EMU::aligned_store<__m512>((p), (a))

@@ -163,8 +163,8 @@ AEFAST_AVX2 inline __m256 exp_poly(__m256 x) {
   p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
   p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
   p = _mm256_add_ps(_mm256_fmadd_ps(_mm256_mul_ps(p, r), r, r), _mm256_set1_ps(1.0f));
-  // 2^n built in bits: n in [-126, 127] here is exact; n = 128 (x near 88.37) gives the
-  // exponent field 255, +inf, where AVX-512's scalef gives p * 2^128 (finite).
+  // 2^n built in bits, exact as AVX-512's scalef: the clamps keep n in [-126, 127]
+  // (88.37626 log2(e) = 127.49999 rounds to 127).
   const __m256i two_n = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
   return _mm256_mul_ps(p, _mm256_castsi256_ps(two_n));
 }
