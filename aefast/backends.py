@@ -9,6 +9,7 @@ cannot run the tensors at hand raises; it never falls back silently.
 from __future__ import annotations
 
 import contextlib
+import importlib.machinery
 import importlib.util
 import json
 import os
@@ -30,10 +31,11 @@ def _load_extension_from(path: str) -> None:
     build with AVX-512 emulated (AEFAST_EXTENSION; tests/test_topk.py). A build asked for
     that does not load raises: it is not the missing build the reference falls back for."""
     spec = importlib.util.spec_from_file_location("aefast._C", path)
-    if spec is None or spec.loader is None:
-        raise RuntimeError(f"AEFAST_EXTENSION={path!r} is not an extension module")
-    module = importlib.util.module_from_spec(spec)
+    if not path.endswith(tuple(importlib.machinery.EXTENSION_SUFFIXES)) or spec is None or spec.loader is None:
+        raise RuntimeError(f"AEFAST_EXTENSION={path!r} is not an extension module "
+                           f"(its name ends in none of {importlib.machinery.EXTENSION_SUFFIXES})")
     try:
+        module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
     except ImportError as exc:
         raise RuntimeError(f"AEFAST_EXTENSION={path!r} does not load: {exc}") from exc

@@ -46,6 +46,19 @@ def test_cpu_simd_reports_the_instruction_set_the_kernels_take(asked):
         assert got == order[min(order.index(widest), order.index(asked or "avx512"))]
 
 
+@pytest.mark.parametrize("name", ["missing.so", "text.so", "module.py"])
+def test_a_build_asked_for_that_does_not_load_is_an_error(name, tmp_path):
+    # AEFAST_EXTENSION (the tests' AVX-512 emulation build) names a build to load in place
+    # of aefast._C: one that does not load raises, naming the variable, rather than
+    # leaving the C++ backend off as a missing build does; a Python file is not run.
+    path = str(tmp_path / name)
+    if name != "missing.so":
+        (tmp_path / name).write_text("raise SystemExit('ran')\n")
+    run = subprocess.run([sys.executable, "-c", "import aefast"], env=dict(os.environ, AEFAST_EXTENSION=path),
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode != 0 and f"AEFAST_EXTENSION={path!r}" in run.stderr, run.stderr[-2000:]
+
+
 def test_auto_picks_cpp_on_cpu():
     assert ae.current_backend() == "auto"
     assert backends.resolve(torch.device("cpu")) == "cpp"
