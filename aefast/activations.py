@@ -30,6 +30,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from aefast._files import replace_text_atomically
+
 SITES = ("resid", "mlp_in", "mlp_out")
 MANIFEST = "manifest.json"
 FORMAT = "aefast-activations/1"
@@ -204,8 +206,7 @@ class _ShardWriter:
         manifest = {"format": FORMAT, **about, "tokens": self.written,
                     "d_model": int(np.load(self.out / self.shards[0], mmap_mode="r").shape[1]), "dtype": "float16",
                     "mean_norm": self.norm_sum / self.written, "shards": self.shards}
-        (self.out / (MANIFEST + ".tmp")).write_text(json.dumps(manifest, indent=2) + "\n")
-        (self.out / (MANIFEST + ".tmp")).replace(self.out / MANIFEST)
+        replace_text_atomically(self.out / MANIFEST, json.dumps(manifest, indent=2) + "\n")  # last: the set is whole
         return manifest
 
 

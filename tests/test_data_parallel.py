@@ -30,7 +30,9 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
 @pytest.mark.parametrize("model", MODEL_ARGS)
 def test_two_processes_train_as_one_process_on_the_concatenated_batch(tmp_path, model):
-    args = [model, *DIGITS, *MODEL_ARGS[model], "--epochs", "2"]
+    # topk-sae with gradient accumulation: the processes average the gradients once a step
+    accumulate = ["--grad-accum", "2"] if model == "topk-sae" else []
+    args = [model, *DIGITS, *MODEL_ARGS[model], "--epochs", "2", *accumulate]
     two = torchrun(2, [*args, "--out", str(tmp_path / "two")])
     assert two.returncode == 0, two.stderr
     assert "2 processes, data-parallel" in two.stdout
@@ -137,6 +139,15 @@ def test_batches_too_small_to_give_every_rank_a_row_are_refused_before_training(
         cluster.check_batches(rows=1438, batch_size=3)
     with pytest.raises(ValueError, match="--batch-size 718 .* the last batch of the 1438 training rows has 2"):
         cluster.check_batches(rows=1438, batch_size=718)
+    # latent-parallel: 8 processes as 4 replicas of 2 shards, each replica its share of a batch
+    sharded = Cluster(rank=0, world=8, local_rank=0, device=torch.device("cpu"), timeout_s=60, shards=2)
+    with pytest.raises(ValueError, match="--batch-size 718 .* over 4 data-parallel processes: .* has 2"):
+        sharded.check_batches(rows=1438, batch_size=718)
+
+
+def test_a_gpu_index_under_torchrun_is_refused(tmp_path):
+    code, error = one_rank_run(tmp_path, ["ae", *DIGITS[:-1], "cuda:1", "--epochs", "1", "--out", str(tmp_path / "run")])
+    assert code == 2 and "--device cuda:1: under torchrun each process takes the GPU of its LOCAL_RANK" in error
 
 
 def test_shares_of_a_batch_are_contiguous_and_cover_it_once():

@@ -60,6 +60,7 @@ def _forward_and_gradients(rank: int, world: int, init_file: str, out_dir: str) 
     x = torch.randn(9, D, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
     terms = shard.loss(x)
     terms["loss"].backward()
+    shard.after_step()  # counts the step (and renormalises the decoder: the gradients stay)
     torch.save({"terms": {n: v.detach() for n, v in terms.items()},
                 "grads": {n: p.grad for n, p in shard.named_parameters()},
                 "fired": shard.steps_since_fired.clone()}, f"{out_dir}/rank{rank}.pt")
@@ -78,6 +79,7 @@ def test_forward_and_gradients_equal_one_process(tmp_path, world):
     x = torch.randn(9, D, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
     terms = whole.loss(x)
     terms["loss"].backward()
+    whole.after_step()
     assert float(terms["auxk"]) > 0  # the AuxK path ran
     for rank in range(world):
         got = torch.load(tmp_path / f"rank{rank}.pt")

@@ -3,6 +3,7 @@ a few steps on a small batch of digits, every loss term finite, the loss falling
 the parts of models with special training (stacked, top-k SAE, denoising)."""
 
 import math
+import re
 
 import pytest
 import torch
@@ -78,6 +79,51 @@ def test_topk_sae_unit_norm_decoder_and_auxk_on_dead_latents(digits_batch):
     model.loss(digits_batch)["loss"].backward()
     # AuxK gives dead latents a gradient they would not get from the top-k reconstruction
     assert model.encoder_weight.grad[dead].abs().sum() > 0
+
+
+def test_topk_sae_step_of_accumulated_batches_is_one_larger_batch(digits_batch):
+    """Gradient accumulation is one larger batch, dead-latent bookkeeping included: a
+    latent on the verge of dead is not dead for the step's later batches, and a step
+    counts once however many batches it has."""
+    import copy
+
+    torch.manual_seed(0)
+    whole = TopKSAE(64, n_latents=32, k=4, k_aux=8, dead_steps=3)
+    whole.steps_since_fired[::2] = 2  # one step from dead
+    whole.steps_since_fired[::4] = 3  # dead
+    split = copy.deepcopy(whole)
+    totals = [model.train_step(batches, model.configure_optimizers(1e-2))
+              for model, batches in [(whole, digits_batch), (split, list(digits_batch.split(32)))]]
+    assert torch.equal(split.steps_since_fired, whole.steps_since_fired)
+    assert (whole.steps_since_fired == 3).any() and (whole.steps_since_fired == 0).any()
+    assert not split.fired_in_step.any()
+    for name in totals[0]:
+        torch.testing.assert_close(totals[1][name], totals[0][name], msg=name)
+    for (name, a), b in zip(whole.named_parameters(), split.parameters()):
+        torch.testing.assert_close(b, a, msg=name)
+
+
+@pytest.mark.parametrize("cls", ["TopKSAE", "BatchTopKSAE"])
+def test_a_step_counts_once_for_a_latent_that_never_fires(digits_batch, cls):
+    import aefast.models as models
+
+    torch.manual_seed(0)
+    model = getattr(models, cls)(64, n_latents=32, k=4, k_aux=8, dead_steps=100)
+    with torch.no_grad():
+        model.encoder_bias[:3] = -1e4  # never a positive value
+    optimizers = model.configure_optimizers(1e-3)
+    for step in (1, 2):
+        model.train_step(list(digits_batch.split(32)), optimizers)  # 3 batches a step
+        assert model.steps_since_fired[:3].tolist() == [step] * 3
+        assert (model.steps_since_fired[3:] < step).any()
+
+
+@pytest.mark.parametrize(("argument", "value", "message"), [
+    ("n_latents", 0, "n_latents must be >= 1, got 0"), ("dead_steps", 0, "dead_steps must be >= 1, got 0"),
+    ("aux_coef", -1.0, "aux_coef must be >= 0, got -1.0"), ("aux_coef", float("nan"), "aux_coef must be >= 0")])
+def test_topk_sae_bad_arguments_are_named(argument, value, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        TopKSAE(64, **{"n_latents": 32, "k": 4, argument: value})
 
 
 def test_denoising_corrupts_in_training_only(digits_batch):

@@ -176,7 +176,9 @@ def test_bad_flags_and_data_are_one_line_errors(tmp_path, capsys, small_digits):
         (["train", "sparse", "--data", str(garbage)], "cannot read data file"),
         (["train", "sparse", "--data", "data.csv"], "must be digits, synthetic or a .npy, .npz or .pt file"),
         (["train", "sparse", "--resume", "--out", str(tmp_path)], "holds no checkpoint.pt"),
-        (["train", "sparse", "--device", "tpu"], "--device must be auto, cpu or cuda"),
+        (["train", "sparse", "--device", "tpu"], "--device must be auto, cpu, cuda or cuda:N, got tpu"),
+        (["train", "sparse", "--device", "cuda:abc"], "--device must be auto, cpu, cuda or cuda:N, got cuda:abc"),
+        (["train", "sparse", "--device", "cuda:-1"], "--device must be auto, cpu, cuda or cuda:N, got cuda:-1"),
         (["train", "topk-sae", "--k", "1000", "--out", str(tmp_path / "k")], "k must be an integer in [1, 256]"),
     ]:
         _one_line_error(capsys, argv, match)
@@ -185,6 +187,16 @@ def test_bad_flags_and_data_are_one_line_errors(tmp_path, capsys, small_digits):
     capsys.readouterr()
     _one_line_error(capsys, ["train", "ae", "--data", small_digits, "--out", str(tmp_path / "run")],
                     "already holds a run")
+
+
+def test_a_gpu_the_machine_lacks_is_named(monkeypatch):
+    from aefast.train import loop
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    with pytest.raises(ValueError, match=r"--device cuda:7: this machine has 2 GPU\(s\), cuda:0 to cuda:1"):
+        loop._device("cuda:7")
+    assert loop._device("cuda:1") == torch.device("cuda", 1)
 
 
 def test_python_m_gives_one_line_for_an_unreadable_file(tmp_path):

@@ -12,6 +12,7 @@ import json
 import pathlib
 import sys
 
+from aefast._files import replace_text_atomically
 from aefast.backends import RANKING_FILE
 
 SIZE_ORDER = ("small", "medium", "large")
@@ -36,9 +37,7 @@ def write_ranking(bench_json: pathlib.Path, out: pathlib.Path = RANKING_FILE) ->
     if record["environment"].get("device_type") != "cuda":
         raise ValueError(f"{bench_json} holds no GPU run of aefast bench")
     ranking = {"source": str(bench_json), "device": record["environment"]["device"], "ranking": rank(record["results"])}
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(ranking, indent=2) + "\n")
-    tmp.replace(out)
+    replace_text_atomically(out, json.dumps(ranking, indent=2) + "\n")
     return ranking
 
 

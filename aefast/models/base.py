@@ -95,11 +95,15 @@ class AutoencoderModel(nn.Module):
         loss = loss or self.loss
         optimizer.zero_grad(set_to_none=True)
         totals: dict[str, Tensor] = {}
-        for x in batches:
-            with self.autocast():
-                terms = loss(x)
-            weight = len(x) / rows  # 1.0 for a single batch: the very bits of an unweighted step
-            (terms["loss"] * weight).backward()
+        for i, x in enumerate(batches):
+            # Data-parallel (loss is DDP's): the gradients averaged over the processes once,
+            # with the step's last batch, not after each.
+            deferred = hasattr(loss, "no_sync") and i + 1 < len(batches)
+            with loss.no_sync() if deferred else contextlib.nullcontext():
+                with self.autocast():
+                    terms = loss(x)
+                weight = len(x) / rows  # 1.0 for a single batch: the very bits of an unweighted step
+                (terms["loss"] * weight).backward()
             for name, value in terms.items():
                 totals[name] = totals.get(name, 0.0) + value.detach() * weight
         optimizer.step()

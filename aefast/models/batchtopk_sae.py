@@ -86,10 +86,7 @@ class BatchTopKSAE(TopKSAE):
         reconstruction, x_hat = self.reconstruction_loss(z, target)
         if self.training:
             with torch.no_grad():
-                fired = (z > 0).any(0).long()
-                if self.group is not None:
-                    reduce_over_ranks_(fired, "max", self.group)
-                self.steps_since_fired.add_(1).masked_fill_(fired > 0, 0)
+                self.fired_in_step.add_((z > 0).any(0).long())
         if self.k_aux:
             values, indices = ae.topk_sparse(pre.masked_fill(~dead, float("-inf")), self.k_aux)
             aux_hat = ae.sparse_decode(values, indices, self.decoder_weight_for(values), None)

@@ -61,6 +61,8 @@ class TopKSAE(AutoencoderModel):
         """`latents`: hold only these of the n_latents (a latent-parallel shard,
         aefast.models.topk_sae_sharded), initialised as the same rows of the whole model."""
         super().__init__()
+        if not n_latents >= 1:
+            raise ValueError(f"n_latents must be >= 1, got {n_latents}")
         latents = latents if latents is not None else range(n_latents)
         self.n_in, self.transcoder = n_in, n_out is not None
         decoder = initial_decoder_rows(n_latents, n_out or n_in, latents, int(torch.randint(2**62, ())))
@@ -72,9 +74,16 @@ class TopKSAE(AutoencoderModel):
         self.encoder_bias = nn.Parameter(torch.zeros(len(latents)))
         self.pre_bias = nn.Parameter(torch.zeros(n_out or n_in))
         self.register_buffer("steps_since_fired", torch.zeros(len(latents), dtype=torch.long))
+        # How often each latent fired in this step's batches so far (after_step counts the
+        # step): zero between steps, so not saved.
+        self.register_buffer("fired_in_step", torch.zeros(len(latents), dtype=torch.long), persistent=False)
         held = "the number of latents" if len(latents) == n_latents else "the latents each process holds"
         self.k = check_k(k, len(latents), held)  # fail before training starts
         self.k_aux = check_k(k_aux, len(latents), held, name="k_aux") if k_aux else 0  # 0: no AuxK
+        if not dead_steps >= 1:
+            raise ValueError(f"dead_steps must be >= 1, got {dead_steps}")
+        if not 0 <= aux_coef < float("inf"):
+            raise ValueError(f"aux_coef must be >= 0, got {aux_coef}")
         self.aux_coef, self.dead_steps = aux_coef, dead_steps
 
     def split(self, batch: Tensor) -> tuple[Tensor, Tensor]:
@@ -130,7 +139,7 @@ class TopKSAE(AutoencoderModel):
         x_hat = self._decode(values, indices)
         reconstruction = squared_error(x_hat, target)
         if self.training:
-            self._count_steps_since_fired(values, indices)
+            self._note_fired(values, indices)
         if self.k_aux:
             residual = (target - x_hat).detach()
             aux_hat = self._decode(aux_values, aux_indices, bias=False)
@@ -141,15 +150,20 @@ class TopKSAE(AutoencoderModel):
                 **detached(reconstruction=reconstruction, auxk=aux, dead=dead.float().mean())}
 
     @torch.no_grad()
-    def _count_steps_since_fired(self, values: Tensor, indices: Tensor) -> None:
-        """Each latent's steps since it last fired (was a winner with a positive value),
-        on the device; with data parallelism, firing anywhere in the global batch counts."""
-        fired = torch.zeros_like(self.steps_since_fired).scatter_add_(  # integer adds: deterministic
-            0, indices.flatten(), (values > 0).flatten().long())
-        if self.group is not None:
-            reduce_over_ranks_(fired, "max", self.group)
-        self.steps_since_fired.add_(1).masked_fill_(fired > 0, 0)
+    def _note_fired(self, values: Tensor, indices: Tensor) -> None:
+        """The latents that fired in a training batch (winners with a positive value),
+        kept on the device until the step ends."""
+        self.fired_in_step.scatter_add_(0, indices.flatten(), (values > 0).flatten().long())  # integer: deterministic
 
     @torch.no_grad()
     def after_step(self) -> None:
+        """After each optimizer step (train_step calls it; a loop of one's own must too):
+        each latent's steps since it last fired, counted once for all the step's batches
+        (gradient accumulation is one larger batch; with data parallelism, firing anywhere
+        in the global batch counts); then the decoder rows back to unit length."""
+        fired = self.fired_in_step
+        if self.group is not None:
+            reduce_over_ranks_(fired, "max", self.group)
+        self.steps_since_fired.add_(1).masked_fill_(fired > 0, 0)
+        fired.zero_()
         self.decoder_weight.div_(self.decoder_weight.norm(dim=1, keepdim=True).clamp_min(1e-8))

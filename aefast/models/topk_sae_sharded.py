@@ -75,7 +75,7 @@ class LatentShardedTopKSAE(TopKSAE):
         reconstruction = squared_error(x_hat, x)
         counts = torch.stack([dead.sum()]).float()
         if self.training:  # each latent lives on one rank of a replica: its own count
-            self._count_steps_since_fired(values, indices)
+            self._note_fired(values, indices)
         reduce_over_ranks_(counts, "sum", group)  # the dead latents of the whole model
         if self.k_aux:
             # A rank with fewer than k_aux dead latents fills its slots with live ones

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -132,7 +133,8 @@ RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "lr": _POSITIVE,
     "seed": ((lambda v: 0 <= v < 2**63), "in [0, 2**63)"),
     "val_fraction": _OPEN_UNIT,
-    "device": ((lambda v: v in ("auto", "cpu", "cuda") or v.startswith("cuda:")), "auto, cpu or cuda"),
+    "device": ((lambda v: v in ("auto", "cpu", "cuda") or re.fullmatch(r"cuda:[0-9]+", v) is not None),
+               "auto, cpu, cuda or cuda:N"),
     "layers": _at_least(1),
     "hidden": _at_least(1),
     "pretrain_epochs": _at_least(0),
@@ -379,8 +381,10 @@ def _shown(value: Any) -> str:
     return ",".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
 
 
-# What the rows are: changing one on --resume trains on other rows than the run did.
-DATA_SETTINGS = ("data", "target", "val_fraction", "seed")
+# What the rows are and their order: changing one on --resume trains on other rows than
+# the run did (--buffer-mib decides whether the data is streamed, and the chunks a streamed
+# epoch permutes: mid-epoch, some rows would come twice and others not at all).
+DATA_SETTINGS = ("data", "target", "val_fraction", "seed", "buffer_mib")
 
 
 def named_as_flags(exc: ValueError, config: dict[str, Any]) -> ValueError:

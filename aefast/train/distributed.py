@@ -102,6 +102,9 @@ class Cluster:
         local_rank = int(os.environ["LOCAL_RANK"])
         cuda = device_name.startswith("cuda") or (device_name == "auto" and torch.cuda.is_available())
         if cuda:
+            if ":" in device_name:
+                raise ValueError(f"--device {device_name}: under torchrun each process takes the GPU of its "
+                                 f"LOCAL_RANK; give --device cuda (CUDA_VISIBLE_DEVICES picks the node's GPUs)")
             if not torch.cuda.is_available():
                 raise ValueError(f"--device {device_name}: CUDA is not available on this machine")
             if local_rank >= torch.cuda.device_count():

@@ -19,7 +19,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
 import signal
 import sys
 import threading
@@ -30,6 +29,7 @@ from typing import Any
 
 import torch
 
+from aefast._files import replace_atomically, replace_text_atomically
 from aefast._memory import freed_memory_kept
 from aefast.activations import read_manifest, spliced_loss
 from aefast.batches import StreamedBatches, open_training_data
@@ -97,10 +97,10 @@ def _train(config: dict[str, Any], out_dir: Path, checkpoint: dict[str, Any] | N
     except ValueError as exc:
         raise configuration.named_as_flags(exc, config) from None
     check_data_range(model, data)
-    if cluster is not None and not config["shard_latents"]:
-        if not model.data_parallel:
-            raise ValueError(f"{config['model']}{' --conv' if config['conv'] else ''} trains on one process only "
-                             f"({type(model).__name__}.data_parallel is False); start it without torchrun")
+    if cluster is not None and not config["shard_latents"] and not model.data_parallel:
+        raise ValueError(f"{config['model']}{' --conv' if config['conv'] else ''} trains on one process only "
+                         f"({type(model).__name__}.data_parallel is False); start it without torchrun")
+    if cluster is not None and cluster.replicas > 1:  # latent shards too: each replica its share of a batch
         cluster.check_batches(batches.rows, config["batch_size"])
     if config["grad_accum"] > 1 and not model.accumulates_gradients:
         raise ValueError(f"--grad-accum: {config['model']} takes several optimizer steps per batch "
@@ -138,7 +138,7 @@ def _train(config: dict[str, Any], out_dir: Path, checkpoint: dict[str, Any] | N
             for group, settings in zip(optimizer.param_groups, configured[name]):
                 group.update(settings)
         history = checkpoint["history"]
-        _set_rng_states(checkpoint["rng"], shuffle)
+        _set_rng_states(checkpoint["rng"], shuffle, device)
         position = _EpochPosition.restore(checkpoint.get("position"), config["batch_size"])
     if cluster is not None:
         _seed_rank(cluster, config["seed"], checkpoint, position)
@@ -225,9 +225,7 @@ def _train(config: dict[str, Any], out_dir: Path, checkpoint: dict[str, Any] | N
         result = evaluate(model, data, config["batch_size"], val_recon, val_codes)
         figures = write_figures(out_dir, model, data, val_recon, val_codes)
         _language_model_evaluation(config, model, device, result)
-        temporary = out_dir / (EVALUATION + ".tmp")
-        temporary.write_text(json.dumps(result, indent=2) + "\n")
-        os.replace(temporary, out_dir / EVALUATION)
+        replace_text_atomically(out_dir / EVALUATION, json.dumps(result, indent=2) + "\n")
     _say(_summary(result))
     _say(f"wrote {out_dir}/: {CONFIG}, {METRICS}, {CHECKPOINT}, {EVALUATION}, "
         + ", ".join(path.name for path in figures))
@@ -291,7 +289,7 @@ class _Run:
                 model_state = self.model.state_dict()
                 optimizer_states = {name: optimizer.state_dict() for name, optimizer in self.optimizers.items()}
             _save_checkpoint(self.out_dir, model_state, optimizer_states, shuffle, self.history, self.config,
-                             self.image_shape, rank_rngs, position)
+                             self.image_shape, rank_rngs, next(self.model.parameters()).device, position)
         self.saved_at = time.monotonic()
 
 
@@ -308,15 +306,16 @@ def _train_epoch(run: _Run, batches, position: _EpochPosition, stop: _StopReques
     every = config["checkpoint_minutes"] * 60
     sums = dict(position.sums)  # of this process's rows
     done, seconds, start = position.rows, position.seconds, time.perf_counter()  # done: global rows
-    source = batches.epoch(run.shuffle, skip=done // batch_size)
+    source = contextlib.closing(batches.epoch(run.shuffle, skip=done // batch_size))  # a step that raises stops the reader
     step_options: dict[str, Any] = {}
     shares = cluster is not None and cluster.replicas > 1  # data-parallel: each replica its share of the batch
     if shares:
         model.distribute(cluster.group)
         step_options["loss"] = cluster.wrap(model, model.loss)
-    with tqdm(total=batches.rows, initial=done, desc=description, unit="row", unit_scale=True, leave=False,
-              file=sys.stderr, disable=None if progress is None else not progress, dynamic_ncols=True) as bar:
-        for step, group in enumerate(_groups(source, accumulate)):
+    with source as epoch, tqdm(total=batches.rows, initial=done, desc=description, unit="row", unit_scale=True,
+                               leave=False, file=sys.stderr, disable=None if progress is None else not progress,
+                               dynamic_ncols=True) as bar:
+        for step, group in enumerate(_groups(epoch, accumulate)):
             rows = sum(len(batch) for batch in group)
             if shares:
                 group = [cluster.share(batch) for batch in group]
@@ -431,24 +430,21 @@ def _validate(model: AutoencoderModel, x: torch.Tensor, batch_size: int) -> dict
 
 
 def _save_checkpoint(out_dir: Path, model_state: dict, optimizer_states: dict, shuffle: torch.Tensor, history, config,
-                     image_shape, rank_rngs: list[dict] | None, position: _EpochPosition) -> None:
+                     image_shape, rank_rngs: list[dict] | None, device: torch.device, position: _EpochPosition) -> None:
     state = {
         "epoch": len(history),
         "image_shape": list(image_shape),
         "model": model_state,
         "optimizers": optimizer_states,
         "rng": {"torch": torch.get_rng_state(), "shuffle": shuffle,
-                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+                "cuda": _generator_states(device)["cuda"],  # the training GPU's alone: it resumes on any machine
                 "ranks": rank_rngs or []},  # data-parallel: each process's torch generator, in rank order
         "history": history,
         "position": {"rows": position.rows, "sums": position.sums, "seconds": position.seconds}
                     if position.rows else None,
         "config": config,
     }
-    # Write-then-rename: a run killed mid-write leaves the previous checkpoint intact.
-    temporary = out_dir / (CHECKPOINT + ".tmp")
-    torch.save(state, temporary)
-    os.replace(temporary, out_dir / CHECKPOINT)
+    replace_atomically(out_dir / CHECKPOINT, lambda file: torch.save(state, file))
 
 
 def check_data_range(model: AutoencoderModel, data) -> None:
@@ -583,21 +579,30 @@ def _generator_states(device: torch.device) -> dict[str, torch.Tensor | None]:
             "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
 
 
-def _set_rng_states(states: dict[str, Any], shuffle: torch.Generator) -> None:
+def _set_rng_states(states: dict[str, Any], shuffle: torch.Generator, device: torch.device) -> None:
     torch.set_rng_state(states["torch"])
     shuffle.set_state(states["shuffle"])
-    if states["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(states["cuda"])
+    cuda = states["cuda"]
+    if device.type != "cuda" or cuda is None:
+        return
+    if isinstance(cuda, list):  # checkpoints before 2026-12-07 hold every visible GPU's generator
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        if index >= len(cuda):
+            return
+        cuda = cuda[index]
+    torch.cuda.set_rng_state(cuda, device)
 
 
 def _device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name not in ("cpu", "cuda") and not name.startswith("cuda:"):
-        raise ValueError(f"--device must be auto, cpu or cuda, got {name!r}")
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"--device {name}: CUDA is not available on this machine")
-    return torch.device(name)
+    device = torch.device(name)  # the configuration's check let auto, cpu, cuda and cuda:N through
+    if device.index is not None and device.index >= torch.cuda.device_count():
+        raise ValueError(f"--device {name}: this machine has {torch.cuda.device_count()} GPU(s), "
+                         f"cuda:0 to cuda:{torch.cuda.device_count() - 1}")
+    return device
 
 
 def _backend(device: torch.device) -> str:
