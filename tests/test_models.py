@@ -81,6 +81,26 @@ def test_topk_sae_unit_norm_decoder_and_auxk_on_dead_latents(digits_batch):
     assert model.encoder_weight.grad[dead].abs().sum() > 0
 
 
+def test_topk_sae_step_takes_the_decoder_gradient_along_each_row_out(digits_batch):
+    torch.manual_seed(0)
+    model = TopKSAE(64, n_latents=32, k=4, k_aux=8, dead_steps=2)
+    model.loss(digits_batch)["loss"].backward()
+    grad, rows = model.decoder_weight.grad.clone(), model.decoder_weight.detach()
+    model.before_step()
+    along = (grad * rows).sum(1, keepdim=True)
+    assert along.abs().max() > 1e-3  # something to take out
+    torch.testing.assert_close(model.decoder_weight.grad, grad - along * rows)
+    assert (model.decoder_weight.grad * rows).sum(1).abs().max() < 1e-6
+    # train_step takes it out before the optimizer sees it: SGD moves the rows perpendicular to themselves
+    moved = TopKSAE(64, n_latents=32, k=4, k_aux=8, dead_steps=2)
+    moved.load_state_dict(model.state_dict())
+    moved.after_step = lambda: None  # the step's own movement, not renormalised
+    before = moved.decoder_weight.detach().clone()
+    moved.train_step(digits_batch, {"model": torch.optim.SGD(moved.parameters(), lr=0.1)})
+    step = moved.decoder_weight.detach() - before
+    assert step.abs().max() > 1e-4 and (step * before).sum(1).abs().max() < 1e-6
+
+
 def test_topk_sae_step_of_accumulated_batches_is_one_larger_batch(digits_batch):
     """Gradient accumulation is one larger batch, dead-latent bookkeeping included: a
     latent on the verge of dead is not dead for the step's later batches, and a step

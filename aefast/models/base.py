@@ -106,9 +106,13 @@ class AutoencoderModel(nn.Module):
                 (terms["loss"] * weight).backward()
             for name, value in terms.items():
                 totals[name] = totals.get(name, 0.0) + value.detach() * weight
+        self.before_step()
         optimizer.step()
         self.after_step()
         return totals
+
+    def before_step(self) -> None:
+        """Called between the backward and the optimizer step (changes to the gradients)."""
 
     def after_step(self) -> None:
         """Called after each optimizer step (constraints such as unit-norm weights)."""

@@ -35,8 +35,11 @@ class TopKSAE(AutoencoderModel):
     x_hat = b_pre + sum_k z_k W_dec[k]. The fused path end to end: aefast.topk_encode
     never holds the (B, L) pre-activation, forward or backward (the encoder's weight
     gradient touches the winners' rows only, in a fixed order: the same bits every
-    run), and aefast.sparse_decode never builds the dense code. Decoder rows are
-    renormalised to unit length after every step.
+    run), and aefast.sparse_decode never builds the dense code.
+
+    The decoder gradient loses its component along each row before the optimizer step
+    (before_step), and the rows go back to unit length after it (after_step), as in
+    Gao et al.; a training loop of one's own calls both around optimizer.step().
 
     AuxK: a latent is dead when it has not fired for `dead_steps` training steps; the
     top `k_aux` dead latents (aefast.topk_encode_aux: from the same pass as the main
@@ -154,6 +157,17 @@ class TopKSAE(AutoencoderModel):
         """The latents that fired in a training batch (winners with a positive value),
         kept on the device until the step ends."""
         self.fired_in_step.scatter_add_(0, indices.flatten(), (values > 0).flatten().long())  # integer: deterministic
+
+    @torch.no_grad()
+    def before_step(self) -> None:
+        """Each decoder row's gradient without its component along the row (Gao et al.
+        2024, as sparsify does): the step does not spend itself on the length that
+        after_step takes back, and Adam's moments see only the direction's gradient."""
+        grad = self.decoder_weight.grad
+        if grad is not None:
+            rows = self.decoder_weight.to(grad.dtype)  # unit-norm (after_step)
+            along = torch.einsum("ld,ld->l", grad, rows)  # a batched dot: no (L, D) temporary
+            grad.addcmul_(along.unsqueeze(1), rows, value=-1.0)
 
     @torch.no_grad()
     def after_step(self) -> None:
