@@ -346,6 +346,20 @@ def test_resume_names_what_changed_and_takes_a_new_lr(tmp_path, capsys, small_di
     assert {group["lr"] for state in saved["optimizers"].values() for group in state["param_groups"]} == {0.0123}
 
 
+def test_resume_names_other_rows_under_the_same_data_flag(tmp_path, capsys, small_digits):
+    data = tmp_path / "acts.npy"
+    rows = np.load(small_digits)
+    np.save(data, rows)
+    run = str(tmp_path / "run")
+    _train("ae", "--data", str(data), "--epochs", "1", "--out", run)
+    np.save(data, rows[:100])  # shards added or removed: the flag is the same, the rows are not
+    capsys.readouterr()
+    _train("ae", "--out", run, "--resume", "--epochs", "2")
+    assert "note: the training rows 128 -> 80 since the run began" in capsys.readouterr().out
+    _train("ae", "--out", run, "--resume", "--epochs", "3", "--buffer-mib", "64")
+    assert "note: --buffer-mib 256 -> 64 since the run began" in capsys.readouterr().out
+
+
 def test_the_epoch_table_keeps_its_columns_apart(capsys):
     from aefast.train.loop import _EpochTable
 

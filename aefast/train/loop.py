@@ -163,6 +163,8 @@ def _train(config: dict[str, Any], out_dir: Path, checkpoint: dict[str, Any] | N
             + ("; the training is done: evaluating it" if len(history) == config["epochs"] else ""))
     if checkpoint is not None:
         changed = configuration.changed_settings(checkpoint["config"], config, configuration.DATA_SETTINGS)
+        if not changed and checkpoint.get("train_rows", batches.rows) != batches.rows:  # the same flags, other data
+            changed.append(f"the training rows {checkpoint['train_rows']} -> {batches.rows}")
         if changed:
             say(f"note: {'; '.join(changed)} since the run began: it goes on with other rows than it trained on, "
                 f"not exactly as if never stopped")
@@ -177,7 +179,7 @@ def _train(config: dict[str, Any], out_dir: Path, checkpoint: dict[str, Any] | N
         f"{len(val_x)} validation rows of {'x'.join(map(str, data.image_shape))}, {n_params:,} parameters, "
         f"{_backend(device)} on {device}{', bfloat16 autocast' if model.autocast_dtype else ''}{processes}; "
         f"writing {out_dir}")
-    run = _Run(out_dir, config, model, optimizers, shuffle, history, data.image_shape, cluster)
+    run = _Run(out_dir, config, model, optimizers, shuffle, history, data.image_shape, batches.rows, cluster)
     table = _EpochTable(say)
     for record in history:
         table.row(record)
@@ -264,6 +266,7 @@ class _Run:
     shuffle: torch.Generator
     history: list[dict[str, Any]]
     image_shape: tuple[int, int, int]
+    train_rows: int  # checked on --resume: a folder of shards can change under the same --data
     cluster: Cluster | None = None
     epoch_start_shuffle: torch.Tensor | None = None
     saved_at: float = field(default_factory=time.monotonic)
@@ -289,7 +292,8 @@ class _Run:
                 model_state = self.model.state_dict()
                 optimizer_states = {name: optimizer.state_dict() for name, optimizer in self.optimizers.items()}
             _save_checkpoint(self.out_dir, model_state, optimizer_states, shuffle, self.history, self.config,
-                             self.image_shape, rank_rngs, next(self.model.parameters()).device, position)
+                             self.image_shape, self.train_rows, rank_rngs, next(self.model.parameters()).device,
+                             position)
         self.saved_at = time.monotonic()
 
 
@@ -430,10 +434,12 @@ def _validate(model: AutoencoderModel, x: torch.Tensor, batch_size: int) -> dict
 
 
 def _save_checkpoint(out_dir: Path, model_state: dict, optimizer_states: dict, shuffle: torch.Tensor, history, config,
-                     image_shape, rank_rngs: list[dict] | None, device: torch.device, position: _EpochPosition) -> None:
+                     image_shape, train_rows: int, rank_rngs: list[dict] | None, device: torch.device,
+                     position: _EpochPosition) -> None:
     state = {
         "epoch": len(history),
         "image_shape": list(image_shape),
+        "train_rows": train_rows,
         "model": model_state,
         "optimizers": optimizer_states,
         "rng": {"torch": torch.get_rng_state(), "shuffle": shuffle,
