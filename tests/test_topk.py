@@ -348,6 +348,34 @@ def test_batch_lifetime_and_spatial_match_reference(device, backend, poisoned):
         assert ((ae.lifetime_topk(x, 0.1) != 0).sum(0) == reference.lifetime_count(0.1, batch)).all()
 
 
+@pytest.mark.parametrize(("device", "backend"), [p for p in op_backends("batch_topk") if p.values[1] == "triton"])
+def test_triton_sorts_a_long_row_in_segments_with_the_same_winners(device, backend, monkeypatch):
+    """Past MAX_ROUNDS_K winners the Triton top-k sorts; a row longer than SORT_CHUNK (as
+    BatchTopK's one row of B * L can be, past the 2^31 elements torch.sort takes) goes a
+    segment at a time (here 320: 3 or 4 segments, then a second level of merging for the
+    (3, 400)), ties still to the lowest index."""
+    import aefast.triton_kernels.topk as triton_topk
+
+    monkeypatch.setattr(triton_topk, "SORT_CHUNK", 320)
+    for shape, k, ties in [((13, 57), 11, True), ((13, 57), 12, False), ((3, 400), 45, True)]:
+        x = leaf(rows(shape, torch.float32, device, ties=ties))
+        assert triton_topk.MAX_ROUNDS_K < k * shape[0] < 320 // 2  # the sort path, in segments
+        with ae.backend(backend):
+            got = ae.batch_topk(x, k)
+        want = reference.batch_topk(x, k)
+        assert torch.equal(got, want)
+        g = torch.randn_like(got)
+        assert torch.equal(torch.autograd.grad(got, x, g)[0], torch.autograd.grad(want, x, g)[0])
+    x = rows((13, 57), torch.float32, device)
+    x[7, 30] = float("nan")  # found in its segment, and again in the merge
+    with ae.backend(backend):
+        if device == "cuda":  # no host check on a GPU: NaN comes back
+            assert torch.isnan(ae.batch_topk(x, 11)).any()
+        else:
+            with pytest.raises(ValueError, match="x contains NaN"):
+                ae.batch_topk(x, 11)
+
+
 @pytest.mark.parametrize(("device", "backend"), op_backends("topk_sparse"))
 def test_gradcheck_float64(device, backend):
     # distinct, well separated, and never 0 (where ReLU has no derivative for gradcheck to agree on)

@@ -128,6 +128,10 @@ def _k_pow2(k: int) -> int:
 
 # Beyond this k the k rounds per chunk cost more than a sort (BatchTopK selects k * B).
 MAX_ROUNDS_K = 128
+# The longest row segment one sort takes: torch.sort refuses rows past INT_MAX elements
+# (BatchTopK's one row is B * L: 4096 x 2^20 is 2^32), and a sorted copy of a whole row
+# costs three times its memory.
+SORT_CHUNK = 2**30
 
 
 @on_input_device
@@ -137,9 +141,8 @@ def topk_forward(x: torch.Tensor, k: int, relu: bool):
     indices 0..k-1). No host synchronisation: the caller decides whether to read it."""
     B = x.shape[0]
     nan = torch.zeros((), dtype=torch.int32, device=x.device)
-    if k > MAX_ROUNDS_K:  # a stable sort gives the same order: value desc, index asc
-        values, indices = torch.sort(x, dim=1, descending=True, stable=True)
-        values, indices = values[:, :k].contiguous(), indices[:, :k].contiguous()
+    if k > MAX_ROUNDS_K:
+        values, indices = _sorted_topk(x, k)
         nan = torch.isnan(values[:, :1]).any()  # NaN sorts first: no extra pass over x
     else:
         values, indices = _chunked_topk(x.contiguous(), k, nan)
@@ -149,6 +152,23 @@ def topk_forward(x: torch.Tensor, k: int, relu: bool):
     values = torch.where(nan, torch.full_like(values, float("nan")), values)
     indices = torch.where(nan, torch.arange(k, device=x.device).expand(B, k), indices)
     return values, indices, nan
+
+
+def _sorted_topk(x: torch.Tensor, k: int):
+    """The k largest of each row by a stable sort (the same order: value descending,
+    index ascending). A row longer than SORT_CHUNK is sorted a segment at a time and the
+    segments' winners, segment after segment, sorted once more: stable, so equal values
+    stay in index order."""
+    n = x.shape[1]
+    if n > SORT_CHUNK and k < SORT_CHUNK // 2:  # each segment gives fewer than it takes
+        parts = [_sorted_topk(x[:, start:start + SORT_CHUNK], min(k, n - start)) for start in range(0, n, SORT_CHUNK)]
+        values = torch.cat([v for v, _ in parts], dim=1)
+        offsets = range(0, n, SORT_CHUNK)
+        indices = torch.cat([i + start for (_, i), start in zip(parts, offsets)], dim=1)
+        values, order = _sorted_topk(values, k)
+        return values, indices.gather(1, order)
+    values, indices = torch.sort(x, dim=1, descending=True, stable=True)
+    return values[:, :k].contiguous(), indices[:, :k].contiguous()
 
 
 def _chunked_topk(x: torch.Tensor, k: int, nan: torch.Tensor):
