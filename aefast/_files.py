@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -24,7 +25,9 @@ def replace_atomically(path: str | os.PathLike, write: Callable[[IO[bytes]], obj
     except BaseException:  # the write failed or was interrupted: no half file beside the old one
         temporary.unlink(missing_ok=True)
         raise
-    if hasattr(os, "O_DIRECTORY"):  # the rename itself, in the folder's entry (POSIX)
+    # The rename itself, in the folder's entry (POSIX): best effort, as some network and
+    # shared-folder file systems refuse to sync a folder, and the new file is in place.
+    with contextlib.suppress(OSError):
         folder = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
         try:
             os.fsync(folder)

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from aefast._files import replace_text_atomically
+from aefast._files import replace_atomically, replace_text_atomically
 
 SITES = ("resid", "mlp_in", "mlp_out")
 MANIFEST = "manifest.json"
@@ -195,7 +195,7 @@ class _ShardWriter:
     def _flush(self, rows: int) -> None:
         block = np.concatenate(self.pending)
         name = f"shard{len(self.shards):05d}.npy"
-        np.save(self.out / name, block[:rows])
+        replace_atomically(self.out / name, lambda file: np.save(file, block[:rows]))  # on disk before the manifest
         self.shards.append(name)
         self.written += rows
         self.pending, self.pending_rows = [block[rows:]], len(block) - rows

@@ -220,6 +220,28 @@ def test_checkpoints_are_written_mid_epoch_when_due(tmp_path, monkeypatch):
     assert positions == [50, 100, 150, 0]  # 160 training rows: after each step but the last, then the epoch's end
 
 
+def test_data_parallel_accumulation_averages_the_gradients_once_a_step():
+    import contextlib
+
+    from aefast.models import Autoencoder
+
+    model = Autoencoder(20, layers=[12, 4])
+    deferred = []
+
+    class DataParallelLoss:  # what train_step uses of DistributedDataParallel
+        def __call__(self, x):
+            return model.loss(x)
+
+        @contextlib.contextmanager
+        def no_sync(self):
+            deferred.append(True)
+            yield
+
+    batches = [torch.rand(8, 20) for _ in range(3)]
+    model.train_step(batches, {"model": torch.optim.SGD(model.parameters(), lr=0.1)}, loss=DataParallelLoss())
+    assert len(deferred) == 2  # the all-reduce with the last batch only
+
+
 def test_gradient_accumulation_is_the_step_on_the_joined_batch():
     from aefast.models import Autoencoder
 

@@ -136,6 +136,9 @@ def test_a_step_counts_once_for_a_latent_that_never_fires(digits_batch, cls):
         model.train_step(list(digits_batch.split(32)), optimizers)  # 3 batches a step
         assert model.steps_since_fired[:3].tolist() == [step] * 3
         assert (model.steps_since_fired[3:] < step).any()
+    model.eval()
+    model.after_step()  # renormalising outside training counts no step
+    assert model.steps_since_fired[:3].tolist() == [2] * 3
 
 
 @pytest.mark.parametrize(("argument", "value", "message"), [

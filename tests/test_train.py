@@ -189,6 +189,23 @@ def test_bad_flags_and_data_are_one_line_errors(tmp_path, capsys, small_digits):
                     "already holds a run")
 
 
+def test_resume_restores_the_training_gpus_generator_from_new_and_old_checkpoints(monkeypatch):
+    from aefast.train import loop
+
+    restored = []
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device: restored.append((int(state[0]), device)))
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+    shuffle = torch.Generator()
+    saved = {"torch": torch.get_rng_state(), "shuffle": shuffle.get_state()}
+    mine, other = torch.tensor([1], dtype=torch.uint8), torch.tensor([2], dtype=torch.uint8)
+    for cuda, device in [(mine, "cuda:1"),  # this run's checkpoints: the training GPU's alone
+                         ([other, mine], "cuda"),  # older ones: every GPU's, the current one's taken
+                         ([other], "cuda:1"),  # from a machine with fewer GPUs: nothing to restore
+                         (None, "cpu"), ([mine], "cpu")]:  # a GPU run resumed on the CPU
+        loop._set_rng_states({**saved, "cuda": cuda}, shuffle, torch.device(device))
+    assert restored == [(1, torch.device("cuda:1")), (1, torch.device("cuda"))]
+
+
 def test_a_gpu_the_machine_lacks_is_named(monkeypatch):
     from aefast.train import loop
 

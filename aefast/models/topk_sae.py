@@ -175,9 +175,10 @@ class TopKSAE(AutoencoderModel):
         each latent's steps since it last fired, counted once for all the step's batches
         (gradient accumulation is one larger batch; with data parallelism, firing anywhere
         in the global batch counts); then the decoder rows back to unit length."""
-        fired = self.fired_in_step
-        if self.group is not None:
-            reduce_over_ranks_(fired, "max", self.group)
-        self.steps_since_fired.add_(1).masked_fill_(fired > 0, 0)
-        fired.zero_()
+        if self.training:  # a step of the training (its losses noted what fired)
+            fired = self.fired_in_step
+            if self.group is not None:
+                reduce_over_ranks_(fired, "max", self.group)
+            self.steps_since_fired.add_(1).masked_fill_(fired > 0, 0)
+            fired.zero_()
         self.decoder_weight.div_(self.decoder_weight.norm(dim=1, keepdim=True).clamp_min(1e-8))

@@ -382,9 +382,11 @@ def _shown(value: Any) -> str:
 
 
 # What the rows are and their order: changing one on --resume trains on other rows than
-# the run did (--buffer-mib decides whether the data is streamed, and the chunks a streamed
-# epoch permutes: mid-epoch, some rows would come twice and others not at all).
-DATA_SETTINGS = ("data", "target", "val_fraction", "seed", "buffer_mib")
+# the run did. STREAM_SETTINGS: the same for streamed data (--buffer-mib sets the chunks an
+# epoch permutes, so mid-epoch some rows would come twice and others not at all, and caps
+# the validation rows).
+DATA_SETTINGS = ("data", "target", "val_fraction", "seed")
+STREAM_SETTINGS = ("buffer_mib",)
 
 
 def named_as_flags(exc: ValueError, config: dict[str, Any]) -> ValueError:

@@ -162,7 +162,9 @@ def _train(config: dict[str, Any], out_dir: Path, checkpoint: dict[str, Any] | N
         say(f"resuming {out_dir} after epoch {len(history)} of {config['epochs']}{mid}"
             + ("; the training is done: evaluating it" if len(history) == config["epochs"] else ""))
     if checkpoint is not None:
-        changed = configuration.changed_settings(checkpoint["config"], config, configuration.DATA_SETTINGS)
+        from_disk = isinstance(batches, StreamedBatches)
+        changed = configuration.changed_settings(checkpoint["config"], config, configuration.DATA_SETTINGS
+                                                 + (configuration.STREAM_SETTINGS if from_disk else ()))
         if not changed and checkpoint.get("train_rows", batches.rows) != batches.rows:  # the same flags, other data
             changed.append(f"the training rows {checkpoint['train_rows']} -> {batches.rows}")
         if changed:
@@ -604,8 +606,13 @@ def _device(name: str) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"--device {name}: CUDA is not available on this machine")
-    device = torch.device(name)  # the configuration's check let auto, cpu, cuda and cuda:N through
-    if device.index is not None and device.index >= torch.cuda.device_count():
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device must be auto, cpu, cuda or cuda:N, got {name}")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
         raise ValueError(f"--device {name}: this machine has {torch.cuda.device_count()} GPU(s), "
                          f"cuda:0 to cuda:{torch.cuda.device_count() - 1}")
     return device
