@@ -161,10 +161,10 @@ def _sorted_topk(x: torch.Tensor, k: int):
     stay in index order."""
     n = x.shape[1]
     if n > SORT_CHUNK and k < SORT_CHUNK // 2:  # each segment gives fewer than it takes
-        parts = [_sorted_topk(x[:, start:start + SORT_CHUNK], min(k, n - start)) for start in range(0, n, SORT_CHUNK)]
+        starts = range(0, n, SORT_CHUNK)
+        parts = [_sorted_topk(x[:, start:start + SORT_CHUNK], min(k, n - start)) for start in starts]
         values = torch.cat([v for v, _ in parts], dim=1)
-        offsets = range(0, n, SORT_CHUNK)
-        indices = torch.cat([i + start for (_, i), start in zip(parts, offsets)], dim=1)
+        indices = torch.cat([i + start for (_, i), start in zip(parts, starts)], dim=1)
         values, order = _sorted_topk(values, k)
         return values, indices.gather(1, order)
     values, indices = torch.sort(x, dim=1, descending=True, stable=True)
