@@ -9,7 +9,15 @@ import pytest
 import torch
 
 from aefast.data import load_dataset
-from aefast.models import DenoisingAutoencoder, StackedAutoencoder, TopKSAE
+from aefast.models import (
+    GSN,
+    ConvAutoencoder,
+    ConvWTAAutoencoder,
+    DenoisingAutoencoder,
+    StackedAutoencoder,
+    TopKSAE,
+)
+from aefast.models.base import decoder_layer
 from aefast.train.config import MODELS, build_model, defaults
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -175,3 +183,44 @@ def test_model_steps_under_bfloat16_autocast(spec, digits_batch):
         assert model.reconstruct(digits_batch).shape == digits_batch.shape
         if hasattr(model, "sample"):
             assert model.sample(3).shape == (3, 64)
+
+
+@pytest.mark.parametrize("spec", list(MODELS))
+def test_model_trains_in_float64(spec, digits_batch):
+    """`model.double()` (float64 parameters and buffers, gradcheck-style debugging): the
+    loss keeps float64, buffers tracked in training follow the model's dtype, and
+    samples come out in it."""
+    model, config = _model(spec)
+    model.double()
+    x = digits_batch.double()
+    optimizers = model.configure_optimizers(config["lr"])
+    model.begin_epoch(10**6)
+    model.train()
+    for _ in range(2):
+        terms = model.train_step(x, optimizers)
+        assert terms["loss"].dtype == torch.float64, terms
+        assert all(math.isfinite(float(v)) for v in terms.values()), terms
+    model.eval()
+    with torch.no_grad():
+        assert model.reconstruct(x).dtype == torch.float64
+        if hasattr(model, "sample"):
+            assert model.sample(3).dtype == torch.float64
+
+
+def test_decoder_layers_are_made_on_the_encoders_device_and_dtype():
+    encoder = torch.nn.Linear(5, 3, device="meta", dtype=torch.float64)
+    for tied in (False, True):
+        decoder = decoder_layer(encoder, tied)
+        assert {(p.device.type, p.dtype) for p in decoder.parameters()} == {("meta", torch.float64)}
+        assert decoder(torch.empty(2, 3, device="meta", dtype=torch.float64)).shape == (2, 5)
+
+
+@pytest.mark.parametrize(("build", "message"), [
+    (lambda: ConvAutoencoder((1, 8, 8), kernel_size=4), "kernel_size must be odd and >= 1"),
+    (lambda: ConvWTAAutoencoder((1, 8, 8), decoder_kernel_size=6), "decoder_kernel_size must be odd and >= 1"),
+    (lambda: ConvWTAAutoencoder((1, 8, 8), kernel_size=0), "kernel_size must be odd and >= 1"),
+    (lambda: GSN(64, sample_steps=0), "sample_steps must be >= 1, got 0"),
+    (lambda: GSN(64, walkback=0), "walkback must be >= 1, got 0")])
+def test_model_arguments_that_cannot_work_are_refused_by_name(build, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        build()

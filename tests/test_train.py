@@ -276,6 +276,10 @@ def test_bad_flags_name_the_flag(tmp_path, capsys):
     _one_line_error(capsys, ["train", "ae", "--layers", "64,0", "--out", str(tmp_path / "never")],
                     "--layers must be >= 1 (each), got 64,0")
     _one_line_error(capsys, ["train", "wta", "--rate", "1.5"], "--rate must be in (0, 1], got 1.5")
+    _one_line_error(capsys, ["train", "conv", "--kernel-size", "4"], "--kernel-size must be odd and >= 1")
+    _one_line_error(capsys, ["train", "wta", "--conv", "--decoder-kernel-size", "6"],
+                    "--decoder-kernel-size must be odd and >= 1")
+    _one_line_error(capsys, ["train", "gsn", "--walkback", "0"], "--walkback must be >= 1, got 0")
     toml = tmp_path / "c.toml"
     toml.write_text("epochs = 0\n")
     _one_line_error(capsys, ["train", "ae", "--config", str(toml)], "--epochs must be >= 1, got 0")

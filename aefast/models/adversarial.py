@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
-from aefast.models.base import MLPAutoencoder, adam, detached, mlp, squared_error
+from aefast.models.base import MLPAutoencoder, adam, at_least_float32, detached, mlp, squared_error
 
 
 def _step(optimizer: torch.optim.Optimizer, loss: Tensor) -> None:
@@ -42,17 +42,19 @@ class AdversarialAutoencoder(MLPAutoencoder):
                 "generator": adam(self.encoder.parameters(), lr)}
 
     def sample(self, n: int) -> Tensor:
-        return self.decoder(self.prior_std * torch.randn(n, self.latent, device=self.decoder[0].weight.device))
+        weight = self.decoder[0].weight
+        return self.decoder(self.prior_std * torch.randn(n, self.latent, device=weight.device, dtype=weight.dtype))
 
     def _discriminator_loss(self, code: Tensor) -> Tensor:
         real = self.discriminator(self.prior_std * torch.randn_like(code))
         fake = self.discriminator(code.detach())
-        return (F.binary_cross_entropy_with_logits(real.float(), torch.ones_like(real, dtype=torch.float32))
-                + F.binary_cross_entropy_with_logits(fake.float(), torch.zeros_like(fake, dtype=torch.float32)))
+        real, fake = at_least_float32(real), at_least_float32(fake)
+        return (F.binary_cross_entropy_with_logits(real, torch.ones_like(real))
+                + F.binary_cross_entropy_with_logits(fake, torch.zeros_like(fake)))
 
     def _generator_loss(self, code: Tensor) -> Tensor:
-        fooled = self.discriminator(code)
-        return F.binary_cross_entropy_with_logits(fooled.float(), torch.ones_like(fooled, dtype=torch.float32))
+        fooled = at_least_float32(self.discriminator(code))
+        return F.binary_cross_entropy_with_logits(fooled, torch.ones_like(fooled))
 
     def loss(self, x: Tensor) -> dict[str, Tensor]:
         """All three terms at once (validation, display); training uses train_step."""

@@ -189,7 +189,7 @@ class TiedDecoder(nn.Module):
     def __init__(self, encoder: nn.Linear):
         super().__init__()
         self.out_features, self.in_features = encoder.in_features, encoder.out_features
-        self.bias = nn.Parameter(torch.zeros(encoder.in_features))
+        self.bias = nn.Parameter(encoder.weight.new_zeros(encoder.in_features))  # the encoder's device and dtype
         # In a tuple, not an attribute: a submodule would list the encoder's weight twice
         # in state_dict. Module.to() and load_state_dict() update parameters in place,
         # so the reference stays the encoder's.
@@ -209,7 +209,17 @@ class TiedDecoder(nn.Module):
 def decoder_layer(encoder: nn.Linear, tied: bool) -> nn.Module:
     """The layer mapping `encoder`'s output back to its input: its own weights, or
     (tied) the encoder's weight transposed."""
-    return TiedDecoder(encoder) if tied else nn.Linear(encoder.out_features, encoder.in_features)
+    if tied:
+        return TiedDecoder(encoder)
+    return nn.Linear(encoder.out_features, encoder.in_features, device=encoder.weight.device,
+                     dtype=encoder.weight.dtype)
+
+
+def check_odd_kernel(size: int, name: str) -> int:
+    """A convolution kernel size that same padding (size // 2) keeps the image size with."""
+    if size < 1 or size % 2 == 0:
+        raise ValueError(f"{name} must be odd and >= 1 (same padding keeps only an odd kernel's image size), got {size}")
+    return size
 
 
 def adam(parameters: Iterable[nn.Parameter], lr: float) -> torch.optim.Adam:
@@ -218,18 +228,24 @@ def adam(parameters: Iterable[nn.Parameter], lr: float) -> torch.optim.Adam:
     return torch.optim.Adam(parameters, lr=lr, fused=True)
 
 
+def at_least_float32(t: Tensor) -> Tensor:
+    """`t` for a loss: float32 at least (bfloat16 activations under autocast), float64 kept."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
 def squared_error(x_hat: Tensor, x: Tensor) -> Tensor:
     """1/2 ||x_hat - x||^2 summed over features, averaged over the batch (UFLDL's J);
-    in float32 at least (bfloat16 activations under autocast), float64 kept."""
-    dtype = torch.promote_types(x_hat.dtype, torch.float32)
-    return 0.5 * (x_hat.to(dtype) - x.to(dtype)).pow(2).flatten(1).sum(1).mean()
+    in float32 at least, float64 kept."""
+    x_hat = at_least_float32(x_hat)
+    return 0.5 * (x_hat - x.to(x_hat.dtype)).pow(2).flatten(1).sum(1).mean()
 
 
 def bernoulli_nll(logits: Tensor, x: Tensor) -> Tensor:
     """Cross-entropy of pixels in [0, 1] under Bernoulli(sigmoid(logits)), summed over
-    features, averaged over the batch."""
+    features, averaged over the batch; in float32 at least, float64 kept."""
+    logits = at_least_float32(logits)
     return nn.functional.binary_cross_entropy_with_logits(
-        logits.float(), x.float(), reduction="none").flatten(1).sum(1).mean()
+        logits, x.to(logits.dtype), reduction="none").flatten(1).sum(1).mean()
 
 
 def mlp(sizes: Iterable[int], activation: type[nn.Module] = nn.ReLU, last: nn.Module | None = None) -> nn.Sequential:

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from aefast.models.base import LayerwiseAutoencoder, detached, squared_error
+from aefast.models.base import LayerwiseAutoencoder, check_odd_kernel, detached, squared_error
 
 # A layer's pooling switches: where the maxima were (None without switches) and the
 # size of the map before pooling.
@@ -33,6 +33,7 @@ class ConvAutoencoder(LayerwiseAutoencoder):
     def __init__(self, image_shape: Sequence[int], channels: Sequence[int] = (16, 32), kernel_size: int = 3,
                  pretrain_epochs: int = 10, switches: bool = True):
         super().__init__(pretrain_epochs)
+        check_odd_kernel(kernel_size, "kernel_size")
         self.image_shape = tuple(image_shape)
         sizes = [self.image_shape[0], *channels]
         pad = kernel_size // 2

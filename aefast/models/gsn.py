@@ -11,6 +11,7 @@ from torch import Tensor, nn
 import aefast as ae
 from aefast.models.base import (
     OneLayerSigmoidAutoencoder,
+    at_least_float32,
     bernoulli_nll,
     decoder_layer,
     detached,
@@ -37,6 +38,8 @@ class GSN(OneLayerSigmoidAutoencoder):
         super().__init__()
         if walkback < 1:
             raise ValueError(f"walkback must be >= 1, got {walkback}")
+        if sample_steps < 1:
+            raise ValueError(f"sample_steps must be >= 1, got {sample_steps}")
         self.encoder = nn.Linear(n_in, hidden)
         self.decoder = decoder_layer(self.encoder, tied)
         self.kind, self.level = kind, check_kind_level(kind, level)  # fail before training starts
@@ -50,9 +53,10 @@ class GSN(OneLayerSigmoidAutoencoder):
 
     @torch.no_grad()
     def sample(self, n: int, mean: bool = False) -> Tensor:
-        x = torch.rand(n, self.decoder.out_features, device=self.decoder.weight.device)
+        weight = self.encoder.weight
+        x = torch.rand(n, self.decoder.out_features, device=weight.device, dtype=weight.dtype)
         for _ in range(self.sample_steps):
-            p = torch.sigmoid(self.chain_step_logits(x).float())
+            p = torch.sigmoid(at_least_float32(self.chain_step_logits(x)))
             x = torch.bernoulli(p)
         return p if mean else x
 
@@ -61,7 +65,7 @@ class GSN(OneLayerSigmoidAutoencoder):
         for step in range(self.walkback):
             logits = self.chain_step_logits(state)
             nll = nll + bernoulli_nll(logits, x)
-            p = torch.sigmoid(logits.detach().float())
+            p = torch.sigmoid(at_least_float32(logits.detach()))
             if step == 0:
                 first_step = squared_error(p, x)
             state = torch.bernoulli(p)

@@ -34,7 +34,8 @@ class VariationalAutoencoder(AutoencoderModel):
         return self.encoder[0].weight
 
     def sample(self, n: int) -> Tensor:
-        z = torch.randn(n, self.latent, device=self.decoder[0].weight.device)
+        weight = self.decoder[0].weight
+        z = torch.randn(n, self.latent, device=weight.device, dtype=weight.dtype)
         return torch.sigmoid(self.decoder(z))
 
     def loss(self, x: Tensor) -> dict[str, Tensor]:

@@ -21,7 +21,13 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 import aefast as ae
-from aefast.models.base import AutoencoderModel, decoder_layer, detached, squared_error
+from aefast.models.base import (
+    AutoencoderModel,
+    check_odd_kernel,
+    decoder_layer,
+    detached,
+    squared_error,
+)
 from aefast.ops._distributed import global_count, reduce_over_ranks_
 from aefast.ops.checks import check_rate
 from aefast.reference import lifetime_count
@@ -68,7 +74,7 @@ class _WTABase(AutoencoderModel):
             reduce_over_ranks_(count, "sum", self.group)
             batch_rows = global_count(batch_rows, kept.device, self.group)
         enough = count >= lifetime_count(self.rate, batch_rows)
-        batch = torch.where(enough, smallest, 0.0)
+        batch = torch.where(enough, smallest, 0.0).to(self.winner_threshold.dtype)  # a .double() model's
         running = torch.lerp(self.winner_threshold, batch, self.threshold_momentum)
         self.winner_threshold.copy_(torch.where(self.thresholds_tracked == 0, batch, running))
         self.thresholds_tracked += 1
@@ -122,6 +128,8 @@ class ConvWTAAutoencoder(_WTABase):
     def __init__(self, image_shape: Sequence[int], channels: Sequence[int] = (32, 32), kernel_size: int = 5,
                  decoder_kernel_size: int = 7, rate: float = 0.2, pool: int = 2):
         super().__init__(rate, channels[-1])
+        check_odd_kernel(kernel_size, "kernel_size")
+        check_odd_kernel(decoder_kernel_size, "decoder_kernel_size")
         self.image_shape = tuple(image_shape)
         sizes = [self.image_shape[0], *channels]
         encoder: list[nn.Module] = []

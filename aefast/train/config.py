@@ -118,6 +118,7 @@ _POSITIVE = (lambda v: 0 < v < math.inf), "> 0"
 _NONNEGATIVE = (lambda v: 0 <= v < math.inf), ">= 0"
 _OPEN_UNIT = (lambda v: 0 < v < 1), "in (0, 1)"
 _UNIT_RIGHT_CLOSED = (lambda v: 0 < v <= 1), "in (0, 1]"
+_ODD = (lambda v: v >= 1 and v % 2 == 1), "odd and >= 1 (same padding keeps an odd kernel's image size)"
 
 # The values each option may take, checked wherever a value comes from (a flag, the
 # --config file, a resumed run's configuration), the flag named in the message. A list's
@@ -147,9 +148,9 @@ RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "latent": _at_least(1),
     "lam": _NONNEGATIVE,
     "channels": _at_least(1),
-    "kernel_size": _at_least(1),
-    "decoder_kernel_size": _at_least(1),
-    "walkback": _at_least(0),
+    "kernel_size": _ODD,
+    "decoder_kernel_size": _ODD,
+    "walkback": _at_least(1),
     "sample_steps": _at_least(1),
     "rate": _UNIT_RIGHT_CLOSED,
     "discriminator_hidden": _at_least(1),
