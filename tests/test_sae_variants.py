@@ -100,13 +100,13 @@ def test_dictionary_metrics():
     codes[:, 0] = 1.0        # fires always: dense
     codes[:3, 1] = 2.0       # fires on 3 of 50
     # latents 2..7 never fire: dead
-    result = dictionary_metrics(x, x * 0.5 + x.mean(0) * 0.5, codes)
+    result = dictionary_metrics(x, x * 0.5 + x.mean(0) * 0.5, (codes != 0).sum(0))
     assert result["fvu"] == pytest.approx(0.25)
     assert result["l0"] == pytest.approx(1 + 3 / 50)
     assert result["dead_fraction"] == pytest.approx(6 / 8)
     assert result["dense_fraction"] == pytest.approx(1 / 8)
-    assert result["density_window_rows"] == 50
-    assert dictionary_metrics(x[:1], x[:1] * 0.5, codes[:1])["fvu"] is None  # no variance: undefined, not inf
+    assert result["density_rows"] == 50
+    assert dictionary_metrics(x[:1], x[:1] * 0.5, (codes[:1] != 0).sum(0))["fvu"] is None  # no variance: undefined, not inf
 
 
 def test_jumprelu_sae_loss_and_gradients_match_the_reference():

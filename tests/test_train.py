@@ -438,6 +438,9 @@ def test_the_evaluation_keeps_a_bounded_block_of_codes(monkeypatch):
 
     monkeypatch.setattr(evaluate, "CODE_BYTES", 4 * 256 * 100)  # 100 rows of 256 latents
     model, x = TopKSAE(64, n_latents=256, k=4).eval(), torch.randn(500, 64)
-    reconstructions, codes = evaluate.infer(model, x, 64)
+    reconstructions, codes, firings = evaluate.infer(model, x, 64)
     with torch.no_grad():
         assert torch.equal(reconstructions, model.reconstruct(x)) and torch.equal(codes, model.encode(x[:100]))
+        # but the firings, and with them L0 and the dead latents, count every row
+        assert torch.equal(firings, (model.encode(x) != 0).sum(0)) and int(firings.sum()) == 4 * 500
+        assert int((firings == 0).sum()) < int(((codes != 0).sum(0) == 0).sum())  # the window's "dead" fire later

@@ -4,7 +4,7 @@ data, how well the learned filters recover the ground-truth features."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -17,22 +17,35 @@ from aefast.models import AutoencoderModel
 CODE_BYTES = 256 * 2**20
 
 
+class Inference(NamedTuple):
+    reconstructions: Tensor  # of every row, float32 on the CPU
+    codes: Tensor  # flattened to rows, of the first rows: as many as CODE_BYTES holds
+    firings: Tensor | None  # exactly sparse codes: on how many of all the rows each unit was nonzero (int64)
+
+
 @torch.no_grad()
-def infer(model: AutoencoderModel, x: Tensor, batch_size: int) -> tuple[Tensor, Tensor]:
-    """(reconstructions of every row, codes flattened to rows of the first rows: as many
-    as CODE_BYTES holds), float32 on the CPU. In chunks of the training batch size:
-    batch-level codes (lifetime sparsity) then see the batches they were trained on."""
+def infer(model: AutoencoderModel, x: Tensor, batch_size: int) -> Inference:
+    """The model over `x` in chunks of the training batch size: batch-level codes
+    (lifetime sparsity) then see the batches they were trained on. A large SAE's codes
+    of every row would not fit: only the first rows' are kept, but its firings are
+    counted over every row (a latent that fires once in 10^4 rows is not dead)."""
     model.eval()
     reconstructions, codes, code_rows = [], [], len(x)
+    firings = None
     for start in range(0, len(x), batch_size):
         batch = x[start:start + batch_size]
         with model.autocast():
             reconstructions.append(model.reconstruct(batch).float().cpu())
-            if start < code_rows:
-                code = model.encode(batch).flatten(1).float().cpu()
-                code_rows = max(len(batch), CODE_BYTES // (4 * code.shape[1]))
-                codes.append(code)
-    return torch.cat(reconstructions), torch.cat(codes)[:code_rows]
+            if start < code_rows or model.exactly_sparse_code:
+                code = model.encode(batch).flatten(1)
+        if model.exactly_sparse_code:
+            fired = (code != 0).sum(0)
+            firings = fired if firings is None else firings + fired
+        if start < code_rows:
+            code_rows = max(len(batch), CODE_BYTES // (4 * code.shape[1]))
+            codes.append(code.float().cpu())
+    return Inference(torch.cat(reconstructions), torch.cat(codes)[:code_rows],
+                     None if firings is None else firings.cpu())
 
 
 def linear_probe(train_x: Tensor, train_y: Tensor, test_x: Tensor, test_y: Tensor) -> float:
@@ -53,12 +66,12 @@ def feature_recovery(features: Tensor, filters: Tensor) -> float:
     return float((f @ w.T).amax(1).mean())
 
 
-def evaluate(model: AutoencoderModel, data: Dataset, batch_size: int,
-             val_recon: Tensor, val_codes: Tensor) -> dict[str, Any]:
+def evaluate(model: AutoencoderModel, data: Dataset, batch_size: int, val: Inference) -> dict[str, Any]:
+    val_recon, val_codes = val.reconstructions, val.codes
     target = data.val if data.val_target is None else data.val_target  # what the model reconstructs
     result: dict[str, Any] = {"val_mse": float((val_recon - target).pow(2).mean())}
     if data.train_labels is not None and len(data.train_labels.unique()) > 1:
-        _, train_codes = infer(model, data.train.to(_device(model)), batch_size)
+        train_codes = infer(model, data.train.to(_device(model)), batch_size).codes
         n_train, n_val = len(train_codes), len(val_codes)  # the rows whose codes were kept
         result["probe_accuracy"] = linear_probe(train_codes, data.train_labels[:n_train],
                                                 val_codes, data.val_labels[:n_val])
@@ -74,8 +87,8 @@ def evaluate(model: AutoencoderModel, data: Dataset, batch_size: int,
         pca_recon = (data.val.double() - mean) @ components @ components.T + mean
         result["pca_val_mse"] = float((pca_recon - data.val.double()).pow(2).mean())
     result["code_size"] = val_codes.shape[1]
-    if model.exactly_sparse_code:
-        result.update(dictionary_metrics(target, val_recon, val_codes))
+    if val.firings is not None:
+        result.update(dictionary_metrics(target, val_recon, val.firings))
     if model.side_channel:
         result["side_channel"] = model.side_channel
     return result
@@ -84,19 +97,19 @@ def evaluate(model: AutoencoderModel, data: Dataset, batch_size: int,
 DENSE_FREQUENCY = 0.1  # a latent active on more than this fraction of rows counts as dense
 
 
-def dictionary_metrics(x: Tensor, x_hat: Tensor, codes: Tensor) -> dict[str, Any]:
-    """What SAE papers report: the fraction of variance unexplained, L0 (active latents
-    per row), and over the rows whose codes were kept (`density_window_rows`), the
-    fraction of latents dead (never active there) and dense (active on more than
-    DENSE_FREQUENCY of them)."""
+def dictionary_metrics(x: Tensor, x_hat: Tensor, firings: Tensor) -> dict[str, Any]:
+    """What SAE papers report, over every row of `x`: the fraction of variance
+    unexplained, L0 (active latents per row), the fraction of latents dead (never active)
+    and dense (active on more than DENSE_FREQUENCY of the rows). `firings`: on how many
+    rows each latent was active (Inference.firings)."""
     x, x_hat = x.double(), x_hat.double()
-    frequency = (codes != 0).double().mean(0)
+    frequency = firings.double() / len(x)
     variance = float((x - x.mean(0)).pow(2).sum())  # 0 for a single row: FVU undefined (null)
     return {"fvu": float((x - x_hat).pow(2).sum()) / variance if variance > 0 else None,
-            "l0": float((codes != 0).double().sum(1).mean()),
-            "dead_fraction": float((frequency == 0).double().mean()),
+            "l0": float(frequency.sum()),
+            "dead_fraction": float((firings == 0).double().mean()),
             "dense_fraction": float((frequency > DENSE_FREQUENCY).double().mean()),
-            "density_window_rows": len(codes)}
+            "density_rows": len(x)}
 
 
 def principal_components(x: Tensor, k: int) -> tuple[Tensor, Tensor]:

@@ -12,14 +12,13 @@ from torch import Tensor
 
 from aefast.data import Dataset
 from aefast.models import AutoencoderModel
-from aefast.train.evaluate import DENSE_FREQUENCY
+from aefast.train.evaluate import DENSE_FREQUENCY, Inference
 
 N_RECONSTRUCTIONS = 12
 N_TILES = 64
 
 
-def write_figures(out_dir: Path, model: AutoencoderModel, data: Dataset, val_recon: Tensor,
-                  val_codes: Tensor) -> list[Path]:
+def write_figures(out_dir: Path, model: AutoencoderModel, data: Dataset, val: Inference) -> list[Path]:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -28,7 +27,7 @@ def write_figures(out_dir: Path, model: AutoencoderModel, data: Dataset, val_rec
     if data.val_target is not None:  # a transcoder: its targets and predictions
         target, target_shape = data.val_target, (1, 1, data.val_target.shape[1])
     paths = [_reconstructions(out_dir / "reconstructions.png", target[:N_RECONSTRUCTIONS],
-                              val_recon[:N_RECONSTRUCTIONS], target_shape)]
+                              val.reconstructions[:N_RECONSTRUCTIONS], target_shape)]
     filters = model.filters()
     if filters is not None:
         paths.append(_tiles(out_dir / "filters.png", filters.detach().float().cpu()[:N_TILES], shape,
@@ -40,26 +39,26 @@ def write_figures(out_dir: Path, model: AutoencoderModel, data: Dataset, val_rec
             samples = model.sample(N_TILES).float().cpu()
         paths.append(_tiles(out_dir / "samples.png", samples, shape, "samples"))
     if model.sparse_code:
-        paths.append(_sparsity(out_dir / "sparsity.png", val_codes, getattr(model, "rho", None),
-                               model.exactly_sparse_code))
-        if model.exactly_sparse_code:
-            paths.append(_density(out_dir / "density.png", val_codes))
+        # Exactly sparse codes: each unit's firing frequency over every validation row.
+        frequency = None if val.firings is None else val.firings.double() / len(val.reconstructions)
+        paths.append(_sparsity(out_dir / "sparsity.png", val.codes, getattr(model, "rho", None), frequency))
+        if frequency is not None:
+            paths.append(_density(out_dir / "density.png", frequency, len(val.reconstructions)))
     return paths
 
 
-def _density(path: Path, codes: Tensor) -> Path:
+def _density(path: Path, frequency: Tensor, rows: int) -> Path:
     """The histogram SAE papers show: log10 of each latent's firing frequency over the
     validation rows, dead latents counted apart."""
     import matplotlib.pyplot as plt
 
-    frequency = (codes != 0).double().mean(0)
     alive = frequency[frequency > 0]
     fig, ax = plt.subplots(figsize=(5, 3))
     ax.hist(alive.log10().numpy(), bins=40, color="tab:green")
     ax.axvline(math.log10(DENSE_FREQUENCY), color="black", linestyle="--", label=f"dense above {DENSE_FREQUENCY}")
     ax.set_xlabel("log10 firing frequency")
     ax.set_ylabel("latents")
-    ax.set_title(f"latent density over {len(codes)} validation rows; {int((frequency == 0).sum())} of "
+    ax.set_title(f"latent density over {rows} validation rows; {int((frequency == 0).sum())} of "
                  f"{len(frequency)} never fired", fontsize=9)
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -122,13 +121,14 @@ def _tiles(path: Path, images: Tensor, shape, title: str, per_tile_scale: bool =
     return _save(fig, path)
 
 
-def _sparsity(path: Path, codes: Tensor, rho: float | None, zeros: bool) -> Path:
-    """Left: all code values of the validation set. Right: each unit's fraction of
-    examples it is active for (`zeros`: the inactive units are exactly 0), or its mean
+def _sparsity(path: Path, codes: Tensor, rho: float | None, frequency: Tensor | None) -> Path:
+    """Left: the code values of the validation rows kept. Right: each unit's fraction
+    of examples it is active for (`frequency`, for exactly sparse codes), or its mean
     activation (sigmoid codes: what rho targets)."""
     import matplotlib.pyplot as plt
 
-    per_unit = (codes != 0).float().mean(0) if zeros else codes.mean(0)
+    zeros = frequency is not None
+    per_unit = frequency if zeros else codes.mean(0)
     fig, (left, right) = plt.subplots(1, 2, figsize=(8, 3))
     left.hist(codes.flatten().numpy(), bins=50, log=True, color="tab:blue")
     left.set_title(f"code values ({100 * float((codes == 0).float().mean()):.0f}% exactly 0)", fontsize=9)

@@ -225,9 +225,9 @@ def _train(config: dict[str, Any], out_dir: Path, checkpoint: dict[str, Any] | N
     # Stopped from here on (Ctrl-C or SIGTERM), --resume does the evaluation again: it
     # is complete once EVALUATION is written, last.
     with _StopRequests(at_once=True):
-        val_recon, val_codes = infer(model, val_x, config["batch_size"])
-        result = evaluate(model, data, config["batch_size"], val_recon, val_codes)
-        figures = write_figures(out_dir, model, data, val_recon, val_codes)
+        val = infer(model, val_x, config["batch_size"])
+        result = evaluate(model, data, config["batch_size"], val)
+        figures = write_figures(out_dir, model, data, val)
         _language_model_evaluation(config, model, device, result)
         replace_text_atomically(out_dir / EVALUATION, json.dumps(result, indent=2) + "\n")
     _say(_summary(result))
@@ -640,7 +640,7 @@ def _summary(result: dict[str, Any]) -> str:
     if "fvu" in result:
         fvu = "undefined (one validation row)" if result["fvu"] is None else f"{result['fvu']:.4f}"
         parts.append(f"FVU {fvu}, L0 {result['l0']:.1f}, {result['dead_fraction']:.1%} of the latents "
-                     f"dead and {result['dense_fraction']:.1%} dense over {result['density_window_rows']} rows")
+                     f"dead and {result['dense_fraction']:.1%} dense over {result['density_rows']} rows")
     if "loss_recovered" in result:
         parts.append(f"next-token loss {result['lm_loss_clean']:.4f} clean, {result['lm_loss_spliced']:.4f} with the "
                      f"reconstruction spliced in, {result['lm_loss_ablated']:.4f} zero-ablated: "
