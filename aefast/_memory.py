@@ -44,11 +44,15 @@ def freed_memory_kept(device: torch.device):
     effect (not on a glibc that refuses a threshold over 32 MiB, nor on a GPU)."""
     lib = libc() if device.type == "cpu" and sys.platform == "linux" else None
     glibc = lib is not None and hasattr(lib, "mallopt")
-    kept = glibc and lib.mallopt(_M_MMAP_THRESHOLD, _MMAP_KEPT) == 1 and lib.mallopt(_M_TRIM_THRESHOLD, _TRIM_KEPT) == 1
+    # Only a threshold that was set is set back: a refused one left glibc adjusting its own.
+    mmap_set = glibc and lib.mallopt(_M_MMAP_THRESHOLD, _MMAP_KEPT) == 1
+    trim_set = mmap_set and lib.mallopt(_M_TRIM_THRESHOLD, _TRIM_KEPT) == 1
     try:
-        yield kept
+        yield trim_set
     finally:
-        if glibc:
+        if mmap_set:
             lib.mallopt(_M_MMAP_THRESHOLD, _MMAP_AFTER)
+        if trim_set:
             lib.mallopt(_M_TRIM_THRESHOLD, _TRIM_AFTER)
+        if mmap_set:
             lib.malloc_trim(0)

@@ -56,6 +56,16 @@ def load_language_model(name: str, device: torch.device):
     return model.to(device).eval(), tokenizer
 
 
+def max_positions(model: nn.Module) -> int | None:
+    """The longest sequence the model's position embeddings take, where its config says."""
+    config = getattr(model, "config", None)
+    for name in ("max_position_embeddings", "n_positions"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
     for path in LAYER_PATHS:
         module: Any = model
@@ -151,9 +161,11 @@ def token_sequences(tokenizer, documents: Iterator[str], context: int) -> Iterat
     pending: list[int] = []
     for document in documents:
         pending += tokenizer(document, add_special_tokens=False)["input_ids"] + [separator]
-        while len(pending) >= context - 1:
-            yield [bos] + pending[:context - 1]
-            pending = pending[context - 1:]
+        start = 0  # a cursor, trimmed once per document: slicing per sequence is quadratic in its length
+        while len(pending) - start >= context - 1:
+            yield [bos] + pending[start:start + context - 1]
+            start += context - 1
+        del pending[:start]
 
 
 def _batches(sequences: Iterator[list[int]], size: int) -> Iterator[Tensor]:
@@ -224,12 +236,17 @@ def write_activations(model_name: str, layer: int, site: str, out: Path, tokens:
 
     if (text is None) == (dataset is None):
         raise ValueError("give one of --text FILE or --dataset NAME")
+    if context < 2:
+        raise ValueError(f"--context must be >= 2 (BOS and one token), got {context}")
     for name, value, low in (("--tokens", tokens, 1), ("--batch-size", batch_size, 1),
                              ("--shard-tokens", shard_tokens, 1)):
         if value < low:
             raise ValueError(f"{name} must be >= {low}, got {value}")
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model, tokenizer = load_language_model(model_name, device)
+    positions = max_positions(model)
+    if positions is not None and context > positions:
+        raise ValueError(f"--context {context} is longer than the {positions} positions {model_name} takes")
     sites = [(layer, site, out)]
     if target_site is not None:
         sites.append((layer if target_layer is None else target_layer, target_site, out / "target"))
@@ -262,14 +279,25 @@ def write_activations(model_name: str, layer: int, site: str, out: Path, tokens:
     return manifests[0]
 
 
+# What the readers of a manifest use (ArrayFile, spliced_loss).
+MANIFEST_KEYS = ("tokens", "shards", "model", "context", "sequences", "text", "dataset", "layer", "site")
+
+
 def read_manifest(folder: str | Path) -> dict[str, Any] | None:
     """The manifest of an `aefast activations` folder, or None for other data."""
     path = Path(folder) / MANIFEST
     if not path.is_file():
         return None
-    manifest = json.loads(path.read_text())
-    if manifest.get("format") != FORMAT:
-        raise ValueError(f"{path}: not an aefast activations manifest ({manifest.get('format')!r})")
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{path}: unreadable manifest ({' '.join(str(exc).split())})") from None
+    found = manifest.get("format") if isinstance(manifest, dict) else None
+    if found != FORMAT:
+        raise ValueError(f"{path}: not an aefast activations manifest (format {found!r}, expected {FORMAT!r})")
+    missing = [key for key in MANIFEST_KEYS if key not in manifest]
+    if missing:
+        raise ValueError(f"{path}: the manifest lacks {', '.join(missing)}")
     return manifest
 
 

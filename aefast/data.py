@@ -105,7 +105,8 @@ def _read_array_file(path: Path) -> tuple[object, object]:
 
 class ArrayFile:
     """An (N, D) or (N, C, H, W) array on disk, read by rows and never loaded whole: one
-    .npy file, or a folder of .npy shards (in name order) of one row shape and dtype.
+    .npy file, or a folder of .npy shards of one row shape and dtype (in name order; in
+    its manifest's order, checked against it, for a folder `aefast activations` wrote).
     Rows are read with plain file reads into buffers the caller owns, so the process
     holds only what it asked for (the operating system's page cache keeps the rest,
     and gives it back under pressure). A 2-byte void dtype is bfloat16, which is how
@@ -114,8 +115,17 @@ class ArrayFile:
     def __init__(self, path: str | Path):
         import numpy as np
 
+        from aefast.activations import read_manifest
+
         path = Path(path)
-        if path.is_dir():
+        manifest = read_manifest(path) if path.is_dir() else None
+        if manifest is not None:  # `aefast activations` wrote it: its shards, in its order
+            files = [path / name for name in manifest["shards"]]
+            missing = [file.name for file in files if not file.is_file()]
+            if missing or not files:
+                raise ValueError(f"data folder {str(path)!r}: its manifest lists shards that are not there "
+                                 f"({', '.join(missing[:3]) or 'none listed'})")
+        elif path.is_dir():
             files = sorted(path.glob("*.npy"))
             if not files:
                 raise ValueError(f"data folder {str(path)!r} holds no .npy shards")
@@ -138,7 +148,12 @@ class ArrayFile:
             self.offsets.append(offset)
             self.starts.append(self.starts[-1] + shape[0])
         self.rows = self.starts[-1]
+        if manifest is not None and self.rows != manifest["tokens"]:
+            raise ValueError(f"data folder {str(path)!r}: its shards hold {self.rows} rows, its manifest says "
+                             f"{manifest['tokens']}: the shards changed after `aefast activations` wrote them")
         self.dim = math.prod(self.row_shape)
+        if self.dim == 0:
+            raise ValueError(f"{files[0]}: rows of shape {self.row_shape} hold no values")
         self.row_bytes = self.dim * self.numpy_dtype.itemsize
         self.bfloat16 = self.numpy_dtype == np.dtype("V2")
         self.image_shape = _image_shape(torch.empty((0, *self.row_shape), dtype=torch.uint8))
@@ -221,6 +236,9 @@ def _npy_header(file: Path) -> tuple[tuple[int, ...], object, int]:
         raise ValueError(f"cannot read data file {str(file)!r}: corrupt, or not a .npy array of numbers") from None
     if dtype.hasobject:
         raise ValueError(f"cannot read data file {str(file)!r}: it holds Python objects, not numbers")
+    if not dtype.isnative and dtype.itemsize > 1:
+        raise ValueError(f"{file}: the array's bytes are in {'big' if dtype.byteorder == '>' else 'little'}-endian "
+                         f"order, not this machine's; save it with np.save(path, x.astype(x.dtype.newbyteorder('=')))")
     if fortran_order and len(shape) > 1:
         raise ValueError(f"{file}: the array is stored in Fortran order; save it with "
                          f"np.save(path, np.ascontiguousarray(x)) to read rows from disk")

@@ -138,6 +138,7 @@ def test_mlp_sites_of_a_llama_are_the_mlps_input_and_output(tiny_models, tmp_pat
     ({"layer": 2}, r"--layer must be in \[0, 1\] for this model, got 2"),
     ({"tokens": 0}, "--tokens must be >= 1"),
     ({"context": 1}, "--context must be >= 2"),
+    ({"context": 65}, "--context 65 is longer than the 64 positions"),
 ])
 def test_bad_arguments_are_refused_before_anything_is_written(tiny_models, tmp_path, options, message):
     with pytest.raises(ValueError, match=message):
@@ -211,3 +212,21 @@ def test_a_transcoder_from_mlp_in_to_mlp_out_end_to_end(tiny_models, tmp_path, c
     assert 0.0 < result["fvu"] < 1.0
     loaded, config = aefast.load_run(run)
     assert loaded.transcoder and loaded.decoder_weight.shape == (128, 32) and config["target"] == str(acts / "target")
+
+
+def test_token_sequences_cut_the_joined_documents_into_windows_led_by_bos():
+    from aefast.activations import token_sequences
+
+    class Tokenizer:
+        bos_token_id, eos_token_id = 0, 1
+
+        def __call__(self, text, add_special_tokens):
+            assert not add_special_tokens
+            return {"input_ids": [int(word) for word in text.split()]}
+
+    documents = ["2 3 4 5 6 7 8", "9", "", " ".join(map(str, range(10, 41)))]
+    stream = [*range(2, 9), 1, 9, 1, 1, *range(10, 41), 1]  # each document, then end-of-text
+    for context in (2, 4, 9, 60):
+        step = context - 1
+        want = [[0, *stream[i:i + step]] for i in range(0, len(stream) - step + 1, step)]
+        assert list(token_sequences(Tokenizer(), iter(documents), context)) == want, context

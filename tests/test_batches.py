@@ -58,6 +58,38 @@ def test_array_file_refuses_what_it_cannot_read_in_place(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="holds no .npy shards"):
         ArrayFile(tmp_path / "empty")
+    np.save(tmp_path / "no_columns.npy", np.zeros((3, 0), np.float32))
+    with pytest.raises(ValueError, match=r"no_columns.npy: rows of shape \(0,\) hold no values"):
+        ArrayFile(tmp_path / "no_columns.npy")
+    np.save(tmp_path / "big_endian.npy", np.zeros((3, 4), ">f4"))
+    with pytest.raises(ValueError, match="big_endian.npy: the array's bytes are in big-endian order"):
+        ArrayFile(tmp_path / "big_endian.npy")
+
+
+def test_array_file_reads_an_activations_folder_in_its_manifests_order(tmp_path):
+    """`aefast activations` lists its shards in the manifest: read in that order (name
+    order breaks past shard99999), and a folder that no longer matches it is refused."""
+    from aefast.activations import FORMAT, MANIFEST, MANIFEST_KEYS
+
+    x = np.random.default_rng(0).standard_normal((30, 4)).astype(np.float16)
+    names = ["shard100000.npy", "shard99999.npy"][::-1]  # written in this order; name order is the reverse
+    np.save(tmp_path / names[0], x[:10])
+    np.save(tmp_path / names[1], x[10:])
+    about = dict.fromkeys(MANIFEST_KEYS) | {"format": FORMAT, "tokens": 30, "shards": names}
+    (tmp_path / MANIFEST).write_text(json.dumps(about))
+    assert torch.equal(ArrayFile(tmp_path).read(0, 30), torch.from_numpy(x))
+    (tmp_path / MANIFEST).write_text(json.dumps(about | {"tokens": 31}))
+    with pytest.raises(ValueError, match="its shards hold 30 rows, its manifest says 31"):
+        ArrayFile(tmp_path)
+    (tmp_path / MANIFEST).write_text(json.dumps(about | {"shards": [*names, "shard100001.npy"]}))
+    with pytest.raises(ValueError, match="its manifest lists shards that are not there \\(shard100001.npy\\)"):
+        ArrayFile(tmp_path)
+    (tmp_path / MANIFEST).write_text(json.dumps({k: v for k, v in about.items() if k != "tokens"}))
+    with pytest.raises(ValueError, match="manifest.json: the manifest lacks tokens"):
+        ArrayFile(tmp_path)
+    (tmp_path / MANIFEST).write_text("{not json")
+    with pytest.raises(ValueError, match="manifest.json: unreadable manifest"):
+        ArrayFile(tmp_path)
     np.save(tmp_path / "short.npy", np.zeros((100, 4), np.float32))
     data = (tmp_path / "short.npy").read_bytes()
     (tmp_path / "short.npy").write_bytes(data[:-40])

@@ -5,6 +5,7 @@ import re
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from aefast.cli import main
@@ -284,3 +285,30 @@ def test_bench_keeps_freed_memory_in_the_process_for_its_run():
     y = torch.ones((512 << 20) // 4)
     del y  # over the restored 32 MiB threshold: a mapping of its own, returned when freed
     assert resident_mib() < after + 64
+
+
+@pytest.mark.parametrize("refused", ["mmap", "trim"])
+def test_freed_memory_kept_sets_back_only_the_thresholds_it_set(monkeypatch, refused):
+    """glibc stops adjusting a threshold once mallopt sets it: one it refused is left alone."""
+    from aefast import _memory
+
+    calls = []
+
+    class FakeGlibc:
+        def mallopt(self, parameter, value):
+            calls.append((parameter, value))
+            name = "mmap" if parameter == _memory._M_MMAP_THRESHOLD else "trim"
+            return 0 if name == refused and len(calls) <= 2 else 1
+
+        def malloc_trim(self, pad):
+            calls.append(("trim", pad))
+
+    monkeypatch.setattr(_memory, "libc", lambda: FakeGlibc())
+    with _memory.freed_memory_kept(torch.device("cpu")) as kept:
+        assert not kept
+        setting = list(calls)
+    restored = calls[len(setting):]
+    if refused == "mmap":
+        assert setting == [(_memory._M_MMAP_THRESHOLD, _memory._MMAP_KEPT)] and restored == []
+    else:
+        assert restored == [(_memory._M_MMAP_THRESHOLD, _memory._MMAP_AFTER), ("trim", 0)]

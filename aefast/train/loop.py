@@ -534,7 +534,7 @@ def _language_model_evaluation(config: dict[str, Any], model: AutoencoderModel, 
         return
     try:
         result.update(spliced_loss(manifest, model, device=device, target_manifest=target))
-    except (ValueError, OSError, RuntimeError, ImportError) as exc:
+    except Exception as exc:  # after the training: whatever went wrong here must not cost the rest
         result["lm_eval_error"] = " ".join(str(exc).split())
         _say(f"the language-model evaluation failed: {result['lm_eval_error']}")
 
