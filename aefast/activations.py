@@ -284,7 +284,8 @@ MANIFEST_KEYS = ("tokens", "shards", "model", "context", "sequences", "text", "d
 
 
 def read_manifest(folder: str | Path) -> dict[str, Any] | None:
-    """The manifest of an `aefast activations` folder, or None for other data."""
+    """The manifest of an `aefast activations` folder, or None for other data (a
+    folder without one, or with another tool's manifest.json)."""
     path = Path(folder) / MANIFEST
     if not path.is_file():
         return None
@@ -292,9 +293,8 @@ def read_manifest(folder: str | Path) -> dict[str, Any] | None:
         manifest = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ValueError(f"{path}: unreadable manifest ({' '.join(str(exc).split())})") from None
-    found = manifest.get("format") if isinstance(manifest, dict) else None
-    if found != FORMAT:
-        raise ValueError(f"{path}: not an aefast activations manifest (format {found!r}, expected {FORMAT!r})")
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        return None
     missing = [key for key in MANIFEST_KEYS if key not in manifest]
     if missing:
         raise ValueError(f"{path}: the manifest lacks {', '.join(missing)}")

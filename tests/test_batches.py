@@ -87,6 +87,8 @@ def test_array_file_reads_an_activations_folder_in_its_manifests_order(tmp_path)
     (tmp_path / MANIFEST).write_text(json.dumps({k: v for k, v in about.items() if k != "tokens"}))
     with pytest.raises(ValueError, match="manifest.json: the manifest lacks tokens"):
         ArrayFile(tmp_path)
+    (tmp_path / MANIFEST).write_text(json.dumps({"format": "another tool's", "shards": ["gone.npy"]}))
+    assert ArrayFile(tmp_path).rows == 30  # not ours: the folder's .npy files, as for any folder
     (tmp_path / MANIFEST).write_text("{not json")
     with pytest.raises(ValueError, match="manifest.json: unreadable manifest"):
         ArrayFile(tmp_path)
