@@ -81,7 +81,10 @@ def cmd_train(args) -> int:
         out, checkpoint = Path(args.out), load_checkpoint(Path(args.out))
         config = configuration.resolve(args.model, given, args.config, saved=checkpoint["config"])
         done = len(checkpoint["history"])
-        finished = done == config["epochs"] and (out / EVALUATION).is_file()  # else: evaluate it again
+        # --epochs equal to the epochs done only evaluates the run again, where that was stopped:
+        # not mid-epoch (that would report part of the next epoch's training as `done` epochs).
+        mid_epoch = bool((checkpoint.get("position") or {}).get("rows"))
+        finished = done == config["epochs"] and ((out / EVALUATION).is_file() or mid_epoch)
         if config["epochs"] < done or finished:
             raise ValueError(f"--resume: the run in {out} has done {done} epochs; to train on, give --epochs "
                              f"above {done} (it is {config['epochs']})")
@@ -236,9 +239,10 @@ output folder (--out DIR):
                      rewritten atomically each epoch, every --checkpoint-minutes and on Ctrl-C
   evaluation.json    validation MSE, linear-probe accuracy on the codes and on the raw inputs
                      (labelled data), feature recovery (synthetic data), the angle to PCA's
-                     subspace (linear), what the decoder reads besides the code (conv)
+                     subspace (linear), what the decoder reads besides the code (conv); for
+                     exactly sparse codes FVU, L0, dead and dense latents over every validation row
   reconstructions.png, filters.png (fully connected encoders), samples.png (vae, aae, gsn),
-  sparsity.png (sparse, wta, topk-sae)
+  sparsity.png (sparse, wta, the SAEs), density.png (wta, the SAEs: firing frequency per latent)
 
 examples:
   aefast train sparse

@@ -50,12 +50,17 @@ def test_label_fractions_are_stratified():
     rows = study.labelled_rows(labels, 0.01, seed=3)  # 5 rows asked, 10 classes: one of each
     assert len(rows) == 10 and set(labels[rows].tolist()) == set(range(10))
     assert len(study.labelled_rows(labels, 1.0, seed=0)) == 500
+    assert len(study.labelled_rows(labels, 0.995, seed=0)) == 500  # 3 rows left out for 10 classes: all taken
 
 
 @pytest.mark.parametrize("argv, match", [
     (["--inits", "random,bogus"], "--inits: unknown random, bogus"),
     (["--label-fractions", "0,1"], "--label-fractions must each be in (0, 1], got 0.0,1.0"),
     (["--seeds", "0"], "--seeds, --pretrain-epochs and --finetune-steps must each be >= 1"),
+    (["--inits", ""], "--inits: unknown (none given)"),
+    (["--inits", "denoising,denoising"], "--inits names a setting twice: denoising,denoising"),
+    (["--label-fractions", "0.1,0.1"], "--label-fractions names a setting twice: 0.1,0.1"),
+    (["--inits", "stacked", "--pretrain-epochs", "2"], "--pretrain-epochs must be >= 3 with the stacked init"),
 ])
 def test_bad_settings_end_in_one_line(tmp_path, capsys, argv, match):
     assert main(["study", "pretraining", *argv, "--out", str(tmp_path / "never")]) == 2

@@ -144,6 +144,13 @@ def test_config_layers_defaults_toml_and_flags(tmp_path):
     toml.write_text('hidden = "many"\n')
     with pytest.raises(ValueError, match="--hidden must be an integer"):
         resolve("sparse", {}, str(toml))
+    toml.write_text('conv = "false"\n')  # a string, not TOML's false: refused, not read as True
+    with pytest.raises(ValueError, match="--conv must be true or false, got 'false'"):
+        resolve("wta", {}, str(toml))
+    for model, key in (("stacked", "layers"), ("conv", "channels"), ("matryoshka-sae", "prefixes")):
+        toml.write_text(f"{key} = []\n")
+        with pytest.raises(ValueError, match=f"--{key} must be a non-empty list of integers, got \\[\\]"):
+            resolve(model, {}, str(toml))
 
 
 def test_help_documents_every_model_and_option():
@@ -361,8 +368,11 @@ def test_resume_names_what_changed_and_takes_a_new_lr(tmp_path, capsys, small_di
     _one_line_error(capsys, ["train", "topk-sae", "--out", run, "--resume", "--epochs", "2", "--n-latents", "128"],
                     "--resume: the checkpoint's model does not fit the one configured now (--n-latents 256 -> 128)")
     capsys.readouterr()
-    _train("topk-sae", "--out", run, "--resume", "--epochs", "2", "--val-fraction", "0.3", "--lr", "0.0123")
-    assert "note: --val-fraction 0.2 -> 0.3 since the run began" in capsys.readouterr().out
+    _train("topk-sae", "--out", run, "--resume", "--epochs", "2", "--val-fraction", "0.3", "--lr", "0.0123",
+           "--k-aux", "64")
+    out = capsys.readouterr().out
+    assert "note: --val-fraction 0.2 -> 0.3 since the run began" in out
+    assert "note: --lr 0.003 -> 0.0123; --k-aux 32 -> 64 since the run began: it goes on with the new values" in out
     saved = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
     assert {group["lr"] for state in saved["optimizers"].values() for group in state["param_groups"]} == {0.0123}
 
@@ -411,6 +421,19 @@ def test_resume_refuses_epochs_already_done_and_keeps_the_config(tmp_path, capsy
     assert (tmp_path / "run" / "config.toml").read_text() == before
 
 
+def test_resume_mid_epoch_refuses_epochs_equal_to_those_done(tmp_path, capsys, small_digits):
+    """A checkpoint written 2 batches into epoch 3: --epochs 2 would report part of epoch
+    3's training as a 2-epoch run."""
+    run = tmp_path / "run"
+    _train("ae", "--data", small_digits, "--epochs", "2", "--out", str(run))
+    checkpoint = torch.load(run / "checkpoint.pt", weights_only=False)
+    checkpoint["position"] = {"rows": 2 * checkpoint["config"]["batch_size"], "sums": {}, "seconds": 1.0}
+    torch.save(checkpoint, run / "checkpoint.pt")
+    (run / "evaluation.json").unlink()
+    _one_line_error(capsys, ["train", "ae", "--out", str(run), "--resume", "--epochs", "2"],
+                    f"--resume: the run in {run} has done 2 epochs; to train on, give --epochs above 2")
+
+
 @pytest.mark.parametrize("model", MODEL_NAMES)
 def test_load_run_rebuilds_every_model(tmp_path, small_digits, model):
     import aefast
@@ -444,3 +467,20 @@ def test_the_evaluation_keeps_a_bounded_block_of_codes(monkeypatch):
         # but the firings, and with them L0 and the dead latents, count every row
         assert torch.equal(firings, (model.encode(x) != 0).sum(0)) and int(firings.sum()) == 4 * 500
         assert int((firings == 0).sum()) < int(((codes != 0).sum(0) == 0).sum())  # the window's "dead" fire later
+
+
+def test_the_model_table_checks_each_row_as_aefast_train_does(monkeypatch, tmp_path):
+    from aefast.train import table
+
+    seen = []
+
+    def fake_train(config, out, progress):
+        seen.append(config)
+        return {"raw_probe_accuracy": 0.9, "val_mse": 0.1, "probe_accuracy": 0.9, "code_size": 4}
+
+    monkeypatch.setattr(table, "train", fake_train)
+    assert table.main(["--epochs", "100", "--out", str(tmp_path)]) == 0
+    assert len(seen) == len(table.ROWS) and {config["epochs"] for config in seen} == {100}
+    assert [config["model"] for config in seen if config["conv"]] == ["wta"]
+    with pytest.raises(ValueError, match="stacked: --epochs 5 ends before fine-tuning"):
+        table.main(["--epochs", "5", "--out", str(tmp_path)])

@@ -277,7 +277,7 @@ def resolve(model: str, overrides: dict[str, Any], config_file: str | None = Non
     if saved is not None and saved["model"] != model:
         raise ValueError(f"the run to resume trained {saved['model']}, not {model}")
     given = {**from_file, **overrides}
-    conv = bool(given.get("conv", saved["conv"] if saved else False))
+    conv = _coerce("conv", given["conv"], False) if "conv" in given else bool(saved and saved["conv"])
     config = {**defaults(model, conv), **(saved or {})}
     for key, value in given.items():
         if key not in config:
@@ -350,7 +350,8 @@ def _coerce(key: str, value: Any, default: Any) -> Any:
         int: isinstance(value, int) and not isinstance(value, bool),
         float: isinstance(value, (int, float)) and not isinstance(value, bool),
         str: isinstance(value, str),
-        list: isinstance(value, (list, tuple)) and all(isinstance(v, int) and not isinstance(v, bool) for v in value),
+        list: isinstance(value, (list, tuple)) and len(value) > 0
+        and all(isinstance(v, int) and not isinstance(v, bool) for v in value),
     }.get(kind, True)
     if value is None and default is None:
         ok = True
@@ -365,7 +366,7 @@ def _coerce(key: str, value: Any, default: Any) -> Any:
 
 
 _TYPE_WORDS = {bool: "true or false", int: "an integer", float: "a number", str: "a string",
-               list: "a list of integers"}
+               list: "a non-empty list of integers"}
 
 
 def _flag(key: str) -> str:

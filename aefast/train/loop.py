@@ -130,8 +130,8 @@ def _train(config: dict[str, Any], out_dir: Path, checkpoint: dict[str, Any] | N
                 for name, optimizer in optimizers.items():
                     optimizer.load_state_dict(checkpoint["optimizers"][name])
         except (RuntimeError, ValueError, KeyError) as exc:  # a flag changed the model's shape
-            changed = configuration.changed_settings(checkpoint["config"], config,
-                                                      [k for k in config if k not in configuration.TRAINING])
+            shaping = [k for k in config if k not in configuration.TRAINING or k in ("conv", "data", "target")]
+            changed = configuration.changed_settings(checkpoint["config"], config, shaping)
             raise ValueError(f"--resume: the checkpoint's model does not fit the one configured now "
                              f"({'; '.join(changed) or exc}): resume with the run's own model settings") from None
         for name, optimizer in optimizers.items():
@@ -170,6 +170,11 @@ def _train(config: dict[str, Any], out_dir: Path, checkpoint: dict[str, Any] | N
         if changed:
             say(f"note: {'; '.join(changed)} since the run began: it goes on with other rows than it trained on, "
                 f"not exactly as if never stopped")
+        noted = configuration.DATA_SETTINGS + configuration.STREAM_SETTINGS + ("epochs",)
+        others = configuration.changed_settings(checkpoint["config"], config, [k for k in config if k not in noted])
+        if others:
+            say(f"note: {'; '.join(others)} since the run began: it goes on with the new value"
+                f"{'s' if len(others) > 1 else ''}")
     streamed = (f" (streamed from disk, {min(batches.window_rows, batches.rows)} rows in memory at a time)"
                 if isinstance(batches, StreamedBatches) else "")
     processes = ""

@@ -89,12 +89,16 @@ class Classifier(nn.Module):
 
 def labelled_rows(labels: Tensor, fraction: float, seed: int) -> Tensor:
     """Indices of a stratified `fraction` of the rows (every class present at least once
-    where there are enough rows)."""
+    where there are enough rows; all of them for a fraction that leaves out fewer rows
+    than there are classes)."""
     if fraction >= 1.0:
         return torch.arange(len(labels))
     from sklearn.model_selection import train_test_split
 
-    count = max(int(round(fraction * len(labels))), len(labels.unique()))
+    classes = len(labels.unique())
+    count = max(int(round(fraction * len(labels))), classes)
+    if count > len(labels) - classes:  # too few rows left out to stratify: all of them
+        return torch.arange(len(labels))
     chosen, _ = train_test_split(torch.arange(len(labels)).numpy(), train_size=count, stratify=labels.numpy(),
                                  random_state=seed)
     return torch.from_numpy(chosen)
@@ -126,12 +130,19 @@ def run_study(data_source: str = "digits", seeds: int = 3, fractions: tuple[floa
     from tqdm import tqdm
 
     unknown = [init for init in inits if init not in INITS]
-    if unknown:
-        raise ValueError(f"--inits: unknown {', '.join(unknown)}; choose from {', '.join(INITS)}")
+    if unknown or not inits:
+        raise ValueError(f"--inits: unknown {', '.join(unknown) or '(none given)'}; choose from {', '.join(INITS)}")
     if not fractions or not all(0.0 < f <= 1.0 for f in fractions):
         raise ValueError(f"--label-fractions must each be in (0, 1], got {','.join(map(str, fractions))}")
+    # A setting given twice would count its seeds twice (a smaller standard deviation).
+    for flag, values in (("--inits", inits), ("--label-fractions", fractions)):
+        if len(set(values)) < len(values):
+            raise ValueError(f"{flag} names a setting twice: {','.join(map(str, values))}")
     if seeds < 1 or pretrain_epochs < 1 or finetune_steps < 1:
         raise ValueError("--seeds, --pretrain-epochs and --finetune-steps must each be >= 1")
+    if "stacked" in inits and pretrain_epochs < 3:
+        raise ValueError(f"--pretrain-epochs must be >= 3 with the stacked init (each of its 2 layers alone, then "
+                         f"the stack fine-tuned, a third each), got {pretrain_epochs}")
     data = load_dataset(data_source, 0.2, 0)
     if data.train_labels is None:
         raise ValueError(f"{data_source}: the study needs labels (a .npz with arrays x and y, or a .pt dict)")

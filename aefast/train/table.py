@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from aefast.data import load_dataset
-from aefast.train.config import MODELS, defaults
+from aefast.train.config import MODELS, resolve
 from aefast.train.loop import train
 
 # (model, --conv, flags): every model with its defaults, and the variants worth a row.
@@ -39,9 +39,9 @@ def main(argv: list[str] | None = None) -> int:
              "|---|---:|---:|---:|---:|---:|"]
     raw_probe, notes = None, []
     for model, conv, overrides in ROWS:
-        config = {**defaults(model, conv), **overrides}
-        if args.epochs:
-            config["epochs"] = args.epochs
+        given = {**overrides, **({"conv": True} if conv else {}),
+                 **({"epochs": args.epochs} if args.epochs is not None else {})}
+        config = resolve(model, given)  # checked as `aefast train` checks it (stacked's fine-tuning budget)
         command = f"aefast train {model}" + (" --conv" if conv else "") + _flags(overrides)
         folder = command.removeprefix("aefast train ").replace(" --", "-")
         start = time.perf_counter()
