@@ -14,6 +14,7 @@ from aefast.models import (
     ConvAutoencoder,
     ConvWTAAutoencoder,
     DenoisingAutoencoder,
+    JumpReLUSAE,
     StackedAutoencoder,
     TopKSAE,
 )
@@ -89,9 +90,11 @@ def test_topk_sae_unit_norm_decoder_and_auxk_on_dead_latents(digits_batch):
     assert model.encoder_weight.grad[dead].abs().sum() > 0
 
 
-def test_topk_sae_step_takes_the_decoder_gradient_along_each_row_out(digits_batch):
+@pytest.mark.parametrize("build", [lambda: TopKSAE(64, n_latents=32, k=4, k_aux=8, dead_steps=2),
+                                   lambda: JumpReLUSAE(64, n_latents=32, threshold=0.05)], ids=["topk", "jumprelu"])
+def test_sae_step_takes_the_decoder_gradient_along_each_row_out(digits_batch, build):
     torch.manual_seed(0)
-    model = TopKSAE(64, n_latents=32, k=4, k_aux=8, dead_steps=2)
+    model = build()
     model.loss(digits_batch)["loss"].backward()
     grad, rows = model.decoder_weight.grad.clone(), model.decoder_weight.detach()
     model.before_step()
@@ -100,7 +103,7 @@ def test_topk_sae_step_takes_the_decoder_gradient_along_each_row_out(digits_batc
     torch.testing.assert_close(model.decoder_weight.grad, grad - along * rows)
     assert (model.decoder_weight.grad * rows).sum(1).abs().max() < 1e-6
     # train_step takes it out before the optimizer sees it: SGD moves the rows perpendicular to themselves
-    moved = TopKSAE(64, n_latents=32, k=4, k_aux=8, dead_steps=2)
+    moved = build()
     moved.load_state_dict(model.state_dict())
     moved.after_step = lambda: None  # the step's own movement, not renormalised
     before = moved.decoder_weight.detach().clone()
@@ -224,3 +227,14 @@ def test_decoder_layers_are_made_on_the_encoders_device_and_dtype():
 def test_model_arguments_that_cannot_work_are_refused_by_name(build, message):
     with pytest.raises(ValueError, match=re.escape(message)):
         build()
+
+
+def test_batchtopk_threshold_moves_with_training_batches_only(digits_batch):
+    from aefast.models import BatchTopKSAE
+
+    torch.manual_seed(0)
+    model = BatchTopKSAE(64, n_latents=32, k=4).train()
+    model.encode(digits_batch), model.reconstruct(digits_batch)  # train mode, but no training batch
+    assert model.threshold_tracked.item() == 0 and model.threshold.item() == 0
+    model.loss(digits_batch)
+    assert model.threshold_tracked.item() == 1 and model.threshold.item() > 0

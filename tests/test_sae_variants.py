@@ -182,3 +182,27 @@ def test_paired_arrays_read_side_by_side(tmp_path):
     np.testing.assert_array_equal(pair.read(7, 31).numpy(), np.concatenate([a, b], axis=1)[7:31])
     with pytest.raises(ValueError, match="--target: short.npy has 40 rows, but a.npy has 50"):
         PairedArrays(ArrayFile(tmp_path / "a.npy"), ArrayFile(tmp_path / "short.npy"))
+
+
+def test_jumprelu_sae_threshold_gradient_is_the_same_under_bfloat16_autocast():
+    """bfloat16 pre-activations near a threshold of 6 lie 1/32 apart: a bandwidth of 0.05
+    would see the threshold's grid point alone (0.625 of the density). The encoder runs
+    in float32 under autocast, so the L0 term's threshold gradient is float32's."""
+    from aefast.models import JumpReLUSAE
+
+    torch.manual_seed(0)
+    model = JumpReLUSAE(16, 8, bandwidth=0.05, threshold=6.0)
+    with torch.no_grad():
+        model.encoder_bias.fill_(6.0)  # pre-activations ~ N(6, 1): many near the threshold
+    x = torch.randn(4096, 16)
+    gradients = []
+    for dtype in (None, torch.bfloat16):
+        model.autocast_dtype = dtype
+        model.zero_grad()
+        with model.autocast():
+            code, l0 = model._code(x)
+        l0.sum().backward()
+        gradients.append(model.log_threshold.grad.clone())
+        assert code.dtype == torch.float32
+    assert torch.equal(gradients[0], gradients[1])
+    assert (gradients[0] < 0).all()  # a larger threshold, fewer active

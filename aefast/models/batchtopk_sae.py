@@ -43,9 +43,7 @@ class BatchTopKSAE(TopKSAE):
         those above the threshold otherwise."""
         if not self.training:
             return torch.where(pre > self.threshold.to(pre.dtype), pre, 0.0).relu()
-        z = ae.batch_topk(pre, self.k, group=self.group)
-        self._track_threshold(z.detach())
-        return z
+        return ae.batch_topk(pre, self.k, group=self.group)
 
     @torch.no_grad()
     def _track_threshold(self, z: Tensor) -> None:
@@ -84,7 +82,8 @@ class BatchTopKSAE(TopKSAE):
         pre = self.preactivations(x)
         z = self.code(pre)
         reconstruction, x_hat = self.reconstruction_loss(z, target)
-        if self.training:
+        if self.training:  # a training batch (not encode or reconstruct in train mode): its statistics
+            self._track_threshold(z.detach())
             with torch.no_grad():
                 self.fired_in_step.add_((z > 0).any(0).long())
         if self.k_aux:

@@ -10,8 +10,8 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 import aefast as ae
-from aefast.models.base import AutoencoderModel, detached, squared_error
-from aefast.models.topk_sae import initial_decoder_rows
+from aefast.models.base import AutoencoderModel, at_least_float32, detached, squared_error
+from aefast.models.topk_sae import initial_decoder_rows, remove_gradient_along_rows
 from aefast.ops.checks import check_nonnegative
 
 
@@ -19,10 +19,11 @@ class JumpReLUSAE(AutoencoderModel):
     """f = JumpReLU_theta(W_enc (x - b_pre) + b_enc): each latent passes its
     pre-activation where it exceeds its own threshold theta = exp(log_threshold), else 0;
     x_hat = f W_dec + b_pre. Loss: 1/2 ||x_hat - x||^2 + l0_coef * ||f||_0, both batch
-    means. The step has no gradient, so theta learns through the paper's straight-through
+    means (the paper's lambda, which weighs ||x_hat - x||^2, is 2 * l0_coef here). The step has no gradient, so theta learns through the paper's straight-through
     estimators with a rectangle kernel of width `bandwidth`; aefast.jumprelu computes the
     code, the L0 count and those gradients in one pass each way. Decoder rows are kept
-    unit-norm (as in TopKSAE): the codes' scale then means the same across latents.
+    unit-norm, their gradients along themselves removed before each step (as in
+    TopKSAE): the codes' scale then means the same across latents.
     `threshold` and `bandwidth` are in the units of the pre-activations: scale them with
     the data (a manifest's mean_norm says how large language-model activations are)."""
 
@@ -46,8 +47,17 @@ class JumpReLUSAE(AutoencoderModel):
         self.l0_coef, self.bandwidth = check_nonnegative(l0_coef, "l0_coef"), bandwidth
 
     def _code(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        pre = F.linear(x - self.pre_bias.to(x.dtype), self.encoder_weight.to(x.dtype), self.encoder_bias.to(x.dtype))
-        return ae.jumprelu(pre, self.log_threshold.exp().to(pre.dtype), self.bandwidth)
+        # The straight-through kernel estimates the pre-activations' density at the threshold,
+        # which needs them continuous on the bandwidth's scale. bfloat16 (autocast) puts them
+        # and the threshold on one grid, 0.03 apart between 4 and 8: at a bandwidth of 0.05 the
+        # window then holds the threshold's grid point alone, a density off by grid / bandwidth.
+        # So the encoder runs in float32 at least, autocast or not; the decoder follows autocast.
+        with torch.autocast(x.device.type, enabled=False):
+            wide = at_least_float32(x)
+            pre = F.linear(wide - self.pre_bias.to(wide.dtype), self.encoder_weight.to(wide.dtype),
+                           self.encoder_bias.to(wide.dtype))
+            code, l0 = ae.jumprelu(pre, self.log_threshold.exp().to(pre.dtype), self.bandwidth)
+        return code.to(x.dtype), l0  # a bfloat16 model's code in bfloat16
 
     def encode(self, x: Tensor) -> Tensor:
         return self._code(x)[0]
@@ -66,6 +76,9 @@ class JumpReLUSAE(AutoencoderModel):
         return {"loss": reconstruction + self.l0_coef * sparsity,
                 **detached(reconstruction=reconstruction, l0=sparsity,
                            threshold=self.log_threshold.exp().mean())}
+
+    def before_step(self) -> None:
+        remove_gradient_along_rows(self.decoder_weight)
 
     @torch.no_grad()
     def after_step(self) -> None:

@@ -30,6 +30,19 @@ def initial_decoder_rows(n_latents: int, n_in: int, rows: range, seed: int) -> T
     return F.normalize(torch.cat(parts) if parts else torch.empty(0, n_in), dim=1)
 
 
+@torch.no_grad()
+def remove_gradient_along_rows(weight: nn.Parameter) -> None:
+    """Each unit-norm decoder row's gradient without its component along the row (Gao
+    et al. 2024, as sparsify does), before the optimizer step: the step does not spend
+    itself on the length that the renormalisation after it takes back, and Adam's
+    moments see only the direction's gradient."""
+    grad = weight.grad
+    if grad is not None:
+        rows = weight.to(grad.dtype)
+        along = torch.einsum("ld,ld->l", grad, rows)  # a batched dot: no (L, D) temporary
+        grad.addcmul_(along.unsqueeze(1), rows, value=-1.0)
+
+
 class TopKSAE(AutoencoderModel):
     """z = TopK(ReLU(W_enc (x - b_pre) + b_enc)) with k of `n_latents` active;
     x_hat = b_pre + sum_k z_k W_dec[k]. The fused path end to end: aefast.topk_encode
@@ -44,7 +57,10 @@ class TopKSAE(AutoencoderModel):
     AuxK: a latent is dead when it has not fired for `dead_steps` training steps; the
     top `k_aux` dead latents (aefast.topk_encode_aux: from the same pass as the main
     selection), decoded alone, are trained to predict the residual x - x_hat, weighted
-    by `aux_coef`. That gives dead latents a gradient again. The bookkeeping stays on
+    by `aux_coef`. That gives dead latents a gradient again. Both terms are 1/2 the
+    squared error, batch means, so the AuxK term shrinks with the residual, as in
+    sparsify (Gao et al.'s code divides it by the residual's variance instead: there
+    `aux_coef` weighs it as much at any reconstruction error). The bookkeeping stays on
     the device (no host sync, no branch on a tensor's value), so the loss compiles
     with torch.compile(fullgraph=True).
 
@@ -158,16 +174,8 @@ class TopKSAE(AutoencoderModel):
         kept on the device until the step ends."""
         self.fired_in_step.scatter_add_(0, indices.flatten(), (values > 0).flatten().long())  # integer: deterministic
 
-    @torch.no_grad()
     def before_step(self) -> None:
-        """Each decoder row's gradient without its component along the row (Gao et al.
-        2024, as sparsify does): the step does not spend itself on the length that
-        after_step takes back, and Adam's moments see only the direction's gradient."""
-        grad = self.decoder_weight.grad
-        if grad is not None:
-            rows = self.decoder_weight.to(grad.dtype)  # unit-norm (after_step)
-            along = torch.einsum("ld,ld->l", grad, rows)  # a batched dot: no (L, D) temporary
-            grad.addcmul_(along.unsqueeze(1), rows, value=-1.0)
+        remove_gradient_along_rows(self.decoder_weight)
 
     @torch.no_grad()
     def after_step(self) -> None:
