@@ -299,3 +299,41 @@ def test_every_op_differentiates_twice_as_the_reference(op):
     rtol, atol = (1e-5, 1e-5) if op == "reparameterize" else (1e-6, 1e-9)
     for got, want in zip(penalty_gradients("cpp"), penalty_gradients("reference")):
         torch.testing.assert_close(got, want, rtol=rtol, atol=atol)
+
+
+def _another_layout(t: torch.Tensor) -> torch.Tensor:
+    """The same values in another memory layout: matrices column-major, images channels
+    last, vectors every other element of a longer buffer."""
+    if t.dim() == 2:
+        return t.t().contiguous().t()
+    if t.dim() == 4:
+        return t.permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2)
+    if t.dim() == 1:
+        wide = t.new_zeros(2 * t.numel())
+        wide[::2] = t
+        return wide[::2]
+    return t
+
+
+@pytest.mark.parametrize("op", sorted(OPERATORS))
+def test_every_op_gives_the_same_results_on_inputs_of_another_layout(op):
+    """Every input non-contiguous (transposed storage, strided vectors) on each CPU
+    backend: the outputs and the gradients of the contiguous run, in float64."""
+    case = OPERATORS[op].bench
+    inputs = case.make(6, 40, torch.float64, torch.device("cpu"))
+    assert any(_another_layout(t).stride() != t.stride() for t in inputs.values() if isinstance(t, torch.Tensor))
+
+    def run(backend, layout):
+        args = {k: layout(v).detach().requires_grad_(k in case.differentiable) if isinstance(v, torch.Tensor) else v
+                for k, v in inputs.items()}
+        with ae.backend(backend):
+            out = case.call(getattr(ae, op), **args)
+            outs = [t for t in (out if isinstance(out, tuple) else (out,)) if t.is_floating_point()]
+            loss = sum((t * torch.linspace(0.5, 1.5, t.numel(), dtype=t.dtype).view(t.shape)).sum() for t in outs)
+            return (*outs, *torch.autograd.grad(loss, [args[k] for k in case.differentiable]))
+
+    backends_here = [b for b in ae.available_backends("cpu") if b in OPERATORS[op].kernel_backends]
+    assert backends_here
+    for backend in backends_here:
+        for got, want in zip(run(backend, _another_layout), run(backend, lambda t: t), strict=True):
+            torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12, msg=f"{op} on {backend}")
