@@ -108,7 +108,7 @@ def test_sparse_decode_opcheck(device, backend):
 
 
 @pytest.mark.parametrize(("device", "backend"), op_backends("sparse_decode"))
-def test_sparse_decode_backward_without_the_values_gradient(device, backend):
+def test_sparse_decode_backward_without_the_values_gradient(device, backend, poisoned):
     """values_grad=False (the fused encoder's weight gradient): the same weight gradient,
     bit for bit, and an empty values gradient instead of B * K dot products. (On CPU, rows
     of 64 columns or more take both gradients in one walk by latent: still the same bits.)
@@ -192,7 +192,7 @@ def test_topk_encode_matches_reference(device, backend, poisoned):
 
 @pytest.mark.parametrize("blocks", ["whole rows", "tiny blocks"])
 @pytest.mark.parametrize(("device", "backend"), op_backends("topk_encode_aux"))
-def test_topk_encode_rows_with_fewer_than_k_positive_units(device, backend, blocks, monkeypatch):
+def test_topk_encode_rows_with_fewer_than_k_positive_units(device, backend, blocks, monkeypatch, poisoned):
     """A row with fewer than k positive pre-activations takes the ReLU's zeros at the
     lowest latent indices, not at its largest negative units (a CPU selects first and
     clamps after: such rows are chosen again). The negative units here are largest at
@@ -321,7 +321,7 @@ def test_topk_encode_aux_with_an_infinite_live_latent(device, backend):
 
 
 @pytest.mark.parametrize(("device", "backend"), op_backends("topk_encode_aux"))
-def test_topk_encode_blocks_merge_to_the_whole_rows_selection(device, backend, monkeypatch):
+def test_topk_encode_blocks_merge_to_the_whole_rows_selection(device, backend, monkeypatch, poisoned):
     """Tiny blocks (3 rows x 5 latents): many latent blocks per row, candidates merged
     across them, ties (small integers) still to the lower latent index."""
     import aefast.ops.decode as decode

@@ -1,5 +1,7 @@
 """nn.Module wrappers: KLSparsity (with and without the moving average) and ContractivePenalty."""
 
+import re
+
 import pytest
 import torch
 
@@ -100,8 +102,10 @@ def test_selection_modules_in_a_sequential():
     spatial = ae.nn.SpatialWTA(lifetime_rate=0.5)
     assert torch.equal(spatial(maps), ae.spatial_wta(maps, lifetime_rate=0.5))
     assert torch.equal(spatial.eval()(maps), ae.spatial_wta(maps))
-    for bad in (lambda: ae.nn.TopK(0), lambda: ae.nn.LifetimeTopK(1.5), lambda: ae.nn.SpatialWTA(lifetime_rate=0)):
-        with pytest.raises(ValueError):
+    for bad, message in ((lambda: ae.nn.TopK(0), "k must be an integer >= 1, got 0"),
+                         (lambda: ae.nn.LifetimeTopK(1.5), "rate must be a number in (0, 1], got 1.5"),
+                         (lambda: ae.nn.SpatialWTA(lifetime_rate=0), "lifetime_rate must be a number in (0, 1], got 0")):
+        with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
             bad()
 
 

@@ -386,6 +386,9 @@ def test_gradcheck_float64(device, backend):
         assert torch.autograd.gradcheck(lambda t: ae.topk_mask(t, 3, relu=False), (x,), fast_mode=fast)
         assert torch.autograd.gradcheck(lambda t: ae.batch_topk(t, 2), (x,), fast_mode=fast)
         assert torch.autograd.gradcheck(lambda t: ae.lifetime_topk(t, 0.5), (x,), fast_mode=fast)
+        # 4 images of 3 maps of 5 x 1 (each map's winner, then the lifetime cut over them)
+        assert torch.autograd.gradcheck(lambda t: ae.spatial_wta(t.view(4, 3, 5, 1), lifetime_rate=0.5), (x,),
+                                        fast_mode=fast)
 
 
 def test_every_backend_has_topk_kernels_and_a_forced_one_that_cannot_run_says_so():
