@@ -232,6 +232,11 @@ def test_bench_verdict_names_each_ops_floor_and_the_ops_below_half_of_it():
     assert lines[-1] == below + "slow."
     assert verdicts([row("fast", "aefast[cpp]", 0.7)])[-1] == \
         "Every op measured meets its goal (50% of the floor or the share named, or the ratio to F.linear named)."
+    # an op whose larger sizes all failed is named, not left out for its small size's row
+    failed = verdicts([row("fast", "aefast[cpp]", 0.7), row("oom", "aefast[cpp]", 0.9) | {"size": "small"},
+                       {k: v for k, v in row("oom", "aefast[cpp]", 0).items() if k != "copy_share"} | {"error": "OOM"}])
+    assert failed[2] == "- oom: every aefast row failed (bench.md has the errors): NOT MEASURED"
+    assert failed[-1] == below + "oom."
     # An op declared with a goal against its matmul (noisy_linear: at most 1.1x F.linear)
     # is judged by it: 90% of F.linear is 1.11x, above the goal though above half.
     noisy = verdicts([row("noisy_linear", "aefast[cpp]", 0.05, matmul_share=0.90)])
@@ -264,6 +269,27 @@ def test_bench_contenders_alternate_in_a_fresh_order_each_round():
     followers = {(r[i - 1], r[i]) for r in rounds for i in range(1, 3)}
     assert len(followers) == 6  # each contender has run right after each other one
     assert all(calls[i] != calls[i + 1] for i in range(3, len(calls) - 1))  # never twice in a row
+    # each case its own seed: another case of as many contenders meets other orders
+    orders = []
+    for seed in (1, 2):
+        calls.clear()
+        harness.alternate(contenders, torch.device("cpu"), rounds=5, warmup=0, seed=seed)
+        orders.append(list(calls))
+    assert orders[0] != orders[1]
+
+
+def test_bench_results_of_a_later_run_of_the_day_go_to_a_folder_of_their_own(tmp_path, monkeypatch):
+    from aefast.bench import harness
+
+    monkeypatch.setattr(harness, "RESULTS", tmp_path)
+    first = harness.results_dir(torch.device("cpu"))
+    assert harness.results_dir(torch.device("cpu")) == first  # nothing written there yet
+    (first / "bench.json").write_text("{}")
+    second = harness.results_dir(torch.device("cpu"))
+    assert second.name == first.name + "-2" and second.is_dir()
+    (second / "bench.json").write_text("{}")
+    assert harness.results_dir(torch.device("cpu")).name == first.name + "-3"
+    assert harness.results_dir(torch.device("cpu"), str(first)) == first  # --out: as given
 
 
 def test_bench_keeps_freed_memory_in_the_process_for_its_run():

@@ -347,3 +347,18 @@ def test_every_op_gives_the_same_results_on_inputs_of_another_layout(op):
     for backend in backends_here:
         for got, want in zip(run(backend, _another_layout), run(backend, lambda t: t), strict=True):
             torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12, msg=f"{op} on {backend}")
+
+
+def test_benchmark_counts_the_weight_rows_and_gradient_lines_an_op_touches():
+    """sparse_decode reads each selected weight row once, however often it is drawn;
+    a dense top-k's backward reads the 64-byte lines of its output's gradient that hold
+    a winner (lifetime_topk's winners share lines)."""
+    decode = CASES["sparse_decode"]
+    inputs = decode.inputs("small", torch.float32, torch.device("cpu"))
+    one_row = dict(inputs, indices=torch.zeros_like(inputs["indices"]))
+    distinct, row_bytes = inputs["indices"].unique().numel(), inputs["weight"][0].nbytes
+    assert distinct < inputs["indices"].numel()  # drawn twice somewhere: counted once
+    assert decode.bytes_moved(inputs, False) - decode.bytes_moved(one_row, False) == (distinct - 1) * row_bytes
+    # 64 rows of 16 float32 (a line each): every column's 4 winners (rate 0.05) in rows 60-63
+    x = torch.arange(64.0).repeat_interleave(16).view(64, 16)
+    assert CASES["lifetime_topk"].bytes_moved({"x": x}, True) == 3 * x.nbytes + 4 * 64

@@ -49,18 +49,19 @@ def synchronize(device: torch.device) -> None:
 
 
 def alternate(contenders: dict[str, Callable[[], object]], device: torch.device,
-              rounds: int = 15, warmup: int = 3) -> dict[str, list[float]]:
+              rounds: int = 15, warmup: int = 3, seed: int = 0) -> dict[str, list[float]]:
     """Seconds per call of each contender, `rounds` samples each, interleaved. Each
-    round runs them in a fresh order (seeded), so that no contender always follows
-    the same one: what a call leaves in the caches and the allocator meets the next.
-    No contender runs twice in a row across rounds either (it would find its own
+    round runs them in a fresh order (from `seed`: give each case its own, or every
+    case of as many contenders meets the same orders), so that no contender always
+    follows the same one: what a call leaves in the caches and the allocator meets the
+    next. No contender runs twice in a row across rounds either (it would find its own
     data in cache)."""
     for _ in range(warmup):
         for fn in contenders.values():
             fn()
     synchronize(device)
     times: dict[str, list[float]] = {name: [] for name in contenders}
-    order, shuffle = list(contenders), random.Random(0).shuffle
+    order, shuffle = list(contenders), random.Random(seed).shuffle
     for _ in range(rounds):
         last = order[-1]
         shuffle(order)
@@ -96,7 +97,16 @@ def machine_name(device: torch.device) -> str:
 
 
 def results_dir(device: torch.device, out: str | None = None) -> pathlib.Path:
-    path = pathlib.Path(out) if out else RESULTS / f"{machine_name(device)}-{datetime.date.today()}"
+    """`out`, or bench/results/<machine>-<date>: -2, -3, ... for a later run of the same
+    day (a run of one op must not replace the day's full run)."""
+    if out:
+        path = pathlib.Path(out)
+    else:
+        stem = RESULTS / f"{machine_name(device)}-{datetime.date.today()}"
+        path, n = stem, 1
+        while (path / "bench.json").exists():
+            n += 1
+            path = stem.with_name(f"{stem.name}-{n}")
     path.mkdir(parents=True, exist_ok=True)
     return path
 

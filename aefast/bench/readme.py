@@ -43,8 +43,8 @@ def table(record: dict, kind: str) -> str:
     env, sizes = record["environment"], {r["size"] for r in record["results"]}
     # The size shown for this device, else (a run cut short) the largest measured.
     size = SIZE[kind] if SIZE[kind] in sizes else max(sizes, key=("small", "medium", "large").index)
-    rows = [r for r in record["results"]
-            if r["contender"].startswith("aefast") and r["size"] == size and "error" not in r]
+    rows = [r for r in record["results"] if r["contender"].startswith("aefast") and r["size"] == size
+            and r.get("dtype", "float32") == "float32" and "error" not in r]  # the table says float32
     lines = [
         f"{env['device']}, {env['threads']} threads, torch {env['torch']}, {env['date'][:10]}; size {size} "
         f"({rows[0]['shape'] if rows else '?'}), float32; copy bandwidth {env['copy_GBps']} GB/s "

@@ -11,6 +11,7 @@ compiled reference. Writes a table on screen, bench.json, bench.md and bench.png
 from __future__ import annotations
 
 import argparse
+import zlib
 
 import torch
 
@@ -127,9 +128,15 @@ def _measure(args, device: torch.device, kept: bool, progress) -> tuple[list[dic
         case = CASES[op]
         backends = [b for b in ae.available_backends(device) if b in case.kernels and b != "reference"]
         backends = [b for b in backends if not args.backend or b in args.backend]
-        compiled = None if args.no_compile or not case.compile_reference else torch.compile(case.reference)
         for size in args.size or ["small", "medium", "large"]:
             for dtype_name in args.dtype or ["float32"]:
+                # compiled afresh for each shape and dtype: one function across them would be
+                # recompiled with dynamic shapes (generic code), and past torch._dynamo's
+                # recompile limit run eager under the name "compiled"
+                compiled = None
+                if not args.no_compile and case.compile_reference:
+                    torch._dynamo.reset()
+                    compiled = torch.compile(case.reference, dynamic=False)
                 inputs = case.inputs(size, DTYPES[dtype_name], device)
                 shape = "x".join(map(str, SIZES[device.type][size]))
                 for mode in args.mode or list(MODES):
@@ -152,7 +159,8 @@ def _measure(args, device: torch.device, kept: bool, progress) -> tuple[list[dic
                         del contenders[name]
                     if "eager" not in contenders:
                         continue
-                    samples = harness.alternate(contenders, device, args.rounds)
+                    seed = zlib.crc32(f"{op} {size} {dtype_name} {mode}".encode())  # each case its own orders
+                    samples = harness.alternate(contenders, device, args.rounds, seed=seed)
                     ms = {n: harness.median_ms(t) for n, t in samples.items()}
                     # Every round's time, the floor contender's too (its raw call, before the
                     # copy's rate is applied to the op's bytes): how much a median moves.
@@ -180,7 +188,8 @@ def markdown(rows: list[dict], env: dict) -> str:
             "(harness.freed_memory_kept); " if env.get("freed_memory_kept") else "")
     lines = [
         f"Measured on {env['device']} ({harness.threads_note(env)}), torch {env['torch']}, {env['date']}; "
-        f"copy bandwidth {env['copy_GBps']} GB/s (the best clone of a fresh 64 MB tensor, in this run); {kept}"
+        f"copy bandwidth {env['copy_GBps']} GB/s (the best clone of a fresh "
+        f"{'1 GB' if env.get('device_type') == 'cuda' else '64 MB'} tensor, in this run); {kept}"
         f"float32 matmul {env['matmul_fp32_TFLOPs']} TFLOP/s. Each row's floor is timed with it, in the same "
         "alternation: a fresh copy of the case's largest input (its rate applied to the bytes the op must "
         "move), or for an op built around a matmul, F.linear on the same inputs. Contenders: aefast[backend]; eager, aefast's "
@@ -236,7 +245,10 @@ def verdicts(rows: list[dict], over: str = "this run's rows") -> list[str]:
         rows, over = larger, f"{over} but the {CALL_BOUND_SIZE} size's"
     for op in dict.fromkeys(r["op"] for r in rows):
         mine = [r for r in rows if r["op"] == op and r["contender"].startswith("aefast[") and "error" not in r]
-        if not mine:
+        if not mine:  # every aefast row at these sizes failed (out of memory, ...): said, not dropped
+            if any(r["op"] == op and r["contender"].startswith("aefast[") for r in rows):
+                lines.append(f"- {op}: every aefast row failed (bench.md has the errors): NOT MEASURED")
+                below.append(op)
             continue
         matmul = "matmul_share" in mine[0]
         worst = min(mine, key=lambda r: r["matmul_share" if matmul else "copy_share"])

@@ -387,7 +387,9 @@ def _codes(rows, cols, dtype, device):
 
 def _decode_bytes(inputs, backward):
     values, weight = inputs["values"], inputs["weight"]
-    rows_used = min(values.numel(), weight.shape[0]) * weight.shape[1] * weight.element_size()
+    # each weight row the indices select, once (B * K uniform draws over L rows select
+    # about L (1 - exp(-B K / L)) distinct ones)
+    rows_used = inputs["indices"].unique().numel() * weight.shape[1] * weight.element_size()
     out = values.shape[0] * weight.shape[1] * weight.element_size()
     forward = nbytes(values, inputs["indices"]) + rows_used + out
     return forward + ((out + rows_used + nbytes(weight, values)) if backward else 0)

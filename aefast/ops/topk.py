@@ -275,13 +275,19 @@ def _sparse_bytes(inputs, backward):  # read x, write values and indices; back: 
     return (nbytes(x) + x.shape[0] * K * (x.element_size() + 8)) * (2 if backward else 1)
 
 
-def _dense_bytes(winners: Callable[[Tensor], int]):
+def _dense_bytes(output_of: Callable[[Tensor], Tensor]):
     """Read x, write the output; back: write x's gradient, read the output's gradient
-    where the winners lie only (a cache line each at most): its backward gathers them."""
+    where the winners lie only, its backward gathers them: the 64-byte lines holding
+    one (counted on the reference's output: dense winners, lifetime_topk's 5% of a
+    column, share lines)."""
     def count(inputs, backward):
         x = inputs["x"]
-        read_back = min(nbytes(x), winners(x) * max(64, x.element_size()))
-        return nbytes(x) * (3 if backward else 2) + (read_back if backward else 0)
+        if not backward:
+            return 2 * nbytes(x)
+        per_line = max(1, 64 // x.element_size())
+        won = (output_of(x) != 0).flatten()
+        won = torch.nn.functional.pad(won, (0, -won.numel() % per_line))
+        return 3 * nbytes(x) + int(won.view(-1, per_line).any(1).sum()) * 64
 
     return count
 
@@ -335,7 +341,7 @@ def topk_sparse(ops, x: Tensor, k: int, *, relu: bool = True) -> tuple[Tensor, T
 @operator(uses=("topk_forward",), prefers=("topk_mask_rows",), checks=(check_dense(), _k_per_row, _relu),
           bench=_bench(lambda op, x: op(x, K), lambda x: reference.topk_mask(x, K),
                        ("torch.topk + scatter", lambda x: _torch_topk_mask(x, K)), f"k={K}",
-                       _dense_bytes(lambda x: x.shape[0] * K)))
+                       _dense_bytes(lambda x: reference.topk_mask(x, K))))
 def topk_mask(ops, x: Tensor, k: int, *, relu: bool = True) -> Tensor:
     """x (B, H) with all but the k largest values of each row set to 0; ReLU after
     selection when relu=True. The gradient flows to the winners only."""
@@ -349,7 +355,7 @@ def topk_mask(ops, x: Tensor, k: int, *, relu: bool = True) -> Tensor:
 @operator(uses=("topk_forward",), prefers=("topk_mask_index_order",), checks=(check_dense(), _k_per_row_on_average, _relu),
           bench=_bench(lambda op, x: op(x, K), lambda x: reference.batch_topk(x, K),
                        ("torch.topk(x.flatten()) + scatter", lambda x: _torch_batch_topk(x, K)), f"k={K} per row",
-                       _dense_bytes(lambda x: x.shape[0] * K)))
+                       _dense_bytes(lambda x: reference.batch_topk(x, K))))
 def batch_topk(ops, x: Tensor, k: int, *, relu: bool = True, group=None) -> Tensor:
     """BatchTopK: keep the k * B largest values of the whole batch x (B, H), zero the
     rest (ReLU after selection). On average k per row, any number in a given row.
@@ -375,7 +381,7 @@ def batch_topk(ops, x: Tensor, k: int, *, relu: bool = True, group=None) -> Tens
 @operator(uses=("topk_forward",), prefers=("column_topk",), checks=(check_dense(), _rate("rate")),
           bench=_bench(lambda op, x: op(x, 0.05), lambda x: reference.lifetime_topk(x, 0.05),
                        ("torch.topk(dim=0) + scatter", lambda x: _torch_lifetime_topk(x, 0.05)), "rate=0.05",
-                       _dense_bytes(lambda x: reference.lifetime_count(0.05, x.shape[0]) * x.shape[1])))
+                       _dense_bytes(lambda x: reference.lifetime_topk(x, 0.05))))
 def lifetime_topk(ops, x: Tensor, rate: float, *, group=None) -> Tensor:
     """Lifetime sparsity (winner-take-all autoencoder, Makhzani & Frey 2015): per unit
     (column of x (B, H)) keep the ceil(rate * B) largest activations across the batch,
@@ -398,7 +404,7 @@ def lifetime_topk(ops, x: Tensor, rate: float, *, group=None) -> Tensor:
 @operator(uses=("topk_forward",), prefers=("topk_mask_rows",),
           checks=(check_dense(dims=4), _rate("lifetime_rate", optional=True)),
           bench=_bench(lambda op, x: op(x), reference.spatial_wta, ("amax + scatter", _torch_spatial_wta),
-                       "one winner per map", _dense_bytes(lambda x: x.shape[0] * x.shape[1]),
+                       "one winner per map", _dense_bytes(reference.spatial_wta),
                        make=lambda r, c, dtype, device: {
                            "x": torch.randn(r // 4, 16, 8, c // 32, device=device).to(dtype)}))
 def spatial_wta(ops, x: Tensor, *, lifetime_rate: float | None = None) -> Tensor:
