@@ -206,7 +206,7 @@ def kl_launches():
     from aefast.triton_kernels import kl
 
     for dtype in FLOATS:
-        for B, H in ((37, 65), (65536, 65536)):
+        for B, H in ((37, 65), (65536, 65536), (3, 1 << 24)):  # past 65535 column blocks of 128 too
             a = meta(B, H, dtype=dtype)
             g = meta(dtype=dtype)
             for x in (a, meta(H, B, dtype=dtype).t()):  # contiguous and transposed input
@@ -215,7 +215,7 @@ def kl_launches():
                 h, _, rho_hat = kl.sigmoid_kl_sparsity_forward(x, 0.05, 3.0, RHO_HAT_EPS)
                 kl.sigmoid_kl_sparsity_backward(x, g, h, rho_hat, 0.05, 3.0, RHO_HAT_EPS)
         # contractive: a (1M x 8192) weight, and a small one
-        for B, H, D in ((37, 65, 11), (4096, 1 << 20, 8192)):
+        for B, H, D in ((37, 65, 11), (4096, 1 << 20, 8192), (3, 1 << 24, 16)):
             h, w = meta(B, H, dtype=dtype), meta(H, D, dtype=dtype)
             _, s2, w2 = kl.contractive_penalty_forward(h, w)
             kl.contractive_penalty_backward(meta(dtype=dtype), h, w, s2, w2)

@@ -124,12 +124,23 @@ def contractive_penalty_kernel(
 
 
 @triton.jit
+def tile_of_program(columns, BLOCK_C: tl.constexpr):
+    """(row block, column block) of this program in a flat grid over a matrix's tiles,
+    column blocks fastest: axis 0 alone takes 2^31 - 1 programs, where a 2-D grid's
+    axis 1 stops at 65535 (8,388,480 columns in blocks of 128)."""
+    column_blocks = tl.cdiv(columns, BLOCK_C)
+    pid = tl.program_id(0)
+    return pid // column_blocks, pid % column_blocks
+
+
+@triton.jit
 def kl_grad_broadcast_kernel(
     grad_penalty_ptr, rho_hat_ptr, out_ptr, B, H, rho, beta_over_b,
     EPS: tl.constexpr, ACC: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
-    rows = (tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)).to(tl.int64)  # axis 0: no 65535 cap
-    cols = (tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)).to(tl.int64)
+    row_block, col_block = tile_of_program(H, BLOCK_H)
+    rows = (row_block * BLOCK_B + tl.arange(0, BLOCK_B)).to(tl.int64)
+    cols = (col_block * BLOCK_H + tl.arange(0, BLOCK_H)).to(tl.int64)
     g = tl.load(grad_penalty_ptr).to(ACC) * beta_over_b
     r = tl.load(rho_hat_ptr + cols, mask=cols < H, other=0.5).to(ACC)
     c = g * kl_bernoulli_grad(rho, r, EPS)
@@ -144,8 +155,9 @@ def sigmoid_kl_backward_kernel(
     stride_gb, stride_gh, stride_hb, stride_hh, rho, beta_over_b,
     EPS: tl.constexpr, ACC: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
-    rows = (tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)).to(tl.int64)  # axis 0: no 65535 cap
-    cols = (tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)).to(tl.int64)
+    row_block, col_block = tile_of_program(H, BLOCK_H)
+    rows = (row_block * BLOCK_B + tl.arange(0, BLOCK_B)).to(tl.int64)
+    cols = (col_block * BLOCK_H + tl.arange(0, BLOCK_H)).to(tl.int64)
     mask = (rows < B)[:, None] & (cols < H)[None, :]
     gh = tl.load(grad_h_ptr + rows[:, None] * stride_gb + cols[None, :] * stride_gh, mask=mask, other=0)
     h = tl.load(h_ptr + rows[:, None] * stride_hb + cols[None, :] * stride_hh, mask=mask, other=0)
@@ -167,8 +179,9 @@ def scale_by_unit_kernel(
 ):
     """out = g * factor * f(x) * unit, with f(x) = 2 s (1 - 2x), s = x (1 - x), for the
     contractive grad in h (unit per column), or f(x) = x for the grad in W (unit per row)."""
-    rows = (tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
-    cols = (tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)).to(tl.int64)  # cols * stride_xc: 2^31
+    row_block, col_block = tile_of_program(C, BLOCK_C)
+    rows = (row_block * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
+    cols = (col_block * BLOCK_C + tl.arange(0, BLOCK_C)).to(tl.int64)  # cols * stride_xc: 2^31
     mask = (rows < R)[:, None] & (cols < C)[None, :]
     g = tl.load(grad_penalty_ptr).to(ACC) * factor
     x = tl.load(x_ptr + rows[:, None] * stride_xr + cols[None, :] * stride_xc, mask=mask, other=0)
@@ -232,7 +245,7 @@ def kl_sparsity_backward(grad_penalty, rho_hat, batch: int, rho: float, beta: fl
     H = rho_hat.shape[0]
     out = torch.empty((batch, H), dtype=dtype, device=rho_hat.device)
     block_b, block_h, _, warps = _tiles(rho_hat.device, dtype)
-    grid = (triton.cdiv(batch, block_b), triton.cdiv(H, block_h))
+    grid = (triton.cdiv(batch, block_b) * triton.cdiv(H, block_h),)
     kl_grad_broadcast_kernel[grid](
         grad_penalty, rho_hat, out, batch, H, rho, beta / batch,
         EPS=eps, ACC=acc_dtype(dtype), BLOCK_B=block_b, BLOCK_H=block_h, num_warps=warps,
@@ -254,7 +267,7 @@ def sigmoid_kl_sparsity_backward(grad_h, grad_penalty, h, rho_hat, rho: float, b
     grad_h = grad_h.to(h.dtype)
     grad_z = torch.empty(h.shape, dtype=h.dtype, device=h.device)
     block_b, block_h, _, warps = _tiles(h.device, h.dtype)
-    grid = (triton.cdiv(B, block_b), triton.cdiv(H, block_h))
+    grid = (triton.cdiv(B, block_b) * triton.cdiv(H, block_h),)
     sigmoid_kl_backward_kernel[grid](
         grad_h, h, grad_penalty, rho_hat, grad_z, B, H,
         grad_h.stride(0), grad_h.stride(1), h.stride(0), h.stride(1), rho, beta / B,
@@ -282,7 +295,7 @@ def _scale_by_unit(x, unit, grad_penalty, factor: float, unit_is_row: bool, cont
     R, C = x.shape
     out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     block_r, block_c, _, warps = _tiles(x.device, x.dtype)
-    scale_by_unit_kernel[(triton.cdiv(R, block_r), triton.cdiv(C, block_c))](
+    scale_by_unit_kernel[(triton.cdiv(R, block_r) * triton.cdiv(C, block_c),)](
         x, unit, grad_penalty, out, R, C, x.stride(0), x.stride(1), factor,
         UNIT_IS_ROW=unit_is_row, CONTRACTIVE=contractive, ACC=acc_dtype(x.dtype),
         BLOCK_R=block_r, BLOCK_C=block_c, num_warps=warps,
