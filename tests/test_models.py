@@ -229,12 +229,13 @@ def test_model_arguments_that_cannot_work_are_refused_by_name(build, message):
         build()
 
 
-def test_batchtopk_threshold_moves_with_training_batches_only(digits_batch):
-    from aefast.models import BatchTopKSAE
-
-    torch.manual_seed(0)
-    model = BatchTopKSAE(64, n_latents=32, k=4).train()
-    model.encode(digits_batch), model.reconstruct(digits_batch)  # train mode, but no training batch
-    assert model.threshold_tracked.item() == 0 and model.threshold.item() == 0
+@pytest.mark.parametrize("spec", ["batchtopk-sae", "wta", "wta-conv"])
+def test_inference_thresholds_move_with_training_batches_only(digits_batch, spec):
+    model, _ = _model(spec)
+    model.train()
+    tracked = "threshold_tracked" if spec == "batchtopk-sae" else "thresholds_tracked"
+    with torch.no_grad():
+        model.encode(digits_batch), model.reconstruct(digits_batch)  # train mode, but no training batch
+    assert getattr(model, tracked).item() == 0
     model.loss(digits_batch)
-    assert model.threshold_tracked.item() == 1 and model.threshold.item() > 0
+    assert getattr(model, tracked).item() == 1

@@ -19,7 +19,8 @@ class JumpReLUSAE(AutoencoderModel):
     """f = JumpReLU_theta(W_enc (x - b_pre) + b_enc): each latent passes its
     pre-activation where it exceeds its own threshold theta = exp(log_threshold), else 0;
     x_hat = f W_dec + b_pre. Loss: 1/2 ||x_hat - x||^2 + l0_coef * ||f||_0, both batch
-    means (the paper's lambda, which weighs ||x_hat - x||^2, is 2 * l0_coef here). The step has no gradient, so theta learns through the paper's straight-through
+    means (the paper's lambda, which weighs ||x_hat - x||^2, is 2 * l0_coef here). The
+    step has no gradient, so theta learns through the paper's straight-through
     estimators with a rectangle kernel of width `bandwidth`; aefast.jumprelu computes the
     code, the L0 count and those gradients in one pass each way. Decoder rows are kept
     unit-norm, their gradients along themselves removed before each step (as in

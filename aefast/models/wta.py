@@ -56,9 +56,7 @@ class _WTABase(AutoencoderModel):
         features = self.features(x)
         if not self.training:
             return self._keep_above(features, self.winner_threshold.to(features.dtype))
-        code = self._winners(features)
-        self._track_threshold(self._unit_values(code.detach()))
-        return code
+        return self._winners(features)
 
     @torch.no_grad()
     def _track_threshold(self, kept: Tensor) -> None:
@@ -84,6 +82,8 @@ class _WTABase(AutoencoderModel):
 
     def loss(self, x: Tensor) -> dict[str, Tensor]:
         code = self.code(x)
+        if self.training:  # a training batch (not reconstruct in train mode): its thresholds
+            self._track_threshold(self._unit_values(code.detach()))
         reconstruction = squared_error(self.decoder(code).flatten(1), x)
         active = (code != 0).float().flatten(1).mean()
         return {"loss": reconstruction, **detached(reconstruction=reconstruction, active=active)}
