@@ -115,6 +115,7 @@ class ArrayFile:
     def __init__(self, path: str | Path):
         import numpy as np
 
+        from aefast.activations import MANIFEST as MANIFEST_NAME
         from aefast.activations import read_manifest
 
         path = Path(path)
@@ -124,7 +125,8 @@ class ArrayFile:
             missing = [file.name for file in files if not file.is_file()]
             if missing or not files:
                 raise ValueError(f"data folder {str(path)!r}: its manifest lists shards that are not there "
-                                 f"({', '.join(missing[:3]) or 'none listed'})")
+                                 f"({', '.join(missing[:3]) or 'none listed'}); to train on the shards present, "
+                                 f"remove its {MANIFEST_NAME}")
         elif path.is_dir():
             files = sorted(path.glob("*.npy"))
             if not files:
@@ -150,7 +152,8 @@ class ArrayFile:
         self.rows = self.starts[-1]
         if manifest is not None and self.rows != manifest["tokens"]:
             raise ValueError(f"data folder {str(path)!r}: its shards hold {self.rows} rows, its manifest says "
-                             f"{manifest['tokens']}: the shards changed after `aefast activations` wrote them")
+                             f"{manifest['tokens']}: the shards changed after `aefast activations` wrote them "
+                             f"(to train on them as they are, remove its {MANIFEST_NAME})")
         self.dim = math.prod(self.row_shape)
         if self.dim == 0:
             raise ValueError(f"{files[0]}: rows of shape {self.row_shape} hold no values")

@@ -62,6 +62,9 @@ echo "  ${SANITIZER:+ok      }${SANITIZER:-absent  } compute-sanitizer (its step
 if [ -z "$OUT" ]; then
   gpu=$( [ "$DRY" = 1 ] && echo "<gpu>" || "$PY" -c "import torch,re; print(re.sub('[^a-z0-9]+','-',torch.cuda.get_device_name(0).lower()).strip('-'))")
   OUT="bench/results/$gpu-$(date +%F)"
+  # a later run of the day (a --smoke after the full run) gets a folder of its own
+  n=1; base=$OUT
+  while [ "$DRY" != 1 ] && [ -e "$OUT" ]; do n=$((n + 1)); OUT="$base-$n"; done
 fi
 
 # Tests that need a GPU: those parametrized with device cuda (the emulated CUDA, the

@@ -15,7 +15,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 def test_a_tiny_study_writes_its_table_json_and_plot(tmp_path, capsys):
     argv = ["study", "pretraining", "--seeds", "2", "--label-fractions", "0.05,1", "--inits", "random-relu,stacked,wta",
-            "--pretrain-epochs", "2", "--finetune-steps", "5", "--out", str(tmp_path)]
+            "--pretrain-epochs", "3", "--finetune-steps", "5", "--out", str(tmp_path)]
     assert main(argv) == 0
     assert f"wrote {tmp_path}/: results.json, results.md, study.png" in capsys.readouterr().out
     result = json.loads((tmp_path / "results.json").read_text())

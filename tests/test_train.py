@@ -421,6 +421,17 @@ def test_resume_refuses_epochs_already_done_and_keeps_the_config(tmp_path, capsy
     assert (tmp_path / "run" / "config.toml").read_text() == before
 
 
+def test_resume_notes_no_option_newer_than_the_checkpoint(tmp_path, capsys, small_digits):
+    run = tmp_path / "run"
+    _train("ae", "--data", small_digits, "--epochs", "1", "--out", str(run))
+    checkpoint = torch.load(run / "checkpoint.pt", weights_only=False)
+    del checkpoint["config"]["timeout"]  # as a checkpoint written before --timeout existed
+    torch.save(checkpoint, run / "checkpoint.pt")
+    capsys.readouterr()
+    _train("ae", "--out", str(run), "--resume", "--epochs", "2")
+    assert "note:" not in capsys.readouterr().out
+
+
 def test_resume_mid_epoch_refuses_epochs_equal_to_those_done(tmp_path, capsys, small_digits):
     """A checkpoint written 2 batches into epoch 3: --epochs 2 would report part of epoch
     3's training as a 2-epoch run."""
@@ -479,8 +490,11 @@ def test_the_model_table_checks_each_row_as_aefast_train_does(monkeypatch, tmp_p
         return {"raw_probe_accuracy": 0.9, "val_mse": 0.1, "probe_accuracy": 0.9, "code_size": 4}
 
     monkeypatch.setattr(table, "train", fake_train)
-    assert table.main(["--epochs", "100", "--out", str(tmp_path)]) == 0
-    assert len(seen) == len(table.ROWS) and {config["epochs"] for config in seen} == {100}
+    assert table.main(["--epochs", "5", "--out", str(tmp_path)]) == 0  # quick: pretraining shrinks to fit
+    assert len(seen) == len(table.ROWS) and {config["epochs"] for config in seen} == {5}
     assert [config["model"] for config in seen if config["conv"]] == ["wta"]
-    with pytest.raises(ValueError, match="stacked: --epochs 5 ends before fine-tuning"):
-        table.main(["--epochs", "5", "--out", str(tmp_path)])
+    assert {config["pretrain_epochs"] for config in seen if "pretrain_epochs" in config} == {1}
+    seen.clear()
+    with pytest.raises(ValueError, match="stacked: --epochs 2 ends before fine-tuning"):
+        table.main(["--epochs", "2", "--out", str(tmp_path)])
+    assert seen == []  # refused before any row trained

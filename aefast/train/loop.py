@@ -171,7 +171,8 @@ def _train(config: dict[str, Any], out_dir: Path, checkpoint: dict[str, Any] | N
             say(f"note: {'; '.join(changed)} since the run began: it goes on with other rows than it trained on, "
                 f"not exactly as if never stopped")
         noted = configuration.DATA_SETTINGS + configuration.STREAM_SETTINGS + ("epochs",)
-        others = configuration.changed_settings(checkpoint["config"], config, [k for k in config if k not in noted])
+        others = configuration.changed_settings(  # not options newer than the checkpoint
+            checkpoint["config"], config, [k for k in config if k not in noted and k in checkpoint["config"]])
         if others:
             say(f"note: {'; '.join(others)} since the run began: it goes on with the new value"
                 f"{'s' if len(others) > 1 else ''}")
@@ -533,11 +534,11 @@ def _language_model_evaluation(config: dict[str, Any], model: AutoencoderModel, 
     """For activations written by `aefast activations`: the language model's loss with
     the model spliced in, added to `result`. A failure here (no transformers, a model
     not at hand) is recorded, not fatal."""
-    manifest = read_manifest(config["data"]) if Path(config["data"]).is_dir() else None
-    target = read_manifest(config["target"]) if config["target"] and Path(config["target"]).is_dir() else None
-    if manifest is None or (config["target"] and target is None):  # a transcoder needs both sites' manifests
-        return
     try:
+        manifest = read_manifest(config["data"]) if Path(config["data"]).is_dir() else None
+        target = read_manifest(config["target"]) if config["target"] and Path(config["target"]).is_dir() else None
+        if manifest is None or (config["target"] and target is None):  # a transcoder needs both sites' manifests
+            return
         result.update(spliced_loss(manifest, model, device=device, target_manifest=target))
     except Exception as exc:  # after the training: whatever went wrong here must not cost the rest
         result["lm_eval_error"] = " ".join(str(exc).split())

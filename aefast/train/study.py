@@ -46,7 +46,8 @@ def pretrain(init: str, data: Dataset, epochs: int, seed: int) -> list[nn.Module
     from aefast.train import config as configuration
     from aefast.train.loop import check_data_range
 
-    overrides = {"layers": list(HIDDEN), "pretrain_epochs": max(1, epochs // 3)} if init == "stacked" else {"hidden": HIDDEN[0]}
+    overrides = ({"layers": list(HIDDEN), "pretrain_epochs": max(1, epochs // 3), "epochs": epochs}
+                 if init == "stacked" else {"hidden": HIDDEN[0]})
     config = configuration.resolve(init, overrides)
     torch.manual_seed(seed)
     model = configuration.build_model(config, data.image_shape)

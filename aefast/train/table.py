@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from aefast.data import load_dataset
-from aefast.train.config import MODELS, resolve
+from aefast.train.config import MODELS, defaults, resolve
 from aefast.train.loop import train
 
 # (model, --conv, flags): every model with its defaults, and the variants worth a row.
@@ -38,10 +38,17 @@ def main(argv: list[str] | None = None) -> int:
     lines = ["| command | epochs | train s | val MSE | probe accuracy (codes) | code size |",
              "|---|---:|---:|---:|---:|---:|"]
     raw_probe, notes = None, []
+    configs = []  # every row checked as `aefast train` checks it, before any trains
     for model, conv, overrides in ROWS:
-        given = {**overrides, **({"conv": True} if conv else {}),
-                 **({"epochs": args.epochs} if args.epochs is not None else {})}
-        config = resolve(model, given)  # checked as `aefast train` checks it (stacked's fine-tuning budget)
+        given = {**overrides, **({"conv": True} if conv else {})}
+        base = defaults(model, conv)
+        if args.epochs is not None:  # a quick check: layer-wise models pretrain a share each layer, then fine-tune
+            given["epochs"] = args.epochs
+            if "pretrain_epochs" in base:
+                layers = len(base.get("layers") or base["channels"])
+                given["pretrain_epochs"] = max(1, args.epochs // (layers + 1))
+        configs.append(resolve(model, given))
+    for (model, conv, overrides), config in zip(ROWS, configs):
         command = f"aefast train {model}" + (" --conv" if conv else "") + _flags(overrides)
         folder = command.removeprefix("aefast train ").replace(" --", "-")
         start = time.perf_counter()
