@@ -208,6 +208,11 @@ def _tiles(device: torch.device, dtype: torch.dtype) -> tuple[int, int, int, int
     return 32, 128, 4 * multiprocessors(device), 8
 
 
+def _tile_grid(rows: int, cols: int, block_rows: int, block_cols: int) -> tuple[int]:
+    """The flat grid that tile_of_program reads: one program per (block_rows, block_cols) tile."""
+    return (triton.cdiv(rows, block_rows) * triton.cdiv(cols, block_cols),)
+
+
 def _column_sums(x: torch.Tensor, what: int, h: torch.Tensor | None = None):
     """Partial column sums of f(x) over row splits: (partial (n_splits, H), n_splits)."""
     B, H = x.shape
@@ -245,8 +250,7 @@ def kl_sparsity_backward(grad_penalty, rho_hat, batch: int, rho: float, beta: fl
     H = rho_hat.shape[0]
     out = torch.empty((batch, H), dtype=dtype, device=rho_hat.device)
     block_b, block_h, _, warps = _tiles(rho_hat.device, dtype)
-    grid = (triton.cdiv(batch, block_b) * triton.cdiv(H, block_h),)
-    kl_grad_broadcast_kernel[grid](
+    kl_grad_broadcast_kernel[_tile_grid(batch, H, block_b, block_h)](
         grad_penalty, rho_hat, out, batch, H, rho, beta / batch,
         EPS=eps, ACC=acc_dtype(dtype), BLOCK_B=block_b, BLOCK_H=block_h, num_warps=warps,
     )
@@ -267,8 +271,7 @@ def sigmoid_kl_sparsity_backward(grad_h, grad_penalty, h, rho_hat, rho: float, b
     grad_h = grad_h.to(h.dtype)
     grad_z = torch.empty(h.shape, dtype=h.dtype, device=h.device)
     block_b, block_h, _, warps = _tiles(h.device, h.dtype)
-    grid = (triton.cdiv(B, block_b) * triton.cdiv(H, block_h),)
-    sigmoid_kl_backward_kernel[grid](
+    sigmoid_kl_backward_kernel[_tile_grid(B, H, block_b, block_h)](
         grad_h, h, grad_penalty, rho_hat, grad_z, B, H,
         grad_h.stride(0), grad_h.stride(1), h.stride(0), h.stride(1), rho, beta / B,
         EPS=eps, ACC=acc_dtype(h.dtype), BLOCK_B=block_b, BLOCK_H=block_h, num_warps=warps,
@@ -295,7 +298,7 @@ def _scale_by_unit(x, unit, grad_penalty, factor: float, unit_is_row: bool, cont
     R, C = x.shape
     out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     block_r, block_c, _, warps = _tiles(x.device, x.dtype)
-    scale_by_unit_kernel[(triton.cdiv(R, block_r) * triton.cdiv(C, block_c),)](
+    scale_by_unit_kernel[_tile_grid(R, C, block_r, block_c)](
         x, unit, grad_penalty, out, R, C, x.stride(0), x.stride(1), factor,
         UNIT_IS_ROW=unit_is_row, CONTRACTIVE=contractive, ACC=acc_dtype(x.dtype),
         BLOCK_R=block_r, BLOCK_C=block_c, num_warps=warps,

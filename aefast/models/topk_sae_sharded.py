@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 import aefast as ae
-from aefast.models.base import detached, squared_error
+from aefast.models.base import at_least_float32, detached, squared_error
 from aefast.models.topk_sae import TopKSAE
 from aefast.ops._distributed import (
     global_topk_keep,
@@ -58,7 +58,7 @@ class LatentShardedTopKSAE(TopKSAE):
     def _decode_sum(self, values: Tensor, indices: Tensor, bias: bool = True) -> Tensor:
         partial = ae.sparse_decode(values, indices, self.decoder_weight_for(values), None)
         # summed in float32 at least: one rounding of the sum, as one process has, not N
-        total = sum_over_ranks(partial.to(torch.promote_types(partial.dtype, torch.float32)), self.latent_group)
+        total = sum_over_ranks(at_least_float32(partial), self.latent_group)
         return total + self.pre_bias.to(total.dtype) if bias else total
 
     def loss(self, x: Tensor) -> dict[str, Tensor]:

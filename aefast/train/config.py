@@ -177,9 +177,14 @@ class ModelSpec:
     check: Callable[[dict[str, Any]], None] | None = None  # of a whole configuration
 
 
+def pretrained_layers(config: dict[str, Any]) -> int:
+    """The layers a layer-wise model (stacked, conv) pretrains one at a time."""
+    return len(config.get("layers") or config["channels"])
+
+
 def _reaches_fine_tuning(config: dict[str, Any]) -> None:
     """Greedy pretraining takes pretrain_epochs per layer; the epochs after it fine-tune."""
-    layers, per_layer = len(config.get("layers") or config["channels"]), config["pretrain_epochs"]
+    layers, per_layer = pretrained_layers(config), config["pretrain_epochs"]
     if config["epochs"] <= layers * per_layer:
         raise ValueError(
             f"{config['model']}: --epochs {config['epochs']} ends before fine-tuning: greedy pretraining takes {layers} "

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from aefast.data import load_dataset
-from aefast.train.config import MODELS, defaults, resolve
+from aefast.train.config import MODELS, defaults, pretrained_layers, resolve
 from aefast.train.loop import train
 
 # (model, --conv, flags): every model with its defaults, and the variants worth a row.
@@ -45,8 +45,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.epochs is not None:  # a quick check: layer-wise models pretrain a share each layer, then fine-tune
             given["epochs"] = args.epochs
             if "pretrain_epochs" in base:
-                layers = len(base.get("layers") or base["channels"])
-                given["pretrain_epochs"] = max(1, args.epochs // (layers + 1))
+                given["pretrain_epochs"] = max(1, args.epochs // (pretrained_layers(base) + 1))
         configs.append(resolve(model, given))
     for (model, conv, overrides), config in zip(ROWS, configs):
         command = f"aefast train {model}" + (" --conv" if conv else "") + _flags(overrides)
