@@ -54,6 +54,9 @@ def test_model_trains_a_few_steps(spec, digits_batch):
     with torch.no_grad():
         assert model.reconstruct(digits_batch).shape == digits_batch.shape
         assert model.encode(digits_batch).shape[0] == len(digits_batch)
+        reconstruction, code = model.reconstruct_and_encode(digits_batch)  # the evaluation's
+        assert torch.equal(reconstruction, model.reconstruct(digits_batch))
+        assert torch.equal(code, model.encode(digits_batch))
         if hasattr(model, "sample"):
             assert model.sample(5).shape == (5, 64)
 

@@ -480,6 +480,25 @@ def test_the_evaluation_keeps_a_bounded_block_of_codes(monkeypatch):
         assert int((firings == 0).sum()) < int(((codes != 0).sum(0) == 0).sum())  # the window's "dead" fire later
 
 
+@pytest.mark.parametrize(("name", "kwargs", "encoder"), [("TopKSAE", {"k": 4}, "encoder_input"),
+                                                        ("BatchTopKSAE", {"k": 4}, "encoder_input"),
+                                                        ("JumpReLUSAE", {}, "_code")])
+def test_the_evaluation_encodes_each_validation_row_once(name, kwargs, encoder, monkeypatch):
+    """An exactly sparse model's reconstruction and code (for the probe and the
+    firings) come from one pass of its encoder, its one large matmul."""
+    import aefast.models as models
+    from aefast.train import evaluate
+
+    model, x = getattr(models, name)(64, n_latents=256, **kwargs).eval(), torch.randn(300, 64)
+    with torch.no_grad():
+        want = model.reconstruct(x), model.encode(x)
+    calls, encode = [], getattr(model, encoder)
+    monkeypatch.setattr(model, encoder, lambda x: calls.append(len(x)) or encode(x))
+    reconstructions, codes, _ = evaluate.infer(model, x, 64)
+    assert calls == [64] * 4 + [44]
+    assert torch.equal(reconstructions, want[0]) and torch.equal(codes, want[1])
+
+
 def test_the_model_table_checks_each_row_as_aefast_train_does(monkeypatch, tmp_path):
     from aefast.train import table
 

@@ -51,6 +51,11 @@ class AutoencoderModel(nn.Module):
     def reconstruct(self, x: Tensor) -> Tensor:
         raise NotImplementedError
 
+    def reconstruct_and_encode(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """(reconstruct(x), encode(x)); models whose reconstruction decodes the code
+        `encode` returns override it to encode once (the evaluation wants both)."""
+        return self.reconstruct(x), self.encode(x)
+
     def forward(self, x: Tensor) -> Tensor:
         return self.reconstruct(x)
 

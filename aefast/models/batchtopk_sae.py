@@ -71,6 +71,10 @@ class BatchTopKSAE(TopKSAE):
     def reconstruct(self, x: Tensor) -> Tensor:
         return self._dense_decode(self.encode(x))
 
+    def reconstruct_and_encode(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        code = self.encode(x)
+        return self._dense_decode(code), code
+
     def reconstruction_loss(self, z: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
         """(the loss, x_hat) of the code z: 1/2 ||x_hat - target||^2, batch mean."""
         x_hat = self._dense_decode(z)

@@ -64,7 +64,11 @@ class JumpReLUSAE(AutoencoderModel):
         return self._code(x)[0]
 
     def reconstruct(self, x: Tensor) -> Tensor:
-        return F.linear(self.encode(x), self.decoder_weight.t().to(x.dtype), self.pre_bias.to(x.dtype))
+        return self.reconstruct_and_encode(x)[0]
+
+    def reconstruct_and_encode(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        code = self.encode(x)
+        return F.linear(code, self.decoder_weight.t().to(x.dtype), self.pre_bias.to(x.dtype)), code
 
     def filters(self) -> Tensor:
         return self.encoder_weight

@@ -124,8 +124,10 @@ class TopKSAE(AutoencoderModel):
 
     def encode(self, x: Tensor) -> Tensor:
         """The dense (B, L) code, for the probe and the figures."""
-        values, indices = self.winners(x)
-        return values.new_zeros((x.shape[0], self.encoder_weight.shape[0])).scatter_(1, indices, values)
+        return self._dense_code(*self.winners(x))
+
+    def _dense_code(self, values: Tensor, indices: Tensor) -> Tensor:
+        return values.new_zeros((values.shape[0], self.encoder_weight.shape[0])).scatter_(1, indices, values)
 
     def decoder_weight_for(self, values: Tensor) -> Tensor:
         """The decoder weight as sparse_decode takes it beside `values`: a float32 weight
@@ -141,6 +143,10 @@ class TopKSAE(AutoencoderModel):
 
     def reconstruct(self, x: Tensor) -> Tensor:
         return self._decode(*self.winners(x))
+
+    def reconstruct_and_encode(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        values, indices = self.winners(x)
+        return self._decode(values, indices), self._dense_code(values, indices)
 
     def filters(self) -> Tensor:
         return self.encoder_weight

@@ -35,9 +35,12 @@ def infer(model: AutoencoderModel, x: Tensor, batch_size: int) -> Inference:
     for start in range(0, len(x), batch_size):
         batch = x[start:start + batch_size]
         with model.autocast():
-            reconstructions.append(model.reconstruct(batch).float().cpu())
             if start < code_rows or model.exactly_sparse_code:
-                code = model.encode(batch).flatten(1)
+                reconstruction, code = model.reconstruct_and_encode(batch)
+                code = code.flatten(1)
+            else:
+                reconstruction = model.reconstruct(batch)
+            reconstructions.append(reconstruction.float().cpu())
         if model.exactly_sparse_code:
             fired = (code != 0).sum(0)
             firings = fired if firings is None else firings + fired
