@@ -164,6 +164,25 @@ def test_noisy_linear_with_triton_unfused_matches_reference(device, backend, kin
     _check_noisy_linear_against_reference(device, backend, kind)
 
 
+@pytest.mark.parametrize(("device", "backend"), [p for p in op_backends("noisy_linear") if p.values[1] == "triton"])
+def test_triton_noisy_matmul_writes_every_tile_of_its_flat_grid(device, backend, poisoned):
+    """The fused matmul's flat grid (column blocks fastest, so that no axis stops at
+    65535 blocks): 17 whole row blocks and a partial one by 2 whole column blocks and a
+    partial one, for the output and both matmul gradients (the compile check plans the
+    sizes past 65535 blocks)."""
+    from aefast.triton_kernels import noise as triton_noise
+
+    dtype = torch.float32 if device == "cpu" else torch.bfloat16  # the fused kernel's dtypes
+    block_m, block_n, _, _ = triton_noise._matmul_tiles(torch.device(device), dtype, triton_noise.dot_precision(dtype))
+    rows, features, out_features = 17 * block_m + 5, 2 * block_n + 3, 2 * block_n + 5
+    x = leaf(torch.rand(rows, features, dtype=torch.float64).to(device, dtype))
+    w = leaf(torch.randn(out_features, features, dtype=torch.float64).to(device, dtype))
+    b = leaf(torch.randn(out_features, dtype=torch.float64).to(device, dtype))
+    with ae.backend(backend):
+        out = ae.noisy_linear(x, w, b, "dropout", LEVELS["dropout"], seed=BIG_SEED)
+    assert_noisy_linear_close(out, x, w, b, "dropout", dtype)
+
+
 def _check_noisy_linear_against_reference(device, backend, kind):
     for dtype in dtypes_for(device, backend):
         for shape, out_features, with_bias in [((37, 70), 11, True), ((1, 1), 1, False), ((2, 3, 33), 65, True)]:

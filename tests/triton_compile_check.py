@@ -240,7 +240,7 @@ def noise_launches():
             old = matmul.fp32_precision
             matmul.fp32_precision = "tf32" if tf32 else "ieee"
             try:
-                for N, D, out in ((37, 29, 13), (8 << 20, 784, 1024)):
+                for N, D, out in ((37, 29, 13), (8 << 20, 784, 1024), (3, 5 << 20, 7)):  # past 65535 blocks of 64
                     x, w, b = meta(N, D, dtype=dtype), meta(out, D, dtype=dtype), meta(out, dtype=dtype)
                     for kind in range(len(CORRUPTION_KINDS)):
                         y = noise.noisy_linear_forward(x, w, b, kind, 0.25, seed, 0.0, 1.0)

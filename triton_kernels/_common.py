@@ -1,5 +1,6 @@
 """What the Triton launchers of every family share: the accumulation type, where a
-launch is planned for (a GPU or the interpreter), and the limits of a CUDA grid."""
+launch is planned for (a GPU or the interpreter), the limits of a CUDA grid, and a flat
+grid over a matrix's tiles."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import contextlib
 import functools
 
 import torch
+import triton
 import triton.language as tl
 
 # A CUDA grid: axis 0 up to 2^31 - 1 programs, axes 1 and 2 up to 65535.
@@ -14,6 +16,21 @@ MAX_GRID_X = 2**31 - 1
 MAX_GRID_YZ = 65535
 # Streaming multiprocessors assumed for a meta tensor (an H200's), see planned_for_gpu.
 DEFAULT_SMS = 132
+
+
+@triton.jit
+def tile_of_program(columns, BLOCK_C: tl.constexpr):
+    """(row block, column block) of this program in a flat grid over a matrix's tiles,
+    column blocks fastest: axis 0 alone takes 2^31 - 1 programs, where a 2-D grid's
+    axis 1 stops at 65535 (8,388,480 columns in blocks of 128, 4,194,240 of 64)."""
+    column_blocks = tl.cdiv(columns, BLOCK_C)
+    pid = tl.program_id(0)
+    return pid // column_blocks, pid % column_blocks
+
+
+def tile_grid(rows: int, cols: int, block_rows: int, block_cols: int) -> tuple[int]:
+    """The flat grid that tile_of_program reads: one program per (block_rows, block_cols) tile."""
+    return (triton.cdiv(rows, block_rows) * triton.cdiv(cols, block_cols),)
 
 
 def acc_dtype(dtype: torch.dtype):

@@ -19,6 +19,8 @@ from aefast.triton_kernels._common import (
     on_input_device,
     planned_for_gpu,
     stat_dtype,
+    tile_grid,
+    tile_of_program,
 )
 
 # What column_partial_sums_kernel sums over the rows.
@@ -124,16 +126,6 @@ def contractive_penalty_kernel(
 
 
 @triton.jit
-def tile_of_program(columns, BLOCK_C: tl.constexpr):
-    """(row block, column block) of this program in a flat grid over a matrix's tiles,
-    column blocks fastest: axis 0 alone takes 2^31 - 1 programs, where a 2-D grid's
-    axis 1 stops at 65535 (8,388,480 columns in blocks of 128)."""
-    column_blocks = tl.cdiv(columns, BLOCK_C)
-    pid = tl.program_id(0)
-    return pid // column_blocks, pid % column_blocks
-
-
-@triton.jit
 def kl_grad_broadcast_kernel(
     grad_penalty_ptr, rho_hat_ptr, out_ptr, B, H, rho, beta_over_b,
     EPS: tl.constexpr, ACC: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr,
@@ -208,11 +200,6 @@ def _tiles(device: torch.device, dtype: torch.dtype) -> tuple[int, int, int, int
     return 32, 128, 4 * multiprocessors(device), 8
 
 
-def _tile_grid(rows: int, cols: int, block_rows: int, block_cols: int) -> tuple[int]:
-    """The flat grid that tile_of_program reads: one program per (block_rows, block_cols) tile."""
-    return (triton.cdiv(rows, block_rows) * triton.cdiv(cols, block_cols),)
-
-
 def _column_sums(x: torch.Tensor, what: int, h: torch.Tensor | None = None):
     """Partial column sums of f(x) over row splits: (partial (n_splits, H), n_splits)."""
     B, H = x.shape
@@ -250,7 +237,7 @@ def kl_sparsity_backward(grad_penalty, rho_hat, batch: int, rho: float, beta: fl
     H = rho_hat.shape[0]
     out = torch.empty((batch, H), dtype=dtype, device=rho_hat.device)
     block_b, block_h, _, warps = _tiles(rho_hat.device, dtype)
-    kl_grad_broadcast_kernel[_tile_grid(batch, H, block_b, block_h)](
+    kl_grad_broadcast_kernel[tile_grid(batch, H, block_b, block_h)](
         grad_penalty, rho_hat, out, batch, H, rho, beta / batch,
         EPS=eps, ACC=acc_dtype(dtype), BLOCK_B=block_b, BLOCK_H=block_h, num_warps=warps,
     )
@@ -271,7 +258,7 @@ def sigmoid_kl_sparsity_backward(grad_h, grad_penalty, h, rho_hat, rho: float, b
     grad_h = grad_h.to(h.dtype)
     grad_z = torch.empty(h.shape, dtype=h.dtype, device=h.device)
     block_b, block_h, _, warps = _tiles(h.device, h.dtype)
-    sigmoid_kl_backward_kernel[_tile_grid(B, H, block_b, block_h)](
+    sigmoid_kl_backward_kernel[tile_grid(B, H, block_b, block_h)](
         grad_h, h, grad_penalty, rho_hat, grad_z, B, H,
         grad_h.stride(0), grad_h.stride(1), h.stride(0), h.stride(1), rho, beta / B,
         EPS=eps, ACC=acc_dtype(h.dtype), BLOCK_B=block_b, BLOCK_H=block_h, num_warps=warps,
@@ -298,7 +285,7 @@ def _scale_by_unit(x, unit, grad_penalty, factor: float, unit_is_row: bool, cont
     R, C = x.shape
     out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     block_r, block_c, _, warps = _tiles(x.device, x.dtype)
-    scale_by_unit_kernel[_tile_grid(R, C, block_r, block_c)](
+    scale_by_unit_kernel[tile_grid(R, C, block_r, block_c)](
         x, unit, grad_penalty, out, R, C, x.stride(0), x.stride(1), factor,
         UNIT_IS_ROW=unit_is_row, CONTRACTIVE=contractive, ACC=acc_dtype(x.dtype),
         BLOCK_R=block_r, BLOCK_C=block_c, num_warps=warps,

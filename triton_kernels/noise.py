@@ -17,7 +17,13 @@ import torch
 import triton
 import triton.language as tl
 
-from aefast.triton_kernels._common import acc_dtype, on_input_device, planned_for_gpu
+from aefast.triton_kernels._common import (
+    acc_dtype,
+    on_input_device,
+    planned_for_gpu,
+    tile_grid,
+    tile_of_program,
+)
 
 # KIND in the kernels, and `kind` in the launchers: the kind's index in
 # aefast.reference.CORRUPTION_KINDS, passed in by the caller (aefast/ops/noise.py):
@@ -151,8 +157,9 @@ def noisy_matmul_kernel(
 ):
     """out (M, N) = A (M, K) @ B (K, N) (+ bias), with x (whichever operand CORRUPT
     names, x_width its row length) corrupted tile by tile as it is loaded."""
-    rm = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
-    rn = (tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    tile_m, tile_n = tile_of_program(N, BLOCK_N)
+    rm = (tile_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    rn = (tile_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
     seed = tl.load(seed_ptr)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32 if PRECISION != "ieee64" else tl.float64)
     for k0 in range(0, K, BLOCK_K):
@@ -270,7 +277,7 @@ def noisy_matmul(a, b, *, corrupt_at: int, x_width: int, kind: int, level: float
     out = torch.empty((M, N), dtype=out_dtype or a.dtype, device=a.device)
     precision = dot_precision(a.dtype)
     bm, bn, bk, warps = _matmul_tiles(a.device, a.dtype, precision)
-    noisy_matmul_kernel[(triton.cdiv(M, bm), triton.cdiv(N, bn))](
+    noisy_matmul_kernel[tile_grid(M, N, bm, bn)](
         a, b, out, bias if bias is not None else out, seed, M, N, K,
         a.stride(0), a.stride(1), b.stride(0), b.stride(1), x_width, level, scale, low, high,
         KIND=k, CORRUPT=corrupt_at, HAS_BIAS=bias is not None, PRECISION=precision,

@@ -29,7 +29,15 @@ inline at::TensorOptions stat_options(const at::Tensor& t) {
   return t.options().dtype(t.scalar_type() == at::kDouble ? at::kDouble : at::kFloat);
 }
 
-inline void check(cudaError_t err) { TORCH_CHECK(err == cudaSuccess, "aefast CUDA kernel: ", cudaGetErrorString(err)); }
+// A launch's status as an error; a grid past CUDA's limits (grid_of in common.cuh) reads
+// "invalid configuration argument", so that one says which limit.
+inline void check(cudaError_t err) {
+  TORCH_CHECK(err == cudaSuccess, "aefast CUDA kernel: ", cudaGetErrorString(err),
+              err == cudaErrorInvalidConfiguration
+                  ? " (the inputs' sizes need a launch grid past CUDA's limits: below 2^31 blocks on x, "
+                    "at most 65535 on y and z)"
+                  : "");
+}
 
 inline cudaStream_t stream() { return at::cuda::getCurrentCUDAStream().stream(); }
 
