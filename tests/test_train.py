@@ -343,6 +343,55 @@ def test_op_and_model_range_errors_name_the_flag(tmp_path, capsys, small_digits)
     assert not (tmp_path / "never").exists()
 
 
+def test_a_signal_repeated_at_once_is_one_stop_request_and_a_later_one_stops_at_once(monkeypatch):
+    """torchrun forwards the Ctrl-C or SIGTERM its workers already got: two signals
+    milliseconds apart must still end the run after its step, with a checkpoint."""
+    import os
+    import signal
+
+    from aefast.train import loop
+
+    now = [100.0]
+    monkeypatch.setattr(loop.time, "monotonic", lambda: now[0])
+    with loop._StopRequests() as stop:
+        try:  # (an escaping KeyboardInterrupt would end pytest's whole session)
+            os.kill(os.getpid(), signal.SIGINT)
+            now[0] += 0.01
+            os.kill(os.getpid(), signal.SIGINT)  # the forwarded copy: no escalation
+            now[0] += 0.01
+            os.kill(os.getpid(), signal.SIGTERM)
+        except KeyboardInterrupt:
+            pytest.fail("a signal repeated within ESCALATE_AFTER stopped the run at once, with no checkpoint")
+        assert stop.requested
+        now[0] += stop.ESCALATE_AFTER
+        with pytest.raises(KeyboardInterrupt):  # the user, again, later: stop now
+            os.kill(os.getpid(), signal.SIGINT)
+        with pytest.raises(KeyboardInterrupt):
+            stop.check()
+
+
+def test_processes_that_found_different_checkpoints_are_refused():
+    """On several nodes each reads its own copy of OUT/checkpoint.pt: a missing or stale
+    one must not start training beside the others."""
+    from aefast.train import loop
+
+    class TwoRanks:  # Cluster.gather as two processes see it
+        def __init__(self, other):
+            self.other = other
+
+        def gather(self, value):
+            return [value, self.other]
+
+    history = [{"epoch": 1, "loss": 0.5}]
+    mine = (True, 1, 128, loop.hashlib.sha256(b'[{"epoch": 1, "loss": 0.5}]').hexdigest()[:12])
+    loop._check_same_start(TwoRanks(mine), True, history, 128)  # the same start: fine
+    for other, shown in [((False, 0, 0, mine[3]), "rank 1: no checkpoint"),
+                         ((True, 1, 64, mine[3]), "rank 1: 1 epochs and 64 rows done"),
+                         ((True, 1, 128, "0123456789ab"), "history 0123456789ab")]:
+        with pytest.raises(ValueError, match=f"found different checkpoints .*{shown}"):
+            loop._check_same_start(TwoRanks(other), True, history, 128)
+
+
 def test_a_stopped_evaluation_is_done_again_on_resume(tmp_path, capsys, small_digits):
     import os
     import signal

@@ -17,6 +17,7 @@ checkpoint of any world size resumes on any other."""
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import math
 import signal
@@ -141,6 +142,7 @@ def _train(config: dict[str, Any], out_dir: Path, checkpoint: dict[str, Any] | N
         _set_rng_states(checkpoint["rng"], shuffle, device)
         position = _EpochPosition.restore(checkpoint.get("position"), config["batch_size"])
     if cluster is not None:
+        _check_same_start(cluster, checkpoint is not None, history, position.rows)
         _seed_rank(cluster, config["seed"], checkpoint, position)
         if cluster.replica:  # the epoch's sums so far are counted once, by the first replica
             position.sums = {}
@@ -379,12 +381,18 @@ def _groups(batches, size: int):
 class _StopRequests:
     """Ctrl-C (SIGINT) or SIGTERM while training ends the run after the step in
     progress, with a checkpoint of that point, instead of abandoning a half-done
-    optimizer step; a second Ctrl-C stops at once. `at_once`: the first stops at once
-    (SIGTERM too, which would otherwise kill the process without a word). Only in the
-    main thread (the only one that may set signal handlers)."""
+    optimizer step; a second signal ESCALATE_AFTER seconds or more after the first
+    stops at once. Sooner it is the same request again: under torchrun every worker
+    gets the terminal's Ctrl-C or a scheduler's SIGTERM (sent to the whole job) and
+    then the same signal forwarded by torchrun, milliseconds apart. `at_once`: the
+    first stops at once (SIGTERM too, which would otherwise kill the process without a
+    word). Only in the main thread (the only one that may set signal handlers)."""
+
+    ESCALATE_AFTER = 1.0
 
     def __init__(self, at_once: bool = False):
         self.requested, self._previous = at_once, {}
+        self._first = -math.inf if at_once else None
 
     def __enter__(self) -> _StopRequests:
         if threading.current_thread() is threading.main_thread():
@@ -393,9 +401,11 @@ class _StopRequests:
         return self
 
     def _handle(self, signum, frame) -> None:
-        if self.requested:
+        now = time.monotonic()
+        if self.requested and now - self._first >= self.ESCALATE_AFTER:
             raise KeyboardInterrupt
-        self.requested = True
+        if not self.requested:
+            self.requested, self._first = True, now
 
     def check(self) -> None:
         if self.requested:
@@ -569,6 +579,20 @@ def _build_model(config: dict[str, Any], image_shape, cluster: Cluster | None, n
     params = {key: config[key] for key in configuration.MODELS["topk-sae"].params}
     return LatentShardedTopKSAE(math.prod(image_shape), **params, rank=cluster.shard, world=cluster.shards,
                                 latent_group=cluster.latent_group)
+
+
+def _check_same_start(cluster: Cluster, resumed: bool, history: list[dict[str, Any]], rows: int) -> None:
+    """Every process reads OUT/checkpoint.pt itself (on several nodes, each node's own
+    copy): one that found none, or another run's or an older one, would train on other
+    batches with other optimizer state, silently (DDP copies rank 0's weights alone)."""
+    digest = hashlib.sha256(json.dumps(history, sort_keys=True).encode()).hexdigest()[:12]
+    starts = cluster.gather((resumed, len(history), rows, digest))
+    if len(set(starts)) > 1:
+        found = "; ".join(f"rank {rank}: " + (f"{epochs} epochs and {done} rows done, history {digest}" if resumed
+                                               else "no checkpoint")
+                          for rank, (resumed, epochs, done, digest) in enumerate(starts))
+        raise ValueError(f"--resume: the processes found different checkpoints in the output folder ({found}): "
+                         "every node must read the same checkpoint.pt (a shared folder, or copies of rank 0's)")
 
 
 def _seed_rank(cluster: Cluster, seed: int, checkpoint: dict[str, Any] | None, position: _EpochPosition) -> None:
