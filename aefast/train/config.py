@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from aefast import models
+from aefast._files import replace_text_atomically
 from aefast.reference import CORRUPTION_KINDS
 
 TRAINING: dict[str, Any] = {
@@ -344,7 +345,7 @@ def write_toml(config: dict[str, Any], path: Path) -> None:
         return repr(v)
 
     lines = [f"{key} = {value(v)}" for key, v in config.items() if v is not None]
-    path.write_text("\n".join(lines) + "\n")
+    replace_text_atomically(path, "\n".join(lines) + "\n")  # a resumed run's: whole or as it was
 
 
 def _coerce(key: str, value: Any, default: Any) -> Any:

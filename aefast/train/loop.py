@@ -150,7 +150,7 @@ def _train(config: dict[str, Any], out_dir: Path, checkpoint: dict[str, Any] | N
     if leader:
         out_dir.mkdir(parents=True, exist_ok=True)
         configuration.write_toml(config, out_dir / CONFIG)
-        (out_dir / METRICS).write_text("".join(json.dumps(record) + "\n" for record in history))
+        replace_text_atomically(out_dir / METRICS, "".join(json.dumps(record) + "\n" for record in history))
     if config["compile"]:
         # The trainer calls loss(), not forward(); compiling the bound method leaves the
         # module (and so its state_dict and checkpoints) untouched.
