@@ -588,9 +588,9 @@ def _check_same_start(cluster: Cluster, resumed: bool, history: list[dict[str, A
     digest = hashlib.sha256(json.dumps(history, sort_keys=True).encode()).hexdigest()[:12]
     starts = cluster.gather((resumed, len(history), rows, digest))
     if len(set(starts)) > 1:
-        found = "; ".join(f"rank {rank}: " + (f"{epochs} epochs and {done} rows done, history {digest}" if resumed
-                                               else "no checkpoint")
-                          for rank, (resumed, epochs, done, digest) in enumerate(starts))
+        found = "; ".join(f"rank {rank}: " + (f"{epochs} epochs and {done} rows done, history {its_digest}"
+                                               if its_resumed else "no checkpoint")
+                          for rank, (its_resumed, epochs, done, its_digest) in enumerate(starts))
         raise ValueError(f"--resume: the processes found different checkpoints in the output folder ({found}): "
                          "every node must read the same checkpoint.pt (a shared folder, or copies of rank 0's)")
 
