@@ -262,7 +262,7 @@ AEFAST_AVX512 inline void store16(float* to, __mmask16 in, __m512 v, bool stream
   if (stream && in == 0xFFFF) {
     _mm512_stream_ps(to, v);
   } else {
-    _mm512_mask_storeu_ps(to, in, v);
+    store16_in(to, in, v);
   }
 }
 
@@ -310,7 +310,7 @@ struct ReparameterizeStep {
   double* block_sums;
 
   AEFAST_AVX512 __m512 operator()(int64_t at, __mmask16 in, __m512 eps) {
-    const __m512 m = _mm512_maskz_loadu_ps(in, mu + at), lv = _mm512_maskz_loadu_ps(in, logvar + at);
+    const __m512 m = load16_in(mu + at, in), lv = load16_in(logvar + at, in);
     const __m512 sd = noise_avx512::exp_poly(_mm512_mul_ps(_mm512_set1_ps(0.5f), lv));
     store16(z + at, in, _mm512_fmadd_ps(eps, sd, m), stream);
     // 1 + logvar - mu^2 - std^2; 0 in the lanes past n (1 + 0 - 0 - 1).
@@ -333,8 +333,8 @@ struct ReparameterizeGradStep {
   float gkl_over_b;
 
   AEFAST_AVX512 __m512 operator()(int64_t at, __mmask16 in, __m512 eps) {
-    const __m512 g = _mm512_maskz_loadu_ps(in, gz + at), m = _mm512_maskz_loadu_ps(in, mu + at);
-    const __m512 lv = _mm512_maskz_loadu_ps(in, logvar + at), gkl = _mm512_set1_ps(gkl_over_b);
+    const __m512 g = load16_in(gz + at, in), m = load16_in(mu + at, in);
+    const __m512 lv = load16_in(logvar + at, in), gkl = _mm512_set1_ps(gkl_over_b);
     const __m512 half = _mm512_set1_ps(0.5f), sd = noise_avx512::exp_poly(_mm512_mul_ps(half, lv));
     store16(gmu + at, in, _mm512_fmadd_ps(gkl, m, g), stream);
     const __m512 prior = _mm512_mul_ps(gkl, _mm512_fmsub_ps(sd, sd, _mm512_set1_ps(1.0f)));
@@ -364,9 +364,9 @@ struct CorruptStep {
   }
   AEFAST_AVX512 __m512 operator()(int64_t at, __mmask16 in, __m512 draw) {
     const int64_t i = at - a.begin;
-    store16(a.out + i, in, corrupted(_mm512_maskz_loadu_ps(in, a.x + i), draw, a.low, a.high), a.stream);
+    store16(a.out + i, in, corrupted(load16_in(a.x + i, in), draw, a.low, a.high), a.stream);
     if (kKind != nz::kGaussian && a.grad != nullptr)  // masked in place: low = high = 0
-      _mm512_mask_storeu_ps(a.grad + i, in, corrupted(_mm512_maskz_loadu_ps(in, a.grad + i), draw, 0.0f, 0.0f));
+      store16_in(a.grad + i, in, corrupted(load16_in(a.grad + i, in), draw, 0.0f, 0.0f));
     return _mm512_setzero_ps();
   }
   AEFAST_AVX512 void block_done(int64_t, __m512) {}

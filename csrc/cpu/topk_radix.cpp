@@ -86,7 +86,7 @@ AEFAST_AVX512 int64_t keep_digit_avx512(uint32_t* keys, int64_t n, uint32_t d) {
   int64_t kept = 0;
   for (int64_t i = 0; i < n; i += 16) {
     const __mmask16 in = i + 16 <= n ? __mmask16(0xFFFF) : __mmask16((1u << (n - i)) - 1);
-    const __m512i v = _mm512_maskz_loadu_epi32(in, keys + i);
+    const __m512i v = load16_in(keys + i, in);
     const __mmask16 same = _mm512_mask_cmpeq_epi32_mask(in, _mm512_and_si512(_mm512_srli_epi32(v, kShift), mask), digit);
     _mm512_storeu_si512(keys + kept, _mm512_maskz_compress_epi32(same, v));
     kept += __builtin_popcount(same);
@@ -198,7 +198,7 @@ AEFAST_AVX512 int64_t collect_avx512(const float* x, int64_t n, float bar, int64
   int64_t m = 0;
   for (int64_t j = 0; j < n; j += 16) {
     const __mmask16 in = j + 16 <= n ? __mmask16(0xFFFF) : __mmask16((1u << (n - j)) - 1);
-    const __m512 v = _mm512_maskz_loadu_ps(in, x + j);
+    const __m512 v = load16_in(x + j, in);
     uint32_t take = _mm512_mask_cmp_ps_mask(in, v, bars, _CMP_GT_OQ);
     if (ties > 0) {
       uint32_t equal = _mm512_mask_cmp_ps_mask(in, v, bars, _CMP_EQ_OQ);
@@ -271,7 +271,7 @@ AEFAST_AVX512 int64_t candidates_avx512(const float* x, int64_t n, float low, bo
   __mmask16 unordered = 0;
   for (int64_t j = 0; j < n; j += 16) {
     const __mmask16 in = j + 16 <= n ? __mmask16(0xFFFF) : __mmask16((1u << (n - j)) - 1);
-    const __m512 v = _mm512_maskz_loadu_ps(in, x + j);
+    const __m512 v = load16_in(x + j, in);
     unordered |= _mm512_mask_cmp_ps_mask(in, v, v, _CMP_UNORD_Q);
     const __mmask16 take = _mm512_mask_cmp_ps_mask(in, v, lows, _CMP_GE_OQ);
     _mm512_storeu_ps(values + m, _mm512_maskz_compress_ps(take, v));
