@@ -395,7 +395,7 @@ AEFAST_INLINE void copy_kept_portable(const T* src, uint64_t bits, int64_t n, T*
 template <bool kStream>
 AEFAST_AVX512 void copy_kept_avx512(const float* src, uint64_t bits, float* out) {
   for (int c = 0; c < 64; c += 16) {
-    const __m512 v = _mm512_maskz_mov_ps(static_cast<__mmask16>(bits >> c), _mm512_loadu_ps(src + c));
+    const __m512 v = _mm512_maskz_mov_ps(static_cast<__mmask16>(bits >> c), loaded(_mm512_loadu_ps(src + c)));
     if (kStream) _mm512_stream_ps(out + c, v);
     else _mm512_storeu_ps(out + c, v);
   }
