@@ -117,7 +117,7 @@ AEFAST_AVX2 inline void stream_floats(const float* from, float* out, int64_t n) 
 // in (a streamed read 1.6-2.1x the time, a streamed write 1.4x; alike in L1).
 // loaded(): a plain load's value as an opaque register, so that GCC cannot fold a
 // masked move or operation on it back into a masked load (it did so for corrupt's
-// masking: 1.6x the AVX2 path's time at 4096 x 4096).
+// masking: 1.6-2.6x the AVX2 path's time at 4096 x 4096, one thread).
 AEFAST_AVX512 inline __m512 loaded(__m512 v) {
 #if !defined(AEFAST_EMULATE_AVX512)
   asm("" : "+v"(v));
