@@ -292,6 +292,23 @@ def test_bench_results_of_a_later_run_of_the_day_go_to_a_folder_of_their_own(tmp
     assert harness.results_dir(torch.device("cpu"), str(first)) == first  # --out: as given
 
 
+def test_bench_machine_names_tell_cpus_of_one_model_name_apart():
+    """Two VMs that both call themselves "AMD EPYC" (a Zen 3 and a Zen 5) get names of
+    their own from the family and model numbers; an ARM's cpuinfo, without them, the
+    fallback name alone."""
+    from aefast.bench import harness
+
+    def cpuinfo(family, model):
+        cpu = f"processor\t: {{}}\nvendor_id\t: AuthenticAMD\ncpu family\t: {family}\nmodel\t\t: {model}\n" \
+              "model name\t: AMD EPYC\nflags\t\t: fpu avx2\n\n"
+        return cpu.format(0) + cpu.format(1)
+
+    assert harness.cpu_name(cpuinfo(25, 1), "x86_64") == "AMD EPYC f25m1"
+    assert harness.cpu_name(cpuinfo(26, 2), "x86_64") == "AMD EPYC f26m2"
+    assert harness.cpu_name("processor\t: 0\nBogoMIPS\t: 50.00\nCPU part\t: 0xd0c\n", "aarch64") == "aarch64"
+    assert harness.machine_name(torch.device("cpu")).startswith(f"cpu-{torch.get_num_threads()}t-")
+
+
 def test_bench_keeps_freed_memory_in_the_process_for_its_run():
     from aefast.bench import harness
 

@@ -81,17 +81,31 @@ def median_ms(samples: list[float]) -> float:
     return 1e3 * statistics.median(samples)
 
 
+def cpu_name(cpuinfo: str, fallback: str) -> str:
+    """The CPU's model name from /proc/cpuinfo's text, with its family and model numbers
+    where it gives them (`AMD EPYC f26m2`): a VM may show a bare "AMD EPYC" for a Zen 3 and
+    a Zen 5 alike."""
+    fields: dict[str, str] = {}
+    for line in cpuinfo.splitlines():
+        key, sep, value = line.partition(":")
+        if sep:
+            fields.setdefault(key.strip(), value.strip())
+    name = fields.get("model name") or fallback
+    if fields.get("cpu family") and fields.get("model"):
+        name += f" f{fields['cpu family']}m{fields['model']}"
+    return name
+
+
 def machine_name(device: torch.device) -> str:
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
     else:
-        name = platform.processor() or "cpu"
+        fallback = platform.processor() or "cpu"
         try:
             with open("/proc/cpuinfo") as f:
-                model = next((ln.split(":", 1)[1] for ln in f if ln.startswith("model name")), "")
-            name = model.strip() or name
+                name = cpu_name(f.read(), fallback)
         except OSError:
-            pass
+            name = fallback
         name = f"cpu-{torch.get_num_threads()}t-{name}"
     return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")[:60]
 
