@@ -391,8 +391,12 @@ class _StopRequests:
     ESCALATE_AFTER = 1.0
 
     def __init__(self, at_once: bool = False):
-        self.requested, self._previous = at_once, {}
-        self._first = -math.inf if at_once else None
+        self._previous = {}
+        self._first = -math.inf if at_once else None  # when the first request came
+
+    @property
+    def requested(self) -> bool:
+        return self._first is not None
 
     def __enter__(self) -> _StopRequests:
         if threading.current_thread() is threading.main_thread():
@@ -402,10 +406,10 @@ class _StopRequests:
 
     def _handle(self, signum, frame) -> None:
         now = time.monotonic()
-        if self.requested and now - self._first >= self.ESCALATE_AFTER:
-            raise KeyboardInterrupt
         if not self.requested:
-            self.requested, self._first = True, now
+            self._first = now
+        elif now - self._first >= self.ESCALATE_AFTER:
+            raise KeyboardInterrupt
 
     def check(self) -> None:
         if self.requested:
