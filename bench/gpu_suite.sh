@@ -59,12 +59,11 @@ SANITIZER=$(command -v compute-sanitizer || true)
 echo "  ${SANITIZER:+ok      }${SANITIZER:-absent  } compute-sanitizer (its step is skipped when absent)"
 [ "$missing" = 0 ] || { echo "gpu_suite: prerequisites missing (above)" >&2; exit 2; }
 
-if [ -z "$OUT" ]; then
-  gpu=$( [ "$DRY" = 1 ] && echo "<gpu>" || "$PY" -c "import torch,re; print(re.sub('[^a-z0-9]+','-',torch.cuda.get_device_name(0).lower()).strip('-'))")
-  OUT="bench/results/$gpu-$(date +%F)"
-  # a later run of the day (a --smoke after the full run) gets a folder of its own
-  n=1; base=$OUT
-  while [ "$DRY" != 1 ] && [ -e "$OUT" ]; do n=$((n + 1)); OUT="$base-$n"; done
+if [ -z "$OUT" ] && [ "$DRY" = 1 ]; then
+  OUT="bench/results/<gpu>-$(date +%F)"
+elif [ -z "$OUT" ]; then  # aefast bench's folder rule: a later run of the day gets a folder of its own
+  OUT=$(PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" "$PY" -c \
+    "import torch; from aefast.bench.harness import results_dir; print(results_dir(torch.device('cuda')))") || exit 2
 fi
 
 # Tests that need a GPU: those parametrized with device cuda (the emulated CUDA, the

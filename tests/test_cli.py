@@ -289,6 +289,8 @@ def test_bench_results_of_a_later_run_of_the_day_go_to_a_folder_of_their_own(tmp
     assert second.name == first.name + "-2" and second.is_dir()
     (second / "bench.json").write_text("{}")
     assert harness.results_dir(torch.device("cpu")).name == first.name + "-3"
+    (second.with_name(first.name + "-3") / "summary.md").write_text("")  # a suite's run cut short
+    assert harness.results_dir(torch.device("cpu")).name == first.name + "-4"
     assert harness.results_dir(torch.device("cpu"), str(first)) == first  # --out: as given
 
 

@@ -112,13 +112,14 @@ def machine_name(device: torch.device) -> str:
 
 def results_dir(device: torch.device, out: str | None = None) -> pathlib.Path:
     """`out`, or bench/results/<machine>-<date>: -2, -3, ... for a later run of the same
-    day (a run of one op must not replace the day's full run)."""
+    day (a run of one op must not replace the day's full run, nor a smoke run the files
+    of a full one cut short). bench/gpu_suite.sh names its folder here too."""
     if out:
         path = pathlib.Path(out)
     else:
         stem = RESULTS / f"{machine_name(device)}-{datetime.date.today()}"
         path, n = stem, 1
-        while (path / "bench.json").exists():
+        while path.is_dir() and any(path.iterdir()):
             n += 1
             path = stem.with_name(f"{stem.name}-{n}")
     path.mkdir(parents=True, exist_ok=True)
