@@ -4,7 +4,7 @@
     h, penalty = ae.sigmoid_kl_sparsity(z, rho=0.05, beta=3.0)
 """
 
-from aefast import backends, nn
+from aefast import backends, models, nn
 from aefast.backends import available_backends, backend, current_backend
 from aefast.ops.decode import sparse_decode, topk_encode, topk_encode_aux
 from aefast.ops.jumprelu import jumprelu
@@ -35,6 +35,7 @@ __all__ = [
     "kl_sparsity",
     "lifetime_topk",
     "load_run",
+    "models",
     "nn",
     "noisy_linear",
     "reparameterize",

@@ -144,7 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
                              help="also write this site's activations of the same tokens to OUT/target: a "
                                   "transcoder's targets (aefast train ... --data OUT --target OUT/target)")
     activations.add_argument("--target-layer", type=int, metavar="N", help="the target site's layer (default --layer)")
-    activations.add_argument("--device", default="auto", help="auto (cuda when available), cpu or cuda")
+    activations.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda or cuda:N")
     activations.set_defaults(fn=cmd_activations)
     study = sub.add_parser(
         "study", help="studies that answer a question with aefast's models: pretraining",

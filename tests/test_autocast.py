@@ -68,12 +68,14 @@ def test_sparse_decode_reads_a_float32_weight_beside_16_bit_values(device, backe
             values = leaf(torch.rand(B, K, dtype=torch.float64).to(device, dtype))
             indices = torch.randint(0, L - 1, (B, K), device=device)
             weight = leaf(torch.randn(L, D, dtype=torch.float64, device=device).float())
-            bias = leaf(torch.randn(D, dtype=torch.float64).to(device, dtype))
+            # the bias in the values' dtype, or in the weight's (an nn.Linear's float32 bias)
+            bias = leaf(torch.randn(D, dtype=torch.float64).to(device, dtype if D == 19 else torch.float32))
             with ae.backend(backend):
                 out = ae.sparse_decode(values, indices, weight, bias)
             g = torch.randn(B, D, device=device).to(dtype)
             grad_values, grad_weight, grad_bias = torch.autograd.grad(out, (values, weight, bias), g)
             assert (out.dtype, grad_values.dtype, grad_weight.dtype) == (dtype, dtype, torch.float32)
+            assert grad_bias.dtype == bias.dtype
             ref64 = [leaf(t.double()) for t in (values, weight, bias)]
             want = reference.sparse_decode(ref64[0], indices, ref64[1], ref64[2])
             want_values, want_weight, want_bias = torch.autograd.grad(want, ref64, g.double())
@@ -97,6 +99,8 @@ def test_sparse_decode_mixed_precision_opcheck_and_bad_dtypes(device, backend):
         for v, w in ((values, weight.half()), (values.float(), weight.bfloat16()), (values.double(), weight)):
             with pytest.raises(ValueError, match=r"weight must be 2-D \(L, D\) of the values' dtype .*or float32"):
                 ae.sparse_decode(v, indices, w)
+        with pytest.raises(ValueError, match=r"bias must be None or of shape \(4,\) and dtype torch.bfloat16 \(or "):
+            ae.sparse_decode(values, indices, weight, torch.randn(4, device=device, dtype=torch.float16))
         with pytest.raises(ValueError, match=r"weight and bias must have x's dtype torch.bfloat16 \(or float32\)"):
             ae.topk_encode(torch.rand(6, 4, device=device, dtype=torch.bfloat16), weight.half(), None, 2)
 

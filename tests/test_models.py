@@ -4,6 +4,8 @@ the parts of models with special training (stacked, top-k SAE, denoising)."""
 
 import math
 import re
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -242,3 +244,12 @@ def test_inference_thresholds_move_with_training_batches_only(digits_batch, spec
     assert getattr(model, tracked).item() == 0
     model.loss(digits_batch)
     assert getattr(model, tracked).item() == 1
+
+
+def test_the_models_are_reached_as_ae_models_after_import_aefast_alone():
+    # (In this process aefast.models is imported already: a fresh interpreter tells.)
+    code = "import aefast as ae; print(sorted(n for n in ae.models.__all__ if isinstance(getattr(ae.models, n), type)))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    import aefast.models
+
+    assert out.strip() == str(sorted(aefast.models.__all__))

@@ -348,8 +348,13 @@ def _decode_inputs(args: dict) -> None:
         raise ValueError(f"weight must be (L, D) and bias (D,), got weight {tuple(weight.shape)} and bias "
                          f"{tuple(bias.shape)}: the weight looks transposed (an nn.Linear(L, D) holds (D, L): "
                          f"pass its weight.t())")
+    if isinstance(bias, Tensor) and bias.dtype != values.dtype and mixed_precision(values.dtype, bias.dtype):
+        # a float32 bias beside 16-bit values (the weight's dtype) is added in the values'
+        # dtype, as topk_encode adds its own: D elements cast, its gradient cast back
+        args["bias"] = bias = bias.to(values.dtype)
     if bias is not None and (bias.shape != (weight.shape[1],) or bias.dtype != values.dtype):
-        raise ValueError(f"bias must be None or of shape ({weight.shape[1]},) and dtype {values.dtype}")
+        also = " (or float32)" if mixed_precision(values.dtype, torch.float32) else ""
+        raise ValueError(f"bias must be None or of shape ({weight.shape[1]},) and dtype {values.dtype}{also}")
     _check_indices_on_cpu(indices, weight.shape[0])
 
 
@@ -452,8 +457,9 @@ def topk_encode(ops, x: Tensor, weight: Tensor, bias: Tensor | None, k: int) -> 
     """The fused top-k encoder of a sparse autoencoder:
     ``topk_sparse(relu(x @ weight.T + bias), k)`` for x (B, D) and weight (L, D),
     without ever holding the (B, L) pre-activation: forward, it is computed a block at
-    a time (up to 1024 rows by 8M / 1024 latents), each block reduced to its k best
-    candidates and those merged, so the weight is read once per 1024 rows; backward, the
+    a time (on CPU up to 1024 rows by 8M / 1024 latents, so the weight is read once per
+    1024 rows; on a GPU 4096 by 16384), each block reduced to its k best candidates and
+    those merged; backward, the
     gradients come from the winners alone (the sparse decoder's kernels: grad x is a
     sparse decode of the winners' gradients through W, grad W a deterministic
     per-latent scatter of them times x). ReLU before selection: a row with fewer

@@ -131,7 +131,8 @@ def _bytes(inputs, backward):  # back: read the code's gradient and z, write z's
 )
 def jumprelu(ops, z: Tensor, threshold: Tensor, bandwidth: float = BANDWIDTH) -> tuple[Tensor, Tensor]:
     """JumpReLU (Rajamanoharan et al. 2024, the activation of JumpReLU SAEs) fused with
-    its L0 count: for z (B, L) and a positive threshold (L,) per latent, returns
+    its L0 count: for z (B, L) and a threshold (L,) per latent (positive in the
+    paper; not checked, which would read it back from the device each call), returns
     (z where z > threshold else 0, per row the number of such entries (float32; float64
     for float64 z)). One pass forward; backward, one pass giving the paper's
     straight-through gradients with a rectangle kernel of width `bandwidth`:

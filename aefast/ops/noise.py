@@ -555,9 +555,13 @@ def noisy_linear(ops, x: Tensor, weight: Tensor, bias: Tensor | None, kind: str,
                  low: float = 0.0, high: float = 1.0) -> Tensor:
     """``F.linear(corrupt(x, kind, level, seed=seed), weight, bias)`` without storing
     the corrupted input: autograd saves x, weight and the seed, and the backward
-    regenerates corrupt(x). x (..., D), weight (O, D), bias (O,) or None. On GPU with
-    the Triton backend the corruption happens inside the matmul's loads of x. Under
-    autocast, x, weight and bias run in the autocast dtype, as for F.linear."""
+    regenerates corrupt(x). x (..., D), weight (O, D), bias (O,) or None. On CPU x is
+    corrupted a window of rows at a time, just before that window's matmul. On GPU with
+    the Triton backend, where the matmul runs on tensor cores (bfloat16, float16, TF32),
+    the corruption happens inside the matmul's loads of x; in full-precision float32,
+    and with the cuda backend, corrupt runs first and PyTorch's matmul reads its output
+    (which autograd does not keep). Under autocast, x, weight and bias run in the
+    autocast dtype, as for F.linear."""
     rows = x.reshape(-1, x.shape[-1])  # row-major indices of x are those of its rows
     out = ops.noisy_linear(rows, weight, bias, kind, level, seed, low, high)
     return out.view(*x.shape[:-1], weight.shape[0])

@@ -334,7 +334,8 @@ def topk_sparse(ops, x: Tensor, k: int, *, relu: bool = True) -> tuple[Tensor, T
 
     Ordered by value (descending), ties to the lower index, the same on every backend.
     With relu=True the selected values are clamped at 0 after selection. The gradient
-    flows to the winners only. NaN in x raises a ValueError."""
+    flows to the winners only. NaN in x raises a ValueError on CPU; on a GPU, where
+    the check would stall the host every call, the values come back NaN instead."""
     return ops.topk_forward(x, k, relu)
 
 

@@ -49,10 +49,10 @@ TRAINING_HELP = {
     "seed": "seed of the initialisation, the noise, the shuffling and the train/validation split",
     "data": "digits (scikit-learn's 8x8 digits, scaled to [0, 1]), synthetic (a sparse superposition "
             "of known features), a .npz/.pt file of an (N, D) or (N, C, H, W) array (loaded), or a .npy "
-            "file or a folder of .npy shards of one (float16, bfloat16 or float32; streamed from disk, "
+            "file or a folder of .npy shards of one (float16, bfloat16 or float32, float64 at twice the bytes; streamed from disk, "
             "its last rows held out for validation)",
     "val_fraction": "fraction of the rows held out for validation",
-    "device": "auto (cuda when available), cpu or cuda",
+    "device": "auto (cuda when available), cpu, cuda or cuda:N",
     "amp": "bfloat16 autocast on GPU (--no-amp for float32; CPU runs are float32 unless --cpu-amp)",
     "cpu_amp": "bfloat16 autocast on a CPU too (with --amp): worth it where the CPU multiplies bfloat16 in "
                "hardware (AMX): a topk-sae step at 1024 x 768 -> 16384 took 57 against 130 ms in float32 on a "
@@ -62,7 +62,7 @@ TRAINING_HELP = {
     "buffer_mib": "streamed data: MiB of rows in memory at once (a shuffling window, read by a background "
                   "thread; it also bounds the validation rows)",
     "checkpoint_minutes": "also write a checkpoint mid-epoch after this many minutes (besides each epoch's end, "
-                          "and Ctrl-C or SIGTERM, which stop after the current step)",
+                          "and Ctrl-C or SIGTERM, which stop after the current step; 0: after every step)",
     "timeout": "under torchrun: seconds a collective may wait for the other processes before every process "
                "ends with an error naming its rank and step (a process that died ends the others at once)",
     "target": "a transcoder: a second streamed array (.npy or folder of shards) of the same rows as --data, "
@@ -108,6 +108,7 @@ PARAM_HELP = {
     "pool": "max-pooling of the feature maps the codes are read from after training (the paper's classifier input)",
 }
 
+NONE_SHOWN = {"prefixes": "n/8,n/4,n/2,n"}  # what a default of None stands for, where it is not "off"
 PARAM_TYPES: dict[str, type] = {"momentum": float, "prefixes": list}  # where the default (None) does not tell
 
 
@@ -454,7 +455,8 @@ def _model_defaults(key: str, training: bool) -> str:
             parts.append(f"{label}: {spec.training[key]}")
         elif not training and key in spec.params:
             value = spec.params[key]
-            shown = ",".join(map(str, value)) if isinstance(value, list) else "off" if value is None else value
+            shown = ",".join(map(str, value)) if isinstance(value, list) else \
+                NONE_SHOWN.get(key, "off") if value is None else value
             parts.append(f"{label}: {shown}")
     return f" [{'; '.join(parts)}]" if parts else ""
 
