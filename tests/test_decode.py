@@ -22,8 +22,8 @@ DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 
 @pytest.mark.parametrize(("device", "backend"), op_backends("sparse_decode"))
 def test_sparse_decode_matches_reference(device, backend, poisoned):
-    # 19 columns: one narrow block; 300: full blocks (128 columns in the CPU forward, 64
-    # in its backward's walk by latent) and a narrow one. 50 latents for 185 pairs: some
+    # 19 columns: one narrow block; 300: full blocks (256 columns in the CPU forward with
+    # AVX-512, else 128; 64 in its backward's walk by latent) and a narrow one. 50 latents for 185 pairs: some
     # latents with 4 pairs or more, some with fewer. Latent L - 1 is named by no pair:
     # its weight gradient row is zeros.
     for dtype, D in [(dtype, D) for dtype in DTYPES for D in (19, 300)]:

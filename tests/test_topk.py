@@ -808,13 +808,15 @@ def test_every_simd_path_gives_the_same_selection(level, request):
         env["AEFAST_EXTENSION"] = str(request.getfixturevalue("avx512_emulated_build"))
         del env["AEFAST_SIMD"]  # the widest: AVX-512, emulated
     noise = os.path.join(os.path.dirname(__file__), "test_noise.py")
+    decode = os.path.join(os.path.dirname(__file__), "test_decode.py")  # 256-column blocks with AVX-512, else 128
     tests = ("mask_index_order_matches or mask_index_order_reports or column_topk_matches or column_topk_reports"
              " or many_winners"
              " or keep_rows_matches or long_row or infinities or batch_lifetime or corrupt_matches"
              " or reparameterize_matches or reparameterize_on_cpu or sparse_and_mask_match or one_winner_per_block or signed_zeros or mostly_tied"
              " or noisy_linear_on_cpu_in_many_windows or corrupt_window_is or corrupt_window_and_mask"
-             " or 32_mib_and_more or mask_rows_matches or scatter_rows_streams")
+             " or 32_mib_and_more or mask_rows_matches or scatter_rows_streams"
+             " or sparse_decode_matches or backward_without_the_values or topk_encode_matches")
     # AEFAST_SIMD reaches the C++ kernels alone: the Triton backend's cases are left out.
     run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", __file__, noise,
-                          "-k", f"({tests}) and not triton"], env=env, capture_output=True, text=True, timeout=900)
+                          decode, "-k", f"({tests}) and not triton"], env=env, capture_output=True, text=True, timeout=900)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]

@@ -53,37 +53,39 @@ AEFAST_SIMD_CLONES float dot(const float* x, const float* y, int64_t n) { return
 template <typename X, typename Y>
 acc_t<X> dot(const X* x, const Y* y, int64_t n) { return dot_loop<X, Y, acc_t<X>>(x, y, n); }
 
-// One output row of the forward: its k weight rows added a block of kDecodeColumns
-// columns at a time, the block's sums held in registers while all k rows pass, each
-// (row, block) asked for kDecodeAhead steps before its use. Each column's sum is still
-// bias, then rows 0..k-1 in order: the same bits as adding row after row. (1024 x 32
-// rows of 768 from a 48 MiB weight, 2 threads: whole rows one after another, the next
-// one prefetched, took 1.6x F.embedding_bag's time; blocks of 64 or 256 without the
-// prefetch 2x; blocks of 128 with it 1.0x.)
+// One output row of the forward: its k weight rows added a block of C columns at a
+// time, the block's sums held in registers while all k rows pass, each (row, block)
+// asked for kDecodeAhead steps before its use. Each column's sum is still bias, then
+// rows 0..k-1 in order: the same bits as adding row after row, at any C. (1024 x 32
+// rows of 768 from a 48 MiB weight, 2 threads, on a Xeon: whole rows one after another,
+// the next one prefetched, took 1.6x F.embedding_bag's time; blocks of 64 or 256
+// without the prefetch 2x; blocks of 128 with it 1.0x.) C = 256 with AVX-512, whose 32
+// registers hold the 16 vectors of sums (Zen 5, 2 threads: 0.93x the time of 128 at
+// 4096 x 32 rows, the same at 1024 x 32); 128 elsewhere (AVX2 has 16 registers).
 constexpr int64_t kDecodeColumns = 128;
+constexpr int64_t kWideDecodeColumns = 256;
 constexpr int64_t kDecodeAhead = 8;  // rows of a block requested ahead of their use
 // The weight gradient alone sums a latent's rows as the forward does from this many
 // pairs on (4096 x 32 pairs over 16384 latents: 0.8x the time of adding each pair's
 // row whole; from 2 pairs on, 3% slower where most latents have one or two).
 constexpr int64_t kBlockedPairs = 4;
 
-// Columns [d0, d0 + width) of one output row, width = kDecodeColumns when kFull (a
-// constant, for the compiler, and the later blocks prefetched), else the last,
-// narrower block's.
-template <bool kFull, typename R, typename V, typename O, typename A>
+// Columns [d0, d0 + width) of one output row, width = C when kFull (a constant, for
+// the compiler, and the later blocks prefetched), else the last, narrower block's.
+template <int64_t C, bool kFull, typename R, typename V, typename O, typename A>
 AEFAST_INLINE void decode_block(const R* weight, const int64_t* rows, const V* values, int64_t K, int64_t D,
                                 int64_t d0, int64_t narrow, const O* bias, O* out) {
-  const int64_t width = kFull ? kDecodeColumns : narrow;
-  A acc[kDecodeColumns];
+  const int64_t width = kFull ? C : narrow;
+  A acc[C];
   for (int64_t d = 0; d < width; ++d) acc[d] = bias ? static_cast<A>(bias[d0 + d]) : A(0);
   for (int64_t j = 0; j < K; ++j) {
     if constexpr (kFull) {
       // The (row, block) pair kDecodeAhead steps later: this block of a later row, or a
       // later block of an early one (a hint: the last, narrower block is not asked for).
-      const int64_t ahead = j + kDecodeAhead, later = d0 + (ahead / K) * kDecodeColumns;
-      if (later + kDecodeColumns <= D) {
+      const int64_t ahead = j + kDecodeAhead, later = d0 + (ahead / K) * C;
+      if (later + C <= D) {
         const char* next = reinterpret_cast<const char*>(weight + rows[ahead % K] * D + later);
-        for (int64_t b = 0; b < kDecodeColumns * static_cast<int64_t>(sizeof(R)); b += 64) __builtin_prefetch(next + b);
+        for (int64_t b = 0; b < C * static_cast<int64_t>(sizeof(R)); b += 64) __builtin_prefetch(next + b);
       }
     }
     const A a = static_cast<A>(values[j]);
@@ -93,13 +95,21 @@ AEFAST_INLINE void decode_block(const R* weight, const int64_t* rows, const V* v
   for (int64_t d = 0; d < width; ++d) out[d0 + d] = static_cast<O>(acc[d]);
 }
 
+template <int64_t C, typename R, typename V, typename O, typename A>
+AEFAST_INLINE void decode_blocks(const R* weight, const int64_t* rows, const V* values, int64_t K, int64_t D,
+                                 const O* bias, O* out) {
+  int64_t d0 = 0;
+  for (; d0 + C <= D; d0 += C) decode_block<C, true, R, V, O, A>(weight, rows, values, K, D, d0, 0, bias, out);
+  if (d0 < D) decode_block<C, false, R, V, O, A>(weight, rows, values, K, D, d0, D - d0, bias, out);
+}
+
 template <typename R, typename V, typename O, typename A>
 AEFAST_INLINE void decode_row_loop(const R* weight, const int64_t* rows, const V* values, int64_t K, int64_t D,
                                    const O* bias, O* out) {
-  int64_t d0 = 0;
-  for (; d0 + kDecodeColumns <= D; d0 += kDecodeColumns)
-    decode_block<true, R, V, O, A>(weight, rows, values, K, D, d0, 0, bias, out);
-  if (d0 < D) decode_block<false, R, V, O, A>(weight, rows, values, K, D, d0, D - d0, bias, out);
+  if (simd_level() == Simd::kAvx512)
+    decode_blocks<kWideDecodeColumns, R, V, O, A>(weight, rows, values, K, D, bias, out);
+  else
+    decode_blocks<kDecodeColumns, R, V, O, A>(weight, rows, values, K, D, bias, out);
 }
 
 // Vectorized copies for float32, and for the mixed precision of autocast: float32 rows
