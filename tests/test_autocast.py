@@ -106,7 +106,7 @@ def test_sparse_decode_mixed_precision_opcheck_and_bad_dtypes(device, backend):
 
 
 @pytest.mark.parametrize(("device", "backend"), op_backends("topk_encode"))
-def test_topk_encode_reads_a_float32_weight_beside_16_bit_x(device, backend):
+def test_topk_encode_reads_a_float32_weight_beside_16_bit_x(device, backend, poisoned):
     """The winners of the 16-bit matmul (each block of the weight cast for it), and the
     weight and bias gradients in float32. Small integers: every sum is exact, so the
     results equal the reference's on the cast weight, bit for bit."""

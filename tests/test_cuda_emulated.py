@@ -223,7 +223,13 @@ def check_kl_sparsity(emu, shape, dtype, splits, policies=POLICIES):
     def check(penalty, rho_hat, grad):
         assert_close(rho_hat, a.double().mean(0), stat)
         assert_close(penalty, want, dtype, scale=H)
-        assert_close(grad, want_grad.to(dtype), dtype, scale=100)  # float16 overflows at a dead unit, B = 1
+        # The dead unit's gradient, beta * rho / eps / B, dwarfs the others (and is past
+        # float16's range at B = 1: .to(dtype)): checked relative to itself, apart.
+        expected = want_grad.to(dtype)
+        live = slice(1, None) if H > 1 else slice(None)
+        assert_close(grad[:, live], expected[:, live], dtype)
+        if H > 1:
+            torch.testing.assert_close(grad[:, 0].double(), expected[:, 0].double(), rtol=TOLERANCES[dtype][0], atol=0)
 
     under_policies(emu, run, check, policies)
 
@@ -261,7 +267,7 @@ def test_sigmoid_kl_sparsity(emu, shape, dtype):
             assert_close(h, want_h, dtype)
             assert_close(rho_hat, h.double().mean(0), stat)  # the mean of the h returned
             assert_close(penalty, want, dtype, scale=H)
-            assert_close(grad, want_grad, dtype, scale=10)
+            assert_close(grad, want_grad, dtype)
 
         under_policies(emu, run, check)
 
@@ -284,6 +290,11 @@ def test_jumprelu(emu, shape, dtype):
     z_ref, t_ref = z.clone().requires_grad_(True), threshold.clone().requires_grad_(True)
     want, want_l0 = reference.jumprelu(z_ref, t_ref, JUMPRELU_BANDWIDTH)
     want_z, want_t = torch.autograd.grad((want, want_l0), (z_ref, t_ref), (g, g_l0))
+    # The threshold's gradient sums a column's terms of either sign: its error is
+    # relative to the sum of their sizes (the same gradient for |g| and |g_l0|).
+    _, size_t = torch.autograd.grad(reference.jumprelu(z_ref, t_ref, JUMPRELU_BANDWIDTH), (z_ref, t_ref),
+                                    (g.abs(), g_l0.abs()))
+    rtol, atol = TOLERANCES[dtype]
     for splits in sorted({emu.query("jumprelu_splits", B, L, SMS), 2, 7}):
         def run():
             out, l0 = poisoned((B, L), dtype), poisoned((B,), stat)
@@ -296,7 +307,8 @@ def test_jumprelu(emu, shape, dtype):
         def check(out, l0, grad_z, grad_t):
             assert torch.equal(out, want.detach()) and torch.equal(l0, want_l0.detach())
             assert torch.equal(grad_z, want_z)
-            assert_close(grad_t, want_t, dtype, scale=B / JUMPRELU_BANDWIDTH)
+            error = (grad_t.double() - want_t.double()).abs()
+            assert (error <= rtol * size_t.double().abs() + atol).all(), float((error - rtol * size_t.abs()).max())
 
         under_policies(emu, run, check)
 
@@ -322,9 +334,9 @@ def test_contractive_penalty(emu, shape, dtype):
         def check(penalty, s2, w2, grad_h, grad_w):
             assert_close(s2, (h64 * (1 - h64)).pow(2).sum(0), stat, scale=B)
             assert_close(w2, w64.pow(2).sum(1), stat, scale=D)
-            assert_close(penalty, want, dtype, scale=B * H)
-            assert_close(grad_h, want_gh, dtype, scale=10)
-            assert_close(grad_w, want_gw, dtype, scale=B)
+            assert_close(penalty, want, dtype)  # a sum of positive terms: relative to itself
+            assert_close(grad_h, want_gh, dtype)
+            assert_close(grad_w, want_gw, dtype)
 
         under_policies(emu, run, check)
 

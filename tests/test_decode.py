@@ -305,7 +305,7 @@ def test_topk_encode_aux_gradcheck_opcheck_determinism(device, backend):
 
 
 @pytest.mark.parametrize(("device", "backend"), op_backends("topk_encode_aux"))
-def test_topk_encode_aux_with_an_infinite_live_latent(device, backend):
+def test_topk_encode_aux_with_an_infinite_live_latent(device, backend, poisoned):
     # A live latent at +inf (float16 overflows that way) is a main winner and no aux
     # candidate: the mask of live latents must make it -inf, not NaN (+inf + -inf).
     x = torch.randn(5, 6, device=device)

@@ -90,7 +90,7 @@ def test_opcheck(device, backend):
 
 
 @pytest.mark.parametrize(("device", "backend"), op_backends("topk_sparse"))
-def test_topk_with_infinities_and_long_rows(device, backend):
+def test_topk_with_infinities_and_long_rows(device, backend, poisoned):
     x = torch.randn(2, 1 << (10 if interpreted(device, backend) else 20), device=device)
     x[0, :1000] = float("-inf")
     x[1] = float("-inf")
@@ -102,7 +102,7 @@ def test_topk_with_infinities_and_long_rows(device, backend):
 
 
 @pytest.mark.parametrize(("device", "backend"), op_backends("topk_sparse"))
-def test_rows_mostly_tied_at_the_bar(device, backend):
+def test_rows_mostly_tied_at_the_bar(device, backend, poisoned):
     """Rows of one repeated value (ReLU's zeros; AuxK's -inf on live latents) with a few
     values above it, fewer and more than k, early and late in long rows: the winners
     are those, then the lowest-index ties (the CPU's block selection keeps only the
@@ -146,7 +146,7 @@ def test_signed_zeros_tie_by_index_in_every_dtype(device, backend, poisoned):
 
 
 @pytest.mark.parametrize(("device", "backend"), op_backends("topk_sparse", interpreted_too=False))
-def test_one_winner_per_block_of_sixteen(device, backend):
+def test_one_winner_per_block_of_sixteen(device, backend, poisoned):
     """Each block of 16 holds one large value, the rest far below: k winners need k
     blocks, the bound the CPU's block selection rests on (at k = blocks + 1 the
     smallest block maximum has fewer than k elements at or above it)."""
@@ -168,7 +168,7 @@ def sampled_lines(width):
 
 
 @pytest.mark.parametrize(("device", "backend"), op_backends("topk_sparse", interpreted_too=False))
-def test_many_winners_whatever_the_sample_shows(device, backend):
+def test_many_winners_whatever_the_sample_shows(device, backend, poisoned):
     """Rows with many winners (the CPU's radix select): a sample that holds the row's
     largest values (its bar misses, and the whole row is counted), one that holds its
     smallest (a bar that keeps most of the row), ReLU rows with fewer positives than k
@@ -191,7 +191,7 @@ def test_many_winners_whatever_the_sample_shows(device, backend):
 
 
 @pytest.mark.parametrize(("device", "backend"), op_backends("topk_sparse", interpreted_too=False))
-def test_one_long_row_split_into_parallel_chunks(device, backend):
+def test_one_long_row_split_into_parallel_chunks(device, backend, poisoned):
     # A single row (as batch_topk makes) is scanned in chunks whose candidates are
     # merged: ties across chunk boundaries must still go to the lower index.
     for x in (torch.randn(1, 1 << 20), torch.randint(-2, 3, (1, 1 << 20)).float()):
@@ -289,7 +289,7 @@ def test_nan_is_found_in_every_kind_of_block(device, backend):
 
 
 @pytest.mark.parametrize(("device", "backend"), op_backends("topk_sparse", interpreted_too=False))
-def test_enough_long_rows_for_a_block_each_in_one_pass_or_by_radix(device, backend, monkeypatch):
+def test_enough_long_rows_for_a_block_each_in_one_pass_or_by_radix(device, backend, monkeypatch, poisoned):
     """Rows enough to fill a GPU with a block each, long enough for the CUDA top-k's one
     pass (a bar from a sample, then the candidates): it and the radix passes
     (AEFAST_CUDA_TOPK=radix) both give the reference's winners, on ReLU outputs (half of
@@ -309,7 +309,7 @@ def test_enough_long_rows_for_a_block_each_in_one_pass_or_by_radix(device, backe
 
 
 @pytest.mark.parametrize(("device", "backend"), op_backends("topk_sparse", interpreted_too=False))
-def test_long_rows_with_signed_zeros_late_winners_and_late_nan(device, backend):
+def test_long_rows_with_signed_zeros_late_winners_and_late_nan(device, backend, poisoned):
     # -0.0 and +0.0 tie (lower index first); winners only in the last tile; blocks of
     # -inf and a few +inf; a NaN after the first tile of a long row is still found.
     x = torch.zeros(4, 50000)
