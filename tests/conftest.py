@@ -86,6 +86,17 @@ def assert_close(actual, expected, dtype, scale=1.0):
     )
 
 
+def assert_within_sizes(actual, expected, sizes, dtype):
+    """For a result that sums terms of either sign: its error bounded relative to the sum
+    of the terms' sizes (`sizes`: the same computation on their absolute values), where
+    a bound relative to the result itself fails on cancellation and one scaled by hand
+    lets a wrong answer through."""
+    rtol, atol = TOLERANCES[dtype]
+    error = (actual.double().cpu() - expected.double().cpu()).abs()
+    bound = rtol * sizes.double().cpu().abs() + atol
+    assert (error <= bound).all(), f"error above its bound by {float((error - bound).max())}"
+
+
 def assert_compiled_matches_eager(model, x, parameter, backend):
     """torch.compile(fullgraph=True) traces `model` (no graph break) and gives the
     eager loss and gradient of `parameter` on `backend`."""

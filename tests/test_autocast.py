@@ -38,10 +38,11 @@ def test_noisy_linear_and_sparse_decode_follow_autocast():
     indices = torch.randint(0, 5, (6, 3))
     table = torch.randn(5, 10)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        out = ae.noisy_linear(x, w, b, "masking", 0.0, seed=1)
-        want = F.linear(x, w, b)
+        out = ae.noisy_linear(x, w, b, "masking", 0.3, seed=1)
+        want = F.linear(ae.corrupt(x, "masking", 0.3, seed=1), w, b)  # the same mask: corrupt's draws
         decoded = ae.sparse_decode(values, indices, table)
     assert out.dtype == want.dtype == torch.bfloat16
+    assert not torch.equal(ae.corrupt(x, "masking", 0.3, seed=1), x)
     torch.testing.assert_close(out, want)
     assert decoded.dtype == torch.bfloat16
     # The float32 table read as it is: the mixed-precision call outside autocast, bit for bit.

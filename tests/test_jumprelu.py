@@ -7,8 +7,8 @@ import aefast as ae
 from aefast import reference
 from aefast.ops._declare import kernels
 from conftest import (
-    TOLERANCES,
     assert_compiled_matches_eager,
+    assert_within_sizes,
     dtypes_for,
     leaf,
     op_backends,
@@ -50,9 +50,7 @@ def test_jumprelu_matches_reference(device, backend, shape, poisoned):
         # relative to the sum of their sizes (the same gradient for |g| and |g_l0|).
         _, size_t = torch.autograd.grad(reference.jumprelu(z_ref, t_ref, BANDWIDTH), (z_ref, t_ref),
                                         (g.abs(), g_l0.abs()))
-        rtol, atol = TOLERANCES[dtype]
-        error = (grad_t.double() - want_t.double()).abs()
-        assert (error <= rtol * size_t.double().abs() + atol).all(), float((error - rtol * size_t.abs()).max())
+        assert_within_sizes(grad_t, want_t, size_t, dtype)
 
 
 @pytest.mark.parametrize(("device", "backend"), op_backends("jumprelu"))
