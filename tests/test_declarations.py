@@ -15,6 +15,7 @@ import aefast as ae
 from aefast import backends
 from aefast.bench.cases import CASES
 from aefast.ops._declare import KERNELS, OPERATORS, kernels
+from conftest import dtypes_for, op_backends
 
 PUBLIC_OPS = sorted(n for n in ae.__all__ if callable(getattr(ae, n)) and n not in (
     "available_backends", "backend", "current_backend", "load_run"))
@@ -285,14 +286,14 @@ def test_numpy_scalars_are_numbers_everywhere():
     torch.testing.assert_close(ae.kl_sparsity(_X, np.float32(0.25), np.float64(2.0)), ae.kl_sparsity(_X, 0.25, 2.0))
 
 
-@pytest.mark.parametrize("op", sorted(OPERATORS))
-def test_every_op_differentiates_twice_as_the_reference(op):
+@pytest.mark.parametrize(("op", "device", "backend"), [  # in float64: where the backend runs it
+    (op, *pair.values) for op in sorted(OPERATORS) for pair in op_backends(op)
+    if pair.values[1] != "reference" and torch.float64 in dtypes_for(*pair.values)])
+def test_every_op_differentiates_twice_as_the_reference(op, device, backend):
     """A gradient penalty (the squared gradient of a weighted loss, differentiated again)
-    through each op on the cpp backend equals the reference backend's."""
-    if not backends.CPP_BUILT:
-        pytest.skip("aefast._C is not built")
+    through each op on every backend here equals the reference backend's."""
     case = OPERATORS[op].bench
-    inputs = case.make(6, 40, torch.float64, torch.device("cpu"))
+    inputs = case.make(6, 40, torch.float64, torch.device(device))
 
     def penalty_gradients(backend):
         args = {k: v.detach().clone().requires_grad_(k in case.differentiable) for k, v in inputs.items()}
@@ -307,7 +308,7 @@ def test_every_op_differentiates_twice_as_the_reference(op):
 
     # (reparameterize: the kernels' normals agree with the reference's to float32's precision)
     rtol, atol = (1e-5, 1e-5) if op == "reparameterize" else (1e-6, 1e-9)
-    for got, want in zip(penalty_gradients("cpp"), penalty_gradients("reference")):
+    for got, want in zip(penalty_gradients(backend), penalty_gradients("reference")):
         torch.testing.assert_close(got, want, rtol=rtol, atol=atol)
 
 
