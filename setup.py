@@ -4,6 +4,7 @@ a CUDA build and nvcc is found (set AEFAST_NO_CUDA=1 to skip them)."""
 import glob
 import os
 import pathlib
+import re
 import subprocess
 
 import torch
@@ -46,12 +47,14 @@ def _extension():
     link_flags = ["-fopenmp"]
     if os.environ.get("AEFAST_EMULATE_AVX512", "0") == "1":
         # A test build (tests/test_topk.py): the AVX-512 paths emulated with SIMDe on an
-        # AVX2 CPU (csrc/cpu/avx512_emulation.h). Only the sources with AVX-512 paths (the
-        # other families' operators have no CPU kernel in it), at -O1 without debug
+        # AVX2 CPU (csrc/cpu/avx512_emulation.h). Only the sources with AVX-512 paths,
+        # hand-written or chosen by simd_level() (the other families' operators have no
+        # CPU kernel in it), at -O1 without debug
         # information: 2 minutes of compiling where a full -O3 build took 5 (its speed
         # is of no matter; -O1 changes no result: no fast-math, no contraction in C++20).
         print("aefast: building the C++ CPU kernels with AVX-512 emulated (a test build)")
-        with_avx512 = [s for s in sources if "AEFAST_AVX512" in pathlib.Path(ROOT, s).read_text()]
+        with_avx512 = [s for s in sources if s.startswith("csrc/cpu/")
+                       and re.search(r"AEFAST_AVX512|Simd::kAvx512", pathlib.Path(ROOT, s).read_text())]
         return CppExtension(
             "aefast._C",
             ["csrc/ops.cpp"] + with_avx512,
