@@ -301,7 +301,7 @@ def test_every_op_differentiates_twice_as_the_reference(op, device, backend):
         with ae.backend(backend):
             out = case.call(getattr(ae, op), **args)
             outs = [t for t in (out if isinstance(out, tuple) else (out,)) if t.is_floating_point()]
-            loss = sum((t * torch.linspace(0.5, 1.5, t.numel(), dtype=t.dtype).view_as(t)).square().sum()
+            loss = sum((t * torch.linspace(0.5, 1.5, t.numel(), dtype=t.dtype, device=t.device).view_as(t)).square().sum()
                        for t in outs)
             grads = torch.autograd.grad(loss, wrt, create_graph=True)
             return torch.autograd.grad(sum(g.square().sum() for g in grads), wrt)
@@ -340,7 +340,7 @@ def test_every_op_gives_the_same_results_on_inputs_of_another_layout(op):
         with ae.backend(backend):
             out = case.call(getattr(ae, op), **args)
             outs = [t for t in (out if isinstance(out, tuple) else (out,)) if t.is_floating_point()]
-            loss = sum((t * torch.linspace(0.5, 1.5, t.numel(), dtype=t.dtype).view(t.shape)).sum() for t in outs)
+            loss = sum((t * torch.linspace(0.5, 1.5, t.numel(), dtype=t.dtype, device=t.device).view(t.shape)).sum() for t in outs)
             return (*outs, *torch.autograd.grad(loss, [args[k] for k in case.differentiable]))
 
     backends_here = [b for b in ae.available_backends("cpu") if b in OPERATORS[op].kernel_backends]

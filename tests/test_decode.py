@@ -1,6 +1,10 @@
 """The decode family (sparse_decode, topk_encode, and the top-k sparse autoencoders
 built on them) against aefast/reference.py, on every backend with kernels."""
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -98,6 +102,41 @@ def test_decoder_and_fused_encoder_differentiate_twice(device, backend):
             torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9, msg=name)
 
 
+_DECODE_BOTH_WIDTHS = """
+import sys, torch
+from aefast.ops._declare import kernels
+ops = kernels("cpp")
+torch.manual_seed(0)
+results = []
+for dtype, weight_dtype in [(torch.float32, torch.float32), (torch.bfloat16, torch.float32)]:
+    values = torch.randn(37, 9).to(dtype)
+    indices = torch.randint(0, 40, (37, 9))
+    weight, bias = torch.randn(41, 300).to(weight_dtype), torch.randn(300).to(dtype)
+    grad = torch.randn(37, 300).to(dtype)
+    results += [ops.sparse_decode_forward(values, indices, weight, bias),
+                ops.sparse_decode_backward(grad, values, indices, weight, False)[1]]
+torch.save(results, sys.argv[1])
+"""
+
+
+def test_sparse_decode_gives_the_same_bits_at_either_block_width(tmp_path):
+    """The CPU forward adds 256 columns a block with AVX-512 and 128 with AVX2 (and the
+    weight gradient alone sums its latents' rows the same way): each column summed in
+    the same order, so the same bits. AEFAST_SIMD=avx2 in a second process gives 128."""
+    from aefast import _C
+
+    if _C.cpu_simd() != "avx512":
+        pytest.skip("this CPU adds 128 columns a block at every level: one width to compare")
+    files = []
+    for level in ("avx512", "avx2"):
+        files.append(tmp_path / f"{level}.pt")
+        env = dict(os.environ, AEFAST_SIMD=level, OMP_NUM_THREADS="2")
+        subprocess.run([sys.executable, "-c", _DECODE_BOTH_WIDTHS, str(files[-1])], env=env, check=True, timeout=300)
+    wide, narrow = (torch.load(f) for f in files)
+    for a, b in zip(wide, narrow, strict=True):
+        assert torch.equal(a, b)
+
+
 @pytest.mark.parametrize(("device", "backend"), op_backends("sparse_decode"))
 def test_sparse_decode_opcheck(device, backend):
     forward, backward = kernels(backend).sparse_decode_forward, kernels(backend).sparse_decode_backward
@@ -118,7 +157,7 @@ def test_sparse_decode_backward_without_the_values_gradient(device, backend, poi
     Latent L - 1 is named by no pair."""
     backward = kernels(backend).sparse_decode_backward
     B, K, L = 37, 5, 23
-    for dtype, D in [(dtype, D) for dtype in dtypes_for(device, backend) for D in (19, 150)]:
+    for dtype, D in [(dtype, D) for dtype in dtypes_for(device, backend) for D in (19, 300)]:
         values = torch.randn(B, K, device=device).to(dtype)
         indices = torch.randint(0, L - 1, (B, K), device=device)
         weight, grad_out = torch.randn(L, D, device=device).to(dtype), torch.randn(B, D, device=device).to(dtype)

@@ -303,7 +303,7 @@ def test_enough_long_rows_for_a_block_each_in_one_pass_or_by_radix(device, backe
     x[3::5] = float("-inf")  # AuxK's live latents: every key one value, but for a few
     x[3::5, 5000:5010] = 1.0
     for dtype in (torch.float32, torch.bfloat16, torch.float16):
-        for way in ("", "radix") if device == "cuda" else ("",):  # (the CUDA kernels' choice)
+        for way in ("", "radix") if backend == "cuda" else ("",):  # (the CUDA kernels' choice)
             monkeypatch.setenv("AEFAST_CUDA_TOPK", way)
             assert_topk_sparse_matches_reference(x.to(dtype), 32, backend)
 

@@ -348,9 +348,10 @@ def _decode_inputs(args: dict) -> None:
         raise ValueError(f"weight must be (L, D) and bias (D,), got weight {tuple(weight.shape)} and bias "
                          f"{tuple(bias.shape)}: the weight looks transposed (an nn.Linear(L, D) holds (D, L): "
                          f"pass its weight.t())")
-    if isinstance(bias, Tensor) and bias.dtype != values.dtype and mixed_precision(values.dtype, bias.dtype):
-        # a float32 bias beside 16-bit values (the weight's dtype) is added in the values'
-        # dtype, as topk_encode adds its own: D elements cast, its gradient cast back
+    if isinstance(bias, Tensor) and mixed_precision(values.dtype, bias.dtype):
+        # a float32 bias beside 16-bit values is added in the values' dtype, as F.linear
+        # under autocast adds it: D elements cast, its gradient (summed in float32, then
+        # rounded once to the values' dtype) cast back
         args["bias"] = bias = bias.to(values.dtype)
     if bias is not None and (bias.shape != (weight.shape[1],) or bias.dtype != values.dtype):
         also = " (or float32)" if mixed_precision(values.dtype, torch.float32) else ""

@@ -59,9 +59,11 @@ acc_t<X> dot(const X* x, const Y* y, int64_t n) { return dot_loop<X, Y, acc_t<X>
 // rows 0..k-1 in order: the same bits as adding row after row, at any C. (1024 x 32
 // rows of 768 from a 48 MiB weight, 2 threads, on a Xeon: whole rows one after another,
 // the next one prefetched, took 1.6x F.embedding_bag's time; blocks of 64 or 256
-// without the prefetch 2x; blocks of 128 with it 1.0x.) C = 256 with AVX-512, whose 32
+// without the prefetch 2x; blocks of 128 with it 1.0x.) In the vectorized copies
+// (float32, and the mixed precision of autocast) C = 256 with AVX-512, whose 32
 // registers hold the 16 vectors of sums (Zen 5, 2 threads: 0.93x the time of 128 at
-// 4096 x 32 rows, the same at 1024 x 32); 128 elsewhere (AVX2 has 16 registers).
+// 4096 x 32 rows, the same at 1024 x 32); 128 elsewhere (AVX2 has 16 registers) and in
+// the baseline copies. The weight gradient alone sums its latents' rows the same way.
 constexpr int64_t kDecodeColumns = 128;
 constexpr int64_t kWideDecodeColumns = 256;
 constexpr int64_t kDecodeAhead = 8;  // rows of a block requested ahead of their use
@@ -103,6 +105,7 @@ AEFAST_INLINE void decode_blocks(const R* weight, const int64_t* rows, const V* 
   if (d0 < D) decode_block<C, false, R, V, O, A>(weight, rows, values, K, D, d0, D - d0, bias, out);
 }
 
+// The vectorized copies' loop (below): the block width by the CPU's vectors.
 template <typename R, typename V, typename O, typename A>
 AEFAST_INLINE void decode_row_loop(const R* weight, const int64_t* rows, const V* values, int64_t K, int64_t D,
                                    const O* bias, O* out) {
@@ -129,7 +132,7 @@ AEFAST_SIMD_CLONES void decode_row(const at::BFloat16* weight, const int64_t* ro
 }
 template <typename R, typename V, typename O>
 void decode_row(const R* weight, const int64_t* rows, const V* values, int64_t K, int64_t D, const O* bias, O* out) {
-  decode_row_loop<R, V, O, acc_t<O>>(weight, rows, values, K, D, bias, out);
+  decode_blocks<kDecodeColumns, R, V, O, acc_t<O>>(weight, rows, values, K, D, bias, out);
 }
 
 // Both gradients of one latent in one walk over its n pairs' gradient rows, a block of
